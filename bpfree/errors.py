@@ -1,0 +1,13 @@
+"""Errors the command line turns into one-line messages and exit codes."""
+
+
+class UsageError(Exception):
+    """Bad input from the user (unknown name, bad number, impossible combination). Exit code 2."""
+
+    exit_code = 2
+
+
+class DivergedError(Exception):
+    """The loss became NaN or infinite. The last good checkpoint is kept. Exit code 3."""
+
+    exit_code = 3

@@ -1,0 +1,62 @@
+"""The one interface every learning rule implements.
+
+An estimator fills `p.grad` of every trainable parameter of its model from one batch (and touches nothing
+else); the optimizer step is the caller's. The training loop only ever calls `step`, `predict`,
+`state_dict` and `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bpfree.registry import Option
+
+
+@dataclass
+class StepResult:
+    """What one training step reports. `loss` is a detached scalar tensor, `logits` detached [batch, classes]."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    extra: dict[str, float] | None = None
+
+
+class Estimator:
+    """Base class: subclasses override `step` (and `predict` when inference is not `model(x)`)."""
+
+    options: ClassVar[dict[str, Option]] = {}
+
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        self.model = model
+        self.options = options
+        # Estimators draw their own randomness (tangents, feedback matrices) from this generator so that
+        # it can be checkpointed and a resumed run continues exactly.
+        device = next(model.parameters()).device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for evaluation (the model is put in eval mode by the caller)."""
+        with torch.no_grad():
+            return self.model(x)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Estimator state beyond the model's parameters (RNG, learned feedback, ...)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
