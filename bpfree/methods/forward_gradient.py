@@ -13,18 +13,18 @@ No backward pass runs through a network layer: the only autograd calls are throu
 that turn an estimated pre-activation gradient into that module's parameter gradient.
 
 Two execution paths:
-* fast path for nn.Sequential chains [Flatten] Linear, activation, ..., Linear (the `mlp`): primal and the K
-  tangents share one buffer [K+1, B, width], so a layer is ONE matmul for all of them, and ReLU is one multiply
-  by the primal's mask for primal and tangents together. Tangents come from a per-step seed and are regenerated
-  instead of stored (fg-w always; fg-a with recompute=True), so nothing waits in memory for the output's
-  directional derivative: activation memory is flat in depth.
+* fast path for nn.Sequential chains [Flatten] Linear, activation, ..., Linear (the `mlp`): primal and
+  the K tangents share one buffer [K+1, B, width], so a layer is ONE matmul for all of them, and ReLU is one
+  multiply by the primal's mask for primal and tangents together. Tangents come from a per-step seed and are
+  regenerated instead of stored (fg-w always; fg-a with recompute=True), so nothing waits in memory for the
+  output's directional derivative: activation memory is flat in depth.
 * generic path for any other model of Linear/Conv/pooling/activations: torch.func.jvp over the parameters with
   the K tangents vmapped (fg-w), or torch.autograd.forward_ad with tangents injected at the output of every
   parametrised module and the batch replicated K times (fg-a). Correct but slower; keeps layer inputs.
 
-Readout: by default (exact_readout=True, as in the paper's code) the final Linear is trained on its exact local
-gradient dL/dlogits x its input (it sees only its own input, so this is no backpropagation) and is not perturbed.
-exact_readout=False perturbs it like every other layer.
+Readout: by default (exact_readout=True, as in the paper's code) the final Linear is trained on its exact
+local gradient dL/dlogits x its input (it sees only its own input, so this is no backpropagation) and is not
+perturbed. exact_readout=False perturbs it like every other layer.
 """
 
 from __future__ import annotations
@@ -46,22 +46,36 @@ from bpfree.registry import Option
 _COMMON = {
     "tangents": Option(1, "number of tangents K per step (all K travel through the network together)"),
     "aggregation": Option(
-        "mean", "combine the K directional derivatives: sum, mean, orthogonal (projection)", choices=T.AGGREGATIONS
+        "mean",
+        "combine the K directional derivatives: sum, mean, orthogonal (projection)",
+        choices=T.AGGREGATIONS,
     ),
     "tangent_dist": Option(
-        "rademacher", "tangent entries: rademacher (+-1; 11x cheaper to draw on CPU) or normal", choices=T.DISTS
+        "rademacher",
+        "tangent entries: rademacher (+-1; 11x cheaper to draw on CPU) or normal",
+        choices=T.DISTS,
     ),
     "exact_readout": Option(True, "train the final Linear on its exact local gradient (not perturbed)"),
 }
 
 # Elementwise activations the fast path handles (their derivative comes from one jvp with a ones tangent).
-_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Identity)
+_ACTIVATIONS = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Softplus,
+    nn.Identity,
+)
 
 Chain = list[tuple[nn.Linear, "nn.Module | None"]]
 
 
 def _chain(model: nn.Module) -> Chain | None:
-    """(Linear, activation-or-None) pairs if `model` is a plain [Flatten] Linear/activation chain, else None."""
+    """(Linear, activation-or-None) pairs if `model` is a [Flatten] Linear/activation chain, else None."""
     if not isinstance(model, nn.Sequential):
         return None
     mods = list(model)
@@ -210,7 +224,7 @@ class ForwardGradientWeight(_ForwardGradient):
         orth = self.aggregation == "orthogonal"
         G = torch.zeros(K, K, dtype=torch.float64, device=x.device) if orth else None
         dim = 0
-        # K == 1: each tangent is drawn straight into p.grad and scaled at the end (one draw, no extra memory).
+        # K == 1: each tangent is drawn straight into p.grad and scaled at the end (one draw, no memory).
         # K > 1: drawn into a reused scratch buffer and regenerated from the seed for the estimate.
         direct = K == 1
         scratch: dict[tuple[int, ...], torch.Tensor] = {}
@@ -277,7 +291,10 @@ class ForwardGradientWeight(_ForwardGradient):
         skip = {id(p) for p in readout.parameters()} if readout is not None else set()
         named = dict(self.model.named_parameters())
         pert = {n: p.detach() for n, p in named.items() if p.requires_grad and id(p) not in skip}
-        tang = {n: self._sample_(torch.empty((K, *p.shape), device=p.device, dtype=p.dtype)) for n, p in pert.items()}
+        tang = {
+            n: self._sample_(torch.empty((K, *p.shape), device=p.device, dtype=p.dtype))
+            for n, p in pert.items()
+        }
         captured: dict[str, torch.Tensor] = {}
 
         def grab(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
@@ -290,8 +307,10 @@ class ForwardGradientWeight(_ForwardGradient):
             if handle is not None:
                 handle.remove()
         if readout is not None and not torch.equal(captured["out"], logits):
-            raise UsageError("exact_readout: the model's last Linear does not produce the logits; "
-                             "pass --exact-readout false")
+            raise UsageError(
+                "exact_readout: the model's last Linear does not produce the logits; "
+                "pass --exact-readout false"
+            )
         loss, e = _loss_grad(self, logits, y)
 
         def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -313,7 +332,7 @@ class ForwardGradientWeight(_ForwardGradient):
 
 @METHODS.register(
     "fg-a",
-    "forward gradient, activity perturbation: per-example tangents on pre-activations, local weight gradients",
+    "forward gradient, activity perturbation: per-example tangents on pre-activations, local weight grads",
     options={
         **_COMMON,
         "recompute": Option(
@@ -328,7 +347,7 @@ class ForwardGradientActivity(_ForwardGradient):
         self.recompute = recompute
 
     def _local_grads(self, lin: nn.Linear, h_in: torch.Tensor, um: torch.Tensor, c: torch.Tensor) -> None:
-        """Weight gradient from the estimated pre-activation gradient sum_k c_kn um_kn and the layer's input."""
+        """Weight gradient from the pre-activation estimate sum_k c_kn um_kn and the layer's own input."""
         gz = torch.einsum("kb,kbo->bo", c.to(um.dtype), um)
         _set_grad(lin.weight, gz.T @ h_in)
         if lin.bias is not None:
@@ -392,7 +411,7 @@ class ForwardGradientActivity(_ForwardGradient):
         return loss, logits.clone()
 
     def _recompute_grads(self, h: torch.Tensor, c: torch.Tensor) -> None:
-        """Second primal pass: regenerate each layer's tangents from the step seed, form its gradient, drop it."""
+        """Second primal pass: regenerate each layer's tangents from the seed, form its gradient, drop it."""
         self._scratch.manual_seed(self._seed)
         K, B = self.K, h.shape[0]
         for i, (lin, act) in enumerate(self.chain):
