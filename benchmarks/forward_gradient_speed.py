@@ -101,7 +101,10 @@ def memory_child(method: str, options: dict, depth: int, width: int, batch: int)
     before = _status_kb("VmRSS")
     est.step(x, y)
     peak = _status_kb("VmHWM")
-    return {"activation_mb": (peak - before) * 1024 / 2**20 - grad_bytes / 2**20, "params_mb": grad_bytes / 2**20}
+    return {
+        "activation_mb": (peak - before) * 1024 / 2**20 - grad_bytes / 2**20,
+        "params_mb": grad_bytes / 2**20,
+    }
 
 
 def memory_table(depths: list[int], width: int, batch: int, threads: int) -> dict[str, dict[int, float]]:
@@ -110,7 +113,12 @@ def memory_table(depths: list[int], width: int, batch: int, threads: int) -> dic
     for label, method, options in MEMORY_CONFIGS:
         out[label] = {}
         for depth in depths:
-            cmd = [sys.executable, __file__, "--memory-child", json.dumps([method, options, depth, width, batch])]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                json.dumps([method, options, depth, width, batch]),
+            ]
             cmd += ["--threads", str(threads)]
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             out[label][depth] = json.loads(res.stdout.strip().splitlines()[-1])["activation_mb"]
@@ -141,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {
         "fg-a step / bp step (target <= 1.0)": ms["fg-a K=1"] / ms["bp"],
         "fg-w step / bp step (target <= 1.3)": ms["fg-w K=1"] / ms["bp"],
-        "fg-a extra tangent / forward (K=1->16, target <= 1.1)": (ms["fg-a K=16"] - ms["fg-a K=1"]) / 15 / ms["forward"],
+        "fg-a extra tangent / forward (K=1->16, target <= 1.1)": (ms["fg-a K=16"] - ms["fg-a K=1"])
+        / 15
+        / ms["forward"],
         "fg-w extra tangent / forward (K=1->16; floor ~1.7, see README)": (ms["fg-w K=16"] - ms["fg-w K=1"])
         / 15
         / ms["forward"],
@@ -150,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"time_ms": ms, "ratios": ratios}
     if not args.skip_memory:
         width, batch, depths = (256, 256, [4, 8]) if args.quick else (1024, 1024, [8, 16, 32])
-        print(f"memory: MLP width {width}, batch {batch}, depths {depths} (activation MB above params + grads)")
+        print(
+            f"memory: MLP width {width}, batch {batch}, depths {depths} (activation MB above params + grads)"
+        )
         mem = memory_table(depths, width, batch, args.threads)
         result["memory_mb"] = mem
         deepest = depths[-1]

@@ -26,7 +26,9 @@ def _one_thread():
 
 def _mlp(act: type[nn.Module] = nn.ReLU) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), act(), nn.Linear(5, 4), act(), nn.Linear(4, 3)).double()
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 5), act(), nn.Linear(5, 4), act(), nn.Linear(4, 3)
+    ).double()
 
 
 class _Conv(nn.Module):
@@ -183,7 +185,13 @@ def test_step_result_and_float32_defaults() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"tangents": 0}, {"aggregation": "median"}, {"tangent_dist": "uniform"}, {"tangents": "x"}, {"bogus": 1}],
+    [
+        {"tangents": 0},
+        {"aggregation": "median"},
+        {"tangent_dist": "uniform"},
+        {"tangents": "x"},
+        {"bogus": 1},
+    ],
 )
 def test_bad_options_raise_usage_error(options: dict) -> None:
     with pytest.raises(UsageError):
