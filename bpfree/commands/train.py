@@ -45,7 +45,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True)
     parser.add_argument("--model", default=d.model, help="model (see `bpfree models`)")
     parser.add_argument("--data", default=d.data,
                         help="digits, mnist, fashion-mnist, cifar10 or imagefolder:PATH")
-    parser.add_argument("--data-root", default=None, help="folder holding the data sets (default $BPFREE_DATA or ./data)")
+    parser.add_argument("--data-root", default=None,
+                        help="folder holding the data sets (default $BPFREE_DATA, else ./data)")
     parser.add_argument("--train-size", type=int, default=None, help="use only the first N training examples")
     parser.add_argument("--augment", action="store_true", help="pad-4 random crop + horizontal flip (cifar10)")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
