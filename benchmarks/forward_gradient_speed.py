@@ -81,6 +81,17 @@ def time_steps(repeats: int, batch: int, hidden: tuple[int, ...]) -> dict[str, f
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def time_ratios(ms: dict[str, float]) -> dict[str, float]:
+    fwd, bp = ms["forward"], ms["bp"]
+    return {
+        "fg-a step / bp step (target <= 1.0)": ms["fg-a K=1"] / bp,
+        "fg-w step / bp step (target <= 1.3)": ms["fg-w K=1"] / bp,
+        "fg-a extra tangent / forward (K=1->16, target <= 1.1)": (ms["fg-a K=16"] - ms["fg-a K=1"]) / 15 / fwd,
+        "fg-w extra tangent / forward (K=1->16; floor ~1.7)": (ms["fg-w K=16"] - ms["fg-w K=1"]) / 15 / fwd,
+        "fg-a recompute step / bp step": ms["fg-a K=1 recompute"] / ms["bp"],
+    }
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
@@ -132,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (see module docstring)")
     ap.add_argument("--quick", action="store_true", help="few rounds, small memory configuration")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-time", action="store_true")
     ap.add_argument("--json", help="also write all numbers to this JSON file")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -142,27 +154,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     repeats = 3 if args.quick else args.repeats
-    print(f"torch {torch.__version__}, {args.threads} thread(s); MLP 784-1024-1024-1024-10, batch 128")
-    ms = time_steps(repeats, 128, (1024, 1024, 1024))
-    for k, v in ms.items():
-        print(f"  {k:22s} {v:8.1f} ms")
-    ratios = {
-        "fg-a step / bp step (target <= 1.0)": ms["fg-a K=1"] / ms["bp"],
-        "fg-w step / bp step (target <= 1.3)": ms["fg-w K=1"] / ms["bp"],
-        "fg-a extra tangent / forward (K=1->16, target <= 1.1)": (ms["fg-a K=16"] - ms["fg-a K=1"])
-        / 15
-        / ms["forward"],
-        "fg-w extra tangent / forward (K=1->16; floor ~1.7, see README)": (ms["fg-w K=16"] - ms["fg-w K=1"])
-        / 15
-        / ms["forward"],
-        "fg-a recompute step / bp step": ms["fg-a K=1 recompute"] / ms["bp"],
-    }
-    result: dict = {"time_ms": ms, "ratios": ratios}
+    print(f"torch {torch.__version__}, {args.threads} thread(s)")
+    ratios: dict[str, float] = {}
+    result: dict = {"ratios": ratios}
+    if not args.skip_time:
+        print("time: MLP 784-1024-1024-1024-10, batch 128 (median ms per step)")
+        ms = time_steps(repeats, 128, (1024, 1024, 1024))
+        for k, v in ms.items():
+            print(f"  {k:22s} {v:8.1f} ms")
+        result["time_ms"] = ms
+        ratios.update(time_ratios(ms))
     if not args.skip_memory:
         width, batch, depths = (256, 256, [4, 8]) if args.quick else (1024, 1024, [8, 16, 32])
-        print(
-            f"memory: MLP width {width}, batch {batch}, depths {depths} (activation MB above params + grads)"
-        )
+        print(f"memory: MLP width {width}, batch {batch}, depths {depths} (activation MB above params + grads)")
         mem = memory_table(depths, width, batch, args.threads)
         result["memory_mb"] = mem
         deepest = depths[-1]
