@@ -10,10 +10,12 @@ tangent = (step(K=16) - step(K=1)) / 15 / forward.
 
 Memory: MLP of width 1024 and depth 8/16/32, batch 1024. Each configuration runs in a fresh subprocess with
 MALLOC_MMAP_THRESHOLD_=65536 (so every tensor is its own mapping and freeing it returns it to the OS, making
-resident memory track live tensors). The child does one warm-up step, drops the gradients, resets the kernel's
-peak-RSS counter (write "5" to /proc/self/clear_refs), records resident memory, runs one step and reads the
-peak (VmHWM). Activation memory = peak - resident-before - bytes of the gradients the step creates, i.e. the
-peak of a step above the parameters and their gradients. Linux only.
+resident memory track live tensors). The child does one warm-up step, then holds the parameters AND a full set
+of gradient buffers (as a trainer holding .grad between steps does), resets the kernel's peak-RSS counter
+(writes "5" to /proc/self/clear_refs), records resident memory, runs one step and reads the peak (VmHWM).
+Activation memory = peak - resident-before: what a step needs above the parameters and their gradients.
+(With no gradient buffers held before the step, backprop would build its gradients while freeing its saved
+activations, and "peak minus params minus grads" would hide most of its activation memory.) Linux only.
 
 Threads default to 1: the benchmark machine is shared, and with 2 threads on 2 busy cores small ops stall on
 descheduled OpenMP workers (10x slower elementwise kernels observed), which makes ratios meaningless.
@@ -105,17 +107,15 @@ def memory_child(method: str, options: dict, depth: int, width: int, batch: int)
     x = torch.randn(batch, 1, 32, 32)
     y = torch.randint(0, 10, (batch,))
     est.step(x, y)  # warm-up: lazy initialisation, allocator state
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # resident gradient buffers, touched
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    model.zero_grad(set_to_none=True)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter
     before = _status_kb("VmRSS")
     est.step(x, y)
     peak = _status_kb("VmHWM")
-    return {
-        "activation_mb": (peak - before) * 1024 / 2**20 - grad_bytes / 2**20,
-        "params_mb": grad_bytes / 2**20,
-    }
+    return {"activation_mb": (peak - before) / 1024, "params_mb": grad_bytes / 2**20}
 
 
 def memory_table(depths: list[int], width: int, batch: int, threads: int) -> dict[str, dict[int, float]]:
