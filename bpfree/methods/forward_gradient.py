@@ -258,8 +258,11 @@ class ForwardGradientWeight(_ForwardGradient):
                 Z[0].add_(b)
             if perturb and W.requires_grad:
                 vW = tangent(W)  # [K, out, in]; h @ vW^T for all k is one [B, in] x [in, K*out] matmul
-                hv = H[0] @ vW.reshape(K * W.shape[0], W.shape[1]).T
-                Z[1:].add_(hv.view(B, K, -1).transpose(0, 1))
+                if K == 1:
+                    Z[1].addmm_(H[0], vW[0].T)  # fused, no temporary
+                else:
+                    hv = H[0] @ vW.reshape(K * W.shape[0], W.shape[1]).T
+                    Z[1:].add_(hv.view(B, K, -1).transpose(0, 1))
             if perturb and b is not None and b.requires_grad:
                 Z[1:].add_(tangent(b).unsqueeze(1))
             _activate_(Z, act)
