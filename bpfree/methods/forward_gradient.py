@@ -454,6 +454,7 @@ class ForwardGradientActivity(_ForwardGradient):
             primal_in = fwad.unpack_dual(inp[0]).primal[:B]
             if mod is readout:
                 readout_io["in"] = primal_in.detach()
+                readout_io["out"] = fwad.unpack_dual(out).primal[:B].detach()
                 return None
             u = self._sample_(torch.empty(out.shape, device=out.device, dtype=out.dtype))
             records.append((mod, primal_in.detach(), u.view(K, B, *out.shape[1:])))
@@ -471,6 +472,10 @@ class ForwardGradientActivity(_ForwardGradient):
         finally:
             for hd in handles:
                 hd.remove()
+        if readout is not None and not torch.equal(readout_io.get("out", logits[:0]), logits):
+            raise UsageError(
+                "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
+            )
         loss, e = _loss_grad(self, logits, y)
         d = torch.einsum("kbc,bc->kb", ydot, e.reshape(B, -1))
         tangents = [u for _, _, u in records]
