@@ -12,16 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+import compare_helpers
 import pytest
 
-import compare_helpers
 from bpfree import methods
 from bpfree.cli import main
 from bpfree.train import read_metrics
 
 SLOW = compare_helpers.NAME
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--data", "digits", "--hidden", "16", "--batch-size", "64"]
+TINY = ["--data", "digits", "--train-size", "320", "--hidden", "16", "--batch-size", "64"]
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +32,9 @@ def second_method(monkeypatch):
     compare_helpers.unregister()
 
 
-def compare(out: Path, *extra: str) -> int:
-    return main(["compare", "--methods", f"bp,{SLOW}", *TINY, "--out", str(out), *extra])
+def compare(out: Path, *extra: str, plots: bool = False) -> int:
+    return main(["compare", "--methods", f"bp,{SLOW}", *TINY, "--out", str(out), *extra]
+                + ([] if plots else ["--no-plots"]))
 
 
 def csv_rows(path: Path) -> dict[str, dict[str, str]]:
@@ -52,7 +53,8 @@ def numbers(records: list[dict]) -> list[dict]:
 
 def test_compare_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert compare(out, "--epochs", "1", "--seeds", "0,1", "--lr", f"bp=0.1,{SLOW}=0.05", "--tangents", "3") == 0
+    assert compare(out, "--epochs", "1", "--seeds", "0,1", "--lr", f"bp=0.1,{SLOW}=0.05", "--tangents", "3",
+                   plots=True) == 0
     printed = capsys.readouterr().out
     for name in ("results.md", "results.csv", "test_error.png", "final_error.png"):
         assert (out / name).stat().st_size > 0, name
@@ -101,11 +103,12 @@ def test_compare_end_to_end(tmp_path, capsys):
 def test_kill_and_rerun_resumes(tmp_path):
     """SIGKILL a real `bpfree compare` process in the middle of its second method; the rerun skips the finished
     run, resumes the killed one, and ends with the numbers of an uninterrupted comparison."""
-    args = ["compare", "--methods", f"bp,{SLOW}", *TINY, "--epochs", "3"]
+    args = ["compare", "--methods", f"bp,{SLOW}", *TINY, "--epochs", "3", "--no-plots"]
     killed = tmp_path / "killed"
     code = ("import sys, compare_helpers; compare_helpers.register(); from bpfree.cli import main; "
             "sys.exit(main(sys.argv[1:]))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "BPFREE_TEST_DELAY": "0.05"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BPFREE_TEST_DELAY": "0.1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     proc = subprocess.Popen([sys.executable, "-c", code, *args, "--out", str(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -171,11 +174,12 @@ def test_config_file_and_overrides(tmp_path):
     config = tmp_path / "exp.json"
     config.write_text(json.dumps({
         "description": "a test experiment", "methods": ["bp", SLOW], "data": "digits", "hidden": [16, 8],
-        "epochs": 3, "seeds": [1], "lr": {"bp": 0.2, SLOW: 0.01}, "batch-size": 64, "out": str(tmp_path / "fromfile"),
+        "epochs": 3, "seeds": [1], "lr": {"bp": 0.2, SLOW: 0.01}, "batch-size": 64, "train_size": 320,
+        "out": str(tmp_path / "fromfile"),
     }))
     # The command line overrides the file (epochs, out); everything else comes from the file.
     out = tmp_path / "cli"
-    assert main(["compare", "--config", str(config), "--epochs", "1", "--out", str(out)]) == 0
+    assert main(["compare", "--config", str(config), "--epochs", "1", "--out", str(out), "--no-plots"]) == 0
     cfg = json.loads((out / SLOW / "seed-1/config.json").read_text())
     assert (cfg["epochs"], cfg["lr"], cfg["batch_size"], cfg["model_options"]) == (1, 0.01, 64, {"hidden": [16, 8]})
     assert not (tmp_path / "fromfile").exists()

@@ -39,13 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(a bare float before them sets the rest)")
     parser.add_argument("--out", default=None,
                         help="comparison folder (default runs/compare-MODEL-DATA); runs go to OUT/METHOD/seed-S")
+    parser.add_argument("--no-plots", action="store_true", help="only the table and the CSV, no PNGs")
     parser.epilog = METHOD_OPTIONS_RULE
     # Defaults are applied in `run`, below the config file's values: to know what the command line set, every
     # option parses to None unless given. The help still shows the real defaults.
     actions: dict[str, argparse.Action] = {}
     defaults: dict[str, Any] = {}
     for action in parser._actions:
-        if not action.option_strings or action.dest in ("help", "config"):
+        if not action.option_strings or action.dest in ("help", "config", "no_plots"):
             continue
         key = action.option_strings[-1].lstrip("-").replace("-", "_")
         actions[key] = action
@@ -190,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
     names, configs, out, description = plan(args)
     run_all(configs)
     groups = {m: [load_run(Path(c.out)) for c in configs if c.method == m] for m in names}
-    table = write_report(groups, out, title=description or " vs ".join(names))
+    table = write_report(groups, out, title=description or " vs ".join(names), plots=not args.no_plots)
     print(table, end="")
-    print(f"(results in {out}/results.md, results.csv, test_error.png, final_error.png)")
+    print(f"(results in {out}/results.md, results.csv" + ("" if args.no_plots else ", test_error.png, final_error.png")
+          + ")")
     return 0
