@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator  # noqa: E402
 
 if TYPE_CHECKING:
     from bpfree.results import Row, RunResult
@@ -27,16 +27,19 @@ def test_error_curves(groups: dict[str, list[RunResult]], path: Path, setup: str
     lowest, highest, most_seeds = np.inf, 0.0, 1
     for label, runs in groups.items():
         curves = [[r["test_error"] for r in run.records] for run in runs if run.records]
+        failed = [run.failure for run in runs if run.failure]
+        if failed:  # say in the legend how a method failed (all seeds the same way) or how often
+            every = len(failed) == len(runs) and len(set(failed)) == 1
+            label += f" ({failed[0]})" if every else f" ({len(failed)}/{len(runs)} seeds failed)"
         if not curves:
+            ax.plot([], [], linestyle="none", marker="x", color="firebrick", label=label)
             continue
         most_seeds = max(most_seeds, len(curves))
         length = max(map(len, curves))
         epochs = np.arange(1, length + 1)
         values = [np.array([c[e] for c in curves if len(c) > e]) for e in range(length)]
         mean = np.array([v.mean() for v in values])
-        failed = [run.failure for run in runs if run.failure]
-        (line,) = ax.plot(epochs, mean, marker="o" if length < 30 else None, markersize=3,
-                          label=label + (" (failed)" if failed and len(failed) == len(runs) else ""))
+        (line,) = ax.plot(epochs, mean, marker="o" if length < 30 else None, markersize=3, label=label)
         if len(curves) > 1:
             ax.fill_between(epochs, [v.min() for v in values], [v.max() for v in values],
                             color=line.get_color(), alpha=0.2, linewidth=0)
@@ -44,6 +47,8 @@ def test_error_curves(groups: dict[str, list[RunResult]], path: Path, setup: str
     # Errors span from ~90 % (chance) to a few %: a log axis keeps the interesting end readable.
     if np.isfinite(lowest) and lowest > 0 and highest / lowest > 10:
         ax.set_yscale("log")
+        nice = [m * 10.0**e for e in range(-2, 3) for m in (1, 2, 3, 5)]
+        ax.yaxis.set_major_locator(FixedLocator([v for v in nice if lowest / 1.3 <= v <= highest * 1.3]))
     ax.yaxis.set_major_formatter(PERCENT)
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -61,7 +66,7 @@ def test_error_curves(groups: dict[str, list[RunResult]], path: Path, setup: str
 
 def final_error_bars(rows: list[Row], path: Path, setup: str = "") -> None:
     """Final test and train error per method (bars: mean, whiskers: sample std); failed methods say so."""
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows) + 2), 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(rows) + 2), 4.5), dpi=120)
     x = np.arange(len(rows))
     width = 0.38
     top = max([max(r.test + r.train) for r in rows if r.ok] or [1.0])

@@ -85,7 +85,7 @@ def group_runs(runs: list[RunResult]) -> dict[str, list[RunResult]]:
     for key, group in by_key.items():
         per_method.setdefault(group[0].config.get("method", "?"), []).append(key)
     labels: dict[str, list[RunResult]] = {}
-    for method, keys in per_method.items():
+    for method, keys in sorted(per_method.items(), key=lambda item: item[0] != "bp"):  # the reference first
         for key in keys:
             label = method
             if len(keys) > 1:
