@@ -25,7 +25,11 @@ METHOD_OPTIONS_RULE = (
     "an option train without it, with their own defaults. METHOD=VALUE pairs give per-method values, like --lr: "
     "--tangents fg-a=4,lg-fg-a=16. An option that none of the compared methods declares is an error. "
     "Rerunning the same command skips finished runs, resumes unfinished ones from their checkpoints and does not "
-    "retry diverged ones (they would diverge again); a run folder trained with other settings is refused."
+    "retry diverged ones (they would diverge again); a run folder trained with other settings is refused, except "
+    "that a larger --epochs extends finished runs when the schedule is constant. "
+    "A --config file is a JSON object whose keys are these long option names (methods, seeds, lr, epochs, hidden, "
+    "tangents, ...; - or _), lists as arrays, per-method values as objects ({\"bp\": 0.05, \"fg-a\": 0.01}), "
+    "plus an optional \"description\" that titles results.md."
 )
 
 
@@ -56,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         key = action.option_strings[-1].lstrip("-").replace("-", "_")
         actions[key] = action
         defaults[key] = action.default
-        if action.default not in (None, False) and "default" not in (action.help or ""):
+        if action.default is not None and action.default is not False and "default" not in (action.help or ""):
             action.help = f"{action.help} (default {action.default})"
         action.default = None
     parser.set_defaults(compare_actions=actions, compare_defaults=defaults)

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run folders, or folders holding them (such as a `bpfree compare` output folder)")
     parser.add_argument("--out", default=None,
                         help="where to write results.md, results.csv and the plots (default: the RUN_DIR, if one)")
-    parser.add_argument("--title", default="", help="heading of results.md")
+    parser.add_argument("--title", default=None, help="heading of results.md (default: the methods' names)")
     parser.add_argument("--no-plots", action="store_true", help="only the table and the CSV")
 
 
