@@ -224,17 +224,37 @@ def test_rerun_with_other_settings_is_refused(tmp_path, capsys):
     assert len(metrics(out, "bp", 0)) == 2
 
 
-def test_shipped_configs_are_valid(capsys):
-    """Every file in configs/ plans without error (those naming methods of unmerged branches are skipped)."""
+def test_shipped_configs_are_valid():
+    """Every file in configs/ has only known settings of the right types, and plans into runs when its methods are
+    registered (a file naming methods of branches not merged yet is checked for its settings only)."""
     from bpfree.cli import make_parser
-    from bpfree.commands.compare import plan
+    from bpfree.commands.compare import load_config, plan
 
     files = sorted((ROOT / "configs").glob("*.json"))
     assert files
     for path in files:
-        names = json.loads(path.read_text())["methods"]
-        if any(n not in methods.METHODS.entries for n in names):
-            continue
         args = make_parser().parse_args(["compare", "--config", str(path)])
-        _, configs, _, description = plan(args)
-        assert configs and description
+        values, description = load_config(str(path), args.compare_actions)
+        assert description and values["methods"] and values["out"].startswith("runs/")
+        if all(n in methods.METHODS.entries for n in values["methods"].split(",")):
+            _, configs, _, _ = plan(args)
+            assert len(configs) == len(values["methods"].split(",")) * len(str(values["seeds"]).split(","))
+
+
+def test_report_from_single_runs(tmp_path, capsys):
+    """`bpfree report` on `bpfree train` folders: seeds of the same settings form one row; one method with two
+    settings gets two rows named by what differs; a missing --out with several folders is a usage error."""
+    for lr, seed in ((0.05, 0), (0.05, 1), (0.2, 0)):
+        out = tmp_path / f"bp-{lr}-{seed}"
+        assert main(["train", *TINY, "--epochs", "1", "--lr", str(lr), "--seed", str(seed), "--out", str(out)]) == 0
+    capsys.readouterr()
+    runs = sorted(str(p) for p in tmp_path.iterdir())
+    assert main(["report", *runs]) == 2
+    assert main(["report", *runs, "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
+    rows = csv_rows(tmp_path / "rep/results.csv")
+    assert list(rows) == ["bp (lr=0.05)", "bp (lr=0.2)"]
+    assert rows["bp (lr=0.05)"]["seeds"] == "0 1" and rows["bp (lr=0.2)"]["seeds"] == "0"
+    first = read_metrics(tmp_path / "bp-0.05-0/metrics.jsonl")[-1]["test_error"]
+    second = read_metrics(tmp_path / "bp-0.05-1/metrics.jsonl")[-1]["test_error"]
+    assert float(rows["bp (lr=0.05)"]["test_error_mean"]) == statistics.fmean([first, second])
+    assert not (tmp_path / "rep/test_error.png").exists()
