@@ -53,18 +53,14 @@ def check_compatible(cfg: TrainConfig) -> None:
                          "choose another --out or delete that folder")
 
 
-def previous_divergence(cfg: TrainConfig) -> str | None:
-    """The recorded divergence of this run with these settings, if any (then there is no point retrying)."""
+def settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's numbers, but for its epoch budget."""
+    return {k: v for k, v in config.items() if k not in (*NOT_SETTINGS, "epochs")}
+
+
+def read_failure(cfg: TrainConfig) -> dict[str, Any] | None:
     path = Path(cfg.out) / FAILED
-    if not path.exists():
-        return None
-    failed = json.loads(path.read_text())
-    same = {k: v for k, v in failed.get("config", {}).items() if k not in (*NOT_SETTINGS, "epochs")} == {
-        k: v for k, v in _plain(cfg).items() if k not in (*NOT_SETTINGS, "epochs")}
-    if failed.get("kind") == "diverged" and same:
-        return failed["error"]
-    path.unlink()  # another kind of failure, or other settings: try again
-    return None
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -93,17 +89,28 @@ def log(message: str) -> None:
 
 def run_all(configs: list[TrainConfig], data: Any = None, show_progress: bool | None = None) -> None:
     """Train (or resume, or skip) every config in order. Settings clashes are checked for all runs first."""
+    fresh = set()
     for cfg in configs:
         cfg.check()
-        check_compatible(cfg)
+        failure = read_failure(cfg)
+        if failure is not None and settings(failure.get("config", {})) != settings(_plain(cfg)):
+            fresh.add(cfg.out)  # a failed run, now with other settings (say a lower lr): nothing to keep
+        else:
+            check_compatible(cfg)
     todo = []
     for cfg in configs:
         out = Path(cfg.out)
-        diverged = previous_divergence(cfg)
-        done = len(read_metrics(out / METRICS))
-        if diverged:
-            log(f"{cfg.method} seed {cfg.seed}: {diverged} before (not retried; delete {out} to retrain)")
-        elif (out / CHECKPOINT).exists() and done >= cfg.epochs:
+        if cfg.out in fresh:
+            for name in (FAILED, CHECKPOINT, METRICS, CONFIG):
+                (out / name).unlink(missing_ok=True)
+        failure = read_failure(cfg)
+        if failure is not None and failure.get("kind") == "diverged":
+            log(f"{cfg.method} seed {cfg.seed}: {failure['error']} before (not retried: it would again; "
+                f"change its settings or delete {out})")
+            continue
+        if failure is not None:
+            (out / FAILED).unlink()  # an error (perhaps fixed since): try again, resuming what was saved
+        if (out / CHECKPOINT).exists() and len(read_metrics(out / METRICS)) >= cfg.epochs:
             log(f"{cfg.method} seed {cfg.seed}: finished before, skipped")
         else:
             todo.append(cfg)

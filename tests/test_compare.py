@@ -100,6 +100,11 @@ def test_compare_end_to_end(tmp_path, capsys):
     assert csv_rows(out / "results.csv") == rows
 
 
+def test_method_options_not_given_are_not_an_error(tmp_path):
+    # test-slow-bp declares --tangents; comparing bp alone without it must not complain about it.
+    assert main(["compare", "--methods", "bp", *TINY, "--epochs", "1", "--no-plots", "--out", str(tmp_path)]) == 0
+
+
 def test_kill_and_rerun_resumes(tmp_path):
     """SIGKILL a real `bpfree compare` process in the middle of its second method; the rerun skips the finished
     run, resumes the killed one, and ends with the numbers of an uninterrupted comparison."""
@@ -149,6 +154,12 @@ def test_diverging_method_gets_a_row(tmp_path, capsys):
     assert compare(out, "--epochs", "2", "--lr", f"bp=0.1,{SLOW}=1e20") == 0
     assert "not retried" in capsys.readouterr().err
     assert csv_rows(out / "results.csv")[SLOW]["status"] == "diverged at epoch 1"
+    # With a sane lr, the failed run is trained afresh (its folder held nothing worth keeping); bp is skipped.
+    bp_done = (out / "bp/seed-0/checkpoint.pt").stat().st_mtime_ns
+    assert compare(out, "--epochs", "2", "--lr", f"bp=0.1,{SLOW}=0.1") == 0
+    assert csv_rows(out / "results.csv")[SLOW]["status"] == "ok"
+    assert numbers(metrics(out, SLOW, 0)) == numbers(metrics(out, "bp", 0))  # same rule, same lr, same seed
+    assert (out / "bp/seed-0/checkpoint.pt").stat().st_mtime_ns == bp_done
 
 
 def test_failing_method_gets_a_row(tmp_path, monkeypatch):

@@ -172,7 +172,7 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[TrainConfig], Path, 
     except (TypeError, ValueError):
         raise UsageError(f"--lr: expected a number or METHOD=LR pairs, got {values['lr']!r}") from None
     method_opts = {k: split_per_method(k.replace("_", "-"), v, names) for k, v in values.items()
-                   if actions[k].dest.startswith("method_opt_")}
+                   if actions[k].dest.startswith("method_opt_") and v is not None}
     for key, per in method_opts.items():
         takers = [m for m in names if key in methods.METHODS.get(m).options]
         flag = "--" + key.replace("_", "-")
