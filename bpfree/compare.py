@@ -1,8 +1,9 @@
 """Train several methods × seeds with the same settings, one run folder each, in this process, one after another.
 
 Resumable: a finished run is skipped, an unfinished one resumed from its checkpoint (the trainer's `--resume`), a
-diverged one is recorded in `failed.json` and not retried (it would diverge again at the same step: training is
-deterministic). A failing run never stops the others.
+diverged one is recorded in `failed.json` and not retried with the same settings (it would diverge again at the
+same step: training is deterministic); a failed run whose settings changed is trained afresh. A failing run never
+stops the others.
 """
 
 from __future__ import annotations

@@ -120,6 +120,8 @@ class Row:
     time_vs_bp: float | None = None
     memory_vs_bp: float | None = None
     status: str = "ok"
+    lr: float | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -136,7 +138,8 @@ def summarise(groups: dict[str, list[RunResult]], reference: str = "bp") -> list
     rows = []
     for label, runs in groups.items():
         cfg = runs[0].config
-        row = Row(label, cfg.get("method", "?"), [r.config.get("seed", 0) for r in runs], int(cfg.get("epochs", 0)))
+        row = Row(label, cfg.get("method", "?"), [r.config.get("seed", 0) for r in runs], int(cfg.get("epochs", 0)),
+                  lr=cfg.get("lr"), method_options=cfg.get("method_options") or {})
         good = [r for r in runs if r.finished]
         for r in good:
             row.test.append(r.records[-1]["test_error"])
@@ -190,7 +193,8 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 CSV_FIELDS = ["method", "label", "seeds", "epochs", "test_error_mean", "test_error_std", "train_error_mean",
-              "train_error_std", "seconds_per_epoch", "time_vs_bp", "peak_memory_mb", "memory_vs_bp", "status"]
+              "train_error_std", "seconds_per_epoch", "time_vs_bp", "peak_memory_mb", "memory_vs_bp", "status", "lr",
+              "method_options"]
 
 
 def csv_text(rows: list[Row]) -> str:
@@ -204,7 +208,8 @@ def csv_text(rows: list[Row]) -> str:
         values = {"method": r.method, "label": r.label, "seeds": " ".join(map(str, r.seeds)), "epochs": r.epochs,
                   "test_error_mean": test[0], "test_error_std": test[1], "train_error_mean": train[0],
                   "train_error_std": train[1], "seconds_per_epoch": r.seconds_per_epoch, "time_vs_bp": r.time_vs_bp,
-                  "peak_memory_mb": r.peak_memory_mb, "memory_vs_bp": r.memory_vs_bp, "status": r.status}
+                  "peak_memory_mb": r.peak_memory_mb, "memory_vs_bp": r.memory_vs_bp, "status": r.status,
+                  "lr": r.lr, "method_options": json.dumps(r.method_options, sort_keys=True)}
         writer.writerow({k: "" if v is None else (repr(v) if isinstance(v, float) else v) for k, v in values.items()})
     return out.getvalue()
 
@@ -239,7 +244,10 @@ def write_report(groups: dict[str, list[RunResult]], out: Path, title: str = "",
     out.mkdir(parents=True, exist_ok=True)
     setup = describe_setup(groups)
     md = [f"# {title or 'Results'}", "", setup, ""]
-    md += [table, "Errors in %, at the last epoch, mean ± sample std over seeds (`test / train`, as in the papers). "
+    per_row = [f"`{r.label}`: lr {r.lr:g}" + "".join(f", {k}={_short(v)}" for k, v in r.method_options.items())
+               for r in rows if r.lr is not None]
+    md += [table, "Settings per row: " + "; ".join(per_row) + ".", "",
+           "Errors in %, at the last epoch, mean ± sample std over seeds (`test / train`, as in the papers). "
            "Time: training seconds per epoch (evaluation excluded). Peak memory: CUDA max allocated, or on CPU "
            "the process's peak resident set size during the run (includes Python, torch and the data set).", ""]
     if plots:
