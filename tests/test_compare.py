@@ -17,6 +17,7 @@ import pytest
 
 from bpfree import methods
 from bpfree.cli import main
+from bpfree.errors import UsageError
 from bpfree.train import read_metrics
 
 SLOW = compare_helpers.NAME
@@ -112,7 +113,7 @@ def test_kill_and_rerun_resumes(tmp_path):
     killed = tmp_path / "killed"
     code = ("import sys, compare_helpers; compare_helpers.register(); from bpfree.cli import main; "
             "sys.exit(main(sys.argv[1:]))")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BPFREE_TEST_DELAY": "0.1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BPFREE_TEST_DELAY": "0.2",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     proc = subprocess.Popen([sys.executable, "-c", code, *args, "--out", str(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -179,6 +180,19 @@ def test_failing_method_gets_a_row(tmp_path, monkeypatch):
     monkeypatch.setattr(compare_helpers.SlowBackprop, "delay", 0.0)
     assert compare(out, "--epochs", "1") == 0
     assert csv_rows(out / "results.csv")[SLOW]["status"] == "ok"
+
+
+def test_method_refusing_the_setup_gets_a_row(tmp_path, monkeypatch):
+    """A method that cannot handle the model raises UsageError when built: its row says why, bp still runs."""
+    def refuse(self, model, seed=0, **options):
+        raise UsageError("test-slow-bp does not support this model")
+
+    monkeypatch.setattr(compare_helpers.SlowBackprop, "__init__", refuse)
+    out = tmp_path / "cmp"
+    assert compare(out, "--epochs", "1") == 0
+    rows = csv_rows(out / "results.csv")
+    assert rows["bp"]["status"] == "ok"
+    assert rows[SLOW]["status"] == "test-slow-bp does not support this model"
 
 
 def test_config_file_and_overrides(tmp_path):
