@@ -89,12 +89,21 @@ def group_runs(runs: list[RunResult]) -> dict[str, list[RunResult]]:
         for key in keys:
             label = method
             if len(keys) > 1:
-                mine = json.loads(key)
-                others = [json.loads(k) for k in keys if k != key]
-                differ = [f for f in mine if any(o.get(f) != mine[f] for o in others)]
-                label = f"{method} ({', '.join(f'{f}={_short(mine[f])}' for f in differ)})"
+                label = f"{method} ({_differences(json.loads(key), [json.loads(k) for k in keys if k != key])})"
             labels[label] = sorted(by_key[key], key=lambda r: r.config.get("seed", 0))
     return labels
+
+
+def _differences(mine: dict[str, Any], others: list[dict[str, Any]]) -> str:
+    """`lr=0.1, tangents=4`: the settings in which `mine` differs from any of `others` (inside option dicts too)."""
+    parts = []
+    for f, value in mine.items():
+        theirs = [o.get(f) for o in others]
+        if isinstance(value, dict) and all(isinstance(t, dict) for t in theirs):
+            parts += [f"{k}={_short(v)}" for k, v in value.items() if any(t.get(k) != v for t in theirs)]
+        elif any(t != value for t in theirs):
+            parts.append(f"{f}={_short(value)}")
+    return ", ".join(parts)
 
 
 def _short(value: Any) -> str:

@@ -283,3 +283,13 @@ def test_report_from_single_runs(tmp_path, capsys):
     second = read_metrics(tmp_path / "bp-0.05-1/metrics.jsonl")[-1]["test_error"]
     assert float(rows["bp (lr=0.05)"]["test_error_mean"]) == statistics.fmean([first, second])
     assert not (tmp_path / "rep/test_error.png").exists()
+
+
+def test_report_names_rows_by_what_differs(tmp_path, capsys):
+    """Two compares of the same methods with different method options, reported together."""
+    for k in ("1", "4"):
+        assert main(["compare", "--methods", SLOW, *TINY, "--epochs", "1", "--tangents", k, "--no-plots",
+                     "--out", str(tmp_path / f"k{k}")]) == 0
+    assert main(["report", str(tmp_path / "k1"), str(tmp_path / "k4"), "--out", str(tmp_path / "rep"),
+                 "--no-plots"]) == 0
+    assert list(csv_rows(tmp_path / "rep/results.csv")) == [f"{SLOW} (tangents=1)", f"{SLOW} (tangents=4)"]
