@@ -4,9 +4,10 @@
     PYTHONPATH=. python benchmarks/forward_gradient_speed.py --quick    # smoke test: ~30 s
 
 Time: MLP 784-1024-1024-1024-10, batch 128, CPU. One "step" is what the trainer calls: `estimator.step(x, y)`
-(fills .grad; no optimizer). Configurations are interleaved round by round, so machine-load drift hits all of
-them alike. Ratios use the BEST time of each configuration (interference from other processes only ever adds
-time, so the minimum is the stable statistic on a shared machine); ratios from medians are printed as well.
+(fills .grad; no optimizer). Time is the CPU time of this process (time.process_time), not wall time: on a
+shared machine wall time mostly measures how long other processes held the core (wall-clock medians varied 3x
+between runs here). Configurations are interleaved round by round, so the remaining drift (caches, clock
+speed) hits all of them alike. Ratios use the median; ratios from the best round are printed as well.
 "forward" is `model(x)` under no_grad. Cost per extra tangent = (step(K=16) - step(K=1)) / 15 / forward.
 
 Memory: MLP of width 1024 and depth 8/16/32, batch 1024. Each configuration runs in a fresh subprocess with
@@ -77,10 +78,10 @@ def time_steps(repeats: int, batch: int, hidden: tuple[int, ...]) -> dict[str, l
     samples: dict[str, list[float]] = {k: [] for k in jobs}
     for r in range(repeats + 2):
         for k, f in jobs.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             f()
             if r >= 2:  # first two rounds warm up caches and lazy initialisation
-                samples[k].append((time.perf_counter() - t0) * 1e3)
+                samples[k].append((time.process_time() - t0) * 1e3)
     return samples
 
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios: dict[str, float] = {}
     result: dict = {"ratios": ratios}
     if not args.skip_time:
-        print(f"time: MLP 784-1024-1024-1024-10, batch 128, {repeats} interleaved rounds (ms per step)")
+        print(f"time: MLP 784-1024-1024-1024-10, batch 128, {repeats} interleaved rounds (CPU ms per step)")
         samples = time_steps(repeats, 128, (1024, 1024, 1024))
         ms = {k: min(v) for k, v in samples.items()}
         med = {k: statistics.median(v) for k, v in samples.items()}
@@ -167,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in ms:
             print(f"  {k:22s} {ms[k]:8.1f} ms {med[k]:8.1f} ms")
         result["time_ms_best"], result["time_ms_median"] = ms, med
-        ratios.update(time_ratios(ms))
-        ratios.update({f"{k} [from medians]": v for k, v in time_ratios(med).items()})
+        ratios.update(time_ratios(med))
+        ratios.update({f"{k} [from best]": v for k, v in time_ratios(ms).items()})
     if not args.skip_memory:
         width, batch, depths = (256, 256, [4, 8]) if args.quick else (1024, 1024, [8, 16, 32])
         print(f"memory: MLP width {width}, batch {batch}, depths {depths} (activation MB above params + grads)")
