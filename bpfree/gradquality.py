@@ -101,7 +101,7 @@ def gradient_quality(
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| method | K | aggregation | cosine to exact gradient | norm ratio |estimate| / |exact| | samples |",
+        "| method | K | aggregation | cosine to exact gradient | norm ratio ‖estimate‖ / ‖exact‖ | samples |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
