@@ -37,7 +37,10 @@ class Group:
     method: a ring all-reduce moves about 2 (N-1)/N times this over each rank's link).
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, timeout: float = 60.0):
+    def __init__(
+        self, rank: int = 0, world_size: int = 1, local_rank: int = 0, timeout: float = 60.0, owner: bool = False
+    ):
+        self.owner = owner  # whether this object created the process group (and so destroys it)
         self.rank = rank
         self.world_size = world_size
         self.local_rank = local_rank
@@ -155,7 +158,8 @@ def init_from_env(device: str, timeout: float) -> tuple[Group, str]:
     if cuda:
         device = f"cuda:{local}"
         torch.cuda.set_device(local)
-    if not dist.is_initialized():
+    owner = not dist.is_initialized()  # a caller may have set up the group itself (and keeps it)
+    if owner:
         try:
             dist.init_process_group(
                 "nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout),
@@ -163,11 +167,11 @@ def init_from_env(device: str, timeout: float) -> tuple[Group, str]:
             )
         except (RuntimeError, dist.DistError) as e:
             raise DistributedError(f"rank {rank}: could not join the process group: {str(e).splitlines()[0]}") from None
-    return Group(rank, world, local, timeout), device
+    return Group(rank, world, local, timeout, owner), device
 
 
 def shutdown(group: Group) -> None:
-    if group.active and dist.is_initialized():
+    if group.owner and dist.is_initialized():
         dist.destroy_process_group()
 
 

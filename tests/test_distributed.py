@@ -1,0 +1,142 @@
+"""Data-parallel training on 2 local gloo ranks: same result as one process on the whole batch, rank-0-only files,
+bytes per step per method, a dead rank stops the others, and --resume (through `bpfree train --nproc 2`) continues.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bpfree import models
+from bpfree.cli import main
+from bpfree.distributed import strip_nproc
+from bpfree.train import TrainConfig, read_metrics, train
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("dist_worker.py")
+HIDDEN = (16,)
+# 200 examples in batches of 63: shards of 32 and 31 examples, and a last batch of 11 (6 + 5), so the
+# weighting of the ranks' averages by their shard sizes is exercised.
+BASE = dict(model="mlp", data="digits", epochs=1, batch_size=63, train_size=200, seed=5, optimizer="adam",
+            lr=1e-2, model_options={"hidden": HIDDEN})
+RUNS = {
+    "bp": dict(method="bp"),
+    "fg-w": dict(method="fg-w", method_options={"tangents": 3, "aggregation": "orthogonal"}),
+    "fg-w-noreadout": dict(method="fg-w", method_options={"tangents": 2, "exact_readout": False}),
+    "fg-a": dict(method="fg-a", method_options={"tangents": 2}),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    return {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+            "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def start_ranks(cmd: list[str], world: int = 2, **popen) -> list[subprocess.Popen]:
+    port = free_port()
+    return [subprocess.Popen(cmd, env=rank_env(r, world, port), **popen) for r in range(world)]
+
+
+def config(name: str, out: Path, **kw) -> dict:
+    return {**BASE, **RUNS[name], "out": str(out / name), **kw}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """All RUNS trained once on 2 ranks (one process group, one start-up)."""
+    out = tmp_path_factory.mktemp("dist")
+    procs = start_ranks([sys.executable, str(WORKER), json.dumps([config(n, out) for n in RUNS])],
+                        stderr=subprocess.PIPE, text=True)
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    return out
+
+
+@pytest.mark.parametrize("name", ["bp", "fg-w", "fg-w-noreadout"])
+def test_two_ranks_equal_one_process_on_the_whole_batch(two_rank_runs, tmp_path, digits, name):
+    single = config(name, tmp_path)
+    train(TrainConfig(**single), data=digits.subset(200), show_progress=False)
+    one = torch.load(Path(single["out"]) / "checkpoint.pt", weights_only=True)["model"]
+    two = torch.load(two_rank_runs / name / "checkpoint.pt", weights_only=True)["model"]
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+    a = read_metrics(Path(single["out"]) / "metrics.jsonl")[0]
+    b = read_metrics(two_rank_runs / name / "metrics.jsonl")[0]
+    for key in ("train_loss", "train_error", "test_error", "test_loss"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_ranks_hold_identical_parameters_and_only_rank0_writes(two_rank_runs, name):
+    folder = two_rank_runs / name
+    r0, r1 = (torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl",
+                                                        "rank0.pt", "rank1.pt"]
+    assert json.loads((folder / "config.json").read_text())["world_size"] == 2
+
+
+def test_bytes_per_step_per_method(two_rank_runs):
+    params = models.count_parameters(models.build("mlp", 10, (1, 8, 8), hidden=HIDDEN))
+    readout = HIDDEN[-1] * 10 + 10
+    per_step = {n: read_metrics(two_rank_runs / n / "metrics.jsonl")[0]["comm_bytes_per_step"] for n in RUNS}
+    # Every all-reduce carries its float32 payload plus the rank's weight (its share of the batch).
+    assert per_step["bp"] == 4 * (params + 1)
+    assert per_step["fg-a"] == 4 * (params + 1)  # per-example tangents: the full gradient must be summed
+    assert per_step["fg-w"] == 4 * (3 + 1) + 4 * (readout + 1)  # K numbers + the exact readout's gradient
+    assert per_step["fg-w-noreadout"] == 4 * (2 + 1)  # K numbers only
+
+
+def test_strip_nproc():
+    assert strip_nproc(["train", "--nproc", "2", "--lr", "1", "--nproc=3"]) == ["train", "--lr", "1"]
+
+
+def test_dead_rank_stops_the_other_then_resume_continues(tmp_path, digits):
+    out = tmp_path / "run"
+    args = ["train", "--data", "digits", "--hidden", "16", "--batch-size", "64", "--train-size", "256",
+            "--seed", "2", "--out", str(out)]
+    procs = start_ranks([sys.executable, "-m", "bpfree", *args, "--epochs", "100000", "--dist-timeout", "10"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while len(read_metrics(out / "metrics.jsonl")) < 2 and time.time() < deadline and procs[0].poll() is None:
+        time.sleep(0.05)
+    assert procs[0].poll() is None, procs[0].communicate()[1]
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    _, err = procs[0].communicate(timeout=30)  # bounded: gloo sees the closed connection (or --dist-timeout)
+    procs[1].wait()
+    assert procs[0].returncode == 4, err
+    assert time.time() - killed < 25
+    assert "bpfree: distributed:" in err and "Traceback" not in err
+    done = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    assert done >= 2
+
+    # Resume with the same number of ranks through the launcher; equals one uninterrupted single process.
+    total = done + 2
+    assert main([*args, "--epochs", str(total), "--resume", "--nproc", "2"]) == 0
+    resumed = read_metrics(out / "metrics.jsonl")
+    assert [r["epoch"] for r in resumed] == list(range(1, total + 1))
+    whole = train(TrainConfig(data="digits", model_options={"hidden": HIDDEN}, batch_size=64, train_size=256, seed=2,
+                              epochs=total, out=str(tmp_path / "whole")), data=digits.subset(256), show_progress=False)
+    for a, b in zip(whole, resumed):
+        for key in ("train_loss", "test_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3), (a["epoch"], key)
+
+    # An existing run without --resume: every rank stops with the same one-line error, exit 2, no hang.
+    assert main([*args, "--nproc", "2"]) == 2
