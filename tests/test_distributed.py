@@ -2,10 +2,12 @@
 bytes per step per method, a dead rank stops the others, and --resume (through `bpfree train --nproc 2`) continues.
 """
 
+import gzip
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -16,6 +18,8 @@ import torch
 
 from bpfree import models
 from bpfree.cli import main
+from bpfree.data import load
+from bpfree.data.datasets import MNIST_FILES
 from bpfree.distributed import strip_nproc
 from bpfree.train import TrainConfig, read_metrics, train
 
@@ -24,7 +28,7 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 HIDDEN = (16,)
 # 200 examples in batches of 63: shards of 32 and 31 examples, and a last batch of 11 (6 + 5), so the
 # weighting of the ranks' averages by their shard sizes is exercised.
-BASE = dict(model="mlp", data="digits", epochs=1, batch_size=63, train_size=200, seed=5, optimizer="adam",
+BASE = dict(model="mlp", data="mnist", epochs=1, batch_size=63, train_size=200, seed=5, optimizer="adam",
             lr=1e-2, model_options={"hidden": HIDDEN})
 RUNS = {
     "bp": dict(method="bp"),
@@ -32,6 +36,25 @@ RUNS = {
     "fg-w-noreadout": dict(method="fg-w", method_options={"tangents": 2, "exact_readout": False}),
     "fg-a": dict(method="fg-a", method_options={"tangents": 2}),
 }
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """The 8x8 digits stored as MNIST IDX files: the ranks load them without importing scikit-learn (seconds of
+    start-up per process on the two-core test machine)."""
+    root = tmp_path_factory.mktemp("data")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    digits = load("digits")
+    arrays = [digits.train_x[:256], digits.train_y[:256], digits.test_x[:120], digits.test_y[:120]]
+    for name, a in zip(MNIST_FILES, arrays):
+        if a.dim() > 1:  # back from the normalised floats to bytes
+            a = ((a[:, 0] * 0.4 + 0.3) * 255).round().clamp(0, 255)
+        a = a.to(torch.uint8).numpy()
+        with gzip.open(raw / name, "wb") as f:
+            f.write(struct.pack(">I", 2051 if a.ndim == 3 else 2049) + struct.pack(f">{a.ndim}I", *a.shape)
+                    + a.tobytes())
+    return root
 
 
 def free_port() -> int:
@@ -51,15 +74,15 @@ def start_ranks(cmd: list[str], world: int = 2, **popen) -> list[subprocess.Pope
     return [subprocess.Popen(cmd, env=rank_env(r, world, port), **popen) for r in range(world)]
 
 
-def config(name: str, out: Path, **kw) -> dict:
-    return {**BASE, **RUNS[name], "out": str(out / name), **kw}
+def config(name: str, out: Path, root: Path) -> dict:
+    return {**BASE, **RUNS[name], "out": str(out / name), "data_root": str(root)}
 
 
 @pytest.fixture(scope="module")
-def two_rank_runs(tmp_path_factory):
+def two_rank_runs(tmp_path_factory, data_root):
     """All RUNS trained once on 2 ranks (one process group, one start-up)."""
     out = tmp_path_factory.mktemp("dist")
-    procs = start_ranks([sys.executable, str(WORKER), json.dumps([config(n, out) for n in RUNS])],
+    procs = start_ranks([sys.executable, str(WORKER), json.dumps([config(n, out, data_root) for n in RUNS])],
                         stderr=subprocess.PIPE, text=True)
     for p in procs:
         _, err = p.communicate(timeout=120)
@@ -68,9 +91,9 @@ def two_rank_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["bp", "fg-w", "fg-w-noreadout"])
-def test_two_ranks_equal_one_process_on_the_whole_batch(two_rank_runs, tmp_path, digits, name):
-    single = config(name, tmp_path)
-    train(TrainConfig(**single), data=digits.subset(200), show_progress=False)
+def test_two_ranks_equal_one_process_on_the_whole_batch(two_rank_runs, data_root, tmp_path, name):
+    single = config(name, tmp_path, data_root)
+    train(TrainConfig(**single), show_progress=False)
     one = torch.load(Path(single["out"]) / "checkpoint.pt", weights_only=True)["model"]
     two = torch.load(two_rank_runs / name / "checkpoint.pt", weights_only=True)["model"]
     for key in one:
@@ -87,9 +110,15 @@ def test_ranks_hold_identical_parameters_and_only_rank0_writes(two_rank_runs, na
     r0, r1 = (torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key
-    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl",
-                                                        "rank0.pt", "rank1.pt"]
+    written = sorted(p.name for p in folder.iterdir() if not p.name.startswith("rank"))
+    assert written == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     assert json.loads((folder / "config.json").read_text())["world_size"] == 2
+
+
+def test_bad_input_found_by_rank0_stops_every_rank(two_rank_runs):
+    folder = two_rank_runs / "bp"  # the worker restarted this run without --resume
+    errors = [(folder / f"rank{r}.error").read_text() for r in (0, 1)]
+    assert errors[0] == errors[1] and "already holds a run" in errors[0]
 
 
 def test_bytes_per_step_per_method(two_rank_runs):
@@ -107,9 +136,9 @@ def test_strip_nproc():
     assert strip_nproc(["train", "--nproc", "2", "--lr", "1", "--nproc=3"]) == ["train", "--lr", "1"]
 
 
-def test_dead_rank_stops_the_other_then_resume_continues(tmp_path, digits):
+def test_dead_rank_stops_the_other_then_resume_continues(tmp_path, data_root):
     out = tmp_path / "run"
-    args = ["train", "--data", "digits", "--hidden", "16", "--batch-size", "64", "--train-size", "256",
+    args = ["train", "--data", "mnist", "--data-root", str(data_root), "--hidden", "16", "--batch-size", "64",
             "--seed", "2", "--out", str(out)]
     procs = start_ranks([sys.executable, "-m", "bpfree", *args, "--epochs", "100000", "--dist-timeout", "10"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -132,11 +161,8 @@ def test_dead_rank_stops_the_other_then_resume_continues(tmp_path, digits):
     assert main([*args, "--epochs", str(total), "--resume", "--nproc", "2"]) == 0
     resumed = read_metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in resumed] == list(range(1, total + 1))
-    whole = train(TrainConfig(data="digits", model_options={"hidden": HIDDEN}, batch_size=64, train_size=256, seed=2,
-                              epochs=total, out=str(tmp_path / "whole")), data=digits.subset(256), show_progress=False)
+    whole = train(TrainConfig(data="mnist", data_root=str(data_root), model_options={"hidden": HIDDEN}, batch_size=64,
+                              seed=2, epochs=total, out=str(tmp_path / "whole")), show_progress=False)
     for a, b in zip(whole, resumed):
         for key in ("train_loss", "test_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-3), (a["epoch"], key)
-
-    # An existing run without --resume: every rank stops with the same one-line error, exit 2, no hang.
-    assert main([*args, "--nproc", "2"]) == 2
