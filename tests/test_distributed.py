@@ -121,6 +121,11 @@ def test_bad_input_found_by_rank0_stops_every_rank(two_rank_runs):
     assert errors[0] == errors[1] and "already holds a run" in errors[0]
 
 
+def test_weighted_mean_over_ranks(two_rank_runs):
+    for r in (0, 1):  # rank 0 weighs 3 (say 3 examples), rank 1 weighs 1; a big, a small and a half-big tensor
+        assert json.loads((two_rank_runs / "bp" / f"rank{r}.mean").read_text()) == [[1.25], [12.5], [-1.0]]
+
+
 def test_bytes_per_step_per_method(two_rank_runs):
     params = models.count_parameters(models.build("mlp", 10, (1, 8, 8), hidden=HIDDEN))
     readout = HIDDEN[-1] * 10 + 10
