@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "train": ("bpfree.commands.train", "train one model with one learning rule"),
     "models": ("bpfree.commands.models", "list the registered models with their parameter counts"),
     "methods": ("bpfree.commands.methods", "list the registered learning rules and their papers"),
+    "grad-quality": ("bpfree.commands.grad_quality", "cosine / norm ratio of gradient estimates vs the exact gradient"),
 }
 
 
