@@ -74,8 +74,8 @@ def worker(args: argparse.Namespace) -> None:
         print("|---|---|---|---|---|")
         bp_bytes = rows[0][2]
         for method, opts, b, ms in rows:
-            print(f"| {method} | {json.dumps(opts)} | {b:,.0f} | {bp_bytes / b:,.0f}x fewer | {ms:.1f} |"
-                  if method != "bp" else f"| {method} | {json.dumps(opts)} | {b:,.0f} | 1 | {ms:.1f} |")
+            ratio = f"{bp_bytes / b:,.0f}x fewer" if bp_bytes / b > 1.5 else "same"
+            print(f"| {method} | {json.dumps(opts)} | {b:,.0f} | {ratio} | {ms:.1f} |")
 
     def flat() -> None:
         buf = torch.cat([p.reshape(-1) for p in params])

@@ -15,6 +15,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +198,6 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, data=None, show_progress: bool | None = None, log_epochs: bool = False):
         cfg.check()
-        self.log_epochs = log_epochs
         self.cfg = cfg
         self.out = Path(cfg.out)
         # Launched by torchrun: join the process group; rank r trains on its share of every global batch.
@@ -216,9 +216,14 @@ class Run:
         self.group.broadcast_module(self.model)
         self.estimator = methods.build(cfg.method, self.model, seed=cfg.seed, **cfg.method_options)
         self.estimator.group = self.group
-        self.comm_bytes = 0  # payload bytes this rank sent in the steps' collectives, this epoch
         self.optimizer = make_optimizer(cfg, self.estimator.trainable())
         self.steps_per_epoch = self.data.num_train_batches(cfg.batch_size)
+        if self.group.active:
+            if cfg.batch_size < self.group.world_size:
+                raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the {self.group.world_size} ranks")
+            # A last batch with fewer examples than ranks would leave a rank with none: every rank drops it.
+            if self.data.num_train - (self.steps_per_epoch - 1) * cfg.batch_size < self.group.world_size:
+                self.steps_per_epoch -= 1
         self.schedule = make_schedule(cfg, self.optimizer, self.steps_per_epoch)
         self.epoch = 0
 
@@ -300,7 +305,8 @@ class Run:
         extras: dict[str, float] = {}
         group, sent = self.group, self.group.bytes
         shard = {"rank": group.rank, "world_size": group.world_size} if group.active else {}
-        batches = tqdm(self.data.train_batches(cfg.batch_size, generator, **shard), total=self.steps_per_epoch,
+        batches = tqdm(islice(self.data.train_batches(cfg.batch_size, generator, **shard), self.steps_per_epoch),
+                       total=self.steps_per_epoch,
                        desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.show_progress, leave=False)
         for step, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

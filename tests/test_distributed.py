@@ -35,6 +35,8 @@ RUNS = {
     "fg-w": dict(method="fg-w", method_options={"tangents": 3, "aggregation": "orthogonal"}),
     "fg-w-noreadout": dict(method="fg-w", method_options={"tangents": 2, "exact_readout": False}),
     "fg-a": dict(method="fg-a", method_options={"tangents": 2}),
+    # A last batch of 1 example cannot be shared by 2 ranks: both drop it (instead of a NaN loss on an empty shard).
+    "bp-tail": dict(method="bp", train_size=201, batch_size=100),
 }
 
 
@@ -113,6 +115,12 @@ def test_ranks_hold_identical_parameters_and_only_rank0_writes(two_rank_runs, na
     written = sorted(p.name for p in folder.iterdir() if not p.name.startswith("rank"))
     assert written == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     assert json.loads((folder / "config.json").read_text())["world_size"] == 2
+
+
+def test_last_batch_smaller_than_world_is_dropped(two_rank_runs):
+    record = read_metrics(two_rank_runs / "bp-tail" / "metrics.jsonl")[0]
+    assert record["train_loss"] == record["train_loss"]  # finite, not NaN
+    assert record["comm_bytes_per_step"] > 0
 
 
 def test_bad_input_found_by_rank0_stops_every_rank(two_rank_runs):
