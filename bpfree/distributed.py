@@ -177,11 +177,26 @@ def init_from_env(device: str, timeout: float) -> tuple[Group, str]:
         try:
             dist.init_process_group(
                 "nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout),
-                device_id=torch.device(device) if cuda else None,
+                device_id=torch.device(device) if cuda else None, store=_attempt_store(rank, world, timeout),
             )
         except (RuntimeError, dist.DistError) as e:
             raise DistributedError(f"rank {rank}: could not join the process group: {str(e).splitlines()[0]}") from None
     return Group(rank, world, local, timeout, owner), device
+
+
+def _attempt_store(rank: int, world: int, timeout: float) -> dist.Store | None:
+    """After torchrun restarted the workers (--max-restarts), a store with a fresh key prefix; else None (env://).
+
+    The elastic agent's store outlives the workers, and the previous attempt's rank addresses left in it make the
+    new ranks dial dead processes ("Connection refused"). A per-attempt prefix gives each attempt clean keys.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0:
+        return None
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it, as env:// does
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=not agent_hosts and rank == 0, timeout=timedelta(seconds=timeout))
+    return dist.PrefixStore(f"bpfree/attempt{attempt}", base)
 
 
 def shutdown(group: Group) -> None:
