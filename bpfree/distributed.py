@@ -15,7 +15,6 @@ is a no-op, so single-process code paths pay nothing.
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 from collections.abc import Sequence
@@ -75,7 +74,7 @@ class Group:
         Tensors of at least BUCKET elements are all-reduced in place (no copy); the small ones are packed into one
         buffer together with the weight. All collectives are in flight at once. On the 1.9 M-parameter MLP this
         beat one flattened all-reduce (whose two copies cost more than the saved latency) and one all-reduce per
-        tensor; numbers and command in the README's data-parallel section.
+        tensor; numbers and command in docs/distributed.md.
         """
         if not self.active or not tensors:
             return
@@ -140,10 +139,6 @@ class Group:
         for t in [*module.parameters(), *module.buffers()]:
             self._call("broadcast", dist.broadcast, t.data, 0)
 
-    def barrier(self) -> None:
-        if self.active:
-            self._call("barrier", dist.barrier)
-
     def device_for_collectives(self) -> torch.device:
         if dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
@@ -202,12 +197,6 @@ def _attempt_store(rank: int, world: int, timeout: float) -> dist.Store | None:
 def shutdown(group: Group) -> None:
     if group.owner and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def save_to_bytes(state: dict) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
 
 
 # -- `bpfree train --nproc N`: the same as `torchrun --standalone --nproc-per-node N -m bpfree train ...` -----------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import fields
 from typing import Any
 
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 and not distributed.launched_by_torchrun():
-        return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
+        return distributed.launch(args.nproc, distributed.strip_nproc(getattr(args, "argv", sys.argv[1:])))
     out = args.out or f"runs/{args.method}-{args.model}-{args.data.replace(':', '_').replace('/', '_')}"
     cfg = config_from_args(args, out=out)
     records = train(cfg, log_epochs=True)

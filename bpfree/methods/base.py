@@ -2,7 +2,7 @@
 
 An estimator fills `p.grad` of every trainable parameter of its model from one batch (and touches nothing
 else); the optimizer step is the caller's. The training loop only ever calls `step`, `predict`,
-`state_dict` and `load_state_dict`.
+`state_dict` and `load_state_dict`, and in data-parallel runs `all_reduce_gradients`.
 """
 
 from __future__ import annotations
