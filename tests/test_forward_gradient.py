@@ -26,9 +26,7 @@ def _one_thread():
 
 def _mlp(act: type[nn.Module] = nn.ReLU) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(6, 5), act(), nn.Linear(5, 4), act(), nn.Linear(4, 3)
-    ).double()
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), act(), nn.Linear(5, 4), act(), nn.Linear(4, 3)).double()
 
 
 class _Conv(nn.Module):
@@ -253,3 +251,16 @@ def test_rademacher_sampling() -> None:
     assert off.abs().max() < 5 / math.sqrt(4000)
     with pytest.raises(UsageError):
         T.sample((3,), "uniform", gen)
+
+
+def test_batchnorm_generic_path() -> None:
+    """fg-w through batch norm (training mode, batch statistics) is exact with full-rank orthogonal tangents."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(6, 1, 3, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    g = _exact(model, x, y)
+    n = sum(p.numel() for p in model.parameters())
+    est = build("fg-w", model, tangents=n, aggregation="orthogonal", exact_readout=False)
+    assert torch.allclose(_estimate(est, x, y), g, atol=1e-9)
+    with pytest.raises(UsageError):
+        build("fg-a", model, tangents=2).step(x, y)

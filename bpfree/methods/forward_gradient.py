@@ -268,8 +268,11 @@ class ForwardGradientWeight(_ForwardGradient):
                 Z[0].add_(b)
             if perturb and W.requires_grad:
                 vW = tangent(W)  # [K, out, in]; h @ vW^T for all k is one [B, in] x [in, K*out] matmul
-                hv = H[0] @ vW.reshape(K * W.shape[0], W.shape[1]).T
-                Z[1:].add_(hv.view(B, K, -1).transpose(0, 1))
+                if K == 1:
+                    Z[1].addmm_(H[0], vW[0].T)  # fused, no temporary
+                else:
+                    hv = H[0] @ vW.reshape(K * W.shape[0], W.shape[1]).T
+                    Z[1:].add_(hv.view(B, K, -1).transpose(0, 1))
             if perturb and b is not None and b.requires_grad:
                 Z[1:].add_(tangent(b).unsqueeze(1))
             _activate_(Z, act)
@@ -302,10 +305,7 @@ class ForwardGradientWeight(_ForwardGradient):
         skip = {id(p) for p in readout.parameters()} if readout is not None else set()
         named = dict(self.model.named_parameters())
         pert = {n: p.detach() for n, p in named.items() if p.requires_grad and id(p) not in skip}
-        tang = {
-            n: self._sample_(torch.empty((K, *p.shape), device=p.device, dtype=p.dtype))
-            for n, p in pert.items()
-        }
+        tang = {n: self._sample_(torch.empty((K, *p.shape), device=p.device, dtype=p.dtype)) for n, p in pert.items()}
         captured: dict[str, torch.Tensor] = {}
 
         def grab(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
@@ -319,13 +319,20 @@ class ForwardGradientWeight(_ForwardGradient):
                 handle.remove()
         if readout is not None and not torch.equal(captured["out"], logits):
             raise UsageError(
-                "exact_readout: the model's last Linear does not produce the logits; "
-                "pass --exact-readout false"
+                "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
             )
         loss, e = _loss_grad(self, logits, y)
 
+        # Batch-norm running statistics were updated by the primal pass above; inside the transform they are
+        # hidden (None -> batch statistics, no in-place update of a captured tensor), as in the primal.
+        stats = {
+            n: None
+            for n, _ in self.model.named_buffers()
+            if self.model.training and n.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+        }
+
         def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return functional_call(self.model, p, (x,))
+            return functional_call(self.model, {**p, **stats}, (x,))
 
         def tangent_out(t: dict[str, torch.Tensor]) -> torch.Tensor:
             return jvp(f, (pert,), (t,))[1]
@@ -448,6 +455,15 @@ class ForwardGradientActivity(_ForwardGradient):
     def _step_generic(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         K = self.K
         B = x.shape[0]
+        if (
+            K > 1
+            and self.model.training
+            and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        ):
+            raise UsageError(
+                "fg-a with --tangents > 1 cannot run batch norm in training mode (the K tangent copies of the "
+                "batch would share batch statistics); use --tangents 1"
+            )
         readout = self._readout_module()
         records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # (module, input, tangents [K,B,..])
         readout_io: dict[str, torch.Tensor] = {}
@@ -456,6 +472,7 @@ class ForwardGradientActivity(_ForwardGradient):
             primal_in = fwad.unpack_dual(inp[0]).primal[:B]
             if mod is readout:
                 readout_io["in"] = primal_in.detach()
+                readout_io["out"] = fwad.unpack_dual(out).primal[:B].detach()
                 return None
             u = self._sample_(torch.empty(out.shape, device=out.device, dtype=out.dtype))
             records.append((mod, primal_in.detach(), u.view(K, B, *out.shape[1:])))
@@ -473,6 +490,10 @@ class ForwardGradientActivity(_ForwardGradient):
         finally:
             for hd in handles:
                 hd.remove()
+        if readout is not None and not torch.equal(readout_io.get("out", logits[:0]), logits):
+            raise UsageError(
+                "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
+            )
         loss, e = _loss_grad(self, logits, y)
         d = torch.einsum("kbc,bc->kb", ydot, e.reshape(B, -1))
         tangents = [u for _, _, u in records]
