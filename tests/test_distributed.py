@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bpfree import models
+from bpfree import methods, models
 from bpfree.cli import main
 from bpfree.data import load
 from bpfree.data.datasets import MNIST_FILES
-from bpfree.distributed import strip_nproc
+from bpfree.distributed import LOCAL, Group, strip_nproc
 from bpfree.train import TrainConfig, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,3 +179,48 @@ def test_dead_rank_stops_the_other_then_resume_continues(tmp_path, data_root):
     for a, b in zip(whole, resumed):
         for key in ("train_loss", "test_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-3), (a["epoch"], key)
+
+
+class RecordingGroup(Group):
+    """Rank `rank` of a pretend 2-rank group that records what would be all-reduced (no processes needed)."""
+
+    def __init__(self, rank: int = 0):
+        super().__init__(rank=rank, world_size=2)
+        self.reduced: list[list[tuple[int, ...]]] = []
+
+    def weighted_mean_(self, tensors, weight) -> None:
+        self.reduced.append([tuple(t.shape) for t in tensors])
+
+
+def tiny_estimator(name: str, group: Group, **options):
+    torch.manual_seed(0)
+    model = models.build("mlp", 10, (1, 8, 8), hidden=HIDDEN)
+    est = methods.build(name, model, seed=0, **options)
+    est.group = group
+    return est
+
+
+def test_fgw_policy_reduces_k_numbers_in_step_and_the_readout_after():
+    group = RecordingGroup()
+    est = tiny_estimator("fg-w", group, tangents=4)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    est.step(x, y)
+    assert group.reduced == [[(4,)]]  # inside step: only the K directional derivatives
+    est.all_reduce_gradients(group, 6)
+    assert group.reduced[1] == [(10, HIDDEN[-1]), (10,)]  # then only the exactly trained readout
+    bp = tiny_estimator("bp", group)
+    bp.step(x, y)
+    bp.all_reduce_gradients(group, 6)
+    assert group.reduced[2] == [tuple(p.shape) for p in bp.model.parameters()]  # default: every gradient
+
+
+def test_fga_ranks_draw_independent_activity_tangents():
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    grads = []
+    for group in (LOCAL, RecordingGroup(0), RecordingGroup(1)):
+        est = tiny_estimator("fg-a", group, tangents=2)
+        est.step(x, y)
+        grads.append([p.grad.clone() for p in est.model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))  # rank 0 = a single process
+    first_layer = 0
+    assert not torch.equal(grads[0][first_layer], grads[2][first_layer])  # rank 1: other tangents, same examples
