@@ -38,6 +38,7 @@ from torch.autograd import forward_ad as fwad
 from torch.func import functional_call, jvp, vmap
 
 from bpfree import tangents as T
+from bpfree.distributed import Group
 from bpfree.errors import UsageError
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult
@@ -217,6 +218,15 @@ class _ForwardGradient(Estimator):
     paper="Ren et al. 2022 (arXiv 2210.03310); Flügel et al. 2024 (arXiv 2410.17764)",
 )
 class ForwardGradientWeight(_ForwardGradient):
+    def all_reduce_gradients(self, group: Group, weight: float) -> None:
+        """Data-parallel: seed-shared tangents. Every rank draws the same tangents (self.generator is seeded alike
+        on every rank), so averaging the K directional derivatives inside `step` (weighted by the ranks' batch
+        shares: d is linear in the mean loss) already gave every rank the same estimate, with O(K) bytes instead of
+        O(parameters). Only the exact readout's gradient, computed from local examples, is left to average."""
+        readout = self._readout_module()
+        if readout is not None:
+            group.weighted_mean_([p.grad for p in readout.parameters() if p.requires_grad], weight)
+
     def _step_chain(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         K, chain = self.K, self.chain
         h = x.reshape(x.shape[0], -1)
@@ -271,6 +281,7 @@ class ForwardGradientWeight(_ForwardGradient):
         loss, e = _loss_grad(self, logits, y)
         if H.shape[0] > 1:
             d = torch.einsum("kbc,bc->k", H[1:], e)
+            self.group.weighted_mean_([d], B)  # data-parallel: the K numbers are all that ranks exchange
             c = T.coefficients(d, self.aggregation, G, dim)
             self._scratch.manual_seed(seed)  # replay the same tangents in the same order
             for i, (lin, _) in enumerate(chain):
@@ -328,6 +339,7 @@ class ForwardGradientWeight(_ForwardGradient):
 
         ydot = vmap(tangent_out, randomness="same")(tang)  # [K, B, C]: the K tangents batched, not looped
         d = torch.einsum("kbc,bc->k", ydot, e)
+        self.group.weighted_mean_([d], x.shape[0])  # data-parallel: the K numbers are all that ranks exchange
         G = T.gram(list(tang.values())) if self.aggregation == "orthogonal" else None
         c = T.coefficients(d, self.aggregation, G, sum(p.numel() for p in pert.values()))
         for n, v in tang.items():
@@ -431,8 +443,14 @@ class ForwardGradientActivity(_ForwardGradient):
             h = Z[0]
 
     def _new_step(self) -> int:
-        self._seed = super()._new_step()
-        return self._seed
+        seed = super()._new_step()
+        if self.group.rank:
+            # Data-parallel: per-example tangents must be independent across ranks too (rank r's example i must
+            # not reuse rank 0's tangents for its example i), so each rank offsets the shared per-step seed.
+            seed = (seed + self.group.rank * 0x9E3779B97F4A7C15) % 2**63
+            self._scratch.manual_seed(seed)
+        self._seed = seed
+        return seed
 
     def _step_generic(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         K = self.K
