@@ -22,4 +22,5 @@ def build(name: str, model: nn.Module, seed: int = 0, **options: Any) -> Estimat
 from bpfree.methods import bp  # noqa: E402,F401
 
 __all__ = ["METHODS", "Estimator", "StepResult", "build"]
+from bpfree.methods import forward_gradient  # noqa: E402,F401
 from bpfree.methods import local  # noqa: E402,F401
