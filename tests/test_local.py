@@ -31,8 +31,9 @@ def _float64_one_thread():
 
 def tiny(blocks: int = 2, grid: int = 2, channels: int = 8, groups: int = 2, head_dim: int = 0) -> LocalMixer:
     torch.manual_seed(0)
-    model = build("localmixer-m8-16", 3, (1, 4, 4), blocks=blocks, grid=grid, channels=channels, groups=groups,
-                  head_dim=head_dim)
+    model = build(
+        "localmixer-m8-16", 3, (1, 4, 4), blocks=blocks, grid=grid, channels=channels, groups=groups, head_dim=head_dim
+    )
     # a non-zero readout and larger biases so that nothing is degenerate at init
     with torch.no_grad():
         for p in model.parameters():
@@ -246,8 +247,12 @@ def _assert_unbiased(mean, stderr, target):
 def test_lg_fg_a_is_unbiased_for_the_lg_gradient():
     model = tiny()
     x, y = data()
-    target = torch.cat([torch.cat([g.flatten() for g in exact_lg_grads(model, i, block_input(model, x, i), y)])
-                        for i in range(len(model.blocks))])
+    target = torch.cat(
+        [
+            torch.cat([g.flatten() for g in exact_lg_grads(model, i, block_input(model, x, i), y)])
+            for i in range(len(model.blocks))
+        ]
+    )
     mean, stderr = _mean_and_stderr(model, "lg-fg-a", x, y, 40)
     _assert_unbiased(mean, stderr, target)
     # and the test can fail: the l-bp gradient differs at the token-mixing unit, detectably so

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bpfree import tangents as T
 from bpfree.errors import UsageError
 from bpfree.losses import LossGrid, augment, local_loss_grid, nt_xent
 from bpfree.methods import METHODS
@@ -54,9 +55,7 @@ COMMON_OPTIONS = {
 FG_OPTIONS = {
     **COMMON_OPTIONS,
     "tangents": Option(1, "tangents K per step (per example for activity perturbation)"),
-    "aggregation": Option(
-        "sum", "how K directional derivatives combine", choices=("sum", "mean", "orthogonal")
-    ),
+    "aggregation": Option("sum", "how K directional derivatives combine", choices=("sum", "mean", "orthogonal")),
     "tangent_dist": Option("normal", "tangent distribution", choices=("normal", "rademacher")),
 }
 
@@ -157,9 +156,7 @@ def _linear_tangent(block: MixerBlock, kind: str, t_dot: torch.Tensor) -> torch.
         return torch.matmul(block.token_mix.weight, t_dot)
     if kind == "channel":
         return t_dot @ block.channel.weight.T
-    return torch.einsum(
-        "...gi,goi->...go", t_dot.unflatten(-1, (block.groups, -1)), block.group_weight
-    ).flatten(-2)
+    return torch.einsum("...gi,goi->...go", t_dot.unflatten(-1, (block.groups, -1)), block.group_weight).flatten(-2)
 
 
 def _unit_params(block: MixerBlock, kind: str) -> tuple[nn.Parameter, nn.Parameter]:
@@ -221,39 +218,25 @@ def _tangent_pass(
     return h_dot
 
 
-def sample_tangent(
-    shape: tuple[int, ...], dist: str, generator: torch.Generator, like: torch.Tensor
+def combine_coefficients(
+    d: torch.Tensor, aggregation: str, gram: torch.Tensor | None = None, dim: int | None = None
 ) -> torch.Tensor:
-    """Isotropic tangents: N(0, I) or Rademacher (+-1)."""
-    if dist == "rademacher":
-        bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
-        return bits.to(like.dtype) * 2 - 1
-    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+    """Coefficients c [K, ...] with estimate = sum_k c_k v_k from directional derivatives d [K, ...].
 
-
-def combine_coefficients(d: torch.Tensor, gram: torch.Tensor | None, aggregation: str) -> torch.Tensor:
-    """Turn K directional derivatives d [K, ...] into the coefficients c with estimate = sum_k c_k v_k.
-
-    sum: c = d; mean: c = d / K; orthogonal: c = (V^T V)^-1 d, the projection of the gradient on span(V)
-    (Flügel et al.); gram is V^T V: [K, K] shared (weight tangents) or [B, K, K] per example (activity).
-    The K x K solve runs in float64 (cheap, and keeps the projection stable for nearly parallel tangents).
+    Uses `bpfree.tangents` (sum: c = d, mean: d / K, orthogonal: the Gram pseudo-inverse applied to d). The
+    grid adds trailing (patch, group) dims to d: for one Gram [K, K] (weight tangents) they broadcast; for one
+    Gram per example [B, K, K] (activity tangents) the pseudo-inverse is formed once per example, column by
+    column through `tangents.solve_projection`, and applied to all copies of that example.
     """
-    if aggregation == "sum":
-        return d
-    if aggregation == "mean":
-        return d / d.shape[0]
-    return _project(d, gram)
-
-
-def _project(d: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
-    assert gram is not None
+    if aggregation != "orthogonal" or gram is None:
+        return T.coefficients(d, aggregation)
     k = d.shape[0]
-    flat = d.reshape(k, -1) if gram.dim() == 2 else d.reshape(k, gram.shape[0], -1)
-    if gram.dim() == 2:  # one gram for all copies (weight perturbation)
-        sol = torch.linalg.solve(gram.double(), flat.double())
-    else:  # one gram per example (activity perturbation): gram [B, K, K], flat [K, B, rest]
-        sol = torch.linalg.solve(gram.double(), flat.permute(1, 0, 2).double()).permute(1, 0, 2)
-    return sol.to(d.dtype).reshape(d.shape)
+    if gram.dim() == 2:
+        return T.solve_projection(gram, d.reshape(k, -1), dim).reshape(d.shape)
+    b = gram.shape[0]
+    eye = torch.eye(k, dtype=torch.float64, device=d.device)
+    pinv = torch.stack([T.solve_projection(gram, eye[j][:, None].expand(k, b), dim) for j in range(k)], -1)
+    return torch.einsum("kbj,jb...->kb...", pinv.to(d.dtype), d)  # pinv [K(row), B, K(col)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,9 +256,7 @@ class LocalEstimator(Estimator):
         self.objective = options.get("objective", "supervised")
         self.temperature = float(options.get("temperature", 0.5))
         if self.objective == "contrastive" and model.head_dim == model.num_classes:
-            raise UsageError(
-                "--objective contrastive needs projection heads: build the model with --head-dim 128"
-            )
+            raise UsageError("--objective contrastive needs projection heads: build the model with --head-dim 128")
 
     # -- local loss of block i on pooled features: per-example losses
     def local_loss_fn(self, i: int, y: torch.Tensor):  # noqa: ANN201 - returns a closure
@@ -285,9 +266,7 @@ class LocalEstimator(Estimator):
             return lambda pooled: nt_xent(model.head(i, pooled), self.temperature)
         return lambda pooled: F.cross_entropy(model.head(i, pooled), y, reduction="none")
 
-    def train_block(
-        self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, float]:
+    def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Set the grads of block i and its head from input x (stop-gradient); return (output, local loss)."""
         raise NotImplementedError
 
@@ -329,9 +308,7 @@ class LocalEstimator(Estimator):
     paper=PAPER,
 )
 class LocalBP(LocalEstimator):
-    def train_block(
-        self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, float]:
+    def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         params = list(block.parameters()) + self._head_params(i)
         with torch.enable_grad():
             out = self.block_forward(block, x)
@@ -355,9 +332,7 @@ class LocalGroupBP(LocalBP):
     """The grid's summed gradient at the block output equals the pooled loss's (each copy reaches only its own
     slice, with the pooled slope), so the difference from l-bp is inside the block: `lg_block_forward`."""
 
-    def train_block(
-        self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, float]:
+    def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         params = list(block.parameters())
         with torch.enable_grad():
             out = lg_block_forward(block, x)
@@ -365,9 +340,7 @@ class LocalGroupBP(LocalBP):
             values = grid.values(out)  # [B, P, G]
             loss = grid.per_example.mean()
             # sum over copies, mean over the batch (the scale of the ordinary local loss at the block output)
-            block_grads = torch.autograd.grad(
-                values.sum((1, 2)).mean(), params, retain_graph=True, allow_unused=True
-            )
+            block_grads = torch.autograd.grad(values.sum((1, 2)).mean(), params, retain_graph=True, allow_unused=True)
             head_grads = torch.autograd.grad(loss, self._head_params(i))
         self._set(params, list(block_grads))
         self._set(self._head_params(i), list(head_grads))
@@ -382,10 +355,9 @@ class LocalForwardGradient(LocalEstimator):
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
         self.tangents = int(options.get("tangents", 1))
-        if self.tangents < 1:
-            raise UsageError("--tangents must be >= 1")
-        self.aggregation = options.get("aggregation", "sum")
-        self.dist = options.get("tangent_dist", "normal")
+        self.aggregation = options.get("aggregation", "mean")
+        self.dist = options.get("tangent_dist", "rademacher")
+        T.check_options(self.tangents, self.aggregation, self.dist)
 
     def head_step(self, i: int, out: torch.Tensor, y: torch.Tensor) -> tuple[LossGrid, float]:
         grid = local_loss_grid(out, self.model.blocks[i].groups, self.local_loss_fn(i, y))
@@ -395,7 +367,7 @@ class LocalForwardGradient(LocalEstimator):
         return grid, float(loss.detach())
 
     def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        return sample_tangent(shape, self.dist, self.generator, like)
+        return T.sample(shape, self.dist, self.generator, device=like.device, dtype=like.dtype)
 
 
 @METHODS.register(
@@ -410,9 +382,7 @@ class LocalFGActivity(LocalForwardGradient):
     unit (all units of a block share it); the estimate is masked by the ReLU derivative and passed back
     through that unit's LN and linear only."""
 
-    def train_block(
-        self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, float]:
+    def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         out, units = block.trace(x)
         grid, loss = self.head_step(i, out, y)
         k, g = self.tangents, block.groups
@@ -420,11 +390,9 @@ class LocalFGActivity(LocalForwardGradient):
         with torch.no_grad():
             d = grid.directional(_tangent_pass(block, units, activity_noise=noise))  # [K, B, P, G]
             d = d / x.shape[0]  # objective: mean over the batch of the sum over copies
-            gram = None
-            if self.aggregation == "orthogonal":
-                flat = torch.cat([u.flatten(2) for u in noise], dim=2).transpose(0, 1)  # [B, K, n]
-                gram = flat @ flat.transpose(1, 2)
-            c = combine_coefficients(d, gram, self.aggregation).unsqueeze(-1)  # [K, B, P, G, 1]
+            gram = T.gram(noise, per_example=True) if self.aggregation == "orthogonal" else None
+            dim = T.dimension(noise, per_example=True)
+            c = combine_coefficients(d, self.aggregation, gram, dim).unsqueeze(-1)  # [K, B, P, G, 1]
             for unit, u in zip(units, noise):
                 est = (c * u.unflatten(-1, (g, -1))).sum(0).flatten(-2) * unit.live
                 dw, db = _weight_grads(block, unit, est)
@@ -443,9 +411,7 @@ class LocalFGWeight(LocalForwardGradient):
     """Weight tangents v (shared by the batch); copy (p, g)'s directional derivative scales the slice of v it
     owns: rows of group g for channel and grouped linears, row p of the token-mixing linear."""
 
-    def train_block(
-        self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, float]:
+    def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         out, units = block.trace(x)
         grid, loss = self.head_step(i, out, y)
         k, g = self.tangents, block.groups
@@ -455,11 +421,9 @@ class LocalFGWeight(LocalForwardGradient):
             noise.append((self.sample((k, *w.shape), w), self.sample((k, *b.shape), b)))
         with torch.no_grad():
             d = grid.directional(_tangent_pass(block, units, weight_noise=noise)) / x.shape[0]  # [K, B, P, G]
-            gram = None
-            if self.aggregation == "orthogonal":
-                flat = torch.cat([t.reshape(k, -1) for pair in noise for t in pair], dim=1)
-                gram = flat @ flat.T
-            c = combine_coefficients(d, gram, self.aggregation)
+            flat = [t for pair in noise for t in pair]
+            gram = T.gram(flat) if self.aggregation == "orthogonal" else None
+            c = combine_coefficients(d, self.aggregation, gram, T.dimension(flat))
             for unit, (dw, db) in zip(units, noise):
                 w, b = _unit_params(block, unit.kind)
                 if unit.kind == "token":
