@@ -298,7 +298,7 @@ def test_orthogonal_aggregation_with_all_directions_is_exact():
     model = tiny(blocks=1, grid=1, channels=4, groups=2)
     x, y = data()
     target = exact_lg_grads(model, 0, block_input(model, x, 0), y)
-    build_method("lg-fg-a", model, tangents=8, aggregation="orthogonal").step(x, y)
+    build_method("lg-fg-a", model, tangents=8, aggregation="orthogonal", tangent_dist="normal").step(x, y)
     for p, t in zip(model.blocks[0].parameters(), target):
         torch.testing.assert_close(p.grad, t)
 

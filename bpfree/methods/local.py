@@ -54,9 +54,11 @@ COMMON_OPTIONS = {
 }
 FG_OPTIONS = {
     **COMMON_OPTIONS,
-    "tangents": Option(1, "tangents K per step (per example for activity perturbation)"),
-    "aggregation": Option("sum", "how K directional derivatives combine", choices=("sum", "mean", "orthogonal")),
-    "tangent_dist": Option("normal", "tangent distribution", choices=("normal", "rademacher")),
+    "tangents": Option(1, "tangents K per step (drawn per example for activity perturbation)"),
+    "aggregation": Option(
+        "mean", "combine the K directional derivatives: sum, mean, orthogonal (projection)", choices=T.AGGREGATIONS
+    ),
+    "tangent_dist": Option("rademacher", "tangent entries: rademacher (+-1) or normal", choices=T.DISTS),
 }
 
 
@@ -140,15 +142,6 @@ def lg_block_forward(block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
 # Forward-mode machinery on a traced block
 
 
-def _unit_groups(block: MixerBlock, unit: Unit) -> tuple[int, int]:
-    """(groups of the unit's own post-linear LN, groups of the LN feeding the next unit)."""
-    if unit.kind == "token":
-        return 1, 1
-    if unit.kind == "channel":
-        return 1, block.groups
-    return block.groups, 1
-
-
 def _linear_tangent(block: MixerBlock, kind: str, t_dot: torch.Tensor) -> torch.Tensor:
     """The unit's linear map (no bias) applied to a tangent [..., B, P, in]."""
     if kind == "token":
@@ -170,8 +163,7 @@ def _unit_params(block: MixerBlock, kind: str) -> tuple[nn.Parameter, nn.Paramet
 
 def _weight_grads(block: MixerBlock, unit: Unit, grad_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Push a gradient at the unit's post-LN activity back through that LN and linear only -> (dW, db)."""
-    groups, _ = _unit_groups(block, unit)
-    grad_s = layer_norm_linear(unit.a, unit.rstd, grad_a, groups)
+    grad_s = unit.ln.apply(grad_a)
     if unit.kind == "token":
         return torch.einsum("bpc,bqc->pq", grad_s, unit.inp), grad_s.sum((0, 2))
     if unit.kind == "channel":
@@ -195,7 +187,6 @@ def _tangent_pass(
     t_dot: torch.Tensor | None = None
     h_dot = torch.zeros(())
     for i, unit in enumerate(units):
-        groups, next_groups = _unit_groups(block, unit)
         s_dot = None if t_dot is None else _linear_tangent(block, unit.kind, t_dot)
         if weight_noise is not None:
             dw, db = weight_noise[i]
@@ -207,14 +198,13 @@ def _tangent_pass(
                 gi = unit.inp.unflatten(-1, (block.groups, -1))
                 extra = torch.einsum("bpgi,kgoi->kbpgo", gi, dw).flatten(-2) + db[:, None, None, :]
             s_dot = extra if s_dot is None else s_dot + extra
-        a_dot = None if s_dot is None else layer_norm_linear(unit.a, unit.rstd, s_dot, groups)
+        a_dot = None if s_dot is None else unit.ln.apply(s_dot)
         if activity_noise is not None:
             a_dot = activity_noise[i] if a_dot is None else a_dot + activity_noise[i]
         assert a_dot is not None
         h_dot = a_dot * unit.live
         if unit.nxt is not None:
-            assert unit.nxt_rstd is not None
-            t_dot = layer_norm_linear(unit.nxt, unit.nxt_rstd, h_dot, next_groups)
+            t_dot = unit.nxt.apply(h_dot)
     return h_dot
 
 
@@ -386,7 +376,7 @@ class LocalFGActivity(LocalForwardGradient):
         out, units = block.trace(x)
         grid, loss = self.head_step(i, out, y)
         k, g = self.tangents, block.groups
-        noise = [self.sample((k, *u.a.shape), u.a) for u in units]
+        noise = [self.sample((k, *u.live.shape), u.live) for u in units]
         with torch.no_grad():
             d = grid.directional(_tangent_pass(block, units, activity_noise=noise))  # [K, B, P, G]
             d = d / x.shape[0]  # objective: mean over the batch of the sum over copies
@@ -394,7 +384,8 @@ class LocalFGActivity(LocalForwardGradient):
             dim = T.dimension(noise, per_example=True)
             c = combine_coefficients(d, self.aggregation, gram, dim).unsqueeze(-1)  # [K, B, P, G, 1]
             for unit, u in zip(units, noise):
-                est = (c * u.unflatten(-1, (g, -1))).sum(0).flatten(-2) * unit.live
+                ug = u.unflatten(-1, (g, -1))
+                est = (c[0] * ug[0] if k == 1 else (c * ug).sum(0)).flatten(-2) * unit.live
                 dw, db = _weight_grads(block, unit, est)
                 w, b = _unit_params(block, unit.kind)
                 w.grad, b.grad = dw, db

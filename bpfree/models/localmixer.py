@@ -70,21 +70,59 @@ def _init_(weight: torch.Tensor, fan_in: int) -> None:
 
 
 @dataclass
+class LNCache:
+    """What one non-affine LayerNorm needs to apply its Jacobian: input x, per-(group) mean and 1/std."""
+
+    x: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    groups: int
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """J v for v [..., *x.shape] (J is symmetric, so this is both the JVP and the VJP).
+
+        Uses ATen's fused LayerNorm-backward kernel: 5x faster than the same formula in separate torch ops
+        (30 ms vs 149 ms for [128, 64, 512] on this CPU, one thread).
+        """
+        c = self.x.shape[-1] // self.groups
+        xg = self.x.unflatten(-1, (self.groups, c))
+        mean, rstd = self.mean, self.rstd
+        lead = v.dim() - self.x.dim()
+        if lead and v.shape[:lead].numel() == 1:  # one tangent: no copies
+            return self.apply(v.reshape(self.x.shape)).reshape(v.shape)
+        if lead:  # several tangents: fold them into the batch
+            k = v.shape[:lead]
+            xg = xg.expand(*k, *xg.shape).flatten(0, lead)
+            mean = mean.expand(*k, *mean.shape).flatten(0, lead)
+            rstd = rstd.expand(*k, *rstd.shape).flatten(0, lead)
+            v = v.flatten(0, lead)
+        out = torch.ops.aten.native_layer_norm_backward(
+            v.unflatten(-1, (self.groups, c)), xg, [c], mean, rstd, None, None, [True, False, False]
+        )[0].flatten(-2)
+        return out.unflatten(0, (*k, -1)) if lead else out
+
+
+def layer_norm_cached(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, LNCache]:
+    """Non-affine LayerNorm (per group) without autograd, returning (y, cache for its Jacobian)."""
+    xg = x.unflatten(-1, (groups, -1))
+    y, mean, rstd = torch.native_layer_norm(xg, xg.shape[-1:], None, None, EPS)
+    return y.flatten(-2), LNCache(x, mean, rstd, groups)
+
+
+@dataclass
 class Unit:
-    """Cached intermediates of one linear -> LN -> ReLU unit (what forward gradients need, nothing more).
+    """Cached intermediates of one linear -> LN -> [+residual] -> ReLU unit (what forward gradients need).
 
     kind: "token" (mixes patches), "channel" (mixes all channels of a token) or "group" (grouped linear).
-    inp: the linear's input [B, P, in]; a, rstd: the post-LN activity and its 1/std (the perturbed activity);
-    live: ReLU derivative at the unit's output; nxt, nxt_rstd: the LN that feeds the next unit (None for the last).
+    inp: the linear's input [B, P, in]; ln: its post-linear LN (whose output is the perturbed activity);
+    live: the ReLU derivative at the unit's output (float 0/1); nxt: the LN feeding the next unit (None: last).
     """
 
     kind: str
     inp: torch.Tensor
-    a: torch.Tensor
-    rstd: torch.Tensor
+    ln: LNCache
     live: torch.Tensor
-    nxt: torch.Tensor | None = None
-    nxt_rstd: torch.Tensor | None = None
+    nxt: LNCache | None = None
 
 
 class MixerBlock(nn.Module):
@@ -124,21 +162,21 @@ class MixerBlock(nn.Module):
     def trace(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Unit]]:
         """The forward pass without autograd, keeping each unit's intermediates; returns (output, units)."""
         units: list[Unit] = []
-        t, trs = layer_norm_stats(x)
+        t, _ = layer_norm_cached(x)
         if self.token_mix is not None:
-            a, rs = layer_norm_stats(self.mix_tokens(t))
+            a, ln = layer_norm_cached(self.mix_tokens(t))
             h = F.relu(a)
-            nt, nrs = layer_norm_stats(h)
-            units.append(Unit("token", t, a, rs, a > 0, nt, nrs))
+            nt, nxt = layer_norm_cached(h)
+            units.append(Unit("token", t, ln, (h > 0).to(h.dtype), nxt))
             t = nt
-        a, rs = layer_norm_stats(self.channel(t))
+        a, ln = layer_norm_cached(self.channel(t))
         h = F.relu(a)
-        nt, nrs = layer_norm_stats(h, self.groups)
-        units.append(Unit("channel", t, a, rs, a > 0, nt, nrs))
-        a, rs = layer_norm_stats(self.grouped(nt), self.groups)
-        r = a + x if self.token_mix is not None else a
-        units.append(Unit("group", nt, a, rs, r > 0))
-        return F.relu(r), units
+        nt, nxt = layer_norm_cached(h, self.groups)
+        units.append(Unit("channel", t, ln, (h > 0).to(h.dtype), nxt))
+        a, ln = layer_norm_cached(self.grouped(nt), self.groups)
+        out = F.relu(a + x if self.token_mix is not None else a)
+        units.append(Unit("group", nt, ln, (out > 0).to(out.dtype)))
+        return out, units
 
 
 class LocalMixer(nn.Module):
