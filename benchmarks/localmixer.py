@@ -26,11 +26,17 @@ from bpfree import methods, models
 from bpfree.train import TrainConfig, train
 
 PAPER = {  # test error %, Table 3 of the paper (submission version)
-    "mnist-m": {"bp": 2.41, "l-bp": 2.16, "lg-bp": 2.81, "fg-w": 8.56, "fg-a": 3.76, "lg-fg-w": 5.66,
-                "lg-fg-a": 2.55},
+    "mnist-m": {"bp": 2.41, "l-bp": 2.16, "lg-bp": 2.81, "fg-w": 8.56, "fg-a": 3.76, "lg-fg-w": 5.66, "lg-fg-a": 2.55},
     "mnist-s": {"bp": 2.66, "fg-a": 3.24},
-    "cifar": {"bp": 33.62, "l-bp": 30.75, "lg-bp": 33.84, "fg-w": 55.95, "fg-a": 59.72, "lg-fg-w": 52.70,
-              "lg-fg-a": 30.68},
+    "cifar": {
+        "bp": 33.62,
+        "l-bp": 30.75,
+        "lg-bp": 33.84,
+        "fg-w": 55.95,
+        "fg-a": 59.72,
+        "lg-fg-w": 52.70,
+        "lg-fg-a": 30.68,
+    },
 }
 SUITES = {
     "mnist-m": ("mnist", "localmixer-m1-16"),
@@ -49,18 +55,38 @@ def run_suite(args: argparse.Namespace) -> list[dict]:
             print(f"skipping {method}: not registered on this branch", file=sys.stderr)
             continue
         lr = args.lr if args.lr is not None else LR[method]
-        cfg = TrainConfig(method=method, model=model, data=data, epochs=args.epochs, batch_size=args.batch_size,
-                          lr=lr, schedule="cosine", train_size=args.train_size, data_root=args.data_root,
-                          seed=args.seed, out=f"{args.out}/{args.suite}-{method}")
+        cfg = TrainConfig(
+            method=method,
+            model=model,
+            data=data,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=lr,
+            schedule="cosine",
+            train_size=args.train_size,
+            data_root=args.data_root,
+            seed=args.seed,
+            out=f"{args.out}/{args.suite}-{method}",
+        )
         t0 = time.perf_counter()
         metrics = train(cfg, log_epochs=True)
         last = metrics[-1]
-        command = (f"bpfree train --method {method} --model {model} --data {data} --epochs {args.epochs} "
-                   f"--batch-size {args.batch_size} --lr {lr} --schedule cosine"
-                   + (f" --train-size {args.train_size}" if args.train_size else ""))
-        rows.append({"suite": args.suite, "method": method, "test_error": last["test_error"],
-                     "train_error": last["train_error"], "paper": PAPER[args.suite].get(method),
-                     "seconds": round(time.perf_counter() - t0, 1), "command": command})
+        command = (
+            f"bpfree train --method {method} --model {model} --data {data} --epochs {args.epochs} "
+            f"--batch-size {args.batch_size} --lr {lr} --schedule cosine"
+            + (f" --train-size {args.train_size}" if args.train_size else "")
+        )
+        rows.append(
+            {
+                "suite": args.suite,
+                "method": method,
+                "test_error": last["test_error"],
+                "train_error": last["train_error"],
+                "paper": PAPER[args.suite].get(method),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "command": command,
+            }
+        )
     return rows
 
 
@@ -85,8 +111,17 @@ def time_steps(args: argparse.Namespace) -> list[dict]:
                 opt.step()
             times[name].append((time.perf_counter() - t0) / args.steps)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return [{"suite": "speed", "method": k, "seconds_per_step": round(v, 4), "ratio_to_bp": round(v / med["bp"], 3),
-             "batch_size": args.batch_size, "threads": torch.get_num_threads()} for k, v in med.items()]
+    return [
+        {
+            "suite": "speed",
+            "method": k,
+            "seconds_per_step": round(v, 4),
+            "ratio_to_bp": round(v / med["bp"], 3),
+            "batch_size": args.batch_size,
+            "threads": torch.get_num_threads(),
+        }
+        for k, v in med.items()
+    ]
 
 
 def main() -> int:

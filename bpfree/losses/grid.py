@@ -54,9 +54,7 @@ class LossGrid:
         return (weight.unsqueeze(-1) * slope).flatten(-2)
 
 
-def local_loss_grid(
-    h: torch.Tensor, groups: int, loss_fn: Callable[[torch.Tensor], torch.Tensor]
-) -> LossGrid:
+def local_loss_grid(h: torch.Tensor, groups: int, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> LossGrid:
     """Build the loss grid of block output h [B, P, C] with groups channel groups.
 
     loss_fn maps pooled features [B, C] to per-example losses [B]; example b's loss must depend (through

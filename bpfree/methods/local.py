@@ -180,7 +180,8 @@ def _tangent_pass(
 ) -> torch.Tensor:
     """Forward-mode derivative of the block output [K, B, P, C] along K tangents.
 
-    activity_noise[l] [K, B, P, C] is added to unit l's post-LN activity (FG-A); weight_noise[l] = (dW [K, ...],
+    activity_noise[l] [K, B, P, C] is noise u added to unit l's post-LN activity (FG-A), given already multiplied
+    by the unit's ReLU derivative (the only way it enters); weight_noise[l] = (dW [K, ...],
     db [K, ...]) perturbs unit l's parameters (FG-W). The block input is stop-gradient, so its tangent is zero.
     Hand-written (linear maps, LN and ReLU Jacobians) because every piece is already cached by `trace`.
     """
@@ -198,11 +199,13 @@ def _tangent_pass(
                 gi = unit.inp.unflatten(-1, (block.groups, -1))
                 extra = torch.einsum("bpgi,kgoi->kbpgo", gi, dw).flatten(-2) + db[:, None, None, :]
             s_dot = extra if s_dot is None else s_dot + extra
-        a_dot = None if s_dot is None else unit.ln.apply(s_dot)
-        if activity_noise is not None:
-            a_dot = activity_noise[i] if a_dot is None else a_dot + activity_noise[i]
-        assert a_dot is not None
-        h_dot = a_dot * unit.live
+        if activity_noise is None:
+            assert s_dot is not None
+            h_dot = unit.ln.apply(s_dot) * unit.live
+        elif s_dot is None:
+            h_dot = activity_noise[i]
+        else:  # (LN'(s) s_dot + u) * relu' with u * relu' precomputed: one fused pass
+            h_dot = torch.addcmul(activity_noise[i], unit.ln.apply(s_dot), unit.live)
         if unit.nxt is not None:
             t_dot = unit.nxt.apply(h_dot)
     return h_dot
@@ -378,14 +381,16 @@ class LocalFGActivity(LocalForwardGradient):
         k, g = self.tangents, block.groups
         noise = [self.sample((k, *u.live.shape), u.live) for u in units]
         with torch.no_grad():
-            d = grid.directional(_tangent_pass(block, units, activity_noise=noise))  # [K, B, P, G]
-            d = d / x.shape[0]  # objective: mean over the batch of the sum over copies
+            # the Gram matrix (orthogonal aggregation) is of the tangents as drawn, before the ReLU mask
             gram = T.gram(noise, per_example=True) if self.aggregation == "orthogonal" else None
             dim = T.dimension(noise, per_example=True)
+            masked = [u.mul_(unit.live) for u, unit in zip(noise, units)]
+            d = grid.directional(_tangent_pass(block, units, activity_noise=masked))  # [K, B, P, G]
+            d = d / x.shape[0]  # objective: mean over the batch of the sum over copies
             c = combine_coefficients(d, self.aggregation, gram, dim).unsqueeze(-1)  # [K, B, P, G, 1]
-            for unit, u in zip(units, noise):
-                ug = u.unflatten(-1, (g, -1))
-                est = (c[0] * ug[0] if k == 1 else (c * ug).sum(0)).flatten(-2) * unit.live
+            for unit, u in zip(units, masked):
+                ug = u.unflatten(-1, (g, -1))  # masked by the ReLU derivative, as the estimate should be
+                est = (c[0] * ug[0] if k == 1 else (c * ug).sum(0)).flatten(-2)
                 dw, db = _weight_grads(block, unit, est)
                 w, b = _unit_params(block, unit.kind)
                 w.grad, b.grad = dw, db

@@ -115,7 +115,7 @@ class Unit:
 
     kind: "token" (mixes patches), "channel" (mixes all channels of a token) or "group" (grouped linear).
     inp: the linear's input [B, P, in]; ln: its post-linear LN (whose output is the perturbed activity);
-    live: the ReLU derivative at the unit's output (float 0/1); nxt: the LN feeding the next unit (None: last).
+    live: the ReLU derivative at the unit's output (float 0/1, sign of the ReLU output); nxt: the LN feeding the next unit (None: last).
     """
 
     kind: str
@@ -167,15 +167,15 @@ class MixerBlock(nn.Module):
             a, ln = layer_norm_cached(self.mix_tokens(t))
             h = F.relu(a)
             nt, nxt = layer_norm_cached(h)
-            units.append(Unit("token", t, ln, (h > 0).to(h.dtype), nxt))
+            units.append(Unit("token", t, ln, torch.sign(h), nxt))
             t = nt
         a, ln = layer_norm_cached(self.channel(t))
         h = F.relu(a)
         nt, nxt = layer_norm_cached(h, self.groups)
-        units.append(Unit("channel", t, ln, (h > 0).to(h.dtype), nxt))
+        units.append(Unit("channel", t, ln, torch.sign(h), nxt))
         a, ln = layer_norm_cached(self.grouped(nt), self.groups)
         out = F.relu(a + x if self.token_mix is not None else a)
-        units.append(Unit("group", nt, ln, (out > 0).to(out.dtype)))
+        units.append(Unit("group", nt, ln, torch.sign(out)))
         return out, units
 
 
