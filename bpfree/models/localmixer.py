@@ -115,7 +115,8 @@ class Unit:
 
     kind: "token" (mixes patches), "channel" (mixes all channels of a token) or "group" (grouped linear).
     inp: the linear's input [B, P, in]; ln: its post-linear LN (whose output is the perturbed activity);
-    live: the ReLU derivative at the unit's output (float 0/1, sign of the ReLU output); nxt: the LN feeding the next unit (None: last).
+    live: the ReLU derivative at the unit's output (float 0/1: sign of the ReLU output);
+    nxt: the LN feeding the next unit (None for the last unit).
     """
 
     kind: str
