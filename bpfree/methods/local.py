@@ -371,10 +371,9 @@ class LocalForwardGradient(LocalEstimator):
 )
 class LocalFGActivity(LocalForwardGradient):
     """Noise u (Rademacher by default, or N(0, I); independent per example, token and unit) on every unit's
-    post-LN pre-ReLU activity, one forward-mode
-    pass per block; copy (p, g)'s directional derivative d[b,p,g] scales u's slice [b, p, group g] at every
-    unit (all units of a block share it); the estimate is masked by the ReLU derivative and passed back
-    through that unit's LN and linear only."""
+    post-LN pre-ReLU activity, one forward-mode pass per block; copy (p, g)'s directional derivative d[b,p,g]
+    scales u's slice [b, p, group g] at every unit (all units of a block share it); the estimate is masked by
+    the ReLU derivative and passed back through that unit's LN and linear only."""
 
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         out, units = block.trace(x)
