@@ -312,3 +312,25 @@ def test_contrastive_objective_steps_and_checks_heads():
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     with pytest.raises(UsageError):
         build_method("lg-fg-a", tiny(), objective="contrastive")
+
+
+def test_lg_fg_a_learns_digits_through_the_trainer(tmp_path):
+    """End to end through the ordinary trainer: well below chance (90 % error) after a few epochs."""
+    from bpfree.train import TrainConfig, train
+
+    torch.set_default_dtype(torch.float32)
+    try:
+        cfg = TrainConfig(
+            method="lg-fg-a",
+            model="localmixer-m1-16",
+            data="digits",
+            epochs=2,
+            batch_size=32,
+            lr=0.01,
+            out=str(tmp_path / "run"),
+            model_options={"channels": 32, "groups": 4},
+        )
+        metrics = train(cfg)
+    finally:
+        torch.set_default_dtype(torch.float64)
+    assert metrics[-1]["test_error"] < 40, metrics[-1]
