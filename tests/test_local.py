@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bpfree.errors import UsageError
-from bpfree.losses import local_loss_grid, nt_xent
+from bpfree.losses import augment, local_loss_grid, nt_xent
 from bpfree.methods import build as build_method
 from bpfree.models import build, count_parameters
 from bpfree.models.localmixer import LocalMixer
@@ -334,3 +334,26 @@ def test_lg_fg_a_learns_digits_through_the_trainer(tmp_path):
     finally:
         torch.set_default_dtype(torch.float64)
     assert metrics[-1]["test_error"] < 40, metrics[-1]
+
+
+def test_nt_xent_value_and_stop_gradient():
+    torch.manual_seed(0)
+    z = torch.randn(6, 4, requires_grad=True)
+    loss = nt_xent(z, 0.5)
+    zn = F.normalize(z.detach(), dim=-1)
+    for i in range(6):
+        sims = torch.stack([zn[i] @ zn[j] / 0.5 for j in range(6) if j != i])
+        pos = zn[i] @ zn[(i + 3) % 6] / 0.5
+        torch.testing.assert_close(loss[i], torch.logsumexp(sims, 0) - pos)
+    (g,) = torch.autograd.grad(loss[0], z)
+    assert g[0].abs().sum() > 0 and torch.all(g[1:] == 0)  # positives and negatives under stop-gradient
+
+
+def test_augment_is_a_shifted_flipped_crop():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float64).reshape(2, 1, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    v = augment(x, gen, pad=1)
+    assert v.shape == x.shape
+    for b in range(2):
+        inner = [v[b, 0, 1:3, 1:3], v[b, 0, 1:3, 1:3].flip(-1)]
+        assert any(torch.isin(t, x[b]).all() for t in inner)  # the centre always comes from the same image
