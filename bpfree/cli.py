@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "train": ("bpfree.commands.train", "train one model with one learning rule"),
     "models": ("bpfree.commands.models", "list the registered models with their parameter counts"),
     "methods": ("bpfree.commands.methods", "list the registered learning rules and their papers"),
+    "compare": ("bpfree.commands.compare", "train several learning rules x seeds alike: one results table, plots"),
+    "report": ("bpfree.commands.report", "the results table and plots of existing run folders"),
 }
 
 
