@@ -137,7 +137,10 @@ def main() -> int:
     p.add_argument("--out", default="runs/localmixer-bench")
     p.add_argument("--steps", type=int, default=5, help="speed: steps per timed round")
     p.add_argument("--rounds", type=int, default=5, help="speed: interleaved rounds (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a busy machine)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = time_steps(args) if args.suite == "speed" else run_suite(args)
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
