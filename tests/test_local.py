@@ -16,14 +16,14 @@ from bpfree.methods import build as build_method
 from bpfree.models import build, count_parameters
 from bpfree.models.localmixer import LocalMixer
 
-torch.set_default_dtype(torch.float64)  # exactness checks; restored in the fixture below
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _float64_one_thread():
     # tiny tensors: one thread avoids losing time to thread hand-offs on a busy machine
+    # float64 for the exactness checks, only while this module's tests run
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
     yield
     torch.set_num_threads(threads)
     torch.set_default_dtype(torch.float32)
