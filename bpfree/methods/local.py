@@ -267,7 +267,8 @@ class LocalEstimator(Estimator):
         model = self.model
         assert isinstance(model, LocalMixer)
         if self.objective == "contrastive":
-            x = torch.cat([augment(x, self.generator), augment(x, self.generator)])
+            pad = max(1, x.shape[-1] // 8)  # 4 px on 32-px CIFAR (the usual crop); a 4-px shift would wreck 8-px digits
+            x = torch.cat([augment(x, self.generator, pad), augment(x, self.generator, pad)])
             y = torch.cat([y, y])
         h = model.tokens(x)
         extra = {}
