@@ -232,12 +232,13 @@ class Run:
 
     def prepare_output(self) -> None:
         """Create the run folder; refuse to overwrite an existing run unless resuming."""
-        config = {**asdict(self.cfg), "resume": False}
+        config = json.loads(json.dumps({**asdict(self.cfg), "resume": False}))  # as stored: tuples become lists
         config_path = self.out / CONFIG
         if self.cfg.resume and (self.out / CHECKPOINT).exists():
             saved = json.loads(config_path.read_text()) if config_path.exists() else {}
-            changed = [k for k in ("method", "model", "data", "seed", "batch_size", "method_options",
-                                   "model_options", "train_size") if k in saved and saved[k] != config[k]]
+            # Everything but the epoch budget must match, or the resumed run would silently differ.
+            changed = [k for k in config if k not in ("epochs", "resume", "device", "out", "data_root")
+                       and k in saved and saved[k] != config[k]]
             if changed:
                 raise UsageError(f"--resume with a different {', '.join(changed)} than the run in {self.out}")
             self.load_checkpoint()
