@@ -300,3 +300,24 @@ def test_per_class_indices_are_balanced():
     y = torch.tensor([0, 1, 1, 2, 0, 1, 2, 2, 0, 0])
     idx = per_class_indices(y, 2)
     assert idx.tolist() == [0, 1, 2, 3, 4, 6]
+
+
+def test_trainer_classes_and_init_from(tmp_path):
+    from bpfree.train import TrainConfig, train
+
+    common = dict(method="sff-block", model="resnet18", data="digits", epochs=1, batch_size=50, train_size=100,
+                  optimizer="adam", lr=1e-3, model_options={"width": 4})
+    first = TrainConfig(**common, classes=(0, 1, 2, 3, 4), out=str(tmp_path / "pre"))
+    train(first, show_progress=False)
+    second = TrainConfig(**common, classes=(5, 6, 7, 8, 9), init_from=str(tmp_path / "pre" / "checkpoint.pt"),
+                         out=str(tmp_path / "fine"))
+    from bpfree.train import Run
+
+    run = Run(second, show_progress=False)
+    assert run.data.num_classes == 5 and set(run.data.train_y.tolist()) <= set(range(5))
+    assert run.data.num_train == 100
+    pre = torch.load(tmp_path / "pre" / "checkpoint.pt", weights_only=True)
+    for name, tensor in run.model.blocks.state_dict().items():
+        assert torch.equal(tensor, pre["model"]["blocks." + name]), name
+    # the SFF heads are new: not the pre-trained ones
+    assert not torch.equal(run.estimator.heads[0].weight, pre["estimator"]["heads"]["0.weight"])
