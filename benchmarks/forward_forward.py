@@ -139,7 +139,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         method=spec["method"], model=spec["model"], data="cifar10", epochs=spec["epochs"],
         batch_size=spec["batch_size"], optimizer=spec["optimizer"], lr=spec["lr"], momentum=spec["momentum"],
         weight_decay=spec["weight_decay"], schedule=spec["schedule"], seed=spec["seed"], device=spec["device"],
-        out=spec["out"], model_options={"width": width},
+        out=spec["out"], model_options={"width": width}, eval_batch_size=spec.get("eval_batch_size", 1000),
     )
     run = Run(cfg, data=data, show_progress=False)
     loaded = len(load_backbone(run.model, spec["init_from"])) if spec.get("init_from") else 0
@@ -189,7 +189,7 @@ def base_spec(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
         "momentum": args.momentum, "weight_decay": args.weight_decay, "schedule": args.schedule, "seed": args.seed,
         "device": args.device, "threads": args.threads, "resnet_width": args.resnet_width,
-        "mobilenet_width": args.mobilenet_width, "out": str(out),
+        "mobilenet_width": args.mobilenet_width, "out": str(out), "eval_batch_size": args.eval_batch_size,
     }
 
 
@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
     p.add_argument("--augment", action="store_true", help="random crop + flip")
+    p.add_argument("--eval-batch-size", type=int, default=1000, help="evaluation batch; the peak RSS includes "
+                   "evaluation, so a batch near --batch-size keeps it a training figure")
     p.add_argument("--resnet-width", type=int, default=8, help="ResNet18 first-stage channels (64 = standard)")
     p.add_argument("--mobilenet-width", type=float, default=0.5, help="MobileNetV3 width multiplier (1 = standard)")
     p.add_argument("--per-class", type=int, default=500, help="transfer: fine-tuning examples per class")
