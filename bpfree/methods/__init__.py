@@ -19,7 +19,7 @@ def build(name: str, model: nn.Module, seed: int = 0, **options: Any) -> Estimat
 
 
 # Importing a family's module registers its methods.
-from bpfree.methods import bp  # noqa: E402,F401
+from bpfree.methods import bp, forward_gradient  # noqa: E402,F401
 
 __all__ = ["METHODS", "Estimator", "StepResult", "build"]
 from bpfree.methods import forward_forward  # noqa: E402,F401
