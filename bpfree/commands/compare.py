@@ -122,7 +122,8 @@ def split_per_method(flag: str, value: Any, names: list[str]) -> dict[str | None
     """`v`, `A=v,B=w` or `v,A=w` (or a JSON object) -> {None: default, method: value}. Values may hold commas
     themselves (`fg-a=64,64`): a token without `=` continues the previous one."""
     if isinstance(value, dict):
-        pairs: dict[str | None, Any] = dict(value)
+        # A config file's per-method values cover its whole method list; `--methods` may pick a subset of it.
+        pairs: dict[str | None, Any] = {k: v for k, v in value.items() if k in names}
     elif isinstance(value, str) and "=" in value:
         pairs, current = {}, None
         for token in value.split(","):

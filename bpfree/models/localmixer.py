@@ -256,53 +256,30 @@ _OPTIONS = {
 }
 
 
-def _register(name: str, description: str, blocks: int, grid: int, channels: int, groups: int) -> None:
+def _register(
+    name: str, description: str, blocks: int, grid: int, channels: int, groups: int, input_shape: tuple[int, ...]
+) -> None:
     defaults = {"blocks": blocks, "grid": grid, "channels": channels, "groups": groups}
     options = {k: Option(defaults.get(k, o.default), o.help) for k, o in _OPTIONS.items()}
 
-    @MODELS.register(name, description, options=options)
+    @MODELS.register(name, description, options=options, input_shape=input_shape)
     def build(num_classes: int, input_shape: tuple[int, ...], **opts: int) -> LocalMixer:
         return LocalMixer(num_classes, input_shape, **opts)
 
 
 # Paper Table 2 (parameter counts include the local heads and the readout):
-_register(
-    "localmixer-s1-1",
-    "LocalMixer S/1/1: 1 block, whole image one token, 256 ch, 1 group (272K on MNIST)",
-    1,
-    1,
-    256,
-    1,
-)
-_register(
-    "localmixer-m1-16",
-    "LocalMixer M/1/16: 1 block, whole image one token, 512 ch, 16 groups (429K on MNIST)",
-    1,
-    1,
-    512,
-    16,
-)
-_register(
-    "localmixer-m8-16",
-    "LocalMixer M/8/16: 4 blocks, 8x8 patches, 512 ch, 16 groups (919K on CIFAR-10)",
-    4,
-    8,
-    512,
-    16,
-)
-_register(
-    "localmixer-l8-64",
-    "LocalMixer L/8/64: 4 blocks, 8x8 patches, 2048 ch, 64 groups (13.1M on CIFAR-10)",
-    4,
-    8,
-    2048,
-    64,
-)
-_register(
-    "localmixer-l32-64",
-    "LocalMixer L/32/64: 4 blocks, 32x32 patches (7 px on 224-px input), 2048 ch, 64 groups",
-    4,
-    32,
-    2048,
-    64,
-)
+_register("localmixer-s1-1",
+          "LocalMixer S/1/1: 1 block, whole image one token, 256 ch, 1 group (272K on MNIST)",
+          1, 1, 256, 1, input_shape=(1, 28, 28))
+_register("localmixer-m1-16",
+          "LocalMixer M/1/16: 1 block, whole image one token, 512 ch, 16 groups (429K on MNIST)",
+          1, 1, 512, 16, input_shape=(1, 28, 28))
+_register("localmixer-m8-16",
+          "LocalMixer M/8/16: 4 blocks, 8x8 patches, 512 ch, 16 groups (919K on CIFAR-10)",
+          4, 8, 512, 16, input_shape=(3, 32, 32))
+_register("localmixer-l8-64",
+          "LocalMixer L/8/64: 4 blocks, 8x8 patches, 2048 ch, 64 groups (13.1M on CIFAR-10)",
+          4, 8, 2048, 64, input_shape=(3, 32, 32))
+_register("localmixer-l32-64",
+          "LocalMixer L/32/64: 4 blocks, 32x32 patches (7 px on 224-px input), 2048 ch, 64 groups",
+          4, 32, 2048, 64, input_shape=(3, 224, 224))

@@ -149,7 +149,8 @@ def _options() -> dict[str, Option]:
 
 
 @MODELS.register(
-    "mobilenetv3-small", "MobileNetV3-Small for CIFAR-sized inputs; blocks exposed", options=_options()
+    "mobilenetv3-small", "MobileNetV3-Small for CIFAR-sized inputs; blocks exposed",
+    options=_options(), input_shape=(3, 32, 32),
 )
 def build_small(
     num_classes: int, input_shape: tuple[int, ...], width: float, cifar: bool, dropout: float
@@ -158,7 +159,8 @@ def build_small(
 
 
 @MODELS.register(
-    "mobilenetv3-large", "MobileNetV3-Large for CIFAR-sized inputs; blocks exposed", options=_options()
+    "mobilenetv3-large", "MobileNetV3-Large for CIFAR-sized inputs; blocks exposed",
+    options=_options(), input_shape=(3, 32, 32),
 )
 def build_large(
     num_classes: int, input_shape: tuple[int, ...], width: float, cifar: bool, dropout: float
