@@ -22,3 +22,4 @@ def build(name: str, model: nn.Module, seed: int = 0, **options: Any) -> Estimat
 from bpfree.methods import bp  # noqa: E402,F401
 
 __all__ = ["METHODS", "Estimator", "StepResult", "build"]
+from bpfree.methods import feedback_alignment  # noqa: E402,F401
