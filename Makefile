@@ -19,7 +19,8 @@ demo: setup
 	$(BIN)/bpfree compare --config configs/demo.json
 
 test: setup
-	$(BIN)/python -m pytest -q -x
+	$(BIN)/ruff check bpfree tests benchmarks
+	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check bpfree tests benchmarks

@@ -1,0 +1,98 @@
+"""`bpfree train`: one method, one model, one data set. The options here are shared with `bpfree compare`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from typing import Any
+
+from bpfree import methods, models
+from bpfree.errors import UsageError
+from bpfree.registry import Registry
+from bpfree.train import OPTIMIZERS, TrainConfig, train
+
+DEFAULTS = TrainConfig()
+
+
+def add_entry_options(parser: argparse.ArgumentParser, registry: Registry, title: str) -> None:
+    """One flag per option declared by any registered entry (default None = the entry's own default)."""
+    owners: dict[str, list[str]] = {}
+    for name in registry.names():
+        for key in registry.get(name).options:
+            owners.setdefault(key, []).append(name)
+    group = parser.add_argument_group(title)
+    for key, names in sorted(owners.items()):
+        opt = registry.get(names[0]).options[key]
+        metavar = "A,B,..." if opt.kind is tuple else opt.kind.__name__.upper()
+        choices = f" {{{','.join(map(str, opt.choices))}}}" if opt.choices else ""
+        group.add_argument(
+            "--" + key.replace("_", "-"), dest=f"{registry.kind}_opt_{key}", default=None, metavar=metavar,
+            help=f"{opt.help}{choices} (default {opt.default}; {registry.kind}s: {', '.join(names)})",
+        )
+
+
+def entry_options(args: argparse.Namespace, registry: Registry, name: str) -> dict[str, Any]:
+    prefix = f"{registry.kind}_opt_"
+    given = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+    return registry.resolve_options(name, given)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True) -> None:
+    d = DEFAULTS
+    if single:
+        parser.add_argument("--method", default=d.method, help="learning rule (see `bpfree methods`)")
+    parser.add_argument("--model", default=d.model, help="model (see `bpfree models`)")
+    parser.add_argument("--data", default=d.data,
+                        help="digits, mnist, fashion-mnist, cifar10 or imagefolder:PATH")
+    parser.add_argument("--data-root", default=None,
+                        help="folder holding the data sets (default $BPFREE_DATA, else ./data)")
+    parser.add_argument("--train-size", type=int, default=None, help="use only the first N training examples")
+    parser.add_argument("--augment", action="store_true", help="pad-4 random crop + horizontal flip (cifar10)")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
+    parser.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="torch.optim optimizer")
+    if single:
+        parser.add_argument("--lr", type=float, default=d.lr, help="learning rate")
+    parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay (weights only)")
+    parser.add_argument("--schedule", default=d.schedule, choices=("constant", "cosine"), help="learning-rate schedule")
+    parser.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up epochs")
+    parser.add_argument("--device", default=d.device, help="cpu or cuda (cuda:N)")
+    add_entry_options(parser, methods.METHODS, "method")
+    add_entry_options(parser, models.MODELS, "model")
+
+
+def config_from_args(args: argparse.Namespace, **override: Any) -> TrainConfig:
+    """A TrainConfig from parsed arguments; `override` wins (compare sets method, lr, seed and out per run)."""
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values.update(override)
+    cfg = TrainConfig(**values)
+    models.MODELS.get(cfg.model)
+    methods.METHODS.get(cfg.method)
+    cfg.model_options = entry_options(args, models.MODELS, cfg.model)
+    cfg.method_options = entry_options(args, methods.METHODS, cfg.method)
+    return cfg
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_training_arguments(parser)
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
+    parser.add_argument("--out", default=None, help="run folder (default runs/METHOD-MODEL-DATA)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = args.out or f"runs/{args.method}-{args.model}-{args.data.replace(':', '_').replace('/', '_')}"
+    cfg = config_from_args(args, out=out)
+    records = train(cfg, log_epochs=True)
+    if not records:
+        raise UsageError("no epochs were run")
+    last = records[-1]
+    best = min(r["test_error"] for r in records)
+    print(json.dumps({"method": cfg.method, "model": cfg.model, "data": cfg.data, "epochs": last["epoch"],
+                      "test_error": round(last["test_error"], 3), "best_test_error": round(best, 3),
+                      "train_error": round(last["train_error"], 3),
+                      "seconds_per_epoch": round(sum(r["seconds"] for r in records) / len(records), 2),
+                      "out": cfg.out}))
+    return 0

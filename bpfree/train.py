@@ -1,0 +1,312 @@
+"""The training engine: data -> model -> estimator (fills .grad) -> torch.optim optimizer -> metrics, checkpoints.
+
+It knows nothing of any method's internals: it calls `estimator.step`, `estimator.predict` and the estimator's
+`state_dict`/`load_state_dict`, whatever the method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bpfree import data as datasets
+from bpfree import methods, models
+from bpfree.errors import DivergedError, UsageError
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+
+
+@dataclass
+class TrainConfig:
+    method: str = "bp"
+    model: str = "mlp"
+    data: str = "digits"
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/latest"
+    resume: bool = False
+    train_size: int | None = None
+    data_root: str | None = None
+    augment: bool = False
+    eval_batch_size: int = 1000
+    method_options: dict[str, Any] = field(default_factory=dict)
+    model_options: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Reject bad numbers and impossible combinations with one line each."""
+        if self.epochs < 1:
+            raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise UsageError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise UsageError(f"--weight-decay must be non-negative, got {self.weight_decay}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise UsageError(f"--warmup-epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {self.optimizer!r} (choose from: {', '.join(OPTIMIZERS)})")
+        if self.schedule not in ("constant", "cosine"):
+            raise UsageError(f"unknown schedule {self.schedule!r} (choose from: constant, cosine)")
+        if self.train_size is not None and self.train_size < 1:
+            raise UsageError(f"--train-size must be at least 1, got {self.train_size}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError("--device cuda requested but CUDA is not available on this machine")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise UsageError(f"unknown device {self.device!r} (choose cpu or cuda)")
+        methods.METHODS.get(self.method)
+        models.MODELS.get(self.model)
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """Weight decay on weights (>= 2 dims) only, as in the papers."""
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(groups, lr=cfg.lr)
+
+
+def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Per-step linear warm-up, then constant or cosine decay to zero."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": np.random.get_state()[2],
+        "python": list(random.getstate()[1]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write via a temp file in the same folder, fsync, then rename: a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_line(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line in a single write; a torn last line (no newline) is dropped when the run resumes."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines(keepends=True):
+        if line.endswith("\n") and line.strip():
+            records.append(json.loads(line))
+    return records
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in KiB on Linux and bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+@torch.no_grad()
+def evaluate(estimator: methods.Estimator, data, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """Test error (%) and mean cross-entropy of the estimator's predictions."""
+    estimator.model.eval()
+    wrong, total, loss = 0, 0, 0.0
+    for x, y in data.test_batches(batch_size):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = estimator.predict(x)
+        wrong += (logits.argmax(1) != y).sum().item()
+        loss += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+        total += len(y)
+    return 100.0 * wrong / total, loss / total
+
+
+class Run:
+    """Everything one training run holds; `train` drives it epoch by epoch."""
+
+    def __init__(self, cfg: TrainConfig, data=None, show_progress: bool | None = None, log_epochs: bool = False):
+        cfg.check()
+        self.log_epochs = log_epochs
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.device = torch.device(cfg.device)
+        self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.data = data if data is not None else datasets.load(cfg.data, cfg.data_root, cfg.train_size, cfg.augment)
+        self.model = models.build(
+            cfg.model, num_classes=self.data.num_classes, input_shape=self.data.input_shape, **cfg.model_options
+        ).to(self.device)
+        self.estimator = methods.build(cfg.method, self.model, seed=cfg.seed, **cfg.method_options)
+        self.optimizer = make_optimizer(cfg, self.estimator.trainable())
+        self.steps_per_epoch = self.data.num_train_batches(cfg.batch_size)
+        self.schedule = make_schedule(cfg, self.optimizer, self.steps_per_epoch)
+        self.epoch = 0
+
+    # -- persistence -------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        state = {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "estimator": self.estimator.state_dict(),
+            "rng": rng_state(),
+        }
+        atomic_write_bytes(self.out / CHECKPOINT, lambda f: torch.save(state, f))
+
+    def load_checkpoint(self) -> None:
+        path = self.out / CHECKPOINT
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:
+            raise UsageError(f"cannot resume from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.estimator.load_state_dict(state["estimator"])
+        set_rng_state(state["rng"])
+        self.epoch = state["epoch"]
+
+    def prepare_output(self) -> None:
+        """Create the run folder; refuse to overwrite an existing run unless resuming."""
+        config = json.loads(json.dumps({**asdict(self.cfg), "resume": False}))  # as stored: tuples become lists
+        config_path = self.out / CONFIG
+        if self.cfg.resume and (self.out / CHECKPOINT).exists():
+            saved = json.loads(config_path.read_text()) if config_path.exists() else {}
+            # Everything but the epoch budget must match, or the resumed run would silently differ.
+            changed = [k for k in config if k not in ("epochs", "resume", "device", "out", "data_root")
+                       and k in saved and saved[k] != config[k]]
+            if changed:
+                raise UsageError(f"--resume with a different {', '.join(changed)} than the run in {self.out}")
+            self.load_checkpoint()
+            # Drop metrics of epochs the checkpoint does not cover (a kill between the two writes) and torn lines.
+            kept = [r for r in read_metrics(self.out / METRICS) if r["epoch"] <= self.epoch]
+            atomic_write_bytes(self.out / METRICS, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept)
+                                                                      .encode()))
+        elif (self.out / CHECKPOINT).exists() or (self.out / METRICS).exists():
+            raise UsageError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(config_path, lambda f: f.write(json.dumps(config, indent=2).encode()))
+
+    # -- training --------------------------------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.train()
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch)  # shuffle + augmentation
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        wrong = torch.zeros((), dtype=torch.int64)
+        seen = 0
+        extras: dict[str, float] = {}
+        batches = tqdm(self.data.train_batches(cfg.batch_size, generator), total=self.steps_per_epoch,
+                       desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.show_progress, leave=False)
+        for step, (x, y) in enumerate(batches):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            result = self.estimator.step(x, y)
+            if not torch.isfinite(result.loss):
+                raise DivergedError(
+                    f"loss became {result.loss.item()} at epoch {self.epoch + 1}, step {step + 1}; "
+                    f"last good checkpoint kept in {self.out / CHECKPOINT} (try a lower --lr)"
+                )
+            self.optimizer.step()
+            self.schedule.step()
+            n = len(y)
+            loss_sum += result.loss.detach().double().cpu() * n
+            wrong += (result.logits.argmax(1) != y).sum().cpu()
+            seen += n
+            for k, v in (result.extra or {}).items():
+                extras[k] = extras.get(k, 0.0) + float(v) * n
+            if self.show_progress and step % 10 == 0:
+                batches.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
+        return {"train_loss": loss_sum.item() / seen, "train_error": 100.0 * wrong.item() / seen,
+                **{k: v / seen for k, v in extras.items()}}
+
+    def train(self) -> list[dict[str, Any]]:
+        self.prepare_output()
+        cfg = self.cfg
+        while self.epoch < cfg.epochs:
+            start = time.perf_counter()
+            record = self.train_epoch()
+            seconds = time.perf_counter() - start
+            test_error, test_loss = evaluate(self.estimator, self.data, cfg.eval_batch_size, self.device)
+            self.epoch += 1
+            record = {"epoch": self.epoch, **record, "test_error": test_error, "test_loss": test_loss,
+                      "seconds": seconds, "lr": self.optimizer.param_groups[0]["lr"],
+                      "peak_memory_mb": peak_memory_mb(self.device)}
+            append_line(self.out / METRICS, record)
+            self.save_checkpoint()
+            if self.log_epochs:
+                tqdm.write(f"epoch {self.epoch}: train loss {record['train_loss']:.4f}, "
+                           f"train error {record['train_error']:.2f} %, test error {test_error:.2f} % "
+                           f"({seconds:.1f} s)", file=sys.stderr)
+        return read_metrics(self.out / METRICS)
+
+
+def train(
+    cfg: TrainConfig, data=None, show_progress: bool | None = None, log_epochs: bool = False
+) -> list[dict[str, Any]]:
+    """Train (or resume) one run; returns all epochs' metrics records."""
+    return Run(cfg, data=data, show_progress=show_progress, log_epochs=log_epochs).train()
