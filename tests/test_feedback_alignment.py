@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,6 +76,17 @@ def test_fa_conv_matches_formula() -> None:
     torch.testing.assert_close(c2.bias.grad, d2.sum((0, 2, 3)))
     torch.testing.assert_close(c1.weight.grad, gw1)
     torch.testing.assert_close(c1.bias.grad, d1.sum((0, 2, 3)))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_feedback_is_not_the_weights_when_seeds_coincide(seed: int) -> None:
+    """Model init and estimator seeded with the same number must not give B = W (FA would be backprop)."""
+    torch.manual_seed(seed)
+    net = build_model("mlp", 3, (16,), hidden=(200,))
+    est = build("fa", net, seed=seed)
+    for b, m in zip(est.feedback, [net[1], net[3]]):
+        cos = F.cosine_similarity(b.flatten(), m.weight.detach().flatten(), dim=0).abs().item()
+        assert cos < 5 / b.numel() ** 0.5  # independent: |cos| ~ 1/sqrt(n); identical streams give 1
 
 
 def test_fa_with_transposed_weights_is_backprop() -> None:
@@ -201,12 +211,21 @@ def test_fdfa_one_step_feedback_is_directional_derivative(model: str, shape: tup
         for b in blocks[:-1]:
             h = b(h)
             outs.append(h)
-    g = torch.Generator().manual_seed(7)  # replay the estimator's tangents
+    g = replay_generator(7)  # replay the estimator's tangents
     us = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
     zeros = [torch.zeros_like(o) for o in outs]
     _, y_dot = torch.func.jvp(lambda *d: with_perturbations(blocks, x, list(d)), tuple(zeros), tuple(us))
     for b, u in zip(est.feedback, us):
         torch.testing.assert_close(b, y_dot.T @ u.flatten(1) / x.shape[0])
+
+
+def replay_generator(seed: int) -> torch.Generator:
+    """A generator in the state the estimators start from (see decorrelate)."""
+    from bpfree.methods.feedback_alignment import decorrelate
+
+    g = torch.Generator()
+    decorrelate(g, seed)
+    return g
 
 
 @pytest.mark.parametrize("fast", [True, False])
