@@ -231,8 +231,16 @@ class _DenseBlock:
             x = x.flatten(1)
             x_dot = None if x_dot is None else x_dot.flatten(1)
         self.x = x
-        h = F.linear(x, self.linear.weight, self.linear.bias)
-        h_dot = None if x_dot is None else F.linear(x_dot, self.linear.weight)
+        if x_dot is None:
+            h, h_dot = F.linear(x, self.linear.weight, self.linear.bias), None
+        else:
+            # Primal and tangent through the weight as ONE matmul of 2N rows: on 800x800, N = 64, one CPU thread
+            # this took ~2.0 ms against ~3.0 ms for two separate ones.
+            n = x.shape[0]
+            both = F.linear(torch.cat([x, x_dot]), self.linear.weight)
+            h, h_dot = both[:n], both[n:]
+            if self.linear.bias is not None:
+                h = h + self.linear.bias
         bn = self.bn
         if bn is not None:
             self.z = h
