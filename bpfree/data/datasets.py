@@ -1,0 +1,236 @@
+"""The registered data sets. Everything but image folders is held in memory as normalised float tensors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bpfree.data.files import extract_tar, fetch, read_cifar_batch, read_idx
+from bpfree.errors import UsageError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def resolve_root(root: str | os.PathLike | None) -> Path:
+    """--data-root, else $BPFREE_DATA, else ./data."""
+    return Path(root or os.environ.get("BPFREE_DATA") or "data")
+
+
+class TensorData:
+    """A data set held as tensors. Batches are index slices; augmentation runs on whole batches."""
+
+    def __init__(
+        self,
+        name: str,
+        train_x: torch.Tensor,
+        train_y: torch.Tensor,
+        test_x: torch.Tensor,
+        test_y: torch.Tensor,
+        num_classes: int,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    ):
+        self.name = name
+        self.train_x, self.train_y = train_x, train_y
+        self.test_x, self.test_y = test_x, test_y
+        self.num_classes = num_classes
+        self.augment = augment
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_y)
+
+    def num_train_batches(self, batch_size: int) -> int:
+        return -(-self.num_train // batch_size)
+
+    def subset(self, n: int) -> TensorData:
+        """The first `n` training examples (the test set unchanged)."""
+        return TensorData(self.name, self.train_x[:n], self.train_y[:n], self.test_x, self.test_y,
+                          self.num_classes, self.augment)
+
+    def train_batches(
+        self, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1
+    ) -> Iterator[Batch]:
+        """Shuffled batches. With world_size > 1, each rank gets its contiguous share of every global batch."""
+        order = torch.randperm(self.num_train, generator=generator)
+        for start in range(0, self.num_train, batch_size):
+            idx = order[start : start + batch_size]
+            if world_size > 1:
+                idx = idx.tensor_split(world_size)[rank]
+            x = self.train_x[idx]
+            if self.augment is not None:
+                x = self.augment(x, generator)
+            yield x, self.train_y[idx]
+
+    def test_batches(self, batch_size: int) -> Iterator[Batch]:
+        for start in range(0, len(self.test_y), batch_size):
+            yield self.test_x[start : start + batch_size], self.test_y[start : start + batch_size]
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Pad-`pad` random crop and horizontal flip, for the whole batch at once (one gather, no Python loop)."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols = torch.arange(w)
+    cols = torch.where(flip[:, None], cols.flip(0), cols) + dx[:, None]
+    rows = torch.arange(h) + dy[:, None]
+    i = torch.arange(n)[:, None, None, None]
+    ch = torch.arange(c)[None, :, None, None]
+    return padded[i, ch, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    x = torch.from_numpy(np.array(images, dtype=np.float32)).div_(255.0)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def _missing(root: Path, folder: str, files: Sequence[str]) -> UsageError:
+    return UsageError(
+        f"data files missing: expected {', '.join(files)} in {root / folder} "
+        f"(set --data-root or $BPFREE_DATA; no download was possible)"
+    )
+
+
+MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+MIRRORS = {
+    "MNIST": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}),
+    "FashionMNIST": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
+}
+CIFAR_URL = ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")
+CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
+def _idx_family(folder: str, mean: float, std: float) -> Callable[[Path, bool], TensorData]:
+    def load_family(root: Path, augment: bool) -> TensorData:
+        raw = root / folder / "raw"
+        missing = [f for f in MNIST_FILES if not (raw / f).exists()]
+        if missing:
+            base, sums = MIRRORS[folder]
+            for f in missing:
+                fetch(base + f, raw / f, sums[f])
+            if any(not (raw / f).exists() for f in MNIST_FILES):
+                raise _missing(root, f"{folder}/raw", MNIST_FILES)
+        arrays = [read_idx(raw / f) for f in MNIST_FILES]
+        for images, labels, f in ((arrays[0], arrays[1], MNIST_FILES[0]), (arrays[2], arrays[3], MNIST_FILES[2])):
+            if len(images) != len(labels):
+                raise UsageError(f"{raw / f}: {len(images)} images but {len(labels)} labels")
+        if augment:
+            raise UsageError(f"--augment is only available for cifar10, not {folder}")
+        return TensorData(
+            folder.lower().replace("fashionmnist", "fashion-mnist"),
+            _normalise(arrays[0], [mean], [std]), torch.from_numpy(arrays[1].astype(np.int64)),
+            _normalise(arrays[2], [mean], [std]), torch.from_numpy(arrays[3].astype(np.int64)), 10,
+        )
+
+    return load_family
+
+
+def load_cifar10(root: Path, augment: bool) -> TensorData:
+    folder = root / "cifar-10-batches-py"
+    if any(not (folder / f).exists() for f in CIFAR_FILES):
+        archive = root / "cifar-10-python.tar.gz"
+        if archive.exists() or fetch(CIFAR_URL[0], archive, CIFAR_URL[1], timeout=30):
+            extract_tar(archive, root)
+        if any(not (folder / f).exists() for f in CIFAR_FILES):
+            raise _missing(root, "cifar-10-batches-py", CIFAR_FILES)
+    parts = [read_cifar_batch(folder / f) for f in CIFAR_FILES]
+    train_x = np.concatenate([p[0] for p in parts[:5]])
+    train_y = np.concatenate([p[1] for p in parts[:5]])
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    return TensorData(
+        "cifar10", _normalise(train_x, mean, std), torch.from_numpy(train_y),
+        _normalise(parts[5][0], mean, std), torch.from_numpy(parts[5][1]), 10,
+        augment=random_crop_flip if augment else None,
+    )
+
+
+def load_digits(root: Path, augment: bool) -> TensorData:
+    """scikit-learn's bundled 8x8 digits (1,797 images): works offline with no data directory."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    if augment:
+        raise UsageError("--augment is only available for cifar10, not digits")
+    bunch = sk_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.int64)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))  # fixed split
+    images, labels = images[order], labels[order]
+    images = (images - 0.3) / 0.4  # roughly zero mean, unit variance
+    n_train = 1437  # an 80 / 20 split
+    return TensorData("digits", images[:n_train], labels[:n_train], images[n_train:], labels[n_train:], 10)
+
+
+DATASETS: dict[str, Callable[[Path, bool], TensorData]] = {
+    "digits": load_digits,
+    "mnist": _idx_family("MNIST", 0.1307, 0.3081),
+    "fashion-mnist": _idx_family("FashionMNIST", 0.2860, 0.3530),
+    "cifar10": load_cifar10,
+}
+
+
+def select_classes(data: TensorData, classes: Sequence[int]) -> TensorData:
+    """Keep only the given classes, relabelled 0..len(classes)-1 in the order given."""
+    classes = list(classes)
+    if len(set(classes)) != len(classes) or any(c < 0 or c >= data.num_classes for c in classes):
+        raise UsageError(f"--classes must be distinct labels in 0..{data.num_classes - 1}, got {classes}")
+    remap = torch.full((data.num_classes,), -1, dtype=torch.int64)
+    remap[torch.tensor(classes)] = torch.arange(len(classes))
+
+    def keep(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = remap[y] >= 0
+        return x[mask], remap[y[mask]]
+
+    return TensorData(data.name, *keep(data.train_x, data.train_y), *keep(data.test_x, data.test_y),
+                      len(classes), data.augment)
+
+
+def load(
+    name: str,
+    root: str | os.PathLike | None = None,
+    train_size: int | None = None,
+    augment: bool = False,
+    image_size: int = 224,
+) -> TensorData:
+    """The data set `name` (or `imagefolder:PATH`), its first `train_size` training examples if given."""
+    if name.startswith("imagefolder:"):
+        from bpfree.data.imagefolder import ImageFolderData
+
+        data = ImageFolderData(Path(name.split(":", 1)[1]), image_size=image_size, augment=augment)
+    else:
+        if name not in DATASETS:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(DATASETS), n=1, cutoff=0.4)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UsageError(
+                f"unknown data set {name!r}{hint} (choose from: {', '.join(DATASETS)}, imagefolder:PATH)"
+            )
+        data = DATASETS[name](resolve_root(root), augment)
+    if train_size is not None:
+        if train_size < 1:
+            raise UsageError(f"--train-size must be at least 1, got {train_size}")
+        data = data.subset(train_size)
+    return data
