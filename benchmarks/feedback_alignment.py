@@ -138,7 +138,7 @@ def run_one(data: Any, model: str, method: str, args: argparse.Namespace) -> dic
     return res
 
 
-def accuracy(args: argparse.Namespace) -> dict[str, Any]:
+def accuracy(args: argparse.Namespace, out_path: Path) -> dict[str, Any]:
     from bpfree.data import load  # the lead's loader (bpfree/data)
 
     torch.set_num_threads(args.threads)
@@ -152,6 +152,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         for model in args.models:
             for method in meths:
                 out["runs"].append({"dataset": ds, **run_one(data, model, method, args)})
+                out_path.write_text(json.dumps(out, indent=1))  # partial results survive an interrupted run
     return out
 
 
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "speed":
         result = speed(args)
     else:
-        result = accuracy(args)
+        result = accuracy(args, out)
         print(table(result))
         plot_alignment(result, out.with_suffix(".png"))
     out.write_text(json.dumps(result, indent=1))
