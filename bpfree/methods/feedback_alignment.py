@@ -198,9 +198,10 @@ class FeedbackAlignment(Estimator):
 class _DenseBlock:
     """[Flatten] Linear [BatchNorm1d] [ReLU] with hand-written forward, forward-mode and local backward.
 
-    The fast path of DFA/FDFA for fully connected nets (mlp, fc-bn). Skipping autograd's graph matters here: on
-    fc-bn (2x800, batch 64, 1 CPU thread) the autograd versions of the step took 0.94x (dfa) and 1.8x (fdfa) of
-    a bp step, these formulas about half of that (see benchmarks/feedback_alignment.py).
+    The fast path of DFA/FDFA for fully connected nets (mlp, fc-bn). Skipping autograd's graph (and, for FDFA,
+    forward-mode AD) matters: on fc-bn (2x800, batch 64, 1 CPU thread, thread CPU time) the autograd versions took
+    ~0.95x (dfa) and ~1.75x (fdfa) of a bp step, these formulas ~0.85x and ~1.15x
+    (benchmarks/feedback_alignment.py speed).
     """
 
     def __init__(self, block: nn.Sequential):
