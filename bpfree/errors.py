@@ -11,3 +11,9 @@ class DivergedError(Exception):
     """The loss became NaN or infinite. The last good checkpoint is kept. Exit code 3."""
 
     exit_code = 3
+
+
+class DistributedError(Exception):
+    """A data-parallel rank died or stopped answering within --dist-timeout. Exit code 4."""
+
+    exit_code = 4

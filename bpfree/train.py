@@ -6,6 +6,7 @@ It knows nothing of any method's internals: it calls `estimator.step`, `estimato
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from bpfree import data as datasets
-from bpfree import methods, models
+from bpfree import distributed, methods, models
 from bpfree.errors import DivergedError, UsageError
 
 CHECKPOINT = "checkpoint.pt"
@@ -51,6 +53,7 @@ class TrainConfig:
     data_root: str | None = None
     augment: bool = False
     eval_batch_size: int = 1000
+    dist_timeout: float = 60.0  # data-parallel runs: seconds before a rank gives up on a silent peer
     method_options: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
 
@@ -72,6 +75,8 @@ class TrainConfig:
             raise UsageError(f"unknown optimizer {self.optimizer!r} (choose from: {', '.join(OPTIMIZERS)})")
         if self.schedule not in ("constant", "cosine"):
             raise UsageError(f"unknown schedule {self.schedule!r} (choose from: constant, cosine)")
+        if not self.dist_timeout > 0:
+            raise UsageError(f"--dist-timeout must be positive, got {self.dist_timeout}")
         if self.train_size is not None and self.train_size < 1:
             raise UsageError(f"--train-size must be at least 1, got {self.train_size}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -169,16 +174,22 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(estimator: methods.Estimator, data, batch_size: int, device: torch.device) -> tuple[float, float]:
-    """Test error (%) and mean cross-entropy of the estimator's predictions."""
+def evaluate(
+    estimator: methods.Estimator, data, batch_size: int, device: torch.device,
+    group: distributed.Group = distributed.LOCAL,
+) -> tuple[float, float]:
+    """Test error (%) and mean cross-entropy of the estimator's predictions (test batches shared among ranks)."""
     estimator.model.eval()
     wrong, total, loss = 0, 0, 0.0
-    for x, y in data.test_batches(batch_size):
+    for i, (x, y) in enumerate(data.test_batches(batch_size)):
+        if i % group.world_size != group.rank:
+            continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = estimator.predict(x)
         wrong += (logits.argmax(1) != y).sum().item()
         loss += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
         total += len(y)
+    wrong, total, loss = group.sum(torch.tensor([wrong, total, loss], dtype=torch.float64)).tolist()
     return 100.0 * wrong / total, loss / total
 
 
@@ -187,11 +198,14 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, data=None, show_progress: bool | None = None, log_epochs: bool = False):
         cfg.check()
-        self.log_epochs = log_epochs
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.device = torch.device(cfg.device)
+        # Launched by torchrun: join the process group; rank r trains on its share of every global batch.
+        self.group, device = distributed.init_from_env(cfg.device, cfg.dist_timeout)
+        self.device = torch.device(device)
+        self.log_epochs = log_epochs and self.group.is_main
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
+        self.show_progress = self.show_progress and self.group.is_main
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -199,9 +213,17 @@ class Run:
         self.model = models.build(
             cfg.model, num_classes=self.data.num_classes, input_shape=self.data.input_shape, **cfg.model_options
         ).to(self.device)
+        self.group.broadcast_module(self.model)
         self.estimator = methods.build(cfg.method, self.model, seed=cfg.seed, **cfg.method_options)
+        self.estimator.group = self.group
         self.optimizer = make_optimizer(cfg, self.estimator.trainable())
         self.steps_per_epoch = self.data.num_train_batches(cfg.batch_size)
+        if self.group.active:
+            if cfg.batch_size < self.group.world_size:
+                raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the {self.group.world_size} ranks")
+            # A last batch with fewer examples than ranks would leave a rank with none: every rank drops it.
+            if self.data.num_train - (self.steps_per_epoch - 1) * cfg.batch_size < self.group.world_size:
+                self.steps_per_epoch -= 1
         self.schedule = make_schedule(cfg, self.optimizer, self.steps_per_epoch)
         self.epoch = 0
 
@@ -218,9 +240,11 @@ class Run:
         atomic_write_bytes(self.out / CHECKPOINT, lambda f: torch.save(state, f))
 
     def load_checkpoint(self) -> None:
+        """Every rank loads rank 0's checkpoint (sent over the group: ranks need not share a file system)."""
         path = self.out / CHECKPOINT
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            raw = self.group.broadcast_bytes(path.read_bytes() if self.group.is_main else None)
+            state = torch.load(io.BytesIO(raw), map_location=self.device, weights_only=True)
         except Exception as e:
             raise UsageError(f"cannot resume from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
         self.model.load_state_dict(state["model"])
@@ -231,25 +255,44 @@ class Run:
         self.epoch = state["epoch"]
 
     def prepare_output(self) -> None:
-        """Create the run folder; refuse to overwrite an existing run unless resuming."""
-        config = json.loads(json.dumps({**asdict(self.cfg), "resume": False}))  # as stored: tuples become lists
+        """Create the run folder; refuse to overwrite an existing run unless resuming.
+
+        Rank 0 checks and writes the folder; the other ranks of a data-parallel run learn its verdict (an error,
+        or whether to resume) from a broadcast, and all load the same checkpoint.
+        """
+        error, resume = None, False
+        if self.group.is_main:
+            try:
+                resume = self._prepare_run_folder()
+            except UsageError as e:
+                error = e
+        self.group.broadcast_error(error)
+        if self.group.broadcast_bytes(b"1" if resume else b"0") == b"1":
+            self.load_checkpoint()
+            if self.group.is_main:
+                # Drop metrics of epochs the checkpoint does not cover (a kill between the two writes) and torn lines.
+                kept = [r for r in read_metrics(self.out / METRICS) if r["epoch"] <= self.epoch]
+                atomic_write_bytes(self.out / METRICS, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept)
+                                                                          .encode()))
+
+    def _prepare_run_folder(self) -> bool:
+        """Rank 0: check the folder against the config and write config.json. Returns whether the run resumes."""
+        # As stored (tuples become lists); world_size: a resumed run must keep the number of ranks.
+        config = json.loads(json.dumps({**asdict(self.cfg), "resume": False, "world_size": self.group.world_size}))
         config_path = self.out / CONFIG
-        if self.cfg.resume and (self.out / CHECKPOINT).exists():
+        resume = self.cfg.resume and (self.out / CHECKPOINT).exists()
+        if resume:
             saved = json.loads(config_path.read_text()) if config_path.exists() else {}
             # Everything but the epoch budget must match, or the resumed run would silently differ.
-            changed = [k for k in config if k not in ("epochs", "resume", "device", "out", "data_root")
+            changed = [k for k in config if k not in ("epochs", "resume", "device", "out", "data_root", "dist_timeout")
                        and k in saved and saved[k] != config[k]]
             if changed:
                 raise UsageError(f"--resume with a different {', '.join(changed)} than the run in {self.out}")
-            self.load_checkpoint()
-            # Drop metrics of epochs the checkpoint does not cover (a kill between the two writes) and torn lines.
-            kept = [r for r in read_metrics(self.out / METRICS) if r["epoch"] <= self.epoch]
-            atomic_write_bytes(self.out / METRICS, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept)
-                                                                      .encode()))
         elif (self.out / CHECKPOINT).exists() or (self.out / METRICS).exists():
             raise UsageError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(config_path, lambda f: f.write(json.dumps(config, indent=2).encode()))
+        return resume
 
     # -- training --------------------------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
@@ -260,7 +303,10 @@ class Run:
         wrong = torch.zeros((), dtype=torch.int64)
         seen = 0
         extras: dict[str, float] = {}
-        batches = tqdm(self.data.train_batches(cfg.batch_size, generator), total=self.steps_per_epoch,
+        group, sent = self.group, self.group.bytes
+        shard = {"rank": group.rank, "world_size": group.world_size} if group.active else {}
+        batches = tqdm(islice(self.data.train_batches(cfg.batch_size, generator, **shard), self.steps_per_epoch),
+                       total=self.steps_per_epoch,
                        desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.show_progress, leave=False)
         for step, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -271,9 +317,11 @@ class Run:
                     f"loss became {result.loss.item()} at epoch {self.epoch + 1}, step {step + 1}; "
                     f"last good checkpoint kept in {self.out / CHECKPOINT} (try a lower --lr)"
                 )
+            n = len(y)
+            if group.active:  # every rank now holds the update of the whole global batch (the estimator's policy)
+                self.estimator.all_reduce_gradients(group, n)
             self.optimizer.step()
             self.schedule.step()
-            n = len(y)
             loss_sum += result.loss.detach().double().cpu() * n
             wrong += (result.logits.argmax(1) != y).sum().cpu()
             seen += n
@@ -281,32 +329,44 @@ class Run:
                 extras[k] = extras.get(k, 0.0) + float(v) * n
             if self.show_progress and step % 10 == 0:
                 batches.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
-        return {"train_loss": loss_sum.item() / seen, "train_error": 100.0 * wrong.item() / seen,
-                **{k: v / seen for k, v in extras.items()}}
+        keys = sorted(extras)
+        totals = torch.tensor([loss_sum.item(), wrong.item(), seen, *(extras[k] for k in keys)], dtype=torch.float64)
+        loss_total, wrong_total, seen_total, *rest = group.sum(totals).tolist()  # the global batch: sums over ranks
+        record = {"train_loss": loss_total / seen_total, "train_error": 100.0 * wrong_total / seen_total,
+                  **{k: v / seen_total for k, v in zip(keys, rest)}}
+        if group.active:
+            record["comm_bytes_per_step"] = (group.bytes - sent) / (step + 1)
+        return record
 
     def train(self) -> list[dict[str, Any]]:
         self.prepare_output()
         cfg = self.cfg
+        records: list[dict[str, Any]] = []  # this session's epochs (ranks > 0 have no metrics file to read)
         while self.epoch < cfg.epochs:
             start = time.perf_counter()
             record = self.train_epoch()
             seconds = time.perf_counter() - start
-            test_error, test_loss = evaluate(self.estimator, self.data, cfg.eval_batch_size, self.device)
+            test_error, test_loss = evaluate(self.estimator, self.data, cfg.eval_batch_size, self.device, self.group)
             self.epoch += 1
             record = {"epoch": self.epoch, **record, "test_error": test_error, "test_loss": test_loss,
                       "seconds": seconds, "lr": self.optimizer.param_groups[0]["lr"],
                       "peak_memory_mb": peak_memory_mb(self.device)}
-            append_line(self.out / METRICS, record)
-            self.save_checkpoint()
+            records.append(record)
+            if self.group.is_main:
+                append_line(self.out / METRICS, record)
+                self.save_checkpoint()
             if self.log_epochs:
                 tqdm.write(f"epoch {self.epoch}: train loss {record['train_loss']:.4f}, "
                            f"train error {record['train_error']:.2f} %, test error {test_error:.2f} % "
                            f"({seconds:.1f} s)", file=sys.stderr)
-        return read_metrics(self.out / METRICS)
+        return read_metrics(self.out / METRICS) if self.group.is_main else records
 
 
 def train(
     cfg: TrainConfig, data=None, show_progress: bool | None = None, log_epochs: bool = False
 ) -> list[dict[str, Any]]:
-    """Train (or resume) one run; returns all epochs' metrics records."""
-    return Run(cfg, data=data, show_progress=show_progress, log_epochs=log_epochs).train()
+    """Train (or resume) one run; returns all epochs' metrics records (launched by torchrun: data-parallel)."""
+    run = Run(cfg, data=data, show_progress=show_progress, log_epochs=log_epochs)
+    records = run.train()
+    distributed.shutdown(run.group)
+    return records

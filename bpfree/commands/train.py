@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from dataclasses import fields
 from typing import Any
 
-from bpfree import methods, models
+from bpfree import distributed, methods, models
 from bpfree.errors import UsageError
 from bpfree.registry import Registry
 from bpfree.train import OPTIMIZERS, TrainConfig, train
@@ -80,12 +82,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
     parser.add_argument("--out", default=None, help="run folder (default runs/METHOD-MODEL-DATA)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="data-parallel processes on this machine (the same as `torchrun --standalone "
+                             "--nproc-per-node N -m bpfree train ...`); each takes 1/N of every batch")
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULTS.dist_timeout,
+                        help="data-parallel runs: seconds a rank waits for a silent peer before stopping with an error")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and not distributed.launched_by_torchrun():
+        return distributed.launch(args.nproc, distributed.strip_nproc(getattr(args, "argv", sys.argv[1:])))
     out = args.out or f"runs/{args.method}-{args.model}-{args.data.replace(':', '_').replace('/', '_')}"
     cfg = config_from_args(args, out=out)
     records = train(cfg, log_epochs=True)
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports for the data-parallel run
+        return 0
     if not records:
         raise UsageError("no epochs were run")
     last = records[-1]

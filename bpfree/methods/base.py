@@ -2,7 +2,7 @@
 
 An estimator fills `p.grad` of every trainable parameter of its model from one batch (and touches nothing
 else); the optimizer step is the caller's. The training loop only ever calls `step`, `predict`,
-`state_dict` and `load_state_dict`.
+`state_dict` and `load_state_dict`, and in data-parallel runs `all_reduce_gradients`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bpfree.distributed import LOCAL, Group
 from bpfree.registry import Option
 
 
@@ -30,6 +31,8 @@ class Estimator:
     """Base class: subclasses override `step` (and `predict` when inference is not `model(x)`)."""
 
     options: ClassVar[dict[str, Option]] = {}
+    #: The data-parallel ranks this estimator's steps are combined over; the trainer sets it (LOCAL: one process).
+    group: Group = LOCAL
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         self.model = model
@@ -48,6 +51,16 @@ class Estimator:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         raise NotImplementedError
+
+    def all_reduce_gradients(self, group: Group, weight: float) -> None:
+        """Data-parallel policy, called by the trainer after `step` on every rank (`weight`: local examples).
+
+        Default: average every p.grad over the ranks, weighted by their shares of the batch, so that every rank holds
+        the gradient of the whole global batch's mean loss: O(parameters) bytes. Estimators that can do with less
+        (forward gradients with seed-shared tangents: K numbers) combine inside `step` via `self.group` and override
+        this to reduce only what is left.
+        """
+        group.weighted_mean_([p.grad for p in self.trainable()], weight)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for evaluation (the model is put in eval mode by the caller)."""

@@ -28,4 +28,3 @@ def count_parameters(model: nn.Module) -> int:
 from bpfree.models import mlp  # noqa: E402,F401
 
 __all__ = ["MODELS", "build", "count_parameters"]
-from bpfree.models import feedback_nets  # noqa: E402,F401

@@ -1,0 +1,214 @@
+"""`bpfree compare`: several learning rules × seeds with the same model, data, budget and optimizer, then one table.
+
+Settings come from built-in defaults, then a JSON `--config` file, then the command line (each overriding the last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bpfree import methods
+from bpfree.commands.train import DEFAULTS, add_training_arguments, config_from_args
+from bpfree.compare import run_all, run_folder
+from bpfree.errors import UsageError
+from bpfree.results import load_run, write_report
+from bpfree.train import TrainConfig
+
+METHOD_OPTIONS_RULE = (
+    "Method options (--tangents, ...) go to every compared method that declares them; methods that do not declare "
+    "an option train without it, with their own defaults. METHOD=VALUE pairs give per-method values, like --lr: "
+    "--tangents fg-a=4,lg-fg-a=16. An option that none of the compared methods declares is an error. "
+    "Rerunning the same command skips finished runs, resumes unfinished ones from their checkpoints and does not "
+    "retry diverged ones unless their settings change (they would diverge again); a finished or unfinished run "
+    "folder trained with other settings is refused, except "
+    "that a larger --epochs extends finished runs when the schedule is constant. "
+    "A --config file is a JSON object whose keys are these long option names (methods, seeds, lr, epochs, hidden, "
+    "tangents, ...; - or _), lists as arrays, per-method values as objects ({\"bp\": 0.05, \"fg-a\": 0.01}), "
+    "plus an optional \"description\" that titles results.md."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="JSON experiment file (see configs/); command-line options override its values")
+    parser.add_argument("--methods", default=None, metavar="A,B,...",
+                        help="learning rules to compare, e.g. bp,fg-a (see `bpfree methods`)")
+    parser.add_argument("--seeds", default="0", metavar="S,S,...", help="seeds; every method is trained once per seed")
+    add_training_arguments(parser, single=False)
+    parser.add_argument("--lr", default=str(DEFAULTS.lr), metavar="LR|METHOD=LR,...",
+                        help="learning rate: one float for all methods, or METHOD=LR pairs, e.g. bp=0.05,fg-a=0.01 "
+                        "(a bare float before them sets the rest)")
+    parser.add_argument("--out", default=None,
+                        help="comparison folder (default runs/compare-MODEL-DATA); runs go to OUT/METHOD/seed-S")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice). 1 is fastest for small models and on "
+                        "a busy machine: threads waiting for each other cost more than they share")
+    parser.add_argument("--no-plots", action="store_true", help="only the table and the CSV, no PNGs")
+    parser.epilog = METHOD_OPTIONS_RULE
+    # Defaults are applied in `run`, below the config file's values: to know what the command line set, every
+    # option parses to None unless given. The help still shows the real defaults.
+    actions: dict[str, argparse.Action] = {}
+    defaults: dict[str, Any] = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "config", "no_plots"):
+            continue
+        key = action.option_strings[-1].lstrip("-").replace("-", "_")
+        actions[key] = action
+        defaults[key] = action.default
+        if action.default is not None and action.default is not False and "default" not in (action.help or ""):
+            action.help = f"{action.help} (default {action.default})"
+        action.default = None
+    parser.set_defaults(compare_actions=actions, compare_defaults=defaults)
+
+
+def _closest(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _coerce(action: argparse.Action, key: str, value: Any, where: str) -> Any:
+    """A config-file value checked as strictly as the command line would check it."""
+    if key in ("methods", "seeds") and isinstance(value, list):
+        value = ",".join(map(str, value))
+    if key in ("methods", "seeds") and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if key == "lr" or action.dest.startswith(("method_opt_", "model_opt_")):
+        return value  # parsed later (per-method values, typed options)
+    if action.nargs == 0:  # store_true
+        if not isinstance(value, bool):
+            raise UsageError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    kind = action.type or str
+    ok = isinstance(value, str) or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)) \
+        or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise UsageError(f"{where}: {key} must be {'a number' if kind is not str else 'a string'}, got {value!r}")
+    try:
+        value = kind(value)
+    except ValueError:
+        raise UsageError(f"{where}: {key}: expected {kind.__name__}, got {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise UsageError(f"{where}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def load_config(path: str, actions: dict[str, argparse.Action]) -> tuple[dict[str, Any], str]:
+    """The settings of a JSON experiment file (keys are long option names, `-` or `_`), and its description."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a JSON object of settings")
+    description = raw.pop("description", "")
+    values = {}
+    for name, value in raw.items():
+        key = name.replace("-", "_")
+        if key not in actions:
+            raise UsageError(f"{path}: unknown setting {name!r}{_closest(key, list(actions))}")
+        values[key] = _coerce(actions[key], key, value, path)
+    return values, str(description)
+
+
+def split_per_method(flag: str, value: Any, names: list[str]) -> dict[str | None, Any]:
+    """`v`, `A=v,B=w` or `v,A=w` (or a JSON object) -> {None: default, method: value}. Values may hold commas
+    themselves (`fg-a=64,64`): a token without `=` continues the previous one."""
+    if isinstance(value, dict):
+        pairs: dict[str | None, Any] = dict(value)
+    elif isinstance(value, str) and "=" in value:
+        pairs, current = {}, None
+        for token in value.split(","):
+            if "=" in token:
+                current, token = (s.strip() for s in token.split("=", 1))
+                pairs[current] = token
+            else:
+                pairs[current] = f"{pairs[current]},{token}" if current in pairs else token
+    else:
+        return {None: value}
+    for name in pairs:
+        if name is not None and name not in names:
+            raise UsageError(f"--{flag} names {name!r}, which is not among the compared methods "
+                             f"({', '.join(names)}){_closest(name, names)}")
+    return pairs
+
+
+def parse_list(flag: str, value: str) -> list[str]:
+    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    if not items:
+        raise UsageError(f"--{flag} is empty")
+    if len(set(items)) != len(items):
+        raise UsageError(f"--{flag} lists a value twice: {value}")
+    return items
+
+
+def plan(args: argparse.Namespace) -> tuple[list[str], list[TrainConfig], Path, str]:
+    """The methods, one TrainConfig per method × seed, the comparison folder and the file's description."""
+    actions: dict[str, argparse.Action] = args.compare_actions
+    values: dict[str, Any] = dict(args.compare_defaults)
+    description = ""
+    if args.config:
+        from_file, description = load_config(args.config, actions)
+        values.update(from_file)
+    values.update({k: getattr(args, a.dest) for k, a in actions.items() if getattr(args, a.dest) is not None})
+    if not values.get("methods"):
+        raise UsageError("give the methods to compare: --methods bp,fg-a (or a --config file naming them)")
+    names = parse_list("methods", values["methods"])
+    for name in names:
+        methods.METHODS.get(name)
+    try:
+        seeds = [int(s) for s in parse_list("seeds", values["seeds"])]
+    except ValueError:
+        raise UsageError(f"--seeds must be integers, got {values['seeds']!r}") from None
+    lr = split_per_method("lr", values["lr"], names)
+    try:
+        lrs = {m: float(lr.get(m, lr.get(None, DEFAULTS.lr))) for m in names}
+    except (TypeError, ValueError):
+        raise UsageError(f"--lr: expected a number or METHOD=LR pairs, got {values['lr']!r}") from None
+    method_opts = {k: split_per_method(k.replace("_", "-"), v, names) for k, v in values.items()
+                   if actions[k].dest.startswith("method_opt_") and v is not None}
+    for key, per in method_opts.items():
+        takers = [m for m in names if key in methods.METHODS.get(m).options]
+        flag = "--" + key.replace("_", "-")
+        if not takers:
+            raise UsageError(f"none of the compared methods ({', '.join(names)}) takes {flag}")
+        for m in per:
+            if m is not None and m not in takers:
+                raise UsageError(f"method {m!r} does not take {flag} (methods that do: {', '.join(takers)})")
+    safe_data = str(values["data"]).replace(":", "_").replace("/", "_")
+    out = Path(values.get("out") or f"runs/compare-{values['model']}-{safe_data}")
+    configs = []
+    for method in names:
+        ns = argparse.Namespace(**{a.dest: values.get(k) for k, a in actions.items()
+                                   if not a.dest.startswith("method_opt_")})
+        for key, per in method_opts.items():
+            declared = key in methods.METHODS.get(method).options
+            setattr(ns, f"method_opt_{key}", per.get(method, per.get(None)) if declared else None)
+        for seed in seeds:
+            configs.append(config_from_args(ns, method=method, lr=lrs[method], seed=seed,
+                                            out=str(run_folder(out, method, seed)), resume=False))
+    args.compare_threads = values.get("threads")
+    return names, configs, out, description
+
+
+def run(args: argparse.Namespace) -> int:
+    names, configs, out, description = plan(args)
+    threads = args.compare_threads
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    run_all(configs)
+    groups = {m: [load_run(Path(c.out)) for c in configs if c.method == m] for m in names}
+    table = write_report(groups, out, title=description or " vs ".join(names), plots=not args.no_plots)
+    print(table, end="")
+    print(f"(results in {out}/results.md, results.csv" + ("" if args.no_plots else ", test_error.png, final_error.png")
+          + ")")
+    return 0

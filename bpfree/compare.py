@@ -1,0 +1,149 @@
+"""Train several methods × seeds with the same settings, one run folder each, in this process, one after another.
+
+Resumable: a finished run is skipped, an unfinished one resumed from its checkpoint (the trainer's `--resume`), a
+diverged one is recorded in `failed.json` and not retried with the same settings (it would diverge again at the
+same step: training is deterministic); a failed run whose settings changed is trained afresh. A failing run never
+stops the others.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bpfree import data as datasets
+from bpfree.errors import DivergedError, UsageError
+from bpfree.results import FAILED, NOT_SETTINGS
+from bpfree.train import CHECKPOINT, CONFIG, METRICS, TrainConfig, atomic_write_bytes, read_metrics, train
+
+
+def run_folder(out: Path, method: str, seed: int) -> Path:
+    return out / method / f"seed-{seed}"
+
+
+def _plain(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as it reads back from JSON (tuples become lists), for comparisons with saved configs."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def check_compatible(cfg: TrainConfig) -> None:
+    """Refuse to resume or skip a run folder that was trained with other settings: its numbers would be mislabelled.
+
+    More epochs than before are fine with a constant schedule (the run is extended exactly as if it had been
+    started with the new budget); a cosine schedule depends on the total, so there it is refused too.
+    """
+    out = Path(cfg.out)
+    saved_path = out / CONFIG
+    if not saved_path.exists():
+        return
+    saved, new = json.loads(saved_path.read_text()), _plain(cfg)
+    changed = [k for k in new if k not in (*NOT_SETTINGS, "epochs") and k in saved and saved[k] != new[k]]
+    if changed:
+        what = ", ".join(f"{k}={saved[k]!r} (now {new[k]!r})" for k in changed)
+        raise UsageError(f"{out} holds a run with {what}; choose another --out or delete that folder")
+    old = saved.get("epochs", cfg.epochs)
+    if cfg.epochs < old or (cfg.epochs > old and cfg.schedule != "constant" and len(read_metrics(out / METRICS))):
+        raise UsageError(f"{out} holds a run of {old} epochs (now {cfg.epochs}, schedule {cfg.schedule}); "
+                         "choose another --out or delete that folder")
+
+
+def settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's numbers, but for its epoch budget."""
+    return {k: v for k, v in config.items() if k not in (*NOT_SETTINGS, "epochs")}
+
+
+def read_failure(cfg: TrainConfig) -> dict[str, Any] | None:
+    path = Path(cfg.out) / FAILED
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Make the trainer's peak-memory figure this run's own, not the process's so far (runs share one process)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the peak RSS (which getrusage reports) to the current RSS.
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def record_failure(cfg: TrainConfig, kind: str, error: str, detail: str = "") -> None:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"kind": kind, "error": error, "detail": detail, "config": _plain(cfg)}
+    atomic_write_bytes(out / FAILED, lambda f: f.write(json.dumps(record, indent=2).encode()))
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_all(configs: list[TrainConfig], data: Any = None, show_progress: bool | None = None) -> None:
+    """Train (or resume, or skip) every config in order. Settings clashes are checked for all runs first."""
+    fresh = set()
+    for cfg in configs:
+        cfg.check()
+        failure = read_failure(cfg)
+        if failure is not None and settings(failure.get("config", {})) != settings(_plain(cfg)):
+            fresh.add(cfg.out)  # a failed run, now with other settings (say a lower lr): nothing to keep
+        else:
+            check_compatible(cfg)
+    todo = []
+    for cfg in configs:
+        out = Path(cfg.out)
+        if cfg.out in fresh:
+            for name in (FAILED, CHECKPOINT, METRICS, CONFIG):
+                (out / name).unlink(missing_ok=True)
+        failure = read_failure(cfg)
+        if failure is not None and failure.get("kind") == "diverged":
+            log(f"{cfg.method} seed {cfg.seed}: {failure['error']} before (not retried: it would again; "
+                f"change its settings or delete {out})")
+            continue
+        if failure is not None:
+            (out / FAILED).unlink()  # an error (perhaps fixed since): try again, resuming what was saved
+        if (out / CHECKPOINT).exists() and len(read_metrics(out / METRICS)) >= cfg.epochs:
+            log(f"{cfg.method} seed {cfg.seed}: finished before, skipped")
+        else:
+            todo.append(cfg)
+    if todo and data is None:
+        first = todo[0]
+        data = datasets.load(first.data, first.data_root, first.train_size, first.augment)
+    for i, cfg in enumerate(todo):
+        out = Path(cfg.out)
+        cfg.resume = (out / CHECKPOINT).exists()
+        if not cfg.resume:  # nothing to resume (killed before the first checkpoint): start afresh
+            for name in (METRICS, CONFIG):
+                (out / name).unlink(missing_ok=True)
+        start = len(read_metrics(out / METRICS)) if cfg.resume else 0
+        log(f"[{i + 1}/{len(todo)}] {cfg.method} seed {cfg.seed}: "
+            + (f"resuming after epoch {start}" if cfg.resume else "training") + f" -> {out}")
+        reset_peak_memory(torch.device(cfg.device))
+        try:
+            records = train(cfg, data=data, show_progress=show_progress)
+        except DivergedError as e:
+            epoch = len(read_metrics(out / METRICS)) + 1
+            record_failure(cfg, "diverged", f"diverged at epoch {epoch}", str(e))
+            log(f"  {cfg.method} seed {cfg.seed}: diverged at epoch {epoch}: {e}")
+            continue
+        except UsageError as e:
+            record_failure(cfg, "error", str(e))
+            log(f"  {cfg.method} seed {cfg.seed}: error: {e}")
+            continue
+        except Exception as e:  # a broken method must not take the whole comparison down
+            line = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            record_failure(cfg, "error", line, traceback.format_exc())
+            log(f"  {cfg.method} seed {cfg.seed}: failed: {line} (traceback in {out / FAILED})")
+            continue
+        last = records[-1]
+        log(f"  test error {last['test_error']:.2f} %, train error {last['train_error']:.2f} % "
+            f"after {last['epoch']} epochs ({sum(r['seconds'] for r in records) / len(records):.2f} s/epoch)")

@@ -1,0 +1,511 @@
+"""Forward gradients (Ren et al. 2022; Flügel et al. 2024): gradient estimates from forward-mode passes only.
+
+fg-w  weight perturbation: K tangents V over all weights; one forward-mode pass gives d_k = grad(L) . v_k;
+      the estimate is sum_k c_k v_k (c from the aggregation, see bpfree.tangents).
+fg-a  activity perturbation: K tangents u on the pre-activations of every layer, independent per example;
+      d_{k,n} = per-example directional derivative; each layer's pre-activation gradient is estimated as
+      sum_k c_{k,n} u_{k,n}, masked where the activation's derivative is zero (a known zero, so the mask keeps
+      the estimate unbiased and lowers its variance); the weight gradient is formed locally from that layer's
+      own input. `orthogonal` projects per example onto the span of that example's masked tangents.
+
+No backward pass runs through a network layer: the only autograd calls are through the loss function alone
+(dL/dlogits, to turn the output tangent into d) and, on the generic path, one-module vector-Jacobian products
+that turn an estimated pre-activation gradient into that module's parameter gradient.
+
+Two execution paths:
+* fast path for nn.Sequential chains [Flatten] Linear, activation, ..., Linear (the `mlp`): primal and
+  the K tangents share one buffer [K+1, B, width], so a layer is ONE matmul for all of them, and ReLU is one
+  multiply by the primal's mask for primal and tangents together. Tangents come from a per-step seed and are
+  regenerated instead of stored (fg-w always; fg-a with recompute=True), so nothing waits in memory for the
+  output's directional derivative: activation memory is flat in depth.
+* generic path for any other model of Linear/Conv/pooling/activations: torch.func.jvp over the parameters with
+  the K tangents vmapped (fg-w), or torch.autograd.forward_ad with tangents injected at the output of every
+  parametrised module and the batch replicated K times (fg-a). Correct but slower; keeps layer inputs.
+
+Readout: by default (exact_readout=True, as in the paper's code) the final Linear is trained on its exact
+local gradient dL/dlogits x its input (it sees only its own input, so this is no backpropagation) and is not
+perturbed. exact_readout=False perturbs it like every other layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import forward_ad as fwad
+from torch.func import functional_call, jvp, vmap
+
+from bpfree import tangents as T
+from bpfree.distributed import Group
+from bpfree.errors import UsageError
+from bpfree.methods import METHODS
+from bpfree.methods.base import Estimator, StepResult
+from bpfree.registry import Option
+
+_COMMON = {
+    "tangents": Option(1, "number of tangents K per step (all K travel through the network together)"),
+    "aggregation": Option(
+        "mean",
+        "combine the K directional derivatives: sum, mean, orthogonal (projection)",
+        choices=T.AGGREGATIONS,
+    ),
+    "tangent_dist": Option(
+        "rademacher",
+        "tangent entries: rademacher (+-1; 11x cheaper to draw on CPU) or normal",
+        choices=T.DISTS,
+    ),
+    "exact_readout": Option(True, "train the final Linear on its exact local gradient (not perturbed)"),
+}
+
+# Elementwise activations the fast path handles (their derivative comes from one jvp with a ones tangent).
+_ACTIVATIONS = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Softplus,
+    nn.Identity,
+)
+
+Chain = list[tuple[nn.Linear, "nn.Module | None"]]
+
+
+def _chain(model: nn.Module) -> Chain | None:
+    """(Linear, activation-or-None) pairs if `model` is a [Flatten] Linear/activation chain, else None."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    mods = list(model)
+    if mods and isinstance(mods[0], nn.Flatten):
+        mods = mods[1:]
+    pairs: Chain = []
+    for m in mods:
+        if isinstance(m, nn.Linear):
+            pairs.append((m, None))
+        elif isinstance(m, _ACTIVATIONS) and pairs and pairs[-1][1] is None:
+            pairs[-1] = (pairs[-1][0], m)
+        else:
+            return None
+    if not pairs or pairs[-1][1] is not None:
+        return None
+    return pairs
+
+
+def _activate_(Z: torch.Tensor, act: nn.Module | None) -> torch.Tensor | None:
+    """Apply `act` in place to the primal Z[0] and its derivative to the tangents Z[1:] ([K+1, B, n]).
+
+    Returns the mask of coordinates where the derivative is nonzero (None: nonzero everywhere).
+    """
+    if act is None or isinstance(act, nn.Identity):
+        return None
+    if isinstance(act, nn.ReLU):
+        mask = Z[0] > 0
+        Z.mul_(mask)  # relu(z) = z * [z > 0] for the primal; the same mask is the tangents' Jacobian
+        return mask
+    h, deriv = jvp(act, (Z[0],), (torch.ones_like(Z[0]),))  # elementwise: jvp with ones = derivative
+    Z[1:].mul_(deriv)
+    Z[0].copy_(h)
+    return deriv != 0
+
+
+def _loss_grad(est: Estimator, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and dL/dlogits: autograd through the loss function only, never through a layer."""
+    leaf = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = est.loss_fn(leaf, y)
+        (e,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), e
+
+
+def _set_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    if p.requires_grad:
+        p.grad = g
+
+
+class _ForwardGradient(Estimator):
+    """Shared option handling, per-step tangent seeds, and the exact readout."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        seed: int = 0,
+        tangents: int = 1,
+        aggregation: str = "mean",
+        tangent_dist: str = "rademacher",
+        exact_readout: bool = True,
+        **options: Any,
+    ):
+        T.check_options(tangents, aggregation, tangent_dist)
+        super().__init__(
+            model,
+            seed=seed,
+            tangents=tangents,
+            aggregation=aggregation,
+            tangent_dist=tangent_dist,
+            exact_readout=exact_readout,
+            **options,
+        )
+        self.K = tangents
+        self.aggregation = aggregation
+        self.dist = tangent_dist
+        self.exact_readout = exact_readout
+        self.chain = _chain(model)
+        # Tangents come from a scratch generator seeded per step from self.generator: they can be regenerated
+        # (same seed, same order) instead of stored, and a restored self.generator replays the same sequence.
+        self._scratch = torch.Generator(device=self.generator.device)
+
+    def _new_step(self) -> int:
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
+        self._scratch.manual_seed(seed)
+        return seed
+
+    def _sample_(self, out: torch.Tensor) -> torch.Tensor:
+        return T.sample_(out, self.dist, self._scratch)
+
+    def _perturbed(self, i: int) -> bool:
+        """Whether chain layer i gets tangents (the readout does not when trained on its exact gradient)."""
+        return not (self.exact_readout and i == len(self.chain) - 1)
+
+    def _readout_grads(self, lin: nn.Linear, h_in: torch.Tensor, e: torch.Tensor) -> None:
+        _set_grad(lin.weight, e.T @ h_in)
+        if lin.bias is not None:
+            _set_grad(lin.bias, e.sum(0))
+
+    def _zero_missing(self) -> None:
+        for p in self.trainable():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def _readout_module(self) -> nn.Linear | None:
+        """The last Linear (generic path); it must produce the logits, checked at run time."""
+        if not self.exact_readout:
+            return None
+        last = None
+        for m in self.model.modules():
+            if isinstance(m, nn.Linear):
+                last = m
+        if last is None:
+            raise UsageError("exact_readout needs a final nn.Linear; pass --exact-readout false")
+        return last
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        for p in self.trainable():
+            p.grad = None
+        seed = self._new_step()
+        with torch.no_grad():
+            if self.chain is not None:
+                loss, logits = self._step_chain(x, y, seed)
+            else:
+                loss, logits = self._step_generic(x, y)
+        self._zero_missing()
+        return StepResult(loss, logits)
+
+    def _step_chain(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _step_generic(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+@METHODS.register(
+    "fg-w",
+    "forward gradient, weight perturbation: K weight-space tangents, d = grad.v by forward mode",
+    options=dict(_COMMON),
+    paper="Ren et al. 2022 (arXiv 2210.03310); Flügel et al. 2024 (arXiv 2410.17764)",
+)
+class ForwardGradientWeight(_ForwardGradient):
+    def all_reduce_gradients(self, group: Group, weight: float) -> None:
+        """Data-parallel: seed-shared tangents. Every rank draws the same tangents (self.generator is seeded alike
+        on every rank), so averaging the K directional derivatives inside `step` (weighted by the ranks' batch
+        shares: d is linear in the mean loss) already gave every rank the same estimate, with O(K) bytes instead of
+        O(parameters). Only the exact readout's gradient, computed from local examples, is left to average."""
+        readout = self._readout_module()
+        if readout is not None:
+            group.weighted_mean_([p.grad for p in readout.parameters() if p.requires_grad], weight)
+
+    def _step_chain(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        K, chain = self.K, self.chain
+        h = x.reshape(x.shape[0], -1)
+        B = h.shape[0]
+        orth = self.aggregation == "orthogonal"
+        G = torch.zeros(K, K, dtype=torch.float64, device=x.device) if orth else None
+        dim = 0
+        # K == 1: each tangent is drawn straight into p.grad and scaled at the end (one draw, no memory).
+        # K > 1: drawn into a reused scratch buffer and regenerated from the seed for the estimate.
+        direct = K == 1
+        scratch: dict[tuple[int, ...], torch.Tensor] = {}
+
+        def tangent(p: torch.Tensor) -> torch.Tensor:
+            nonlocal G, dim
+            if direct:
+                p.grad = torch.empty_like(p)
+                v = self._sample_(p.grad.unsqueeze(0))
+            else:
+                shape = (K, *p.shape)
+                if shape not in scratch:
+                    scratch[shape] = torch.empty(shape, device=p.device, dtype=p.dtype)
+                v = self._sample_(scratch[shape])
+            if orth:
+                G += T.gram(v)
+                dim += p.numel()
+            return v
+
+        H = h.unsqueeze(0)  # [1, B, in] until the first perturbed layer, then [K+1, B, width]
+        h_last = h
+        for i, (lin, act) in enumerate(chain):
+            W, b = lin.weight, lin.bias
+            if i == len(chain) - 1:
+                h_last = H[0]
+            perturb = self._perturbed(i)
+            Z = F.linear(H, W)  # primal and all tangents through W: one matmul
+            if perturb and Z.shape[0] == 1:
+                Z = torch.cat([Z, Z.new_zeros(K, B, Z.shape[-1])])
+            if b is not None:
+                Z[0].add_(b)
+            if perturb and W.requires_grad:
+                vW = tangent(W)  # [K, out, in]; h @ vW^T for all k is one [B, in] x [in, K*out] matmul
+                if K == 1:
+                    Z[1].addmm_(H[0], vW[0].T)  # fused, no temporary
+                else:
+                    hv = H[0] @ vW.reshape(K * W.shape[0], W.shape[1]).T
+                    Z[1:].add_(hv.view(B, K, -1).transpose(0, 1))
+            if perturb and b is not None and b.requires_grad:
+                Z[1:].add_(tangent(b).unsqueeze(1))
+            _activate_(Z, act)
+            H = Z
+        logits = H[0]
+        loss, e = _loss_grad(self, logits, y)
+        if H.shape[0] > 1:
+            d = torch.einsum("kbc,bc->k", H[1:], e)
+            self.group.weighted_mean_([d], B)  # data-parallel: the K numbers are all that ranks exchange
+            c = T.coefficients(d, self.aggregation, G, dim)
+            self._scratch.manual_seed(seed)  # replay the same tangents in the same order
+            for i, (lin, _) in enumerate(chain):
+                if not self._perturbed(i):
+                    continue
+                for p in (lin.weight, lin.bias):
+                    if p is None or not p.requires_grad:
+                        continue
+                    if direct:
+                        p.grad.mul_(c[0])
+                    else:
+                        v = self._sample_(scratch[(K, *p.shape)])
+                        p.grad = torch.tensordot(c.to(p.dtype), v, dims=1)
+        if self.exact_readout:
+            self._readout_grads(chain[-1][0], h_last, e)
+        return loss, logits.clone()
+
+    def _step_generic(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        K = self.K
+        readout = self._readout_module()
+        skip = {id(p) for p in readout.parameters()} if readout is not None else set()
+        named = dict(self.model.named_parameters())
+        pert = {n: p.detach() for n, p in named.items() if p.requires_grad and id(p) not in skip}
+        tang = {n: self._sample_(torch.empty((K, *p.shape), device=p.device, dtype=p.dtype)) for n, p in pert.items()}
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            captured["in"], captured["out"] = inp[0].detach(), out.detach()
+
+        handle = readout.register_forward_hook(grab) if readout is not None else None
+        try:
+            logits = self.model(x)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if readout is not None and not torch.equal(captured["out"], logits):
+            raise UsageError(
+                "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
+            )
+        loss, e = _loss_grad(self, logits, y)
+
+        # Batch-norm running statistics were updated by the primal pass above; inside the transform they are
+        # hidden (None -> batch statistics, no in-place update of a captured tensor), as in the primal.
+        stats = {
+            n: None
+            for n, _ in self.model.named_buffers()
+            if self.model.training and n.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+        }
+
+        def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(self.model, {**p, **stats}, (x,))
+
+        def tangent_out(t: dict[str, torch.Tensor]) -> torch.Tensor:
+            return jvp(f, (pert,), (t,))[1]
+
+        ydot = vmap(tangent_out, randomness="same")(tang)  # [K, B, C]: the K tangents batched, not looped
+        d = torch.einsum("kbc,bc->k", ydot, e)
+        self.group.weighted_mean_([d], x.shape[0])  # data-parallel: the K numbers are all that ranks exchange
+        G = T.gram(list(tang.values())) if self.aggregation == "orthogonal" else None
+        c = T.coefficients(d, self.aggregation, G, sum(p.numel() for p in pert.values()))
+        for n, v in tang.items():
+            named[n].grad = torch.tensordot(c.to(v.dtype), v, dims=1)
+        if readout is not None:
+            self._readout_grads(readout, captured["in"].reshape(-1, readout.in_features), e)
+        return loss, logits.detach()
+
+
+@METHODS.register(
+    "fg-a",
+    "forward gradient, activity perturbation: per-example tangents on pre-activations, local weight grads",
+    options={
+        **_COMMON,
+        "recompute": Option(
+            False, "regenerate activity tangents in a second forward pass instead of storing (flat memory)"
+        ),
+    },
+    paper="Ren et al. 2022 (arXiv 2210.03310); Flügel et al. 2024 (arXiv 2410.17764)",
+)
+class ForwardGradientActivity(_ForwardGradient):
+    def __init__(self, model: nn.Module, seed: int = 0, recompute: bool = False, **options: Any):
+        super().__init__(model, seed=seed, recompute=recompute, **options)
+        self.recompute = recompute
+
+    def _local_grads(self, lin: nn.Linear, h_in: torch.Tensor, um: torch.Tensor, c: torch.Tensor) -> None:
+        """Weight gradient from the pre-activation estimate sum_k c_kn um_kn and the layer's own input."""
+        gz = torch.einsum("kb,kbo->bo", c.to(um.dtype), um)
+        _set_grad(lin.weight, gz.T @ h_in)
+        if lin.bias is not None:
+            _set_grad(lin.bias, gz.sum(0))
+
+    def _step_chain(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        K, chain = self.K, self.chain
+        h = x.reshape(x.shape[0], -1)
+        B = h.shape[0]
+        orth = self.aggregation == "orthogonal"
+        G = torch.zeros(B, K, K, dtype=torch.float64, device=x.device) if orth else None
+        dim = 0
+        saved: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []  # (layer, input, masked tangents)
+        H = h.unsqueeze(0)
+        h_last = h
+        for i, (lin, act) in enumerate(chain):
+            W, b = lin.weight, lin.bias
+            if i == len(chain) - 1:
+                h_last = H[0]
+            perturb = self._perturbed(i)
+            u = None
+            if H.shape[0] == 1:  # no tangent yet: primal matmul only, the tangents are just u
+                Z = torch.empty(K + 1 if perturb else 1, B, W.shape[0], device=h.device, dtype=h.dtype)
+                torch.matmul(H[0], W.T, out=Z[0])
+                if perturb:
+                    u = self._sample_(Z[1:])
+            else:
+                Z = F.linear(H, W)  # primal and all K tangents: one matmul
+                if perturb:
+                    u = self._sample_(torch.empty_like(Z[1:]))
+                    Z[1:].add_(u)
+            if b is not None:
+                Z[0].add_(b)
+            if u is not None and u.data_ptr() == Z[1:].data_ptr():
+                mask = _activate_(Z, act)
+                um = Z[1:]  # first perturbed layer: the masked tangent is the tangent buffer itself
+                if not self.recompute:
+                    um = um.clone()
+            else:
+                mask = _activate_(Z, act)
+                um = None if u is None else (u if mask is None else u.mul_(mask))
+            if um is not None:
+                if orth:
+                    G += T.gram(um, per_example=True)
+                    dim += um.shape[-1]
+                if not self.recompute:
+                    saved.append((lin, H[0].clone() if H.shape[0] > 1 else H[0], um))
+            H = Z
+        logits = H[0]
+        loss, e = _loss_grad(self, logits, y)
+        if H.shape[0] > 1:
+            d = torch.einsum("kbc,bc->kb", H[1:], e)  # per-example directional derivatives
+            c = T.coefficients(d, self.aggregation, G, dim)
+            if self.recompute:
+                self._recompute_grads(h, c)
+            else:
+                for lin, h_in, um in saved:
+                    self._local_grads(lin, h_in, um, c)
+        if self.exact_readout:
+            self._readout_grads(chain[-1][0], h_last, e)
+        return loss, logits.clone()
+
+    def _recompute_grads(self, h: torch.Tensor, c: torch.Tensor) -> None:
+        """Second primal pass: regenerate each layer's tangents from the seed, form its gradient, drop it."""
+        self._scratch.manual_seed(self._seed)
+        K, B = self.K, h.shape[0]
+        for i, (lin, act) in enumerate(self.chain):
+            if not self._perturbed(i):
+                break
+            Z = F.linear(h, lin.weight, lin.bias).unsqueeze(0)
+            mask = _activate_(Z, act)
+            u = self._sample_(torch.empty(K, B, Z.shape[-1], device=h.device, dtype=h.dtype))
+            self._local_grads(lin, h, u if mask is None else u.mul_(mask), c)
+            h = Z[0]
+
+    def _new_step(self) -> int:
+        seed = super()._new_step()
+        if self.group.rank:
+            # Data-parallel: per-example tangents must be independent across ranks too (rank r's example i must
+            # not reuse rank 0's tangents for its example i), so each rank offsets the shared per-step seed.
+            seed = (seed + self.group.rank * 0x9E3779B97F4A7C15) % 2**63
+            self._scratch.manual_seed(seed)
+        self._seed = seed
+        return seed
+
+    def _step_generic(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        K = self.K
+        B = x.shape[0]
+        if (
+            K > 1
+            and self.model.training
+            and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        ):
+            raise UsageError(
+                "fg-a with --tangents > 1 cannot run batch norm in training mode (the K tangent copies of the "
+                "batch would share batch statistics); use --tangents 1"
+            )
+        readout = self._readout_module()
+        records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # (module, input, tangents [K,B,..])
+        readout_io: dict[str, torch.Tensor] = {}
+
+        def inject(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
+            primal_in = fwad.unpack_dual(inp[0]).primal[:B]
+            if mod is readout:
+                readout_io["in"] = primal_in.detach()
+                readout_io["out"] = fwad.unpack_dual(out).primal[:B].detach()
+                return None
+            u = self._sample_(torch.empty(out.shape, device=out.device, dtype=out.dtype))
+            records.append((mod, primal_in.detach(), u.view(K, B, *out.shape[1:])))
+            return out + fwad.make_dual(torch.zeros_like(u), u)
+
+        mods = [m for m in self.model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        handles = [m.register_forward_hook(inject) for m in mods]
+        try:
+            with fwad.dual_level():
+                # The K tangents travel as K copies of the batch: per-example, per-copy independent noise.
+                out = self.model(x.repeat(K, *([1] * (x.dim() - 1))))
+                primal, tangent = fwad.unpack_dual(out)
+                logits = primal[:B].detach().clone()
+                ydot = (torch.zeros_like(primal) if tangent is None else tangent).view(K, B, -1)
+        finally:
+            for hd in handles:
+                hd.remove()
+        if readout is not None and not torch.equal(readout_io.get("out", logits[:0]), logits):
+            raise UsageError(
+                "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
+            )
+        loss, e = _loss_grad(self, logits, y)
+        d = torch.einsum("kbc,bc->kb", ydot, e.reshape(B, -1))
+        tangents = [u for _, _, u in records]
+        G = T.gram(tangents, per_example=True) if self.aggregation == "orthogonal" and tangents else None
+        c = T.coefficients(d, self.aggregation, G, T.dimension(tangents, per_example=True) if tangents else 1)
+        for mod, inp, u in records:
+            gz = torch.einsum("kb,kb...->b...", c.to(u.dtype), u)
+            params = [p for p in mod.parameters(recurse=False) if p.requires_grad]
+            with torch.enable_grad():  # a vector-Jacobian product through this one module only
+                grads = torch.autograd.grad(mod(inp), params, gz)
+            for p, g in zip(params, grads):
+                p.grad = g if p.grad is None else p.grad + g
+        if readout is not None:
+            self._readout_grads(readout, readout_io["in"].reshape(-1, readout.in_features), e)
+        return loss, logits

@@ -1,0 +1,437 @@
+"""Local greedy learning on LocalMixer (Ren, Kornblith, Liao, Hinton 2022): l-bp, lg-bp, lg-fg-w, lg-fg-a.
+
+Every block is trained only by its own head's loss (its input is stop-gradient); the readout is trained on the
+stopped features of the last block. Heads and readout always take their exact gradients.
+
+The "LG" objective replicates each block's loss for every (patch p, group g) (`bpfree.losses.grid`). Its
+gradient, as the forward-gradient methods define it: at every perturbed activity a_l of the block (post-LN,
+pre-ReLU of each unit), copy (p, g) is credited only at its own slice a_l[b, p, group g]:
+
+    delta a_l[b, p, g] = (1/B) * dL_{b,p,g} / d a_l[b, p, group g]       (sum over copies, mean over batch)
+
+and the weight gradient is delta a_l pushed back through that unit's LN and linear only. This is what LG-FG-A
+estimates without bias and what `lg-bp` computes exactly. Wherever the path from a_l to the block output keeps
+patches and groups apart (block 0, the last two units of later blocks) it equals the ordinary block-local
+gradient; it differs only at the token-mixing unit of blocks >= 1, whose signal would otherwise cross groups
+through the channel-mixing linear. `l-bp` is the ordinary block-local gradient.
+
+Forward gradients (lg-fg-a, lg-fg-w) are computed for real in forward mode (hand-written tangent propagation
+through the block, see `_tangent_pass`), never derived from a backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bpfree import tangents as T
+from bpfree.errors import UsageError
+from bpfree.losses import LossGrid, augment, local_loss_grid, nt_xent
+from bpfree.methods import METHODS
+from bpfree.methods.base import Estimator, StepResult
+from bpfree.models.localmixer import (
+    LocalMixer,
+    MixerBlock,
+    Unit,
+    layer_norm,
+    layer_norm_linear,
+    layer_norm_stats,
+)
+from bpfree.registry import Option
+
+PAPER = "Ren, Kornblith, Liao, Hinton 2022 (arXiv 2210.03310)"
+
+COMMON_OPTIONS = {
+    "objective": Option(
+        "supervised",
+        "local loss: cross-entropy, or contrastive (two views, NT-Xent)",
+        choices=("supervised", "contrastive"),
+    ),
+    "temperature": Option(0.5, "NT-Xent temperature (contrastive objective)"),
+}
+FG_OPTIONS = {
+    **COMMON_OPTIONS,
+    "tangents": Option(1, "tangents K per step (drawn per example for activity perturbation)"),
+    "aggregation": Option(
+        "mean", "combine the K directional derivatives: sum, mean, orthogonal (projection)", choices=T.AGGREGATIONS
+    ),
+    "tangent_dist": Option("rademacher", "tangent entries: rademacher (+-1) or normal", choices=T.DISTS),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact local gradients
+
+
+class _GroupDiagonalLink(torch.autograd.Function):
+    """a1 = LN(W1 · LN(ReLU(a0)) + b1) (per token, LN over all channels), the path from a block's token-mixing
+    activity a0 to its channel-mixing activity a1.
+
+    Forward and the W1/b1 gradients are ordinary. The gradient to a0 is the LG one: the signal from group g of
+    a1 is credited only to group g of a0 (the diagonal blocks of the group-to-group Jacobian), computed in closed
+    form with one full and one grouped matmul instead of G backward passes.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, groups: int) -> torch.Tensor:
+        t1, r_t = layer_norm_stats(F.relu(a0))
+        u1 = t1 @ w1.T  # W1 t1 (no bias)
+        a1, r_s = layer_norm_stats(u1 + b1)
+        ctx.groups = groups
+        ctx.save_for_backward(a0, w1, t1, r_t, u1, a1, r_s)
+        return a1
+
+    @staticmethod
+    def backward(ctx: Any, grad_a1: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        a0, w1, t1, r_t, u1, a1, r_s = ctx.saved_tensors
+        groups = ctx.groups
+        c = a1.shape[-1]
+        r_s, r_t = r_s.squeeze(-1), r_t.squeeze(-1)  # [B, P, 1]
+        grad_s1 = layer_norm_linear(a1, r_s.unsqueeze(-1), grad_a1)
+        grad_w1 = grad_s1.flatten(0, -2).T @ t1.flatten(0, -2)
+        grad_b1 = grad_s1.flatten(0, -2).sum(0)
+        # Group g's share v_g = grad_a1 masked to group g; through LN(s1): r_s (v_g - alpha_g - beta_g a1);
+        # through W1^T, then LN(h0)^T, keeping only group g of the result.
+        dg = grad_a1.unflatten(-1, (groups, -1))  # [B, P, G, c]
+        alpha = dg.sum(-1) / c  # [B, P, G]
+        beta = (dg * a1.unflatten(-1, (groups, -1))).sum(-1) / c
+        wg = w1.unflatten(0, (groups, -1)).unflatten(-1, (groups, -1))  # [G_out, c_out, G_in, c_in]
+        w_diag = torch.diagonal(wg, dim1=0, dim2=2).permute(2, 0, 1)  # [G, c_out, c_in]
+        colsum, rowsum = w1.sum(0), w1.sum(1)
+        a1w = a1 @ w1  # [B, P, C]
+        # v_t^(g) restricted to group g, and the two per-token means over all channels that LN(h0)^T needs.
+        vt_g = torch.einsum("bpgo,goi->bpgi", dg, w_diag)
+        vt_g = (
+            vt_g
+            - alpha[..., None] * colsum.unflatten(-1, (groups, -1))
+            - beta[..., None] * a1w.unflatten(-1, (groups, -1))
+        )
+        vt_g = vt_g * r_s[..., None]
+        mean_vt = (
+            (dg * rowsum.unflatten(-1, (groups, -1))).sum(-1)
+            - alpha * colsum.sum()
+            - beta * (a1 * rowsum).sum(-1, keepdim=True)
+        )
+        mean_vt = mean_vt * r_s / c
+        mean_vtt = (
+            (dg * u1.unflatten(-1, (groups, -1))).sum(-1)
+            - alpha * u1.sum(-1, keepdim=True)
+            - beta * (a1 * u1).sum(-1, keepdim=True)
+        )
+        mean_vtt = mean_vtt * r_s / c
+        t1g = t1.unflatten(-1, (groups, -1))
+        grad_h0 = r_t[..., None] * (vt_g - mean_vt[..., None] - t1g * mean_vtt[..., None])
+        grad_a0 = grad_h0.flatten(-2) * (a0 > 0)
+        return grad_a0, grad_w1, grad_b1, None
+
+
+def lg_block_forward(block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's forward whose autograd backward gives the LG gradient (see the module docstring)."""
+    if block.token_mix is None:  # nothing crosses patches or groups after the first unit: ordinary forward
+        return block(x)
+    a0 = layer_norm(block.mix_tokens(layer_norm(x)))
+    a1 = _GroupDiagonalLink.apply(a0, block.channel.weight, block.channel.bias, block.groups)
+    a = layer_norm(block.grouped(layer_norm(F.relu(a1), block.groups)), block.groups)
+    return F.relu(a + x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward-mode machinery on a traced block
+
+
+def _linear_tangent(block: MixerBlock, kind: str, t_dot: torch.Tensor) -> torch.Tensor:
+    """The unit's linear map (no bias) applied to a tangent [..., B, P, in]."""
+    if kind == "token":
+        assert block.token_mix is not None
+        return torch.matmul(block.token_mix.weight, t_dot)
+    if kind == "channel":
+        return t_dot @ block.channel.weight.T
+    return torch.einsum("...gi,goi->...go", t_dot.unflatten(-1, (block.groups, -1)), block.group_weight).flatten(-2)
+
+
+def _unit_params(block: MixerBlock, kind: str) -> tuple[nn.Parameter, nn.Parameter]:
+    if kind == "token":
+        assert block.token_mix is not None
+        return block.token_mix.weight, block.token_mix.bias
+    if kind == "channel":
+        return block.channel.weight, block.channel.bias
+    return block.group_weight, block.group_bias
+
+
+def _weight_grads(block: MixerBlock, unit: Unit, grad_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Push a gradient at the unit's post-LN activity back through that LN and linear only -> (dW, db)."""
+    grad_s = unit.ln.apply(grad_a)
+    if unit.kind == "token":
+        return torch.einsum("bpc,bqc->pq", grad_s, unit.inp), grad_s.sum((0, 2))
+    if unit.kind == "channel":
+        return grad_s.flatten(0, 1).T @ unit.inp.flatten(0, 1), grad_s.sum((0, 1))
+    gs, gi = grad_s.unflatten(-1, (block.groups, -1)), unit.inp.unflatten(-1, (block.groups, -1))
+    return torch.einsum("bpgo,bpgi->goi", gs, gi), grad_s.sum((0, 1))
+
+
+def _tangent_pass(
+    block: MixerBlock,
+    units: list[Unit],
+    activity_noise: list[torch.Tensor] | None = None,
+    weight_noise: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """Forward-mode derivative of the block output [K, B, P, C] along K tangents.
+
+    activity_noise[l] [K, B, P, C] is noise u added to unit l's post-LN activity (FG-A), given already multiplied
+    by the unit's ReLU derivative (the only way it enters); weight_noise[l] = (dW [K, ...],
+    db [K, ...]) perturbs unit l's parameters (FG-W). The block input is stop-gradient, so its tangent is zero.
+    Hand-written (linear maps, LN and ReLU Jacobians) because every piece is already cached by `trace`.
+    """
+    t_dot: torch.Tensor | None = None
+    h_dot = torch.zeros(())
+    for i, unit in enumerate(units):
+        s_dot = None if t_dot is None else _linear_tangent(block, unit.kind, t_dot)
+        if weight_noise is not None:
+            dw, db = weight_noise[i]
+            if unit.kind == "token":
+                extra = torch.matmul(dw[:, None], unit.inp) + db[:, None, :, None]
+            elif unit.kind == "channel":
+                extra = torch.einsum("bpi,koi->kbpo", unit.inp, dw) + db[:, None, None, :]
+            else:
+                gi = unit.inp.unflatten(-1, (block.groups, -1))
+                extra = torch.einsum("bpgi,kgoi->kbpgo", gi, dw).flatten(-2) + db[:, None, None, :]
+            s_dot = extra if s_dot is None else s_dot + extra
+        if activity_noise is None:
+            assert s_dot is not None
+            h_dot = unit.ln.apply(s_dot) * unit.live
+        elif s_dot is None:
+            h_dot = activity_noise[i]
+        else:  # (LN'(s) s_dot + u) * relu' with u * relu' precomputed: one fused pass
+            h_dot = torch.addcmul(activity_noise[i], unit.ln.apply(s_dot), unit.live)
+        if unit.nxt is not None:
+            t_dot = unit.nxt.apply(h_dot)
+    return h_dot
+
+
+def combine_coefficients(
+    d: torch.Tensor, aggregation: str, gram: torch.Tensor | None = None, dim: int | None = None
+) -> torch.Tensor:
+    """Coefficients c [K, ...] with estimate = sum_k c_k v_k from directional derivatives d [K, ...].
+
+    Uses `bpfree.tangents` (sum: c = d, mean: d / K, orthogonal: the Gram pseudo-inverse applied to d). The
+    grid adds trailing (patch, group) dims to d: for one Gram [K, K] (weight tangents) they broadcast; for one
+    Gram per example [B, K, K] (activity tangents) the pseudo-inverse is formed once per example, column by
+    column through `tangents.solve_projection`, and applied to all copies of that example.
+    """
+    if aggregation != "orthogonal" or gram is None:
+        return T.coefficients(d, aggregation)
+    k = d.shape[0]
+    if gram.dim() == 2:
+        return T.solve_projection(gram, d.reshape(k, -1), dim).reshape(d.shape)
+    b = gram.shape[0]
+    eye = torch.eye(k, dtype=torch.float64, device=d.device)
+    pinv = torch.stack([T.solve_projection(gram, eye[j][:, None].expand(k, b), dim) for j in range(k)], -1)
+    return torch.einsum("kbj,jb...->kb...", pinv.to(d.dtype), d)  # pinv [K(row), B, K(col)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Estimators
+
+
+class LocalEstimator(Estimator):
+    """Shared step: views, per-block local training (subclass hook), exact head and readout gradients."""
+
+    options = COMMON_OPTIONS
+    grid = False  # whether the block loss is the patch x group grid
+
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        if not isinstance(model, LocalMixer):
+            raise UsageError(f"this method needs a localmixer-* model, got {type(model).__name__}")
+        self.objective = options.get("objective", "supervised")
+        self.temperature = float(options.get("temperature", 0.5))
+        if self.objective == "contrastive" and model.head_dim == model.num_classes:
+            raise UsageError("--objective contrastive needs projection heads: build the model with --head-dim 128")
+
+    # -- local loss of block i on pooled features: per-example losses
+    def local_loss_fn(self, i: int, y: torch.Tensor):  # noqa: ANN201 - returns a closure
+        model = self.model
+        assert isinstance(model, LocalMixer)
+        if self.objective == "contrastive":
+            return lambda pooled: nt_xent(model.head(i, pooled), self.temperature)
+        return lambda pooled: F.cross_entropy(model.head(i, pooled), y, reduction="none")
+
+    def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Set the grads of block i and its head from input x (stop-gradient); return (output, local loss)."""
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        model = self.model
+        assert isinstance(model, LocalMixer)
+        if self.objective == "contrastive":
+            pad = max(1, x.shape[-1] // 8)  # 4 px on 32-px CIFAR (the usual crop); a 4-px shift would wreck 8-px digits
+            x = torch.cat([augment(x, self.generator, pad), augment(x, self.generator, pad)])
+            y = torch.cat([y, y])
+        h = model.tokens(x)
+        extra = {}
+        for i, block in enumerate(model.blocks):
+            h, loss_i = self.train_block(i, block, h.detach(), y)
+            extra[f"local_loss_{i}"] = loss_i
+        # Readout (a linear probe under --objective contrastive) on the stopped features, exact gradient.
+        feats = model.pooled(h.detach())
+        with torch.enable_grad():
+            logits = model.classify(feats)
+            loss = F.cross_entropy(logits, y)
+            gw, gb = torch.autograd.grad(loss, [model.readout.weight, model.readout.bias])
+        model.readout.weight.grad, model.readout.bias.grad = gw, gb
+        n = logits.shape[0] // 2 if self.objective == "contrastive" else logits.shape[0]
+        return StepResult(loss.detach(), logits[:n].detach(), extra)
+
+    def _head_params(self, i: int) -> list[nn.Parameter]:
+        model = self.model
+        assert isinstance(model, LocalMixer)
+        return [model.heads[i].weight, model.heads[i].bias]
+
+    def _set(self, params: list[nn.Parameter], grads: list[torch.Tensor | None]) -> None:
+        for p, g in zip(params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g.detach()
+
+
+@METHODS.register(
+    "l-bp",
+    "block-wise local losses, backprop inside each block, stop-gradient between blocks",
+    options=COMMON_OPTIONS,
+    paper=PAPER,
+)
+class LocalBP(LocalEstimator):
+    def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        params = list(block.parameters()) + self._head_params(i)
+        with torch.enable_grad():
+            out = self.block_forward(block, x)
+            per = self.local_loss_fn(i, y)(self.model.pooled(out))  # type: ignore[operator]
+            loss = per.mean()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        self._set(params, list(grads))
+        return out.detach(), float(loss.detach())
+
+    def block_forward(self, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
+        return block(x)
+
+
+@METHODS.register(
+    "lg-bp",
+    "backprop of block + patch + group local losses (the exact LG gradient)",
+    options=COMMON_OPTIONS,
+    paper=PAPER,
+)
+class LocalGroupBP(LocalBP):
+    """The grid's summed gradient at the block output equals the pooled loss's (each copy reaches only its own
+    slice, with the pooled slope), so the difference from l-bp is inside the block: `lg_block_forward`."""
+
+    def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        params = list(block.parameters())
+        with torch.enable_grad():
+            out = lg_block_forward(block, x)
+            grid = local_loss_grid(out, block.groups, self.local_loss_fn(i, y))
+            values = grid.values(out)  # [B, P, G]
+            loss = grid.per_example.mean()
+            # sum over copies, mean over the batch (the scale of the ordinary local loss at the block output)
+            block_grads = torch.autograd.grad(values.sum((1, 2)).mean(), params, retain_graph=True, allow_unused=True)
+            head_grads = torch.autograd.grad(loss, self._head_params(i))
+        self._set(params, list(block_grads))
+        self._set(self._head_params(i), list(head_grads))
+        return out.detach(), float(loss.detach())
+
+
+class LocalForwardGradient(LocalEstimator):
+    """Shared part of lg-fg-a / lg-fg-w: trace, exact head gradients, the grid's directional derivatives."""
+
+    options = FG_OPTIONS
+
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        self.tangents = int(options.get("tangents", 1))
+        self.aggregation = options.get("aggregation", "mean")
+        self.dist = options.get("tangent_dist", "rademacher")
+        T.check_options(self.tangents, self.aggregation, self.dist)
+
+    def head_step(self, i: int, out: torch.Tensor, y: torch.Tensor) -> tuple[LossGrid, float]:
+        grid = local_loss_grid(out, self.model.blocks[i].groups, self.local_loss_fn(i, y))
+        with torch.enable_grad():
+            loss = grid.per_example.mean()
+            self._set(self._head_params(i), list(torch.autograd.grad(loss, self._head_params(i))))
+        return grid, float(loss.detach())
+
+    def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return T.sample(shape, self.dist, self.generator, device=like.device, dtype=like.dtype)
+
+
+@METHODS.register(
+    "lg-fg-a",
+    "forward gradient, activity perturbation, against the block+patch+group loss grid",
+    options=FG_OPTIONS,
+    paper=PAPER,
+)
+class LocalFGActivity(LocalForwardGradient):
+    """Noise u (Rademacher by default, or N(0, I); independent per example, token and unit) on every unit's
+    post-LN pre-ReLU activity, one forward-mode pass per block; copy (p, g)'s directional derivative d[b,p,g]
+    scales u's slice [b, p, group g] at every unit (all units of a block share it); the estimate is masked by
+    the ReLU derivative and passed back through that unit's LN and linear only."""
+
+    def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        out, units = block.trace(x)
+        grid, loss = self.head_step(i, out, y)
+        k, g = self.tangents, block.groups
+        noise = [self.sample((k, *u.live.shape), u.live) for u in units]
+        with torch.no_grad():
+            # the Gram matrix (orthogonal aggregation) is of the tangents as drawn, before the ReLU mask
+            gram = T.gram(noise, per_example=True) if self.aggregation == "orthogonal" else None
+            dim = T.dimension(noise, per_example=True)
+            masked = [u.mul_(unit.live) for u, unit in zip(noise, units)]
+            d = grid.directional(_tangent_pass(block, units, activity_noise=masked))  # [K, B, P, G]
+            d = d / x.shape[0]  # objective: mean over the batch of the sum over copies
+            c = combine_coefficients(d, self.aggregation, gram, dim).unsqueeze(-1)  # [K, B, P, G, 1]
+            for unit, u in zip(units, masked):
+                ug = u.unflatten(-1, (g, -1))  # masked by the ReLU derivative, as the estimate should be
+                est = (c[0] * ug[0] if k == 1 else (c * ug).sum(0)).flatten(-2)
+                dw, db = _weight_grads(block, unit, est)
+                w, b = _unit_params(block, unit.kind)
+                w.grad, b.grad = dw, db
+        return out, loss
+
+
+@METHODS.register(
+    "lg-fg-w",
+    "forward gradient, weight perturbation, against the block+patch+group loss grid",
+    options=FG_OPTIONS,
+    paper=PAPER,
+)
+class LocalFGWeight(LocalForwardGradient):
+    """Weight tangents v (shared by the batch); copy (p, g)'s directional derivative scales the slice of v it
+    owns: rows of group g for channel and grouped linears, row p of the token-mixing linear."""
+
+    def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        out, units = block.trace(x)
+        grid, loss = self.head_step(i, out, y)
+        k, g = self.tangents, block.groups
+        noise = []
+        for unit in units:
+            w, b = _unit_params(block, unit.kind)
+            noise.append((self.sample((k, *w.shape), w), self.sample((k, *b.shape), b)))
+        with torch.no_grad():
+            d = grid.directional(_tangent_pass(block, units, weight_noise=noise)) / x.shape[0]  # [K, B, P, G]
+            flat = [t for pair in noise for t in pair]
+            gram = T.gram(flat) if self.aggregation == "orthogonal" else None
+            c = combine_coefficients(d, self.aggregation, gram, T.dimension(flat))
+            for unit, (dw, db) in zip(units, noise):
+                w, b = _unit_params(block, unit.kind)
+                if unit.kind == "token":
+                    coef = c.sum((1, 3))  # [K, P]: row p belongs to the copies of patch p
+                    w.grad = torch.einsum("kp,kpq->pq", coef, dw)
+                    b.grad = (coef * db).sum(0)
+                else:
+                    coef = c.sum((1, 2))  # [K, G]: group g's rows belong to the copies of group g
+                    if unit.kind == "channel":
+                        w.grad = (coef.repeat_interleave(w.shape[0] // g, dim=1)[..., None] * dw).sum(0)
+                    else:
+                        w.grad = torch.einsum("kg,kgoi->goi", coef, dw)
+                    b.grad = (coef.repeat_interleave(b.shape[0] // g, dim=1) * db).sum(0)
+        return out, loss

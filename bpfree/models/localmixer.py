@@ -1,0 +1,308 @@
+"""LocalMixer (Ren, Kornblith, Liao, Hinton 2022, "Scaling Forward Gradient With Local Losses", Table 2).
+
+An MLP-Mixer-like network over non-overlapping patches, each patch flattened to one token, built so that many
+small local losses can be attached: every block has its own head, and channels are split into groups.
+
+- Block 0 (no token mixing, no residual): LN -> Linear(token_in -> C) -> LN -> ReLU -> groups -> LN ->
+  grouped Linear (C/G -> C/G) -> LN -> ReLU.
+- Blocks >= 1: LN -> token-mixing Linear across the P patches -> LN -> ReLU -> LN -> Linear(C -> C) -> LN -> ReLU
+  -> groups -> LN -> grouped Linear -> LN -> + block input -> ReLU.
+- LayerNorms have no affine parameters (per token over channels; per group where grouped).
+- Local head per block: average-pool over patches -> LN -> Linear (to classes, or to a projection for the
+  contrastive objective). Readout: average-pool -> LN -> Linear on the last block's features.
+
+`forward(x)` returns the readout logits with the gradient flowing through every block, so `bp` trains the
+network end to end as an ordinary model (the local heads take no part and get zero gradient). The stop-gradient
+in front of the readout is applied by the local methods (`bpfree.methods.local`), which train the readout on
+detached features. `features(x)` gives every block's output, `trace` the cached intermediates that the
+forward-gradient methods need.
+
+Each block has three "units" (linear -> LN -> [+residual] -> ReLU); the forward-gradient methods perturb the
+post-LN, pre-ReLU activity of every unit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bpfree.errors import UsageError
+from bpfree.models import MODELS
+from bpfree.registry import Option
+
+EPS = 1e-5
+
+
+def layer_norm(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Non-affine LayerNorm over the last dim, separately per group of channels when groups > 1."""
+    if groups == 1:
+        return F.layer_norm(x, x.shape[-1:], eps=EPS)
+    g = x.unflatten(-1, (groups, -1))
+    return F.layer_norm(g, g.shape[-1:], eps=EPS).flatten(-2)
+
+
+def layer_norm_stats(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-affine LayerNorm returning (y, rstd); y has the shape of x, rstd is [..., groups, 1]."""
+    g = x.unflatten(-1, (groups, -1))
+    y, _, rstd = torch.native_layer_norm(g, g.shape[-1:], None, None, EPS)
+    return y.flatten(-2), rstd
+
+
+def layer_norm_linear(y: torch.Tensor, rstd: torch.Tensor, v: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """The LayerNorm Jacobian applied to v (it is symmetric, so this is both the JVP and the VJP).
+
+    y is the LN output and rstd its 1/std; v may carry extra leading dims (several tangents).
+    """
+    vg = v.unflatten(-1, (groups, -1))
+    yg = y.unflatten(-1, (groups, -1))
+    out = rstd * (vg - vg.mean(-1, keepdim=True) - yg * (vg * yg).mean(-1, keepdim=True))
+    return out.flatten(-2)
+
+
+def _init_(weight: torch.Tensor, fan_in: int) -> None:
+    # The paper's code: N(0, sigma^2) with sigma = min(2 / sqrt(fan_in), 0.1).
+    with torch.no_grad():
+        weight.normal_(0.0, min(2.0 / math.sqrt(fan_in), 0.1))
+
+
+@dataclass
+class LNCache:
+    """What one non-affine LayerNorm needs to apply its Jacobian: input x, per-(group) mean and 1/std."""
+
+    x: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    groups: int
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """J v for v [..., *x.shape] (J is symmetric, so this is both the JVP and the VJP).
+
+        Uses ATen's fused LayerNorm-backward kernel: 5x faster than the same formula in separate torch ops
+        (30 ms vs 149 ms for [128, 64, 512] on this CPU, one thread).
+        """
+        c = self.x.shape[-1] // self.groups
+        xg = self.x.unflatten(-1, (self.groups, c))
+        mean, rstd = self.mean, self.rstd
+        lead = v.dim() - self.x.dim()
+        if lead and v.shape[:lead].numel() == 1:  # one tangent: no copies
+            return self.apply(v.reshape(self.x.shape)).reshape(v.shape)
+        if lead:  # several tangents: fold them into the batch
+            k = v.shape[:lead]
+            xg = xg.expand(*k, *xg.shape).flatten(0, lead)
+            mean = mean.expand(*k, *mean.shape).flatten(0, lead)
+            rstd = rstd.expand(*k, *rstd.shape).flatten(0, lead)
+            v = v.flatten(0, lead)
+        out = torch.ops.aten.native_layer_norm_backward(
+            v.unflatten(-1, (self.groups, c)), xg, [c], mean, rstd, None, None, [True, False, False]
+        )[0].flatten(-2)
+        return out.unflatten(0, (*k, -1)) if lead else out
+
+
+def layer_norm_cached(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, LNCache]:
+    """Non-affine LayerNorm (per group) without autograd, returning (y, cache for its Jacobian)."""
+    xg = x.unflatten(-1, (groups, -1))
+    y, mean, rstd = torch.native_layer_norm(xg, xg.shape[-1:], None, None, EPS)
+    return y.flatten(-2), LNCache(x, mean, rstd, groups)
+
+
+@dataclass
+class Unit:
+    """Cached intermediates of one linear -> LN -> [+residual] -> ReLU unit (what forward gradients need).
+
+    kind: "token" (mixes patches), "channel" (mixes all channels of a token) or "group" (grouped linear).
+    inp: the linear's input [B, P, in]; ln: its post-linear LN (whose output is the perturbed activity);
+    live: the ReLU derivative at the unit's output (float 0/1: sign of the ReLU output);
+    nxt: the LN feeding the next unit (None for the last unit).
+    """
+
+    kind: str
+    inp: torch.Tensor
+    ln: LNCache
+    live: torch.Tensor
+    nxt: LNCache | None = None
+
+
+class MixerBlock(nn.Module):
+    def __init__(self, in_dim: int, channels: int, groups: int, patches: int, token_mixing: bool):
+        super().__init__()
+        if channels % groups:
+            raise UsageError(f"channels ({channels}) must be divisible by groups ({groups})")
+        self.groups = groups
+        self.token_mix = nn.Linear(patches, patches) if token_mixing else None
+        self.channel = nn.Linear(in_dim, channels)
+        c = channels // groups
+        self.group_weight = nn.Parameter(torch.empty(groups, c, c))  # [G, out, in]
+        self.group_bias = nn.Parameter(torch.zeros(channels))
+        for lin in (self.token_mix, self.channel):
+            if lin is not None:
+                _init_(lin.weight, lin.in_features)
+                nn.init.zeros_(lin.bias)
+        _init_(self.group_weight, c)
+
+    def grouped(self, t: torch.Tensor) -> torch.Tensor:
+        g = t.unflatten(-1, (self.groups, -1))
+        return torch.einsum("...gi,goi->...go", g, self.group_weight).flatten(-2) + self.group_bias
+
+    def mix_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        assert self.token_mix is not None
+        return F.linear(t.transpose(-1, -2), self.token_mix.weight, self.token_mix.bias).transpose(-1, -2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.token_mix is not None:
+            h = F.relu(layer_norm(self.mix_tokens(layer_norm(x))))
+        h = F.relu(layer_norm(self.channel(layer_norm(h))))
+        a = layer_norm(self.grouped(layer_norm(h, self.groups)), self.groups)
+        return F.relu(a + x) if self.token_mix is not None else F.relu(a)
+
+    @torch.no_grad()
+    def trace(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Unit]]:
+        """The forward pass without autograd, keeping each unit's intermediates; returns (output, units)."""
+        units: list[Unit] = []
+        t, _ = layer_norm_cached(x)
+        if self.token_mix is not None:
+            a, ln = layer_norm_cached(self.mix_tokens(t))
+            h = F.relu(a)
+            nt, nxt = layer_norm_cached(h)
+            units.append(Unit("token", t, ln, torch.sign(h), nxt))
+            t = nt
+        a, ln = layer_norm_cached(self.channel(t))
+        h = F.relu(a)
+        nt, nxt = layer_norm_cached(h, self.groups)
+        units.append(Unit("channel", t, ln, torch.sign(h), nxt))
+        a, ln = layer_norm_cached(self.grouped(nt), self.groups)
+        out = F.relu(a + x if self.token_mix is not None else a)
+        units.append(Unit("group", nt, ln, torch.sign(out)))
+        return out, units
+
+
+class LocalMixer(nn.Module):
+    def __init__(
+        self,
+        num_classes: int,
+        input_shape: tuple[int, ...],
+        blocks: int,
+        grid: int,
+        channels: int,
+        groups: int,
+        head_dim: int = 0,
+    ):
+        super().__init__()
+        if len(input_shape) != 3:
+            raise UsageError(f"localmixer needs image inputs (C, H, W), got shape {input_shape}")
+        cin, height, width = input_shape
+        if grid < 1 or height % grid or width % grid:
+            raise UsageError(f"--grid {grid} must divide the image size {height}x{width}")
+        if blocks < 1:
+            raise UsageError("--blocks must be >= 1")
+        self.grid, self.num_classes, self.channels, self.groups = grid, num_classes, channels, groups
+        self.patches = grid * grid
+        self.patch_h, self.patch_w = height // grid, width // grid
+        token_in = cin * self.patch_h * self.patch_w
+        self.head_dim = head_dim or num_classes
+        self.blocks = nn.ModuleList(
+            MixerBlock(token_in if i == 0 else channels, channels, groups, self.patches, token_mixing=i > 0)
+            for i in range(blocks)
+        )
+        self.heads = nn.ModuleList(nn.Linear(channels, self.head_dim) for _ in range(blocks))
+        for head in self.heads:
+            _init_(head.weight, channels)
+            nn.init.zeros_(head.bias)
+        self.readout = nn.Linear(channels, num_classes)
+        nn.init.zeros_(self.readout.weight)  # zero-initialised readout, as in the paper's code
+        nn.init.zeros_(self.readout.bias)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, P, C*ph*pw]: non-overlapping patches, each flattened to one token."""
+        b, c = x.shape[:2]
+        n, ph, pw = self.grid, self.patch_h, self.patch_w
+        return x.reshape(b, c, n, ph, n, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, n * n, c * ph * pw)
+
+    @staticmethod
+    def pooled(h: torch.Tensor) -> torch.Tensor:
+        return h.mean(-2)
+
+    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
+        """Local head i on pooled features [.., C]: LN -> Linear."""
+        return self.heads[i](layer_norm(pooled))
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The readout on pooled features: LN -> Linear."""
+        return self.readout(layer_norm(pooled))
+
+    def features(self, x: torch.Tensor, detach_between: bool = False) -> list[torch.Tensor]:
+        """Every block's output [B, P, C]; with detach_between the input of each block is stop-gradient."""
+        h = self.tokens(x)
+        out = []
+        for block in self.blocks:
+            h = block(h.detach() if detach_between else h)
+            out.append(h)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.pooled(self.features(x)[-1]))
+
+
+_OPTIONS = {
+    "blocks": Option(1, "number of mixer blocks"),
+    "grid": Option(1, "patch grid side: the image is cut into grid x grid patches, one token each"),
+    "channels": Option(512, "channels per token"),
+    "groups": Option(16, "channel groups (grouped linear, group-wise local losses)"),
+    "head_dim": Option(0, "local head output size (0 = classes; 128 for the contrastive projection)"),
+}
+
+
+def _register(name: str, description: str, blocks: int, grid: int, channels: int, groups: int) -> None:
+    defaults = {"blocks": blocks, "grid": grid, "channels": channels, "groups": groups}
+    options = {k: Option(defaults.get(k, o.default), o.help) for k, o in _OPTIONS.items()}
+
+    @MODELS.register(name, description, options=options)
+    def build(num_classes: int, input_shape: tuple[int, ...], **opts: int) -> LocalMixer:
+        return LocalMixer(num_classes, input_shape, **opts)
+
+
+# Paper Table 2 (parameter counts include the local heads and the readout):
+_register(
+    "localmixer-s1-1",
+    "LocalMixer S/1/1: 1 block, whole image one token, 256 ch, 1 group (272K on MNIST)",
+    1,
+    1,
+    256,
+    1,
+)
+_register(
+    "localmixer-m1-16",
+    "LocalMixer M/1/16: 1 block, whole image one token, 512 ch, 16 groups (429K on MNIST)",
+    1,
+    1,
+    512,
+    16,
+)
+_register(
+    "localmixer-m8-16",
+    "LocalMixer M/8/16: 4 blocks, 8x8 patches, 512 ch, 16 groups (919K on CIFAR-10)",
+    4,
+    8,
+    512,
+    16,
+)
+_register(
+    "localmixer-l8-64",
+    "LocalMixer L/8/64: 4 blocks, 8x8 patches, 2048 ch, 64 groups (13.1M on CIFAR-10)",
+    4,
+    8,
+    2048,
+    64,
+)
+_register(
+    "localmixer-l32-64",
+    "LocalMixer L/32/64: 4 blocks, 32x32 patches (7 px on 224-px input), 2048 ch, 64 groups",
+    4,
+    32,
+    2048,
+    64,
+)

@@ -1,0 +1,226 @@
+"""Data-parallel training on 2 local gloo ranks: same result as one process on the whole batch, rank-0-only files,
+bytes per step per method, a dead rank stops the others, and --resume (through `bpfree train --nproc 2`) continues.
+"""
+
+import gzip
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bpfree import methods, models
+from bpfree.cli import main
+from bpfree.data import load
+from bpfree.data.datasets import MNIST_FILES
+from bpfree.distributed import LOCAL, Group, strip_nproc
+from bpfree.train import TrainConfig, read_metrics, train
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("dist_worker.py")
+HIDDEN = (16,)
+# 200 examples in batches of 63: shards of 32 and 31 examples, and a last batch of 11 (6 + 5), so the
+# weighting of the ranks' averages by their shard sizes is exercised.
+BASE = dict(model="mlp", data="mnist", epochs=1, batch_size=63, train_size=200, seed=5, optimizer="adam",
+            lr=1e-2, model_options={"hidden": HIDDEN})
+RUNS = {
+    "bp": dict(method="bp"),
+    "fg-w": dict(method="fg-w", method_options={"tangents": 3, "aggregation": "orthogonal"}),
+    "fg-w-noreadout": dict(method="fg-w", method_options={"tangents": 2, "exact_readout": False}),
+    "fg-a": dict(method="fg-a", method_options={"tangents": 2}),
+    # A last batch of 1 example cannot be shared by 2 ranks: both drop it (instead of a NaN loss on an empty shard).
+    "bp-tail": dict(method="bp", train_size=201, batch_size=100),
+}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """The 8x8 digits stored as MNIST IDX files: the ranks load them without importing scikit-learn (seconds of
+    start-up per process on the two-core test machine)."""
+    root = tmp_path_factory.mktemp("data")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    digits = load("digits")
+    arrays = [digits.train_x[:256], digits.train_y[:256], digits.test_x[:120], digits.test_y[:120]]
+    for name, a in zip(MNIST_FILES, arrays):
+        if a.dim() > 1:  # back from the normalised floats to bytes
+            a = ((a[:, 0] * 0.4 + 0.3) * 255).round().clamp(0, 255)
+        a = a.to(torch.uint8).numpy()
+        with gzip.open(raw / name, "wb") as f:
+            f.write(struct.pack(">I", 2051 if a.ndim == 3 else 2049) + struct.pack(f">{a.ndim}I", *a.shape)
+                    + a.tobytes())
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    return {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+            "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def start_ranks(cmd: list[str], world: int = 2, **popen) -> list[subprocess.Popen]:
+    port = free_port()
+    return [subprocess.Popen(cmd, env=rank_env(r, world, port), **popen) for r in range(world)]
+
+
+def config(name: str, out: Path, root: Path) -> dict:
+    return {**BASE, **RUNS[name], "out": str(out / name), "data_root": str(root)}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory, data_root):
+    """All RUNS trained once on 2 ranks (one process group, one start-up)."""
+    out = tmp_path_factory.mktemp("dist")
+    procs = start_ranks([sys.executable, str(WORKER), json.dumps([config(n, out, data_root) for n in RUNS])],
+                        stderr=subprocess.PIPE, text=True)
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    return out
+
+
+@pytest.mark.parametrize("name", ["bp", "fg-w", "fg-w-noreadout"])
+def test_two_ranks_equal_one_process_on_the_whole_batch(two_rank_runs, data_root, tmp_path, name):
+    single = config(name, tmp_path, data_root)
+    train(TrainConfig(**single), show_progress=False)
+    one = torch.load(Path(single["out"]) / "checkpoint.pt", weights_only=True)["model"]
+    two = torch.load(two_rank_runs / name / "checkpoint.pt", weights_only=True)["model"]
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+    a = read_metrics(Path(single["out"]) / "metrics.jsonl")[0]
+    b = read_metrics(two_rank_runs / name / "metrics.jsonl")[0]
+    for key in ("train_loss", "train_error", "test_error", "test_loss"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_ranks_hold_identical_parameters_and_only_rank0_writes(two_rank_runs, name):
+    folder = two_rank_runs / name
+    r0, r1 = (torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+    written = sorted(p.name for p in folder.iterdir() if not p.name.startswith("rank"))
+    assert written == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    assert json.loads((folder / "config.json").read_text())["world_size"] == 2
+
+
+def test_last_batch_smaller_than_world_is_dropped(two_rank_runs):
+    record = read_metrics(two_rank_runs / "bp-tail" / "metrics.jsonl")[0]
+    assert record["train_loss"] == record["train_loss"]  # finite, not NaN
+    assert record["comm_bytes_per_step"] > 0
+
+
+def test_bad_input_found_by_rank0_stops_every_rank(two_rank_runs):
+    folder = two_rank_runs / "bp"  # the worker restarted this run without --resume
+    errors = [(folder / f"rank{r}.error").read_text() for r in (0, 1)]
+    assert errors[0] == errors[1] and "already holds a run" in errors[0]
+
+
+def test_weighted_mean_over_ranks(two_rank_runs):
+    for r in (0, 1):  # rank 0 weighs 3 (say 3 examples), rank 1 weighs 1; a big, a small and a half-big tensor
+        assert json.loads((two_rank_runs / "bp" / f"rank{r}.mean").read_text()) == [[1.25], [12.5], [-1.0]]
+
+
+def test_bytes_per_step_per_method(two_rank_runs):
+    params = models.count_parameters(models.build("mlp", 10, (1, 8, 8), hidden=HIDDEN))
+    readout = HIDDEN[-1] * 10 + 10
+    per_step = {n: read_metrics(two_rank_runs / n / "metrics.jsonl")[0]["comm_bytes_per_step"] for n in RUNS}
+    # Every all-reduce carries its float32 payload plus the rank's weight (its share of the batch).
+    assert per_step["bp"] == 4 * (params + 1)
+    assert per_step["fg-a"] == 4 * (params + 1)  # per-example tangents: the full gradient must be summed
+    assert per_step["fg-w"] == 4 * (3 + 1) + 4 * (readout + 1)  # K numbers + the exact readout's gradient
+    assert per_step["fg-w-noreadout"] == 4 * (2 + 1)  # K numbers only
+
+
+def test_strip_nproc():
+    assert strip_nproc(["train", "--nproc", "2", "--lr", "1", "--nproc=3"]) == ["train", "--lr", "1"]
+
+
+def test_dead_rank_stops_the_other_then_resume_continues(tmp_path, data_root):
+    out = tmp_path / "run"
+    args = ["train", "--data", "mnist", "--data-root", str(data_root), "--hidden", "16", "--batch-size", "64",
+            "--seed", "2", "--out", str(out)]
+    procs = start_ranks([sys.executable, "-m", "bpfree", *args, "--epochs", "100000", "--dist-timeout", "10"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while len(read_metrics(out / "metrics.jsonl")) < 2 and time.time() < deadline and procs[0].poll() is None:
+        time.sleep(0.05)
+    assert procs[0].poll() is None, procs[0].communicate()[1]
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    _, err = procs[0].communicate(timeout=30)  # bounded: gloo sees the closed connection (or --dist-timeout)
+    procs[1].wait()
+    assert procs[0].returncode == 4, err
+    assert time.time() - killed < 25
+    assert "bpfree: distributed:" in err and "Traceback" not in err
+    done = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    assert done >= 2
+
+    # Resume with the same number of ranks through the launcher; equals one uninterrupted single process.
+    total = done + 2
+    assert main([*args, "--epochs", str(total), "--resume", "--nproc", "2"]) == 0
+    resumed = read_metrics(out / "metrics.jsonl")
+    assert [r["epoch"] for r in resumed] == list(range(1, total + 1))
+    whole = train(TrainConfig(data="mnist", data_root=str(data_root), model_options={"hidden": HIDDEN}, batch_size=64,
+                              seed=2, epochs=total, out=str(tmp_path / "whole")), show_progress=False)
+    for a, b in zip(whole, resumed):
+        for key in ("train_loss", "test_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3), (a["epoch"], key)
+
+
+class RecordingGroup(Group):
+    """Rank `rank` of a pretend 2-rank group that records what would be all-reduced (no processes needed)."""
+
+    def __init__(self, rank: int = 0):
+        super().__init__(rank=rank, world_size=2)
+        self.reduced: list[list[tuple[int, ...]]] = []
+
+    def weighted_mean_(self, tensors, weight) -> None:
+        self.reduced.append([tuple(t.shape) for t in tensors])
+
+
+def tiny_estimator(name: str, group: Group, **options):
+    torch.manual_seed(0)
+    model = models.build("mlp", 10, (1, 8, 8), hidden=HIDDEN)
+    est = methods.build(name, model, seed=0, **options)
+    est.group = group
+    return est
+
+
+def test_fgw_policy_reduces_k_numbers_in_step_and_the_readout_after():
+    group = RecordingGroup()
+    est = tiny_estimator("fg-w", group, tangents=4)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    est.step(x, y)
+    assert group.reduced == [[(4,)]]  # inside step: only the K directional derivatives
+    est.all_reduce_gradients(group, 6)
+    assert group.reduced[1] == [(10, HIDDEN[-1]), (10,)]  # then only the exactly trained readout
+    bp = tiny_estimator("bp", group)
+    bp.step(x, y)
+    bp.all_reduce_gradients(group, 6)
+    assert group.reduced[2] == [tuple(p.shape) for p in bp.model.parameters()]  # default: every gradient
+
+
+def test_fga_ranks_draw_independent_activity_tangents():
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    grads = []
+    for group in (LOCAL, RecordingGroup(0), RecordingGroup(1)):
+        est = tiny_estimator("fg-a", group, tangents=2)
+        est.step(x, y)
+        grads.append([p.grad.clone() for p in est.model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))  # rank 0 = a single process
+    first_layer = 0
+    assert not torch.equal(grads[0][first_layer], grads[2][first_layer])  # rank 1: other tangents, same examples

@@ -1,0 +1,85 @@
+"""bpfree grad-quality: the function on a tiny model, and the command end to end on digits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from bpfree.cli import main
+from bpfree.gradquality import gradient_quality
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_gradient_quality_rows() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    batches = [(torch.randn(5, 1, 2, 2, dtype=torch.float64), torch.randint(0, 2, (5,))) for _ in range(2)]
+    n = sum(p.numel() for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    rows = gradient_quality(
+        model,
+        ["fg-w", "bp"],
+        batches,
+        tangents=[1, n],
+        aggregations=["mean", "orthogonal"],
+        seeds=[0, 1],
+        method_options={"exact_readout": False},
+    )
+    assert [(r["method"], r["tangents"], r["aggregation"]) for r in rows] == [
+        ("fg-w", 1, "mean"),
+        ("fg-w", 1, "orthogonal"),
+        ("fg-w", n, "mean"),
+        ("fg-w", n, "orthogonal"),
+        ("bp", None, None),
+    ]  # bp takes no tangents: evaluated once
+    by = {(r["method"], r["tangents"], r["aggregation"]): r for r in rows}
+    assert by[("bp", None, None)]["cosine_mean"] == pytest.approx(1.0)
+    full = by[("fg-w", n, "orthogonal")]  # K = dimension: the projection is the gradient itself
+    assert full["cosine_mean"] == pytest.approx(1.0, abs=1e-9)
+    assert full["norm_ratio_mean"] == pytest.approx(1.0, abs=1e-9)
+    assert all(r["samples"] == 4 for r in rows)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # parameters untouched
+
+
+def test_grad_quality_command(tmp_path, capsys) -> None:
+    out = tmp_path / "gq"
+    rc = main(
+        [
+            "grad-quality",
+            "--data",
+            "digits",
+            "--hidden",
+            "16",
+            "--methods",
+            "fg-a,bp",
+            "--tangents",
+            "1,2",
+            "--aggregation",
+            "mean,orthogonal",
+            "--batches",
+            "1",
+            "--seeds",
+            "1",
+            "--batch-size",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    data = json.loads((out / "grad_quality.json").read_text())
+    assert len(data["rows"]) == 5 and data["meta"]["data"] == "digits"
+    assert (out / "grad_quality.md").read_text().count("| fg-a |") == 4
+    assert (out / "grad_quality.png").stat().st_size > 1000
+    assert "| bp |" in capsys.readouterr().out
+    assert main(["grad-quality", "--data", "digits", "--methods", "nope", "--out", str(out)]) == 2

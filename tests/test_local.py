@@ -1,0 +1,359 @@
+"""LocalMixer, the fused local loss grid and the local methods (l-bp, lg-bp, lg-fg-a, lg-fg-w).
+
+References here are naive and independent of the implementation: P x G explicit copies of the head loss with
+stop-gradients, and per-copy autograd through a re-written block forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bpfree.errors import UsageError
+from bpfree.losses import augment, local_loss_grid, nt_xent
+from bpfree.methods import build as build_method
+from bpfree.models import build, count_parameters
+from bpfree.models.localmixer import LocalMixer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64_one_thread():
+    # tiny tensors: one thread avoids losing time to thread hand-offs on a busy machine
+    # float64 for the exactness checks, only while this module's tests run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(torch.float32)
+
+
+def tiny(blocks: int = 2, grid: int = 2, channels: int = 8, groups: int = 2, head_dim: int = 0) -> LocalMixer:
+    torch.manual_seed(0)
+    model = build(
+        "localmixer-m8-16", 3, (1, 4, 4), blocks=blocks, grid=grid, channels=channels, groups=groups, head_dim=head_dim
+    )
+    # a non-zero readout and larger biases so that nothing is degenerate at init
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.3)
+        model.readout.weight.normal_(0, 0.3)
+    return model.double()
+
+
+def naive_copy_losses(h: torch.Tensor, groups: int, loss_fn) -> torch.Tensor:
+    """[B, P, G] losses from P x G explicit copies with the paper's stop-gradient construction."""
+    b, p, c = h.shape
+    cg = c // groups
+    out = torch.zeros(b, p, groups, dtype=h.dtype)
+    rows = []
+    for pi in range(p):
+        row = []
+        for g in range(groups):
+            sl = slice(g * cg, (g + 1) * cg)
+            pooled = h.detach().mean(1).clone()
+            others = h.detach().sum(1) - h[:, pi].detach()
+            pooled[:, sl] = (h[:, pi, sl] + others[:, sl]) / p
+            row.append(loss_fn(pooled))
+        rows.append(torch.stack(row, -1))
+    out = torch.stack(rows, 1)
+    return out
+
+
+def test_parameter_counts_match_the_paper():
+    counts = {
+        ("localmixer-s1-1", (1, 28, 28)): 272e3,
+        ("localmixer-m1-16", (1, 28, 28)): 429e3,
+        ("localmixer-m8-16", (3, 32, 32)): 919e3,
+        ("localmixer-l8-64", (3, 32, 32)): 13.1e6,
+    }
+    for (name, shape), paper in counts.items():
+        n = count_parameters(build(name, 10, shape))
+        assert abs(n - paper) / paper < 0.01, (name, n, paper)
+    with pytest.raises(UsageError):
+        build("localmixer-m8-16", 10, (3, 30, 30))
+
+
+def test_readout_starts_at_zero_and_bp_trains_end_to_end():
+    torch.manual_seed(0)
+    model = build("localmixer-m8-16", 3, (1, 4, 4), blocks=2, grid=2, channels=8, groups=2)
+    x = torch.randn(5, 1, 4, 4)
+    assert torch.all(model(x) == 0)
+    with torch.no_grad():
+        model.readout.weight.normal_()
+    est = build_method("bp", model)
+    est.step(x, torch.tensor([0, 1, 2, 0, 1]))
+    assert model.blocks[0].channel.weight.grad.abs().sum() > 0  # gradient flows through the readout
+    assert model.heads[0].weight.grad.abs().sum() == 0  # local heads take no part in plain forward
+
+
+def supervised(model, i, y):
+    return lambda pooled: F.cross_entropy(model.head(i, pooled), y, reduction="none")
+
+
+@pytest.mark.parametrize("objective", ["supervised", "contrastive"])
+def test_fused_grid_matches_naive_copies(objective):
+    model = tiny(head_dim=0 if objective == "supervised" else 5)
+    b = 6
+    h = torch.randn(b, 4, 8, requires_grad=True)
+    y = torch.randint(0, 3, (b,))
+    fn = supervised(model, 0, y) if objective == "supervised" else (lambda m: nt_xent(model.head(0, m), 0.5))
+    weight = torch.randn(b, 4, 2)
+    naive = naive_copy_losses(h, 2, fn)
+    grid = local_loss_grid(h, 2, fn)
+    fused = grid.values(h)
+    torch.testing.assert_close(fused, naive)
+    head = list(model.heads[0].parameters())
+    g_naive = torch.autograd.grad((weight * naive).sum(), [h, *head])
+    g_fused = torch.autograd.grad((weight * fused).sum(), [h, *head])
+    for a, e in zip(g_fused, g_naive):
+        torch.testing.assert_close(a, e)
+    torch.testing.assert_close(grid.output_grad(weight), g_naive[0])
+    # forward-mode: directional derivative of every copy along a tangent of h
+    tangent = torch.randn_like(h)
+    _, jvp = torch.func.jvp(lambda hh: naive_copy_losses(hh, 2, fn), (h.detach(),), (tangent,))
+    torch.testing.assert_close(grid.directional(tangent), jvp)
+
+
+# --- the exact LG gradient by per-copy autograd (reference for lg-bp and the forward-gradient methods) -----
+
+
+def block_units(block, x):
+    """Re-written block forward returning (out, list of (post-LN activity a, a recomputed from the detached
+    linear input so that backprop through it crosses that LN and linear only))."""
+    ln = lambda t, g=1: F.layer_norm(t.unflatten(-1, (g, -1)), (t.shape[-1] // g,)).flatten(-2)  # noqa: E731
+    grouped = lambda t: (  # noqa: E731
+        torch.einsum("bpgi,goi->bpgo", t.unflatten(-1, (block.groups, -1)), block.group_weight).flatten(-2)
+        + block.group_bias
+    )
+    units = []
+    h = x
+    if block.token_mix is not None:
+        t = ln(x)
+        mix = lambda t: (t.transpose(1, 2) @ block.token_mix.weight.T + block.token_mix.bias).transpose(1, 2)  # noqa: E731
+        a = ln(mix(t))
+        units.append((a, ln(mix(t.detach()))))
+        h = F.relu(a)
+    t = ln(h)
+    a = ln(block.channel(t))
+    units.append((a, ln(block.channel(t.detach()))))
+    t = ln(F.relu(a), block.groups)
+    a = ln(grouped(t), block.groups)
+    units.append((a, ln(grouped(t.detach()), block.groups)))
+    out = F.relu(a + x) if block.token_mix is not None else F.relu(a)
+    return out, units
+
+
+def exact_lg_grads(model, i, x, y):
+    """Sum over copies of dL_pg/da_l restricted to slice (p, g), mean over batch, through one LN + linear."""
+    block = model.blocks[i]
+    out, units = block_units(block, x)
+    losses = naive_copy_losses(out, block.groups, supervised(model, i, y))
+    b, p, g = losses.shape
+    cg = out.shape[-1] // g
+    acts = [a for a, _ in units]
+    deltas = [torch.zeros_like(a) for a in acts]
+    for pi in range(p):
+        for gi in range(g):
+            grads = torch.autograd.grad(losses[:, pi, gi].sum() / b, acts, retain_graph=True)
+            for d, gr in zip(deltas, grads):
+                d[:, pi, gi * cg : (gi + 1) * cg] += gr[:, pi, gi * cg : (gi + 1) * cg]
+    params = list(block.parameters())
+    grads = torch.autograd.grad([loc for _, loc in units], params, grad_outputs=deltas, allow_unused=True)
+    return [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
+
+
+def block_input(model, x, i):
+    h = model.tokens(x)
+    for block in model.blocks[:i]:
+        h = block(h)
+    return h.detach()
+
+
+def data(n=4):
+    torch.manual_seed(1)
+    return torch.randn(n, 1, 4, 4), torch.randint(0, 3, (n,))
+
+
+def test_lg_bp_is_the_exact_lg_gradient_and_l_bp_the_block_gradient():
+    model = tiny()
+    x, y = data()
+    est = build_method("lg-bp", model)
+    est.step(x, y)
+    for i, block in enumerate(model.blocks):
+        ref = exact_lg_grads(model, i, block_input(model, x, i), y)
+        for p, r in zip(block.parameters(), ref):
+            torch.testing.assert_close(p.grad, r)
+    # l-bp: ordinary block-local gradient; equal to lg-bp everywhere but the token-mixing unit of blocks >= 1
+    lg = [p.grad.clone() for p in model.parameters()]
+    build_method("l-bp", model).step(x, y)
+    for (name, p), g in zip(model.named_parameters(), lg):
+        if name.endswith("token_mix.weight"):
+            assert not torch.allclose(p.grad, g)
+        else:
+            torch.testing.assert_close(p.grad, g)
+
+
+def test_stop_gradient_between_blocks():
+    """A block's gradient does not depend on any later block or head: perturbing them changes nothing."""
+    for method in ["l-bp", "lg-bp", "lg-fg-a", "lg-fg-w"]:
+        model = tiny(blocks=3)
+        x, y = data()
+        build_method(method, model, seed=3).step(x, y)
+        before = [p.grad.clone() for p in model.blocks[0].parameters()]
+        with torch.no_grad():
+            for p in [*model.blocks[1].parameters(), *model.heads[1].parameters(), *model.readout.parameters()]:
+                p.add_(torch.randn_like(p))
+        build_method(method, model, seed=3).step(x, y)
+        for p, g in zip(model.blocks[0].parameters(), before):
+            torch.testing.assert_close(p.grad, g)
+
+
+def test_heads_and_readout_take_exact_gradients():
+    model = tiny()
+    x, y = data()
+    build_method("lg-fg-a", model).step(x, y)
+    feats = model.features(x, detach_between=True)
+    for i, h in enumerate(feats):
+        loss = F.cross_entropy(model.head(i, model.pooled(h.detach())), y)
+        for p, g in zip(model.heads[i].parameters(), torch.autograd.grad(loss, list(model.heads[i].parameters()))):
+            torch.testing.assert_close(p.grad, g)
+    loss = F.cross_entropy(model.classify(model.pooled(feats[-1].detach())), y)
+    for p, g in zip(model.readout.parameters(), torch.autograd.grad(loss, list(model.readout.parameters()))):
+        torch.testing.assert_close(p.grad, g)
+
+
+def _mean_and_stderr(model, method, x, y, n, tangents=40):
+    """n independent estimates, each the mean over `tangents` tangents (unbiased; cheaper than n*K steps)."""
+    est = build_method(method, model, seed=7, tangents=tangents, aggregation="mean")
+    samples = []
+    for _ in range(n):
+        est.step(x, y)
+        samples.append(torch.cat([p.grad.flatten() for p in model.blocks.parameters()]))
+    s = torch.stack(samples)
+    return s.mean(0), s.std(0) / n**0.5
+
+
+def _assert_unbiased(mean, stderr, target):
+    # z-scores against the estimator's own measured spread (t-distributed with n-1 d.o.f.): every coordinate
+    # within 5.5 standard errors, and their mean square near 1
+    z = (mean - target) / stderr.clamp_min(1e-12)
+    assert (z.abs() < 5.5).all(), z.abs().max()
+    assert z.pow(2).mean() < 1.5, z.pow(2).mean()
+
+
+def test_lg_fg_a_is_unbiased_for_the_lg_gradient():
+    model = tiny()
+    x, y = data()
+    target = torch.cat(
+        [
+            torch.cat([g.flatten() for g in exact_lg_grads(model, i, block_input(model, x, i), y)])
+            for i in range(len(model.blocks))
+        ]
+    )
+    mean, stderr = _mean_and_stderr(model, "lg-fg-a", x, y, 40)
+    _assert_unbiased(mean, stderr, target)
+    # and the test can fail: the l-bp gradient differs at the token-mixing unit, detectably so
+    build_method("l-bp", model).step(x, y)
+    wrong = torch.cat([p.grad.flatten() for p in model.blocks.parameters()])
+    with pytest.raises(AssertionError):
+        _assert_unbiased(mean, stderr, wrong)
+
+
+def exact_fg_w_target(model, i, x, y):
+    """Sum over copies of dL_pg/dW restricted to the rows copy (p, g) owns, mean over batch."""
+    block = model.blocks[i]
+    out, _ = block_units(block, x)
+    losses = naive_copy_losses(out, block.groups, supervised(model, i, y))
+    b, p, g = losses.shape
+    params = dict(block.named_parameters())
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    for pi in range(p):
+        for gi in range(g):
+            grads = torch.autograd.grad(losses[:, pi, gi].sum() / b, list(params.values()), retain_graph=True)
+            for (k, v), gr in zip(params.items(), grads):
+                if k.startswith("token_mix"):
+                    total[k][pi] += gr[pi]
+                elif k == "group_weight":
+                    total[k][gi] += gr[gi]
+                else:
+                    rows = v.shape[0] // g
+                    total[k][gi * rows : (gi + 1) * rows] += gr[gi * rows : (gi + 1) * rows]
+    return torch.cat([t.flatten() for t in total.values()])
+
+
+def test_lg_fg_w_is_unbiased_for_its_target():
+    model = tiny(blocks=2, grid=2, channels=4, groups=2)
+    x, y = data()
+    target = torch.cat([exact_fg_w_target(model, i, block_input(model, x, i), y) for i in range(2)])
+    mean, stderr = _mean_and_stderr(model, "lg-fg-w", x, y, 40)
+    _assert_unbiased(mean, stderr, target)
+
+
+def test_orthogonal_aggregation_with_all_directions_is_exact():
+    """K >= n tangents per example span everything: the projection is the exact LG gradient (block 0, one
+    patch, so each example's perturbation has n = 2 units x C channels)."""
+    model = tiny(blocks=1, grid=1, channels=4, groups=2)
+    x, y = data()
+    target = exact_lg_grads(model, 0, block_input(model, x, 0), y)
+    build_method("lg-fg-a", model, tangents=8, aggregation="orthogonal", tangent_dist="normal").step(x, y)
+    for p, t in zip(model.blocks[0].parameters(), target):
+        torch.testing.assert_close(p.grad, t)
+
+
+def test_contrastive_objective_steps_and_checks_heads():
+    model = tiny(head_dim=6)
+    x, y = data(6)
+    for method in ["l-bp", "lg-bp", "lg-fg-a"]:
+        r = build_method(method, model, objective="contrastive").step(x, y)
+        assert r.logits.shape == (6, 3) and torch.isfinite(r.loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.raises(UsageError):
+        build_method("lg-fg-a", tiny(), objective="contrastive")
+
+
+def test_lg_fg_a_learns_digits_through_the_trainer(tmp_path):
+    """End to end through the ordinary trainer: well below chance (90 % error) after a few epochs."""
+    from bpfree.train import TrainConfig, train
+
+    torch.set_default_dtype(torch.float32)
+    try:
+        cfg = TrainConfig(
+            method="lg-fg-a",
+            model="localmixer-m1-16",
+            data="digits",
+            epochs=2,
+            batch_size=32,
+            lr=0.01,
+            out=str(tmp_path / "run"),
+            model_options={"channels": 32, "groups": 4},
+        )
+        metrics = train(cfg)
+    finally:
+        torch.set_default_dtype(torch.float64)
+    assert metrics[-1]["test_error"] < 40, metrics[-1]
+
+
+def test_nt_xent_value_and_stop_gradient():
+    torch.manual_seed(0)
+    z = torch.randn(6, 4, requires_grad=True)
+    loss = nt_xent(z, 0.5)
+    zn = F.normalize(z.detach(), dim=-1)
+    for i in range(6):
+        sims = torch.stack([zn[i] @ zn[j] / 0.5 for j in range(6) if j != i])
+        pos = zn[i] @ zn[(i + 3) % 6] / 0.5
+        torch.testing.assert_close(loss[i], torch.logsumexp(sims, 0) - pos)
+    (g,) = torch.autograd.grad(loss[0], z)
+    assert g[0].abs().sum() > 0 and torch.all(g[1:] == 0)  # positives and negatives under stop-gradient
+
+
+def test_augment_is_a_shifted_flipped_crop():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float64).reshape(2, 1, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    v = augment(x, gen, pad=1)
+    assert v.shape == x.shape
+    for b in range(2):
+        inner = [v[b, 0, 1:3, 1:3], v[b, 0, 1:3, 1:3].flip(-1)]
+        assert any(torch.isin(t, x[b]).all() for t in inner)  # the centre always comes from the same image
