@@ -26,6 +26,7 @@ from tqdm import tqdm
 from bpfree import data as datasets
 from bpfree import distributed, methods, models
 from bpfree.errors import DivergedError, UsageError
+from bpfree.transfer import load_backbone
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -50,6 +51,8 @@ class TrainConfig:
     out: str = "runs/latest"
     resume: bool = False
     train_size: int | None = None
+    classes: tuple[int, ...] | None = None  # train and test on these labels only, relabelled 0..k-1
+    init_from: str | None = None  # copy a trained backbone from this checkpoint (classifier heads stay new)
     data_root: str | None = None
     augment: bool = False
     eval_batch_size: int = 1000
@@ -209,10 +212,17 @@ class Run:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.data = data if data is not None else datasets.load(cfg.data, cfg.data_root, cfg.train_size, cfg.augment)
+        if data is None:
+            data = datasets.load(cfg.data, cfg.data_root, None if cfg.classes else cfg.train_size, cfg.augment)
+            if cfg.classes:  # the label subset first, so --train-size counts examples of these classes
+                data = datasets.select_classes(data, cfg.classes)
+                data = data.subset(cfg.train_size) if cfg.train_size else data
+        self.data = data
         self.model = models.build(
             cfg.model, num_classes=self.data.num_classes, input_shape=self.data.input_shape, **cfg.model_options
         ).to(self.device)
+        if cfg.init_from and not cfg.resume:
+            load_backbone(self.model, cfg.init_from)  # before the estimator: method-owned heads start new
         self.group.broadcast_module(self.model)
         self.estimator = methods.build(cfg.method, self.model, seed=cfg.seed, **cfg.method_options)
         self.estimator.group = self.group

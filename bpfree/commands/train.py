@@ -51,6 +51,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True)
                         help="folder holding the data sets (default $BPFREE_DATA, else ./data)")
     parser.add_argument("--train-size", type=int, default=None, help="use only the first N training examples")
     parser.add_argument("--augment", action="store_true", help="pad-4 random crop + horizontal flip (cifar10)")
+    parser.add_argument("--classes", default=None, type=lambda v: tuple(int(c) for c in v.split(",")),
+                        metavar="A,B,...", help="use only these labels (relabelled 0..k-1 in the order given)")
+    parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                        help="start from the backbone of a trained run's checkpoint.pt (new classifier heads)")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
     parser.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="torch.optim optimizer")

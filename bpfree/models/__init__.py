@@ -25,6 +25,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-from bpfree.models import mlp  # noqa: E402,F401
+# Importing a family's module registers its models.
+from bpfree.models import ff_mlp, localmixer, mlp, mobilenetv3, resnet  # noqa: E402,F401
 
 __all__ = ["MODELS", "build", "count_parameters"]
