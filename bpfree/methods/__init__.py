@@ -19,6 +19,6 @@ def build(name: str, model: nn.Module, seed: int = 0, **options: Any) -> Estimat
 
 
 # Importing a family's module registers its methods.
-from bpfree.methods import bp, forward_forward, forward_gradient, local  # noqa: E402,F401
+from bpfree.methods import bp, feedback_alignment, forward_forward, forward_gradient, local  # noqa: E402,F401
 
 __all__ = ["METHODS", "Estimator", "StepResult", "build"]

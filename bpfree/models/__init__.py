@@ -26,6 +26,6 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # Importing a family's module registers its models.
-from bpfree.models import ff_mlp, localmixer, mlp, mobilenetv3, resnet  # noqa: E402,F401
+from bpfree.models import feedback_nets, ff_mlp, localmixer, mlp, mobilenetv3, resnet  # noqa: E402,F401
 
 __all__ = ["MODELS", "build", "count_parameters"]

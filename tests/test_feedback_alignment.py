@@ -1,0 +1,356 @@
+"""FA, DFA and FDFA against their defining formulas, hand-computed on tiny nets with the estimator's own B."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bpfree.errors import UsageError
+from bpfree.methods import build
+from bpfree.models import build as build_model
+
+torch.set_num_threads(1)
+
+
+def ce_error(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """e = ∂L/∂y for the mean cross-entropy, by hand."""
+    return (logits.softmax(1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)) / logits.shape[0]
+
+
+def batch(n: int = 8, shape: tuple[int, ...] = (4,), classes: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+
+
+# ---------------------------------------------------------------------------------------------------------- FA
+
+
+def test_fa_linear_matches_formula() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    est = build("fa", net, seed=1)
+    x, y = batch()
+    est.step(x, y)
+    W1, W2, W3 = net[0].weight, net[2].weight, net[4].weight
+    B1, B2, B3 = est.feedback
+    assert B2.shape == W2.shape and B3.shape == W3.shape and not torch.equal(B3, W3)
+    with torch.no_grad():
+        a1 = x @ W1.T + net[0].bias
+        h1 = a1.relu()
+        a2 = h1 @ W2.T + net[2].bias
+        h2 = a2.tanh()
+        e = ce_error(h2 @ W3.T + net[4].bias, y)
+        d2 = (e @ B3) * (1 - h2**2)  # B3 where backprop would use W3
+        d1 = (d2 @ B2) * (a1 > 0)
+    for p, g in [(W3, e.T @ h2), (net[4].bias, e.sum(0)), (W2, d2.T @ h1), (net[2].bias, d2.sum(0)),
+                 (W1, d1.T @ x), (net[0].bias, d1.sum(0))]:  # fmt: skip
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_fa_conv_matches_formula() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 3),
+    ).double()  # fmt: skip
+    est = build("fa", net, seed=2)
+    x, y = batch(shape=(2, 7, 7))
+    est.step(x, y)
+    c1, c2, lin = net[0], net[2], net[5]
+    B1, B2, B3 = est.feedback
+    with torch.no_grad():
+        a1 = c1(x)
+        h1 = a1.relu()
+        a2 = c2(h1)
+        h2 = a2.relu()
+        e = ce_error(lin(h2.flatten(1)), y)
+        d2 = (e @ B3).view_as(a2) * (a2 > 0)
+        # The signal to conv1's output is the transposed convolution with B2 in place of conv2's weight.
+        d1 = torch.nn.grad.conv2d_input(h1.shape, B2, d2, stride=2) * (a1 > 0)
+        gw2 = torch.nn.grad.conv2d_weight(h1, c2.weight.shape, d2, stride=2)
+        gw1 = torch.nn.grad.conv2d_weight(x, c1.weight.shape, d1, padding=1)
+    torch.testing.assert_close(lin.weight.grad, e.T @ h2.flatten(1))
+    torch.testing.assert_close(c2.weight.grad, gw2)
+    torch.testing.assert_close(c2.bias.grad, d2.sum((0, 2, 3)))
+    torch.testing.assert_close(c1.weight.grad, gw1)
+    torch.testing.assert_close(c1.bias.grad, d1.sum((0, 2, 3)))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_feedback_is_not_the_weights_when_seeds_coincide(seed: int) -> None:
+    """Model init and estimator seeded with the same number must not give B = W (FA would be backprop)."""
+    torch.manual_seed(seed)
+    net = build_model("mlp", 3, (16,), hidden=(200,))
+    est = build("fa", net, seed=seed)
+    for b, m in zip(est.feedback, [net[1], net[3]]):
+        cos = F.cosine_similarity(b.flatten(), m.weight.detach().flatten(), dim=0).abs().item()
+        assert cos < 5 / b.numel() ** 0.5  # independent: |cos| ~ 1/sqrt(n); identical streams give 1
+
+
+def test_fa_with_transposed_weights_is_backprop() -> None:
+    """Sanity of the FA machinery: with B = W it must reproduce backprop exactly (incl. BatchNorm)."""
+    torch.manual_seed(0)
+    net = build_model("fc-bn", 3, (1, 3, 3), width=6, layers=2).double()
+    est = build("fa", net)
+    est.feedback = [m.weight.detach().clone() for m in net if isinstance(m, nn.Linear)]
+    x, y = batch(shape=(1, 3, 3))
+    est.step(x, y)
+    fa = [p.grad.clone() for p in net.parameters()]
+    ref = torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()))
+    for a, b in zip(fa, ref):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------------------------- DFA, FDFA
+
+
+@pytest.mark.parametrize("method", ["dfa", "fdfa"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_direct_feedback_mlp_matches_formula(method: str, fast: bool) -> None:
+    torch.manual_seed(0)
+    net = build_model("mlp", 3, (4,), hidden=(5, 6)).double()
+    est = build(method, net, seed=1)
+    if not fast:
+        est.fast = None  # force the generic autograd / forward-AD path
+    x, y = batch()
+    for _ in range(2):  # fdfa: B starts at zero, so look at the second step
+        est.step(x, y)
+    B1, B2 = est.feedback
+    assert B1.shape == (3, 5) and B2.shape == (3, 6)
+    l1, l2, l3 = net[1], net[3], net[5]
+    with torch.no_grad():
+        a1 = l1(x.flatten(1))
+        h1 = a1.relu()
+        a2 = l2(h1)
+        h2 = a2.relu()
+        e = ce_error(l3(h2), y)
+        d1 = (e @ B1) * (a1 > 0)  # δa_l = (e B_l) ⊙ f'(a_l)
+        d2 = (e @ B2) * (a2 > 0)
+    for p, g in [(l3.weight, e.T @ h2), (l3.bias, e.sum(0)), (l2.weight, d2.T @ h1), (l2.bias, d2.sum(0)),
+                 (l1.weight, d1.T @ x), (l1.bias, d1.sum(0))]:  # fmt: skip
+        torch.testing.assert_close(p.grad, g)
+
+
+def local_reference(blocks: list[nn.Module], x: torch.Tensor, y: torch.Tensor, feedback: list[torch.Tensor]):
+    """Each hidden block's gradients from e·B_l at its output through that block alone; the output's exact."""
+    grads = []
+    h = x
+    ins = []
+    for b in blocks:
+        ins.append(h)
+        with torch.no_grad():
+            h = b(h)
+    logits = blocks[-1](ins[-1])
+    e = ce_error(logits.detach(), y)
+    for i, b in enumerate(blocks):
+        out = b(ins[i])
+        signal = e if i == len(blocks) - 1 else (e @ feedback[i]).view_as(out)
+        grads += torch.autograd.grad(out, list(b.parameters()), signal)
+    return grads
+
+
+@pytest.mark.parametrize("method", ["dfa", "fdfa"])
+@pytest.mark.parametrize("model,shape", [("fc-bn", (1, 4, 4)), ("cnn-small", (1, 8, 8)), ("cnn-small", (3, 16, 16))])
+def test_direct_feedback_blocks_are_local(method: str, model: str, shape: tuple[int, ...]) -> None:
+    """BatchNorm, pooling, conv: a block's update is its own local backward of e·B_l (B_l to the block output)."""
+    torch.manual_seed(0)
+    kw = {"width": 7} if model == "fc-bn" else {}
+    net = build_model(model, 3, shape, **kw).double().eval()  # eval: BN stats stay put between the two runs
+    est = build(method, net, seed=1)
+    x, y = batch(n=6, shape=shape)
+    for _ in range(2):
+        est.step(x, y)
+    got = [p.grad.clone() for p in net.parameters()]
+    blocks = [*est.hidden, est.output]
+    ref = local_reference(blocks, x, y, est.feedback)
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_fast_path_equals_generic_path_in_training_mode() -> None:
+    """The hand-written BN/ReLU formulas (values, tangents, running stats) agree with autograd + forward AD."""
+    x, y = batch(n=16, shape=(1, 4, 4))
+    results = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        net = build_model("fc-bn", 3, (1, 4, 4), width=9).double().train()
+        est = build("fdfa", net, seed=4, feedback_lr=0.5)
+        if not fast:
+            est.fast = None
+        for _ in range(3):
+            est.step(x, y)
+        results.append(([p.grad for p in net.parameters()], list(net.buffers()), est.feedback))
+    assert len(results[0][2]) == 2
+    for a, b in zip(results[0], results[1]):
+        for s, t in zip(a, b):
+            torch.testing.assert_close(s, t)
+
+
+def with_perturbations(blocks: list[nn.Module], x: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
+    h = x
+    for b, d in zip(blocks[:-1], deltas):
+        h = b(h) + d
+    return blocks[-1](h)
+
+
+@pytest.mark.parametrize("model,shape", [("fc-bn", (1, 4, 4)), ("cnn-small", (1, 8, 8))])
+def test_fdfa_one_step_feedback_is_directional_derivative(model: str, shape: tuple[int, ...]) -> None:
+    """With λ = 1, B_l = mean_batch(ẏ u_lᵀ) where ẏ = Σ_l J_l u_l, checked with torch.func.jvp and the same u."""
+    torch.manual_seed(0)
+    kw = {"width": 5} if model == "fc-bn" else {}
+    net = build_model(model, 3, shape, **kw).double().eval()
+    est = build("fdfa", net, seed=7, feedback_lr=1.0)
+    x, y = batch(n=5, shape=shape)
+    est.step(x, y)
+    blocks = [*est.hidden, est.output]
+    with torch.no_grad():
+        outs, h = [], x
+        for b in blocks[:-1]:
+            h = b(h)
+            outs.append(h)
+    g = replay_generator(7)  # replay the estimator's tangents
+    us = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+    zeros = [torch.zeros_like(o) for o in outs]
+    _, y_dot = torch.func.jvp(lambda *d: with_perturbations(blocks, x, list(d)), tuple(zeros), tuple(us))
+    for b, u in zip(est.feedback, us):
+        torch.testing.assert_close(b, y_dot.T @ u.flatten(1) / x.shape[0])
+
+
+def replay_generator(seed: int) -> torch.Generator:
+    """A generator in the state the estimators start from (see decorrelate)."""
+    from bpfree.methods.feedback_alignment import decorrelate
+
+    g = torch.Generator()
+    decorrelate(g, seed)
+    return g
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fdfa_feedback_converges_to_jacobian_of_linear_net(fast: bool) -> None:
+    """On a fixed linear net J_l is constant; the moving average of ẏ u_lᵀ must match it within its noise.
+
+    Per entry, one sample ẏ_i u_j (ẏ_i = Σ_k a_k u_k over all tangent units, a = the i-th rows of all J_l) has mean
+    J_ij and variance Σ_k a_k² + J_ij²; a batch mean divides that by N, and an EMA with rate λ at stationarity
+    multiplies it by λ/(2−λ). The bias of starting at zero, (1−λ)^T, is below 1e-9 here.
+    """
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 3)).double()
+    lam, n, steps = 0.1, 32, 200
+    est = build("fdfa", net, seed=3, feedback_lr=lam)
+    assert est.fast is not None  # linear blocks take the hand-written path
+    if not fast:
+        est.fast = None
+    x, y = batch(n=n, shape=(6,))
+    for _ in range(steps):
+        est.step(x, y)
+    W2, W3 = net[1].weight.detach(), net[2].weight.detach()
+    jac = [W3 @ W2, W3]  # ∂y/∂h_1, ∂y/∂h_2
+    row_power = sum((j**2).sum(1, keepdim=True) for j in jac)  # Σ_k a_k² for output i, shape (3, 1)
+    worst = 0.0
+    for b, j in zip(est.feedback, jac):
+        var = (row_power + j**2) / n * lam / (2 - lam)
+        z = (b - j) / var.sqrt()
+        worst = max(worst, z.abs().max().item())
+        assert (z**2).mean().item() < 3.0  # chi-square-like: mean of squared z-scores ≈ 1
+    assert worst < 5.0
+
+
+# ------------------------------------------------------------------------------------------------- learning
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+@pytest.mark.parametrize(
+    "method,model,kw",
+    [("fa", "fc-bn", {"width": 64}), ("dfa", "fc-bn", {"width": 64}), ("fdfa", "fc-bn", {"width": 64}),
+     ("fa", "cnn-small", {}), ("dfa", "cnn-small", {}), ("fdfa", "cnn-small", {})],
+)  # fmt: skip
+def test_learns_digits(digits, method: str, model: str, kw: dict) -> None:
+    xtr, ytr, xte, yte = digits
+    torch.manual_seed(0)
+    net = build_model(model, 10, (1, 8, 8), **kw)
+    est = build(method, net, seed=0)
+    opt = torch.optim.Adam(est.trainable(), lr=3e-3)
+    net.train()
+    for _ in range(2):
+        for i in range(0, len(ytr), 50):
+            opt.zero_grad(set_to_none=True)
+            est.step(xtr[i : i + 50], ytr[i : i + 50])
+            opt.step()
+    net.eval()
+    acc = (est.predict(xte).argmax(1) == yte).float().mean().item()
+    assert acc > 0.4, f"{method} on {model}: test accuracy {acc:.2f} (chance 0.10)"
+
+
+# ------------------------------------------------------------------------------------------- state, errors
+
+
+@pytest.mark.parametrize("method", ["fa", "dfa", "fdfa"])
+def test_state_dict_resumes_exactly(method: str) -> None:
+    torch.manual_seed(0)
+    net = build_model("mlp", 3, (4,), hidden=(5,))
+    est = build(method, net, seed=5)
+    x, y = batch(shape=(4,))
+    est.step(x.float(), y)
+    state = est.state_dict()
+    est.step(x.float(), y)
+    first = [p.grad.clone() for p in net.parameters()]
+    est2 = build(method, net, seed=99)
+    est2.load_state_dict(state)
+    est2.step(x.float(), y)
+    for a, p in zip(first, net.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+class NotSequential(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("method", ["fa", "dfa", "fdfa"])
+def test_unsupported_models_are_usage_errors(method: str) -> None:
+    with pytest.raises(UsageError, match="nn.Sequential"):
+        build(method, NotSequential())
+    with pytest.raises(UsageError, match="cannot handle layer LSTM"):
+        build(method, nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4), nn.Linear(4, 3)))
+    if method != "fa":
+        with pytest.raises(UsageError, match="hidden"):
+            build(method, nn.Sequential(nn.Flatten(), nn.Linear(4, 3)))
+
+
+def test_bad_options_are_usage_errors() -> None:
+    net = build_model("mlp", 3, (4,), hidden=(5,))
+    with pytest.raises(UsageError, match="feedback-lr"):
+        build("fdfa", net, feedback_lr=0.0)
+    with pytest.raises(UsageError, match="does not take"):
+        build("dfa", net, feedback_lr=0.1)
+    with pytest.raises(UsageError, match="too small"):
+        build_model("cnn-small", 10, (1, 8, 8), padding="valid")
+    with pytest.raises(UsageError, match="layers"):
+        build_model("fc-bn", 10, (1, 8, 8), layers=0)
+
+
+def test_models_shapes() -> None:
+    assert build_model("fc-bn", 10, (1, 28, 28))(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    n_hidden = sum(isinstance(m, nn.BatchNorm1d) for m in build_model("fc-bn", 10, (1, 28, 28), layers=3))
+    assert n_hidden == 3
+    for shape, flat in [((1, 28, 28), 640), ((3, 32, 32), 1000), ((1, 8, 8), 160)]:
+        net = build_model("cnn-small", 10, shape)
+        assert net[7].in_features == flat and net(torch.zeros(2, *shape)).shape == (2, 10)
