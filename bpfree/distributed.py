@@ -195,7 +195,13 @@ def _attempt_store(rank: int, world: int, timeout: float) -> dist.Store | None:
 
 
 def shutdown(group: Group) -> None:
+    """Tear the group down together: a rank that destroys its gloo context while a peer is still writing files can
+    abort that peer ("terminate called without an active exception"), so all ranks meet at a barrier first."""
     if group.owner and dist.is_initialized():
+        try:
+            dist.barrier()
+        except (RuntimeError, dist.DistError):
+            pass  # a peer is already gone; destroying our side is all that is left
         dist.destroy_process_group()
 
 

@@ -27,6 +27,16 @@ class StepResult:
     extra: dict[str, float] | None = None
 
 
+def estimator_seed(seed: int) -> int:
+    """The seed of an estimator's generator, kept away from `seed` itself.
+
+    Runs seed the model's initialisation with the same number (torch.manual_seed(seed)); a generator seeded
+    identically would replay the init's random numbers (feedback alignment would draw B equal to W and silently be
+    backprop; tangents would correlate with the weights). Mixing in constants avoids that.
+    """
+    return (seed * 0x9E3779B1 + 0xFA) % 2**63
+
+
 class Estimator:
     """Base class: subclasses override `step` (and `predict` when inference is not `model(x)`)."""
 
@@ -41,7 +51,7 @@ class Estimator:
         # it can be checkpointed and a resumed run continues exactly.
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(estimator_seed(seed))
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -77,15 +77,6 @@ def split_blocks(layers: list[nn.Module], method: str) -> tuple[list[nn.Sequenti
     return blocks[:-1], blocks[-1]
 
 
-def decorrelate(generator: torch.Generator, seed: int) -> None:
-    """Re-seed the estimator's generator away from `seed` itself.
-
-    Runs usually seed the model's initialisation with the same number (torch.manual_seed(seed)); a generator seeded
-    identically would then draw B equal to W (FA would silently be backprop). Mixing in a constant avoids that.
-    """
-    generator.manual_seed((seed * 0x9E3779B1 + 0xFA) % 2**63)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # FA: autograd Functions whose backward sends the error to the input through B instead of Wᵀ.
 
@@ -149,7 +140,6 @@ def _conv_conf(m: nn.Conv2d) -> tuple:
 class FeedbackAlignment(Estimator):
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed=seed, **options)
-        decorrelate(self.generator, seed)
         self.layers = flat_layers(model, "fa")
         # One fixed B per weight layer, same shape and scale as PyTorch's default init of W (U(±1/sqrt(fan_in))).
         self.feedback: list[torch.Tensor] = []
@@ -305,7 +295,6 @@ class _DirectFeedback(Estimator):
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed=seed, **options)
-        decorrelate(self.generator, seed)
         self.hidden, self.output = split_blocks(flat_layers(model, self.method), self.method)
         # B_l has shape (classes, numel of block l's output); made at the first step, when the shapes are known.
         self.feedback: list[torch.Tensor] | None = None
