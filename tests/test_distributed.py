@@ -35,6 +35,8 @@ RUNS = {
     "fg-w": dict(method="fg-w", method_options={"tangents": 3, "aggregation": "orthogonal"}),
     "fg-w-noreadout": dict(method="fg-w", method_options={"tangents": 2, "exact_readout": False}),
     "fg-a": dict(method="fg-a", method_options={"tangents": 2}),
+    "lg-fg-w": dict(method="lg-fg-w", model="localmixer-m1-16", model_options={"channels": 16, "groups": 4},
+                    method_options={"tangents": 2}),
     # A last batch of 1 example cannot be shared by 2 ranks: both drop it (instead of a NaN loss on an empty shard).
     "bp-tail": dict(method="bp", train_size=201, batch_size=100),
 }
@@ -92,7 +94,7 @@ def two_rank_runs(tmp_path_factory, data_root):
     return out
 
 
-@pytest.mark.parametrize("name", ["bp", "fg-w", "fg-w-noreadout"])
+@pytest.mark.parametrize("name", ["bp", "fg-w", "fg-w-noreadout", "lg-fg-w"])
 def test_two_ranks_equal_one_process_on_the_whole_batch(two_rank_runs, data_root, tmp_path, name):
     single = config(name, tmp_path, data_root)
     train(TrainConfig(**single), show_progress=False)
@@ -143,6 +145,10 @@ def test_bytes_per_step_per_method(two_rank_runs):
     assert per_step["fg-a"] == 4 * (params + 1)  # per-example tangents: the full gradient must be summed
     assert per_step["fg-w"] == 4 * (3 + 1) + 4 * (readout + 1)  # K numbers + the exact readout's gradient
     assert per_step["fg-w-noreadout"] == 4 * (2 + 1)  # K numbers only
+    # lg-fg-w: K x P x G numbers for the block (K=2, one patch, 4 groups), then the exact head + readout gradients.
+    mixer = models.build("localmixer-m1-16", 10, (1, 8, 8), channels=16, groups=4)
+    exact = sum(p.numel() for p in [*mixer.heads.parameters(), *mixer.readout.parameters()])
+    assert per_step["lg-fg-w"] == 4 * (2 * 1 * 4 + 1) + 4 * (exact + 1)
 
 
 def test_strip_nproc():

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree import tangents as T
+from bpfree.distributed import Group
 from bpfree.errors import UsageError
 from bpfree.losses import LossGrid, augment, local_loss_grid, nt_xent
 from bpfree.methods import METHODS
@@ -376,6 +377,14 @@ class LocalFGActivity(LocalForwardGradient):
     scales u's slice [b, p, group g] at every unit (all units of a block share it); the estimate is masked by
     the ReLU derivative and passed back through that unit's LN and linear only."""
 
+    def all_reduce_gradients(self, group: Group, weight: float) -> None:
+        """Data-parallel: the blocks' updates are already equal on every rank (see train_block); only the heads' and
+        the readout's exact gradients, computed from local examples, are left to average."""
+        model = self.model
+        assert isinstance(model, LocalMixer)
+        params = [p for i in range(len(model.blocks)) for p in self._head_params(i)]
+        group.weighted_mean_([p.grad for p in [*params, model.readout.weight, model.readout.bias]], weight)
+
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         out, units = block.trace(x)
         grid, loss = self.head_step(i, out, y)
@@ -408,6 +417,14 @@ class LocalFGWeight(LocalForwardGradient):
     """Weight tangents v (shared by the batch); copy (p, g)'s directional derivative scales the slice of v it
     owns: rows of group g for channel and grouped linears, row p of the token-mixing linear."""
 
+    def all_reduce_gradients(self, group: Group, weight: float) -> None:
+        """Data-parallel: the blocks' updates are already equal on every rank (see train_block); only the heads' and
+        the readout's exact gradients, computed from local examples, are left to average."""
+        model = self.model
+        assert isinstance(model, LocalMixer)
+        params = [p for i in range(len(model.blocks)) for p in self._head_params(i)]
+        group.weighted_mean_([p.grad for p in [*params, model.readout.weight, model.readout.bias]], weight)
+
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         out, units = block.trace(x)
         grid, loss = self.head_step(i, out, y)
@@ -418,6 +435,10 @@ class LocalFGWeight(LocalForwardGradient):
             noise.append((self.sample((k, *w.shape), w), self.sample((k, *b.shape), b)))
         with torch.no_grad():
             d = grid.directional(_tangent_pass(block, units, weight_noise=noise)) / x.shape[0]  # [K, B, P, G]
+            # Every use below sums d over the batch, so only that sum matters. Data-parallel ranks draw the same
+            # (seed-shared) tangents, so averaging these K*P*G numbers is all they exchange for the block.
+            d = d.sum(1, keepdim=True)
+            self.group.weighted_mean_([d], x.shape[0])
             flat = [t for pair in noise for t in pair]
             gram = T.gram(flat) if self.aggregation == "orthogonal" else None
             c = combine_coefficients(d, self.aggregation, gram, T.dimension(flat))
