@@ -37,6 +37,7 @@ RUNS = {
     "fg-a": dict(method="fg-a", method_options={"tangents": 2}),
     "lg-fg-w": dict(method="lg-fg-w", model="localmixer-m1-16", model_options={"channels": 16, "groups": 4},
                     method_options={"tangents": 2}),
+    "lg-fg-a": dict(method="lg-fg-a", model="localmixer-m1-16", model_options={"channels": 16, "groups": 4}),
     # A last batch of 1 example cannot be shared by 2 ranks: both drop it (instead of a NaN loss on an empty shard).
     "bp-tail": dict(method="bp", train_size=201, batch_size=100),
 }
@@ -230,3 +231,18 @@ def test_fga_ranks_draw_independent_activity_tangents():
     assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))  # rank 0 = a single process
     first_layer = 0
     assert not torch.equal(grads[0][first_layer], grads[2][first_layer])  # rank 1: other tangents, same examples
+
+
+def test_lg_fga_ranks_draw_independent_activity_tangents():
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    grads = []
+    for group in (LOCAL, RecordingGroup(0), RecordingGroup(1)):
+        torch.manual_seed(0)
+        model = models.build("localmixer-m1-16", 10, (1, 8, 8), channels=16, groups=4)
+        est = methods.build("lg-fg-a", model, seed=0)
+        est.group = group
+        est.step(x, y)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])  # rank 0 = a single process
+    block = [n for n in grads[0] if n.startswith("blocks.") and n.endswith("weight")]
+    assert block and all(not torch.equal(grads[0][n], grads[2][n]) for n in block)  # rank 1: other tangents

@@ -377,19 +377,27 @@ class LocalFGActivity(LocalForwardGradient):
     scales u's slice [b, p, group g] at every unit (all units of a block share it); the estimate is masked by
     the ReLU derivative and passed back through that unit's LN and linear only."""
 
-    def all_reduce_gradients(self, group: Group, weight: float) -> None:
-        """Data-parallel: the blocks' updates are already equal on every rank (see train_block); only the heads' and
-        the readout's exact gradients, computed from local examples, are left to average."""
-        model = self.model
-        assert isinstance(model, LocalMixer)
-        params = [p for i in range(len(model.blocks)) for p in self._head_params(i)]
-        group.weighted_mean_([p.grad for p in [*params, model.readout.weight, model.readout.bias]], weight)
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        self._scratch = torch.Generator(device=self.generator.device)
+
+    def block_stream(self) -> torch.Generator:
+        """The generator for one block's activity tangents, seeded afresh from the shared generator.
+
+        Data-parallel ranks must draw independent per-example tangents (rank r's example i must not reuse rank 0's
+        tangents), so rank r offsets the seed; every rank still advances the shared generator alike, so a resumed
+        run replays the same tangents on every rank.
+        """
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
+        return self._scratch.manual_seed((seed + self.group.rank * 0x9E3779B97F4A7C15) % 2**63)
 
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         out, units = block.trace(x)
         grid, loss = self.head_step(i, out, y)
         k, g = self.tangents, block.groups
-        noise = [self.sample((k, *u.live.shape), u.live) for u in units]
+        stream = self.block_stream()
+        noise = [T.sample((k, *u.live.shape), self.dist, stream, device=u.live.device, dtype=u.live.dtype)
+                 for u in units]
         with torch.no_grad():
             # the Gram matrix (orthogonal aggregation) is of the tangents as drawn, before the ReLU mask
             gram = T.gram(noise, per_example=True) if self.aggregation == "orthogonal" else None
