@@ -29,6 +29,7 @@ from torch import nn
 from bpfree.errors import UsageError
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult
+from bpfree.methods.bp import Backprop
 from bpfree.registry import Option
 
 PAPER_FA = "Lillicrap et al. 2016, Random synaptic feedback weights support error backpropagation for deep learning"
@@ -137,7 +138,9 @@ def _conv_conf(m: nn.Conv2d) -> tuple:
     "feedback alignment: backward pass through fixed random matrices instead of transposed weights",
     paper=PAPER_FA,
 )
-class FeedbackAlignment(Estimator):
+class FeedbackAlignment(Backprop):
+    """Backprop's step through a forward pass whose weight layers send the error back through B instead of Wᵀ."""
+
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed=seed, **options)
         self.layers = flat_layers(model, "fa")
@@ -163,15 +166,6 @@ class FeedbackAlignment(Estimator):
             else:
                 h = m(h)
         return h
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        params = self.trainable()
-        logits = self.forward(x)
-        loss = self.loss_fn(logits, y)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for p, g in zip(params, grads):
-            p.grad = torch.zeros_like(p) if g is None else g
-        return StepResult(loss.detach(), logits.detach())
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "feedback": [b.clone() for b in self.feedback]}
