@@ -27,6 +27,15 @@ def _flat_grads(model: nn.Module) -> torch.Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in ps])
 
 
+def _layer_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each weight (>= 2 dims) gradient, flattened: the per-layer view feedback-alignment papers plot."""
+    return {
+        n: (p.grad if p.grad is not None else torch.zeros_like(p)).flatten().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.dim() >= 2
+    }
+
+
 def _compare(est: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
     ne, nx = float(est.double().norm()), float(exact.double().norm())
     cos = float(est.double() @ exact.double()) / (ne * nx) if ne > 0 and nx > 0 else 0.0
@@ -53,11 +62,12 @@ def gradient_quality(
     """
     model.train()
     bp = methods.build("bp", model)
-    exact = []
+    exact, exact_layers = [], []
     for x, y in batches:
         model.zero_grad(set_to_none=True)
         bp.step(x, y)
         exact.append(_flat_grads(model).clone())
+        exact_layers.append(_layer_grads(model))
     rows = []
     for name in method_names:
         entry = methods.METHODS.get(name)
@@ -72,14 +82,17 @@ def gradient_quality(
                 if agg is not None:
                     opts["aggregation"] = agg
                 cos, ratio = [], []
+                layer_cos: dict[str, list[float]] = {}
                 for seed in seeds:
                     est = methods.build(name, model, seed=seed, **opts)
-                    for (x, y), g in zip(batches, exact):
+                    for (x, y), g, g_layers in zip(batches, exact, exact_layers):
                         model.zero_grad(set_to_none=True)
                         est.step(x, y)
                         c, r = _compare(_flat_grads(model), g)
                         cos.append(c)
                         ratio.append(r)
+                        for layer, estimate in _layer_grads(model).items():
+                            layer_cos.setdefault(layer, []).append(_compare(estimate, g_layers[layer])[0])
                 model.zero_grad(set_to_none=True)
                 cm, cs = _stats(cos)
                 rm, rs = _stats(ratio)
@@ -94,6 +107,7 @@ def gradient_quality(
                         "norm_ratio_std": rs,
                         "samples": len(cos),
                         "options": opts,
+                        "layer_cosine": {layer: _stats(cs_)[0] for layer, cs_ in layer_cos.items()},
                     }
                 )
     return rows
@@ -111,6 +125,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['method']} | {k} | {a} | {r['cosine_mean']:.4f} ± {r['cosine_std']:.4f} "
             f"| {r['norm_ratio_mean']:.4g} ± {r['norm_ratio_std']:.3g} | {r['samples']} |"
         )
+    layers = list(rows[0]["layer_cosine"]) if rows else []
+    if layers:
+        lines += ["", "Cosine of each weight's update with its exact gradient (mean over batches and seeds):", "",
+                  "| method | K | aggregation | " + " | ".join(layers) + " |",
+                  "|---|---|---|" + "---|" * len(layers)]
+        for r in rows:
+            k = "-" if r["tangents"] is None else str(r["tangents"])
+            cells = " | ".join(f"{r['layer_cosine'].get(n, float('nan')):.3f}" for n in layers)
+            lines.append(f"| {r['method']} | {k} | {r['aggregation'] or '-'} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

@@ -79,7 +79,21 @@ def test_grad_quality_command(tmp_path, capsys) -> None:
     assert rc == 0
     data = json.loads((out / "grad_quality.json").read_text())
     assert len(data["rows"]) == 5 and data["meta"]["data"] == "digits"
-    assert (out / "grad_quality.md").read_text().count("| fg-a |") == 4
+    assert (out / "grad_quality.md").read_text().count("| fg-a |") == 2 * 4  # the summary and the per-layer table
     assert (out / "grad_quality.png").stat().st_size > 1000
     assert "| bp |" in capsys.readouterr().out
     assert main(["grad-quality", "--data", "digits", "--methods", "nope", "--out", str(out)]) == 2
+
+
+def test_per_layer_cosine() -> None:
+    """bp agrees with itself on every layer; dfa trains the output layer on its exact gradient, not the hidden one."""
+    from bpfree import models
+
+    torch.manual_seed(0)
+    model = models.build("mlp", 10, (1, 8, 8), hidden=(16,))
+    batches = [(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)))]
+    rows = {r["method"]: r["layer_cosine"] for r in gradient_quality(model, ["bp", "dfa"], batches)}
+    assert list(rows["bp"]) == ["1.weight", "3.weight"]
+    assert all(c == pytest.approx(1.0) for c in rows["bp"].values())
+    assert rows["dfa"]["3.weight"] == pytest.approx(1.0)
+    assert rows["dfa"]["1.weight"] < 0.99
