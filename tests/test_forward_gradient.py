@@ -15,15 +15,6 @@ from bpfree.methods import build
 from bpfree.methods.forward_gradient import ForwardGradientActivity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops stall on a busy 2-core machine when OpenMP uses 2 threads (10x measured); restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _mlp(act: type[nn.Module] = nn.ReLU) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), act(), nn.Linear(5, 4), act(), nn.Linear(4, 3)).double()
