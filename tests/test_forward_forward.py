@@ -196,6 +196,19 @@ def test_ff_prediction_does_not_depend_on_the_batch(inference):
     torch.testing.assert_close(other[:5], full[:5], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("label_input", ["replace", "concat"])
+def test_ff_goodness_scores_equal_one_pass_per_label(label_input):
+    torch.manual_seed(0)
+    model = build_model("ff-mlp", 10, (1, 6, 6), hidden=(24, 20, 16), label_input=label_input)
+    est = build_method("ff", model)
+    x = torch.randn(8, 1, 6, 6)
+    expected = torch.zeros(8, 10)
+    for c in range(10):
+        acts = model.activities(model.with_label(x, F.one_hot(torch.full((8,), c), 10)))
+        expected[:, c] = sum(a.pow(2).sum(1) for a in acts[1:])
+    torch.testing.assert_close(est.goodness_scores(x), expected)
+
+
 def test_ff_learns_digits_above_chance(digits):
     x, y = digits
     torch.manual_seed(0)

@@ -237,15 +237,9 @@ class ForwardForward(Estimator):
 
         Each example gets the fixed one-hot of c, so its score never depends on the rest of the batch.
         """
-        net, classes = self.net, self.net.num_classes
-        scores = []
-        for c in range(classes):
-            label = torch.zeros(x.shape[0], classes, device=x.device, dtype=x.dtype)
-            label[:, c] = 1
-            acts = net.activities(net.with_label(x, label))
-            used = acts[1:] if len(acts) > 1 else acts
-            scores.append(sum(a.pow(2).sum(dim=1) for a in used))
-        return torch.stack(scores, dim=1)
+        acts = self.net.activities_per_label(x)
+        used = acts[1:] if len(acts) > 1 else acts
+        return sum(a.pow(2).sum(dim=-1) for a in used).t()
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

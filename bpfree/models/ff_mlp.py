@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bpfree.errors import UsageError
@@ -24,7 +25,7 @@ def length_normalise(h: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
     Unit RMS rather than unit length keeps the next layer's inputs O(1) whatever the width.
     """
-    return h / (h.pow(2).mean(dim=1, keepdim=True).sqrt() + eps)
+    return h / (h.pow(2).mean(dim=-1, keepdim=True).sqrt() + eps)
 
 
 class FFMLP(nn.Module):
@@ -78,6 +79,25 @@ class FFMLP(nn.Module):
             h = length_normalise(a)
             if detach:
                 h = h.detach()
+        return acts
+
+    def activities_per_label(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """ReLU activities [C, B, width] of every layer with each label c overlaid on every example.
+
+        Equal to `activities(with_label(x, onehot(c)))` for each c, but the first layer's image part is computed
+        once and shared by the C labels (the label only adds value * W[:, c]): with 784 inputs and 3 x 1000
+        units this drops a quarter of the work of goodness inference and of hard negatives.
+        """
+        flat = x.flatten(1)
+        classes, first = self.num_classes, self.layers[0]
+        image = flat if self.label_input == "concat" else flat[:, classes:]
+        shared = F.linear(image, first.weight[:, classes:], first.bias)  # [B, width]
+        label_part = self.label_value * first.weight[:, :classes].t()  # [C, width]
+        a = torch.relu(shared[None] + label_part[:, None, :])
+        acts = [a]
+        for layer in self.layers[1:]:
+            a = torch.relu(layer(length_normalise(a)))
+            acts.append(a)
         return acts
 
     def readout_features(self, acts: list[torch.Tensor]) -> torch.Tensor:
