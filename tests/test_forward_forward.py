@@ -3,6 +3,8 @@ batch independence of predictions, and learning on a small data set. Also the mo
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,6 +137,22 @@ def test_ff_each_layer_gets_exactly_its_own_loss_gradient(options):
             torch.testing.assert_close(p.grad, g)
     # and the locality is not vacuous: the summed loss would give layer 0 a different gradient
     assert any(g.abs().sum() > 0 for g in reference[0])
+
+
+def test_ff_hard_negatives_follow_the_scores_of_the_wrong_labels():
+    model, est = ff_setup(negatives="hard")
+    y = torch.arange(10).repeat(200)
+    x = torch.randn(len(y), 1, 6, 6)
+    scores = torch.zeros(len(y), 10)
+    scores[:, 3] = 100.0  # label 3 is by far the most plausible: every other example's negative
+    scores[:, 5] = 100.0 + math.log(3.0)  # ... unless label 5 (three times as likely) is available
+    y_neg = est.negative_labels(x, y, scores)
+    assert (y_neg != y).all()
+    assert (y_neg[y == 3] == 5).all() and (y_neg[y == 5] == 3).all()
+    rest = y_neg[(y != 3) & (y != 5)]
+    assert set(rest.tolist()) <= {3, 5}
+    # P(5) = 3/4 over 1600 draws: sd 1.1 %, so 6 sd is 6.5 %
+    assert abs((rest == 5).float().mean().item() - 0.75) < 0.065
 
 
 def test_ff_random_negatives_replay_from_the_generator():
