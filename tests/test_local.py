@@ -357,3 +357,53 @@ def test_augment_is_a_shifted_flipped_crop():
     for b in range(2):
         inner = [v[b, 0, 1:3, 1:3], v[b, 0, 1:3, 1:3].flip(-1)]
         assert any(torch.isin(t, x[b]).all() for t in inner)  # the centre always comes from the same image
+
+
+# --- global fg-a / fg-w on LocalMixer: end to end on the readout's loss (the paper's FG-A / FG-W rows) -------
+
+
+def end_to_end_grads(model, x, y, params):
+    """The paper's FG-A target: each unit's weight gradient is the true dL/da at its post-LN activity a
+    (which already carries the ReLU derivative) pushed back through that unit's LN and linear only. A unit's
+    parameters reach the loss only through a, so by the chain rule this is the ordinary end-to-end gradient of
+    the readout loss — which plain autograd gives."""
+    return torch.cat([g.flatten() for g in torch.autograd.grad(F.cross_entropy(model(x), y), params)])
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("fg-a", {}), ("fg-a", {"exact_readout": False}), ("fg-w", {"tangent_dist": "normal"})],
+)
+def test_global_fg_on_localmixer_is_unbiased_for_the_end_to_end_gradient(method, options):
+    model = tiny()  # 2 blocks, 2x2 patches: token mixing, residual, tangents crossing blocks
+    x, y = data()
+    est = build_method(method, model, seed=5, tangents=40, **options)
+    assert est.path is not None  # the LocalMixer path, not the generic forward-mode one
+    params = list(model.blocks.parameters())
+    if options.get("exact_readout") is False:
+        params += list(model.readout.parameters())
+    target = end_to_end_grads(model, x, y, params)
+    samples = []
+    for _ in range(40):
+        est.step(x, y)
+        samples.append(torch.cat([p.grad.flatten() for p in params]))
+        assert all(torch.all(p.grad == 0) for p in model.heads.parameters())  # heads take no part
+    s = torch.stack(samples)
+    mean, stderr = s.mean(0), s.std(0) / len(samples) ** 0.5
+    _assert_unbiased(mean, stderr, target)
+    with pytest.raises(AssertionError):  # a 2x mis-scaled estimator would be caught
+        _assert_unbiased(mean, stderr, 2 * target)
+    if options.get("exact_readout", True):
+        exact = end_to_end_grads(model, x, y, list(model.readout.parameters()))
+        torch.testing.assert_close(torch.cat([p.grad.flatten() for p in model.readout.parameters()]), exact)
+
+
+def test_global_fg_a_orthogonal_with_all_directions_is_exact():
+    """K >= the per-example activity dimension (2 + 3 units x 4 channels, one patch): the projection onto the
+    masked tangents' span is the exact end-to-end gradient."""
+    model = tiny(blocks=2, grid=1, channels=4, groups=2)
+    x, y = data()
+    params = list(model.blocks.parameters())
+    target = end_to_end_grads(model, x, y, params)
+    build_method("fg-a", model, tangents=24, aggregation="orthogonal", tangent_dist="normal").step(x, y)
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), target)

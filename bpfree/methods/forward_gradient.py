@@ -29,6 +29,7 @@ perturbed. exact_readout=False perturbs it like every other layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,6 +74,20 @@ _ACTIVATIONS = (
 )
 
 Chain = list[tuple[nn.Linear, "nn.Module | None"]]
+
+#: Model-specific paths: (model class, "fg-w" | "fg-a") -> step(estimator, x, y) -> (loss, logits), filling
+#: p.grad like `_step_generic` would. Registered by the module that knows the model's structure (LocalMixer:
+#: `bpfree.methods.local`), so this file and the trainer stay model-agnostic.
+ModelPath = Callable[["_ForwardGradient", torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+MODEL_PATHS: dict[tuple[type, str], ModelPath] = {}
+
+
+def model_path(model: nn.Module, method: str) -> ModelPath | None:
+    """The registered specialised step for this model (or a base class of it), if any."""
+    for cls in type(model).__mro__:
+        if (cls, method) in MODEL_PATHS:
+            return MODEL_PATHS[(cls, method)]
+    return None
 
 
 def _chain(model: nn.Module) -> Chain | None:
@@ -129,6 +144,8 @@ def _set_grad(p: torch.Tensor, g: torch.Tensor) -> None:
 class _ForwardGradient(Estimator):
     """Shared option handling, per-step tangent seeds, and the exact readout."""
 
+    method = ""  # the registered name, to look up a model-specific path
+
     def __init__(
         self,
         model: nn.Module,
@@ -154,6 +171,7 @@ class _ForwardGradient(Estimator):
         self.dist = tangent_dist
         self.exact_readout = exact_readout
         self.chain = _chain(model)
+        self.path = model_path(model, self.method)
         # Tangents come from a scratch generator seeded per step from self.generator: they can be regenerated
         # (same seed, same order) instead of stored, and a restored self.generator replays the same sequence.
         self._scratch = torch.Generator(device=self.generator.device)
@@ -199,6 +217,8 @@ class _ForwardGradient(Estimator):
         with torch.no_grad():
             if self.chain is not None:
                 loss, logits = self._step_chain(x, y, seed)
+            elif self.path is not None:
+                loss, logits = self.path(self, x, y)
             else:
                 loss, logits = self._step_generic(x, y)
         self._zero_missing()
@@ -218,6 +238,8 @@ class _ForwardGradient(Estimator):
     paper="Ren et al. 2022 (arXiv 2210.03310); Flügel et al. 2024 (arXiv 2410.17764)",
 )
 class ForwardGradientWeight(_ForwardGradient):
+    method = "fg-w"
+
     def all_reduce_gradients(self, group: Group, weight: float) -> None:
         """Data-parallel: seed-shared tangents. Every rank draws the same tangents (self.generator is seeded alike
         on every rank), so averaging the K directional derivatives inside `step` (weighted by the ranks' batch
@@ -361,6 +383,8 @@ class ForwardGradientWeight(_ForwardGradient):
     paper="Ren et al. 2022 (arXiv 2210.03310); Flügel et al. 2024 (arXiv 2410.17764)",
 )
 class ForwardGradientActivity(_ForwardGradient):
+    method = "fg-a"
+
     def __init__(self, model: nn.Module, seed: int = 0, recompute: bool = False, **options: Any):
         super().__init__(model, seed=seed, recompute=recompute, **options)
         self.recompute = recompute

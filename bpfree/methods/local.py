@@ -32,12 +32,15 @@ from bpfree.distributed import Group
 from bpfree.errors import UsageError
 from bpfree.losses import LossGrid, augment, local_loss_grid, nt_xent
 from bpfree.methods import METHODS
+from bpfree.methods import forward_gradient as FG
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.models.localmixer import (
+    LNCache,
     LocalMixer,
     MixerBlock,
     Unit,
     layer_norm,
+    layer_norm_cached,
     layer_norm_linear,
     layer_norm_stats,
 )
@@ -178,15 +181,21 @@ def _tangent_pass(
     units: list[Unit],
     activity_noise: list[torch.Tensor] | None = None,
     weight_noise: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    x_dot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forward-mode derivative of the block output [K, B, P, C] along K tangents.
 
     activity_noise[l] [K, B, P, C] is noise u added to unit l's post-LN activity (FG-A), given already multiplied
     by the unit's ReLU derivative (the only way it enters); weight_noise[l] = (dW [K, ...],
-    db [K, ...]) perturbs unit l's parameters (FG-W). The block input is stop-gradient, so its tangent is zero.
+    db [K, ...]) perturbs unit l's parameters (FG-W). x_dot [K, B, P, C_in] is the tangent of the block input
+    (end-to-end forward gradients); None for a stop-gradient input (local losses).
     Hand-written (linear maps, LN and ReLU Jacobians) because every piece is already cached by `trace`.
     """
     t_dot: torch.Tensor | None = None
+    if x_dot is not None:
+        assert units[0].pre is not None
+        t_dot = units[0].pre.apply(x_dot)
+    residual = x_dot is not None and block.token_mix is not None  # out = ReLU(a + x): x's tangent joins there
     h_dot = torch.zeros(())
     for i, unit in enumerate(units):
         s_dot = None if t_dot is None else _linear_tangent(block, unit.kind, t_dot)
@@ -207,6 +216,9 @@ def _tangent_pass(
             h_dot = activity_noise[i]
         else:  # (LN'(s) s_dot + u) * relu' with u * relu' precomputed: one fused pass
             h_dot = torch.addcmul(activity_noise[i], unit.ln.apply(s_dot), unit.live)
+        if residual and unit.nxt is None:
+            assert x_dot is not None
+            h_dot = torch.addcmul(h_dot, x_dot, unit.live)
         if unit.nxt is not None:
             t_dot = unit.nxt.apply(h_dot)
     return h_dot
@@ -464,3 +476,130 @@ class LocalFGWeight(LocalForwardGradient):
                         w.grad = torch.einsum("kg,kgoi->goi", coef, dw)
                     b.grad = (coef.repeat_interleave(b.shape[0] // g, dim=1) * db).sum(0)
         return out, loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Global (end-to-end) forward gradients on LocalMixer: the paper's FG-W and FG-A baselines
+
+
+def _mixer_trace(
+    model: LocalMixer, x: torch.Tensor
+) -> tuple[list[list[Unit]], torch.Tensor, LNCache, torch.Tensor]:
+    """Primal pass through every block (no stop-gradient) and the readout: (units per block, readout LN output z,
+    its cache, logits)."""
+    h = model.tokens(x)
+    traces = []
+    for block in model.blocks:
+        h, units = block.trace(h)
+        traces.append(units)
+    z, ln = layer_norm_cached(model.pooled(h))
+    return traces, z, ln, F.linear(z, model.readout.weight, model.readout.bias)
+
+
+def _readout_loss_grad(est: Estimator, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and dL/dlogits (autograd through the loss function only)."""
+    leaf = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = est.loss_fn(leaf, y)
+        (e,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), e
+
+
+def _logits_tangent(model: LocalMixer, ln: LNCache, h_dot: torch.Tensor) -> torch.Tensor:
+    """Tangent of the logits [K, B, classes] from the last block output's tangent [K, B, P, C]."""
+    return ln.apply(model.pooled(h_dot)) @ model.readout.weight.T
+
+
+def _set_readout(model: LocalMixer, z: torch.Tensor, grad_logits: torch.Tensor) -> None:
+    """The readout's gradient from a (true or estimated) gradient at the logits and its own input z."""
+    model.readout.weight.grad = grad_logits.T @ z
+    model.readout.bias.grad = grad_logits.sum(0)
+
+
+def mixer_fg_a(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fg-a` on LocalMixer, as in the paper's code: trained end to end on the readout's loss.
+
+    Noise u (independent per example, token and unit; K tangents) on every unit's post-LN, pre-ReLU activity
+    in every block at once; the tangents travel forward through ALL blocks (no stop-gradient) and the readout,
+    giving one directional derivative d[k, b] of the global loss per example, shared by all units. Each unit's
+    activity gradient is estimated as sum_k c[k, b] u (masked by the ReLU derivative: a known zero) and pushed
+    back through that unit's LN and linear only. Since a unit's parameters reach the loss only through its
+    activity, this is unbiased for the ordinary end-to-end gradient. The local heads take no part (zero
+    gradient); the readout takes its exact gradient (or is perturbed too with --exact-readout false).
+    """
+    model = est.model
+    assert isinstance(model, LocalMixer)
+    k = est.K
+    traces, z, ln, logits = _mixer_trace(model, x)
+    loss, e = _readout_loss_grad(est, logits, y)
+    noise = [[est._sample_(torch.empty((k, *u.live.shape), device=x.device, dtype=u.live.dtype)).mul_(u.live)
+              for u in units] for units in traces]
+    flat = [u for us in noise for u in us]
+    h_dot = None
+    for block, units, us in zip(model.blocks, traces, noise):
+        h_dot = _tangent_pass(block, units, activity_noise=us, x_dot=h_dot)
+    assert h_dot is not None
+    logits_dot = _logits_tangent(model, ln, h_dot)
+    u_out = None
+    if not est.exact_readout:
+        u_out = est._sample_(torch.empty((k, *logits.shape), device=x.device, dtype=logits.dtype))
+        logits_dot = logits_dot + u_out
+        flat.append(u_out)
+    d = (logits_dot * e).sum(-1)  # [K, B]: per-example directional derivatives of the mean loss
+    # Orthogonal: project onto the span of the masked tangents (d only sees them), as the chain path does.
+    gram = T.gram(flat, per_example=True) if est.aggregation == "orthogonal" else None
+    c = T.coefficients(d, est.aggregation, gram, T.dimension(flat, per_example=True))
+    for block, units, us in zip(model.blocks, traces, noise):
+        for unit, u in zip(units, us):
+            grad_a = T.combine(u, c)[0]
+            w, b = _unit_params(block, unit.kind)
+            w.grad, b.grad = _weight_grads(block, unit, grad_a)
+    _set_readout(model, z, e if u_out is None else T.combine(u_out, c)[0])
+    return loss, logits
+
+
+def mixer_fg_w(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fg-w` on LocalMixer, end to end: K weight tangents over every block's parameters (shared by the batch),
+    propagated forward through all blocks and the readout by the same hand-written tangent pass; the estimate is
+    sum_k c_k v_k with c from the K directional derivatives of the mean loss. The heads take no part (zero
+    gradient); the readout takes its exact gradient (or is perturbed too with --exact-readout false)."""
+    model = est.model
+    assert isinstance(model, LocalMixer)
+    k = est.K
+    traces, z, ln, logits = _mixer_trace(model, x)
+    loss, e = _readout_loss_grad(est, logits, y)
+    noise = []
+    h_dot = None
+    for block, units in zip(model.blocks, traces):
+        pairs = []
+        for unit in units:
+            w, b = _unit_params(block, unit.kind)
+            pairs.append(tuple(est._sample_(torch.empty((k, *p.shape), device=p.device, dtype=p.dtype))
+                               for p in (w, b)))
+        noise.append(pairs)
+        h_dot = _tangent_pass(block, units, weight_noise=pairs, x_dot=h_dot)
+    assert h_dot is not None
+    logits_dot = _logits_tangent(model, ln, h_dot)
+    flat = [v for pairs in noise for pair in pairs for v in pair]
+    if not est.exact_readout:
+        vw, vb = (est._sample_(torch.empty((k, *p.shape), device=p.device, dtype=p.dtype))
+                  for p in (model.readout.weight, model.readout.bias))
+        logits_dot = logits_dot + z @ vw.transpose(-1, -2) + vb[:, None, :]
+        flat += [vw, vb]
+    d = (logits_dot * e).sum((-1, -2))  # [K]
+    est.group.weighted_mean_([d], x.shape[0])  # data-parallel: seed-shared tangents, K numbers exchanged
+    gram = T.gram(flat) if est.aggregation == "orthogonal" else None
+    c = T.coefficients(d, est.aggregation, gram, T.dimension(flat))
+    for block, units, pairs in zip(model.blocks, traces, noise):
+        for unit, pair in zip(units, pairs):
+            for p, g in zip(_unit_params(block, unit.kind), T.combine(list(pair), c)):
+                p.grad = g
+    if est.exact_readout:
+        _set_readout(model, z, e)
+    else:
+        model.readout.weight.grad, model.readout.bias.grad = T.combine([vw, vb], c)
+    return loss, logits
+
+
+FG.MODEL_PATHS[(LocalMixer, "fg-a")] = mixer_fg_a
+FG.MODEL_PATHS[(LocalMixer, "fg-w")] = mixer_fg_w
