@@ -93,16 +93,39 @@ class TrainConfig:
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """Weight decay on weights (>= 2 dims) only, as in the papers."""
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+def make_optimizer(
+    cfg: TrainConfig, params: list[torch.nn.Parameter], lr_multipliers: dict[int, float] | None = None
+) -> torch.optim.Optimizer:
+    """Weight decay on weights (>= 2 dims) only, as in the papers.
+
+    lr_multipliers maps id(parameter) to a learning-rate multiplier (absent: 1). One parameter group per
+    (multiplier, decay) pair, the multiplier-1 groups first (group 0's lr is the one logged). A run without
+    multipliers has the same two groups as before, so older checkpoints still load.
+    """
+    mult = lr_multipliers or {}
+    keys: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for p in params:
+        keys.setdefault((mult.get(id(p), 1.0), p.dim() >= 2), []).append(p)
+    order = sorted(keys, key=lambda k: (k[0] != 1.0, k[0], not k[1]))
+    groups = [{"params": keys[k], "weight_decay": cfg.weight_decay if k[1] else 0.0, "lr": cfg.lr * k[0]}
+              for k in order]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(groups, lr=cfg.lr)
+
+
+def lr_multipliers_by_id(estimator: methods.Estimator) -> dict[int, float]:
+    """The estimator's learning-rate multipliers (by parameter name) keyed by id(parameter) for make_optimizer."""
+    named = dict(estimator.model.named_parameters())
+    wanted = estimator.lr_multipliers()
+    unknown = sorted(set(wanted) - set(named))
+    if unknown:
+        raise ValueError(f"lr_multipliers names unknown parameters: {', '.join(unknown)}")
+    for name, m in wanted.items():
+        if not (m >= 0 and math.isfinite(m)):
+            raise UsageError(f"learning-rate multiplier for {name} must be a non-negative number, got {m}")
+    return {id(named[n]): float(m) for n, m in wanted.items()}
 
 
 def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -226,7 +249,7 @@ class Run:
         self.group.broadcast_module(self.model)
         self.estimator = methods.build(cfg.method, self.model, seed=cfg.seed, **cfg.method_options)
         self.estimator.group = self.group
-        self.optimizer = make_optimizer(cfg, self.estimator.trainable())
+        self.optimizer = make_optimizer(cfg, self.estimator.trainable(), lr_multipliers_by_id(self.estimator))
         self.steps_per_epoch = self.data.num_train_batches(cfg.batch_size)
         if self.group.active:
             if cfg.batch_size < self.group.world_size:

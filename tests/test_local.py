@@ -407,3 +407,42 @@ def test_global_fg_a_orthogonal_with_all_directions_is_exact():
     target = end_to_end_grads(model, x, y, params)
     build_method("fg-a", model, tangents=24, aggregation="orthogonal", tangent_dist="normal").step(x, y)
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), target)
+
+
+def test_lr_multipliers_give_param_groups_kept_by_the_schedule_and_resume(tmp_path):
+    """--head-lr-mult / --readout-lr-mult: their own optimizer groups at multiplier x lr; the cosine schedule keeps
+    the ratios; a resumed run equals the uninterrupted one."""
+    from bpfree.train import Run, TrainConfig, train
+
+    torch.set_default_dtype(torch.float32)
+    try:
+        kw = dict(method="lg-fg-a", model="localmixer-m1-16", data="digits", batch_size=256, lr=0.01,
+                  model_options={"channels": 8, "groups": 2},
+                  method_options={"readout_lr_mult": 0.1, "head_lr_mult": 0.5})
+        run = Run(TrainConfig(out=str(tmp_path / "probe"), epochs=2, schedule="cosine", **kw), show_progress=False)
+        m = run.model
+
+        def lrs() -> dict[int, float]:
+            return {id(p): g["lr"] for g in run.optimizer.param_groups for p in g["params"]}
+
+        for _ in range(2):
+            got = lrs()
+            base = got[id(m.blocks[0].channel.weight)]
+            assert base > 0 and got[id(m.blocks[0].channel.bias)] == base
+            assert got[id(m.heads[0].weight)] == pytest.approx(0.5 * base)
+            assert got[id(m.readout.weight)] == pytest.approx(0.1 * base)
+            assert got[id(m.readout.bias)] == pytest.approx(0.1 * base)
+            for _ in range(3):
+                run.optimizer.step()
+                run.schedule.step()
+        assert base < 0.01  # the schedule did decay
+        with pytest.raises(UsageError):
+            build_method("lg-bp", tiny(), readout_lr_mult=-1.0)
+
+        full = train(TrainConfig(out=str(tmp_path / "full"), epochs=2, **kw))
+        train(TrainConfig(out=str(tmp_path / "part"), epochs=1, **kw))
+        resumed = train(TrainConfig(out=str(tmp_path / "part"), epochs=2, resume=True, **kw))
+    finally:
+        torch.set_default_dtype(torch.float64)
+    keys = ("train_loss", "train_error", "test_error", "test_loss", "lr")
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in full]

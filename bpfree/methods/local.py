@@ -55,6 +55,9 @@ COMMON_OPTIONS = {
         choices=("supervised", "contrastive"),
     ),
     "temperature": Option(0.5, "NT-Xent temperature (contrastive objective)"),
+    # The paper's code has both flags (head 1, readout 0.1); default 1 here: the README's rows were run with 1.
+    "head_lr_mult": Option(1.0, "learning-rate multiplier of the local heads (paper: 1)"),
+    "readout_lr_mult": Option(1.0, "learning-rate multiplier of the readout / linear probe (paper: 0.1)"),
 }
 FG_OPTIONS = {
     **COMMON_OPTIONS,
@@ -263,6 +266,20 @@ class LocalEstimator(Estimator):
         self.temperature = float(options.get("temperature", 0.5))
         if self.objective == "contrastive" and model.head_dim == model.num_classes:
             raise UsageError("--objective contrastive needs projection heads: build the model with --head-dim 128")
+        self.head_lr_mult = float(options.get("head_lr_mult", 1.0))
+        self.readout_lr_mult = float(options.get("readout_lr_mult", 1.0))
+        for name, m in (("head", self.head_lr_mult), ("readout", self.readout_lr_mult)):
+            if not m >= 0:
+                raise UsageError(f"option --{name}-lr-mult: must be >= 0, got {m}")
+
+    def lr_multipliers(self) -> dict[str, float]:
+        out = {}
+        for name, _ in self.model.named_parameters():
+            if name.startswith("heads.") and self.head_lr_mult != 1.0:
+                out[name] = self.head_lr_mult
+            elif name.startswith("readout.") and self.readout_lr_mult != 1.0:
+                out[name] = self.readout_lr_mult
+        return out
 
     # -- local loss of block i on pooled features: per-example losses
     def local_loss_fn(self, i: int, y: torch.Tensor):  # noqa: ANN201 - returns a closure
