@@ -116,16 +116,13 @@ def make_optimizer(
 
 
 def lr_multipliers_by_id(estimator: methods.Estimator) -> dict[int, float]:
-    """The estimator's learning-rate multipliers (by parameter name) keyed by id(parameter) for make_optimizer."""
-    named = dict(estimator.model.named_parameters())
-    wanted = estimator.lr_multipliers()
-    unknown = sorted(set(wanted) - set(named))
-    if unknown:
-        raise ValueError(f"lr_multipliers names unknown parameters: {', '.join(unknown)}")
-    for name, m in wanted.items():
+    """The estimator's learning-rate multipliers keyed by id(parameter), for make_optimizer."""
+    out = {}
+    for params, m in estimator.lr_multipliers():
         if not (m >= 0 and math.isfinite(m)):
-            raise UsageError(f"learning-rate multiplier for {name} must be a non-negative number, got {m}")
-    return {id(named[n]): float(m) for n, m in wanted.items()}
+            raise UsageError(f"a learning-rate multiplier must be a non-negative number, got {m}")
+        out.update({id(p): float(m) for p in params})
+    return out
 
 
 def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):

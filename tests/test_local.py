@@ -446,3 +446,49 @@ def test_lr_multipliers_give_param_groups_kept_by_the_schedule_and_resume(tmp_pa
         torch.set_default_dtype(torch.float64)
     keys = ("train_loss", "train_error", "test_error", "test_loss", "lr")
     assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in full]
+
+
+# --- l-bp on block models (resnet18, mobilenetv3-*) ---------------------------------------------------------
+
+
+def test_l_bp_on_a_block_model_is_blockwise_backprop_with_local_heads():
+    torch.manual_seed(0)
+    model = build("resnet18", 3, (1, 8, 8), width=4)
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    est = build_method("l-bp", model, seed=1)
+    assert len(est.heads) == len(model.blocks)
+    assert {id(p) for p in est.trainable()} >= {id(p) for p in est.heads.parameters()}
+    est.step(x, y)
+    # reference: block k's own head loss on its detached input, by plain autograd (BN in train mode both times)
+    h = x
+    for k, block in enumerate(model.blocks):
+        out = block(h.detach())
+        loss = F.cross_entropy(est.heads[k](out.mean((2, 3))), y)
+        params = [*block.parameters(), *est.heads[k].parameters()]
+        for p, g in zip(params, torch.autograd.grad(loss, params)):
+            torch.testing.assert_close(p.grad, g)
+        h = out
+    loss = F.cross_entropy(model.head(h.detach()), y)
+    for p, g in zip(model.head.parameters(), torch.autograd.grad(loss, list(model.head.parameters()))):
+        torch.testing.assert_close(p.grad, g)
+    with pytest.raises(UsageError, match="resnet18"):
+        build_method("l-bp", build("mlp", 3, (1, 4, 4), hidden=(8,)))
+    with pytest.raises(UsageError):
+        build_method("l-bp", model, objective="contrastive")
+
+
+def test_l_bp_on_a_block_model_trains_through_the_trainer_and_resumes(tmp_path):
+    from bpfree.train import TrainConfig, train
+
+    torch.set_default_dtype(torch.float32)
+    try:
+        kw = dict(method="l-bp", model="resnet18", data="digits", batch_size=128, lr=0.05, train_size=512,
+                  model_options={"width": 4}, method_options={"readout_lr_mult": 0.1})
+        full = train(TrainConfig(out=str(tmp_path / "full"), epochs=2, **kw))
+        train(TrainConfig(out=str(tmp_path / "part"), epochs=1, **kw))
+        resumed = train(TrainConfig(out=str(tmp_path / "part"), epochs=2, resume=True, **kw))
+    finally:
+        torch.set_default_dtype(torch.float64)
+    keys = ("train_loss", "train_error", "test_error", "test_loss", "local_loss_0")
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in full]
+    assert full[-1]["local_loss_0"] < full[0]["local_loss_0"]

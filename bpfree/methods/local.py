@@ -21,6 +21,7 @@ through the block, see `_tangent_pass`), never derived from a backward pass.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -272,14 +273,11 @@ class LocalEstimator(Estimator):
             if not m >= 0:
                 raise UsageError(f"option --{name}-lr-mult: must be >= 0, got {m}")
 
-    def lr_multipliers(self) -> dict[str, float]:
-        out = {}
-        for name, _ in self.model.named_parameters():
-            if name.startswith("heads.") and self.head_lr_mult != 1.0:
-                out[name] = self.head_lr_mult
-            elif name.startswith("readout.") and self.readout_lr_mult != 1.0:
-                out[name] = self.readout_lr_mult
-        return out
+    def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:
+        model = self.model
+        assert isinstance(model, LocalMixer)
+        return [(list(model.heads.parameters()), self.head_lr_mult),
+                (list(model.readout.parameters()), self.readout_lr_mult)]
 
     # -- local loss of block i on pooled features: per-example losses
     def local_loss_fn(self, i: int, y: torch.Tensor):  # noqa: ANN201 - returns a closure
@@ -325,12 +323,6 @@ class LocalEstimator(Estimator):
             p.grad = torch.zeros_like(p) if g is None else g.detach()
 
 
-@METHODS.register(
-    "l-bp",
-    "block-wise local losses, backprop inside each block, stop-gradient between blocks",
-    options=COMMON_OPTIONS,
-    paper=PAPER,
-)
 class LocalBP(LocalEstimator):
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         params = list(block.parameters()) + self._head_params(i)
@@ -344,6 +336,99 @@ class LocalBP(LocalEstimator):
 
     def block_forward(self, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
         return block(x)
+
+
+class BlockLocalBP(Estimator):
+    """l-bp on a model that exposes ordered `blocks` and a classifier `head` (resnet18, mobilenetv3-*).
+
+    Every block gets its own local head (global average pool -> Linear to classes; owned by the estimator, like
+    the Scalable FF heads, so the model stays the plain network) and is trained by backprop of that head's
+    cross-entropy only; its output is detached before the next block. The model's own `head` is the readout:
+    trained on the detached last block output by its own exact gradient, and used for prediction (`model(x)`).
+    """
+
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        if options.get("objective", "supervised") != "supervised":
+            raise UsageError("l-bp on block models supports only --objective supervised (contrastive: localmixer-*)")
+        self.blocks, self.readout = model.blocks, model.head
+        self.head_lr_mult = float(options.get("head_lr_mult", 1.0))
+        self.readout_lr_mult = float(options.get("readout_lr_mult", 1.0))
+        param = next(model.parameters())
+        was_training = model.training
+        model.eval()  # dry run: eval mode and no grad, so batch-norm statistics are untouched
+        with torch.no_grad():
+            h = torch.zeros(2, *model.input_shape, device=param.device, dtype=param.dtype)
+            classes = int(model(h).shape[1])
+            widths = []
+            for block in self.blocks:
+                h = block(h)
+                widths.append(h.shape[1])
+        model.train(was_training)
+        self.heads = nn.ModuleList(nn.Linear(c, classes) for c in widths).to(param.device, param.dtype)
+        with torch.no_grad():  # PyTorch's default Linear init, drawn from the estimator's generator
+            for head in self.heads:
+                for p in head.parameters():
+                    u = torch.rand(p.shape, generator=self.generator, device=p.device, dtype=p.dtype)
+                    p.copy_((2 * u - 1) / math.sqrt(head.in_features))
+
+    @staticmethod
+    def pool(h: torch.Tensor) -> torch.Tensor:
+        return h.flatten(2).mean(-1) if h.dim() > 2 else h
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        h, extra = x, {}
+        for k, block in enumerate(self.blocks):
+            params = [p for p in block.parameters() if p.requires_grad] + list(self.heads[k].parameters())
+            with torch.enable_grad():
+                out = block(h.detach())
+                loss = F.cross_entropy(self.heads[k](self.pool(out)), y)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for p, g in zip(params, grads):  # a block's graph is freed before the next block runs
+                p.grad = torch.zeros_like(p) if g is None else g
+            extra[f"local_loss_{k}"] = float(loss.detach())
+            h = out.detach()
+        params = [p for p in self.readout.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            logits = self.readout(h)
+            loss = F.cross_entropy(logits, y)
+            grads = torch.autograd.grad(loss, params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        return StepResult(loss.detach(), logits.detach(), extra)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return super().trainable() + list(self.heads.parameters())
+
+    def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:
+        return [(list(self.heads.parameters()), self.head_lr_mult),
+                (list(self.readout.parameters()), self.readout_lr_mult)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "heads": self.heads.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.heads.load_state_dict(state["heads"])
+
+
+@METHODS.register(
+    "l-bp",
+    "block-wise local losses, backprop inside each block, stop-gradient between blocks",
+    options=COMMON_OPTIONS,
+    paper=PAPER,
+)
+def build_l_bp(model: nn.Module, seed: int = 0, **options: Any) -> Estimator:
+    """LocalMixer, or any model exposing ordered `blocks` and a classifier `head` (resnet18, mobilenetv3-*)."""
+    if isinstance(model, LocalMixer):
+        return LocalBP(model, seed, **options)
+    blocks, head = getattr(model, "blocks", None), getattr(model, "head", None)
+    if isinstance(blocks, nn.ModuleList) and isinstance(head, nn.Module):
+        return BlockLocalBP(model, seed, **options)
+    raise UsageError(
+        f"l-bp needs a localmixer-* model or one split into blocks (resnet18, mobilenetv3-small, mobilenetv3-large), "
+        f"got {type(model).__name__}"
+    )
 
 
 @METHODS.register(
