@@ -12,7 +12,7 @@ No backward pass runs through a network layer: the only autograd calls are throu
 (dL/dlogits, to turn the output tangent into d) and, on the generic path, one-module vector-Jacobian products
 that turn an estimated pre-activation gradient into that module's parameter gradient.
 
-Two execution paths:
+Execution paths:
 * fast path for nn.Sequential chains [Flatten] Linear, activation, ..., Linear (the `mlp`): primal and
   the K tangents share one buffer [K+1, B, width], so a layer is ONE matmul for all of them, and ReLU is one
   multiply by the primal's mask for primal and tangents together. Tangents come from a per-step seed and are
@@ -21,6 +21,10 @@ Two execution paths:
 * generic path for any other model of Linear/Conv/pooling/activations: torch.func.jvp over the parameters with
   the K tangents vmapped (fg-w), or torch.autograd.forward_ad with tangents injected at the output of every
   parametrised module and the batch replicated K times (fg-a). Correct but slower; keeps layer inputs.
+
+* model-specific paths registered in MODEL_PATHS by the module that knows a model's structure: LocalMixer
+  (`bpfree.methods.local.mixer_fg_a` / `mixer_fg_w`) perturbs every unit's post-LN, pre-ReLU activity (the
+  paper's FG-A) with hand-written tangent propagation through all blocks.
 
 Readout: by default (exact_readout=True, as in the paper's code) the final Linear is trained on its exact
 local gradient dL/dlogits x its input (it sees only its own input, so this is no backpropagation) and is not
