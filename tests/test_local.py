@@ -372,7 +372,8 @@ def end_to_end_grads(model, x, y, params):
 
 @pytest.mark.parametrize(
     "method, options",
-    [("fg-a", {}), ("fg-a", {"exact_readout": False}), ("fg-w", {"tangent_dist": "normal"})],
+    [("fg-a", {}), ("fg-a", {"exact_readout": False}), ("fg-w", {"tangent_dist": "normal"}),
+     ("fg-w", {"exact_readout": False})],
 )
 def test_global_fg_on_localmixer_is_unbiased_for_the_end_to_end_gradient(method, options):
     model = tiny()  # 2 blocks, 2x2 patches: token mixing, residual, tangents crossing blocks
