@@ -4,7 +4,8 @@ Suites (each method trained with the ordinary trainer, `bpfree.train`, so every 
   mnist-m    MNIST, localmixer-m1-16: bp, l-bp, lg-bp, fg-w, fg-a, lg-fg-w, lg-fg-a
   mnist-s    MNIST, localmixer-s1-1: bp, fg-a (lg-* equal the non-LG methods with one patch and one group)
   cifar      CIFAR-10, localmixer-m8-16: bp, l-bp, lg-bp, fg-w, fg-a, lg-fg-w, lg-fg-a at one epoch budget
-  speed      step time of lg-fg-a vs bp on localmixer-m8-16 (CIFAR-shaped batches), interleaved in one process
+  speed      step time of lg-fg-a vs bp on localmixer-m8-16 (CIFAR-shaped batches), interleaved in one process;
+             --model / --methods choose others (`fg-a:generic` = fg-a without its LocalMixer path)
 
 Example (what fits this 2-core machine):  python benchmarks/localmixer.py --suite speed
     python benchmarks/localmixer.py --suite mnist-m --train-size 5000 --epochs 1
@@ -91,15 +92,24 @@ def run_suite(args: argparse.Namespace) -> list[dict]:
 
 
 def time_steps(args: argparse.Namespace) -> list[dict]:
-    """Seconds per training step (estimator step + SGD step), bp vs lg-fg-a, interleaved rounds, median."""
+    """Seconds per training step (estimator step + SGD step), interleaved rounds, median; ratios to bp.
+
+    A method written `NAME:generic` (e.g. `fg-a:generic`) runs with its model-specific path switched off: the
+    generic forward-mode path, for comparison with the LocalMixer path in the same process.
+    """
     torch.manual_seed(0)
-    shape = (3, 32, 32)
+    model_name = args.model or "localmixer-m8-16"
+    shape = models.MODELS.get(model_name).extra["input_shape"]
     x = torch.randn(args.batch_size, *shape)
     y = torch.randint(0, 10, (args.batch_size,))
     ests = {}
-    for name in ["bp", "l-bp", "lg-fg-a"]:
-        model = models.build("localmixer-m8-16", 10, shape)
-        est = methods.build(name, model)
+    for name in ["bp", *[m for m in (args.methods or ["l-bp", "lg-fg-a"]) if m != "bp"]]:
+        model = models.build(model_name, 10, shape)
+        with torch.no_grad():  # a non-zero readout, so that forward gradients have something to carry
+            model.readout.weight.normal_(0, 0.01)
+        est = methods.build(name.split(":")[0], model)
+        if name.endswith(":generic"):
+            est.path = None
         ests[name] = (est, torch.optim.SGD(est.trainable(), lr=1e-3, momentum=0.9))
     times: dict[str, list[float]] = {k: [] for k in ests}
     for _ in range(args.rounds):
@@ -117,6 +127,7 @@ def time_steps(args: argparse.Namespace) -> list[dict]:
             "method": k,
             "seconds_per_step": round(v, 4),
             "ratio_to_bp": round(v / med["bp"], 3),
+            "model": model_name,
             "batch_size": args.batch_size,
             "threads": torch.get_num_threads(),
         }
@@ -127,7 +138,8 @@ def time_steps(args: argparse.Namespace) -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=[*SUITES, "speed"], default="speed")
-    p.add_argument("--methods", nargs="*", help="subset of the suite's methods")
+    p.add_argument("--methods", nargs="*", help="subset of the suite's methods (speed: methods to time against bp)")
+    p.add_argument("--model", default=None, help="speed: the model (default localmixer-m8-16)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--train-size", type=int, default=None, help="first N training examples (default: all)")
     p.add_argument("--batch-size", type=int, default=128)

@@ -94,16 +94,36 @@ class TrainConfig:
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """Weight decay on weights (>= 2 dims) only, as in the papers."""
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+def make_optimizer(
+    cfg: TrainConfig, params: list[torch.nn.Parameter], lr_multipliers: dict[int, float] | None = None
+) -> torch.optim.Optimizer:
+    """Weight decay on weights (>= 2 dims) only, as in the papers.
+
+    lr_multipliers maps id(parameter) to a learning-rate multiplier (absent: 1). One parameter group per
+    (multiplier, decay) pair, the multiplier-1 groups first (group 0's lr is the one logged). A run without
+    multipliers has the same two groups as before, so older checkpoints still load.
+    """
+    mult = lr_multipliers or {}
+    keys: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for p in params:
+        keys.setdefault((mult.get(id(p), 1.0), p.dim() >= 2), []).append(p)
+    order = sorted(keys, key=lambda k: (k[0] != 1.0, k[0], not k[1]))
+    groups = [{"params": keys[k], "weight_decay": cfg.weight_decay if k[1] else 0.0, "lr": cfg.lr * k[0]}
+              for k in order]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(groups, lr=cfg.lr)
+
+
+def lr_multipliers_by_id(estimator: methods.Estimator) -> dict[int, float]:
+    """The estimator's learning-rate multipliers keyed by id(parameter), for make_optimizer."""
+    out = {}
+    for params, m in estimator.lr_multipliers():
+        if not (m >= 0 and math.isfinite(m)):
+            raise UsageError(f"a learning-rate multiplier must be a non-negative number, got {m}")
+        out.update({id(p): float(m) for p in params})
+    return out
 
 
 def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -234,7 +254,7 @@ class Run:
         self.group.broadcast_module(self.model)
         self.estimator = methods.build(cfg.method, self.model, seed=cfg.seed, **cfg.method_options)
         self.estimator.group = self.group
-        self.optimizer = make_optimizer(cfg, self.estimator.trainable())
+        self.optimizer = make_optimizer(cfg, self.estimator.trainable(), lr_multipliers_by_id(self.estimator))
         self.steps_per_epoch = self.data.num_train_batches(cfg.batch_size)
         if self.group.active:
             if cfg.batch_size < self.group.world_size:

@@ -359,6 +359,142 @@ def test_augment_is_a_shifted_flipped_crop():
         assert any(torch.isin(t, x[b]).all() for t in inner)  # the centre always comes from the same image
 
 
+# --- global fg-a / fg-w on LocalMixer: end to end on the readout's loss (the paper's FG-A / FG-W rows) -------
+
+
+def end_to_end_grads(model, x, y, params):
+    """The paper's FG-A target: each unit's weight gradient is the true dL/da at its post-LN activity a
+    (which already carries the ReLU derivative) pushed back through that unit's LN and linear only. A unit's
+    parameters reach the loss only through a, so by the chain rule this is the ordinary end-to-end gradient of
+    the readout loss — which plain autograd gives."""
+    return torch.cat([g.flatten() for g in torch.autograd.grad(F.cross_entropy(model(x), y), params)])
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("fg-a", {}), ("fg-a", {"exact_readout": False}), ("fg-w", {"tangent_dist": "normal"}),
+     ("fg-w", {"exact_readout": False})],
+)
+def test_global_fg_on_localmixer_is_unbiased_for_the_end_to_end_gradient(method, options):
+    model = tiny()  # 2 blocks, 2x2 patches: token mixing, residual, tangents crossing blocks
+    x, y = data()
+    est = build_method(method, model, seed=5, tangents=40, **options)
+    assert est.path is not None  # the LocalMixer path, not the generic forward-mode one
+    params = list(model.blocks.parameters())
+    if options.get("exact_readout") is False:
+        params += list(model.readout.parameters())
+    target = end_to_end_grads(model, x, y, params)
+    samples = []
+    for _ in range(40):
+        est.step(x, y)
+        samples.append(torch.cat([p.grad.flatten() for p in params]))
+        assert all(torch.all(p.grad == 0) for p in model.heads.parameters())  # heads take no part
+    s = torch.stack(samples)
+    mean, stderr = s.mean(0), s.std(0) / len(samples) ** 0.5
+    _assert_unbiased(mean, stderr, target)
+    with pytest.raises(AssertionError):  # a 2x mis-scaled estimator would be caught
+        _assert_unbiased(mean, stderr, 2 * target)
+    if options.get("exact_readout", True):
+        exact = end_to_end_grads(model, x, y, list(model.readout.parameters()))
+        torch.testing.assert_close(torch.cat([p.grad.flatten() for p in model.readout.parameters()]), exact)
+
+
+def test_global_fg_a_orthogonal_with_all_directions_is_exact():
+    """K >= the per-example activity dimension (2 + 3 units x 4 channels, one patch): the projection onto the
+    masked tangents' span is the exact end-to-end gradient."""
+    model = tiny(blocks=2, grid=1, channels=4, groups=2)
+    x, y = data()
+    params = list(model.blocks.parameters())
+    target = end_to_end_grads(model, x, y, params)
+    build_method("fg-a", model, tangents=24, aggregation="orthogonal", tangent_dist="normal").step(x, y)
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), target)
+
+
+def test_lr_multipliers_give_param_groups_kept_by_the_schedule_and_resume(tmp_path):
+    """--head-lr-mult / --readout-lr-mult: their own optimizer groups at multiplier x lr; the cosine schedule keeps
+    the ratios; a resumed run equals the uninterrupted one."""
+    from bpfree.train import Run, TrainConfig, train
+
+    torch.set_default_dtype(torch.float32)
+    try:
+        kw = dict(method="lg-fg-a", model="localmixer-m1-16", data="digits", batch_size=256, lr=0.01,
+                  model_options={"channels": 8, "groups": 2},
+                  method_options={"readout_lr_mult": 0.1, "head_lr_mult": 0.5})
+        run = Run(TrainConfig(out=str(tmp_path / "probe"), epochs=2, schedule="cosine", **kw), show_progress=False)
+        m = run.model
+
+        def lrs() -> dict[int, float]:
+            return {id(p): g["lr"] for g in run.optimizer.param_groups for p in g["params"]}
+
+        for _ in range(2):
+            got = lrs()
+            base = got[id(m.blocks[0].channel.weight)]
+            assert base > 0 and got[id(m.blocks[0].channel.bias)] == base
+            assert got[id(m.heads[0].weight)] == pytest.approx(0.5 * base)
+            assert got[id(m.readout.weight)] == pytest.approx(0.1 * base)
+            assert got[id(m.readout.bias)] == pytest.approx(0.1 * base)
+            for _ in range(3):
+                run.optimizer.step()
+                run.schedule.step()
+        assert base < 0.01  # the schedule did decay
+        with pytest.raises(UsageError):
+            build_method("lg-bp", tiny(), readout_lr_mult=-1.0)
+
+        full = train(TrainConfig(out=str(tmp_path / "full"), epochs=2, **kw))
+        train(TrainConfig(out=str(tmp_path / "part"), epochs=1, **kw))
+        resumed = train(TrainConfig(out=str(tmp_path / "part"), epochs=2, resume=True, **kw))
+    finally:
+        torch.set_default_dtype(torch.float64)
+    keys = ("train_loss", "train_error", "test_error", "test_loss", "lr")
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in full]
+
+
+# --- l-bp on block models (resnet18, mobilenetv3-*) ---------------------------------------------------------
+
+
+def test_l_bp_on_a_block_model_is_blockwise_backprop_with_local_heads():
+    torch.manual_seed(0)
+    model = build("resnet18", 3, (1, 8, 8), width=4)
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    est = build_method("l-bp", model, seed=1)
+    assert len(est.heads) == len(model.blocks)
+    assert {id(p) for p in est.trainable()} >= {id(p) for p in est.heads.parameters()}
+    est.step(x, y)
+    # reference: block k's own head loss on its detached input, by plain autograd (BN in train mode both times)
+    h = x
+    for k, block in enumerate(model.blocks):
+        out = block(h.detach())
+        loss = F.cross_entropy(est.heads[k](out.mean((2, 3))), y)
+        params = [*block.parameters(), *est.heads[k].parameters()]
+        for p, g in zip(params, torch.autograd.grad(loss, params)):
+            torch.testing.assert_close(p.grad, g)
+        h = out
+    loss = F.cross_entropy(model.head(h.detach()), y)
+    for p, g in zip(model.head.parameters(), torch.autograd.grad(loss, list(model.head.parameters()))):
+        torch.testing.assert_close(p.grad, g)
+    with pytest.raises(UsageError, match="resnet18"):
+        build_method("l-bp", build("mlp", 3, (1, 4, 4), hidden=(8,)))
+    with pytest.raises(UsageError):
+        build_method("l-bp", model, objective="contrastive")
+
+
+def test_l_bp_on_a_block_model_trains_through_the_trainer_and_resumes(tmp_path):
+    from bpfree.train import TrainConfig, train
+
+    torch.set_default_dtype(torch.float32)
+    try:
+        kw = dict(method="l-bp", model="resnet18", data="digits", batch_size=128, lr=0.05, train_size=512,
+                  model_options={"width": 4}, method_options={"readout_lr_mult": 0.1})
+        full = train(TrainConfig(out=str(tmp_path / "full"), epochs=2, **kw))
+        train(TrainConfig(out=str(tmp_path / "part"), epochs=1, **kw))
+        resumed = train(TrainConfig(out=str(tmp_path / "part"), epochs=2, resume=True, **kw))
+    finally:
+        torch.set_default_dtype(torch.float64)
+    keys = ("train_loss", "train_error", "test_error", "test_loss", "local_loss_0")
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in full]
+    assert full[-1]["local_loss_0"] < full[0]["local_loss_0"]
+
+
 def test_bp_contrastive_is_end_to_end_simclr():
     """bp --objective contrastive: plain SimCLR gradients (no stop-gradient) through every block, from the last
     block's projection head; other heads get zeros; the readout is a probe on stopped features."""

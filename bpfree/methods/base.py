@@ -56,6 +56,14 @@ class Estimator:
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def lr_multipliers(self) -> list[tuple[list[torch.nn.Parameter], float]]:
+        """(parameters, learning-rate multiplier) pairs, for parameters of `trainable()`; the rest get 1.
+
+        The trainer gives each multiplier its own optimizer parameter group (lr = multiplier x --lr), so the
+        schedule, which scales every group's base lr by the same factor, keeps the ratios.
+        """
+        return []
+
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y)
 

@@ -12,7 +12,7 @@ No backward pass runs through a network layer: the only autograd calls are throu
 (dL/dlogits, to turn the output tangent into d) and, on the generic path, one-module vector-Jacobian products
 that turn an estimated pre-activation gradient into that module's parameter gradient.
 
-Two execution paths:
+Execution paths:
 * fast path for nn.Sequential chains [Flatten] Linear, activation, ..., Linear (the `mlp`): primal and
   the K tangents share one buffer [K+1, B, width], so a layer is ONE matmul for all of them, and ReLU is one
   multiply by the primal's mask for primal and tangents together. Tangents come from a per-step seed and are
@@ -22,6 +22,10 @@ Two execution paths:
   the K tangents vmapped (fg-w), or torch.autograd.forward_ad with tangents injected at the output of every
   parametrised module and the batch replicated K times (fg-a). Correct but slower; keeps layer inputs.
 
+* model-specific paths registered in MODEL_PATHS by the module that knows a model's structure: LocalMixer
+  (`bpfree.methods.local.mixer_fg_a` / `mixer_fg_w`) perturbs every unit's post-LN, pre-ReLU activity (the
+  paper's FG-A) with hand-written tangent propagation through all blocks.
+
 Readout: by default (exact_readout=True, as in the paper's code) the final Linear is trained on its exact
 local gradient dL/dlogits x its input (it sees only its own input, so this is no backpropagation) and is not
 perturbed. exact_readout=False perturbs it like every other layer.
@@ -29,6 +33,7 @@ perturbed. exact_readout=False perturbs it like every other layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,6 +78,20 @@ _ACTIVATIONS = (
 )
 
 Chain = list[tuple[nn.Linear, "nn.Module | None"]]
+
+#: Model-specific paths: (model class, "fg-w" | "fg-a") -> step(estimator, x, y) -> (loss, logits), filling
+#: p.grad like `_step_generic` would. Registered by the module that knows the model's structure (LocalMixer:
+#: `bpfree.methods.local`), so this file and the trainer stay model-agnostic.
+ModelPath = Callable[["_ForwardGradient", torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+MODEL_PATHS: dict[tuple[type, str], ModelPath] = {}
+
+
+def model_path(model: nn.Module, method: str) -> ModelPath | None:
+    """The registered specialised step for this model (or a base class of it), if any."""
+    for cls in type(model).__mro__:
+        if (cls, method) in MODEL_PATHS:
+            return MODEL_PATHS[(cls, method)]
+    return None
 
 
 def _chain(model: nn.Module) -> Chain | None:
@@ -129,6 +148,8 @@ def _set_grad(p: torch.Tensor, g: torch.Tensor) -> None:
 class _ForwardGradient(Estimator):
     """Shared option handling, per-step tangent seeds, and the exact readout."""
 
+    method = ""  # the registered name, to look up a model-specific path
+
     def __init__(
         self,
         model: nn.Module,
@@ -154,6 +175,7 @@ class _ForwardGradient(Estimator):
         self.dist = tangent_dist
         self.exact_readout = exact_readout
         self.chain = _chain(model)
+        self.path = model_path(model, self.method)
         # Tangents come from a scratch generator seeded per step from self.generator: they can be regenerated
         # (same seed, same order) instead of stored, and a restored self.generator replays the same sequence.
         self._scratch = torch.Generator(device=self.generator.device)
@@ -199,6 +221,8 @@ class _ForwardGradient(Estimator):
         with torch.no_grad():
             if self.chain is not None:
                 loss, logits = self._step_chain(x, y, seed)
+            elif self.path is not None:
+                loss, logits = self.path(self, x, y)
             else:
                 loss, logits = self._step_generic(x, y)
         self._zero_missing()
@@ -218,6 +242,8 @@ class _ForwardGradient(Estimator):
     paper="Ren et al. 2022 (arXiv 2210.03310); Flügel et al. 2024 (arXiv 2410.17764)",
 )
 class ForwardGradientWeight(_ForwardGradient):
+    method = "fg-w"
+
     def all_reduce_gradients(self, group: Group, weight: float) -> None:
         """Data-parallel: seed-shared tangents. Every rank draws the same tangents (self.generator is seeded alike
         on every rank), so averaging the K directional derivatives inside `step` (weighted by the ranks' batch
@@ -361,6 +387,8 @@ class ForwardGradientWeight(_ForwardGradient):
     paper="Ren et al. 2022 (arXiv 2210.03310); Flügel et al. 2024 (arXiv 2410.17764)",
 )
 class ForwardGradientActivity(_ForwardGradient):
+    method = "fg-a"
+
     def __init__(self, model: nn.Module, seed: int = 0, recompute: bool = False, **options: Any):
         super().__init__(model, seed=seed, recompute=recompute, **options)
         self.recompute = recompute

@@ -21,6 +21,7 @@ through the block, see `_tangent_pass`), never derived from a backward pass.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -32,12 +33,15 @@ from bpfree.distributed import Group
 from bpfree.errors import UsageError
 from bpfree.losses import LossGrid, augment, local_loss_grid, nt_xent
 from bpfree.methods import METHODS
+from bpfree.methods import forward_gradient as FG
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.models.localmixer import (
+    LNCache,
     LocalMixer,
     MixerBlock,
     Unit,
     layer_norm,
+    layer_norm_cached,
     layer_norm_linear,
     layer_norm_stats,
 )
@@ -52,6 +56,9 @@ COMMON_OPTIONS = {
         choices=("supervised", "contrastive"),
     ),
     "temperature": Option(0.5, "NT-Xent temperature (contrastive objective)"),
+    # The paper's code has both flags (head 1, readout 0.1); default 1 here: the README's rows were run with 1.
+    "head_lr_mult": Option(1.0, "learning-rate multiplier of the local heads (paper: 1)"),
+    "readout_lr_mult": Option(1.0, "learning-rate multiplier of the readout / linear probe (paper: 0.1)"),
 }
 FG_OPTIONS = {
     **COMMON_OPTIONS,
@@ -178,15 +185,21 @@ def _tangent_pass(
     units: list[Unit],
     activity_noise: list[torch.Tensor] | None = None,
     weight_noise: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    x_dot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forward-mode derivative of the block output [K, B, P, C] along K tangents.
 
     activity_noise[l] [K, B, P, C] is noise u added to unit l's post-LN activity (FG-A), given already multiplied
     by the unit's ReLU derivative (the only way it enters); weight_noise[l] = (dW [K, ...],
-    db [K, ...]) perturbs unit l's parameters (FG-W). The block input is stop-gradient, so its tangent is zero.
+    db [K, ...]) perturbs unit l's parameters (FG-W). x_dot [K, B, P, C_in] is the tangent of the block input
+    (end-to-end forward gradients); None for a stop-gradient input (local losses).
     Hand-written (linear maps, LN and ReLU Jacobians) because every piece is already cached by `trace`.
     """
     t_dot: torch.Tensor | None = None
+    if x_dot is not None:
+        assert units[0].pre is not None
+        t_dot = units[0].pre.apply(x_dot)
+    residual = x_dot is not None and block.token_mix is not None  # out = ReLU(a + x): x's tangent joins there
     h_dot = torch.zeros(())
     for i, unit in enumerate(units):
         s_dot = None if t_dot is None else _linear_tangent(block, unit.kind, t_dot)
@@ -207,6 +220,9 @@ def _tangent_pass(
             h_dot = activity_noise[i]
         else:  # (LN'(s) s_dot + u) * relu' with u * relu' precomputed: one fused pass
             h_dot = torch.addcmul(activity_noise[i], unit.ln.apply(s_dot), unit.live)
+        if residual and unit.nxt is None:
+            assert x_dot is not None
+            h_dot = torch.addcmul(h_dot, x_dot, unit.live)
         if unit.nxt is not None:
             t_dot = unit.nxt.apply(h_dot)
     return h_dot
@@ -295,6 +311,17 @@ class LocalEstimator(Estimator):
         self.temperature = float(options.get("temperature", 0.5))
         if self.objective == "contrastive" and model.head_dim == model.num_classes:
             raise UsageError("--objective contrastive needs projection heads: build the model with --head-dim 128")
+        self.head_lr_mult = float(options.get("head_lr_mult", 1.0))
+        self.readout_lr_mult = float(options.get("readout_lr_mult", 1.0))
+        for name, m in (("head", self.head_lr_mult), ("readout", self.readout_lr_mult)):
+            if not m >= 0:
+                raise UsageError(f"option --{name}-lr-mult: must be >= 0, got {m}")
+
+    def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:
+        model = self.model
+        assert isinstance(model, LocalMixer)
+        return [(list(model.heads.parameters()), self.head_lr_mult),
+                (list(model.readout.parameters()), self.readout_lr_mult)]
 
     # -- local loss of block i on pooled features: per-example losses
     def local_loss_fn(self, i: int, y: torch.Tensor):  # noqa: ANN201 - returns a closure
@@ -330,12 +357,6 @@ class LocalEstimator(Estimator):
             p.grad = torch.zeros_like(p) if g is None else g.detach()
 
 
-@METHODS.register(
-    "l-bp",
-    "block-wise local losses, backprop inside each block, stop-gradient between blocks",
-    options=COMMON_OPTIONS,
-    paper=PAPER,
-)
 class LocalBP(LocalEstimator):
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         params = list(block.parameters()) + self._head_params(i)
@@ -349,6 +370,99 @@ class LocalBP(LocalEstimator):
 
     def block_forward(self, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
         return block(x)
+
+
+class BlockLocalBP(Estimator):
+    """l-bp on a model that exposes ordered `blocks` and a classifier `head` (resnet18, mobilenetv3-*).
+
+    Every block gets its own local head (global average pool -> Linear to classes; owned by the estimator, like
+    the Scalable FF heads, so the model stays the plain network) and is trained by backprop of that head's
+    cross-entropy only; its output is detached before the next block. The model's own `head` is the readout:
+    trained on the detached last block output by its own exact gradient, and used for prediction (`model(x)`).
+    """
+
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        if options.get("objective", "supervised") != "supervised":
+            raise UsageError("l-bp on block models supports only --objective supervised (contrastive: localmixer-*)")
+        self.blocks, self.readout = model.blocks, model.head
+        self.head_lr_mult = float(options.get("head_lr_mult", 1.0))
+        self.readout_lr_mult = float(options.get("readout_lr_mult", 1.0))
+        param = next(model.parameters())
+        was_training = model.training
+        model.eval()  # dry run: eval mode and no grad, so batch-norm statistics are untouched
+        with torch.no_grad():
+            h = torch.zeros(2, *model.input_shape, device=param.device, dtype=param.dtype)
+            classes = int(model(h).shape[1])
+            widths = []
+            for block in self.blocks:
+                h = block(h)
+                widths.append(h.shape[1])
+        model.train(was_training)
+        self.heads = nn.ModuleList(nn.Linear(c, classes) for c in widths).to(param.device, param.dtype)
+        with torch.no_grad():  # PyTorch's default Linear init, drawn from the estimator's generator
+            for head in self.heads:
+                for p in head.parameters():
+                    u = torch.rand(p.shape, generator=self.generator, device=p.device, dtype=p.dtype)
+                    p.copy_((2 * u - 1) / math.sqrt(head.in_features))
+
+    @staticmethod
+    def pool(h: torch.Tensor) -> torch.Tensor:
+        return h.flatten(2).mean(-1) if h.dim() > 2 else h
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        h, extra = x, {}
+        for k, block in enumerate(self.blocks):
+            params = [p for p in block.parameters() if p.requires_grad] + list(self.heads[k].parameters())
+            with torch.enable_grad():
+                out = block(h.detach())
+                loss = F.cross_entropy(self.heads[k](self.pool(out)), y)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for p, g in zip(params, grads):  # a block's graph is freed before the next block runs
+                p.grad = torch.zeros_like(p) if g is None else g
+            extra[f"local_loss_{k}"] = float(loss.detach())
+            h = out.detach()
+        params = [p for p in self.readout.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            logits = self.readout(h)
+            loss = F.cross_entropy(logits, y)
+            grads = torch.autograd.grad(loss, params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        return StepResult(loss.detach(), logits.detach(), extra)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return super().trainable() + list(self.heads.parameters())
+
+    def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:
+        return [(list(self.heads.parameters()), self.head_lr_mult),
+                (list(self.readout.parameters()), self.readout_lr_mult)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "heads": self.heads.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.heads.load_state_dict(state["heads"])
+
+
+@METHODS.register(
+    "l-bp",
+    "block-wise local losses, backprop inside each block, stop-gradient between blocks",
+    options=COMMON_OPTIONS,
+    paper=PAPER,
+)
+def build_l_bp(model: nn.Module, seed: int = 0, **options: Any) -> Estimator:
+    """LocalMixer, or any model exposing ordered `blocks` and a classifier `head` (resnet18, mobilenetv3-*)."""
+    if isinstance(model, LocalMixer):
+        return LocalBP(model, seed, **options)
+    blocks, head = getattr(model, "blocks", None), getattr(model, "head", None)
+    if isinstance(blocks, nn.ModuleList) and isinstance(head, nn.Module):
+        return BlockLocalBP(model, seed, **options)
+    raise UsageError(
+        f"l-bp needs a localmixer-* model or one split into blocks (resnet18, mobilenetv3-small, mobilenetv3-large), "
+        f"got {type(model).__name__}"
+    )
 
 
 @METHODS.register(
@@ -498,3 +612,131 @@ class LocalFGWeight(LocalForwardGradient):
                         w.grad = torch.einsum("kg,kgoi->goi", coef, dw)
                     b.grad = (coef.repeat_interleave(b.shape[0] // g, dim=1) * db).sum(0)
         return out, loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Global (end-to-end) forward gradients on LocalMixer: the paper's FG-W and FG-A baselines
+
+
+def _mixer_trace(
+    model: LocalMixer, x: torch.Tensor
+) -> tuple[list[list[Unit]], torch.Tensor, LNCache, torch.Tensor]:
+    """Primal pass through every block (no stop-gradient) and the readout: (units per block, readout LN output z,
+    its cache, logits)."""
+    h = model.tokens(x)
+    traces = []
+    for block in model.blocks:
+        h, units = block.trace(h)
+        traces.append(units)
+    z, ln = layer_norm_cached(model.pooled(h))
+    return traces, z, ln, F.linear(z, model.readout.weight, model.readout.bias)
+
+
+def _readout_loss_grad(est: Estimator, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and dL/dlogits (autograd through the loss function only)."""
+    leaf = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = est.loss_fn(leaf, y)
+        (e,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), e
+
+
+def _logits_tangent(model: LocalMixer, ln: LNCache, h_dot: torch.Tensor) -> torch.Tensor:
+    """Tangent of the logits [K, B, classes] from the last block output's tangent [K, B, P, C]."""
+    return ln.apply(model.pooled(h_dot)) @ model.readout.weight.T
+
+
+def _set_readout(model: LocalMixer, z: torch.Tensor, grad_logits: torch.Tensor) -> None:
+    """The readout's gradient from a (true or estimated) gradient at the logits and its own input z."""
+    model.readout.weight.grad = grad_logits.T @ z
+    model.readout.bias.grad = grad_logits.sum(0)
+
+
+def mixer_fg_a(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fg-a` on LocalMixer, as in the paper's code: trained end to end on the readout's loss.
+
+    Noise u (independent per example, token and unit; K tangents) on every unit's post-LN, pre-ReLU activity
+    in every block at once; the tangents travel forward through ALL blocks (no stop-gradient) and the readout,
+    giving one directional derivative d[k, b] of the global loss per example, shared by all units. Each unit's
+    activity gradient is estimated as sum_k c[k, b] u (masked by the ReLU derivative: a known zero) and pushed
+    back through that unit's LN and linear only. Since a unit's parameters reach the loss only through its
+    activity, this is unbiased for the ordinary end-to-end gradient. The local heads take no part (zero
+    gradient); the readout takes its exact gradient (or is perturbed too with --exact-readout false).
+    `--recompute` has no effect on this path: every unit's tangents are kept until d is known.
+    """
+    model = est.model
+    assert isinstance(model, LocalMixer)
+    k = est.K
+    traces, z, ln, logits = _mixer_trace(model, x)
+    loss, e = _readout_loss_grad(est, logits, y)
+    noise = [[est._sample_(torch.empty((k, *u.live.shape), device=x.device, dtype=u.live.dtype)).mul_(u.live)
+              for u in units] for units in traces]
+    flat = [u for us in noise for u in us]
+    h_dot = None
+    for block, units, us in zip(model.blocks, traces, noise):
+        h_dot = _tangent_pass(block, units, activity_noise=us, x_dot=h_dot)
+    assert h_dot is not None
+    logits_dot = _logits_tangent(model, ln, h_dot)
+    u_out = None
+    if not est.exact_readout:
+        u_out = est._sample_(torch.empty((k, *logits.shape), device=x.device, dtype=logits.dtype))
+        logits_dot = logits_dot + u_out
+        flat.append(u_out)
+    d = (logits_dot * e).sum(-1)  # [K, B]: per-example directional derivatives of the mean loss
+    # Orthogonal: project onto the span of the masked tangents (d only sees them), as the chain path does.
+    gram = T.gram(flat, per_example=True) if est.aggregation == "orthogonal" else None
+    c = T.coefficients(d, est.aggregation, gram, T.dimension(flat, per_example=True))
+    for block, units, us in zip(model.blocks, traces, noise):
+        for unit, u in zip(units, us):
+            grad_a = T.combine(u, c)[0]
+            w, b = _unit_params(block, unit.kind)
+            w.grad, b.grad = _weight_grads(block, unit, grad_a)
+    _set_readout(model, z, e if u_out is None else T.combine(u_out, c)[0])
+    return loss, logits
+
+
+def mixer_fg_w(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fg-w` on LocalMixer, end to end: K weight tangents over every block's parameters (shared by the batch),
+    propagated forward through all blocks and the readout by the same hand-written tangent pass; the estimate is
+    sum_k c_k v_k with c from the K directional derivatives of the mean loss. The heads take no part (zero
+    gradient); the readout takes its exact gradient (or is perturbed too with --exact-readout false)."""
+    model = est.model
+    assert isinstance(model, LocalMixer)
+    k = est.K
+    traces, z, ln, logits = _mixer_trace(model, x)
+    loss, e = _readout_loss_grad(est, logits, y)
+    noise = []
+    h_dot = None
+    for block, units in zip(model.blocks, traces):
+        pairs = []
+        for unit in units:
+            w, b = _unit_params(block, unit.kind)
+            pairs.append(tuple(est._sample_(torch.empty((k, *p.shape), device=p.device, dtype=p.dtype))
+                               for p in (w, b)))
+        noise.append(pairs)
+        h_dot = _tangent_pass(block, units, weight_noise=pairs, x_dot=h_dot)
+    assert h_dot is not None
+    logits_dot = _logits_tangent(model, ln, h_dot)
+    flat = [v for pairs in noise for pair in pairs for v in pair]
+    if not est.exact_readout:
+        vw, vb = (est._sample_(torch.empty((k, *p.shape), device=p.device, dtype=p.dtype))
+                  for p in (model.readout.weight, model.readout.bias))
+        logits_dot = logits_dot + z @ vw.transpose(-1, -2) + vb[:, None, :]
+        flat += [vw, vb]
+    d = (logits_dot * e).sum((-1, -2))  # [K]
+    est.group.weighted_mean_([d], x.shape[0])  # data-parallel: seed-shared tangents, K numbers exchanged
+    gram = T.gram(flat) if est.aggregation == "orthogonal" else None
+    c = T.coefficients(d, est.aggregation, gram, T.dimension(flat))
+    for block, units, pairs in zip(model.blocks, traces, noise):
+        for unit, pair in zip(units, pairs):
+            for p, g in zip(_unit_params(block, unit.kind), T.combine(list(pair), c)):
+                p.grad = g
+    if est.exact_readout:
+        _set_readout(model, z, e)
+    else:
+        model.readout.weight.grad, model.readout.bias.grad = T.combine([vw, vb], c)
+    return loss, logits
+
+
+FG.MODEL_PATHS[(LocalMixer, "fg-a")] = mixer_fg_a
+FG.MODEL_PATHS[(LocalMixer, "fg-w")] = mixer_fg_w

@@ -116,7 +116,9 @@ class Unit:
     kind: "token" (mixes patches), "channel" (mixes all channels of a token) or "group" (grouped linear).
     inp: the linear's input [B, P, in]; ln: its post-linear LN (whose output is the perturbed activity);
     live: the ReLU derivative at the unit's output (float 0/1: sign of the ReLU output);
-    nxt: the LN feeding the next unit (None for the last unit).
+    nxt: the LN feeding the next unit (None for the last unit);
+    pre: the LN that made `inp` from the block input (first unit only: what a tangent of the block input, in
+    end-to-end forward gradients, passes through first).
     """
 
     kind: str
@@ -124,6 +126,7 @@ class Unit:
     ln: LNCache
     live: torch.Tensor
     nxt: LNCache | None = None
+    pre: LNCache | None = None
 
 
 class MixerBlock(nn.Module):
@@ -163,7 +166,7 @@ class MixerBlock(nn.Module):
     def trace(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Unit]]:
         """The forward pass without autograd, keeping each unit's intermediates; returns (output, units)."""
         units: list[Unit] = []
-        t, _ = layer_norm_cached(x)
+        t, pre = layer_norm_cached(x)
         if self.token_mix is not None:
             a, ln = layer_norm_cached(self.mix_tokens(t))
             h = F.relu(a)
@@ -177,6 +180,7 @@ class MixerBlock(nn.Module):
         a, ln = layer_norm_cached(self.grouped(nt), self.groups)
         out = F.relu(a + x if self.token_mix is not None else a)
         units.append(Unit("group", nt, ln, torch.sign(out)))
+        units[0].pre = pre
         return out, units
 
 
