@@ -352,3 +352,99 @@ def test_models_shapes() -> None:
     for shape, flat in [((1, 28, 28), 640), ((3, 32, 32), 1000), ((1, 8, 8), 160)]:
         net = build_model("cnn-small", 10, shape)
         assert net[7].in_features == flat and net(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+# ------------------------------------------------------------------------------- FA on LocalMixer: fa, l-fa, lg-fa
+
+
+def tiny_mixer(blocks: int = 2) -> nn.Module:
+    """Two blocks on a 2x2 patch grid (so token mixing and the LG link are present), 2 groups, float64."""
+    torch.manual_seed(0)
+    model = build_model("localmixer-m8-16", 3, (1, 4, 4), blocks=blocks, grid=2, channels=8, groups=2).double()
+    with torch.no_grad():  # non-zero readout and biases: nothing degenerate at init
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.3)
+        model.readout.weight.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("method,reference", [("l-fa", "l-bp"), ("lg-fa", "lg-bp"), ("fa", "bp")])
+def test_mixer_fa_with_feedback_equal_to_weights_is_its_bp(method: str, reference: str) -> None:
+    """B = W must reproduce the backprop rule exactly (every unit linear, the LG link, heads, readout);
+    random B must change every block weight's update but no head's or readout's (those stay exact)."""
+    model = tiny_mixer()
+    x, y = batch(n=5, shape=(1, 4, 4))
+    est = build(method, model, seed=1)
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if n.startswith("blocks.") and p.dim() >= 2}
+    expected |= {"readout.weight"} if method == "fa" else {f"heads.{i}.weight" for i in range(2)}
+    assert set(est.feedback) == expected
+    est.step(x, y)
+    random_fb = {n: p.grad.clone() for n, p in params.items()}
+    est.feedback = {n: params[n].detach().clone() for n in est.feedback}
+    est.step(x, y)
+    same_fb = {n: p.grad.clone() for n, p in params.items()}
+    build(reference, model).step(x, y)
+    for n, p in params.items():
+        torch.testing.assert_close(same_fb[n], p.grad, msg=n)
+        if n.startswith("blocks.") and p.dim() >= 2:
+            assert not torch.allclose(random_fb[n], p.grad), n
+        elif not n.startswith("blocks."):
+            torch.testing.assert_close(random_fb[n], p.grad, msg=n)
+
+
+@pytest.mark.parametrize("method", ["l-fa", "lg-fa"])
+def test_local_fa_stop_gradient_between_blocks(method: str) -> None:
+    """Block 0's update does not depend on any later block, head or the readout."""
+    model = tiny_mixer(blocks=3)
+    x, y = batch(n=5, shape=(1, 4, 4))
+    build(method, model, seed=3).step(x, y)
+    before = [p.grad.clone() for p in model.blocks[0].parameters()]
+    with torch.no_grad():
+        for p in [*model.blocks[1:].parameters(), *model.heads[1:].parameters(), *model.readout.parameters()]:
+            p.add_(torch.randn_like(p))
+    build(method, model, seed=3).step(x, y)
+    for p, g in zip(model.blocks[0].parameters(), before):
+        torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("method", ["l-fa", "lg-fa"])
+def test_local_fa_state_and_contrastive(method: str) -> None:
+    model = build_model("localmixer-m8-16", 3, (1, 4, 4), blocks=2, grid=2, channels=8, groups=2, head_dim=6)
+    x, y = batch(n=6, shape=(1, 4, 4))
+    est = build(method, model, seed=2, objective="contrastive")
+    est.step(x.float(), y)
+    state = est.state_dict()
+    est.step(x.float(), y)
+    first = [p.grad.clone() for p in model.parameters()]
+    est2 = build(method, model, seed=9, objective="contrastive")
+    est2.load_state_dict(state)
+    est2.step(x.float(), y)
+    for a, p in zip(first, model.parameters()):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, p.grad)
+
+
+@pytest.mark.parametrize("method", ["dfa", "fdfa"])
+def test_direct_feedback_on_localmixer_is_a_usage_error(method: str) -> None:
+    with pytest.raises(UsageError, match="localmixer.*use fa, l-fa or lg-fa"):
+        build(method, build_model("localmixer-m1-16", 10, (1, 8, 8), channels=16, groups=2))
+
+
+@pytest.mark.parametrize("method", ["fa", "l-fa", "lg-fa"])
+def test_mixer_fa_learns_digits(digits, method: str) -> None:
+    xtr, ytr, xte, yte = digits
+    torch.manual_seed(0)
+    net = build_model("localmixer-m1-16", 10, (1, 8, 8), channels=32, groups=4)
+    est = build(method, net, seed=0)
+    opt = torch.optim.SGD(est.trainable(), lr=0.05, momentum=0.9)
+    net.train()
+    for _ in range(2):
+        for i in range(0, len(ytr), 50):
+            opt.zero_grad(set_to_none=True)
+            est.step(xtr[i : i + 50], ytr[i : i + 50])
+            opt.step()
+    net.eval()
+    acc = (est.predict(xte).argmax(1) == yte).float().mean().item()
+    assert acc > 0.5, f"{method} on localmixer: test accuracy {acc:.2f} (chance 0.10)"

@@ -30,11 +30,14 @@ from bpfree.errors import UsageError
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.methods.bp import Backprop
+from bpfree.methods.local import COMMON_OPTIONS, LocalBP, LocalGroupBP, lg_block_forward
+from bpfree.models.localmixer import LinearHook, LocalMixer, MixerBlock, layer_norm
 from bpfree.registry import Option
 
 PAPER_FA = "Lillicrap et al. 2016, Random synaptic feedback weights support error backpropagation for deep learning"
 PAPER_DFA = "Nøkland 2016, Direct Feedback Alignment Provides Learning in Deep Neural Networks"
 PAPER_FDFA = "Bacho & Chu 2022, Low-variance Forward Gradients using Direct Feedback Alignment and Momentum"
+PAPER_LFA = "Ren, Kornblith, Liao, Hinton 2022 (arXiv 2210.03310), FA under their local losses"
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -47,6 +50,11 @@ FREE_LAYERS = (
 
 def flat_layers(model: nn.Module, method: str) -> list[nn.Module]:
     """The model's leaf layers in order, checking that each is one this family knows how to handle."""
+    if isinstance(model, LocalMixer):
+        raise UsageError(
+            f"method {method!r} does not support localmixer-* models (token mixing, grouped linears and residuals "
+            "are not a flat sequence of layers); use fa, l-fa or lg-fa there"
+        )
     if not isinstance(model, nn.Sequential):
         raise UsageError(
             f"method {method!r} needs a model that is an nn.Sequential of Linear/Conv2d/BatchNorm/activation/pooling "
@@ -133,28 +141,110 @@ def _conv_conf(m: nn.Conv2d) -> tuple:
     return (list(m.stride), list(padding), list(m.dilation), m.groups)
 
 
+class _FAGrouped(torch.autograd.Function):
+    """LocalMixer's grouped linear (t [..., G*i] -> [..., G*o], weight [G, o, i]) with B in place of W backwards."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+        tg = t.unflatten(-1, (weight.shape[0], -1))
+        ctx.save_for_backward(tg, fb)
+        return torch.einsum("...gi,goi->...go", tg, weight).flatten(-2) + bias
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        tg, fb = ctx.saved_tensors
+        gg = g.unflatten(-1, (fb.shape[0], -1))
+        grad_t = torch.einsum("...go,goi->...gi", gg, fb).flatten(-2) if ctx.needs_input_grad[0] else None
+        grad_w = torch.einsum("...go,...gi->goi", gg, tg)
+        return grad_t, grad_w, g.flatten(0, -2).sum(0), None
+
+
+def random_feedback(weight: torch.Tensor, fan_in: int, generator: torch.Generator) -> torch.Tensor:
+    """A fixed B of W's shape, U(±1/√fan_in): the scale of PyTorch's default init of W. Every FA variant uses it."""
+    u = torch.rand(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
+    return (2 * u - 1) * fan_in**-0.5
+
+
+def mixer_feedback(
+    model: LocalMixer, generator: torch.Generator, heads: bool, readout: bool
+) -> dict[str, torch.Tensor]:
+    """Feedback matrices for a LocalMixer's linear maps, keyed by their weights' parameter names."""
+    out: dict[str, torch.Tensor] = {}
+    for i, block in enumerate(model.blocks):
+        if block.token_mix is not None:
+            out[f"blocks.{i}.token_mix.weight"] = random_feedback(block.token_mix.weight, model.patches, generator)
+        out[f"blocks.{i}.channel.weight"] = random_feedback(block.channel.weight, block.channel.in_features, generator)
+        out[f"blocks.{i}.group_weight"] = random_feedback(block.group_weight, block.group_weight.shape[-1], generator)
+    for i, head in enumerate(model.heads if heads else []):
+        out[f"heads.{i}.weight"] = random_feedback(head.weight, head.in_features, generator)
+    if readout:
+        out["readout.weight"] = random_feedback(model.readout.weight, model.readout.in_features, generator)
+    return out
+
+
+def mixer_linear_hook(i: int, block: MixerBlock, feedback: dict[str, torch.Tensor]) -> LinearHook:
+    """Block i's unit linear maps with B in place of W in their backward (see `MixerBlock.forward`)."""
+
+    def linear(kind: str, t: torch.Tensor) -> torch.Tensor:
+        if kind == "token":
+            m = block.token_mix
+            assert m is not None
+            fb = feedback[f"blocks.{i}.token_mix.weight"]
+            return _FALinear.apply(t.transpose(-1, -2), m.weight, m.bias, fb).transpose(-1, -2)
+        if kind == "channel":
+            fb = feedback[f"blocks.{i}.channel.weight"]
+            return _FALinear.apply(t, block.channel.weight, block.channel.bias, fb)
+        return _FAGrouped.apply(t, block.group_weight, block.group_bias, feedback[f"blocks.{i}.group_weight"])
+
+    return linear
+
+
+def _clone(feedback: Any, device: torch.device | None = None) -> Any:
+    """Copy a list or name -> tensor dict of feedback matrices (checkpoints), optionally to a device."""
+    if feedback is None:
+        return None
+    if isinstance(feedback, dict):
+        return {k: v.to(device) if device is not None else v.clone() for k, v in feedback.items()}
+    return [b.to(device) if device is not None else b.clone() for b in feedback]
+
+
 @METHODS.register(
     "fa",
     "feedback alignment: backward pass through fixed random matrices instead of transposed weights",
     paper=PAPER_FA,
 )
 class FeedbackAlignment(Backprop):
-    """Backprop's step through a forward pass whose weight layers send the error back through B instead of Wᵀ."""
+    """Backprop's step through a forward pass whose weight layers send the error back through B instead of Wᵀ.
+
+    On a LocalMixer (the paper's "FA" row) every linear map of every block and the readout get a B; the global
+    loss trains the blocks end to end, the local heads take no part (zero gradient), as under `bp`.
+    """
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed=seed, **options)
+        self.feedback: Any
+        if isinstance(model, LocalMixer):
+            self.layers: list[nn.Module] | None = None
+            self.feedback = mixer_feedback(model, self.generator, heads=False, readout=True)
+            return
         self.layers = flat_layers(model, "fa")
         # One fixed B per weight layer, same shape and scale as PyTorch's default init of W (U(±1/sqrt(fan_in))).
-        self.feedback: list[torch.Tensor] = []
-        for m in self.layers:
-            if isinstance(m, WEIGHT_LAYERS):
-                w = m.weight
-                bound = (w[0].numel() / (m.groups if isinstance(m, nn.Conv2d) else 1)) ** -0.5
-                u = torch.rand(w.shape, generator=self.generator, device=w.device, dtype=w.dtype)
-                self.feedback.append((2 * u - 1) * bound)
+        self.feedback = [
+            random_feedback(m.weight, m.weight[0].numel(), self.generator)
+            for m in self.layers
+            if isinstance(m, WEIGHT_LAYERS)
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's forward pass, with each weight layer replaced by its FA Function."""
+        if self.layers is None:  # LocalMixer: tokens -> blocks -> pooled -> LN -> readout, as its forward
+            model = self.model
+            assert isinstance(model, LocalMixer)
+            h = model.tokens(x)
+            for i, block in enumerate(model.blocks):
+                h = block(h, mixer_linear_hook(i, block, self.feedback))
+            ro = model.readout
+            return _FALinear.apply(layer_norm(model.pooled(h)), ro.weight, ro.bias, self.feedback["readout.weight"])
         h, k = x, 0
         for m in self.layers:
             if isinstance(m, nn.Linear):
@@ -168,11 +258,72 @@ class FeedbackAlignment(Backprop):
         return h
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "feedback": [b.clone() for b in self.feedback]}
+        return {**super().state_dict(), "feedback": _clone(self.feedback)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.feedback = [b.to(old.device) for b, old in zip(state["feedback"], self.feedback)]
+        self.feedback = _clone(state["feedback"], next(self.model.parameters()).device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# L-FA, LG-FA: the local-loss estimators (l-bp, lg-bp) with every linear's backward through a fixed random B.
+
+
+class _LocalFeedback:
+    """Mixin over LocalBP / LocalGroupBP. Every linear map between a local loss and the weights it trains sends
+    its error back through a fixed random B (`random_feedback`: U(±1/√fan_in), as `fa`): the three unit linears
+    of each block and the local head's linear, so no weight is transported anywhere. Each weight's own gradient
+    stays local and exact given the signal at its output (for a head: its exact local gradient). The readout sits
+    on stopped features and passes no signal down, so it takes its exact gradient with no B, as in local.py.
+    """
+
+    model: LocalMixer
+    generator: torch.Generator
+
+    def _init_feedback(self) -> None:
+        self.feedback = mixer_feedback(self.model, self.generator, heads=True, readout=False)
+
+    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
+        h = self.model.heads[i]
+        return _FALinear.apply(layer_norm(pooled), h.weight, h.bias, self.feedback[f"heads.{i}.weight"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "feedback": _clone(self.feedback)}  # type: ignore[misc]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)  # type: ignore[misc]
+        self.feedback = _clone(state["feedback"], next(self.model.parameters()).device)
+
+
+@METHODS.register(
+    "l-fa",
+    "feedback alignment inside each block under block-wise local losses (l-bp with random feedback)",
+    options=COMMON_OPTIONS,
+    paper=PAPER_LFA,
+)
+class LocalFA(_LocalFeedback, LocalBP):
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        self._init_feedback()
+
+    def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
+        return block(x, mixer_linear_hook(i, block, self.feedback))
+
+
+@METHODS.register(
+    "lg-fa",
+    "feedback alignment under the block + patch + group local losses (lg-bp with random feedback)",
+    options=COMMON_OPTIONS,
+    paper=PAPER_LFA,
+)
+class LocalGroupFA(_LocalFeedback, LocalGroupBP):
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        self._init_feedback()
+
+    def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
+        hook = mixer_linear_hook(i, block, self.feedback)
+        return lg_block_forward(block, x, hook, self.feedback[f"blocks.{i}.channel.weight"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
