@@ -552,28 +552,77 @@ class DirectFeedbackAlignment(_DirectFeedback):
         ]
 
 
+FEEDBACK_OPTIMIZERS = ("average", "adam", "sgd")
+
+
 @METHODS.register(
     "fdfa",
     "directional DFA: DFA whose feedback matrices track the output Jacobians, learned by one forward-mode pass",
-    options={"feedback_lr": Option(1e-2, "moving-average rate λ of the feedback matrices B")},
+    options={
+        "feedback_lr": Option(1e-2, "rate of B: moving-average λ, or the feedback optimizer's learning rate"),
+        "feedback_optimizer": Option(
+            "average",
+            "how B learns: average = B ← (1−λ)B + λ·mean(ẏuᵀ); adam / sgd = that optimizer on ½‖B − mean(ẏuᵀ)‖²",
+            choices=FEEDBACK_OPTIMIZERS,
+        ),
+    },
     paper=PAPER_FDFA,
 )
 class DirectionalDFA(_DirectFeedback):
+    """`--feedback-optimizer adam` is the public code's choice (Adam, lr 1e-4 on B); `sgd` without momentum is the
+    moving average itself (B − λ(B − estimate)), kept as a check of the optimizer path."""
+
     method = "fdfa"
     use_tangents = True
 
-    def __init__(self, model: nn.Module, seed: int = 0, feedback_lr: float = 1e-2, **options: Any):
-        if not 0.0 < feedback_lr <= 1.0:
-            raise UsageError(f"fdfa: --feedback-lr must be in (0, 1], got {feedback_lr}")
-        super().__init__(model, seed=seed, feedback_lr=feedback_lr, **options)
-        self.feedback_lr = feedback_lr
+    def __init__(
+        self, model: nn.Module, seed: int = 0, feedback_lr: float = 1e-2, feedback_optimizer: str = "average",
+        **options: Any,
+    ):  # fmt: skip
+        if feedback_optimizer not in FEEDBACK_OPTIMIZERS:
+            raise UsageError(f"fdfa: --feedback-optimizer must be one of {', '.join(FEEDBACK_OPTIMIZERS)}")
+        if not 0.0 < feedback_lr <= (1.0 if feedback_optimizer == "average" else float("inf")):
+            raise UsageError(
+                f"fdfa: --feedback-lr must be in (0, 1] for the moving average, > 0 for an optimizer; got {feedback_lr}"
+            )
+        super().__init__(model, seed=seed, feedback_lr=feedback_lr, feedback_optimizer=feedback_optimizer, **options)
+        self.feedback_lr, self.feedback_optimizer = feedback_lr, feedback_optimizer
+        self.optimizer: torch.optim.Optimizer | None = None
 
     def init_feedback(self, outs: list[torch.Tensor], classes: int) -> list[torch.Tensor]:
         return [torch.zeros(classes, o[0].numel(), device=o.device, dtype=o.dtype) for o in outs]
 
+    def _make_optimizer(self) -> None:
+        assert self.feedback is not None
+        if self.feedback_optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.feedback, lr=self.feedback_lr)
+        elif self.feedback_optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.feedback, lr=self.feedback_lr)
+
     def learn_feedback(self, y_dot: torch.Tensor, tangents: list[torch.Tensor]) -> None:
         lam, n = self.feedback_lr, y_dot.shape[0]
+        assert self.feedback is not None
         with torch.no_grad():
+            if self.feedback_optimizer == "average":
+                for b, u in zip(self.feedback, tangents):
+                    # B ← (1−λ)B + λ·mean_batch(ẏ uᵀ), in place as one addmm.
+                    b.mul_(1 - lam).addmm_(y_dot.t(), u.reshape(n, -1), alpha=lam / n)
+                return
+            if self.optimizer is None:
+                self._make_optimizer()
+            assert self.optimizer is not None
             for b, u in zip(self.feedback, tangents):
-                # B ← (1−λ)B + λ·mean_batch(ẏ uᵀ), in place as one addmm.
-                b.mul_(1 - lam).addmm_(y_dot.t(), u.reshape(n, -1), alpha=lam / n)
+                b.grad = torch.addmm(b, y_dot.t(), u.reshape(n, -1), alpha=-1 / n)  # ∇ ½‖B − mean(ẏuᵀ)‖²
+            self.optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        opt = None if self.optimizer is None else self.optimizer.state_dict()
+        return {**super().state_dict(), "feedback_optimizer": opt}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.optimizer = None
+        if state.get("feedback_optimizer") is not None:
+            self._make_optimizer()  # over the loaded B, then its moments and step counts
+            assert self.optimizer is not None
+            self.optimizer.load_state_dict(state["feedback_optimizer"])
