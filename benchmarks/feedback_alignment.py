@@ -41,10 +41,12 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(args.batch, *shape, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
     variants: dict[str, methods.Estimator] = {}
-    for name in ["bp", "fa", "dfa", "fdfa", "dfa (autograd path)", "fdfa (autograd path)"]:
+    names = ["bp", "fa", "dfa", "fdfa", "fdfa rademacher", "dfa (autograd path)", "fdfa (autograd path)"]
+    for name in names:
         torch.manual_seed(0)
         net = models.build("fc-bn", 10, shape, layers=args.layers).train()
-        est = methods.build(name.split()[0], net, seed=0)
+        opts = {"tangent_dist": "rademacher"} if "rademacher" in name else {}
+        est = methods.build(name.split()[0], net, seed=0, **opts)
         if "autograd" in name:
             est.fast = None  # the generic path, for comparison with the hand-written formulas
         variants[name] = est
