@@ -226,18 +226,19 @@ def replay_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(estimator_seed(seed))
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_fdfa_feedback_converges_to_jacobian_of_linear_net(fast: bool) -> None:
+@pytest.mark.parametrize("fast,dist", [(True, "normal"), (False, "normal"), (True, "rademacher")])
+def test_fdfa_feedback_converges_to_jacobian_of_linear_net(fast: bool, dist: str) -> None:
     """On a fixed linear net J_l is constant; the moving average of ẏ u_lᵀ must match it within its noise.
 
     Per entry, one sample ẏ_i u_j (ẏ_i = Σ_k a_k u_k over all tangent units, a = the i-th rows of all J_l) has mean
-    J_ij and variance Σ_k a_k² + J_ij²; a batch mean divides that by N, and an EMA with rate λ at stationarity
-    multiplies it by λ/(2−λ). The bias of starting at zero, (1−λ)^T, is below 1e-9 here.
+    J_ij and variance Σ_k a_k² + J_ij² for normal tangents (E u⁴ = 3), Σ_k a_k² − J_ij² for Rademacher ones (u² = 1);
+    a batch mean divides that by N, and an EMA with rate λ at stationarity multiplies it by λ/(2−λ). The bias of
+    starting at zero, (1−λ)^T, is below 1e-9 here.
     """
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 3)).double()
     lam, n, steps = 0.1, 32, 200
-    est = build("fdfa", net, seed=3, feedback_lr=lam)
+    est = build("fdfa", net, seed=3, feedback_lr=lam, tangent_dist=dist)
     assert est.fast is not None  # linear blocks take the hand-written path
     if not fast:
         est.fast = None
@@ -249,7 +250,7 @@ def test_fdfa_feedback_converges_to_jacobian_of_linear_net(fast: bool) -> None:
     row_power = sum((j**2).sum(1, keepdim=True) for j in jac)  # Σ_k a_k² for output i, shape (3, 1)
     worst = 0.0
     for b, j in zip(est.feedback, jac):
-        var = (row_power + j**2) / n * lam / (2 - lam)
+        var = (row_power + (1 if dist == "normal" else -1) * j**2) / n * lam / (2 - lam)
         z = (b - j) / var.sqrt()
         worst = max(worst, z.abs().max().item())
         assert (z**2).mean().item() < 3.0  # chi-square-like: mean of squared z-scores ≈ 1
