@@ -35,6 +35,22 @@ RESULTS = Path(__file__).parent / "results"
 # ------------------------------------------------------------------------------------------------------ speed
 
 
+def step_macs(layers: int, batch: int, inp: int = 784, width: int = 800, classes: int = 10) -> dict[str, int]:
+    """Multiply-accumulates of one step on fc-bn (matmuls only): the floor of each rule's cost ratio to bp.
+
+    bp: forward, one weight gradient per layer, input gradients of every layer but the first. dfa: forward, weight
+    gradients, e·B_l for every hidden layer. fdfa: the forward carries a tangent through every layer after the
+    first (its input has none), plus dfa's backward and the feedback update ẏᵀu_l."""
+    n, hid = batch, layers * width
+    fwd = n * inp * width + (layers - 1) * n * width * width + n * width * classes
+    grads_w = fwd
+    grads_in = (layers - 1) * n * width * width + n * width * classes
+    tangent = (layers - 1) * n * width * width + n * width * classes
+    signals = n * classes * hid
+    return {"bp": fwd + grads_w + grads_in, "dfa": fwd + grads_w + signals,
+            "fdfa": fwd + tangent + grads_w + signals + classes * n * hid}  # fmt: skip
+
+
 def speed(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     shape = (1, 28, 28)
@@ -69,7 +85,12 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         med = {n: statistics.median(t) for n, t in times.items()}
         out[f"{label}_ms"] = {n: 1e3 * v for n, v in med.items()}
         out[f"{label}_ratio_to_bp"] = {n: v / med["bp"] for n, v in med.items()}
+    macs = step_macs(args.layers, args.batch)
+    out["macs"] = macs
+    out["macs_ratio_to_bp"] = {n: v / macs["bp"] for n, v in macs.items()}
     print(out["setup"])
+    print("  matmul multiply-accumulates per step: " + ", ".join(
+        f"{n} {v / 1e6:.1f}M ({v / macs['bp']:.3f}x)" for n, v in macs.items()))  # fmt: skip
     print(f"  {'':22s} {'cpu ms':>8s} {'ratio':>6s} {'wall ms':>8s} {'ratio':>6s}")
     for n in variants:
         print(f"  {n:22s} {out['cpu_ms'][n]:8.2f} {out['cpu_ratio_to_bp'][n]:6.2f} "
