@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree import methods, models
+from bpfree import tangents as T
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -49,6 +50,30 @@ def step_macs(layers: int, batch: int, inp: int = 784, width: int = 800, classes
     signals = n * classes * hid
     return {"bp": fwd + grads_w + grads_in, "dfa": fwd + grads_w + signals,
             "fdfa": fwd + tangent + grads_w + signals + classes * n * hid}  # fmt: skip
+
+
+def kernel_ms(batch: int, rounds: int = 60) -> dict[str, float]:
+    """Isolated one-thread times of the step's big kernels (fc-bn 2x800): what the ratios are made of."""
+    n, g = batch, torch.Generator().manual_seed(0)
+    x, h, w1, w2 = torch.randn(n, 784), torch.randn(n, 800), torch.randn(800, 784), torch.randn(800, 800)
+    d, both = torch.randn(n, 800), torch.randn(2 * n, 800)
+    ops = {
+        "forward x W1^T": lambda: x @ w1.t(),
+        "forward h W2^T": lambda: h @ w2.t(),
+        "forward [h; h_dot] W2^T (fdfa, 2N rows)": lambda: both @ w2.t(),
+        "weight grad d^T x (layer 1)": lambda: d.t() @ x,
+        "weight grad d^T h (layer 2)": lambda: d.t() @ h,
+        "input grad d W2 (bp only)": lambda: d @ w2,
+        "two N x 800 normal tangents": lambda: (torch.randn(n, 800, generator=g), torch.randn(n, 800, generator=g)),
+        "two N x 800 rademacher tangents": lambda: T.sample((2, n, 800), "rademacher", g),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    for _ in range(rounds):
+        for k, f in ops.items():
+            c = time.thread_time()
+            f()
+            times[k].append(time.thread_time() - c)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,7 +113,10 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     macs = step_macs(args.layers, args.batch)
     out["macs"] = macs
     out["macs_ratio_to_bp"] = {n: v / macs["bp"] for n, v in macs.items()}
+    out["kernel_ms"] = kernel_ms(args.batch) if args.layers == 2 else {}
     print(out["setup"])
+    for k, v in out["kernel_ms"].items():
+        print(f"  kernel {k:42s} {v:6.2f} ms")
     print("  matmul multiply-accumulates per step: " + ", ".join(
         f"{n} {v / 1e6:.1f}M ({v / macs['bp']:.3f}x)" for n, v in macs.items()))  # fmt: skip
     print(f"  {'':22s} {'cpu ms':>8s} {'ratio':>6s} {'wall ms':>8s} {'ratio':>6s}")
