@@ -20,8 +20,8 @@ import torch
 
 from bpfree import data as datasets
 from bpfree.errors import DivergedError, UsageError
-from bpfree.results import FAILED, NOT_SETTINGS
-from bpfree.train import CHECKPOINT, CONFIG, METRICS, TrainConfig, atomic_write_bytes, read_metrics, train
+from bpfree.results import NOT_SETTINGS
+from bpfree.train import CHECKPOINT, CONFIG, FAILED, METRICS, TrainConfig, read_metrics, record_failure, train
 
 
 def run_folder(out: Path, method: str, seed: int) -> Path:
@@ -77,13 +77,6 @@ def reset_peak_memory(device: torch.device) -> None:
         pass
 
 
-def record_failure(cfg: TrainConfig, kind: str, error: str, detail: str = "") -> None:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"kind": kind, "error": error, "detail": detail, "config": _plain(cfg)}
-    atomic_write_bytes(out / FAILED, lambda f: f.write(json.dumps(record, indent=2).encode()))
-
-
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -130,18 +123,17 @@ def run_all(configs: list[TrainConfig], data: Any = None, show_progress: bool | 
         reset_peak_memory(torch.device(cfg.device))
         try:
             records = train(cfg, data=data, show_progress=show_progress)
-        except DivergedError as e:
+        except DivergedError as e:  # the trainer wrote failed.json
             epoch = len(read_metrics(out / METRICS)) + 1
-            record_failure(cfg, "diverged", f"diverged at epoch {epoch}", str(e))
             log(f"  {cfg.method} seed {cfg.seed}: diverged at epoch {epoch}: {e}")
             continue
         except UsageError as e:
-            record_failure(cfg, "error", str(e))
+            record_failure(out, _plain(cfg), "error", str(e))
             log(f"  {cfg.method} seed {cfg.seed}: error: {e}")
             continue
         except Exception as e:  # a broken method must not take the whole comparison down
             line = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            record_failure(cfg, "error", line, traceback.format_exc())
+            record_failure(out, _plain(cfg), "error", line, traceback.format_exc())
             log(f"  {cfg.method} seed {cfg.seed}: failed: {line} (traceback in {out / FAILED})")
             continue
         last = records[-1]

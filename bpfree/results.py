@@ -1,7 +1,8 @@
 """Read run folders and summarise them as the papers do: one row per method, test / train error mean ± std over seeds.
 
 Used by `bpfree compare` (after training) and `bpfree report` (from folders on disk). A run folder is whatever
-`bpfree.train` writes (config.json, metrics.jsonl, checkpoint.pt), plus `failed.json` when `compare` saw it fail.
+`bpfree.train` writes (config.json, metrics.jsonl, checkpoint.pt), plus `failed.json` when it diverged or
+`compare` saw it fail.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.errors import UsageError
-from bpfree.train import CONFIG, METRICS, read_metrics
+from bpfree.train import CONFIG, FAILED, METRICS, read_metrics
 
-FAILED = "failed.json"
 # Config fields that do not change what a run computes: runs differing only in these belong to the same row.
 NOT_SETTINGS = ("seed", "out", "resume", "device", "data_root", "eval_batch_size")
 

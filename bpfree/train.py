@@ -31,6 +31,7 @@ from bpfree.transfer import load_backbone
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
+FAILED = "failed.json"  # written when a run diverges (by `compare` also when it fails otherwise)
 
 
 @dataclass
@@ -156,6 +157,13 @@ def append_line(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def record_failure(out: Path, config: dict[str, Any], kind: str, error: str, detail: str = "") -> None:
+    """Write `failed.json` into a run folder: how the run failed ("diverged" or "error"), in one line, plus details."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"kind": kind, "error": error, "detail": detail, "config": json.loads(json.dumps(config))}
+    atomic_write_bytes(out / FAILED, lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -352,9 +360,16 @@ class Run:
         self.prepare_output()
         cfg = self.cfg
         records: list[dict[str, Any]] = []  # this session's epochs (ranks > 0 have no metrics file to read)
+        if self.group.is_main:
+            (self.out / FAILED).unlink(missing_ok=True)  # a resumed run is trying again
         while self.epoch < cfg.epochs:
             start = time.perf_counter()
-            record = self.train_epoch()
+            try:
+                record = self.train_epoch()
+            except DivergedError as e:
+                if self.group.is_main:  # so `report` can tell a diverged run from an unfinished one
+                    record_failure(self.out, asdict(cfg), "diverged", f"diverged at epoch {self.epoch + 1}", str(e))
+                raise
             seconds = time.perf_counter() - start
             test_error, test_loss = evaluate(self.estimator, self.data, cfg.eval_batch_size, self.device, self.group)
             self.epoch += 1

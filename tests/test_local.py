@@ -357,3 +357,31 @@ def test_augment_is_a_shifted_flipped_crop():
     for b in range(2):
         inner = [v[b, 0, 1:3, 1:3], v[b, 0, 1:3, 1:3].flip(-1)]
         assert any(torch.isin(t, x[b]).all() for t in inner)  # the centre always comes from the same image
+
+
+def test_bp_contrastive_is_end_to_end_simclr():
+    """bp --objective contrastive: plain SimCLR gradients (no stop-gradient) through every block, from the last
+    block's projection head; other heads get zeros; the readout is a probe on stopped features."""
+    model = tiny(head_dim=6)
+    x, y = data(6)
+    est = build_method("bp", model, objective="contrastive", temperature=0.5)
+    views_gen = torch.Generator().manual_seed(0)
+    views_gen.set_state(est.generator.get_state())
+    r = est.step(x, y)
+    # Reference with the same two views, written independently: symmetric InfoNCE over the 2N views.
+    pad = max(1, x.shape[-1] // 8)
+    v = torch.cat([augment(x, views_gen, pad), augment(x, views_gen, pad)])
+    z = F.normalize(model.head(1, model.features(v)[-1].mean(-2)), dim=-1)
+    sim = z @ z.T / 0.5
+    n2 = len(z)
+    loss = sum(torch.logsumexp(torch.cat([sim[i, :i], sim[i, i + 1:]]), 0) - sim[i, (i + n2 // 2) % n2]
+               for i in range(n2)) / n2
+    trunk = [p for name, p in model.named_parameters() if not name.startswith(("heads.", "readout."))]
+    expected = torch.autograd.grad(loss, [*trunk, *model.heads[1].parameters()])
+    for p, g in zip([*trunk, *model.heads[1].parameters()], expected):
+        torch.testing.assert_close(p.grad, g)
+    assert all(torch.all(p.grad == 0) for p in model.heads[0].parameters())
+    probe_logits = model.classify(model.features(v)[-1].mean(-2))
+    torch.testing.assert_close(r.loss, F.cross_entropy(probe_logits, torch.cat([y, y])))
+    with pytest.raises(UsageError, match="head-dim"):
+        build_method("bp", tiny(), objective="contrastive")

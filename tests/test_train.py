@@ -13,6 +13,7 @@ import torch
 from bpfree import methods, models
 from bpfree.cli import main
 from bpfree.errors import DivergedError
+from bpfree.results import load_run
 from bpfree.train import TrainConfig, read_metrics, train
 
 COMPARED = ("epoch", "train_loss", "train_error", "test_error", "test_loss", "lr")
@@ -126,6 +127,8 @@ def test_divergence_keeps_last_good_checkpoint(tmp_path, digits):
     assert checkpoint["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
     assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
+    # The run folder says so: `report` tells a diverged run from an unfinished one.
+    assert load_run(tmp_path / "run").status == "diverged at epoch 2"
 
 
 def test_divergence_exit_code_3(tmp_path, capsys):
@@ -156,6 +159,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
         (["--hidden", "a,b"], "--hidden: expected tuple"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
         (["--augment"], "--augment is only available for cifar10"),
+        (["--threads", "0"], "--threads must be at least 1"),
     ],
 )
 def test_bad_input_one_line_exit_2(tmp_path, capsys, args, message):

@@ -11,10 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bpfree import methods
-from bpfree.commands.train import DEFAULTS, add_training_arguments, config_from_args
+from bpfree.commands.train import DEFAULTS, add_training_arguments, config_from_args, set_threads
 from bpfree.compare import run_all, run_folder
 from bpfree.errors import UsageError
 from bpfree.results import load_run, write_report
@@ -46,9 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(a bare float before them sets the rest)")
     parser.add_argument("--out", default=None,
                         help="comparison folder (default runs/compare-MODEL-DATA); runs go to OUT/METHOD/seed-S")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice). 1 is fastest for small models and on "
-                        "a busy machine: threads waiting for each other cost more than they share")
     parser.add_argument("--no-plots", action="store_true", help="only the table and the CSV, no PNGs")
     parser.epilog = METHOD_OPTIONS_RULE
     # Defaults are applied in `run`, below the config file's values: to know what the command line set, every
@@ -201,11 +196,7 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[TrainConfig], Path, 
 
 def run(args: argparse.Namespace) -> int:
     names, configs, out, description = plan(args)
-    threads = args.compare_threads
-    if threads is not None:
-        if threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+    set_threads(args.compare_threads)
     run_all(configs)
     groups = {m: [load_run(Path(c.out)) for c in configs if c.method == m] for m in names}
     table = write_report(groups, out, title=description or " vs ".join(names), plots=not args.no_plots)

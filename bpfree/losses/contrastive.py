@@ -6,18 +6,19 @@ import torch
 import torch.nn.functional as F
 
 
-def nt_xent(z: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+def nt_xent(z: torch.Tensor, temperature: float = 0.5, stop_gradient: bool = True) -> torch.Tensor:
     """Per-example NT-Xent loss [2N] for projections z [2N, D] of two views (rows i and i+N are a pair).
 
-    z is L2-normalised here. Positives and negatives are under stop-gradient (the paper finds learning fails
-    without it), so example i's loss depends through gradients on its own projection only — which is also what
-    makes it a per-example local loss the fused grid can replicate.
+    z is L2-normalised here. By default positives and negatives are under stop-gradient (the paper finds local
+    learning fails without it), so example i's loss depends through gradients on its own projection only — which
+    is also what makes it a per-example local loss the fused grid can replicate. `stop_gradient=False` is plain
+    SimCLR, for end-to-end backprop.
     """
     z = F.normalize(z, dim=-1)
     n2 = z.shape[0]
     if n2 % 2:
         raise ValueError("nt_xent needs an even number of rows (two views)")
-    sim = z @ z.detach().T / temperature
+    sim = z @ (z.detach() if stop_gradient else z).T / temperature
     self_mask = torch.eye(n2, dtype=torch.bool, device=z.device)
     sim = sim.masked_fill(self_mask, float("-inf"))
     pos = torch.arange(n2, device=z.device).roll(n2 // 2)

@@ -2,19 +2,46 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from bpfree.errors import UsageError
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult
+from bpfree.methods.local import contrastive_backprop_step
+from bpfree.models.localmixer import LocalMixer
+from bpfree.registry import Option
+
+OPTIONS = {
+    "objective": Option(
+        "supervised",
+        "global loss: cross-entropy, or contrastive (localmixer-* only: SimCLR on the last block's projection "
+        "head through every block, linear-probe readout; the BP row of Ren et al.'s Table 4)",
+        choices=("supervised", "contrastive"),
+    ),
+    "temperature": Option(0.5, "NT-Xent temperature (contrastive objective)"),
+}
 
 
-@METHODS.register("bp", "backpropagation of the global loss (the reference)", paper="Rumelhart et al. 1986")
+@METHODS.register("bp", "backpropagation of the global loss (the reference)", options=OPTIONS,
+                  paper="Rumelhart et al. 1986")
 class Backprop(Estimator):
+    def __init__(self, model: torch.nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        self.contrastive = options.get("objective", "supervised") == "contrastive"
+        self.temperature = float(options.get("temperature", 0.5))
+        if self.contrastive:
+            if not isinstance(model, LocalMixer) or model.head_dim == model.num_classes:
+                raise UsageError("bp --objective contrastive needs a localmixer-* model with --head-dim 128")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward pass whose autograd graph `step` differentiates (feedback alignment swaps its backward)."""
         return self.model(x)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        if self.contrastive:
+            return contrastive_backprop_step(self.model, x, y, self.generator, self.temperature)  # type: ignore[arg-type]
         params = self.trainable()
         logits = self.forward(x)
         loss = self.loss_fn(logits, y)

@@ -251,6 +251,50 @@ def combine_coefficients(
 # Estimators
 
 
+def two_views(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contrastive objective's batch: two random crops + flips of every image, stacked (rows i and i+N pair)."""
+    pad = max(1, x.shape[-1] // 8)  # 4 px on 32-px CIFAR (the usual crop); a 4-px shift would wreck 8-px digits
+    return torch.cat([augment(x, generator, pad), augment(x, generator, pad)]), torch.cat([y, y])
+
+
+def readout_step(
+    model: LocalMixer, h: torch.Tensor, y: torch.Tensor, two_view: bool, extra: dict[str, float] | None = None
+) -> StepResult:
+    """Exact gradient of the readout (a linear probe under the contrastive objective) on the stopped features h."""
+    feats = model.pooled(h.detach())
+    with torch.enable_grad():
+        logits = model.classify(feats)
+        loss = F.cross_entropy(logits, y)
+        gw, gb = torch.autograd.grad(loss, [model.readout.weight, model.readout.bias])
+    model.readout.weight.grad, model.readout.bias.grad = gw, gb
+    n = logits.shape[0] // 2 if two_view else logits.shape[0]  # report the first view's predictions
+    return StepResult(loss.detach(), logits[:n].detach(), extra or {})
+
+
+def contrastive_backprop_step(
+    model: LocalMixer, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, temperature: float
+) -> StepResult:
+    """End-to-end backprop of a contrastive loss: the BP row of the paper's Table 4.
+
+    Plain SimCLR (no stop-gradient: BP does not need it) on the last block's projection head, backpropagated through
+    every block; the readout is a linear probe on the stopped features. The other local heads get zero gradients.
+    """
+    x, y = two_views(x, y, generator)
+    last = len(model.blocks) - 1
+    trunk = [p for name, p in model.named_parameters() if not name.startswith(("heads.", "readout."))]
+    head = [model.heads[last].weight, model.heads[last].bias]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with torch.enable_grad():
+        h = model.features(x)[-1]
+        loss = nt_xent(model.head(last, model.pooled(h)), temperature, stop_gradient=False).mean()
+        grads = torch.autograd.grad(loss, trunk + head, allow_unused=True)
+    for p, g in zip(trunk + head, grads):
+        if g is not None:
+            p.grad = g
+    return readout_step(model, h, y, True, {"contrastive_loss": float(loss.detach())})
+
+
 class LocalEstimator(Estimator):
     """Shared step: views, per-block local training (subclass hook), exact head and readout gradients."""
 
@@ -284,23 +328,13 @@ class LocalEstimator(Estimator):
         model = self.model
         assert isinstance(model, LocalMixer)
         if self.objective == "contrastive":
-            pad = max(1, x.shape[-1] // 8)  # 4 px on 32-px CIFAR (the usual crop); a 4-px shift would wreck 8-px digits
-            x = torch.cat([augment(x, self.generator, pad), augment(x, self.generator, pad)])
-            y = torch.cat([y, y])
+            x, y = two_views(x, y, self.generator)
         h = model.tokens(x)
         extra = {}
         for i, block in enumerate(model.blocks):
             h, loss_i = self.train_block(i, block, h.detach(), y)
             extra[f"local_loss_{i}"] = loss_i
-        # Readout (a linear probe under --objective contrastive) on the stopped features, exact gradient.
-        feats = model.pooled(h.detach())
-        with torch.enable_grad():
-            logits = model.classify(feats)
-            loss = F.cross_entropy(logits, y)
-            gw, gb = torch.autograd.grad(loss, [model.readout.weight, model.readout.bias])
-        model.readout.weight.grad, model.readout.bias.grad = gw, gb
-        n = logits.shape[0] // 2 if self.objective == "contrastive" else logits.shape[0]
-        return StepResult(loss.detach(), logits[:n].detach(), extra)
+        return readout_step(model, h, y, self.objective == "contrastive", extra)
 
     def _head_params(self, i: int) -> list[nn.Parameter]:
         model = self.model
