@@ -427,13 +427,12 @@ def test_local_fa_state_and_contrastive(method: str) -> None:
         torch.testing.assert_close(a, p.grad)
 
 
-@pytest.mark.parametrize("method", ["dfa", "fdfa"])
-def test_direct_feedback_on_localmixer_is_a_usage_error(method: str) -> None:
-    with pytest.raises(UsageError, match="localmixer.*use fa, l-fa or lg-fa"):
-        build(method, build_model("localmixer-m1-16", 10, (1, 8, 8), channels=16, groups=2))
+def test_fdfa_on_localmixer_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="localmixer.*use dfa, fa or lg-fa"):
+        build("fdfa", build_model("localmixer-m1-16", 10, (1, 8, 8), channels=16, groups=2))
 
 
-@pytest.mark.parametrize("method", ["fa", "l-fa", "lg-fa"])
+@pytest.mark.parametrize("method", ["fa", "l-fa", "lg-fa", "dfa"])
 def test_mixer_fa_learns_digits(digits, method: str) -> None:
     xtr, ytr, xte, yte = digits
     torch.manual_seed(0)
@@ -560,3 +559,43 @@ def test_lg_fa_matches_naive_group_copies_with_random_feedback() -> None:
     est_l.feedback = est.feedback
     est_l.step(x_img, y)
     assert not torch.allclose(block.token_mix.weight.grad, ref_token)
+
+
+def test_dfa_on_localmixer_is_each_units_local_backward() -> None:
+    """Every unit of every block gets e·B_l at its output and pushes it through its own ReLU, LN and linear only
+    (written here with ordinary ops and autograd); the readout takes its exact gradient, the heads none."""
+    from bpfree.models.localmixer import layer_norm as ln
+
+    model = tiny_mixer()
+    x_img, y = batch(n=5, shape=(1, 4, 4))
+    est = build("dfa", model, seed=2)
+    est.step(x_img, y)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert len(est.feedback) == 5 and est.feedback[0].shape == (3, 4 * 8)  # 2 + 3 units; classes x (P*C)
+    with torch.no_grad():
+        feats = model.tokens(x_img)
+        for block in model.blocks:
+            feats = block(feats)
+        pooled = ln(model.pooled(feats))
+    e = ce_error(model.readout(pooled), y)
+    torch.testing.assert_close(got["readout.weight"], e.T @ pooled)
+    torch.testing.assert_close(got["readout.bias"], e.sum(0))
+    for n in ["heads.0.weight", "heads.1.bias"]:
+        assert torch.equal(got[n], torch.zeros_like(got[n]))
+    k, h = 0, model.tokens(x_img)
+    for block in model.blocks:
+        x, units = h.detach(), []
+        t = x
+        if block.token_mix is not None:
+            units.append((torch.relu(ln(block.mix_tokens(ln(t)))), [block.token_mix.weight, block.token_mix.bias]))
+            t = units[-1][0].detach()
+        units.append((torch.relu(ln(block.channel(ln(t)))), [block.channel.weight, block.channel.bias]))
+        a = ln(block.grouped(ln(units[-1][0].detach(), block.groups)), block.groups)
+        units.append((torch.relu(a + x if block.token_mix is not None else a), [block.group_weight, block.group_bias]))
+        for out, params in units:
+            ref = torch.autograd.grad(out, params, (e @ est.feedback[k]).view_as(out))
+            k += 1
+            name = {id(p): n for n, p in model.named_parameters()}
+            for p, r in zip(params, ref):
+                torch.testing.assert_close(got[name[id(p)]], r, msg=name[id(p)])
+        h = units[-1][0]

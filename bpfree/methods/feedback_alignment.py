@@ -15,6 +15,11 @@ Linear+BatchNorm+ReLU or Conv+ReLU+MaxPool(+Flatten); the last block is the outp
 signal to each hidden block's *output* and push it back through that block only (its BatchNorm, activation and
 pooling included), so each block's update needs nothing but its own input and the feedback signal. For a
 Linear(+BN)+ReLU block this is exactly δa = (e·B) ⊙ f'(a); after a max-pool the signal is routed to the pooled maxima.
+On a LocalMixer, `dfa` treats every unit (linear -> LN -> [+residual] -> ReLU) as such a block; `fdfa` does not take it.
+
+`l-fa`, `lg-fa` (Ren et al. 2022, Table 3): the local-loss rules `l-bp`, `lg-bp` with fixed random feedback in every
+linear map between a local loss and the weights it trains (see `_LocalFeedback`); `fa` on a LocalMixer is FA of the
+global loss through every block.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from bpfree.errors import UsageError
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.methods.bp import Backprop
-from bpfree.methods.local import COMMON_OPTIONS, LocalBP, LocalGroupBP, lg_block_forward
+from bpfree.methods.local import COMMON_OPTIONS, LocalBP, LocalGroupBP, _unit_params, _weight_grads, lg_block_forward
 from bpfree.models.localmixer import LinearHook, LocalMixer, MixerBlock, layer_norm
 from bpfree.registry import Option
 
@@ -51,11 +56,6 @@ FREE_LAYERS = (
 
 def flat_layers(model: nn.Module, method: str) -> list[nn.Module]:
     """The model's leaf layers in order, checking that each is one this family knows how to handle."""
-    if isinstance(model, LocalMixer):
-        raise UsageError(
-            f"method {method!r} does not support localmixer-* models (token mixing, grouped linears and residuals "
-            "are not a flat sequence of layers); use fa, l-fa or lg-fa there"
-        )
     if not isinstance(model, nn.Sequential):
         raise UsageError(
             f"method {method!r} needs a model that is an nn.Sequential of Linear/Conv2d/BatchNorm/activation/pooling "
@@ -442,9 +442,15 @@ class _DirectFeedback(Estimator):
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed=seed, **options)
-        self.hidden, self.output = split_blocks(flat_layers(model, self.method), self.method)
         # B_l has shape (classes, numel of block l's output); made at the first step, when the shapes are known.
         self.feedback: list[torch.Tensor] | None = None
+        self.mixer = isinstance(model, LocalMixer)
+        if self.mixer:
+            if self.use_tangents:
+                raise UsageError(f"method {self.method!r} does not support localmixer-* models; use dfa, fa or lg-fa")
+            self.fast = None
+            return
+        self.hidden, self.output = split_blocks(flat_layers(model, self.method), self.method)
         dense = [_DenseBlock.try_make(b) for b in self.hidden]
         out_is_linear = len(self.output) == 1 and isinstance(self.output[0], nn.Linear)
         # Fast path (hand-written formulas, no autograd) when every block is [Flatten] Linear [BN1d] [ReLU].
@@ -494,7 +500,38 @@ class _DirectFeedback(Estimator):
                 y_dot = fwad.unpack_dual(logits).tangent.detach()
         return outs, tangents, logits, y_dot
 
+    def _step_mixer(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        """DFA on a LocalMixer: every unit (linear -> LN -> [+residual] -> ReLU) of every block is a DFA layer.
+        Its signal e·B_l [B, P, C] at the unit output goes through that unit's ReLU, LN and linear only; the readout
+        takes its exact gradient, the local heads none (zero)."""
+        model = self.model
+        assert isinstance(model, LocalMixer)
+        with torch.no_grad():
+            h, traced = model.tokens(x), []
+            for block in model.blocks:
+                h, units = block.trace(h)
+                traced += [(block, u) for u in units]
+            feats = layer_norm(model.pooled(h))
+            logits = model.readout(feats)
+        leaf = logits.requires_grad_()
+        with torch.enable_grad():
+            loss = self.loss_fn(leaf, y)
+            (e,) = torch.autograd.grad(loss, leaf)
+        if self.feedback is None:
+            self.feedback = self.init_feedback([unit.live.flatten(1) for _, unit in traced], logits.shape[1])
+        with torch.no_grad():
+            for (block, unit), b in zip(traced, self.feedback):
+                grad_a = (e @ b).view_as(unit.live) * unit.live  # through the unit's ReLU (and residual sum)
+                w, bias = _unit_params(block, unit.kind)
+                w.grad, bias.grad = _weight_grads(block, unit, grad_a)
+            model.readout.weight.grad, model.readout.bias.grad = e.t() @ feats, e.sum(0)
+            for head in model.heads:
+                head.weight.grad, head.bias.grad = torch.zeros_like(head.weight), torch.zeros_like(head.bias)
+        return StepResult(loss.detach(), logits.detach())
+
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        if self.mixer:
+            return self._step_mixer(x, y)
         if self.fast is not None:
             with torch.no_grad():
                 outs, tangents, logits, y_dot = self._forward_fast(x)
