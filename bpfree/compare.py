@@ -40,7 +40,7 @@ def run_folder(out: Path, method: str, seed: int) -> Path:
 
 def _plain(cfg: TrainConfig) -> dict[str, Any]:
     """The config as it reads back from JSON (tuples become lists), for comparisons with saved configs."""
-    return json.loads(json.dumps(asdict(cfg)))
+    return with_defaults(json.loads(json.dumps(asdict(cfg))))
 
 
 def check_compatible(cfg: TrainConfig) -> None:

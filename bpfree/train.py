@@ -332,7 +332,8 @@ class Run:
     def _prepare_run_folder(self) -> bool:
         """Rank 0: check the folder against the config and write config.json. Returns whether the run resumes."""
         # As stored (tuples become lists); world_size: a resumed run must keep the number of ranks.
-        config = json.loads(json.dumps({**asdict(self.cfg), "resume": False, "world_size": self.group.world_size}))
+        config = with_defaults(json.loads(json.dumps({**asdict(self.cfg), "resume": False,
+                                                      "world_size": self.group.world_size})))
         config_path = self.out / CONFIG
         resume = self.cfg.resume and (self.out / CHECKPOINT).exists()
         if resume:
