@@ -36,7 +36,7 @@ from bpfree.errors import UsageError
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.methods.bp import Backprop
-from bpfree.methods.local import COMMON_OPTIONS, LocalBP, LocalGroupBP, _unit_params, _weight_grads, lg_block_forward
+from bpfree.methods.local import COMMON_OPTIONS, LocalBP, LocalGroupBP, lg_block_forward, unit_params, unit_weight_grads
 from bpfree.models.localmixer import LinearHook, LocalMixer, MixerBlock, layer_norm
 from bpfree.registry import Option
 
@@ -522,8 +522,8 @@ class _DirectFeedback(Estimator):
         with torch.no_grad():
             for (block, unit), b in zip(traced, self.feedback):
                 grad_a = (e @ b).view_as(unit.live) * unit.live  # through the unit's ReLU (and residual sum)
-                w, bias = _unit_params(block, unit.kind)
-                w.grad, bias.grad = _weight_grads(block, unit, grad_a)
+                w, bias = unit_params(block, unit.kind)
+                w.grad, bias.grad = unit_weight_grads(block, unit, grad_a)
             model.readout.weight.grad, model.readout.bias.grad = e.t() @ feats, e.sum(0)
             for head in model.heads:
                 head.weight.grad, head.bias.grad = torch.zeros_like(head.weight), torch.zeros_like(head.bias)

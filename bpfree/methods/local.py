@@ -174,7 +174,7 @@ def _linear_tangent(block: MixerBlock, kind: str, t_dot: torch.Tensor) -> torch.
     return torch.einsum("...gi,goi->...go", t_dot.unflatten(-1, (block.groups, -1)), block.group_weight).flatten(-2)
 
 
-def _unit_params(block: MixerBlock, kind: str) -> tuple[nn.Parameter, nn.Parameter]:
+def unit_params(block: MixerBlock, kind: str) -> tuple[nn.Parameter, nn.Parameter]:
     if kind == "token":
         assert block.token_mix is not None
         return block.token_mix.weight, block.token_mix.bias
@@ -183,7 +183,7 @@ def _unit_params(block: MixerBlock, kind: str) -> tuple[nn.Parameter, nn.Paramet
     return block.group_weight, block.group_bias
 
 
-def _weight_grads(block: MixerBlock, unit: Unit, grad_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_weight_grads(block: MixerBlock, unit: Unit, grad_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Push a gradient at the unit's post-LN activity back through that LN and linear only -> (dW, db)."""
     grad_s = unit.ln.apply(grad_a)
     if unit.kind == "token":
@@ -577,8 +577,8 @@ class LocalFGActivity(LocalForwardGradient):
             for unit, u in zip(units, masked):
                 ug = u.unflatten(-1, (g, -1))  # masked by the ReLU derivative, as the estimate should be
                 est = (c[0] * ug[0] if k == 1 else (c * ug).sum(0)).flatten(-2)
-                dw, db = _weight_grads(block, unit, est)
-                w, b = _unit_params(block, unit.kind)
+                dw, db = unit_weight_grads(block, unit, est)
+                w, b = unit_params(block, unit.kind)
                 w.grad, b.grad = dw, db
         return out, loss
 
@@ -607,7 +607,7 @@ class LocalFGWeight(LocalForwardGradient):
         k, g = self.tangents, block.groups
         noise = []
         for unit in units:
-            w, b = _unit_params(block, unit.kind)
+            w, b = unit_params(block, unit.kind)
             noise.append((self.sample((k, *w.shape), w), self.sample((k, *b.shape), b)))
         with torch.no_grad():
             d = grid.directional(_tangent_pass(block, units, weight_noise=noise)) / x.shape[0]  # [K, B, P, G]
@@ -619,7 +619,7 @@ class LocalFGWeight(LocalForwardGradient):
             gram = T.gram(flat) if self.aggregation == "orthogonal" else None
             c = combine_coefficients(d, self.aggregation, gram, T.dimension(flat))
             for unit, (dw, db) in zip(units, noise):
-                w, b = _unit_params(block, unit.kind)
+                w, b = unit_params(block, unit.kind)
                 if unit.kind == "token":
                     coef = c.sum((1, 3))  # [K, P]: row p belongs to the copies of patch p
                     w.grad = torch.einsum("kp,kpq->pq", coef, dw)
@@ -709,8 +709,8 @@ def mixer_fg_a(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     for block, units, us in zip(model.blocks, traces, noise):
         for unit, u in zip(units, us):
             grad_a = T.combine(u, c)[0]
-            w, b = _unit_params(block, unit.kind)
-            w.grad, b.grad = _weight_grads(block, unit, grad_a)
+            w, b = unit_params(block, unit.kind)
+            w.grad, b.grad = unit_weight_grads(block, unit, grad_a)
     _set_readout(model, z, e if u_out is None else T.combine(u_out, c)[0])
     return loss, logits
 
@@ -730,7 +730,7 @@ def mixer_fg_w(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     for block, units in zip(model.blocks, traces):
         pairs = []
         for unit in units:
-            w, b = _unit_params(block, unit.kind)
+            w, b = unit_params(block, unit.kind)
             pairs.append(tuple(est._sample_(torch.empty((k, *p.shape), device=p.device, dtype=p.dtype))
                                for p in (w, b)))
         noise.append(pairs)
@@ -749,7 +749,7 @@ def mixer_fg_w(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     c = T.coefficients(d, est.aggregation, gram, T.dimension(flat))
     for block, units, pairs in zip(model.blocks, traces, noise):
         for unit, pair in zip(units, pairs):
-            for p, g in zip(_unit_params(block, unit.kind), T.combine(list(pair), c)):
+            for p, g in zip(unit_params(block, unit.kind), T.combine(list(pair), c)):
                 p.grad = g
     if est.exact_readout:
         _set_readout(model, z, e)
