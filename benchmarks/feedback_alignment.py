@@ -28,11 +28,52 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree import methods, models
+from bpfree import tangents as T
 
 RESULTS = Path(__file__).parent / "results"
 
 
 # ------------------------------------------------------------------------------------------------------ speed
+
+
+def step_macs(layers: int, batch: int, inp: int = 784, width: int = 800, classes: int = 10) -> dict[str, int]:
+    """Multiply-accumulates of one step on fc-bn (matmuls only): the floor of each rule's cost ratio to bp.
+
+    bp: forward, one weight gradient per layer, input gradients of every layer but the first. dfa: forward, weight
+    gradients, e·B_l for every hidden layer. fdfa: the forward carries a tangent through every layer after the
+    first (its input has none), plus dfa's backward and the feedback update ẏᵀu_l."""
+    n, hid = batch, layers * width
+    fwd = n * inp * width + (layers - 1) * n * width * width + n * width * classes
+    grads_w = fwd
+    grads_in = (layers - 1) * n * width * width + n * width * classes
+    tangent = (layers - 1) * n * width * width + n * width * classes
+    signals = n * classes * hid
+    return {"bp": fwd + grads_w + grads_in, "dfa": fwd + grads_w + signals,
+            "fdfa": fwd + tangent + grads_w + signals + classes * n * hid}  # fmt: skip
+
+
+def kernel_ms(batch: int, rounds: int = 60) -> dict[str, float]:
+    """Isolated one-thread times of the step's big kernels (fc-bn 2x800): what the ratios are made of."""
+    n, g = batch, torch.Generator().manual_seed(0)
+    x, h, w1, w2 = torch.randn(n, 784), torch.randn(n, 800), torch.randn(800, 784), torch.randn(800, 800)
+    d, both = torch.randn(n, 800), torch.randn(2 * n, 800)
+    ops = {
+        "forward x W1^T": lambda: x @ w1.t(),
+        "forward h W2^T": lambda: h @ w2.t(),
+        "forward [h; h_dot] W2^T (fdfa, 2N rows)": lambda: both @ w2.t(),
+        "weight grad d^T x (layer 1)": lambda: d.t() @ x,
+        "weight grad d^T h (layer 2)": lambda: d.t() @ h,
+        "input grad d W2 (bp only)": lambda: d @ w2,
+        "two N x 800 normal tangents": lambda: (torch.randn(n, 800, generator=g), torch.randn(n, 800, generator=g)),
+        "two N x 800 rademacher tangents": lambda: T.sample((2, n, 800), "rademacher", g),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    for _ in range(rounds):
+        for k, f in ops.items():
+            c = time.thread_time()
+            f()
+            times[k].append(time.thread_time() - c)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,10 +82,12 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(args.batch, *shape, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
     variants: dict[str, methods.Estimator] = {}
-    for name in ["bp", "fa", "dfa", "fdfa", "dfa (autograd path)", "fdfa (autograd path)"]:
+    names = ["bp", "fa", "dfa", "fdfa", "fdfa rademacher", "dfa (autograd path)", "fdfa (autograd path)"]
+    for name in names:
         torch.manual_seed(0)
         net = models.build("fc-bn", 10, shape, layers=args.layers).train()
-        est = methods.build(name.split()[0], net, seed=0)
+        opts = {"tangent_dist": "rademacher"} if "rademacher" in name else {}
+        est = methods.build(name.split()[0], net, seed=0, **opts)
         if "autograd" in name:
             est.fast = None  # the generic path, for comparison with the hand-written formulas
         variants[name] = est
@@ -67,7 +110,15 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         med = {n: statistics.median(t) for n, t in times.items()}
         out[f"{label}_ms"] = {n: 1e3 * v for n, v in med.items()}
         out[f"{label}_ratio_to_bp"] = {n: v / med["bp"] for n, v in med.items()}
+    macs = step_macs(args.layers, args.batch)
+    out["macs"] = macs
+    out["macs_ratio_to_bp"] = {n: v / macs["bp"] for n, v in macs.items()}
+    out["kernel_ms"] = kernel_ms(args.batch) if args.layers == 2 else {}
     print(out["setup"])
+    for k, v in out["kernel_ms"].items():
+        print(f"  kernel {k:42s} {v:6.2f} ms")
+    print("  matmul multiply-accumulates per step: " + ", ".join(
+        f"{n} {v / 1e6:.1f}M ({v / macs['bp']:.3f}x)" for n, v in macs.items()))  # fmt: skip
     print(f"  {'':22s} {'cpu ms':>8s} {'ratio':>6s} {'wall ms':>8s} {'ratio':>6s}")
     for n in variants:
         print(f"  {n:22s} {out['cpu_ms'][n]:8.2f} {out['cpu_ratio_to_bp'][n]:6.2f} "

@@ -21,7 +21,17 @@ import torch
 from bpfree import data as datasets
 from bpfree.errors import DivergedError, UsageError
 from bpfree.results import NOT_SETTINGS
-from bpfree.train import CHECKPOINT, CONFIG, FAILED, METRICS, TrainConfig, read_metrics, record_failure, train
+from bpfree.train import (
+    CHECKPOINT,
+    CONFIG,
+    FAILED,
+    METRICS,
+    TrainConfig,
+    read_metrics,
+    record_failure,
+    train,
+    with_defaults,
+)
 
 
 def run_folder(out: Path, method: str, seed: int) -> Path:
@@ -30,7 +40,7 @@ def run_folder(out: Path, method: str, seed: int) -> Path:
 
 def _plain(cfg: TrainConfig) -> dict[str, Any]:
     """The config as it reads back from JSON (tuples become lists), for comparisons with saved configs."""
-    return json.loads(json.dumps(asdict(cfg)))
+    return with_defaults(json.loads(json.dumps(asdict(cfg))))
 
 
 def check_compatible(cfg: TrainConfig) -> None:
@@ -43,7 +53,7 @@ def check_compatible(cfg: TrainConfig) -> None:
     saved_path = out / CONFIG
     if not saved_path.exists():
         return
-    saved, new = json.loads(saved_path.read_text()), _plain(cfg)
+    saved, new = with_defaults(json.loads(saved_path.read_text())), _plain(cfg)
     changed = [k for k in new if k not in (*NOT_SETTINGS, "epochs") and k in saved and saved[k] != new[k]]
     if changed:
         what = ", ".join(f"{k}={saved[k]!r} (now {new[k]!r})" for k in changed)
@@ -87,7 +97,7 @@ def run_all(configs: list[TrainConfig], data: Any = None, show_progress: bool | 
     for cfg in configs:
         cfg.check()
         failure = read_failure(cfg)
-        if failure is not None and settings(failure.get("config", {})) != settings(_plain(cfg)):
+        if failure is not None and settings(with_defaults(failure.get("config", {}))) != settings(_plain(cfg)):
             fresh.add(cfg.out)  # a failed run, now with other settings (say a lower lr): nothing to keep
         else:
             check_compatible(cfg)

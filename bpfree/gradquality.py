@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bpfree import methods
+from bpfree.errors import UsageError
 
 
 def _flat_grads(model: nn.Module) -> torch.Tensor:
@@ -46,6 +47,15 @@ def _stats(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _options(shared: dict[str, Any], k: int | None, agg: str | None) -> dict[str, Any]:
+    opts = dict(shared)
+    if k is not None:
+        opts["tangents"] = k
+    if agg is not None:
+        opts["aggregation"] = agg
+    return opts
+
+
 def gradient_quality(
     model: nn.Module,
     method_names: Sequence[str],
@@ -59,6 +69,8 @@ def gradient_quality(
 
     `method_options` are passed to every method that declares them (e.g. {"tangent_dist": "normal"}).
     The model's parameters are not changed (estimators only write `.grad`); it is left in train mode.
+    A method that cannot handle the model (UsageError when built) gets one row {"method", "unsupported": reason}
+    and the others are still evaluated.
     """
     model.train()
     bp = methods.build("bp", model)
@@ -74,13 +86,14 @@ def gradient_quality(
         ks: list[int | None] = list(tangents) if "tangents" in entry.options else [None]
         aggs: list[str | None] = list(aggregations) if "aggregation" in entry.options else [None]
         shared = {k: v for k, v in (method_options or {}).items() if k in entry.options}
+        try:  # can this method handle the model at all?
+            methods.build(name, model, seed=seeds[0], **_options(shared, ks[0], aggs[0]))
+        except UsageError as err:
+            rows.append({"method": name, "tangents": None, "aggregation": None, "unsupported": str(err)})
+            continue
         for k in ks:
             for agg in aggs:
-                opts = dict(shared)
-                if k is not None:
-                    opts["tangents"] = k
-                if agg is not None:
-                    opts["aggregation"] = agg
+                opts = _options(shared, k, agg)
                 cos, ratio = [], []
                 layer_cos: dict[str, list[float]] = {}
                 for seed in seeds:
@@ -121,10 +134,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         k = "-" if r["tangents"] is None else str(r["tangents"])
         a = r["aggregation"] or "-"
+        if "unsupported" in r:
+            lines.append(f"| {r['method']} | - | - | unsupported: {r['unsupported']} | | |")
+            continue
         lines.append(
             f"| {r['method']} | {k} | {a} | {r['cosine_mean']:.4f} ± {r['cosine_std']:.4f} "
             f"| {r['norm_ratio_mean']:.4g} ± {r['norm_ratio_std']:.3g} | {r['samples']} |"
         )
+    rows = [r for r in rows if "unsupported" not in r]
     layers = list(rows[0]["layer_cosine"]) if rows else []
     if layers:
         lines += ["", "Cosine of each weight's update with its exact gradient (mean over batches and seeds):", "",
@@ -144,6 +161,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if "unsupported" not in r]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ks = sorted({r["tangents"] for r in rows if r["tangents"] is not None}) or [1]
     groups: dict[str, list[dict[str, Any]]] = {}

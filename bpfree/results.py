@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.errors import UsageError
-from bpfree.train import CONFIG, FAILED, METRICS, read_metrics
+from bpfree.train import CONFIG, FAILED, METRICS, read_metrics, with_defaults
 
 # Config fields that do not change what a run computes: runs differing only in these belong to the same row.
 NOT_SETTINGS = ("seed", "out", "resume", "device", "data_root", "eval_batch_size")
@@ -55,7 +55,7 @@ def load_run(path: Path) -> RunResult:
         config = failed.get("config", {})
     else:
         raise UsageError(f"{path} is not a run folder (no {CONFIG})")
-    return RunResult(path, config, read_metrics(path / METRICS), failed["error"] if failed else None)
+    return RunResult(path, with_defaults(config), read_metrics(path / METRICS), failed["error"] if failed else None)
 
 
 def find_runs(paths: list[Path]) -> list[RunResult]:

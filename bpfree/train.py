@@ -179,6 +179,22 @@ def append_line(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with today's defaults filled into its method and model options.
+
+    A run saved before an option existed ran with what is now that option's default, so it still matches (resume,
+    compare's skip check, report's rows) a config that spells the default out.
+    """
+    out = dict(config)
+    for key, registry, name in (("method_options", methods.METHODS, "method"),
+                                ("model_options", models.MODELS, "model")):
+        entry = registry.entries.get(config.get(name, ""))
+        if entry is not None and isinstance(config.get(key), dict):
+            defaults = json.loads(json.dumps({k: o.default for k, o in entry.options.items()}))
+            out[key] = {**defaults, **config[key]}
+    return out
+
+
 def record_failure(out: Path, config: dict[str, Any], kind: str, error: str, detail: str = "") -> None:
     """Write `failed.json` into a run folder: how the run failed ("diverged" or "error"), in one line, plus details."""
     out.mkdir(parents=True, exist_ok=True)
@@ -316,11 +332,12 @@ class Run:
     def _prepare_run_folder(self) -> bool:
         """Rank 0: check the folder against the config and write config.json. Returns whether the run resumes."""
         # As stored (tuples become lists); world_size: a resumed run must keep the number of ranks.
-        config = json.loads(json.dumps({**asdict(self.cfg), "resume": False, "world_size": self.group.world_size}))
+        config = with_defaults(json.loads(json.dumps({**asdict(self.cfg), "resume": False,
+                                                      "world_size": self.group.world_size})))
         config_path = self.out / CONFIG
         resume = self.cfg.resume and (self.out / CHECKPOINT).exists()
         if resume:
-            saved = json.loads(config_path.read_text()) if config_path.exists() else {}
+            saved = with_defaults(json.loads(config_path.read_text())) if config_path.exists() else {}
             # Everything but the epoch budget must match, or the resumed run would silently differ.
             changed = [k for k in config if k not in ("epochs", "resume", "device", "out", "data_root", "dist_timeout")
                        and k in saved and saved[k] != config[k]]

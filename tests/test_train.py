@@ -189,3 +189,17 @@ def test_listings(capsys):
     assert "mlp" in capsys.readouterr().out
     assert main(["methods"]) == 0
     assert "bp" in capsys.readouterr().out
+
+
+def test_run_saved_before_an_option_existed_still_resumes(tmp_path):
+    """A config saved before a method gained an option reads as that option's default (resume, compare, report)."""
+    base = ["train", "--data", "digits", "--hidden", "16", "--epochs", "1", "--out", str(tmp_path / "r")]
+    assert main(base) == 0
+    path = tmp_path / "r" / "config.json"
+    saved = json.loads(path.read_text())
+    assert saved["method_options"]  # bp's options, spelled out
+    path.write_text(json.dumps({**saved, "method_options": {}}))
+    assert main([*base[:-4], "--epochs", "2", "--out", str(tmp_path / "r"), "--resume"]) == 0
+    assert len(read_metrics(tmp_path / "r" / "metrics.jsonl")) == 2
+    path.write_text(json.dumps({**saved, "method_options": {"objective": "contrastive"}}))
+    assert main([*base[:-4], "--epochs", "3", "--out", str(tmp_path / "r"), "--resume"]) == 2

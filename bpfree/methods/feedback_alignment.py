@@ -15,6 +15,11 @@ Linear+BatchNorm+ReLU or Conv+ReLU+MaxPool(+Flatten); the last block is the outp
 signal to each hidden block's *output* and push it back through that block only (its BatchNorm, activation and
 pooling included), so each block's update needs nothing but its own input and the feedback signal. For a
 Linear(+BN)+ReLU block this is exactly δa = (e·B) ⊙ f'(a); after a max-pool the signal is routed to the pooled maxima.
+On a LocalMixer, `dfa` treats every unit (linear -> LN -> [+residual] -> ReLU) as such a block; `fdfa` does not take it.
+
+`l-fa`, `lg-fa` (Ren et al. 2022, Table 3): the local-loss rules `l-bp`, `lg-bp` with fixed random feedback in every
+linear map between a local loss and the weights it trains (see `_LocalFeedback`); `fa` on a LocalMixer is FA of the
+global loss through every block.
 """
 
 from __future__ import annotations
@@ -26,15 +31,19 @@ import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import nn
 
+from bpfree import tangents as T
 from bpfree.errors import UsageError
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.methods.bp import Backprop
+from bpfree.methods.local import COMMON_OPTIONS, LocalBP, LocalGroupBP, lg_block_forward, unit_params, unit_weight_grads
+from bpfree.models.localmixer import LinearHook, LocalMixer, MixerBlock, layer_norm
 from bpfree.registry import Option
 
 PAPER_FA = "Lillicrap et al. 2016, Random synaptic feedback weights support error backpropagation for deep learning"
 PAPER_DFA = "Nøkland 2016, Direct Feedback Alignment Provides Learning in Deep Neural Networks"
 PAPER_FDFA = "Bacho & Chu 2022, Low-variance Forward Gradients using Direct Feedback Alignment and Momentum"
+PAPER_LFA = "Ren, Kornblith, Liao, Hinton 2022 (arXiv 2210.03310), FA under their local losses"
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -133,28 +142,110 @@ def _conv_conf(m: nn.Conv2d) -> tuple:
     return (list(m.stride), list(padding), list(m.dilation), m.groups)
 
 
+class _FAGrouped(torch.autograd.Function):
+    """LocalMixer's grouped linear (t [..., G*i] -> [..., G*o], weight [G, o, i]) with B in place of W backwards."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+        tg = t.unflatten(-1, (weight.shape[0], -1))
+        ctx.save_for_backward(tg, fb)
+        return torch.einsum("...gi,goi->...go", tg, weight).flatten(-2) + bias
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        tg, fb = ctx.saved_tensors
+        gg = g.unflatten(-1, (fb.shape[0], -1))
+        grad_t = torch.einsum("...go,goi->...gi", gg, fb).flatten(-2) if ctx.needs_input_grad[0] else None
+        grad_w = torch.einsum("...go,...gi->goi", gg, tg)
+        return grad_t, grad_w, g.flatten(0, -2).sum(0), None
+
+
+def random_feedback(weight: torch.Tensor, fan_in: int, generator: torch.Generator) -> torch.Tensor:
+    """A fixed B of W's shape, U(±1/√fan_in): the scale of PyTorch's default init of W. Every FA variant uses it."""
+    u = torch.rand(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
+    return (2 * u - 1) * fan_in**-0.5
+
+
+def mixer_feedback(
+    model: LocalMixer, generator: torch.Generator, heads: bool, readout: bool
+) -> dict[str, torch.Tensor]:
+    """Feedback matrices for a LocalMixer's linear maps, keyed by their weights' parameter names."""
+    out: dict[str, torch.Tensor] = {}
+    for i, block in enumerate(model.blocks):
+        if block.token_mix is not None:
+            out[f"blocks.{i}.token_mix.weight"] = random_feedback(block.token_mix.weight, model.patches, generator)
+        out[f"blocks.{i}.channel.weight"] = random_feedback(block.channel.weight, block.channel.in_features, generator)
+        out[f"blocks.{i}.group_weight"] = random_feedback(block.group_weight, block.group_weight.shape[-1], generator)
+    for i, head in enumerate(model.heads if heads else []):
+        out[f"heads.{i}.weight"] = random_feedback(head.weight, head.in_features, generator)
+    if readout:
+        out["readout.weight"] = random_feedback(model.readout.weight, model.readout.in_features, generator)
+    return out
+
+
+def mixer_linear_hook(i: int, block: MixerBlock, feedback: dict[str, torch.Tensor]) -> LinearHook:
+    """Block i's unit linear maps with B in place of W in their backward (see `MixerBlock.forward`)."""
+
+    def linear(kind: str, t: torch.Tensor) -> torch.Tensor:
+        if kind == "token":
+            m = block.token_mix
+            assert m is not None
+            fb = feedback[f"blocks.{i}.token_mix.weight"]
+            return _FALinear.apply(t.transpose(-1, -2), m.weight, m.bias, fb).transpose(-1, -2)
+        if kind == "channel":
+            fb = feedback[f"blocks.{i}.channel.weight"]
+            return _FALinear.apply(t, block.channel.weight, block.channel.bias, fb)
+        return _FAGrouped.apply(t, block.group_weight, block.group_bias, feedback[f"blocks.{i}.group_weight"])
+
+    return linear
+
+
+def _clone(feedback: Any, device: torch.device | None = None) -> Any:
+    """Copy a list or name -> tensor dict of feedback matrices (checkpoints), optionally to a device."""
+    if feedback is None:
+        return None
+    if isinstance(feedback, dict):
+        return {k: v.to(device) if device is not None else v.clone() for k, v in feedback.items()}
+    return [b.to(device) if device is not None else b.clone() for b in feedback]
+
+
 @METHODS.register(
     "fa",
     "feedback alignment: backward pass through fixed random matrices instead of transposed weights",
     paper=PAPER_FA,
 )
 class FeedbackAlignment(Backprop):
-    """Backprop's step through a forward pass whose weight layers send the error back through B instead of Wᵀ."""
+    """Backprop's step through a forward pass whose weight layers send the error back through B instead of Wᵀ.
+
+    On a LocalMixer (the paper's "FA" row) every linear map of every block and the readout get a B; the global
+    loss trains the blocks end to end, the local heads take no part (zero gradient), as under `bp`.
+    """
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed=seed, **options)
+        self.feedback: Any
+        if isinstance(model, LocalMixer):
+            self.layers: list[nn.Module] | None = None
+            self.feedback = mixer_feedback(model, self.generator, heads=False, readout=True)
+            return
         self.layers = flat_layers(model, "fa")
         # One fixed B per weight layer, same shape and scale as PyTorch's default init of W (U(±1/sqrt(fan_in))).
-        self.feedback: list[torch.Tensor] = []
-        for m in self.layers:
-            if isinstance(m, WEIGHT_LAYERS):
-                w = m.weight
-                bound = (w[0].numel() / (m.groups if isinstance(m, nn.Conv2d) else 1)) ** -0.5
-                u = torch.rand(w.shape, generator=self.generator, device=w.device, dtype=w.dtype)
-                self.feedback.append((2 * u - 1) * bound)
+        self.feedback = [
+            random_feedback(m.weight, m.weight[0].numel(), self.generator)
+            for m in self.layers
+            if isinstance(m, WEIGHT_LAYERS)
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's forward pass, with each weight layer replaced by its FA Function."""
+        if self.layers is None:  # LocalMixer: tokens -> blocks -> pooled -> LN -> readout, as its forward
+            model = self.model
+            assert isinstance(model, LocalMixer)
+            h = model.tokens(x)
+            for i, block in enumerate(model.blocks):
+                h = block(h, mixer_linear_hook(i, block, self.feedback))
+            ro = model.readout
+            return _FALinear.apply(layer_norm(model.pooled(h)), ro.weight, ro.bias, self.feedback["readout.weight"])
         h, k = x, 0
         for m in self.layers:
             if isinstance(m, nn.Linear):
@@ -168,11 +259,72 @@ class FeedbackAlignment(Backprop):
         return h
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "feedback": [b.clone() for b in self.feedback]}
+        return {**super().state_dict(), "feedback": _clone(self.feedback)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.feedback = [b.to(old.device) for b, old in zip(state["feedback"], self.feedback)]
+        self.feedback = _clone(state["feedback"], next(self.model.parameters()).device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# L-FA, LG-FA: the local-loss estimators (l-bp, lg-bp) with every linear's backward through a fixed random B.
+
+
+class _LocalFeedback:
+    """Mixin over LocalBP / LocalGroupBP. Every linear map between a local loss and the weights it trains sends
+    its error back through a fixed random B (`random_feedback`: U(±1/√fan_in), as `fa`): the three unit linears
+    of each block and the local head's linear, so no weight is transported anywhere. Each weight's own gradient
+    stays local and exact given the signal at its output (for a head: its exact local gradient). The readout sits
+    on stopped features and passes no signal down, so it takes its exact gradient with no B, as in local.py.
+    """
+
+    model: LocalMixer
+    generator: torch.Generator
+
+    def _init_feedback(self) -> None:
+        self.feedback = mixer_feedback(self.model, self.generator, heads=True, readout=False)
+
+    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
+        h = self.model.heads[i]
+        return _FALinear.apply(layer_norm(pooled), h.weight, h.bias, self.feedback[f"heads.{i}.weight"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "feedback": _clone(self.feedback)}  # type: ignore[misc]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)  # type: ignore[misc]
+        self.feedback = _clone(state["feedback"], next(self.model.parameters()).device)
+
+
+@METHODS.register(
+    "l-fa",
+    "feedback alignment inside each block under block-wise local losses (l-bp with random feedback)",
+    options=COMMON_OPTIONS,
+    paper=PAPER_LFA,
+)
+class LocalFA(_LocalFeedback, LocalBP):
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        self._init_feedback()
+
+    def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
+        return block(x, mixer_linear_hook(i, block, self.feedback))
+
+
+@METHODS.register(
+    "lg-fa",
+    "feedback alignment under the block + patch + group local losses (lg-bp with random feedback)",
+    options=COMMON_OPTIONS,
+    paper=PAPER_LFA,
+)
+class LocalGroupFA(_LocalFeedback, LocalGroupBP):
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        self._init_feedback()
+
+    def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
+        hook = mixer_linear_hook(i, block, self.feedback)
+        return lg_block_forward(block, x, hook, self.feedback[f"blocks.{i}.channel.weight"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,12 +438,19 @@ class _DirectFeedback(Estimator):
 
     method = ""
     use_tangents = False
+    tangent_dist = "normal"
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed=seed, **options)
-        self.hidden, self.output = split_blocks(flat_layers(model, self.method), self.method)
         # B_l has shape (classes, numel of block l's output); made at the first step, when the shapes are known.
         self.feedback: list[torch.Tensor] | None = None
+        self.mixer = isinstance(model, LocalMixer)
+        if self.mixer:
+            if self.use_tangents:
+                raise UsageError(f"method {self.method!r} does not support localmixer-* models; use dfa, fa or lg-fa")
+            self.fast = None
+            return
+        self.hidden, self.output = split_blocks(flat_layers(model, self.method), self.method)
         dense = [_DenseBlock.try_make(b) for b in self.hidden]
         out_is_linear = len(self.output) == 1 and isinstance(self.output[0], nn.Linear)
         # Fast path (hand-written formulas, no autograd) when every block is [Flatten] Linear [BN1d] [ReLU].
@@ -304,7 +463,7 @@ class _DirectFeedback(Estimator):
         """FDFA's update of B from the forward-mode pass (DFA keeps B fixed)."""
 
     def _tangent(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+        return T.sample(like.shape, self.tangent_dist, self.generator, device=like.device, dtype=like.dtype)
 
     def _forward_fast(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, Any]:
         h, h_dot, outs, tangents = x, None, [], []
@@ -341,7 +500,38 @@ class _DirectFeedback(Estimator):
                 y_dot = fwad.unpack_dual(logits).tangent.detach()
         return outs, tangents, logits, y_dot
 
+    def _step_mixer(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        """DFA on a LocalMixer: every unit (linear -> LN -> [+residual] -> ReLU) of every block is a DFA layer.
+        Its signal e·B_l [B, P, C] at the unit output goes through that unit's ReLU, LN and linear only; the readout
+        takes its exact gradient, the local heads none (zero)."""
+        model = self.model
+        assert isinstance(model, LocalMixer)
+        with torch.no_grad():
+            h, traced = model.tokens(x), []
+            for block in model.blocks:
+                h, units = block.trace(h)
+                traced += [(block, u) for u in units]
+            feats = layer_norm(model.pooled(h))
+            logits = model.readout(feats)
+        leaf = logits.requires_grad_()
+        with torch.enable_grad():
+            loss = self.loss_fn(leaf, y)
+            (e,) = torch.autograd.grad(loss, leaf)
+        if self.feedback is None:
+            self.feedback = self.init_feedback([unit.live.flatten(1) for _, unit in traced], logits.shape[1])
+        with torch.no_grad():
+            for (block, unit), b in zip(traced, self.feedback):
+                grad_a = (e @ b).view_as(unit.live) * unit.live  # through the unit's ReLU (and residual sum)
+                w, bias = unit_params(block, unit.kind)
+                w.grad, bias.grad = unit_weight_grads(block, unit, grad_a)
+            model.readout.weight.grad, model.readout.bias.grad = e.t() @ feats, e.sum(0)
+            for head in model.heads:
+                head.weight.grad, head.bias.grad = torch.zeros_like(head.weight), torch.zeros_like(head.bias)
+        return StepResult(loss.detach(), logits.detach())
+
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        if self.mixer:
+            return self._step_mixer(x, y)
         if self.fast is not None:
             with torch.no_grad():
                 outs, tangents, logits, y_dot = self._forward_fast(x)
@@ -401,28 +591,85 @@ class DirectFeedbackAlignment(_DirectFeedback):
         ]
 
 
+FEEDBACK_OPTIMIZERS = ("average", "adam", "sgd")
+
+
 @METHODS.register(
     "fdfa",
     "directional DFA: DFA whose feedback matrices track the output Jacobians, learned by one forward-mode pass",
-    options={"feedback_lr": Option(1e-2, "moving-average rate λ of the feedback matrices B")},
+    options={
+        "feedback_lr": Option(1e-2, "rate of B: moving-average λ, or the feedback optimizer's learning rate"),
+        "feedback_optimizer": Option(
+            "average",
+            "how B learns: average = B ← (1−λ)B + λ·mean(ẏuᵀ); adam / sgd = that optimizer on ½‖B − mean(ẏuᵀ)‖²",
+            choices=FEEDBACK_OPTIMIZERS,
+        ),
+        "tangent_dist": Option(
+            "normal", "tangent entries: normal (the paper's) or rademacher (±1: lower variance, cheaper to draw)",
+            choices=T.DISTS,
+        ),
+    },
     paper=PAPER_FDFA,
 )
 class DirectionalDFA(_DirectFeedback):
+    """`--feedback-optimizer adam` is the public code's choice (Adam, lr 1e-4 on B); `sgd` without momentum is the
+    moving average itself (B − λ(B − estimate)), kept as a check of the optimizer path."""
+
     method = "fdfa"
     use_tangents = True
 
-    def __init__(self, model: nn.Module, seed: int = 0, feedback_lr: float = 1e-2, **options: Any):
-        if not 0.0 < feedback_lr <= 1.0:
-            raise UsageError(f"fdfa: --feedback-lr must be in (0, 1], got {feedback_lr}")
-        super().__init__(model, seed=seed, feedback_lr=feedback_lr, **options)
-        self.feedback_lr = feedback_lr
+    def __init__(
+        self, model: nn.Module, seed: int = 0, feedback_lr: float = 1e-2, feedback_optimizer: str = "average",
+        tangent_dist: str = "normal", **options: Any,
+    ):  # fmt: skip
+        if feedback_optimizer not in FEEDBACK_OPTIMIZERS:
+            raise UsageError(f"fdfa: --feedback-optimizer must be one of {', '.join(FEEDBACK_OPTIMIZERS)}")
+        if not 0.0 < feedback_lr <= (1.0 if feedback_optimizer == "average" else float("inf")):
+            raise UsageError(
+                f"fdfa: --feedback-lr must be in (0, 1] for the moving average, > 0 for an optimizer; got {feedback_lr}"
+            )
+        T.check_options(1, "mean", tangent_dist)
+        super().__init__(
+            model, seed=seed, feedback_lr=feedback_lr, feedback_optimizer=feedback_optimizer,
+            tangent_dist=tangent_dist, **options,
+        )  # fmt: skip
+        self.feedback_lr, self.feedback_optimizer, self.tangent_dist = feedback_lr, feedback_optimizer, tangent_dist
+        self.optimizer: torch.optim.Optimizer | None = None
 
     def init_feedback(self, outs: list[torch.Tensor], classes: int) -> list[torch.Tensor]:
         return [torch.zeros(classes, o[0].numel(), device=o.device, dtype=o.dtype) for o in outs]
 
+    def _make_optimizer(self) -> None:
+        assert self.feedback is not None
+        if self.feedback_optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.feedback, lr=self.feedback_lr)
+        elif self.feedback_optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.feedback, lr=self.feedback_lr)
+
     def learn_feedback(self, y_dot: torch.Tensor, tangents: list[torch.Tensor]) -> None:
         lam, n = self.feedback_lr, y_dot.shape[0]
+        assert self.feedback is not None
         with torch.no_grad():
+            if self.feedback_optimizer == "average":
+                for b, u in zip(self.feedback, tangents):
+                    # B ← (1−λ)B + λ·mean_batch(ẏ uᵀ), in place as one addmm.
+                    b.mul_(1 - lam).addmm_(y_dot.t(), u.reshape(n, -1), alpha=lam / n)
+                return
+            if self.optimizer is None:
+                self._make_optimizer()
+            assert self.optimizer is not None
             for b, u in zip(self.feedback, tangents):
-                # B ← (1−λ)B + λ·mean_batch(ẏ uᵀ), in place as one addmm.
-                b.mul_(1 - lam).addmm_(y_dot.t(), u.reshape(n, -1), alpha=lam / n)
+                b.grad = torch.addmm(b, y_dot.t(), u.reshape(n, -1), alpha=-1 / n)  # ∇ ½‖B − mean(ẏuᵀ)‖²
+            self.optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        opt = None if self.optimizer is None else self.optimizer.state_dict()
+        return {**super().state_dict(), "feedback_optimizer": opt}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.optimizer = None
+        if state.get("feedback_optimizer") is not None:
+            self._make_optimizer()  # over the loaded B, then its moments and step counts
+            assert self.optimizer is not None
+            self.optimizer.load_state_dict(state["feedback_optimizer"])

@@ -36,6 +36,7 @@ from bpfree.methods import METHODS
 from bpfree.methods import forward_gradient as FG
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.models.localmixer import (
+    LinearHook,
     LNCache,
     LocalMixer,
     MixerBlock,
@@ -81,20 +82,26 @@ class _GroupDiagonalLink(torch.autograd.Function):
     Forward and the W1/b1 gradients are ordinary. The gradient to a0 is the LG one: the signal from group g of
     a1 is credited only to group g of a0 (the diagonal blocks of the group-to-group Jacobian), computed in closed
     form with one full and one grouped matmul instead of G backward passes.
+
+    With `feedback` B1 (feedback alignment, `lg-fa`) every use of W1 in the gradient to a0 (all of them are W1ᵀ
+    applied to something: W1ᵀv, 1ᵀW1, W1ᵀa1, and t1·W1ᵀv = v·W1t1) takes B1 instead; B1 = W1 gives the above.
     """
 
     @staticmethod
-    def forward(ctx: Any, a0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, groups: int) -> torch.Tensor:
+    def forward(ctx: Any, a0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, groups: int,
+                feedback: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         t1, r_t = layer_norm_stats(F.relu(a0))
         u1 = t1 @ w1.T  # W1 t1 (no bias)
         a1, r_s = layer_norm_stats(u1 + b1)
         ctx.groups = groups
+        if feedback is not None:
+            w1, u1 = feedback, t1 @ feedback.T
         ctx.save_for_backward(a0, w1, t1, r_t, u1, a1, r_s)
         return a1
 
     @staticmethod
     def backward(ctx: Any, grad_a1: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        a0, w1, t1, r_t, u1, a1, r_s = ctx.saved_tensors
+        a0, w1, t1, r_t, u1, a1, r_s = ctx.saved_tensors  # w1, u1: B1 and B1 t1 under feedback alignment
         groups = ctx.groups
         c = a1.shape[-1]
         r_s, r_t = r_s.squeeze(-1), r_t.squeeze(-1)  # [B, P, 1]
@@ -133,16 +140,23 @@ class _GroupDiagonalLink(torch.autograd.Function):
         t1g = t1.unflatten(-1, (groups, -1))
         grad_h0 = r_t[..., None] * (vt_g - mean_vt[..., None] - t1g * mean_vtt[..., None])
         grad_a0 = grad_h0.flatten(-2) * (a0 > 0)
-        return grad_a0, grad_w1, grad_b1, None
+        return grad_a0, grad_w1, grad_b1, None, None
 
 
-def lg_block_forward(block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
-    """The block's forward whose autograd backward gives the LG gradient (see the module docstring)."""
+def lg_block_forward(
+    block: MixerBlock, x: torch.Tensor, linear: LinearHook | None = None, channel_feedback: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The block's forward whose autograd backward gives the LG gradient (see the module docstring).
+
+    `linear` replaces the token and group units' linear maps (as in `MixerBlock.forward`); `channel_feedback`
+    replaces W1ᵀ in the channel unit's fused backward (both: feedback alignment, `lg-fa`).
+    """
     if block.token_mix is None:  # nothing crosses patches or groups after the first unit: ordinary forward
-        return block(x)
-    a0 = layer_norm(block.mix_tokens(layer_norm(x)))
-    a1 = _GroupDiagonalLink.apply(a0, block.channel.weight, block.channel.bias, block.groups)
-    a = layer_norm(block.grouped(layer_norm(F.relu(a1), block.groups)), block.groups)
+        return block(x, linear)
+    lin = linear or block.unit_linear
+    a0 = layer_norm(lin("token", layer_norm(x)))
+    a1 = _GroupDiagonalLink.apply(a0, block.channel.weight, block.channel.bias, block.groups, channel_feedback)
+    a = layer_norm(lin("group", layer_norm(F.relu(a1), block.groups)), block.groups)
     return F.relu(a + x)
 
 
@@ -160,7 +174,7 @@ def _linear_tangent(block: MixerBlock, kind: str, t_dot: torch.Tensor) -> torch.
     return torch.einsum("...gi,goi->...go", t_dot.unflatten(-1, (block.groups, -1)), block.group_weight).flatten(-2)
 
 
-def _unit_params(block: MixerBlock, kind: str) -> tuple[nn.Parameter, nn.Parameter]:
+def unit_params(block: MixerBlock, kind: str) -> tuple[nn.Parameter, nn.Parameter]:
     if kind == "token":
         assert block.token_mix is not None
         return block.token_mix.weight, block.token_mix.bias
@@ -169,7 +183,7 @@ def _unit_params(block: MixerBlock, kind: str) -> tuple[nn.Parameter, nn.Paramet
     return block.group_weight, block.group_bias
 
 
-def _weight_grads(block: MixerBlock, unit: Unit, grad_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_weight_grads(block: MixerBlock, unit: Unit, grad_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Push a gradient at the unit's post-LN activity back through that LN and linear only -> (dW, db)."""
     grad_s = unit.ln.apply(grad_a)
     if unit.kind == "token":
@@ -323,13 +337,15 @@ class LocalEstimator(Estimator):
         return [(list(model.heads.parameters()), self.head_lr_mult),
                 (list(model.readout.parameters()), self.readout_lr_mult)]
 
+    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
+        """Local head i on pooled features (feedback alignment swaps the backward of its linear)."""
+        return self.model.head(i, pooled)  # type: ignore[operator]
+
     # -- local loss of block i on pooled features: per-example losses
     def local_loss_fn(self, i: int, y: torch.Tensor):  # noqa: ANN201 - returns a closure
-        model = self.model
-        assert isinstance(model, LocalMixer)
         if self.objective == "contrastive":
-            return lambda pooled: nt_xent(model.head(i, pooled), self.temperature)
-        return lambda pooled: F.cross_entropy(model.head(i, pooled), y, reduction="none")
+            return lambda pooled: nt_xent(self.head(i, pooled), self.temperature)
+        return lambda pooled: F.cross_entropy(self.head(i, pooled), y, reduction="none")
 
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Set the grads of block i and its head from input x (stop-gradient); return (output, local loss)."""
@@ -361,14 +377,15 @@ class LocalBP(LocalEstimator):
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         params = list(block.parameters()) + self._head_params(i)
         with torch.enable_grad():
-            out = self.block_forward(block, x)
+            out = self.block_forward(i, block, x)
             per = self.local_loss_fn(i, y)(self.model.pooled(out))  # type: ignore[operator]
             loss = per.mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         self._set(params, list(grads))
         return out.detach(), float(loss.detach())
 
-    def block_forward(self, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
+    def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
+        """Block i's forward whose autograd backward is the rule's (feedback alignment swaps the linears')."""
         return block(x)
 
 
@@ -475,10 +492,13 @@ class LocalGroupBP(LocalBP):
     """The grid's summed gradient at the block output equals the pooled loss's (each copy reaches only its own
     slice, with the pooled slope), so the difference from l-bp is inside the block: `lg_block_forward`."""
 
+    def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
+        return lg_block_forward(block, x)
+
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         params = list(block.parameters())
         with torch.enable_grad():
-            out = lg_block_forward(block, x)
+            out = self.block_forward(i, block, x)
             grid = local_loss_grid(out, block.groups, self.local_loss_fn(i, y))
             values = grid.values(out)  # [B, P, G]
             loss = grid.per_example.mean()
@@ -557,8 +577,8 @@ class LocalFGActivity(LocalForwardGradient):
             for unit, u in zip(units, masked):
                 ug = u.unflatten(-1, (g, -1))  # masked by the ReLU derivative, as the estimate should be
                 est = (c[0] * ug[0] if k == 1 else (c * ug).sum(0)).flatten(-2)
-                dw, db = _weight_grads(block, unit, est)
-                w, b = _unit_params(block, unit.kind)
+                dw, db = unit_weight_grads(block, unit, est)
+                w, b = unit_params(block, unit.kind)
                 w.grad, b.grad = dw, db
         return out, loss
 
@@ -587,7 +607,7 @@ class LocalFGWeight(LocalForwardGradient):
         k, g = self.tangents, block.groups
         noise = []
         for unit in units:
-            w, b = _unit_params(block, unit.kind)
+            w, b = unit_params(block, unit.kind)
             noise.append((self.sample((k, *w.shape), w), self.sample((k, *b.shape), b)))
         with torch.no_grad():
             d = grid.directional(_tangent_pass(block, units, weight_noise=noise)) / x.shape[0]  # [K, B, P, G]
@@ -599,7 +619,7 @@ class LocalFGWeight(LocalForwardGradient):
             gram = T.gram(flat) if self.aggregation == "orthogonal" else None
             c = combine_coefficients(d, self.aggregation, gram, T.dimension(flat))
             for unit, (dw, db) in zip(units, noise):
-                w, b = _unit_params(block, unit.kind)
+                w, b = unit_params(block, unit.kind)
                 if unit.kind == "token":
                     coef = c.sum((1, 3))  # [K, P]: row p belongs to the copies of patch p
                     w.grad = torch.einsum("kp,kpq->pq", coef, dw)
@@ -689,8 +709,8 @@ def mixer_fg_a(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     for block, units, us in zip(model.blocks, traces, noise):
         for unit, u in zip(units, us):
             grad_a = T.combine(u, c)[0]
-            w, b = _unit_params(block, unit.kind)
-            w.grad, b.grad = _weight_grads(block, unit, grad_a)
+            w, b = unit_params(block, unit.kind)
+            w.grad, b.grad = unit_weight_grads(block, unit, grad_a)
     _set_readout(model, z, e if u_out is None else T.combine(u_out, c)[0])
     return loss, logits
 
@@ -710,7 +730,7 @@ def mixer_fg_w(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     for block, units in zip(model.blocks, traces):
         pairs = []
         for unit in units:
-            w, b = _unit_params(block, unit.kind)
+            w, b = unit_params(block, unit.kind)
             pairs.append(tuple(est._sample_(torch.empty((k, *p.shape), device=p.device, dtype=p.dtype))
                                for p in (w, b)))
         noise.append(pairs)
@@ -729,7 +749,7 @@ def mixer_fg_w(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     c = T.coefficients(d, est.aggregation, gram, T.dimension(flat))
     for block, units, pairs in zip(model.blocks, traces, noise):
         for unit, pair in zip(units, pairs):
-            for p, g in zip(_unit_params(block, unit.kind), T.combine(list(pair), c)):
+            for p, g in zip(unit_params(block, unit.kind), T.combine(list(pair), c)):
                 p.grad = g
     if est.exact_readout:
         _set_readout(model, z, e)

@@ -24,6 +24,7 @@ post-LN, pre-ReLU activity of every unit.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,8 @@ from bpfree.models import MODELS
 from bpfree.registry import Option
 
 EPS = 1e-5
+#: (unit kind, input) -> the unit's linear map applied to the input; see `MixerBlock.forward`.
+LinearHook = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def layer_norm(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -154,12 +157,23 @@ class MixerBlock(nn.Module):
         assert self.token_mix is not None
         return F.linear(t.transpose(-1, -2), self.token_mix.weight, self.token_mix.bias).transpose(-1, -2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def unit_linear(self, kind: str, t: torch.Tensor) -> torch.Tensor:
+        """The linear map of unit `kind` ("token", "channel" or "group") applied to t [B, P, in]."""
+        if kind == "token":
+            return self.mix_tokens(t)
+        if kind == "channel":
+            return self.channel(t)
+        return self.grouped(t)
+
+    def forward(self, x: torch.Tensor, linear: LinearHook | None = None) -> torch.Tensor:
+        """The block; `linear(kind, t)` may replace the units' linear maps (feedback alignment swaps their
+        backward), defaulting to `unit_linear`."""
+        lin = linear or self.unit_linear
         h = x
         if self.token_mix is not None:
-            h = F.relu(layer_norm(self.mix_tokens(layer_norm(x))))
-        h = F.relu(layer_norm(self.channel(layer_norm(h))))
-        a = layer_norm(self.grouped(layer_norm(h, self.groups)), self.groups)
+            h = F.relu(layer_norm(lin("token", layer_norm(x))))
+        h = F.relu(layer_norm(lin("channel", layer_norm(h))))
+        a = layer_norm(lin("group", layer_norm(h, self.groups)), self.groups)
         return F.relu(a + x) if self.token_mix is not None else F.relu(a)
 
     @torch.no_grad()
