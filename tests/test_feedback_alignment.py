@@ -27,6 +27,18 @@ def batch(n: int = 8, shape: tuple[int, ...] = (4,), classes: int = 3, seed: int
 # ---------------------------------------------------------------------------------------------------------- FA
 
 
+
+def fit_and_score(net, est, opt, xtr, ytr, xte, yte, epochs: int = 2) -> float:
+    """Train for a few epochs in batches of 50; test accuracy."""
+    net.train()
+    for _ in range(epochs):
+        for i in range(0, len(ytr), 50):
+            opt.zero_grad(set_to_none=True)
+            est.step(xtr[i : i + 50], ytr[i : i + 50])
+            opt.step()
+    net.eval()
+    return (est.predict(xte).argmax(1) == yte).float().mean().item()
+
 def test_fa_linear_matches_formula() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
@@ -283,14 +295,7 @@ def test_learns_digits(digits, method: str, model: str, kw: dict) -> None:
     net = build_model(model, 10, (1, 8, 8), **kw)
     est = build(method, net, seed=0)
     opt = torch.optim.Adam(est.trainable(), lr=3e-3)
-    net.train()
-    for _ in range(2):
-        for i in range(0, len(ytr), 50):
-            opt.zero_grad(set_to_none=True)
-            est.step(xtr[i : i + 50], ytr[i : i + 50])
-            opt.step()
-    net.eval()
-    acc = (est.predict(xte).argmax(1) == yte).float().mean().item()
+    acc = fit_and_score(net, est, opt, xtr, ytr, xte, yte)
     assert acc > 0.4, f"{method} on {model}: test accuracy {acc:.2f} (chance 0.10)"
 
 
@@ -439,14 +444,7 @@ def test_mixer_fa_learns_digits(digits, method: str) -> None:
     net = build_model("localmixer-m1-16", 10, (1, 8, 8), channels=32, groups=4)
     est = build(method, net, seed=0)
     opt = torch.optim.SGD(est.trainable(), lr=0.05, momentum=0.9)
-    net.train()
-    for _ in range(2):
-        for i in range(0, len(ytr), 50):
-            opt.zero_grad(set_to_none=True)
-            est.step(xtr[i : i + 50], ytr[i : i + 50])
-            opt.step()
-    net.eval()
-    acc = (est.predict(xte).argmax(1) == yte).float().mean().item()
+    acc = fit_and_score(net, est, opt, xtr, ytr, xte, yte)
     assert acc > 0.5, f"{method} on localmixer: test accuracy {acc:.2f} (chance 0.10)"
 
 

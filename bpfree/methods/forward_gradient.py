@@ -131,7 +131,7 @@ def _activate_(Z: torch.Tensor, act: nn.Module | None) -> torch.Tensor | None:
     return deriv != 0
 
 
-def _loss_grad(est: Estimator, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_grad(est: Estimator, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and dL/dlogits: autograd through the loss function only, never through a layer."""
     leaf = logits.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -304,7 +304,7 @@ class ForwardGradientWeight(_ForwardGradient):
             _activate_(Z, act)
             H = Z
         logits = H[0]
-        loss, e = _loss_grad(self, logits, y)
+        loss, e = loss_grad(self, logits, y)
         if H.shape[0] > 1:
             d = torch.einsum("kbc,bc->k", H[1:], e)
             self.group.weighted_mean_([d], B)  # data-parallel: the K numbers are all that ranks exchange
@@ -347,7 +347,7 @@ class ForwardGradientWeight(_ForwardGradient):
             raise UsageError(
                 "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
             )
-        loss, e = _loss_grad(self, logits, y)
+        loss, e = loss_grad(self, logits, y)
 
         # Batch-norm running statistics were updated by the primal pass above; inside the transform they are
         # hidden (None -> batch statistics, no in-place update of a captured tensor), as in the primal.
@@ -444,7 +444,7 @@ class ForwardGradientActivity(_ForwardGradient):
                     saved.append((lin, H[0].clone() if H.shape[0] > 1 else H[0], um))
             H = Z
         logits = H[0]
-        loss, e = _loss_grad(self, logits, y)
+        loss, e = loss_grad(self, logits, y)
         if H.shape[0] > 1:
             d = torch.einsum("kbc,bc->kb", H[1:], e)  # per-example directional derivatives
             c = T.coefficients(d, self.aggregation, G, dim)
@@ -522,7 +522,7 @@ class ForwardGradientActivity(_ForwardGradient):
             raise UsageError(
                 "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
             )
-        loss, e = _loss_grad(self, logits, y)
+        loss, e = loss_grad(self, logits, y)
         d = torch.einsum("kbc,bc->kb", ydot, e.reshape(B, -1))
         tangents = [u for _, _, u in records]
         G = T.gram(tangents, per_example=True) if self.aggregation == "orthogonal" and tangents else None

@@ -652,15 +652,6 @@ def _mixer_trace(
     return traces, z, ln, F.linear(z, model.readout.weight, model.readout.bias)
 
 
-def _readout_loss_grad(est: Estimator, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss and dL/dlogits (autograd through the loss function only)."""
-    leaf = logits.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = est.loss_fn(leaf, y)
-        (e,) = torch.autograd.grad(loss, leaf)
-    return loss.detach(), e
-
-
 def _logits_tangent(model: LocalMixer, ln: LNCache, h_dot: torch.Tensor) -> torch.Tensor:
     """Tangent of the logits [K, B, classes] from the last block output's tangent [K, B, P, C]."""
     return ln.apply(model.pooled(h_dot)) @ model.readout.weight.T
@@ -688,7 +679,7 @@ def mixer_fg_a(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     assert isinstance(model, LocalMixer)
     k = est.K
     traces, z, ln, logits = _mixer_trace(model, x)
-    loss, e = _readout_loss_grad(est, logits, y)
+    loss, e = FG.loss_grad(est, logits, y)
     noise = [[est._sample_(torch.empty((k, *u.live.shape), device=x.device, dtype=u.live.dtype)).mul_(u.live)
               for u in units] for units in traces]
     flat = [u for us in noise for u in us]
@@ -724,7 +715,7 @@ def mixer_fg_w(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     assert isinstance(model, LocalMixer)
     k = est.K
     traces, z, ln, logits = _mixer_trace(model, x)
-    loss, e = _readout_loss_grad(est, logits, y)
+    loss, e = FG.loss_grad(est, logits, y)
     noise = []
     h_dot = None
     for block, units in zip(model.blocks, traces):
