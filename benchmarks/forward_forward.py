@@ -151,6 +151,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         records = run.train()
     total = time.perf_counter() - start
     last = records[-1]
+    units = unit_errors(run.estimator, data, spec.get("eval_batch_size", 1000), device)
     return {
         "model": spec["model"], "method": spec["method"], "width": width, "epochs": last["epoch"],
         "train_examples": data.num_train, "test_examples": len(data.test_y),
@@ -160,7 +161,22 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": total, "peak_memory_mb": peak(device) - base,
         "activation_peak_mb": saved.peak / 2**20, "backbone_tensors_loaded": loaded,
         "checkpoint": str(Path(spec["out"]) / "checkpoint.pt"),
+        # SFF only: test error of each unit's goodness alone (does averaging the blocks help or hurt?)
+        "unit_test_errors": units,
     }
+
+
+def unit_errors(estimator: Any, data: Any, batch: int, device: torch.device) -> list[float] | None:
+    if not hasattr(estimator, "unit_goodness"):
+        return None
+    estimator.model.eval()
+    wrong: torch.Tensor | None = None
+    for x, y in data.test_batches(batch):
+        x, y = x.to(device), y.to(device)
+        hits = torch.stack([(g.argmax(1) != y).sum() for g in estimator.unit_goodness(x)])
+        wrong = hits if wrong is None else wrong + hits
+    assert wrong is not None
+    return [round(100 * w.item() / len(data.test_y), 2) for w in wrong]
 
 
 def spawn(spec: dict[str, Any]) -> dict[str, Any]:

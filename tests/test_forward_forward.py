@@ -322,6 +322,21 @@ def test_sff_prediction_does_not_depend_on_the_batch(method, inference):
     torch.testing.assert_close(alone, full[:4], rtol=1e-4, atol=1e-6)
 
 
+def test_sff_predict_combines_the_units_goodness():
+    model = tiny("resnet18")
+    x = torch.randn(5, 1, 12, 12)
+    model.eval()
+    mean = build_method("sff-block", model, seed=0)
+    last = build_method("sff-block", model, seed=0, inference="last")
+    goods = mean.unit_goodness(x)
+    assert len(goods) == len(model.blocks) and all(g.shape == (5, 10) for g in goods)
+    assert not any(g.requires_grad for g in goods)
+    # independent reference for the first unit: the stem's output through head 0
+    torch.testing.assert_close(goods[0], mean.heads[0](model.blocks[0](x)).pow(2).mean((2, 3)))
+    torch.testing.assert_close(mean.predict(x), sum(goods) / len(goods))
+    torch.testing.assert_close(last.predict(x), goods[-1])
+
+
 def test_sff_block_learns_digits_above_chance(digits):
     x, y = digits
     torch.manual_seed(0)

@@ -374,11 +374,15 @@ class ScalableFF(Estimator):
         self._run(x, lambda k, out, b: losses.append(F.cross_entropy(self.goodness(k, out), y)))
         return losses
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
+    def unit_goodness(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each unit's [B, C] goodness vector, without gradients (what `predict` combines)."""
         goods: list[torch.Tensor] = []
         with torch.no_grad():
             self._run(x, lambda k, out, b: goods.append(self.goodness(k, out)))
-        return self.combine(goods)
+        return goods
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.unit_goodness(x))
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.blocks.parameters() if p.requires_grad] + list(self.heads.parameters())
