@@ -27,7 +27,6 @@ def batch(n: int = 8, shape: tuple[int, ...] = (4,), classes: int = 3, seed: int
 # ---------------------------------------------------------------------------------------------------------- FA
 
 
-
 def fit_and_score(net, est, opt, xtr, ytr, xte, yte, epochs: int = 2) -> float:
     """Train for a few epochs in batches of 50; test accuracy."""
     net.train()
@@ -38,6 +37,7 @@ def fit_and_score(net, est, opt, xtr, ytr, xte, yte, epochs: int = 2) -> float:
             opt.step()
     net.eval()
     return (est.predict(xte).argmax(1) == yte).float().mean().item()
+
 
 def test_fa_linear_matches_formula() -> None:
     torch.manual_seed(0)

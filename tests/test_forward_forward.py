@@ -328,6 +328,7 @@ def test_sff_predict_combines_the_units_goodness():
     model.eval()
     mean = build_method("sff-block", model, seed=0)
     last = build_method("sff-block", model, seed=0, inference="last")
+    last.heads.load_state_dict(mean.heads.state_dict())  # same heads: only the combination differs
     goods = mean.unit_goodness(x)
     assert len(goods) == len(model.blocks) and all(g.shape == (5, 10) for g in goods)
     assert not any(g.requires_grad for g in goods)
