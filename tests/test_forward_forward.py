@@ -81,8 +81,11 @@ def test_ff_negatives_never_carry_the_true_label(negatives):
         assert (off - 300 / 9).abs().max() < 6 * (300 * (1 / 9) * (8 / 9)) ** 0.5
 
 
-def ff_reference_grads(model, est, x, y, y_neg) -> list[list[torch.Tensor]]:
-    """Each layer's gradient of its own loss alone (first step), written out independently of the estimator."""
+def ff_reference_grads(model, est, x, y, y_neg, scales=None) -> list[list[torch.Tensor]]:
+    """Each layer's gradient of its own loss alone (first step), written out independently of the estimator.
+
+    `scales`: the input-dropout multipliers the step drew, one [B, width] tensor per layer (shared by the pair).
+    """
     opts = est.options
     pos = model.with_label(x, F.one_hot(y, 10))
     neg = model.with_label(x, F.one_hot(y_neg, 10))
@@ -90,7 +93,9 @@ def ff_reference_grads(model, est, x, y, y_neg) -> list[list[torch.Tensor]]:
     b = len(y)
     target = torch.cat([torch.ones(b), torch.zeros(b)])
     out = []
-    for layer in model.layers:
+    for index, layer in enumerate(model.layers):
+        if scales:
+            h = h * torch.cat([scales[index], scales[index]])
         a = torch.relu(layer(h))
         good = a.pow(2).sum(1)
         if opts["goodness"] == "mean":
@@ -121,16 +126,19 @@ def ff_reference_grads(model, est, x, y, y_neg) -> list[list[torch.Tensor]]:
         {"loss": "logistic", "goodness": "sum", "negatives": "random"},
         {"loss": "contrast", "peer_norm": 0.5, "negatives": "readout"},
         {"loss": "logistic", "peer_norm": 0.5, "contrast_scale": 2.0},
+        {"loss": "contrast", "input_dropout": 0.3},
     ],
 )
 def test_ff_each_layer_gets_exactly_its_own_loss_gradient(options):
     model, est = ff_setup(**options)
     x, y = torch.randn(32, 1, 6, 6), torch.randint(0, 10, (32,))
-    drawn = []
-    sample = est.negative_labels
+    drawn, scales = [], []
+    sample, mask = est.negative_labels, est.dropout_scale
     est.negative_labels = lambda *a: drawn.append(sample(*a)) or drawn[-1]  # record the negatives used
+    est.dropout_scale = lambda *a, **k: scales.append(mask(*a, **k)) or scales[-1]  # and the dropout masks
     est.step(x, y)
-    reference = ff_reference_grads(model, est, x, y, drawn[0])
+    assert len(scales) == (len(model.layers) if options.get("input_dropout") else 0)
+    reference = ff_reference_grads(model, est, x, y, drawn[0], scales)
     modules = [*model.layers, model.readout]
     for module, grads in zip(modules, reference):
         for p, g in zip(module.parameters(), grads):
@@ -153,6 +161,19 @@ def test_ff_hard_negatives_follow_the_scores_of_the_wrong_labels():
     assert set(rest.tolist()) <= {3, 5}
     # P(5) = 3/4 over 1600 draws: sd 1.1 %, so 6 sd is 6.5 %
     assert abs((rest == 5).float().mean().item() - 0.75) < 0.065
+
+
+def test_ff_input_dropout_keeps_the_label_and_rescales_the_rest():
+    _, est = ff_setup(input_dropout=0.25)
+    scale = est.dropout_scale(4000, 60, first=True)
+    assert (scale[:, :10] == 1).all()  # the label entries are never dropped
+    rest = scale[:, 10:]
+    torch.testing.assert_close(rest.unique(), torch.tensor([0.0, 1 / 0.75]))
+    # dropped fraction ~ binomial(200000, 0.25): sd 0.001
+    assert abs((rest == 0).float().mean().item() - 0.25) < 0.005
+    assert (est.dropout_scale(50, 30, first=False)[:, :10] == 0).any()  # later layers have no label entries
+    with pytest.raises(UsageError, match="input-dropout"):
+        ff_setup(input_dropout=1.0)
 
 
 def test_ff_random_negatives_replay_from_the_generator():

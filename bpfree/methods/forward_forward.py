@@ -102,6 +102,12 @@ def _accumulate(
             "weight of the peer-normalisation loss: pulls each unit's running mean activity on positive data "
             "(momentum 0.9) towards the layer's mean, so no unit stays dead or dominates; 0 turns it off",
         ),
+        "input_dropout": Option(
+            0.0,
+            "training only: drop this fraction of every layer's input (the label entries excepted), scaling the "
+            "rest by 1/(1-p); an example's positive and negative pass share one mask, so they differ only in the "
+            "label; a regulariser (the recipe fits MNIST's training set in ~10 epochs); 0 turns it off",
+        ),
         "greedy_steps": Option(
             0,
             "0: all layers learn every step; N > 0: greedy layer-by-layer, layer l learns "
@@ -127,6 +133,8 @@ class ForwardForward(Estimator):
         if not isinstance(model, FFMLP):
             raise UsageError("method 'ff' needs the 'ff-mlp' model (the label is part of its input)")
         super().__init__(model, seed=seed, **options)
+        if not 0.0 <= self.options["input_dropout"] < 1.0:
+            raise UsageError(f"ff: --input-dropout must be in [0, 1), got {self.options['input_dropout']}")
         self.steps = 0
         self.running_means: dict[int, torch.Tensor] = {}  # peer normalisation: per layer, per unit
 
@@ -190,6 +198,15 @@ class ForwardForward(Estimator):
         self.running_means[index] = running.detach()
         return (running.mean() - running).pow(2).mean()
 
+    def dropout_scale(self, batch: int, width: int, first: bool) -> torch.Tensor:
+        """[batch, width] input-dropout multipliers (0 or 1/(1-p)); the first layer's label entries are kept."""
+        p = self.options["input_dropout"]
+        scale = (torch.rand(batch, width, generator=self.generator, device=self.generator.device) >= p).float()
+        scale /= 1.0 - p
+        if first:  # the label entries come first in both label layouts; dropping them would erase the task
+            scale[:, : self.net.num_classes] = 1.0
+        return scale
+
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         net, classes, batch = self.net, self.net.num_classes, x.shape[0]
         # Readout on the normalised activities of the neutral-label pass; features carry no gradient. It runs
@@ -213,6 +230,8 @@ class ForwardForward(Estimator):
             if index > active[-1]:
                 break  # greedy schedule: later layers are not trained yet
             learn = index in active
+            if self.options["input_dropout"] > 0:  # one mask per example, shared by its two passes
+                h = h * self.dropout_scale(batch, h.shape[1], first=index == 0).to(h.dtype).repeat(2, 1)
             with torch.set_grad_enabled(learn):
                 acts = torch.relu(layer(h))
                 if learn:
