@@ -57,3 +57,6 @@ def build(
 from bpfree.methods import bp, feedback_alignment, forward_forward, forward_gradient, local  # noqa: E402,F401
 
 __all__ = ["FAST_PATHS", "METHODS", "Estimator", "StepResult", "build", "fast_path", "register_fast_path"]
+
+# Model-specific fast paths register last: they build on the generic families.
+import bpfree.fastpaths  # noqa: E402,F401
