@@ -548,8 +548,8 @@ def test_lg_fa_matches_naive_group_copies_with_random_feedback() -> None:
     """lg-fa's token-mixing update (the one place LG differs from L) against per-group autograd through FA linears:
     the LG gradient at the channel unit's activity a1, masked to one group g at a time, pushed back through the
     channel unit (with B1 in place of W1) to the token unit's activity a0, keeping only group g there."""
-    from bpfree.losses import local_loss_grid
     from bpfree.fastpaths.localmixer_feedback import mixer_linear_hook
+    from bpfree.losses import local_loss_grid
     from bpfree.models.localmixer import layer_norm
 
     model = tiny_mixer()
