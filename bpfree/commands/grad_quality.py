@@ -9,7 +9,7 @@ import torch
 
 from bpfree import data as datasets
 from bpfree import methods, models
-from bpfree.commands.train import add_entry_options, entry_options
+from bpfree.commands.train import add_entry_options, document_blocks_flag, model_options
 from bpfree.errors import UsageError
 from bpfree.gradquality import gradient_quality, markdown_table, write_report
 
@@ -25,7 +25,8 @@ def _list(text: str, kind: type, flag: str) -> list:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="mlp", help="model (see `bpfree models`)")
+    parser.add_argument("--model", default="mlp",
+                        help="model (see `bpfree models`), or your own: path/to/file.py:Name or package.module:name")
     parser.add_argument("--data", default="digits", help="digits, mnist, fashion-mnist, cifar10 or imagefolder:PATH")
     parser.add_argument("--data-root", default=None, help="folder holding the data sets")
     parser.add_argument("--methods", default="fg-w,fg-a", help="comma-separated methods (any registered)")
@@ -45,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default="runs/grad-quality", help="folder for the JSON, markdown and PNG")
     add_entry_options(parser, models.MODELS, "model")
+    document_blocks_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     ds = datasets.load(args.data, args.data_root)
-    model_opts = entry_options(args, models.MODELS, args.model)
+    model_opts, blocks = model_options(args, args.model)
     model = models.build(args.model, ds.num_classes, ds.input_shape, **model_opts).to(device)
     gen = torch.Generator().manual_seed(args.seed)
     batches = []
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         batches.append((x.to(device), y.to(device)))
         if len(batches) == args.batches:
             break
-    rows = gradient_quality(model, names, batches, ks, aggs, range(args.seeds), opts)
+    rows = gradient_quality(model, names, batches, ks, aggs, range(args.seeds), opts, blocks=blocks)
     meta = {
         "model": args.model,
         "model_options": {k: list(v) if isinstance(v, tuple) else v for k, v in model_opts.items()},
