@@ -38,6 +38,7 @@ from bpfree import tangents as T
 from bpfree.anatomy import Anatomy, boundaries, example_input
 from bpfree.attention import math_attention, patched_attention
 from bpfree.errors import UsageError
+from bpfree.forward_mode import tangent_friendly
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult, set_grad, zero_missing_grads
 from bpfree.methods.bp import Backprop
@@ -423,6 +424,7 @@ class _DirectFeedback(Estimator):
             if self.use_tangents:
                 stack.enter_context(fwad.dual_level())
                 stack.enter_context(math_attention())
+                stack.enter_context(tangent_friendly(self.model))
             stack.enter_context(boundaries(self.anatomy, cut))
             logits = self.model(x)
             if self.use_tangents:

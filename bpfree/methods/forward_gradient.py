@@ -46,6 +46,7 @@ from bpfree import tangents as T
 from bpfree.attention import math_attention, patched_attention, projection_weights
 from bpfree.distributed import Group
 from bpfree.errors import UsageError
+from bpfree.forward_mode import layer_param_grads, tangent_friendly
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult, rank_seed, set_grad
 from bpfree.registry import Option
@@ -526,11 +527,31 @@ class ForwardGradientActivity(_ForwardGradient):
         # Attention modules return tuples: their projections are perturbed inside `attention_forward` instead.
         mods = [m for m in self.model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
                 and not isinstance(m, nn.MultiheadAttention)]  # fmt: skip
+        # A container's own parameters (a ViT's position embedding on the model itself) are used somewhere inside
+        # its forward: perturbing the container's output would need a VJP through all of it. They get weight
+        # perturbation instead, one tangent shared by all examples and copies (unbiased alongside the activity
+        # tangents, which are independent of it); under orthogonal aggregation they keep the VJP.
+        loose: dict[str, torch.Tensor] = {}
+        if self.aggregation != "orthogonal":
+            containers = [(n, m) for n, m in self.model.named_modules() if m in mods
+                          and any(next(c.parameters(), None) is not None for c in m.children())]  # fmt: skip
+            for prefix, m in containers:
+                mods.remove(m)
+                for pn, p in m.named_parameters(recurse=False):
+                    if p.requires_grad:
+                        loose[f"{prefix}.{pn}" if prefix else pn] = self._sample_(torch.empty_like(p))
+        named = dict(self.model.named_parameters())
         handles = [m.register_forward_hook(inject) for m in mods]
         try:
-            with fwad.dual_level(), math_attention(), patched_attention(self.model, project):
+            with fwad.dual_level(), math_attention(), patched_attention(self.model, project), \
+                    tangent_friendly(self.model):
                 # The K tangents travel as K copies of the batch: per-example, per-copy independent noise.
-                out = self.model(x.repeat(K, *([1] * (x.dim() - 1))))
+                x_rep = x.repeat(K, *([1] * (x.dim() - 1)))
+                if loose:
+                    duals = {n: fwad.make_dual(named[n].detach(), v) for n, v in loose.items()}
+                    out = functional_call(self.model, duals, (x_rep,))
+                else:
+                    out = self.model(x_rep)
                 primal, tangent = fwad.unpack_dual(out)
                 logits = primal[:B].detach().clone()
                 ydot = (torch.zeros_like(primal) if tangent is None else tangent).view(K, B, -1)
@@ -548,10 +569,14 @@ class ForwardGradientActivity(_ForwardGradient):
         c = T.coefficients(d, self.aggregation, G, T.dimension(tangents, per_example=True) if tangents else 1)
         for mod, inp, u, params in records:
             gz = torch.einsum("kb,kb...->b...", c.to(u.dtype), u)
-            with torch.enable_grad():  # a vector-Jacobian product through this one map only
-                grads = torch.autograd.grad(mod(inp), params, gz)
+            grads = layer_param_grads(mod, inp, gz) if isinstance(mod, nn.Module) else None
+            if grads is None:
+                with torch.enable_grad():  # a vector-Jacobian product through this one map only
+                    grads = torch.autograd.grad(mod(inp), params, gz)
             for p, g in zip(params, grads):
                 p.grad = g if p.grad is None else p.grad + g
+        for n, v in loose.items():
+            named[n].grad = c.sum().to(v.dtype) * v
         if readout is not None:
             self._readout_grads(readout, readout_io["in"].reshape(-1, readout.in_features), e)
         return loss, logits
