@@ -40,6 +40,7 @@ ROWS: list[tuple[str, str, float | None]] = [
     ("resnet18", "fa", 1.15),
     ("resnet18", "dfa", 1.0),
     ("resnet18", "fdfa", 1.3),
+    ("resnet18", "fdfa --tangent-dist rademacher", None),
     ("resnet18", "fg-a", 2.0),
     ("resnet18", "sff-block", 1.1),
     ("resnet18", "l-bp", 1.1),
@@ -84,8 +85,10 @@ def time_model(name: str, rules: list[str], batch: int, rounds: int, width: int)
     y = torch.randint(0, 10, (batch,), generator=g)
     ests, skipped = {}, {}
     for rule in ["bp", *rules]:
+        name, *flags = rule.split(" ")
+        options = {flags[i].lstrip("-").replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
         try:
-            ests[rule] = build_method(rule, model, seed=1)
+            ests[rule] = build_method(name, model, seed=1, **options)
         except UsageError as e:
             skipped[rule] = str(e)
     samples: dict[str, list[float]] = {r: [] for r in ests}
@@ -98,8 +101,8 @@ def time_model(name: str, rules: list[str], batch: int, rounds: int, width: int)
                 samples[rule].append(time.process_time() - t0)
         print(f"  {name} round {r + 1}/{rounds + 2} done", flush=True)
     bp = statistics.median(samples["bp"])
-    out = {rule: {"ms": 1e3 * statistics.median(s), "ratio": statistics.median(s) / bp, "samples_ms": [1e3 * t for t in s]}
-           for rule, s in samples.items()}  # fmt: skip
+    out = {rule: {"ms": 1e3 * statistics.median(s), "ratio": statistics.median(s) / bp,
+                  "samples_ms": [1e3 * t for t in s]} for rule, s in samples.items()}  # fmt: skip
     out.update({rule: {"skipped": why} for rule, why in skipped.items()})
     return out
 

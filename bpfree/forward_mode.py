@@ -29,6 +29,7 @@ class _Conv(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 conf: tuple) -> torch.Tensor:  # fmt: skip
         stride, padding, dilation, groups = conf
+        ctx.set_materialize_grads(False)  # a weight without a tangent gives None in `jvp`, not zeros to convolve
         ctx.save_for_backward(x, weight)
         ctx.save_for_forward(x, weight)
         ctx.conf, ctx.has_bias = conf, bias is not None
@@ -36,7 +37,9 @@ class _Conv(torch.autograd.Function):
         return conv(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor):
+    def backward(ctx: Any, g: torch.Tensor | None):
+        if g is None:
+            return None, None, None, None
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
@@ -68,6 +71,7 @@ class _BatchNorm(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 running: tuple, training: bool, factor: float, eps: float) -> torch.Tensor:  # fmt: skip
         mean_r, var_r = running
+        ctx.set_materialize_grads(False)  # parameters without tangents give None in `jvp`
         out, mean, rstd = torch.native_batch_norm(x, weight, bias, mean_r, var_r, training, factor, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.save_for_forward(x, weight, mean, rstd)
@@ -85,7 +89,9 @@ class _BatchNorm(torch.autograd.Function):
         )
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor):
+    def backward(ctx: Any, g: torch.Tensor | None):
+        if g is None:
+            return None, None, None, None, None, None, None
         affine = ctx.affine
         gx, gw, gb = _BatchNorm._backward(
             ctx, g.contiguous(), [ctx.needs_input_grad[0], affine and ctx.needs_input_grad[1],
