@@ -519,16 +519,17 @@ def test_fdfa_feedback_optimizer_options() -> None:
 
 
 def test_lg_fa_matches_naive_group_copies_with_random_feedback() -> None:
-    """lg-fa's token-mixing update (the one place LG differs from L) against per-group autograd through FA linears:
-    the LG gradient at the channel unit's activity a1, masked to one group g at a time, pushed back through the
-    channel unit (with B1 in place of W1) to the token unit's activity a0, keeping only group g there."""
+    """lg-fa --token-mixing-target group (the one place that LG target differs from L) against per-group autograd
+    through FA linears: the LG gradient at the channel unit's activity a1, masked to one group g at a time, pushed
+    back through the channel unit (with B1 in place of W1) to the token unit's activity a0, keeping only group g
+    there. With the default (block) target lg-fa is l-fa."""
     from bpfree.losses import local_loss_grid
     from bpfree.methods.feedback_alignment import mixer_linear_hook
     from bpfree.models.localmixer import layer_norm
 
     model = tiny_mixer()
     x_img, y = batch(n=5, shape=(1, 4, 4))
-    est = build("lg-fa", model, seed=4)
+    est = build("lg-fa", model, seed=4, token_mixing_target="group")
     est.step(x_img, y)
     block, groups = model.blocks[1], model.blocks[1].groups
     with torch.no_grad():
@@ -539,7 +540,7 @@ def test_lg_fa_matches_naive_group_copies_with_random_feedback() -> None:
     a1 = layer_norm(lin("channel", layer_norm(torch.relu(a0_leaf))))
     a1_leaf = a1.detach().requires_grad_()
     out = torch.relu(layer_norm(lin("group", layer_norm(torch.relu(a1_leaf), groups)), groups) + x)
-    grid = local_loss_grid(out, groups, est.local_loss_fn(1, y))
+    grid = local_loss_grid(out, groups, est.local_loss_fn(1, y), model.head_input)
     (g_a1,) = torch.autograd.grad(grid.values(out).sum((1, 2)).mean(), a1_leaf)
     g_a0 = torch.zeros_like(a0)
     c = a0.shape[-1] // groups
@@ -557,6 +558,12 @@ def test_lg_fa_matches_naive_group_copies_with_random_feedback() -> None:
     est_l.feedback = est.feedback
     est_l.step(x_img, y)
     assert not torch.allclose(block.token_mix.weight.grad, ref_token)
+    l_fa = {n: p.grad.clone() for n, p in model.named_parameters()}
+    est_block = build("lg-fa", model, seed=4)
+    est_block.feedback = est.feedback
+    est_block.step(x_img, y)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, l_fa[n], msg=n)
 
 
 def test_dfa_on_localmixer_is_each_units_local_backward() -> None:

@@ -36,7 +36,15 @@ from bpfree.errors import UsageError
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.methods.bp import Backprop
-from bpfree.methods.local import COMMON_OPTIONS, LocalBP, LocalGroupBP, lg_block_forward, unit_params, unit_weight_grads
+from bpfree.methods.local import (
+    COMMON_OPTIONS,
+    LG_OPTIONS,
+    LocalBP,
+    LocalGroupBP,
+    lg_block_forward,
+    unit_params,
+    unit_weight_grads,
+)
 from bpfree.models.localmixer import LinearHook, LocalMixer, MixerBlock, layer_norm
 from bpfree.registry import Option
 
@@ -284,9 +292,9 @@ class _LocalFeedback:
     def _init_feedback(self) -> None:
         self.feedback = mixer_feedback(self.model, self.generator, heads=True, readout=False)
 
-    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
+    def head(self, i: int, feats: torch.Tensor) -> torch.Tensor:
         h = self.model.heads[i]
-        return _FALinear.apply(layer_norm(pooled), h.weight, h.bias, self.feedback[f"heads.{i}.weight"])
+        return _FALinear.apply(feats, h.weight, h.bias, self.feedback[f"heads.{i}.weight"])
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "feedback": _clone(self.feedback)}  # type: ignore[misc]
@@ -314,7 +322,7 @@ class LocalFA(_LocalFeedback, LocalBP):
 @METHODS.register(
     "lg-fa",
     "feedback alignment under the block + patch + group local losses (lg-bp with random feedback)",
-    options=COMMON_OPTIONS,
+    options=LG_OPTIONS,
     paper=PAPER_LFA,
 )
 class LocalGroupFA(_LocalFeedback, LocalGroupBP):
@@ -324,6 +332,8 @@ class LocalGroupFA(_LocalFeedback, LocalGroupBP):
 
     def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
         hook = mixer_linear_hook(i, block, self.feedback)
+        if self.token_mixing_target == "block":
+            return block(x, hook)
         return lg_block_forward(block, x, hook, self.feedback[f"blocks.{i}.channel.weight"])
 
 

@@ -4,16 +4,21 @@ Every block is trained only by its own head's loss (its input is stop-gradient);
 stopped features of the last block. Heads and readout always take their exact gradients.
 
 The "LG" objective replicates each block's loss for every (patch p, group g) (`bpfree.losses.grid`). Its
-gradient, as the forward-gradient methods define it: at every perturbed activity a_l of the block (post-LN,
-pre-ReLU of each unit), copy (p, g) is credited only at its own slice a_l[b, p, group g]:
+gradient, as the authors' code defines it (sum over copies, mean over the batch): at every perturbed activity
+a_l of the block (post-LN, pre-ReLU of each unit) except the token-mixing one, copy (p, g) is credited only at
+its own slice a_l[b, p, group g]; at the token-mixing unit of blocks >= 1 every channel of patch p is credited
+by all copies of patch p (the sum over groups):
 
-    delta a_l[b, p, g] = (1/B) * dL_{b,p,g} / d a_l[b, p, group g]       (sum over copies, mean over batch)
+    delta a_l[b, p, group g] = (1/B) * dL_{b,p,g} / d a_l[b, p, group g]       (channel and grouped units)
+    delta a_0[b, p, :]       = (1/B) * sum_g dL_{b,p,g} / d a_0[b, p, :]        (token-mixing unit)
 
 and the weight gradient is delta a_l pushed back through that unit's LN and linear only. This is what LG-FG-A
-estimates without bias and what `lg-bp` computes exactly. Wherever the path from a_l to the block output keeps
-patches and groups apart (block 0, the last two units of later blocks) it equals the ordinary block-local
-gradient; it differs only at the token-mixing unit of blocks >= 1, whose signal would otherwise cross groups
-through the channel-mixing linear. `l-bp` is the ordinary block-local gradient.
+estimates without bias and what `lg-bp` computes exactly. Every path from a channel or grouped unit to the
+block output keeps patches and groups apart, and the token-mixing unit's patch p reaches only patch p of the
+output, so this target is the ordinary block-local gradient: `lg-bp` equals `l-bp`, and the grid changes only
+the forward-gradient estimates (their variance). `--token-mixing-target group` keeps an earlier definition of
+this project: the token-mixing unit credited group-diagonally (copy (p, g) only at a_0[b, p, group g]), a
+biased target computed in closed form by `_GroupDiagonalLink`. See docs/localmixer.md.
 
 Forward gradients (lg-fg-a, lg-fg-w) are computed for real in forward mode (hand-written tangent propagation
 through the block, see `_tangent_pass`), never derived from a backward pass.
@@ -61,6 +66,16 @@ COMMON_OPTIONS = {
     "head_lr_mult": Option(1.0, "learning-rate multiplier of the local heads (paper: 1)"),
     "readout_lr_mult": Option(1.0, "learning-rate multiplier of the readout / linear probe (paper: 0.1)"),
 }
+TOKEN_MIXING_TARGETS = ("block", "group")
+TOKEN_MIXING_OPTION = {
+    "token_mixing_target": Option(
+        "block",
+        "LG target at the token-mixing unit (blocks >= 1): block = all copies of patch p credit every channel of "
+        "patch p (the authors' code; the ordinary block-local gradient), group = copy (p, g) credits only group g",
+        choices=TOKEN_MIXING_TARGETS,
+    ),
+}
+LG_OPTIONS = {**COMMON_OPTIONS, **TOKEN_MIXING_OPTION}
 FG_OPTIONS = {
     **COMMON_OPTIONS,
     "tangents": Option(1, "tangents K per step (drawn per example for activity perturbation)"),
@@ -69,6 +84,16 @@ FG_OPTIONS = {
     ),
     "tangent_dist": Option("rademacher", "tangent entries: rademacher (+-1) or normal", choices=T.DISTS),
 }
+LG_FG_A_OPTIONS = {**FG_OPTIONS, **TOKEN_MIXING_OPTION}
+
+
+def token_mixing_target(options: dict[str, Any]) -> str:
+    """The --token-mixing-target option, checked."""
+    target = options.get("token_mixing_target", "block")
+    if target not in TOKEN_MIXING_TARGETS:
+        choices = ", ".join(TOKEN_MIXING_TARGETS)
+        raise UsageError(f"option --token-mixing-target: must be one of {choices}, got {target!r}")
+    return target
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,11 +102,11 @@ FG_OPTIONS = {
 
 class _GroupDiagonalLink(torch.autograd.Function):
     """a1 = LN(W1 · LN(ReLU(a0)) + b1) (per token, LN over all channels), the path from a block's token-mixing
-    activity a0 to its channel-mixing activity a1.
+    activity a0 to its channel-mixing activity a1 (`--token-mixing-target group` only).
 
-    Forward and the W1/b1 gradients are ordinary. The gradient to a0 is the LG one: the signal from group g of
-    a1 is credited only to group g of a0 (the diagonal blocks of the group-to-group Jacobian), computed in closed
-    form with one full and one grouped matmul instead of G backward passes.
+    Forward and the W1/b1 gradients are ordinary. The gradient to a0 is the group-diagonal one: the signal from
+    group g of a1 is credited only to group g of a0 (the diagonal blocks of the group-to-group Jacobian),
+    computed in closed form with one full and one grouped matmul instead of G backward passes.
 
     With `feedback` B1 (feedback alignment, `lg-fa`) every use of W1 in the gradient to a0 (all of them are W1ᵀ
     applied to something: W1ᵀv, 1ᵀW1, W1ᵀa1, and t1·W1ᵀv = v·W1t1) takes B1 instead; B1 = W1 gives the above.
@@ -146,7 +171,8 @@ class _GroupDiagonalLink(torch.autograd.Function):
 def lg_block_forward(
     block: MixerBlock, x: torch.Tensor, linear: LinearHook | None = None, channel_feedback: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The block's forward whose autograd backward gives the LG gradient (see the module docstring).
+    """The block's forward whose autograd backward gives the group-diagonal LG gradient at the token-mixing unit
+    (`--token-mixing-target group`, see the module docstring); the block target is the ordinary backward.
 
     `linear` replaces the token and group units' linear maps (as in `MixerBlock.forward`); `channel_feedback`
     replaces W1ᵀ in the channel unit's fused backward (both: feedback alignment, `lg-fa`).
@@ -303,7 +329,7 @@ def contrastive_backprop_step(
         p.grad = torch.zeros_like(p)
     with torch.enable_grad():
         h = model.features(x)[-1]
-        loss = nt_xent(model.head(last, model.pooled(h)), temperature, stop_gradient=False).mean()
+        loss = nt_xent(model.head(last, model.head_input(h)), temperature, stop_gradient=False).mean()
         grads = torch.autograd.grad(loss, trunk + head, allow_unused=True)
     for p, g in zip(trunk + head, grads):
         if g is not None:
@@ -337,15 +363,21 @@ class LocalEstimator(Estimator):
         return [(list(model.heads.parameters()), self.head_lr_mult),
                 (list(model.readout.parameters()), self.readout_lr_mult)]
 
-    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
-        """Local head i on pooled features (feedback alignment swaps the backward of its linear)."""
-        return self.model.head(i, pooled)  # type: ignore[operator]
+    def head(self, i: int, feats: torch.Tensor) -> torch.Tensor:
+        """Local head i's linear on its input features (feedback alignment swaps its backward)."""
+        return self.model.head(i, feats)  # type: ignore[operator]
 
-    # -- local loss of block i on pooled features: per-example losses
+    # -- local loss of block i on the head's input features (`LocalMixer.head_input`): per-example losses
     def local_loss_fn(self, i: int, y: torch.Tensor):  # noqa: ANN201 - returns a closure
         if self.objective == "contrastive":
-            return lambda pooled: nt_xent(self.head(i, pooled), self.temperature)
-        return lambda pooled: F.cross_entropy(self.head(i, pooled), y, reduction="none")
+            return lambda feats: nt_xent(self.head(i, feats), self.temperature)
+        return lambda feats: F.cross_entropy(self.head(i, feats), y, reduction="none")
+
+    def loss_grid(self, i: int, out: torch.Tensor, y: torch.Tensor) -> LossGrid:
+        """Block i's patch x group loss grid on its output `out`."""
+        model = self.model
+        assert isinstance(model, LocalMixer)
+        return local_loss_grid(out, model.blocks[i].groups, self.local_loss_fn(i, y), model.head_input)
 
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Set the grads of block i and its head from input x (stop-gradient); return (output, local loss)."""
@@ -378,7 +410,7 @@ class LocalBP(LocalEstimator):
         params = list(block.parameters()) + self._head_params(i)
         with torch.enable_grad():
             out = self.block_forward(i, block, x)
-            per = self.local_loss_fn(i, y)(self.model.pooled(out))  # type: ignore[operator]
+            per = self.local_loss_fn(i, y)(self.model.head_input(out))  # type: ignore[operator]
             loss = per.mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         self._set(params, list(grads))
@@ -485,21 +517,28 @@ def build_l_bp(model: nn.Module, seed: int = 0, **options: Any) -> Estimator:
 @METHODS.register(
     "lg-bp",
     "backprop of block + patch + group local losses (the exact LG gradient)",
-    options=COMMON_OPTIONS,
+    options=LG_OPTIONS,
     paper=PAPER,
 )
 class LocalGroupBP(LocalBP):
-    """The grid's summed gradient at the block output equals the pooled loss's (each copy reaches only its own
-    slice, with the pooled slope), so the difference from l-bp is inside the block: `lg_block_forward`."""
+    """The grid's summed gradient at the block output equals the ordinary loss's (each copy reaches only its own
+    slot, with the ordinary slope there). With the default block target at the token-mixing unit this is l-bp's
+    gradient; the group target changes the backward inside the block: `lg_block_forward`."""
+
+    options = LG_OPTIONS
+
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        self.token_mixing_target = token_mixing_target(options)
 
     def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
-        return lg_block_forward(block, x)
+        return lg_block_forward(block, x) if self.token_mixing_target == "group" else block(x)
 
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         params = list(block.parameters())
         with torch.enable_grad():
             out = self.block_forward(i, block, x)
-            grid = local_loss_grid(out, block.groups, self.local_loss_fn(i, y))
+            grid = self.loss_grid(i, out, y)
             values = grid.values(out)  # [B, P, G]
             loss = grid.per_example.mean()
             # sum over copies, mean over the batch (the scale of the ordinary local loss at the block output)
@@ -523,7 +562,7 @@ class LocalForwardGradient(LocalEstimator):
         T.check_options(self.tangents, self.aggregation, self.dist)
 
     def head_step(self, i: int, out: torch.Tensor, y: torch.Tensor) -> tuple[LossGrid, float]:
-        grid = local_loss_grid(out, self.model.blocks[i].groups, self.local_loss_fn(i, y))
+        grid = self.loss_grid(i, out, y)
         with torch.enable_grad():
             loss = grid.per_example.mean()
             self._set(self._head_params(i), list(torch.autograd.grad(loss, self._head_params(i))))
@@ -536,17 +575,22 @@ class LocalForwardGradient(LocalEstimator):
 @METHODS.register(
     "lg-fg-a",
     "forward gradient, activity perturbation, against the block+patch+group loss grid",
-    options=FG_OPTIONS,
+    options=LG_FG_A_OPTIONS,
     paper=PAPER,
 )
 class LocalFGActivity(LocalForwardGradient):
     """Noise u (Rademacher by default, or N(0, I); independent per example, token and unit) on every unit's
     post-LN pre-ReLU activity, one forward-mode pass per block; copy (p, g)'s directional derivative d[b,p,g]
-    scales u's slice [b, p, group g] at every unit (all units of a block share it); the estimate is masked by
-    the ReLU derivative and passed back through that unit's LN and linear only."""
+    scales u's slice [b, p, group g] at every unit (all units of a block share it), except at the token-mixing
+    unit, where the sum over groups sum_g d[b,p,g] scales all of u[b, p, :] (block target; the group target
+    uses the slices there too); the estimate is masked by the ReLU derivative and passed back through that
+    unit's LN and linear only."""
+
+    options = LG_FG_A_OPTIONS
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
+        self.token_mixing_target = token_mixing_target(options)
         self._scratch = torch.Generator(device=self.generator.device)
 
     def block_stream(self) -> torch.Generator:
@@ -562,7 +606,7 @@ class LocalFGActivity(LocalForwardGradient):
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         out, units = block.trace(x)
         grid, loss = self.head_step(i, out, y)
-        k, g = self.tangents, block.groups
+        k = self.tangents
         stream = self.block_stream()
         noise = [T.sample((k, *u.live.shape), self.dist, stream, device=u.live.device, dtype=u.live.dtype)
                  for u in units]
@@ -574,9 +618,12 @@ class LocalFGActivity(LocalForwardGradient):
             d = grid.directional(_tangent_pass(block, units, activity_noise=masked))  # [K, B, P, G]
             d = d / x.shape[0]  # objective: mean over the batch of the sum over copies
             c = combine_coefficients(d, self.aggregation, gram, dim).unsqueeze(-1)  # [K, B, P, G, 1]
+            # block target: every channel of patch p at the token-mixing unit takes all copies of patch p
+            c_token = c.sum(-2, keepdim=True) if self.token_mixing_target == "block" else c  # [K, B, P, 1|G, 1]
             for unit, u in zip(units, masked):
-                ug = u.unflatten(-1, (g, -1))  # masked by the ReLU derivative, as the estimate should be
-                est = (c[0] * ug[0] if k == 1 else (c * ug).sum(0)).flatten(-2)
+                cu = c_token if unit.kind == "token" else c
+                ug = u.unflatten(-1, (cu.shape[-2], -1))  # masked by the ReLU derivative, as the estimate should be
+                est = (cu[0] * ug[0] if k == 1 else (cu * ug).sum(0)).flatten(-2)
                 dw, db = unit_weight_grads(block, unit, est)
                 w, b = unit_params(block, unit.kind)
                 w.grad, b.grad = dw, db

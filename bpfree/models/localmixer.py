@@ -8,8 +8,10 @@ small local losses can be attached: every block has its own head, and channels a
 - Blocks >= 1: LN -> token-mixing Linear across the P patches -> LN -> ReLU -> LN -> Linear(C -> C) -> LN -> ReLU
   -> groups -> LN -> grouped Linear -> LN -> + block input -> ReLU.
 - LayerNorms have no affine parameters (per token over channels; per group where grouped).
-- Local head per block: average-pool over patches -> LN -> Linear (to classes, or to a projection for the
-  contrastive objective). Readout: average-pool -> LN -> Linear on the last block's features.
+- Local head per block: LN per token and channel group -> average-pool over patches -> Linear (to classes, or
+  to a projection for the contrastive objective). Readout: average-pool -> LN over all channels -> Linear on the
+  last block's features. Both as in the authors' code (its `inter_ln` and `last_layer_ln`, on in their config);
+  see docs/localmixer.md.
 
 `forward(x)` returns the readout logits with the gradient flowing through every block, so `bp` trains the
 network end to end as an ordinary model (the local heads take no part and get zero gradient). The stop-gradient
@@ -244,9 +246,15 @@ class LocalMixer(nn.Module):
     def pooled(h: torch.Tensor) -> torch.Tensor:
         return h.mean(-2)
 
-    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
-        """Local head i on pooled features [.., C]: LN -> Linear."""
-        return self.heads[i](layer_norm(pooled))
+    def head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """What every local head sees: block output [.., P, C] layer-normalised per token and channel group, then
+        averaged over patches -> [.., C]. Normalising per (patch, group) slot keeps the slots apart, which the
+        patch x group loss grid relies on (`bpfree.losses.grid`)."""
+        return layer_norm(h, self.groups).mean(-2)
+
+    def head(self, i: int, feats: torch.Tensor) -> torch.Tensor:
+        """Local head i's linear on its input features [.., C] (`head_input`)."""
+        return self.heads[i](feats)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """The readout on pooled features: LN -> Linear."""
