@@ -118,18 +118,21 @@ def test_fa_with_transposed_weights_is_backprop() -> None:
 # --------------------------------------------------------------------------------------------------- DFA, FDFA
 
 
-@pytest.mark.parametrize("method", ["dfa", "fdfa"])
+@pytest.mark.parametrize("method,timing", [("dfa", None), ("fdfa", "before"), ("fdfa", "after")])
 @pytest.mark.parametrize("fast", [True, False])
-def test_direct_feedback_mlp_matches_formula(method: str, fast: bool) -> None:
+def test_direct_feedback_mlp_matches_formula(method: str, timing: str | None, fast: bool) -> None:
+    """The signal is e·B with B from before this step's feedback update (fdfa's default, the public code's), or
+    from after it (--feedback-timing after)."""
     torch.manual_seed(0)
     net = build_model("mlp", 3, (4,), hidden=(5, 6)).double()
-    est = build(method, net, seed=1)
+    est = build(method, net, seed=1, **({} if timing is None else {"feedback_timing": timing}))
     if not fast:
         est.fast = None  # force the generic autograd / forward-AD path
     x, y = batch()
-    for _ in range(2):  # fdfa: B starts at zero, so look at the second step
-        est.step(x, y)
-    B1, B2 = est.feedback
+    est.step(x, y)  # fdfa: B starts at zero, so look at the second step
+    before = [b.clone() for b in est.feedback]
+    est.step(x, y)
+    B1, B2 = est.feedback if timing == "after" else before
     assert B1.shape == (3, 5) and B2.shape == (3, 6)
     l1, l2, l3 = net[1], net[3], net[5]
     with torch.no_grad():
@@ -172,11 +175,12 @@ def test_direct_feedback_blocks_are_local(method: str, model: str, shape: tuple[
     net = build_model(model, 3, shape, **kw).double().eval()  # eval: BN stats stay put between the two runs
     est = build(method, net, seed=1)
     x, y = batch(n=6, shape=shape)
-    for _ in range(2):
-        est.step(x, y)
+    est.step(x, y)
+    feedback = [b.clone() for b in est.feedback]  # fdfa's signal uses B from before the step's update
+    est.step(x, y)
     got = [p.grad.clone() for p in net.parameters()]
     blocks = [*est.hidden, est.output]
-    ref = local_reference(blocks, x, y, est.feedback)
+    ref = local_reference(blocks, x, y, feedback)
     assert len(got) == len(ref)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
@@ -604,3 +608,50 @@ def test_dfa_on_localmixer_is_each_units_local_backward() -> None:
             for p, r in zip(params, ref):
                 torch.testing.assert_close(got[name[id(p)]], r, msg=name[id(p)])
         h = units[-1][0]
+
+
+# ------------------------------------------------------------------- defaults of the public FDFA code (issue 17)
+
+
+@pytest.mark.parametrize("init", ["kaiming-uniform", "normal"])
+def test_dfa_feedback_init_statistics(init: str) -> None:
+    """kaiming-uniform (default): U(±√(6/n)), std √(2/n) for n outputs; normal: N(0, 1/classes)."""
+    torch.manual_seed(0)
+    n, classes = 400, 10
+    net = build_model("mlp", classes, (8,), hidden=(n,))
+    est = build("dfa", net, seed=3, **({} if init == "kaiming-uniform" else {"feedback_init": init}))
+    est.step(torch.randn(16, 8), torch.randint(0, classes, (16,)))
+    (b,) = est.feedback
+    assert b.shape == (classes, n)
+    std = (2 / n) ** 0.5 if init == "kaiming-uniform" else classes**-0.5
+    assert abs(float(b.std()) - std) < 0.05 * std, (float(b.std()), std)
+    assert abs(float(b.mean())) < 4 * std / (classes * n) ** 0.5
+    if init == "kaiming-uniform":
+        assert float(b.abs().max()) <= (6 / n) ** 0.5
+        assert float(b.abs().max()) > 0.95 * (6 / n) ** 0.5  # uniform: fills its range
+    else:
+        assert float(b.abs().max()) > 3 * std  # normal: tails beyond any uniform of this std
+    with pytest.raises(UsageError):
+        build("dfa", net, feedback_init="zeros")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fdfa_feedback_timing_from_a_zero_start(fast: bool) -> None:
+    """B starts at zero. With timing before (default, the public code) the first hidden update is exactly zero;
+    with after, the first step already uses the learned B, so it is not."""
+    for timing in ["before", "after"]:
+        torch.manual_seed(0)
+        net = build_model("mlp", 3, (4,), hidden=(5, 6)).double()
+        est = build("fdfa", net, seed=1, feedback_lr=0.5, **({} if timing == "before" else {"feedback_timing": timing}))
+        if not fast:
+            est.fast = None
+        est.step(*batch())
+        hidden = [p.grad for p in [*net[1].parameters(), *net[3].parameters()]]
+        assert all(torch.isfinite(g).all() for g in hidden)
+        assert net[5].weight.grad.abs().sum() > 0  # the output layer takes its exact gradient either way
+        if timing == "before":
+            assert all(torch.all(g == 0) for g in hidden)
+        else:
+            assert all(g.abs().sum() > 0 for g in hidden)
+    with pytest.raises(UsageError):
+        build("fdfa", net, feedback_timing="during")
