@@ -40,10 +40,8 @@ from bpfree.methods.base import Estimator, StepResult
 from bpfree.methods.bp import Backprop
 from bpfree.methods.local import (
     COMMON_OPTIONS,
-    LG_OPTIONS,
     LocalBP,
     LocalGroupBP,
-    lg_block_forward,
     unit_params,
     unit_weight_grads,
 )
@@ -324,7 +322,7 @@ class LocalFA(_LocalFeedback, LocalBP):
 @METHODS.register(
     "lg-fa",
     "feedback alignment under the block + patch + group local losses (lg-bp with random feedback)",
-    options=LG_OPTIONS,
+    options=COMMON_OPTIONS,
     paper=PAPER_LFA,
 )
 class LocalGroupFA(_LocalFeedback, LocalGroupBP):
@@ -333,10 +331,7 @@ class LocalGroupFA(_LocalFeedback, LocalGroupBP):
         self._init_feedback()
 
     def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
-        hook = mixer_linear_hook(i, block, self.feedback)
-        if self.token_mixing_target == "block":
-            return block(x, hook)
-        return lg_block_forward(block, x, hook, self.feedback[f"blocks.{i}.channel.weight"])
+        return block(x, mixer_linear_hook(i, block, self.feedback))
 
 
 # ----------------------------------------------------------------------------------------------------------------

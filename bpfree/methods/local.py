@@ -16,9 +16,8 @@ and the weight gradient is delta a_l pushed back through that unit's LN and line
 estimates without bias and what `lg-bp` computes exactly. Every path from a channel or grouped unit to the
 block output keeps patches and groups apart, and the token-mixing unit's patch p reaches only patch p of the
 output, so this target is the ordinary block-local gradient: `lg-bp` equals `l-bp`, and the grid changes only
-the forward-gradient estimates (their variance). `--token-mixing-target group` keeps an earlier definition of
-this project: the token-mixing unit credited group-diagonally (copy (p, g) only at a_0[b, p, group g]), a
-biased target computed in closed form by `_GroupDiagonalLink`. See docs/localmixer.md.
+the forward-gradient estimates (their variance). See docs/localmixer.md (also for the group-diagonal target at the
+token-mixing unit that this project used before, and its measurement).
 
 Forward gradients (lg-fg-a, lg-fg-w) are computed for real in forward mode (hand-written tangent propagation
 through the block, see `_tangent_pass`), never derived from a backward pass.
@@ -41,15 +40,11 @@ from bpfree.methods import METHODS
 from bpfree.methods import forward_gradient as FG
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.models.localmixer import (
-    LinearHook,
     LNCache,
     LocalMixer,
     MixerBlock,
     Unit,
-    layer_norm,
     layer_norm_cached,
-    layer_norm_linear,
-    layer_norm_stats,
 )
 from bpfree.registry import Option
 
@@ -66,16 +61,6 @@ COMMON_OPTIONS = {
     "head_lr_mult": Option(1.0, "learning-rate multiplier of the local heads (paper: 1)"),
     "readout_lr_mult": Option(1.0, "learning-rate multiplier of the readout / linear probe (paper: 0.1)"),
 }
-TOKEN_MIXING_TARGETS = ("block", "group")
-TOKEN_MIXING_OPTION = {
-    "token_mixing_target": Option(
-        "block",
-        "LG target at the token-mixing unit (blocks >= 1): block = all copies of patch p credit every channel of "
-        "patch p (the authors' code; the ordinary block-local gradient), group = copy (p, g) credits only group g",
-        choices=TOKEN_MIXING_TARGETS,
-    ),
-}
-LG_OPTIONS = {**COMMON_OPTIONS, **TOKEN_MIXING_OPTION}
 FG_OPTIONS = {
     **COMMON_OPTIONS,
     "tangents": Option(1, "tangents K per step (drawn per example for activity perturbation)"),
@@ -84,106 +69,6 @@ FG_OPTIONS = {
     ),
     "tangent_dist": Option("rademacher", "tangent entries: rademacher (+-1) or normal", choices=T.DISTS),
 }
-LG_FG_A_OPTIONS = {**FG_OPTIONS, **TOKEN_MIXING_OPTION}
-
-
-def token_mixing_target(options: dict[str, Any]) -> str:
-    """The --token-mixing-target option, checked."""
-    target = options.get("token_mixing_target", "block")
-    if target not in TOKEN_MIXING_TARGETS:
-        choices = ", ".join(TOKEN_MIXING_TARGETS)
-        raise UsageError(f"option --token-mixing-target: must be one of {choices}, got {target!r}")
-    return target
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Exact local gradients
-
-
-class _GroupDiagonalLink(torch.autograd.Function):
-    """a1 = LN(W1 · LN(ReLU(a0)) + b1) (per token, LN over all channels), the path from a block's token-mixing
-    activity a0 to its channel-mixing activity a1 (`--token-mixing-target group` only).
-
-    Forward and the W1/b1 gradients are ordinary. The gradient to a0 is the group-diagonal one: the signal from
-    group g of a1 is credited only to group g of a0 (the diagonal blocks of the group-to-group Jacobian),
-    computed in closed form with one full and one grouped matmul instead of G backward passes.
-
-    With `feedback` B1 (feedback alignment, `lg-fa`) every use of W1 in the gradient to a0 (all of them are W1ᵀ
-    applied to something: W1ᵀv, 1ᵀW1, W1ᵀa1, and t1·W1ᵀv = v·W1t1) takes B1 instead; B1 = W1 gives the above.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, a0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, groups: int,
-                feedback: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        t1, r_t = layer_norm_stats(F.relu(a0))
-        u1 = t1 @ w1.T  # W1 t1 (no bias)
-        a1, r_s = layer_norm_stats(u1 + b1)
-        ctx.groups = groups
-        if feedback is not None:
-            w1, u1 = feedback, t1 @ feedback.T
-        ctx.save_for_backward(a0, w1, t1, r_t, u1, a1, r_s)
-        return a1
-
-    @staticmethod
-    def backward(ctx: Any, grad_a1: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        a0, w1, t1, r_t, u1, a1, r_s = ctx.saved_tensors  # w1, u1: B1 and B1 t1 under feedback alignment
-        groups = ctx.groups
-        c = a1.shape[-1]
-        r_s, r_t = r_s.squeeze(-1), r_t.squeeze(-1)  # [B, P, 1]
-        grad_s1 = layer_norm_linear(a1, r_s.unsqueeze(-1), grad_a1)
-        grad_w1 = grad_s1.flatten(0, -2).T @ t1.flatten(0, -2)
-        grad_b1 = grad_s1.flatten(0, -2).sum(0)
-        # Group g's share v_g = grad_a1 masked to group g; through LN(s1): r_s (v_g - alpha_g - beta_g a1);
-        # through W1^T, then LN(h0)^T, keeping only group g of the result.
-        dg = grad_a1.unflatten(-1, (groups, -1))  # [B, P, G, c]
-        alpha = dg.sum(-1) / c  # [B, P, G]
-        beta = (dg * a1.unflatten(-1, (groups, -1))).sum(-1) / c
-        wg = w1.unflatten(0, (groups, -1)).unflatten(-1, (groups, -1))  # [G_out, c_out, G_in, c_in]
-        w_diag = torch.diagonal(wg, dim1=0, dim2=2).permute(2, 0, 1)  # [G, c_out, c_in]
-        colsum, rowsum = w1.sum(0), w1.sum(1)
-        a1w = a1 @ w1  # [B, P, C]
-        # v_t^(g) restricted to group g, and the two per-token means over all channels that LN(h0)^T needs.
-        vt_g = torch.einsum("bpgo,goi->bpgi", dg, w_diag)
-        vt_g = (
-            vt_g
-            - alpha[..., None] * colsum.unflatten(-1, (groups, -1))
-            - beta[..., None] * a1w.unflatten(-1, (groups, -1))
-        )
-        vt_g = vt_g * r_s[..., None]
-        mean_vt = (
-            (dg * rowsum.unflatten(-1, (groups, -1))).sum(-1)
-            - alpha * colsum.sum()
-            - beta * (a1 * rowsum).sum(-1, keepdim=True)
-        )
-        mean_vt = mean_vt * r_s / c
-        mean_vtt = (
-            (dg * u1.unflatten(-1, (groups, -1))).sum(-1)
-            - alpha * u1.sum(-1, keepdim=True)
-            - beta * (a1 * u1).sum(-1, keepdim=True)
-        )
-        mean_vtt = mean_vtt * r_s / c
-        t1g = t1.unflatten(-1, (groups, -1))
-        grad_h0 = r_t[..., None] * (vt_g - mean_vt[..., None] - t1g * mean_vtt[..., None])
-        grad_a0 = grad_h0.flatten(-2) * (a0 > 0)
-        return grad_a0, grad_w1, grad_b1, None, None
-
-
-def lg_block_forward(
-    block: MixerBlock, x: torch.Tensor, linear: LinearHook | None = None, channel_feedback: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The block's forward whose autograd backward gives the group-diagonal LG gradient at the token-mixing unit
-    (`--token-mixing-target group`, see the module docstring); the block target is the ordinary backward.
-
-    `linear` replaces the token and group units' linear maps (as in `MixerBlock.forward`); `channel_feedback`
-    replaces W1ᵀ in the channel unit's fused backward (both: feedback alignment, `lg-fa`).
-    """
-    if block.token_mix is None:  # nothing crosses patches or groups after the first unit: ordinary forward
-        return block(x, linear)
-    lin = linear or block.unit_linear
-    a0 = layer_norm(lin("token", layer_norm(x)))
-    a1 = _GroupDiagonalLink.apply(a0, block.channel.weight, block.channel.bias, block.groups, channel_feedback)
-    a = layer_norm(lin("group", layer_norm(F.relu(a1), block.groups)), block.groups)
-    return F.relu(a + x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -517,22 +402,13 @@ def build_l_bp(model: nn.Module, seed: int = 0, **options: Any) -> Estimator:
 @METHODS.register(
     "lg-bp",
     "backprop of block + patch + group local losses (the exact LG gradient)",
-    options=LG_OPTIONS,
+    options=COMMON_OPTIONS,
     paper=PAPER,
 )
 class LocalGroupBP(LocalBP):
     """The grid's summed gradient at the block output equals the ordinary loss's (each copy reaches only its own
-    slot, with the ordinary slope there). With the default block target at the token-mixing unit this is l-bp's
-    gradient; the group target changes the backward inside the block: `lg_block_forward`."""
-
-    options = LG_OPTIONS
-
-    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
-        super().__init__(model, seed, **options)
-        self.token_mixing_target = token_mixing_target(options)
-
-    def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
-        return lg_block_forward(block, x) if self.token_mixing_target == "group" else block(x)
+    slot, with the ordinary slope there), and inside the block the LG target is the ordinary backward (module
+    docstring): this is l-bp's gradient, computed through the grid."""
 
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         params = list(block.parameters())
@@ -575,22 +451,18 @@ class LocalForwardGradient(LocalEstimator):
 @METHODS.register(
     "lg-fg-a",
     "forward gradient, activity perturbation, against the block+patch+group loss grid",
-    options=LG_FG_A_OPTIONS,
+    options=FG_OPTIONS,
     paper=PAPER,
 )
 class LocalFGActivity(LocalForwardGradient):
     """Noise u (Rademacher by default, or N(0, I); independent per example, token and unit) on every unit's
     post-LN pre-ReLU activity, one forward-mode pass per block; copy (p, g)'s directional derivative d[b,p,g]
     scales u's slice [b, p, group g] at every unit (all units of a block share it), except at the token-mixing
-    unit, where the sum over groups sum_g d[b,p,g] scales all of u[b, p, :] (block target; the group target
-    uses the slices there too); the estimate is masked by the ReLU derivative and passed back through that
-    unit's LN and linear only."""
-
-    options = LG_FG_A_OPTIONS
+    unit, where the sum over groups sum_g d[b,p,g] scales all of u[b, p, :] (as the authors' code); the
+    estimate is masked by the ReLU derivative and passed back through that unit's LN and linear only."""
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
-        self.token_mixing_target = token_mixing_target(options)
         self._scratch = torch.Generator(device=self.generator.device)
 
     def block_stream(self) -> torch.Generator:
@@ -618,8 +490,8 @@ class LocalFGActivity(LocalForwardGradient):
             d = grid.directional(_tangent_pass(block, units, activity_noise=masked))  # [K, B, P, G]
             d = d / x.shape[0]  # objective: mean over the batch of the sum over copies
             c = combine_coefficients(d, self.aggregation, gram, dim).unsqueeze(-1)  # [K, B, P, G, 1]
-            # block target: every channel of patch p at the token-mixing unit takes all copies of patch p
-            c_token = c.sum(-2, keepdim=True) if self.token_mixing_target == "block" else c  # [K, B, P, 1|G, 1]
+            # every channel of patch p at the token-mixing unit takes all copies of patch p
+            c_token = c.sum(-2, keepdim=True)  # [K, B, P, 1, 1]
             for unit, u in zip(units, masked):
                 cu = c_token if unit.kind == "token" else c
                 ug = u.unflatten(-1, (cu.shape[-2], -1))  # masked by the ReLU derivative, as the estimate should be

@@ -50,24 +50,6 @@ def layer_norm(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return F.layer_norm(g, g.shape[-1:], eps=EPS).flatten(-2)
 
 
-def layer_norm_stats(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-affine LayerNorm returning (y, rstd); y has the shape of x, rstd is [..., groups, 1]."""
-    g = x.unflatten(-1, (groups, -1))
-    y, _, rstd = torch.native_layer_norm(g, g.shape[-1:], None, None, EPS)
-    return y.flatten(-2), rstd
-
-
-def layer_norm_linear(y: torch.Tensor, rstd: torch.Tensor, v: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """The LayerNorm Jacobian applied to v (it is symmetric, so this is both the JVP and the VJP).
-
-    y is the LN output and rstd its 1/std; v may carry extra leading dims (several tangents).
-    """
-    vg = v.unflatten(-1, (groups, -1))
-    yg = y.unflatten(-1, (groups, -1))
-    out = rstd * (vg - vg.mean(-1, keepdim=True) - yg * (vg * yg).mean(-1, keepdim=True))
-    return out.flatten(-2)
-
-
 def _init_(weight: torch.Tensor, fan_in: int) -> None:
     # The paper's code: N(0, sigma^2) with sigma = min(2 / sqrt(fan_in), 0.1).
     with torch.no_grad():
