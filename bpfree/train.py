@@ -65,6 +65,8 @@ class TrainConfig:
         """Reject bad numbers and impossible combinations with one line each."""
         if self.epochs < 1:
             raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
+        if not 0 <= self.seed < 2**32:  # numpy's legacy seeding takes only unsigned 32-bit seeds
+            raise UsageError(f"--seed must be in 0..4294967295 (2**32 - 1), got {self.seed}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
