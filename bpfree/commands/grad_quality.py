@@ -9,7 +9,7 @@ import torch
 from bpfree import data as datasets
 from bpfree import methods, models
 from bpfree.checks import check_device, check_seed, output_folder
-from bpfree.commands.train import add_entry_options, entry_options
+from bpfree.commands.train import DATA_HELP, add_entry_options, entry_options
 from bpfree.errors import UsageError
 from bpfree.gradquality import gradient_quality, markdown_table, write_report
 
@@ -26,7 +26,7 @@ def _list(text: str, kind: type, flag: str) -> list:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="mlp", help="model (see `bpfree models`)")
-    parser.add_argument("--data", default="digits", help="digits, mnist, fashion-mnist, cifar10 or imagefolder:PATH")
+    parser.add_argument("--data", default="digits", help=DATA_HELP)
     parser.add_argument("--data-root", default=None, help="folder holding the data sets")
     parser.add_argument("--methods", default="fg-w,fg-a", help="comma-separated methods (any registered)")
     parser.add_argument("--tangents", default="1,4,16,64", help="tangent counts K (methods that take them)")
