@@ -102,7 +102,7 @@ def dry_run(cfg: TrainConfig, data: Any, batch: tuple[torch.Tensor, torch.Tensor
     A UsageError (a model the method cannot take, options that do not fit, a step the method refuses) is raised
     naming the method; any other error is left for the real run, which records it in the method's row.
     """
-    state = torch.get_rng_state()
+    state = torch.get_rng_state()  # library callers may rely on the global generator; `train` reseeds anyway
     try:
         model = models.build(cfg.model, num_classes=data.num_classes, input_shape=data.input_shape,
                              **cfg.model_options)
@@ -151,7 +151,9 @@ def run_all(configs: list[TrainConfig], data: Any = None, show_progress: bool | 
         first = todo[0]
         data = datasets.load(first.data, first.data_root, first.train_size, first.augment, classes=first.classes)
     if todo:
-        x, y = next(iter(data.train_batches(min(8, data.num_train), torch.Generator().manual_seed(0))))
+        batches = data.train_batches(min(8, data.num_train), torch.Generator().manual_seed(0))
+        x, y = next(batches)
+        batches.close()  # an image folder's loader workers stop now, not when garbage-collected
         checked = set()
         for cfg in todo:  # seeds of one method share its setup
             key = json.dumps(settings(_plain(cfg)), sort_keys=True)

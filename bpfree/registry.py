@@ -96,7 +96,7 @@ class Option:
                 raise UsageError(f"option {flag}: must be a finite number, got {v}")
             if ((self.minimum is not None and v < self.minimum) or (self.maximum is not None and v > self.maximum)
                     or (self.above is not None and v <= self.above)):
-                each = "every value " if self.kind is tuple else ""
+                each = "each value " if self.kind is tuple else ""
                 raise UsageError(f"option {flag}: {each}must be {self.bounds()}, got {v}")
 
 

@@ -40,9 +40,16 @@ def train(tmp_path: Path, *extra: str) -> int:
 # -- option values ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", ["-1", "5000000000"])
-def test_seed_out_of_range(tmp_path, capsys, seed):
-    assert train(tmp_path, "--seed", seed) == 2
+@pytest.mark.parametrize("command", ["train", "compare", "grad-quality"])
+def test_seed_out_of_range(tmp_path, capsys, seed, command):
+    if command == "train":
+        assert train(tmp_path, "--seed", seed) == 2
+    elif command == "compare":
+        assert compare(tmp_path, "--seeds", f"0,{seed}") == 2
+    else:
+        assert grad_quality(tmp_path, "--seed", seed) == 2
     one_line_error(capsys, "--seed", "0..4294967295", seed)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cmp").exists() and not (tmp_path / "gq").exists()
 
 
 @pytest.mark.parametrize("model, option, value", [

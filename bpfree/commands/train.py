@@ -37,7 +37,8 @@ def add_entry_options(parser: argparse.ArgumentParser, registry: Registry, title
         for n in names:
             o = registry.get(n).options[key]
             choices = f" {{{','.join(map(str, o.choices))}}}" if o.choices else ""
-            meanings.setdefault(f"{o.help}{choices} (default {o.default}", []).append(n)
+            bounds = f"{'each ' if o.kind is tuple else ''}{o.bounds()}; " if o.bounds() else ""
+            meanings.setdefault(f"{o.help}{choices} ({bounds}default {o.default}", []).append(n)
         help_text = "; ".join(f"{text}; {registry.kind}s: {', '.join(owners)})" for text, owners in meanings.items())
         group.add_argument(
             "--" + key.replace("_", "-"), dest=f"{registry.kind}_opt_{key}", default=None, metavar=metavar,
