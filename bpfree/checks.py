@@ -48,6 +48,7 @@ MAX_SEED = 2**32 - 1  # numpy's legacy seeding (np.random.seed) takes only unsig
 
 
 def check_seed(seed: int, flag: str = "--seed") -> int:
+    """`seed`, or a UsageError if numpy could not take it."""
     if not 0 <= seed <= MAX_SEED:
         raise UsageError(f"{flag} must be in 0..{MAX_SEED} (2**32 - 1), got {seed}")
     return seed
