@@ -259,6 +259,13 @@ def test_compare_checks_every_setup_before_training(tmp_path, capsys):
     assert not (tmp_path / "cmp" / "bp").exists()
 
 
+def test_compare_applies_classes(tmp_path):
+    """compare loads the data once for all runs: --classes must shape it too (it was ignored)."""
+    assert compare(tmp_path, "--classes", "3,7") == 0
+    state = torch.load(tmp_path / "cmp" / "bp" / "seed-0" / "checkpoint.pt", weights_only=True)
+    assert state["model"]["3.weight"].shape[0] == 2
+
+
 def test_compare_exits_1_when_every_run_failed(tmp_path, capsys):
     assert compare(tmp_path, "--lr", "1e30", "--seeds", "0,1") == 1
     captured = capsys.readouterr()
