@@ -202,6 +202,21 @@ def test_imagefolder_class_without_images(tmp_path, capsys):
     one_line_error(capsys, "no images", str(root / "val" / "dog"))
 
 
+def test_imagefolder_unreadable_folder(tmp_path, capsys, monkeypatch):
+    """A folder the user may not list (permissions; simulated: the tests may run as root, who reads anything)."""
+    root = image_folder(tmp_path / "images")
+    listdir = Path.iterdir
+
+    def iterdir(self):
+        if self == root / "val" / "dog":
+            raise PermissionError(13, "Permission denied", str(self))
+        return listdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert train_folder(tmp_path, root) == 2
+    one_line_error(capsys, "cannot read image folder", str(root / "val" / "dog"), "Permission denied")
+
+
 def test_imagefolder_with_classes(tmp_path, capsys):
     root = image_folder(tmp_path / "images", train=("ant", "bee", "cat"), val=("ant", "bee", "cat"))
     assert train_folder(tmp_path, root, "--classes", "2,0") == 0

@@ -88,6 +88,15 @@ class ImageFolderData:
 
     def __init__(self, root: Path, image_size: int = 224, augment: bool = True, workers: int | None = None):
         self.name = f"imagefolder:{root}"
+        try:
+            self._scan(root)
+        except OSError as e:  # an unreadable folder (permissions, a vanished mount)
+            raise UsageError(f"cannot read image folder {e.filename or root}: {e.strerror or e}") from None
+        self.image_size = image_size
+        self.augment = augment
+        self.workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+
+    def _scan(self, root: Path) -> None:
         if not root.is_dir():
             raise UsageError(f"image folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
         classes = class_folders(root / "train")
@@ -105,9 +114,6 @@ class ImageFolderData:
         self.train_samples = scan(root / "train", classes)
         self.test_samples = scan(root / "val", classes)
         self.num_classes = len(classes)
-        self.image_size = image_size
-        self.augment = augment
-        self.workers = workers if workers is not None else min(4, os.cpu_count() or 1)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
