@@ -29,7 +29,6 @@ from bpfree.methods.local import (
     LocalBP,
     LocalGroupBP,
     contrastive_backprop_step,
-    lg_block_forward,
     unit_params,
     unit_weight_grads,
 )
@@ -184,9 +183,9 @@ class _LocalFeedback:
     def _init_feedback(self) -> None:
         self.feedback = mixer_feedback(self.model, self.generator, heads=True, readout=False)
 
-    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
+    def head(self, i: int, feats: torch.Tensor) -> torch.Tensor:
         h = self.model.heads[i]
-        return _FALinear.apply(layer_norm(pooled), h.weight, h.bias, self.feedback[f"heads.{i}.weight"])
+        return _FALinear.apply(feats, h.weight, h.bias, self.feedback[f"heads.{i}.weight"])
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "feedback": _clone(self.feedback)}  # type: ignore[misc]
@@ -223,5 +222,4 @@ class LocalGroupFA(_LocalFeedback, LocalGroupBP):
         self._init_feedback()
 
     def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
-        hook = mixer_linear_hook(i, block, self.feedback)
-        return lg_block_forward(block, x, hook, self.feedback[f"blocks.{i}.channel.weight"])
+        return block(x, mixer_linear_hook(i, block, self.feedback))
