@@ -78,8 +78,8 @@ def make_model(name: str, width: int) -> nn.Module:
     return ViT()
 
 
-def time_model(name: str, rules: list[str], batch: int, rounds: int, width: int) -> dict[str, dict]:
-    model = make_model(name, width).train()
+def time_model(model_name: str, rules: list[str], batch: int, rounds: int, width: int) -> dict[str, dict]:
+    model = make_model(model_name, width).train()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
@@ -99,7 +99,7 @@ def time_model(name: str, rules: list[str], batch: int, rounds: int, width: int)
             est.step(x, y)
             if r >= 2:  # the first two rounds warm up caches and lazy initialisation (feedback matrices, probes)
                 samples[rule].append(time.process_time() - t0)
-        print(f"  {name} round {r + 1}/{rounds + 2} done", flush=True)
+        print(f"  {model_name} round {r + 1}/{rounds + 2} done", flush=True)
     bp = statistics.median(samples["bp"])
     out = {rule: {"ms": 1e3 * statistics.median(s), "ratio": statistics.median(s) / bp,
                   "samples_ms": [1e3 * t for t in s]} for rule, s in samples.items()}  # fmt: skip
