@@ -278,6 +278,23 @@ def boundaries(anatomy: Anatomy, at_output: BoundaryFn) -> Iterator[None]:
             h.remove()
 
 
+@contextmanager
+def forwards_replaced(replacements: Sequence[tuple[nn.Module, Callable[..., object]]]) -> Iterator[None]:
+    """While active, each module's `forward` is the given function (its hooks still run); restored after, also a
+    forward the module had set on itself."""
+    saved = [(m, vars(m).get("forward")) for m, _ in replacements]
+    for m, fn in replacements:
+        m.forward = fn
+    try:
+        yield
+    finally:
+        for m, old in reversed(saved):
+            if old is None:
+                del m.forward
+            else:
+                m.forward = old
+
+
 def init_uniform_(params: Sequence[torch.Tensor], fan_in: int, generator: torch.Generator) -> None:
     """PyTorch's default Linear/Conv init, U(±1/sqrt(fan_in)), drawn from an estimator's generator."""
     bound = 1 / math.sqrt(fan_in)

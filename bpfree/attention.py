@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bpfree.anatomy import forwards_replaced
 from bpfree.errors import UsageError
 
 #: (attention module, "q" | "k" | "v", input [B, L, E], weight, bias) -> projected input
@@ -109,13 +110,8 @@ def attention_forward(
 def patched_attention(model: nn.Module, project: Project = plain_projection) -> Iterator[None]:
     """While active, every nn.MultiheadAttention in `model` runs `attention_forward` with `project`."""
     mods = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
-    for m in mods:
-        m.forward = partial(attention_forward, m, project=project)
-    try:
+    with forwards_replaced([(m, partial(attention_forward, m, project=project)) for m in mods]):
         yield
-    finally:
-        for m in mods:
-            del m.forward
 
 
 @contextmanager

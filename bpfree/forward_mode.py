@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bpfree.anatomy import forwards_replaced
+
 CONVS = (nn.Conv1d, nn.Conv2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -141,7 +143,8 @@ def layer_param_grads(module: nn.Module, inp: torch.Tensor, grad_out: torch.Tens
 
 
 def _conv_forward(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    conf = (list(m.stride), m.padding if isinstance(m.padding, str) else list(m.padding), list(m.dilation), m.groups)
+    padding = [0] * len(m.kernel_size) if m.padding == "valid" else list(m.padding)
+    conf = (list(m.stride), padding, list(m.dilation), m.groups)
     return _Conv.apply(x, m.weight, m.bias, conf)
 
 
@@ -161,19 +164,14 @@ def _norm_forward(m: nn.BatchNorm1d | nn.BatchNorm2d, x: torch.Tensor) -> torch.
 def tangent_friendly(model: nn.Module) -> Iterator[None]:
     """While active, the model's convolutions and batch norms run the Functions above (same values, gradients
     and running statistics; cheaper forward-mode tangents)."""
-    swapped = []
+    swaps = []
     for m in model.modules():
-        if isinstance(m, CONVS) and m.padding_mode == "zeros" and "forward" not in vars(m):
-            if isinstance(m.padding, str) and m.padding != "valid":
-                continue  # 'same' padding: keep the module's own forward
-            m.forward = partial(_conv_forward, m)
-        elif isinstance(m, NORMS) and "forward" not in vars(m):
-            m.forward = partial(_norm_forward, m)
-        else:
-            continue
-        swapped.append(m)
-    try:
+        if "forward" in vars(m):
+            continue  # already replaced (e.g. by feedback alignment): keep that
+        if isinstance(m, CONVS) and m.padding_mode == "zeros" and (not isinstance(m.padding, str)
+                                                                   or m.padding == "valid"):  # fmt: skip
+            swaps.append((m, partial(_conv_forward, m)))
+        elif isinstance(m, NORMS):
+            swaps.append((m, partial(_norm_forward, m)))
+    with forwards_replaced(swaps):
         yield
-    finally:
-        for m in swapped:
-            del m.forward

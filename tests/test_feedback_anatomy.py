@@ -169,8 +169,9 @@ def test_tangent_friendly_layers_change_nothing_but_speed(train: bool) -> None:
     from bpfree.forward_mode import tangent_friendly
 
     torch.manual_seed(0)
-    a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
-                      nn.Flatten(2, 3), nn.Conv1d(4, 2, 3), nn.BatchNorm1d(2)).double().train(train)  # fmt: skip
+    a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                      nn.Conv2d(4, 4, 3, stride=2, padding="valid"), nn.Flatten(2, 3), nn.Conv1d(4, 2, 3),
+                      nn.BatchNorm1d(2)).double().train(train)  # fmt: skip
     b = copy.deepcopy(a)
     x, t = torch.randn(5, 3, 7, 7, dtype=torch.float64), torch.randn(5, 3, 7, 7, dtype=torch.float64)
     with fwad.dual_level():

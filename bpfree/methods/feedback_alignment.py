@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree import tangents as T
-from bpfree.anatomy import Anatomy, boundaries, example_input
+from bpfree.anatomy import Anatomy, boundaries, example_input, forwards_replaced
 from bpfree.attention import math_attention, patched_attention
 from bpfree.errors import UsageError
 from bpfree.forward_mode import tangent_friendly
@@ -171,15 +171,12 @@ def feedback_layers(model: nn.Module, weights: list[tuple[nn.Module, torch.Tenso
                     feedback: list[torch.Tensor]) -> Iterator[None]:  # fmt: skip
     """While active, every weight in `weights` sends its error back through its B in `feedback` (same order)."""
     fb = {id(w): b for (_, w), b in zip(weights, feedback)}
-    swapped = []
+    swaps = []
     for m, w in weights:
         if isinstance(m, nn.Linear):
-            m.forward = partial(_fa_linear, m, fb[id(w)])
+            swaps.append((m, partial(_fa_linear, m, fb[id(w)])))
         elif isinstance(m, CONV_LAYERS):
-            m.forward = partial(_fa_conv, m, fb[id(w)], _conv_conf(m))
-        else:
-            continue
-        swapped.append(m)
+            swaps.append((m, partial(_fa_conv, m, fb[id(w)], _conv_conf(m))))
 
     def project(mha: nn.MultiheadAttention, which: str, x: torch.Tensor, w: torch.Tensor,
                 b: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
@@ -192,12 +189,8 @@ def feedback_layers(model: nn.Module, weights: list[tuple[nn.Module, torch.Tenso
             B = fb[id(getattr(mha, f"{which}_proj_weight"))]
         return _FALinear.apply(x, w, b, B)
 
-    try:
-        with patched_attention(model, project):
-            yield
-    finally:
-        for m in swapped:
-            del m.forward
+    with forwards_replaced(swaps), patched_attention(model, project):
+        yield
 
 
 @METHODS.register(
