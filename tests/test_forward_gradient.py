@@ -262,9 +262,14 @@ def test_gram_of_integer_entries_matches_float64_bit_for_bit() -> None:
     gen = torch.Generator().manual_seed(0)
     V = [T.sample((5, 40, 30), "rademacher", gen), T.sample((5, 7), "rademacher", gen)]
     V[0][:, :, :4] = 0
-    assert torch.equal(T.gram(V, integer_entries=True), T.gram([v.double() for v in V]))
+    assert torch.equal(T.gram(V, entries="integer"), T.gram([v.double() for v in V]))
     U = T.sample((5, 3, 50), "rademacher", gen) * (torch.rand(3, 50, generator=gen) > 0.5)
-    assert torch.equal(T.gram(U, True, True), T.gram(U.double(), True))
+    assert torch.equal(T.gram(U, True, "integer"), T.gram(U.double(), True))
+    # unmasked signs: the histogram route (K <= 16) and the matmul route (K > 16) equal float64
+    for K in (2, 16, 17):
+        W = [T.sample((K, 33, 9), "rademacher", gen), T.sample((K, 5), "rademacher", gen)]
+        assert torch.equal(T.gram(W, entries="sign"), T.gram([w.double() for w in W]))
+        assert torch.equal(T.gram([w.double() for w in W], entries="sign"), T.gram([w.double() for w in W]))
 
 
 @pytest.mark.parametrize("dist", ["normal", "rademacher"])
@@ -283,10 +288,28 @@ def test_orthogonal_projection_is_stable_for_nearly_dependent_tangents(dist: str
         V[-1, :2] *= -1  # two of 4000 signs differ
     g = torch.randn(n, generator=gen)
     d = V @ g  # float32, as the estimators compute it
-    (est,) = T.aggregate(V, d, "orthogonal", integer_entries=dist == "rademacher")
+    (est,) = T.aggregate(V, d, "orthogonal", entries=T.entries(dist))
     V64 = V.double()
     ref = torch.linalg.solve(V64 @ V64.T, d.double()) @ V64
     rel = lambda a: float((a.double() - ref).norm() / ref.norm())  # noqa: E731
     assert rel(est) < 1e-3
     if dist == "normal":
         assert rel(torch.linalg.inv(V @ V.T) @ d @ V) > 1e-2  # the test can fail: float32 inverse is far off
+
+
+def test_projection_solve_takes_the_pseudo_inverse_where_the_gram_is_singular() -> None:
+    """Per-example Gram matrices in one batch: full rank (fast Cholesky route), K > dimension and a repeated
+    tangent (singular: pseudo-inverse route). Every example's coefficients give the projection."""
+    gen = torch.Generator().manual_seed(0)
+    K = 4
+    V = torch.zeros(K, 3, 6, dtype=torch.float64)
+    V[:, 0] = torch.randn(K, 6, generator=gen, dtype=torch.float64)  # rank 4 in 6 dimensions
+    V[:, 1, :3] = torch.randn(K, 3, generator=gen, dtype=torch.float64)  # 4 tangents in 3 dimensions
+    V[:, 2] = torch.randn(K, 6, generator=gen, dtype=torch.float64)
+    V[3, 2] = V[0, 2]  # a repeated tangent
+    g = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    d = torch.einsum("kbn,bn->kb", V, g)
+    (est,) = T.aggregate(V, d, "orthogonal")
+    for b in range(3):
+        assert torch.allclose(est[b], _projection(V[:, b], g[b]), atol=1e-10)
+    assert torch.allclose(est[1, :3], g[1, :3]) and est[1, 3:].abs().max() == 0

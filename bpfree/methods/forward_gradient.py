@@ -283,7 +283,7 @@ class ForwardGradientWeight(_ForwardGradient):
                 v = self._sample_(buf)
                 drawn.append((p, v))
             if G is not None:  # accumulated layer by layer while the tangents are at hand
-                G.add_(T.gram(v, integer_entries=self.dist == "rademacher"))
+                G.add_(T.gram(v, entries=T.entries(self.dist)))
                 dim += p.numel()
             return v
 
@@ -375,8 +375,8 @@ class ForwardGradientWeight(_ForwardGradient):
         ydot = vmap(tangent_out, randomness="same")(tang)  # [K, B, C]: the K tangents batched, not looped
         d = torch.einsum("kbc,bc->k", ydot, e)
         self.group.weighted_mean_([d], x.shape[0])  # data-parallel: the K numbers are all that ranks exchange
-        exact = self.dist == "rademacher"
-        G = T.gram(list(tang.values()), integer_entries=exact) if self.aggregation == "orthogonal" else None
+        orth = self.aggregation == "orthogonal"
+        G = T.gram(list(tang.values()), entries=T.entries(self.dist)) if orth else None
         c = T.coefficients(d, self.aggregation, G, sum(p.numel() for p in pert.values()))
         for n, v in tang.items():
             named[n].grad = torch.tensordot(c.to(v.dtype), v, dims=1)
@@ -448,7 +448,7 @@ class ForwardGradientActivity(_ForwardGradient):
                 um = None if u is None else (u if mask is None else u.mul_(mask))
             if um is not None:
                 if orth:
-                    G += T.gram(um, per_example=True, integer_entries=self.dist == "rademacher")
+                    G += T.gram(um, True, T.entries(self.dist, masked=True))
                     dim += um.shape[-1]
                 if not self.recompute:
                     saved.append((lin, H[0].clone() if H.shape[0] > 1 else H[0], um))
@@ -535,8 +535,8 @@ class ForwardGradientActivity(_ForwardGradient):
         loss, e = loss_grad(self, logits, y)
         d = torch.einsum("kbc,bc->kb", ydot, e.reshape(B, -1))
         tangents = [u for _, _, u in records]
-        exact = self.dist == "rademacher"
-        G = T.gram(tangents, True, exact) if self.aggregation == "orthogonal" and tangents else None
+        kind = T.entries(self.dist, masked=True)  # no mask on this path, but "integer" covers +-1 too
+        G = T.gram(tangents, True, kind) if self.aggregation == "orthogonal" and tangents else None
         c = T.coefficients(d, self.aggregation, G, T.dimension(tangents, per_example=True) if tangents else 1)
         for mod, inp, u in records:
             gz = torch.einsum("kb,kb...->b...", c.to(u.dtype), u)
