@@ -15,9 +15,13 @@ that turn an estimated pre-activation gradient into that module's parameter grad
 Execution paths:
 * fast path for nn.Sequential chains [Flatten] Linear, activation, ..., Linear (the `mlp`): primal and
   the K tangents share one buffer [K+1, B, width], so a layer is ONE matmul for all of them, and ReLU is one
-  multiply by the primal's mask for primal and tangents together. Tangents come from a per-step seed and are
-  regenerated instead of stored (fg-w always; fg-a with recompute=True), so nothing waits in memory for the
-  output's directional derivative: activation memory is flat in depth.
+  multiply by the primal's mask for primal and tangents together. fg-w: a layer's weight tangents enter as
+  x V_k^T, one batched matmul written straight into the tangent rows; with K = 1 the tangent is drawn into
+  p.grad and scaled at the end (no memory beyond the gradients); with K > 1 the K tangents of every parameter
+  are kept in buffers reused from step to step (K x the parameters' memory), so the estimate sum_k c_k v_k is
+  one [K] x [K, numel] product and the Gram matrix (orthogonal) is accumulated layer by layer. fg-a: activity
+  tangents are stored, or with recompute=True regenerated from the per-step seed, so that nothing waits in
+  memory for the output's directional derivative: activation memory is flat in depth.
 * generic path for any other model of Linear/Conv/pooling/activations: torch.func.jvp over the parameters with
   the K tangents vmapped (fg-w), or torch.autograd.forward_ad with tangents injected at the output of every
   parametrised module and the batch replicated K times (fg-a). Correct but slower; keeps layer inputs.
