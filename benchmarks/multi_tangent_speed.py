@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bpfree import tangents as T
 from bpfree.methods import build as build_method
 from bpfree.models import build as build_model
 
@@ -94,6 +95,12 @@ def our_jobs(x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, Callable[[], N
         add(f"{method} K=1", model, method, x, y)
         for agg in ("mean", "orthogonal"):
             add(f"{method} K={K} {agg}", model, method, x, y, tangents=K, aggregation=agg)
+    # The Gram matrix alone, over K tangents of every perturbed weight and bias (what orthogonal adds to the mean):
+    # the sign-pattern histogram fg-w uses for Rademacher tangents, and the plain matmul route it replaces
+    perturbed = [p for m in list(model)[:-1] if isinstance(m, nn.Linear) for p in m.parameters()]
+    drawn = [T.sample((K, *p.shape), "rademacher", torch.Generator().manual_seed(0)) for p in perturbed]
+    for label, kind in (("sign histogram", "sign"), ("float32 matmul", "integer")):
+        jobs[f"Gram K={K}, {label}"] = lambda kind=kind: T.gram(drawn, entries=kind).sum().item() and None
     torch.manual_seed(0)
     mixer = build_model("localmixer-m1-16", 10, (1, 28, 28))
     for agg in ("mean", "orthogonal"):
@@ -180,6 +187,8 @@ def ratios(ms: dict[str, float], fl: dict[str, float]) -> dict[str, float]:
         "fg-w extra tangent / forward (orthogonal)": (ms[f"fg-w K={K} orthogonal"] - ms["fg-w K=1"]) / (K - 1) / fwd,
         "fg-w extra tangent floor (matmuls only)": fl["fg-w"],
         "fg-w orthogonal / mean (K=16)": ms[f"fg-w K={K} orthogonal"] / ms[f"fg-w K={K} mean"],
+        "Gram K=16 over all weights / forward (sign histogram)": ms[f"Gram K={K}, sign histogram"] / fwd,
+        "Gram K=16 over all weights / forward (float32 matmul)": ms[f"Gram K={K}, float32 matmul"] / fwd,
         "fg-a K=1 / bp": ms["fg-a K=1"] / bp,
         "fg-a K=16 mean / bp": ms[f"fg-a K={K} mean"] / bp,
         "fg-a extra tangent / forward (mean)": (ms[f"fg-a K={K} mean"] - ms["fg-a K=1"]) / (K - 1) / fwd,
