@@ -21,6 +21,7 @@ import torch
 from bpfree import data as datasets
 from bpfree.errors import DivergedError, UsageError
 from bpfree.results import NOT_SETTINGS
+from bpfree.runfolder import read_json
 from bpfree.train import (
     CHECKPOINT,
     CONFIG,
@@ -53,7 +54,7 @@ def check_compatible(cfg: TrainConfig) -> None:
     saved_path = out / CONFIG
     if not saved_path.exists():
         return
-    saved, new = with_defaults(json.loads(saved_path.read_text())), _plain(cfg)
+    saved, new = with_defaults(read_json(saved_path)), _plain(cfg)
     changed = [k for k in new if k not in (*NOT_SETTINGS, "epochs") and k in saved and saved[k] != new[k]]
     if changed:
         what = ", ".join(f"{k}={saved[k]!r} (now {new[k]!r})" for k in changed)
@@ -71,7 +72,7 @@ def settings(config: dict[str, Any]) -> dict[str, Any]:
 
 def read_failure(cfg: TrainConfig) -> dict[str, Any] | None:
     path = Path(cfg.out) / FAILED
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def reset_peak_memory(device: torch.device) -> None:
