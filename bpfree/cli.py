@@ -85,6 +85,13 @@ def out_of_memory(error: BaseException) -> str | None:
             "needs less)")
 
 
+def _exit_now(code: int) -> None:
+    """End the process at once (after flushing our output), skipping interpreter teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
@@ -110,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except DistributedError as e:
         print(f"{prefix}: distributed: {e}", file=sys.stderr)
+        if worker:  # the lock is released and temp files are gone; torch's teardown could wait on the lost peer
+            _exit_now(e.exit_code)
         return e.exit_code
     except Terminated:
         print(f"{prefix}: terminated", file=sys.stderr)

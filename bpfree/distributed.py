@@ -20,7 +20,8 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -34,7 +35,7 @@ ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 MAX_TIMEOUT = 7 * 24 * 3600.0  # seconds; --dist-timeout beyond a week is surely a mistake (and inf overflows)
 # `train --nproc N`: seconds the launcher gives the other ranks to end after one failed, before SIGKILL. Ranks end at
 # once on SIGTERM (the command line leaves it at its default in workers); only a stopped or stuck rank needs the kill.
-STOP_GRACE = 5
+STOP_GRACE = 2
 
 
 def check_timeout(seconds: float) -> None:
@@ -257,9 +258,13 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     config.shutdown_timeout = STOP_GRACE
     from torch.distributed.launcher.api import elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # The agent's log lines repeat what the one line below says; each elastic module's logger sets its own level.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        elastic_launch(config, cmd)(*cmd_args)
+        with _stop_grace(STOP_GRACE):
+            elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as e:
         rank, failure = min(e.failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
         code = failure.exitcode
@@ -274,6 +279,31 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
         print(f"bpfree: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
     return 0
+
+
+@contextmanager
+def _stop_grace(seconds: int) -> Iterator[None]:
+    """Make the elastic agent SIGKILL the remaining ranks `seconds` after SIGTERM when one rank failed.
+
+    torch's SubprocessContext stops the other workers after a failure through `close()` with its fixed 30 s default
+    (the launch config's shutdown_timeout reaches only the agent's final clean-up), so a stopped or stuck rank held
+    the launcher 30 s past --dist-timeout. Patched for the duration of one launch only.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SubprocessContext
+
+    original = SubprocessContext.__dict__.get("_close")
+    if original is None:
+        yield
+        return
+
+    def close(self, death_sig: signal.Signals, timeout: int = 30) -> None:
+        original(self, death_sig, min(timeout, seconds))
+
+    SubprocessContext._close = close
+    try:
+        yield
+    finally:
+        SubprocessContext._close = original
 
 
 def _signal_name(number: int) -> str:
