@@ -237,10 +237,10 @@ def strip_nproc(argv: Sequence[str]) -> list[str]:
 def launch(nproc: int, argv: Sequence[str]) -> int:
     """Run `python -m bpfree ARGV` on `nproc` local processes through torch.distributed.run (torchrun).
 
-    Returns 0, or the exit code of the first rank that failed (2 bad input, 3 diverged, 4 lost a rank); a rank
-    killed by a signal is a lost rank: 4. The elastic agent stops the other ranks as soon as one fails (SIGKILL
-    after STOP_GRACE seconds). Ctrl-C / SIGTERM on the launcher stop every rank: 130 / 143. One line on stderr
-    says what happened (the agent's own log lines are silenced).
+    Returns 0, or the exit code of the first rank that failed with an error of its own (2 bad input, 3 diverged);
+    else 4: a rank was killed by a signal or lost a peer. The elastic agent stops the other ranks as soon as one
+    fails (SIGKILL after STOP_GRACE seconds). Ctrl-C / SIGTERM on the launcher stop every rank: 130 / 143. One line
+    on stderr says what happened (the agent's own log lines are silenced).
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -266,13 +266,15 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
         with _stop_grace(STOP_GRACE):
             elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
-        code = failure.exitcode
-        if code < 0:
-            print(f"bpfree: distributed: rank {rank} was killed by signal {-code} ({_signal_name(-code)}); "
-                  "the other ranks were stopped", file=sys.stderr)
-            return DistributedError.exit_code
-        print(f"bpfree: rank {rank} exited with code {code}; the other ranks were stopped", file=sys.stderr)
+        # Every rank that failed, first first (insertion order breaks ties: timestamps are whole seconds). A rank
+        # that exits 4 lost a peer, so the root cause is elsewhere; ranks the agent stopped may be listed too.
+        failures = sorted(e.failures.items(), key=lambda kv: kv[1].timestamp)
+        what = ", ".join(f"rank {rank} was killed by signal {-f.exitcode} ({_signal_name(-f.exitcode)})"
+                         if f.exitcode < 0 else f"rank {rank} exited with code {f.exitcode}" for rank, f in failures)
+        code = next((f.exitcode for _, f in failures if f.exitcode > 0 and f.exitcode != DistributedError.exit_code),
+                    DistributedError.exit_code)
+        kind = "distributed: " if code == DistributedError.exit_code else ""
+        print(f"bpfree: {kind}the data-parallel run failed: {what}", file=sys.stderr)
         return code
     except SignalException as e:  # the launcher itself got SIGINT / SIGTERM; the agent stopped the ranks
         terminated = e.sigval == signal.SIGTERM
