@@ -1,8 +1,8 @@
 """Run folders survive races, kills, signals, damage and full disks; data-parallel launches fail with exit 4.
 
 Every case ends with one line on stderr, the documented exit code (docs/reliability.md) and nothing lost. Kills
-and signals are delivered by the process to itself at a chosen point (a hook in the child, HOOK below), so these
-tests are deterministic: no sleeps racing a running epoch.
+and signals are delivered by the process to itself at a chosen point (tests/signal_hooks.py), so these tests are
+deterministic: no sleeps racing a running epoch.
 """
 
 import errno
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import signal_hooks
 import torch
 
 from bpfree import runfolder
@@ -24,60 +25,10 @@ from bpfree.runfolder import LOCK, RunLock, append_line, read_metrics
 from bpfree.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
+HOOKS = Path(__file__).with_name("signal_hooks.py")
 COMPARED = ("epoch", "train_loss", "train_error", "test_error", "test_loss", "lr")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",
        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-
-# Runs `bpfree ARGS` after arranging for the process to send itself SIGNAL at call number CALL of a write:
-#   checkpoint: inside torch.save, after its first chunk of bytes reached the temp file;
-#   append: in the middle of writing a metrics line (half the line is on disk).
-HOOK = r"""
-import json, os, signal, sys
-import torch
-import bpfree.train
-from bpfree.cli import main
-
-where, call, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
-calls = 0
-
-def due():
-    global calls
-    calls += 1
-    return calls == call
-
-class SignalAfterFirstChunk:
-    def __init__(self, f):
-        self.f, self.chunks = f, 0
-    def write(self, data):
-        n = self.f.write(data)
-        self.chunks += 1
-        if self.chunks == 1:
-            self.f.flush()
-            os.kill(os.getpid(), sig)
-        return n
-    def flush(self):
-        self.f.flush()
-
-real_save, real_append = torch.save, bpfree.train.append_line
-
-def save(obj, f, *args, **kwargs):
-    return real_save(obj, SignalAfterFirstChunk(f) if due() else f, *args, **kwargs)
-
-def append(path, record):
-    if due():
-        with open(path, "a") as f:
-            f.write(json.dumps(record)[:25])
-            f.flush()
-            os.kill(os.getpid(), sig)
-    return real_append(path, record)
-
-if where == "checkpoint":
-    torch.save = save
-else:
-    bpfree.train.append_line = append
-sys.exit(main(sys.argv[4:]))
-"""
-
 
 def run_args(data_root: Path, out: Path, epochs: int = 3) -> list[str]:
     return ["train", "--data", "mnist", "--data-root", str(data_root), "--hidden", "16", "--batch-size", "64",
@@ -85,7 +36,8 @@ def run_args(data_root: Path, out: Path, epochs: int = 3) -> list[str]:
 
 
 def run_with_hook(where: str, call: int, sig: str, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", HOOK, where, str(call), sig, *args], env=ENV, capture_output=True,
+    """`bpfree ARGS` in a child that sends itself `sig` during its `call`-th checkpoint or metrics write."""
+    return subprocess.run([sys.executable, str(HOOKS), where, str(call), sig, *args], env=ENV, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -180,16 +132,17 @@ def test_kill_mid_metrics_line_restores_that_epoch_from_the_checkpoint(data_root
     assert compared(read_metrics(out / "metrics.jsonl")) == whole  # epoch 2 restored, not dropped
 
 
-@pytest.mark.parametrize("sig, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
-def test_signal_during_a_checkpoint_write(data_root, whole, tmp_path, sig, code, word):
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_signal_during_a_checkpoint_write(data_root, whole, tmp_path, capsys, monkeypatch, sig, code, word):
     out = tmp_path / "run"
-    stopped = run_with_hook("checkpoint", 2, sig, run_args(data_root, out))
-    assert stopped.returncode == code
-    lines = [line for line in stopped.stderr.splitlines() if not line.startswith("epoch ")]
-    assert lines == [f"bpfree: {word}"]
+    monkeypatch.setattr(torch, "save", signal_hooks.signalling_save(2, sig))
+    assert main(run_args(data_root, out)) == code
+    assert one_line(capsys) == f"bpfree: {word}"
     # The write in progress was finished, then the run stopped: lock released, no temp file, epochs 1-2 kept.
     assert listing(out) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    monkeypatch.undo()
     assert main([*run_args(data_root, out), "--resume"]) == 0
     assert compared(read_metrics(out / "metrics.jsonl")) == whole
 
