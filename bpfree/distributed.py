@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -263,7 +264,7 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        with _stop_grace(STOP_GRACE):
+        with _agent_fixes(STOP_GRACE):
             elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as e:
         # Every rank that failed, first first (insertion order breaks ties: timestamps are whole seconds). A rank
@@ -284,28 +285,34 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
 
 
 @contextmanager
-def _stop_grace(seconds: int) -> Iterator[None]:
-    """Make the elastic agent SIGKILL the remaining ranks `seconds` after SIGTERM when one rank failed.
+def _agent_fixes(seconds: int) -> Iterator[None]:
+    """For one launch: the elastic agent SIGKILLs the remaining ranks `seconds` after SIGTERM when one rank failed,
+    and leaves the caller's signal handlers as they were.
 
     torch's SubprocessContext stops the other workers after a failure through `close()` with its fixed 30 s default
     (the launch config's shutdown_timeout reaches only the agent's final clean-up), so a stopped or stuck rank held
-    the launcher 30 s past --dist-timeout. Patched for the duration of one launch only.
+    the launcher 30 s past --dist-timeout.
     """
     from torch.distributed.elastic.multiprocessing.api import SubprocessContext
 
     original = SubprocessContext.__dict__.get("_close")
-    if original is None:
-        yield
-        return
+    # The agent also installs signal handlers of its own and leaves them: put back the caller's afterwards.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
 
     def close(self, death_sig: signal.Signals, timeout: int = 30) -> None:
         original(self, death_sig, min(timeout, seconds))
 
-    SubprocessContext._close = close
+    if original is not None:
+        SubprocessContext._close = close
     try:
         yield
     finally:
-        SubprocessContext._close = original
+        if original is not None:
+            SubprocessContext._close = original
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
 
 
 def _signal_name(number: int) -> str:
