@@ -30,6 +30,10 @@ from typing import IO, Any
 from bpfree.errors import UsageError
 
 LOCK = ".bpfree.lock"
+
+
+class FolderInUse(UsageError):
+    """Another process holds the folder's lock: nothing of this process may be written into it."""
 _TEMP = re.compile(r"\.(.+)\.tmp\d+")  # what atomic_write_bytes leaves behind when killed: .NAME.tmpPID
 
 
@@ -83,7 +87,7 @@ class RunLock:
             except BlockingIOError:
                 holder = os.read(fd, 4096).decode(errors="replace").strip()
                 os.close(fd)
-                raise UsageError(f"{self.folder} is in use by another bpfree process "
+                raise FolderInUse(f"{self.folder} is in use by another bpfree process "
                                  f"({f'pid {holder}' if holder else 'just starting'}); "
                                  "wait for it to end or choose another --out") from None
             try:

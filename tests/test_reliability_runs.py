@@ -107,6 +107,22 @@ def test_a_second_compare_on_the_same_folder_stops_before_training(tmp_path, cap
         assert listing(out) == [LOCK]  # no run folder started, none left half-written for a later compare
 
 
+def test_compare_stops_at_a_run_folder_another_process_is_training_in(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--methods", "bp", "--seeds", "0", "--data", "digits", "--hidden", "8", "--epochs", "1",
+            "--out", str(out), "--no-plots"]
+    run = out / "bp" / "seed-0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")  # as a run in its first epoch has it
+    with RunLock(run):
+        assert main(args) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # after compare's progress line
+        assert last.startswith(f"bpfree: error: {run} is in use by another bpfree process")
+        assert listing(run) == [LOCK, "config.json"]  # no failed.json, nothing deleted
+    (run / "config.json").unlink()
+    assert main(args) == 0
+
+
 # -- kills: every state a kill can leave resumes to the uninterrupted run -------------------------------------------
 def test_kill_during_the_first_checkpoint_write_resumes(data_root, whole, tmp_path, capsys):
     out = tmp_path / "run"
