@@ -234,7 +234,7 @@ class Run:
     """Everything one training run holds; `train` drives it epoch by epoch.
 
     Rank 0 holds the run folder's lock from the start of `__init__` (so that a folder in use, or a bad --resume,
-    is refused before any data is loaded) until `train` ends, however it ends (`close`).
+    is refused before any data is loaded) until `train` ends, however it ends, or `close` is called.
     """
 
     def __init__(self, cfg: TrainConfig, data=None, show_progress: bool | None = None, log_epochs: bool = False):
@@ -373,11 +373,11 @@ class Run:
         cfg, out = self.cfg, self.out
         # torchrun --max-restarts N with --resume from the start: the first attempt starts the run.
         restartable = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
-        if cfg.resume and not out.exists() and not restartable:
-            raise UsageError(f"--resume: {out} does not exist, so there is no run to continue (check --out)")
-        self.lock = RunLock(out).acquire()
         checkpoint, config_path = out / CHECKPOINT, out / CONFIG
         try:
+            if cfg.resume and not out.exists() and not restartable:
+                raise UsageError(f"--resume: {out} does not exist, so there is no run to continue (check --out)")
+            self.lock = RunLock(out).acquire()
             remove_temp_files(out, RUN_FILES)
             if not cfg.resume:
                 if checkpoint.exists() or (out / METRICS).exists():
