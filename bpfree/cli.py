@@ -1,6 +1,7 @@
 """The `bpfree` command line. Each subcommand is a module with `add_arguments(parser)` and `run(args) -> int`.
 
-Exit codes, each with one line on stderr and never a traceback: 0 success; 2 bad input, including a run folder
+Exit codes, each with one line on stderr and never a traceback: 0 success; 1 `compare` wrote its table but a run
+failed or diverged; 2 bad input, including a run folder
 that is in use, damaged or cannot be written (disk full, read-only, path too long) and a model or option that does
 not fit in memory; 3 the loss became NaN/inf; 4 a data-parallel rank died or stopped answering; 130 interrupted
 (SIGINT, Ctrl-C); 143 terminated (SIGTERM). Interrupted and terminated runs end alike: the write in progress is
