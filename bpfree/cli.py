@@ -1,11 +1,11 @@
 """The `bpfree` command line. Each subcommand is a module with `add_arguments(parser)` and `run(args) -> int`.
 
 Exit codes, each with one line on stderr and never a traceback: 0 success; 1 `compare` wrote its table but a run
-failed or diverged; 2 bad input, including a run folder
-that is in use, damaged or cannot be written (disk full, read-only, path too long) and a model or option that does
-not fit in memory; 3 the loss became NaN/inf; 4 a data-parallel rank died or stopped answering; 130 interrupted
-(SIGINT, Ctrl-C); 143 terminated (SIGTERM). Interrupted and terminated runs end alike: the write in progress is
-finished, temp files are removed and the run folder's lock released, so `--resume` continues from the last epoch.
+failed or diverged; 2 bad input, including a run folder that is in use, damaged or cannot be written (disk full,
+read-only, path too long) and a model or option that does not fit in memory; 3 the loss became NaN/inf; 4 a
+data-parallel rank died or stopped answering; 130 interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM).
+Interrupted and terminated runs end alike: the write in progress is finished, temp files are removed and the run
+folder's lock released, so `--resume` continues from the last epoch.
 In a data-parallel run the lines of ranks other than 0 are prefixed with their rank.
 """
 
