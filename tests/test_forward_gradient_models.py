@@ -45,3 +45,14 @@ def test_unbiased_on_a_vit(method: str) -> None:
     assert S < n + 6 * math.sqrt(2 * n), (S, n)
     S_bad = float(((2 * mean - exact)[~known] ** 2 / (4 * var[~known] / M)).sum())
     assert S_bad > n + 6 * math.sqrt(2 * n)
+
+
+@pytest.mark.parametrize("method", ["fg-w", "fg-a"])
+def test_a_diverged_model_is_not_a_readout_error(method: str) -> None:
+    """NaN logits are the trainer's to report as divergence, not an exact-readout mismatch."""
+    model = tiny_vit()
+    with torch.no_grad():
+        model.patch.weight.fill_(float("nan"))
+    est = build(method, model, seed=0)
+    result = est.step(torch.zeros(2, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1]))
+    assert torch.isnan(result.loss)

@@ -137,6 +137,11 @@ def _activate_(Z: torch.Tensor, act: nn.Module | None) -> torch.Tensor | None:
     return deriv != 0
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Identical values; NaN equals NaN (a diverged run is the trainer's to report, not a readout mismatch)."""
+    return a.shape == b.shape and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+
+
 def loss_grad(est: Estimator, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and dL/dlogits: autograd through the loss function only, never through a layer."""
     leaf = logits.detach().requires_grad_(True)
@@ -353,7 +358,7 @@ class ForwardGradientWeight(_ForwardGradient):
         finally:
             if handle is not None:
                 handle.remove()
-        if readout is not None and not torch.equal(captured["out"], logits):
+        if readout is not None and not _same(captured["out"], logits):
             raise UsageError(
                 "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
             )
@@ -572,7 +577,7 @@ class ForwardGradientActivity(_ForwardGradient):
         finally:
             for hd in handles:
                 hd.remove()
-        if readout is not None and not torch.equal(readout_io.get("out", logits[:0]), logits):
+        if readout is not None and not _same(readout_io.get("out", logits[:0]), logits):
             raise UsageError(
                 "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
             )
