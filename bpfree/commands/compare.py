@@ -11,17 +11,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bpfree import methods
-from bpfree.commands.train import DEFAULTS, add_training_arguments, config_from_args, set_threads
+from bpfree import methods, recipes
+from bpfree.commands.train import add_training_arguments, config_from_args, set_threads
 from bpfree.compare import run_all, run_folder
 from bpfree.errors import UsageError
 from bpfree.results import load_run, write_report
-from bpfree.train import TrainConfig
+from bpfree.train import OPTIMIZERS, SCHEDULES, TrainConfig
 
 METHOD_OPTIONS_RULE = (
     "Method options (--tangents, ...) go to every compared method that declares them; methods that do not declare "
     "an option train without it, with their own defaults. METHOD=VALUE pairs give per-method values, like --lr: "
-    "--tangents fg-a=4,lg-fg-a=16. An option that none of the compared methods declares is an error. "
+    "--tangents fg-a=4,lg-fg-a=16. The recipe settings (--lr, --optimizer, --momentum, --weight-decay, --schedule, "
+    "--warmup-epochs, --batch-size) take METHOD=VALUE pairs too; a setting not given comes from each method's recipe "
+    "(bpfree/recipes.py). An option that none of the compared methods declares is an error. "
     "Rerunning the same command skips finished runs, resumes unfinished ones from their checkpoints and does not "
     "retry diverged ones unless their settings change (they would diverge again); a finished or unfinished run "
     "folder trained with other settings is refused, except "
@@ -39,13 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rules to compare, e.g. bp,fg-a (see `bpfree methods`)")
     parser.add_argument("--seeds", default="0", metavar="S,S,...", help="seeds; every method is trained once per seed")
     add_training_arguments(parser, single=False)
-    parser.add_argument("--lr", default=str(DEFAULTS.lr), metavar="LR|METHOD=LR,...",
+    parser.add_argument("--lr", default=None, metavar="LR|METHOD=LR,...",
                         help="learning rate: one float for all methods, or METHOD=LR pairs, e.g. bp=0.05,fg-a=0.01 "
-                        "(a bare float before them sets the rest)")
+                        "(a bare float before them sets the rest; default: from each method's recipe)")
     parser.add_argument("--out", default=None,
                         help="comparison folder (default runs/compare-MODEL-DATA); runs go to OUT/METHOD/seed-S")
     parser.add_argument("--no-plots", action="store_true", help="only the table and the CSV, no PNGs")
     parser.epilog = METHOD_OPTIONS_RULE
+    per_method_recipe_flags(parser)
     # Defaults are applied in `run`, below the config file's values: to know what the command line set, every
     # option parses to None unless given. The help still shows the real defaults.
     actions: dict[str, argparse.Action] = {}
@@ -62,6 +65,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(compare_actions=actions, compare_defaults=defaults)
 
 
+RECIPE_CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}
+
+
+def per_method_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """Let the recipe settings take METHOD=VALUE pairs: parse them as text here, typed per method in `plan`."""
+    for action in parser._actions:
+        if action.dest in recipes.RECIPE_FIELDS:
+            kind = type(recipes.BASE[action.dest])
+            action.type, action.choices = None, None
+            action.metavar = action.metavar or f"{'X' if kind is str else kind.__name__.upper()}|METHOD=X,..."
+
+
+def typed(where: str, key: str, raw: Any) -> Any:
+    """One recipe setting (`key`) as its type and checked (a config file may give numbers as numbers)."""
+    kind, choices = type(recipes.BASE[key]), RECIPE_CHOICES.get(key)
+    try:
+        if isinstance(raw, bool) or (kind is not str and not isinstance(raw, (str, int, float))):
+            raise ValueError
+        value = kind(raw)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: expected {'a number' if kind is not str else 'a name'}, got {raw!r}") from None
+    if choices is not None and value not in choices:
+        raise UsageError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def recipe_settings(values: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
+    """{field: {method: value or None}} for the recipe settings; None: from the method's recipe."""
+    out = {}
+    for key in recipes.RECIPE_FIELDS:
+        flag = key.replace("_", "-")
+        per = split_per_method(flag, values[key], names) if values.get(key) is not None else {}
+        out[key] = {m: None if per.get(m, per.get(None)) is None else typed(f"--{flag}", key, per.get(m, per.get(None)))
+                    for m in names}
+    return out
+
+
 def _closest(name: str, names: list[str]) -> str:
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else ""
@@ -73,7 +113,13 @@ def _coerce(action: argparse.Action, key: str, value: Any, where: str) -> Any:
         value = ",".join(map(str, value))
     if key in ("methods", "seeds") and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if key == "lr" or action.dest.startswith(("method_opt_", "model_opt_")):
+    if key in recipes.RECIPE_FIELDS:  # one value or per-method values; checked now, split per method later
+        if isinstance(value, str) and "=" in value:
+            return value
+        for v in value.values() if isinstance(value, dict) else [value]:
+            typed(f"{where}: {key}", key, v)
+        return value
+    if action.dest.startswith(("method_opt_", "model_opt_")):
         return value  # parsed later (per-method values, typed options)
     if action.nargs == 0:  # store_true
         if not isinstance(value, bool):
@@ -163,11 +209,7 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[TrainConfig], Path, 
         seeds = [int(s) for s in parse_list("seeds", values["seeds"])]
     except ValueError:
         raise UsageError(f"--seeds must be integers, got {values['seeds']!r}") from None
-    lr = split_per_method("lr", values["lr"], names)
-    try:
-        lrs = {m: float(lr.get(m, lr.get(None, DEFAULTS.lr))) for m in names}
-    except (TypeError, ValueError):
-        raise UsageError(f"--lr: expected a number or METHOD=LR pairs, got {values['lr']!r}") from None
+    per_method = recipe_settings(values, names)
     method_opts = {k: split_per_method(k.replace("_", "-"), v, names) for k, v in values.items()
                    if actions[k].dest.startswith("method_opt_") and v is not None}
     for key, per in method_opts.items():
@@ -183,13 +225,13 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[TrainConfig], Path, 
     configs = []
     for method in names:
         ns = argparse.Namespace(**{a.dest: values.get(k) for k, a in actions.items()
-                                   if not a.dest.startswith("method_opt_")})
+                                   if not a.dest.startswith("method_opt_") and a.dest not in recipes.RECIPE_FIELDS})
         for key, per in method_opts.items():
             declared = key in methods.METHODS.get(method).options
             setattr(ns, f"method_opt_{key}", per.get(method, per.get(None)) if declared else None)
         for seed in seeds:
-            configs.append(config_from_args(ns, method=method, lr=lrs[method], seed=seed,
-                                            out=str(run_folder(out, method, seed)), resume=False))
+            configs.append(config_from_args(ns, method=method, seed=seed, out=str(run_folder(out, method, seed)),
+                                            resume=False, **{k: v[method] for k, v in per_method.items()}))
     args.compare_threads = values.get("threads")
     return names, configs, out, description
 

@@ -1,0 +1,121 @@
+"""Training recipes per (method, model family): what `bpfree train` / `compare` use for every recipe setting the
+command line (or config file) does not give.
+
+A recipe fixes the optimizer, learning rate, schedule and the like, never the data, model or epoch budget. Each
+entry says where it comes from: `validated` (chosen by `bpfree sweep` on validation error; the command and date are
+in `source`) or `carried over` (chosen on the test set before validation splits existed; to be replaced by a sweep).
+Lookup: (method, model) first, then (method, model family), then (method, any model), then the generic fallback.
+docs/tuning.md lists the sweeps behind the validated entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# The TrainConfig fields a recipe may set.
+RECIPE_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "batch_size")
+
+# What a field is when neither a recipe nor the user gives it (the library's defaults before recipes existed).
+BASE = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "schedule": "constant",
+        "warmup_epochs": 0.0, "batch_size": 128}
+
+ANY = "*"
+CARRIED = "carried over: chosen on the test set before validation splits existed (not validated)"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    settings: dict[str, Any]
+    source: str
+    validated: bool = False
+    notes: str = ""
+    key: tuple[str, str] = field(default=(ANY, ANY))
+
+    @property
+    def name(self) -> str:
+        return f"{self.key[0]}/{self.key[1]}"
+
+
+def _sgd(lr: float) -> dict[str, Any]:
+    return {"optimizer": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 0.0, "schedule": "cosine",
+            "warmup_epochs": 0.0}
+
+
+def _adam(lr: float) -> dict[str, Any]:
+    return {"optimizer": "adam", "lr": lr, "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 0.0}
+
+
+LOCALMIXER_SETS = "configs/mnist-localmixer-*.json (README Table 3), MNIST"
+
+# (method, model or family) -> (settings, source, validated). Keep the sources honest: only a sweep that was run
+# makes an entry "validated".
+_TABLE: dict[tuple[str, str], tuple[dict[str, Any], str, bool]] = {
+    # mlp (MNIST)
+    ("bp", "mlp"): (_sgd(0.05), f"{CARRIED}; README backprop baseline, MNIST", False),
+    ("fg-w", "mlp"): (_adam(1e-4), f"{CARRIED}; configs/mnist-mlp-fg.json, MNIST", False),
+    ("fg-a", "mlp"): (_adam(1e-4), f"{CARRIED}; configs/mnist-mlp-fg.json, MNIST", False),
+    # LocalMixer (MNIST Table 3 configs; CIFAR-10 configs reuse them)
+    **{(m, "localmixer"): (_sgd(0.05), f"{CARRIED}; {LOCALMIXER_SETS}", False) for m in ("bp", "l-bp", "lg-bp")},
+    ("fg-w", "localmixer"): (_sgd(1e-4), f"{CARRIED}; {LOCALMIXER_SETS}", False),
+    ("fg-a", "localmixer"): (_sgd(0.01), f"{CARRIED}; {LOCALMIXER_SETS}", False),
+    ("lg-fg-w", "localmixer"): (_sgd(1e-3), f"{CARRIED}; {LOCALMIXER_SETS}", False),
+    ("lg-fg-a", "localmixer"): (_sgd(0.01), f"{CARRIED}; {LOCALMIXER_SETS}", False),
+    **{(m, "localmixer"): (_sgd(0.2), f"{CARRIED}; {LOCALMIXER_SETS} (best of 5 after one epoch on 10k images)",
+                           False) for m in ("fa", "l-fa", "lg-fa")},
+    ("dfa", "localmixer"): (_sgd(0.1), f"{CARRIED}; {LOCALMIXER_SETS} (best of 5 after one epoch on 10k images)",
+                            False),
+    # Forward-Forward (README Forward-Forward section, MNIST 3x1000)
+    ("ff", "ff-mlp"): ({"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05, "schedule": "cosine",
+                        "warmup_epochs": 0.0, "batch_size": 100},
+                       f"{CARRIED}; README Forward-Forward sweep, MNIST 3x1000", False),
+    # Feedback-alignment benchmark nets (benchmarks/feedback_alignment.py: Adam 1e-3, batch 64, every method alike)
+    **{(m, fam): ({"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "constant",
+                   "warmup_epochs": 0.0, "batch_size": 64},
+                  f"{CARRIED}; benchmarks/feedback_alignment.py (one setting for all methods, not tuned)", False)
+       for m in ("bp", "fa", "dfa", "fdfa") for fam in ("fc-bn", "cnn-small")},
+}
+
+FALLBACK = Recipe(dict(BASE), "the library's defaults before recipes existed (not validated for any method)")
+
+
+def family(model: str) -> str:
+    """localmixer-m1-16 -> localmixer, mobilenetv3-small -> mobilenetv3; other models are their own family."""
+    for prefix in ("localmixer", "mobilenetv3"):
+        if model.startswith(prefix + "-"):
+            return prefix
+    return model
+
+
+def lookup(method: str, model: str) -> Recipe:
+    """The most specific recipe for this method and model (the generic fallback if none)."""
+    for key in ((method, model), (method, family(model)), (method, ANY)):
+        if key in _TABLE:
+            settings, source, validated = _TABLE[key]
+            return Recipe({**BASE, **settings}, source, validated, key=key)
+    return FALLBACK
+
+
+def entries() -> dict[tuple[str, str], Recipe]:
+    """Every table entry (for docs and tests)."""
+    return {key: lookup(*key) for key in _TABLE}
+
+
+def apply(method: str, model: str, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fill the recipe fields missing from `given` (None = not given) from the recipe for (method, model).
+
+    Returns the values of all RECIPE_FIELDS and the record stored as `recipe` in config.json: the entry used, its
+    source, and which fields were given instead.
+    """
+    recipe = lookup(method, model)
+    values, overridden = {}, []
+    for name in RECIPE_FIELDS:
+        if given.get(name) is not None:
+            values[name] = given[name]
+            if given[name] != recipe.settings[name]:
+                overridden.append(name)
+        else:
+            values[name] = recipe.settings[name]
+    record = {"entry": recipe.name, "validated": recipe.validated, "source": recipe.source,
+              "overridden": overridden}
+    return values, record
