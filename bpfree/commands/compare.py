@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -91,15 +92,30 @@ def typed(where: str, key: str, raw: Any) -> Any:
     return value
 
 
-def recipe_settings(values: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
-    """{field: {method: value or None}} for the recipe settings; None: from the method's recipe."""
-    out = {}
+def recipe_grid(values: dict[str, Any], names: list[str], grid: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """Per method, its list of recipe settings {field: value, or None for the method's recipe}: one entry for
+    `compare`; for `sweep` (grid=True) the product of the comma-separated values given per field."""
+    axes: dict[str, dict[str, list[Any]]] = {m: {} for m in names}
     for key in recipes.RECIPE_FIELDS:
         flag = key.replace("_", "-")
         per = split_per_method(flag, values[key], names) if values.get(key) is not None else {}
-        out[key] = {m: None if per.get(m, per.get(None)) is None else typed(f"--{flag}", key, per.get(m, per.get(None)))
-                    for m in names}
-    return out
+        for m in names:
+            raw = per.get(m, per.get(None))
+            items = [None] if raw is None else raw if isinstance(raw, list) else \
+                str(raw).split(",") if isinstance(raw, str) else [raw]
+            if len(items) > 1 and not grid:
+                raise UsageError(f"--{flag}: one value per method, got {raw!r} (to try several: bpfree sweep)")
+            if len(set(map(str, items))) != len(items):
+                raise UsageError(f"--{flag} lists a value twice: {raw!r}")
+            axes[m][key] = [None if v is None else typed(f"--{flag}", key, v.strip() if isinstance(v, str) else v)
+                            for v in items]
+    return {m: [dict(zip(axes[m], combo)) for combo in itertools.product(*axes[m].values())] for m in names}
+
+
+def point_label(point: dict[str, Any]) -> str:
+    """A sweep's run-folder name for the recipe settings given at one grid point, e.g. `lr=0.01,optimizer=adam`."""
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items()
+                    if v is not None) or "recipe"
 
 
 def _closest(name: str, names: list[str]) -> str:
@@ -117,7 +133,8 @@ def _coerce(action: argparse.Action, key: str, value: Any, where: str) -> Any:
         if isinstance(value, str) and "=" in value:
             return value
         for v in value.values() if isinstance(value, dict) else [value]:
-            typed(f"{where}: {key}", key, v)
+            for item in v if isinstance(v, list) else [v]:  # a list: a sweep's grid
+                typed(f"{where}: {key}", key, item)
         return value
     if action.dest.startswith(("method_opt_", "model_opt_")):
         return value  # parsed later (per-method values, typed options)
@@ -191,8 +208,11 @@ def parse_list(flag: str, value: str) -> list[str]:
     return items
 
 
-def plan(args: argparse.Namespace) -> tuple[list[str], list[TrainConfig], Path, str]:
-    """The methods, one TrainConfig per method × seed, the comparison folder and the file's description."""
+def plan(args: argparse.Namespace, grid: bool = False) -> tuple[list[str], list[TrainConfig], Path, str]:
+    """The methods, one TrainConfig per method × seed, the comparison folder and the file's description.
+
+    grid=True (`bpfree sweep`): one TrainConfig per method × grid point × seed, in OUT/METHOD/POINT/seed-S.
+    """
     actions: dict[str, argparse.Action] = args.compare_actions
     values: dict[str, Any] = dict(args.compare_defaults)
     description = ""
@@ -209,7 +229,9 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[TrainConfig], Path, 
         seeds = [int(s) for s in parse_list("seeds", values["seeds"])]
     except ValueError:
         raise UsageError(f"--seeds must be integers, got {values['seeds']!r}") from None
-    per_method = recipe_settings(values, names)
+    if grid and hasattr(args, "sweep_defaults"):
+        args.sweep_defaults(values)
+    per_method = recipe_grid(values, names, grid)
     method_opts = {k: split_per_method(k.replace("_", "-"), v, names) for k, v in values.items()
                    if actions[k].dest.startswith("method_opt_") and v is not None}
     for key, per in method_opts.items():
@@ -221,7 +243,7 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[TrainConfig], Path, 
             if m is not None and m not in takers:
                 raise UsageError(f"method {m!r} does not take {flag} (methods that do: {', '.join(takers)})")
     safe_data = str(values["data"]).replace(":", "_").replace("/", "_")
-    out = Path(values.get("out") or f"runs/compare-{values['model']}-{safe_data}")
+    out = Path(values.get("out") or f"runs/{'sweep' if grid else 'compare'}-{values['model']}-{safe_data}")
     configs = []
     for method in names:
         ns = argparse.Namespace(**{a.dest: values.get(k) for k, a in actions.items()
@@ -229,9 +251,10 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[TrainConfig], Path, 
         for key, per in method_opts.items():
             declared = key in methods.METHODS.get(method).options
             setattr(ns, f"method_opt_{key}", per.get(method, per.get(None)) if declared else None)
-        for seed in seeds:
-            configs.append(config_from_args(ns, method=method, seed=seed, out=str(run_folder(out, method, seed)),
-                                            resume=False, **{k: v[method] for k, v in per_method.items()}))
+        for point in per_method[method]:
+            for seed in seeds:
+                folder = out / method / point_label(point) / f"seed-{seed}" if grid else run_folder(out, method, seed)
+                configs.append(config_from_args(ns, method=method, seed=seed, resume=False, out=str(folder), **point))
     args.compare_threads = values.get("threads")
     return names, configs, out, description
 
