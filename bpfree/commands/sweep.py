@@ -88,7 +88,10 @@ def choose(points: list[Point]) -> Point | None:
 
 
 def settings_of(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: config[k] for k in recipes.RECIPE_FIELDS}
+    """The recipe settings that matter (no momentum for Adam, no zero weight decay or warm-up)."""
+    return {k: config[k] for k in recipes.RECIPE_FIELDS
+            if not (k == "momentum" and config["optimizer"] != "sgd") and not (k in ("weight_decay", "warmup_epochs")
+                                                                             and not config[k])}
 
 
 def varying(points: list[Point]) -> list[str]:
@@ -185,8 +188,7 @@ def run(args: argparse.Namespace) -> int:
                 cfg = next(c for c in configs if c.out == str(r.path))
                 final_configs.append(TrainConfig(**{**cfg.__dict__, "epochs": args.final_epochs, "resume": False,
                                                     "out": str(out / m / "final" / p.label / f"seed-{cfg.seed}")}))
-        run_all(final_configs, describe=lambda c: f"{c.method} [final {label.get(c.out, '')}] seed {c.seed}".replace(
-            " []", ""))
+        run_all(final_configs, describe=lambda c: f"{c.method} [final, {Path(c.out).parent.name}] seed {c.seed}")
         for m, p in picked.items():
             finals.append((m, settings_of(p.runs[0].config),
                            [load_run(Path(c.out)) for c in final_configs if c.method == m]))
@@ -194,13 +196,16 @@ def run(args: argparse.Namespace) -> int:
         finals = [(m, settings_of(p.runs[0].config), p.runs) for m, p in picked.items()]
     epochs = args.final_epochs or configs[0].epochs
     command = "bpfree " + " ".join(getattr(args, "argv", sys.argv[1:]))
+    noise = (5 * 95 / configs[0].val_split) ** 0.5
     summary = final_table(finals, f"— reported once, after the choice ({epochs} epochs)")
     recipe = recipe_file(picked, first_of, out, epochs, command)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     md = [f"# Sweep: {', '.join(names)} on {configs[0].model} / {configs[0].data}", "", f"`{command}`", "",
           f"Chosen on validation error ({configs[0].val_split} held-out training examples, last epoch, mean over "
-          "seeds); test error was not looked at for the choice.", "", table, "Chosen recipes:", "", summary,
+          "seeds); test error was not looked at for the choice. One standard error of a validation error e (%) "
+          f"is about sqrt(e (100 - e) / {configs[0].val_split}) points (binomial; {noise:.2f} at e = 5 %): "
+          "grid points closer than that are a tie in all but name.", "", table, "Chosen recipes:", "", summary,
           f"As a `compare` config: `bpfree compare --config {out / 'recipe.json'}`", ""]
     (out / "sweep.md").write_text("\n".join(md))
     print(table)
