@@ -65,8 +65,11 @@ class TrainConfig:
 
     def check(self) -> None:
         """Reject bad numbers and impossible combinations with one line each."""
+        from bpfree.checks import check_device, check_seed  # shared with the other commands
+
         if self.epochs < 1:
             raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
+        check_seed(self.seed)
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -87,10 +90,7 @@ class TrainConfig:
             raise UsageError(f"--train-size must be at least 1, got {self.train_size}")
         if self.val_split < 0:
             raise UsageError(f"--val-split must be 0 (none) or a number of examples, got {self.val_split}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError("--device cuda requested but CUDA is not available on this machine")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise UsageError(f"unknown device {self.device!r} (choose cpu or cuda)")
+        check_device(self.device)
         methods.METHODS.get(self.method)
         models.MODELS.get(self.model)
 
@@ -232,16 +232,15 @@ def load_data(cfg: TrainConfig):
 
     So the validation examples do not depend on --seed or --train-size, and never overlap the training examples.
     """
-    data = datasets.load(cfg.data, cfg.data_root, None if cfg.classes or cfg.val_split else cfg.train_size,
-                         cfg.augment)
-    if cfg.classes:  # the label subset first, so --train-size and --val-split count examples of these classes
-        data = datasets.select_classes(data, cfg.classes)
+    # The label subset first, so --train-size and --val-split count examples of these classes.
+    data = datasets.load(cfg.data, cfg.data_root, None if cfg.val_split else cfg.train_size, cfg.augment,
+                         classes=cfg.classes)
     if cfg.val_split:
         if not hasattr(data, "hold_out"):
             raise UsageError(f"--val-split is not available for {cfg.data} (image folders: use a separate folder)")
         data = data.hold_out(cfg.val_split)
-    if cfg.train_size and (cfg.classes or cfg.val_split):
-        data = data.subset(cfg.train_size)
+        if cfg.train_size:
+            data = data.subset(cfg.train_size)
     return data
 
 

@@ -1,7 +1,13 @@
-"""Learning rules. Each module registers its methods in `METHODS`; `build` makes an estimator by name."""
+"""Learning rules. Each module registers its methods in `METHODS`; `build` makes an estimator by name.
+
+Generic rules read the model through its anatomy (`bpfree.anatomy`). A model-specific fast path for a (method,
+model class) pair is an estimator factory registered with `register_fast_path` by a module that knows the model;
+`build` prefers it, so no generic method file imports a model.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -10,15 +16,44 @@ from bpfree.methods.base import Estimator, StepResult
 from bpfree.registry import Registry
 
 METHODS = Registry("method")
+Factory = Callable[..., Estimator]
+FAST_PATHS: dict[tuple[str, type], Factory] = {}
 
 
-def build(name: str, model: nn.Module, seed: int = 0, **options: Any) -> Estimator:
-    """The estimator `name` for `model`, options type-checked and defaults filled."""
+def register_fast_path(method: str, model_class: type) -> Callable[[Factory], Factory]:
+    """Register an estimator factory used for `method` on instances of `model_class` (and its subclasses)."""
+
+    def decorate(factory: Factory) -> Factory:
+        if (method, model_class) in FAST_PATHS:
+            raise ValueError(f"fast path for {method!r} on {model_class.__name__} registered twice")
+        FAST_PATHS[(method, model_class)] = factory
+        return factory
+
+    return decorate
+
+
+def fast_path(method: str, model: nn.Module) -> Factory | None:
+    for cls in type(model).__mro__:
+        if (method, cls) in FAST_PATHS:
+            return FAST_PATHS[(method, cls)]
+    return None
+
+
+def build(
+    name: str, model: nn.Module, seed: int = 0, blocks: Sequence[str] | None = None, **options: Any
+) -> Estimator:
+    """The estimator `name` for `model`, options type-checked and defaults filled.
+
+    `blocks` names the submodules whose outputs are the local-learning boundaries (default: found by
+    `bpfree.anatomy.describe`).
+    """
     resolved = METHODS.resolve_options(name, options)
-    return METHODS.get(name).factory(model, seed=seed, **resolved)
+    factory = fast_path(name, model) or METHODS.get(name).factory
+    extra = {"blocks": tuple(blocks)} if blocks else {}
+    return factory(model, seed=seed, **extra, **resolved)
 
 
 # Importing a family's module registers its methods.
 from bpfree.methods import bp, feedback_alignment, forward_forward, forward_gradient, local  # noqa: E402,F401
 
-__all__ = ["METHODS", "Estimator", "StepResult", "build"]
+__all__ = ["FAST_PATHS", "METHODS", "Estimator", "StepResult", "build", "fast_path", "register_fast_path"]

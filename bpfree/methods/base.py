@@ -7,13 +7,16 @@ else); the optimizer step is the caller's. The training loop only ever calls `st
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bpfree.anatomy import Anatomy, describe
 from bpfree.distributed import LOCAL, Group
 from bpfree.registry import Option
 
@@ -44,14 +47,20 @@ class Estimator:
     #: The data-parallel ranks this estimator's steps are combined over; the trainer sets it (LOCAL: one process).
     group: Group = LOCAL
 
-    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+    def __init__(self, model: nn.Module, seed: int = 0, *, blocks: Sequence[str] | None = None, **options: Any):
         self.model = model
         self.options = options
+        self.block_names = tuple(blocks) if blocks else None
         # Estimators draw their own randomness (tangents, feedback matrices) from this generator so that
         # it can be checkpointed and a resumed run continues exactly.
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(estimator_seed(seed))
+
+    @cached_property
+    def anatomy(self) -> Anatomy:
+        """The model's layers and blocks (found once, on first use; `blocks=` names them)."""
+        return describe(self.model, blocks=self.block_names)
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

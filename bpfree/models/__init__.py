@@ -18,7 +18,10 @@ MODELS = Registry("model")
 def build(name: str, num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28), **options: Any) -> nn.Module:
     """The model `name` for inputs of `input_shape` (C, H, W) and `num_classes` outputs."""
     resolved = MODELS.resolve_options(name, options)
-    return MODELS.get(name).factory(num_classes=num_classes, input_shape=tuple(input_shape), **resolved)
+    model = MODELS.get(name).factory(num_classes=num_classes, input_shape=tuple(input_shape), **resolved)
+    if getattr(model, "input_shape", None) is None:  # what `bpfree.anatomy.describe` probes with
+        model.input_shape = tuple(input_shape)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
