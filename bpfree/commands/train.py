@@ -116,6 +116,17 @@ def config_from_args(args: argparse.Namespace, **override: Any) -> TrainConfig:
     return cfg
 
 
+def recipe_note(cfg: TrainConfig, from_recipe: list[str]) -> str:
+    """One line saying which settings came from which recipe, so that a partly given recipe is no surprise."""
+    entry = cfg.recipe or {}
+    shown = [f"{k.replace('_', ' ')} {getattr(cfg, k):g}" if isinstance(getattr(cfg, k), float)
+             else f"{k.replace('_', ' ')} {getattr(cfg, k)}" for k in from_recipe
+             if not (k == "momentum" and cfg.optimizer != "sgd")]
+    status = "validated" if entry.get("validated") else "not validated"
+    return (f"recipe {entry.get('entry')} ({status}): " + (", ".join(shown) or "every setting given")
+            + " (bpfree/recipes.py; flags override)")
+
+
 def set_threads(threads: int | None) -> None:
     if threads is None:
         return
@@ -144,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     out = args.out or f"runs/{args.method}-{args.model}-{args.data.replace(':', '_').replace('/', '_')}"
     cfg = config_from_args(args, out=out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(recipe_note(cfg, [k for k in recipes.RECIPE_FIELDS if getattr(args, k, None) is None]), file=sys.stderr)
     records = train(cfg, log_epochs=True)
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports for the data-parallel run
         return 0
