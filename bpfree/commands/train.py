@@ -116,15 +116,15 @@ def config_from_args(args: argparse.Namespace, **override: Any) -> TrainConfig:
     return cfg
 
 
-def recipe_note(cfg: TrainConfig, from_recipe: list[str]) -> str:
-    """One line saying which settings came from which recipe, so that a partly given recipe is no surprise."""
+def recipe_summary(cfg: TrainConfig, args: argparse.Namespace) -> str:
+    """`bp/mlp (validated): optimizer adam, lr 0.003, ...`: the recipe entry and the settings taken from it."""
     entry = cfg.recipe or {}
-    shown = [f"{k.replace('_', ' ')} {getattr(cfg, k):g}" if isinstance(getattr(cfg, k), float)
-             else f"{k.replace('_', ' ')} {getattr(cfg, k)}" for k in from_recipe
-             if not (k == "momentum" and cfg.optimizer != "sgd")]
+    taken = [k for k in recipes.RECIPE_FIELDS if getattr(args, k, None) is None
+             and not (k == "momentum" and cfg.optimizer != "sgd")]
+    shown = ", ".join(f"{k} {getattr(cfg, k):g}" if isinstance(getattr(cfg, k), float) else f"{k} {getattr(cfg, k)}"
+                      for k in taken)
     status = "validated" if entry.get("validated") else "not validated"
-    return (f"recipe {entry.get('entry')} ({status}): " + (", ".join(shown) or "every setting given")
-            + " (bpfree/recipes.py; flags override)")
+    return f"{entry.get('entry')} ({status}): {shown or 'none taken'}"
 
 
 def set_threads(threads: int | None) -> None:
@@ -155,8 +155,6 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     out = args.out or f"runs/{args.method}-{args.model}-{args.data.replace(':', '_').replace('/', '_')}"
     cfg = config_from_args(args, out=out)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(recipe_note(cfg, [k for k in recipes.RECIPE_FIELDS if getattr(args, k, None) is None]), file=sys.stderr)
     records = train(cfg, log_epochs=True)
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports for the data-parallel run
         return 0
@@ -169,5 +167,5 @@ def run(args: argparse.Namespace) -> int:
                       "test_error": round(last["test_error"], 3), "best_test_error": round(best, 3),
                       "train_error": round(last["train_error"], 3),
                       "seconds_per_epoch": round(sum(r["seconds"] for r in records) / len(records), 2),
-                      "out": cfg.out}))
+                      "out": cfg.out, "recipe": recipe_summary(cfg, args)}))
     return 0
