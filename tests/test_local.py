@@ -330,6 +330,25 @@ def test_orthogonal_aggregation_with_all_directions_is_exact():
         torch.testing.assert_close(p.grad, t)
 
 
+def test_orthogonal_aggregation_projects_onto_the_masked_tangents():
+    """The directional derivatives see the tangents masked by the ReLU derivative, so the Gram matrix must be of
+    the masked tangents: then K = the largest number of live coordinates of an example already spans everything
+    and the projection is exact, although K is below the unmasked dimension (a Gram matrix of the unmasked
+    tangents gives a different, inexact projection here)."""
+    model = tiny(blocks=1, grid=1, channels=8, groups=2)
+    x, y = data(6)
+    h = block_input(model, x, 0)
+    _, units = model.blocks[0].trace(h)
+    live = sum(u.live.flatten(1).sum(1) for u in units)  # per example
+    unmasked = sum(u.live[0].numel() for u in units)
+    k = int(live.max())
+    assert k < unmasked, (k, unmasked)  # the case where masking matters
+    target = exact_lg_grads(model, 0, h, y)
+    build_method("lg-fg-a", model, tangents=k, aggregation="orthogonal", tangent_dist="normal").step(x, y)
+    for p, t in zip(model.blocks[0].parameters(), target):
+        torch.testing.assert_close(p.grad, t)
+
+
 def test_contrastive_objective_steps_and_checks_heads():
     model = tiny(head_dim=6)
     x, y = data(6)

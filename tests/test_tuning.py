@@ -79,7 +79,7 @@ def test_split_is_the_same_across_seeds_train_sizes_and_processes():
 
 def test_val_metrics_resume_and_a_changed_split_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--method", "bp", *TINY, "--val-split", "300", "--out", str(out)]
+    args = ["train", "--method", "bp", *TINY, "--val-split", "300", "--schedule", "constant", "--out", str(out)]
     assert main([*args, "--epochs", "1", "--lr", "0.1"]) == 0
     assert main([*args, "--epochs", "2", "--lr", "0.1", "--resume"]) == 0
     records = read_metrics(out / "metrics.jsonl")
@@ -87,8 +87,8 @@ def test_val_metrics_resume_and_a_changed_split_is_refused(tmp_path, capsys):
     assert all(0 <= r["val_error"] <= 100 and r["val_loss"] > 0 for r in records)
     assert json.loads((out / "config.json").read_text())["val_split"] == 300
     capsys.readouterr()
-    assert main(["train", "--method", "bp", *TINY, "--val-split", "200", "--out", str(out), "--epochs", "3",
-                 "--lr", "0.1", "--resume"]) == 2
+    assert main(["train", "--method", "bp", *TINY, "--val-split", "200", "--schedule", "constant", "--out", str(out),
+                 "--epochs", "3", "--lr", "0.1", "--resume"]) == 2
     assert "--resume with a different val_split" in capsys.readouterr().err
 
 

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from bpfree import recipes
+from bpfree.checks import output_folder
 from bpfree.commands import compare
 from bpfree.commands.train import set_threads
 from bpfree.compare import run_all
 from bpfree.errors import UsageError
 from bpfree.results import RunResult, load_run
+from bpfree.runfolder import RunLock
 from bpfree.train import TrainConfig, load_data
 
 GRID_RULE = (
@@ -164,6 +166,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--final-epochs must be at least 1, got {args.final_epochs}")
     names, configs, out, _ = compare.plan(args, grid=True)
     set_threads(args.compare_threads)
+    for cfg in configs:
+        cfg.check()  # before the folder is made: bad numbers leave nothing behind
+    output_folder(out)
+    with RunLock(out, "sweep folder"):  # a second sweep on OUT stops at once instead of interleaving
+        return _sweep(args, names, configs, out)
+
+
+def _sweep(args: argparse.Namespace, names: list[str], configs: list[TrainConfig], out: Path) -> int:
     label = {c.out: Path(c.out).parent.name for c in configs}
     print(f"sweep: {len(configs)} runs ({', '.join(f'{m}: {sum(c.method == m for c in configs)}' for m in names)}),"
           f" validation split {configs[0].val_split} examples -> {out}", file=sys.stderr, flush=True)
@@ -211,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     print(summary, end="")
     missing = [m for m, p in chosen.items() if p is None]
-    if missing:
-        print(f"no grid point finished for {', '.join(missing)}: nothing chosen", file=sys.stderr)
     print(f"(results in {out}/sweep.md; chosen recipes in {out}/recipe.json)")
+    if missing:
+        print(f"bpfree: no grid point finished for {', '.join(missing)}: nothing chosen", file=sys.stderr)
+        return 1
     return 0

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.errors import UsageError
+from bpfree.errors import DivergedError, UsageError
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.models.ff_mlp import FFMLP, length_normalise
@@ -160,6 +160,8 @@ class ForwardForward(Estimator):
         scores = scores.detach().float().clone()
         scores[torch.arange(len(y), device=y.device), y] = -math.inf
         probs = torch.softmax(scores - scores.amax(1, keepdim=True), dim=1)
+        if not torch.isfinite(probs).all():  # goodness overflowed (lr far too high): nothing sensible to sample
+            raise DivergedError("goodness scores became NaN/inf (sampling hard negatives)")
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
 
     def active_layers(self) -> range:

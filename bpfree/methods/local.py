@@ -159,19 +159,13 @@ def combine_coefficients(
     """Coefficients c [K, ...] with estimate = sum_k c_k v_k from directional derivatives d [K, ...].
 
     Uses `bpfree.tangents` (sum: c = d, mean: d / K, orthogonal: the Gram pseudo-inverse applied to d). The
-    grid adds trailing (patch, group) dims to d: for one Gram [K, K] (weight tangents) they broadcast; for one
-    Gram per example [B, K, K] (activity tangents) the pseudo-inverse is formed once per example, column by
-    column through `tangents.solve_projection`, and applied to all copies of that example.
+    grid adds trailing (patch, group) dims to d: for one Gram [K, K] (weight tangents) or one Gram per example
+    [B, K, K] (activity tangents), `tangents.solve_projection` factorises each Gram matrix once and applies it to
+    all copies.
     """
     if aggregation != "orthogonal" or gram is None:
         return T.coefficients(d, aggregation)
-    k = d.shape[0]
-    if gram.dim() == 2:
-        return T.solve_projection(gram, d.reshape(k, -1), dim).reshape(d.shape)
-    b = gram.shape[0]
-    eye = torch.eye(k, dtype=torch.float64, device=d.device)
-    pinv = torch.stack([T.solve_projection(gram, eye[j][:, None].expand(k, b), dim) for j in range(k)], -1)
-    return torch.einsum("kbj,jb...->kb...", pinv.to(d.dtype), d)  # pinv [K(row), B, K(col)]
+    return T.solve_projection(gram, d, dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -483,10 +477,10 @@ class LocalFGActivity(LocalForwardGradient):
         noise = [T.sample((k, *u.live.shape), self.dist, stream, device=u.live.device, dtype=u.live.dtype)
                  for u in units]
         with torch.no_grad():
-            # the Gram matrix (orthogonal aggregation) is of the tangents as drawn, before the ReLU mask
-            gram = T.gram(noise, per_example=True) if self.aggregation == "orthogonal" else None
-            dim = T.dimension(noise, per_example=True)
             masked = [u.mul_(unit.live) for u, unit in zip(noise, units)]
+            # Orthogonal: the Gram matrix of the masked tangents, the ones the directional derivatives see
+            gram = T.gram(masked, True, T.entries(self.dist, masked=True)) if self.aggregation == "orthogonal" else None
+            dim = T.dimension(masked, per_example=True)
             d = grid.directional(_tangent_pass(block, units, activity_noise=masked))  # [K, B, P, G]
             d = d / x.shape[0]  # objective: mean over the batch of the sum over copies
             c = combine_coefficients(d, self.aggregation, gram, dim).unsqueeze(-1)  # [K, B, P, G, 1]
@@ -535,7 +529,7 @@ class LocalFGWeight(LocalForwardGradient):
             d = d.sum(1, keepdim=True)
             self.group.weighted_mean_([d], x.shape[0])
             flat = [t for pair in noise for t in pair]
-            gram = T.gram(flat) if self.aggregation == "orthogonal" else None
+            gram = T.gram(flat, entries=T.entries(self.dist)) if self.aggregation == "orthogonal" else None
             c = combine_coefficients(d, self.aggregation, gram, T.dimension(flat))
             for unit, (dw, db) in zip(units, noise):
                 w, b = unit_params(block, unit.kind)
@@ -614,7 +608,7 @@ def mixer_fg_a(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
         flat.append(u_out)
     d = (logits_dot * e).sum(-1)  # [K, B]: per-example directional derivatives of the mean loss
     # Orthogonal: project onto the span of the masked tangents (d only sees them), as the chain path does.
-    gram = T.gram(flat, per_example=True) if est.aggregation == "orthogonal" else None
+    gram = T.gram(flat, True, T.entries(est.dist, masked=True)) if est.aggregation == "orthogonal" else None
     c = T.coefficients(d, est.aggregation, gram, T.dimension(flat, per_example=True))
     for block, units, us in zip(model.blocks, traces, noise):
         for unit, u in zip(units, us):
@@ -655,7 +649,7 @@ def mixer_fg_w(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
         flat += [vw, vb]
     d = (logits_dot * e).sum((-1, -2))  # [K]
     est.group.weighted_mean_([d], x.shape[0])  # data-parallel: seed-shared tangents, K numbers exchanged
-    gram = T.gram(flat) if est.aggregation == "orthogonal" else None
+    gram = T.gram(flat, entries=T.entries(est.dist)) if est.aggregation == "orthogonal" else None
     c = T.coefficients(d, est.aggregation, gram, T.dimension(flat))
     for block, units, pairs in zip(model.blocks, traces, noise):
         for unit, pair in zip(units, pairs):
