@@ -16,3 +16,5 @@ $PY -m bpfree sweep --methods bp,lg-fg-a --model localmixer-m1-16 $COMMON \
     --optimizer sgd,adam --lr $LRS --out runs/sweep-localmixer-m1-16-mnist
 $PY -m bpfree sweep --methods l-bp,lg-bp,fg-w,fg-a,lg-fg-w,fa,l-fa,lg-fa,dfa --model localmixer-m1-16 $COMMON \
     --optimizer sgd --lr $LRS,l-fa=$LRS,1,lg-fa=$LRS,1 --out runs/sweep-localmixer-m1-16-mnist-rest
+$PY -m bpfree sweep --methods bp,fg-a,lg-fg-a --model localmixer-s1-1 $COMMON \
+    --optimizer sgd --lr $LRS --out runs/sweep-localmixer-s1-1-mnist

@@ -30,7 +30,6 @@ class Recipe:
     settings: dict[str, Any]
     source: str
     validated: bool = False
-    notes: str = ""
     key: tuple[str, str] = field(default=(ANY, ANY))
 
     @property
@@ -51,6 +50,7 @@ SWEPT = ("MNIST, first 10000 of the training examples left after holding out 500
          "benchmarks/tuning_sweeps.sh, 2026-12-01; docs/tuning.md")
 MLP_SWEEP = f"validated: bpfree sweep --methods bp,fg-a,fg-w --model mlp ({SWEPT})"
 MIXER_SWEEP = f"validated: bpfree sweep --methods bp,lg-fg-a --model localmixer-m1-16 ({SWEPT})"
+S11_SWEEP = f"validated: bpfree sweep --methods bp,fg-a,lg-fg-a --model localmixer-s1-1 ({SWEPT})"
 REST_SWEEP = (f"validated: bpfree sweep --methods l-bp,lg-bp,fg-w,fg-a,lg-fg-w,fa,l-fa,lg-fa,dfa "
               f"--model localmixer-m1-16 ({SWEPT})")
 L_FA = 0.3
@@ -68,6 +68,9 @@ _TABLE: dict[tuple[str, str], tuple[dict[str, Any], str, bool]] = {
     **{(m, "localmixer"): (_sgd(lr), REST_SWEEP, True)
        for m, lr in (("l-bp", 0.1), ("lg-bp", 0.1), ("fg-w", 0.1), ("fg-a", 0.01), ("lg-fg-w", 0.1), ("fa", 0.1),
                      ("l-fa", L_FA), ("lg-fa", L_FA), ("dfa", 0.1))},
+    # LocalMixer S/1/1: its own sweep (lg-fg-a chose differently from M/1/16; bp and fg-a the same).
+    **{(m, "localmixer-s1-1"): (_sgd(lr), S11_SWEEP, True)
+       for m, lr in (("bp", 0.1), ("fg-a", 0.01), ("lg-fg-a", 0.01))},
     # Forward-Forward (README Forward-Forward section, MNIST 3x1000)
     ("ff", "ff-mlp"): ({"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05, "schedule": "cosine",
                         "warmup_epochs": 0.0, "batch_size": 100},
