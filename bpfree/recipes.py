@@ -53,6 +53,7 @@ MIXER_SWEEP = f"validated: bpfree sweep --methods bp,lg-fg-a --model localmixer-
 S11_SWEEP = f"validated: bpfree sweep --methods bp,fg-a,lg-fg-a --model localmixer-s1-1 ({SWEPT})"
 REST_SWEEP = (f"validated: bpfree sweep --methods l-bp,lg-bp,fg-w,fg-a,lg-fg-w,fa,l-fa,lg-fa,dfa "
               f"--model localmixer-m1-16 ({SWEPT})")
+FA_SWEEP = f"validated: bpfree sweep --methods fa,dfa,fdfa --model mlp --optimizer adam ({SWEPT})"
 L_FA = 0.3
 
 # (method, model or family) -> (settings, source, validated). Keep the sources honest: only a sweep that was run
@@ -62,6 +63,9 @@ _TABLE: dict[tuple[str, str], tuple[dict[str, Any], str, bool]] = {
     ("bp", "mlp"): (_adam(3e-3), MLP_SWEEP, True),
     ("fg-w", "mlp"): (_adam(3e-3), MLP_SWEEP, True),
     ("fg-a", "mlp"): (_adam(1e-2), MLP_SWEEP, True),
+    ("fa", "mlp"): (_adam(1e-3), FA_SWEEP, True),
+    ("dfa", "mlp"): (_adam(3e-3), FA_SWEEP, True),
+    ("fdfa", "mlp"): (_adam(3e-3), FA_SWEEP, True),
     # LocalMixer: validated on M/1/16 (MNIST); the family's other models (S/1/1, M/8/16 on CIFAR-10) borrow them.
     ("bp", "localmixer"): (_sgd(0.1), MIXER_SWEEP, True),
     ("lg-fg-a", "localmixer"): (_sgd(0.03), MIXER_SWEEP, True),
