@@ -54,6 +54,13 @@ def build(
 
 
 # Importing a family's module registers its methods.
-from bpfree.methods import bp, feedback_alignment, forward_forward, forward_gradient, local  # noqa: E402,F401
+import bpfree.fastpaths  # noqa: E402,F401  (model-specific fast paths register themselves)
+from bpfree.methods import (  # noqa: E402,F401
+    block_local,  # noqa: E402,F401  (after feedback_alignment: it uses the FA pieces)
+    bp,
+    feedback_alignment,
+    forward_forward,
+    forward_gradient,
+)
 
 __all__ = ["FAST_PATHS", "METHODS", "Estimator", "StepResult", "build", "fast_path", "register_fast_path"]

@@ -9,7 +9,6 @@ import torch
 from bpfree.errors import UsageError
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult
-from bpfree.methods.local import contrastive_backprop_step
 from bpfree.models.localmixer import LocalMixer
 from bpfree.registry import Option
 
@@ -41,6 +40,8 @@ class Backprop(Estimator):
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         if self.contrastive:
+            from bpfree.fastpaths.localmixer_local import contrastive_backprop_step  # localmixer-* only
+
             return contrastive_backprop_step(self.model, x, y, self.generator, self.temperature)  # type: ignore[arg-type]
         params = self.trainable()
         logits = self.forward(x)

@@ -17,9 +17,8 @@ pooling included), so each block's update needs nothing but its own input and th
 Linear(+BN)+ReLU block this is exactly δa = (e·B) ⊙ f'(a); after a max-pool the signal is routed to the pooled maxima.
 On a LocalMixer, `dfa` treats every unit (linear -> LN -> [+residual] -> ReLU) as such a block; `fdfa` does not take it.
 
-`l-fa`, `lg-fa` (Ren et al. 2022, Table 3): the local-loss rules `l-bp`, `lg-bp` with fixed random feedback in every
-linear map between a local loss and the weights it trains (see `_LocalFeedback`); `fa` on a LocalMixer is FA of the
-global loss through every block.
+`fa` on a LocalMixer is FA of the global loss through every block. `l-fa`, `lg-fa` (FA under local losses) live
+with the local rules: `bpfree.methods.block_local`, and `bpfree.fastpaths.localmixer_local` on LocalMixer.
 """
 
 from __future__ import annotations
@@ -36,14 +35,12 @@ from bpfree.errors import UsageError
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.methods.bp import Backprop
-from bpfree.methods.local import COMMON_OPTIONS, LocalBP, LocalGroupBP, lg_block_forward, unit_params, unit_weight_grads
-from bpfree.models.localmixer import LinearHook, LocalMixer, MixerBlock, layer_norm
+from bpfree.models.localmixer import LinearHook, LocalMixer, MixerBlock, layer_norm, unit_params, unit_weight_grads
 from bpfree.registry import Option
 
 PAPER_FA = "Lillicrap et al. 2016, Random synaptic feedback weights support error backpropagation for deep learning"
 PAPER_DFA = "Nøkland 2016, Direct Feedback Alignment Provides Learning in Deep Neural Networks"
 PAPER_FDFA = "Bacho & Chu 2022, Low-variance Forward Gradients using Direct Feedback Alignment and Momentum"
-PAPER_LFA = "Ren, Kornblith, Liao, Hinton 2022 (arXiv 2210.03310), FA under their local losses"
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -264,67 +261,6 @@ class FeedbackAlignment(Backprop):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.feedback = _clone(state["feedback"], next(self.model.parameters()).device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# L-FA, LG-FA: the local-loss estimators (l-bp, lg-bp) with every linear's backward through a fixed random B.
-
-
-class _LocalFeedback:
-    """Mixin over LocalBP / LocalGroupBP. Every linear map between a local loss and the weights it trains sends
-    its error back through a fixed random B (`random_feedback`: U(±1/√fan_in), as `fa`): the three unit linears
-    of each block and the local head's linear, so no weight is transported anywhere. Each weight's own gradient
-    stays local and exact given the signal at its output (for a head: its exact local gradient). The readout sits
-    on stopped features and passes no signal down, so it takes its exact gradient with no B, as in local.py.
-    """
-
-    model: LocalMixer
-    generator: torch.Generator
-
-    def _init_feedback(self) -> None:
-        self.feedback = mixer_feedback(self.model, self.generator, heads=True, readout=False)
-
-    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
-        h = self.model.heads[i]
-        return _FALinear.apply(layer_norm(pooled), h.weight, h.bias, self.feedback[f"heads.{i}.weight"])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "feedback": _clone(self.feedback)}  # type: ignore[misc]
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)  # type: ignore[misc]
-        self.feedback = _clone(state["feedback"], next(self.model.parameters()).device)
-
-
-@METHODS.register(
-    "l-fa",
-    "feedback alignment inside each block under block-wise local losses (l-bp with random feedback)",
-    options=COMMON_OPTIONS,
-    paper=PAPER_LFA,
-)
-class LocalFA(_LocalFeedback, LocalBP):
-    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
-        super().__init__(model, seed, **options)
-        self._init_feedback()
-
-    def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
-        return block(x, mixer_linear_hook(i, block, self.feedback))
-
-
-@METHODS.register(
-    "lg-fa",
-    "feedback alignment under the block + patch + group local losses (lg-bp with random feedback)",
-    options=COMMON_OPTIONS,
-    paper=PAPER_LFA,
-)
-class LocalGroupFA(_LocalFeedback, LocalGroupBP):
-    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
-        super().__init__(model, seed, **options)
-        self._init_feedback()
-
-    def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
-        hook = mixer_linear_hook(i, block, self.feedback)
-        return lg_block_forward(block, x, hook, self.feedback[f"blocks.{i}.channel.weight"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

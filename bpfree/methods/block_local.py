@@ -1,0 +1,567 @@
+"""Local losses on any model with blocks (Ren, Kornblith, Liao, Hinton 2022): l-bp, l-fa, lg-bp, lg-fa, lg-fg-a,
+lg-fg-w, read through the model's anatomy (`bpfree.anatomy`).
+
+Every block output gets a local head owned by the estimator (pool -> Linear to the classes, sized from the anatomy's
+probe pass; the model stays the plain network that `bp` trains) and the block is trained by that head's
+cross-entropy only: one ordinary forward pass of `model(x)` in which every block output is remembered and replaced
+by its detached copy (stop-gradient), then ONE backward over the readout's loss plus every block's local loss fills
+every p.grad. Parameters in no block take their gradient from the next boundary downstream (a positional embedding
+from the next block's loss; the model's classifier after the last block from the readout loss on stopped features).
+
+- `l-fa`: as `l-bp` with feedback alignment inside each block: every Linear / Conv2d / MultiheadAttention
+  projection in a block and every local head sends its error back through a fixed random B (`random_feedback`).
+- `lg-*`: the block + patch + group loss grid (`bpfree.losses.grid`). A block output [B, C, H, W] has H*W patches
+  (spatial positions), [B, T, C] has T (tokens), [B, C] is one patch; `--groups G` channel groups (must divide the
+  channels of every block output; 0 = the model's own `groups` attribute, else 1). Copy (p, g) of a block's loss has
+  the pooled loss's value and its gradient reaches only patch p, group g of the block output.
+  `lg-bp`/`lg-fa` backpropagate the grid through the block: inside an arbitrary block backprop sums the copies, so
+  the parameter gradients equal those of `l-bp`/`l-fa` (LocalMixer's fast path, whose units keep patches and groups
+  apart, is where the LG credit assignment differs inside a block). The forward-gradient rules use the grid's
+  per-copy directional derivatives:
+  `lg-fg-a` perturbs the output of every parametrised module inside a block (noise u, per example) and gives the
+  module the estimate sum_k c[k, b, p, g] u[k, b, p, group g] where its output has the block output's patches and
+  G | channels (the copy credited only at its own slice), the per-group sum over patches where only the channels
+  split into G groups, the block's total otherwise; each module's weight gradient is its own vector-Jacobian
+  product (inputs detached: nothing crosses a module). `lg-fg-w` perturbs every weight of a block (K tangents
+  shared by the batch); copy (p, g) scales the rows of group g of a weight whose first dimension splits into G
+  groups, every copy the rest. Both run in forward mode (torch.autograd.forward_ad), never from a backward pass.
+  Parameters between blocks (positional embeddings) get no signal under `lg-fg-*` (zero gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bpfree import tangents as T
+from bpfree.anatomy import Anatomy, boundaries, example_input, init_uniform_, pool, positions_last
+from bpfree.errors import UsageError
+from bpfree.losses import local_loss_grid
+from bpfree.methods import METHODS
+from bpfree.methods.base import Estimator, StepResult
+from bpfree.methods.feedback_alignment import _clone, _conv_conf, _FAConv2d, _FALinear, random_feedback
+from bpfree.registry import Option
+
+PAPER = "Ren, Kornblith, Liao, Hinton 2022 (arXiv 2210.03310)"
+PAPER_LFA = "Ren, Kornblith, Liao, Hinton 2022 (arXiv 2210.03310), FA under their local losses"
+
+COMMON_OPTIONS = {
+    "objective": Option(
+        "supervised",
+        "local loss: cross-entropy, or contrastive (two views, NT-Xent; localmixer-* only)",
+        choices=("supervised", "contrastive"),
+    ),
+    "temperature": Option(0.5, "NT-Xent temperature (contrastive objective)"),
+    # The paper's code has both flags (head 1, readout 0.1); default 1 here: the README's rows were run with 1.
+    "head_lr_mult": Option(1.0, "learning-rate multiplier of the local heads (paper: 1)"),
+    "readout_lr_mult": Option(1.0, "learning-rate multiplier of the readout / linear probe (paper: 0.1)"),
+}
+LG_OPTIONS = {
+    **COMMON_OPTIONS,
+    "groups": Option(
+        0, "channel groups of the patch x group loss grid (0: the model's own groups, e.g. localmixer's; else 1)"
+    ),
+}
+FG_OPTIONS = {
+    **LG_OPTIONS,
+    "tangents": Option(1, "tangents K per step (drawn per example for activity perturbation)"),
+    "aggregation": Option(
+        "mean", "combine the K directional derivatives: sum, mean, orthogonal (projection)", choices=T.AGGREGATIONS
+    ),
+    "tangent_dist": Option("rademacher", "tangent entries: rademacher (+-1) or normal", choices=T.DISTS),
+}
+
+
+def check_groups(groups: int, model: nn.Module) -> int:
+    """The grid's channel groups: the option, else the model's own `groups` attribute, else 1."""
+    if groups < 0:
+        raise UsageError(f"option --groups: must be >= 0, got {groups}")
+    return groups or int(getattr(model, "groups", 1) or 1)
+
+
+def between_parameters(anatomy: Anatomy) -> list[nn.Parameter]:
+    """Parameters in no block that some block output depends on (a positional embedding, a class token), found by
+    one probe pass (eval mode, so batch-norm statistics stay untouched)."""
+    free = anatomy.readout_parameters()
+    if not free:
+        return []
+    model, outs = anatomy.model, []
+
+    def keep(_i: int, out: torch.Tensor) -> torch.Tensor:
+        outs.append(out)
+        return out
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), boundaries(anatomy, keep):
+            model(example_input(model, anatomy.input_shape))
+        grads = torch.autograd.grad(sum(o.float().sum() for o in outs), free, allow_unused=True)
+    finally:
+        model.train(was_training)
+    return [p for p, g in zip(free, grads) if g is not None]
+
+
+def set_grads(params: list[nn.Parameter], grads: Any) -> None:
+    for p, g in zip(params, grads):
+        p.grad = torch.zeros_like(p) if g is None else g.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feedback alignment inside blocks (l-fa, lg-fa)
+
+
+def _fa_attention(m: nn.MultiheadAttention, b_in: torch.Tensor, b_out: torch.Tensor):  # noqa: ANN202
+    """`m.forward` for self-attention with both projections' backward through B (the attention itself exact)."""
+
+    def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: Any = None,
+                need_weights: bool = True, attn_mask: Any = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, None]:  # fmt: skip
+        if key is not query or value is not query or key_padding_mask is not None:
+            raise UsageError("feedback alignment supports self-attention without key padding masks")
+        x = query if m.batch_first else query.transpose(0, 1)  # [B, T, E]
+        b, t, e = x.shape
+        qkv = _FALinear.apply(x, m.in_proj_weight, m.in_proj_bias, b_in)
+        q, k, v = (z.unflatten(-1, (m.num_heads, -1)).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+        mask = attn_mask.to(q.dtype) if attn_mask is not None and attn_mask.dtype != torch.bool else attn_mask
+        if mask is not None and mask.dtype == torch.bool:
+            mask = ~mask  # nn.MultiheadAttention: True = not allowed; SDPA: True = allowed
+        drop = m.dropout if m.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, mask, drop, is_causal=is_causal and mask is None)
+        out = _FALinear.apply(a.transpose(1, 2).reshape(b, t, e), m.out_proj.weight, m.out_proj.bias, b_out)
+        return (out if m.batch_first else out.transpose(0, 1)), None
+
+    return forward
+
+
+def _fa_forward(m: nn.Module, fb: list[torch.Tensor]):  # noqa: ANN202
+    if isinstance(m, nn.MultiheadAttention):
+        return _fa_attention(m, *fb)
+    if isinstance(m, nn.Conv2d):
+        conf = _conv_conf(m)
+        return lambda x: _FAConv2d.apply(x, m.weight, m.bias, fb[0], conf)
+    return lambda x: _FALinear.apply(x, m.weight, m.bias, fb[0])
+
+
+def block_feedback(anatomy: Anatomy, generator: torch.Generator, method: str) -> list[tuple[nn.Module, list]]:
+    """(layer, feedback matrices) for every layer inside a block, in the anatomy's order: one B per weight,
+    U(±1/√fan_in) as `fa` draws them."""
+    inside = {id(s) for block in anatomy.blocks for m in block.modules for s in m.modules()}
+    attention_parts = {id(a.out_proj) for _, a in anatomy.layers if isinstance(a, nn.MultiheadAttention)}
+    out = []
+    for _, m in anatomy.layers:
+        if id(m) not in inside or id(m) in attention_parts:
+            continue
+        if isinstance(m, nn.MultiheadAttention):
+            if not m._qkv_same_embed_dim or m.bias_k is not None or m.in_proj_weight is None:
+                raise UsageError(f"{method}: only nn.MultiheadAttention with one fused input projection")
+            fb = [random_feedback(m.in_proj_weight, m.embed_dim, generator),
+                  random_feedback(m.out_proj.weight, m.embed_dim, generator)]
+        elif isinstance(m, nn.Conv1d):
+            raise UsageError(f"{method}: Conv1d layers are not supported (Linear, Conv2d, MultiheadAttention are)")
+        else:
+            if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+                raise UsageError(f"{method} supports only zero-padded convolutions")
+            fb = [random_feedback(m.weight, m.weight[0].numel(), generator)]
+        out.append((m, fb))
+    return out
+
+
+@contextmanager
+def feedback_forward(layers: list[tuple[nn.Module, list]]) -> Iterator[None]:
+    """While active, every listed layer's forward sends its error back through its B instead of Wᵀ."""
+    for m, fb in layers:
+        m.forward = _fa_forward(m, fb)  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for m, _ in layers:
+            del m.forward
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Estimators
+
+
+class BlockLocal(Estimator):
+    """l-bp on any model with two or more blocks; subclasses change the block loss (grid) or the backward (FA)."""
+
+    method = "l-bp"
+    options = COMMON_OPTIONS
+    uses_fa = False
+
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        name = type(model).__name__
+        if options.get("objective", "supervised") != "supervised":
+            raise UsageError(f"{self.method} on {name}: only --objective supervised (contrastive: localmixer-*)")
+        anatomy = self.anatomy
+        if len(anatomy.blocks) < 2:
+            raise UsageError(f"{self.method} needs a model with two or more blocks; {name} has "
+                             f"{len(anatomy.blocks)} (name them with --blocks)")
+        self.head_lr_mult = float(options.get("head_lr_mult", 1.0))
+        self.readout_lr_mult = float(options.get("readout_lr_mult", 1.0))
+        for what, m in (("head", self.head_lr_mult), ("readout", self.readout_lr_mult)):
+            if not m >= 0:
+                raise UsageError(f"option --{what}-lr-mult: must be >= 0, got {m}")
+        param = next(model.parameters())
+        self.heads = nn.ModuleList(nn.Linear(c, anatomy.num_classes) for c in anatomy.block_widths())
+        self.heads.to(param.device, param.dtype)
+        for head in self.heads:
+            init_uniform_(list(head.parameters()), head.in_features, self.generator)
+        between = {id(p) for p in between_parameters(anatomy)}
+        self.readout = [p for p in anatomy.readout_parameters() if id(p) not in between]
+        self.layer_feedback = block_feedback(anatomy, self.generator, self.method) if self.uses_fa else []
+        self.head_feedback = [random_feedback(h.weight, h.in_features, self.generator) for h in self.heads] \
+            if self.uses_fa else []
+
+    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
+        h = self.heads[i]
+        if self.uses_fa:
+            return _FALinear.apply(pooled, h.weight, h.bias, self.head_feedback[i])
+        return h(pooled)
+
+    def local_loss(self, i: int, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what block i's backward differentiates, the local loss to report)."""
+        loss = F.cross_entropy(self.head(i, pool(out)), y)
+        return loss, loss
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        outs: list[torch.Tensor] = []
+
+        def cut(_i: int, out: torch.Tensor) -> torch.Tensor:
+            outs.append(out)
+            return out.detach()
+
+        params = self.trainable()
+        with torch.enable_grad(), boundaries(self.anatomy, cut), feedback_forward(self.layer_feedback):
+            logits = self.model(x)
+            loss = self.loss_fn(logits, y)
+            local = [self.local_loss(i, out, y) for i, out in enumerate(outs)]
+            # Blocks are cut apart, so this one backward is every block's own local backward at once.
+            total = loss + sum(objective for objective, _ in local)
+            set_grads(params, torch.autograd.grad(total, params, allow_unused=True))
+        extra = {f"local_loss_{i}": float(reported.detach()) for i, (_, reported) in enumerate(local)}
+        return StepResult(loss.detach(), logits.detach(), extra)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return super().trainable() + list(self.heads.parameters())
+
+    def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:
+        return [(list(self.heads.parameters()), self.head_lr_mult), (self.readout, self.readout_lr_mult)]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {**super().state_dict(), "heads": self.heads.state_dict()}
+        if self.uses_fa:
+            state["feedback"] = _clone([b for _, fb in self.layer_feedback for b in fb] + self.head_feedback)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.heads.load_state_dict(state["heads"])
+        if self.uses_fa:
+            saved = iter(_clone(state["feedback"], next(self.model.parameters()).device))
+            self.layer_feedback = [(m, [next(saved) for _ in fb]) for m, fb in self.layer_feedback]
+            self.head_feedback = [next(saved) for _ in self.head_feedback]
+
+
+class BlockLocalGrid(BlockLocal):
+    """The lg-* rules' shared part: groups, patches, and the grid of every block output."""
+
+    method = "lg-bp"
+    options = LG_OPTIONS
+
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        self.groups = check_groups(int(options.get("groups", 0)), model)
+        for block, width in zip(self.anatomy.blocks, self.anatomy.block_widths()):
+            if width % self.groups:
+                raise UsageError(f"{self.method}: --groups {self.groups} does not divide the {width} channels of "
+                                 f"block {block.name!r}")
+
+    @staticmethod
+    def patches(out: torch.Tensor) -> torch.Tensor:
+        """A block output as [B, P, C]: a [B, C] output is one patch."""
+        return out.unsqueeze(1) if out.dim() == 2 else positions_last(out)
+
+    def grid(self, i: int, out: torch.Tensor, y: torch.Tensor):  # noqa: ANN201 - a LossGrid
+        return local_loss_grid(self.patches(out), self.groups,
+                               lambda pooled: F.cross_entropy(self.head(i, pooled), y, reduction="none"))
+
+    def local_loss(self, i: int, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.patches(out)
+        grid = self.grid(i, out, y)
+        values = grid.values(h)  # [B, P, G]
+        loss = grid.per_example.mean()
+        # The copies' gradients (sum over copies, mean over the batch) for the block; the head's from the ordinary
+        # loss (every copy shares the head, whose gradient the grid would otherwise count P x G times).
+        return (values - values.detach()).sum((1, 2)).mean() + loss, loss
+
+
+class BlockLocalFG(BlockLocalGrid):
+    """lg-fg-a / lg-fg-w: exact heads and readout, forward-mode directional derivatives for the blocks."""
+
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        self.tangents = int(options.get("tangents", 1))
+        self.aggregation = options.get("aggregation", "mean")
+        self.dist = options.get("tangent_dist", "rademacher")
+        T.check_options(self.tangents, self.aggregation, self.dist)
+        if self.aggregation == "orthogonal":
+            raise UsageError(f"{self.method} --aggregation orthogonal: localmixer-* models only (sum or mean here)")
+        self.block_params = [[p for p in b.parameters() if p.requires_grad] for b in self.anatomy.blocks]
+
+    def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return T.sample(shape, self.dist, self.generator, device=like.device, dtype=like.dtype)
+
+    def exact_part(self, outs: list[torch.Tensor], logits: torch.Tensor, y: torch.Tensor) -> tuple[Any, ...]:
+        """The heads' exact gradients (they see stopped features only) and the readout's from dL/dlogits e through
+        the readout's own graph (`logits` must carry it); returns (loss, e, grids, extra)."""
+        batch = y.shape[0]
+        full = logits
+        with torch.enable_grad():
+            logits = logits[:batch].detach().requires_grad_()
+            loss = self.loss_fn(logits, y)
+            grids = [self.grid(i, o[:batch].detach(), y) for i, o in enumerate(outs)]
+            local = [g.per_example.mean() for g in grids]
+            heads = list(self.heads.parameters())
+            readout = [p for p in self.readout if p.requires_grad]
+            (e,) = torch.autograd.grad(loss, logits)
+            set_grads(heads, torch.autograd.grad(sum(local), heads, allow_unused=True))
+            if readout:
+                set_grads(readout, torch.autograd.grad(full[:batch], readout, e, allow_unused=True))
+        return loss.detach(), e, grids, {f"local_loss_{i}": float(v.detach()) for i, v in enumerate(local)}
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        for p in self.trainable():
+            p.grad = None
+        with sdpa_kernel(SDPBackend.MATH):  # forward-mode AD needs the math attention kernel
+            loss, logits, extra = self.forward_step(x, y)
+        for p in self.trainable():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return StepResult(loss, logits, extra)
+
+    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        raise NotImplementedError
+
+
+def _unit_modules(modules: list[nn.Module]) -> list[nn.Module]:
+    """The modules with parameters of their own inside a block (what activity perturbation perturbs)."""
+    out = []
+    for m in modules:
+        for s in m.modules():
+            if any(True for _ in s.parameters(recurse=False)) and s not in out:
+                out.append(s)
+    return out
+
+
+class BlockLocalFGActivity(BlockLocalFG):
+    method = "lg-fg-a"
+
+    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        k, batch, g = self.tangents, x.shape[0], self.groups
+        xk = x.repeat(k, *([1] * (x.dim() - 1)))  # K copies of the batch: independent tangents per copy
+        fired: list[list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = [[] for _ in self.anatomy.blocks]
+        outs: list[torch.Tensor] = []
+        tangents: list[torch.Tensor] = []
+        handles = []
+
+        def detach_inputs(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            def cut(a: Any) -> Any:
+                if not isinstance(a, torch.Tensor):
+                    return a
+                primal, tangent = fwad.unpack_dual(a)
+                return primal.detach() if tangent is None else fwad.make_dual(primal.detach(), tangent)
+            return tuple(cut(a) for a in args), {key: cut(v) for key, v in kwargs.items()}
+
+        def perturb(i: int):  # noqa: ANN202
+            def hook(m: nn.Module, _args: tuple, out: Any) -> Any:
+                first = out[0] if isinstance(out, tuple) else out
+                primal, tangent = fwad.unpack_dual(first)
+                u = self.sample(tuple(primal.shape), primal)
+                fired[i].append((m, primal, u))
+                dual = fwad.make_dual(primal, u if tangent is None else tangent + u)
+                return (dual, *out[1:]) if isinstance(out, tuple) else dual
+            return hook
+
+        for i, block in enumerate(self.anatomy.blocks):
+            for m in _unit_modules(block.modules):
+                handles.append(m.register_forward_pre_hook(detach_inputs, with_kwargs=True))
+                handles.append(m.register_forward_hook(perturb(i)))
+
+        def cut_block(_i: int, out: torch.Tensor) -> torch.Tensor:
+            primal, tangent = fwad.unpack_dual(out)
+            outs.append(primal)
+            tangents.append(tangent if tangent is not None else torch.zeros_like(primal))
+            return primal.detach()
+
+        try:
+            with fwad.dual_level(), torch.enable_grad(), boundaries(self.anatomy, cut_block):
+                logits = self.model(xk)
+                logits = fwad.unpack_dual(logits).primal
+        finally:
+            for h in handles:
+                h.remove()
+        loss, _, grids, extra = self.exact_part(outs, logits, y)
+        outputs, grads, params = [], [], []
+        with torch.no_grad():
+            for i, grid in enumerate(grids):
+                h_dot = self.patches(tangents[i].detach()).unflatten(0, (k, batch))  # [K, B, P, C]
+                d = grid.directional(h_dot) / batch  # [K, B, P, G]: mean over the batch of the sum over copies
+                c = T.coefficients(d, self.aggregation)
+                patches = d.shape[2]
+                for m, primal, u in fired[i]:
+                    outputs.append(primal)
+                    grads.append(self._estimate(c, u.unflatten(0, (k, batch)), patches, g))
+                    params.append(m)
+        owned = _owned_parameters(params)
+        flat = [p for m in params for p in owned[m]]
+        if flat:
+            with torch.enable_grad():
+                got = torch.autograd.grad(outputs, flat, grads, allow_unused=True)
+            set_grads(flat, got)
+        return loss, logits[:batch].detach(), extra
+
+    def _estimate(self, c: torch.Tensor, u: torch.Tensor, patches: int, g: int) -> torch.Tensor:
+        """c u per tangent for the noise u [K, B, *S] of one module's output ([K*B, *S], the rows of the K copies of
+        the batch): copy (p, g) credited at its own slice where the output has the block's patches and G | its
+        channels, per group (summed over patches) where only the channels split, the block's total otherwise."""
+        k, b, shape = u.shape[0], u.shape[1], u.shape[2:]
+        up = self.patches(u.flatten(0, 1))  # [K*B, P', C']
+        if up.shape[-1] % g == 0 and up.shape[1] == patches:
+            coef = c.flatten(0, 1)  # [K*B, P, G]
+        elif up.shape[-1] % g == 0:
+            coef = c.sum(2, keepdim=True).flatten(0, 1)  # [K*B, 1, G]
+        else:
+            coef = c.sum((2, 3)).flatten(0, 1)[:, None, None]  # [K*B, 1, 1]
+        est = (coef.unsqueeze(-1) * up.unflatten(-1, (coef.shape[-1], -1))).flatten(-2)  # [K*B, P', C']
+        if len(shape) == 1:
+            return est.squeeze(1)
+        if len(shape) == 2:
+            return est
+        return est.transpose(1, 2).reshape(k * b, *shape)
+
+
+def _owned_parameters(modules: list[nn.Module]) -> dict[nn.Module, list[nn.Parameter]]:
+    """Each fired module's trainable parameters, less those of fired modules inside it (their own VJPs)."""
+    fired = set(modules)
+    owned = {}
+    for m in modules:
+        inner = {id(p) for s in m.modules() if s is not m and s in fired for p in s.parameters()}
+        owned[m] = [p for p in m.parameters() if p.requires_grad and id(p) not in inner]
+    return owned
+
+
+class BlockLocalFGWeight(BlockLocalFG):
+    method = "lg-fg-w"
+
+    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        k, batch, g = self.tangents, x.shape[0], self.groups
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        params = [p for ps in self.block_params for p in ps]
+        noise = [self.sample((k, *p.shape), p) for p in params]
+        d_all: list[list[torch.Tensor]] = [[] for _ in self.anatomy.blocks]
+        outs: list[torch.Tensor] = []
+        logits = torch.empty(0)
+        for j in range(k):
+            tangents: list[torch.Tensor] = []
+            outs = []
+
+            def cut_block(_i: int, out: torch.Tensor, outs: list = outs, tangents: list = tangents) -> torch.Tensor:
+                primal, tangent = fwad.unpack_dual(out)
+                outs.append(primal.detach())
+                tangents.append(tangent if tangent is not None else torch.zeros_like(primal))
+                return primal.detach()
+
+            # The first pass keeps the readout's graph (after the last cut only the readout has parameters that
+            # require grad; the blocks' are dual copies), for its exact gradient.
+            with fwad.dual_level(), torch.set_grad_enabled(j == 0), boundaries(self.anatomy, cut_block):
+                duals = {names[id(p)]: fwad.make_dual(p.detach(), v[j]) for p, v in zip(params, noise)}
+                out = torch.func.functional_call(self.model, duals, (x,), strict=False)
+                if j == 0:
+                    logits = fwad.unpack_dual(out).primal
+            d_all = [d + [t.detach()] for d, t in zip(d_all, tangents)]
+        loss, _, grids, extra = self.exact_part(outs, logits, y)
+        with torch.no_grad():
+            start = 0
+            for i, grid in enumerate(grids):
+                h_dot = torch.stack([self.patches(t) for t in d_all[i]])  # [K, B, P, C]
+                d = (grid.directional(h_dot) / batch).sum(1)  # [K, P, G]: only the batch sum matters
+                self.group.weighted_mean_([d], batch)  # data-parallel: seed-shared tangents
+                c = T.coefficients(d, self.aggregation)
+                for p, v in zip(self.block_params[i], noise[start:start + len(self.block_params[i])]):
+                    if p.dim() >= 1 and p.shape[0] % g == 0:
+                        coef = c.sum(1).repeat_interleave(p.shape[0] // g, dim=1)  # [K, rows]: group g's rows
+                        p.grad = (coef.view(*coef.shape, *([1] * (p.dim() - 1))) * v).sum(0)
+                    else:
+                        p.grad = (c.sum((1, 2)).view(k, *([1] * p.dim())) * v).sum(0)
+                start += len(self.block_params[i])
+        return loss, logits.detach(), extra
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registration (LocalMixer registers faster equivalents: `bpfree.fastpaths.localmixer_local`)
+
+
+@METHODS.register(
+    "l-bp",
+    "block-wise local losses, backprop inside each block, stop-gradient between blocks",
+    options=COMMON_OPTIONS,
+    paper=PAPER,
+)
+class BlockLocalBP(BlockLocal):
+    method = "l-bp"
+
+
+@METHODS.register(
+    "l-fa",
+    "feedback alignment inside each block under block-wise local losses (l-bp with random feedback)",
+    options=COMMON_OPTIONS,
+    paper=PAPER_LFA,
+)
+class BlockLocalFA(BlockLocal):
+    method = "l-fa"
+    uses_fa = True
+
+
+@METHODS.register(
+    "lg-bp",
+    "backprop of block + patch + group local losses (the exact LG gradient)",
+    options=LG_OPTIONS,
+    paper=PAPER,
+)
+class BlockLocalGroupBP(BlockLocalGrid):
+    method = "lg-bp"
+
+
+@METHODS.register(
+    "lg-fa",
+    "feedback alignment under the block + patch + group local losses (lg-bp with random feedback)",
+    options=LG_OPTIONS,
+    paper=PAPER_LFA,
+)
+class BlockLocalGroupFA(BlockLocalGrid):
+    method = "lg-fa"
+    uses_fa = True
+
+
+METHODS.register(
+    "lg-fg-a",
+    "forward gradient, activity perturbation, against the block+patch+group loss grid",
+    options=FG_OPTIONS,
+    paper=PAPER,
+)(BlockLocalFGActivity)
+METHODS.register(
+    "lg-fg-w",
+    "forward gradient, weight perturbation, against the block+patch+group loss grid",
+    options=FG_OPTIONS,
+    paper=PAPER,
+)(BlockLocalFGWeight)
