@@ -298,11 +298,12 @@ class BlockLocalGrid(BlockLocal):
     def local_loss(self, i: int, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.patches(out)
         grid = self.grid(i, out, y)
-        values = grid.values(h)  # [B, P, G]
         loss = grid.per_example.mean()
-        # The copies' gradients (sum over copies, mean over the batch) for the block; the head's from the ordinary
-        # loss (every copy shares the head, whose gradient the grid would otherwise count P x G times).
-        return (values - values.detach()).sum((1, 2)).mean() + loss, loss
+        # The block's signal: the sum over copies (mean over the batch) of each copy's gradient, which reaches only
+        # its own slice of h; the head's gradient from the ordinary loss (every copy shares the head, whose gradient
+        # the grid would otherwise count P x G times).
+        copies = (h * grid.output_grad()).sum() / h.shape[0]
+        return copies + loss, loss
 
 
 class BlockLocalFG(BlockLocalGrid):
