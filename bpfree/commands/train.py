@@ -26,7 +26,14 @@ def add_entry_options(parser: argparse.ArgumentParser, registry: Registry, title
         for key in registry.get(name).options:
             owners.setdefault(key, []).append(name)
     group = parser.add_argument_group(title)
+    existing = {s: a for a in parser._actions for s in a.option_strings}
     for key, names in sorted(owners.items()):
+        flag = "--" + key.replace("_", "-")
+        if flag in existing:  # declared by both registries (--groups: localmixer's and the loss grid's): one value
+            action = existing[flag]  # sets it for whichever of the chosen method and model takes it
+            action.dest = f"shared_opt_{key}"
+            action.help = f"{action.help}; also the {registry.kind}s': {', '.join(names)}"
+            continue
         # Entries may declare one name with different types (resnet18's int width, mobilenetv3's float width).
         kinds = dict.fromkeys(registry.get(n).options[key].kind for n in names)
         metavar = "|".join("A,B,..." if k is tuple else k.__name__.upper() for k in kinds)
@@ -37,7 +44,7 @@ def add_entry_options(parser: argparse.ArgumentParser, registry: Registry, title
             meanings.setdefault(f"{o.help}{choices} (default {o.default}", []).append(n)
         help_text = "; ".join(f"{text}; {registry.kind}s: {', '.join(owners)})" for text, owners in meanings.items())
         group.add_argument(
-            "--" + key.replace("_", "-"), dest=f"{registry.kind}_opt_{key}", default=None, metavar=metavar,
+            flag, dest=f"{registry.kind}_opt_{key}", default=None, metavar=metavar,
             help=help_text,
         )
 
@@ -45,6 +52,9 @@ def add_entry_options(parser: argparse.ArgumentParser, registry: Registry, title
 def entry_options(args: argparse.Namespace, registry: Registry, name: str) -> dict[str, Any]:
     prefix = f"{registry.kind}_opt_"
     given = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+    declared = registry.get(name).options
+    shared = {k[len("shared_opt_"):]: v for k, v in vars(args).items() if k.startswith("shared_opt_") and v is not None}
+    given.update({k: v for k, v in shared.items() if k in declared})
     return registry.resolve_options(name, given)
 
 
