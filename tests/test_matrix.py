@@ -1,0 +1,40 @@
+"""Every registered method x every kind of model (bpfree.matrix): each cell lowers its own objective on one small
+fixed batch in a few Adam steps, or is a documented undefined case whose UsageError is one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from bpfree import matrix
+from bpfree.errors import UsageError
+from bpfree.methods import METHODS
+
+# Cells of the rules made generic on branch anat-fb (fa, dfa, fdfa, fg-w, fg-a; bp's contrastive path): they may
+# fail here until that branch is merged. Delete this set after the merge.
+PENDING_ANAT_FB = {"bp", "fa", "dfa", "fdfa", "fg-w", "fg-a"}
+
+
+def cells() -> list:
+    out = []
+    for method in METHODS.names():
+        for model in matrix.MODELS:
+            marks = [pytest.mark.xfail(strict=False, reason="generic fa/dfa/fdfa/fg lands from branch anat-fb")] \
+                if method in PENDING_ANAT_FB else []
+            out.append(pytest.param(method, model, marks=marks, id=f"{method}-{model}"))
+    return out
+
+
+@pytest.mark.parametrize("method, model", cells())
+def test_cell_learns_or_is_a_documented_undefined_case(method, model):
+    try:
+        first, last = matrix.losses(method, model)
+    except UsageError as e:
+        assert (method, model) in matrix.UNDEFINED, f"undocumented undefined cell: {e}"
+        assert "\n" not in str(e)
+        return
+    assert (method, model) not in matrix.UNDEFINED, "documented as undefined, but it runs"
+    assert last < first, (first, last)
+
+
+def test_at_most_ten_undefined_cells():
+    assert len(matrix.UNDEFINED) <= 10
