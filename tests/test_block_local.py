@@ -174,3 +174,16 @@ def test_lg_rules_check_the_groups():
 def test_local_rules_need_two_blocks():
     with pytest.raises(UsageError, match="two or more blocks"):
         build_method("lg-fg-a", build("mlp", 10, (1, 4, 4), hidden=(8,)))
+
+
+def test_l_fa_state_round_trip_restores_heads_and_feedback():
+    x, y = batch((3, 16, 16))
+    a = build_method("l-fa", residual_cnn(), seed=0)
+    a.step(x, y)
+    state = a.state_dict()
+    b = build_method("l-fa", residual_cnn(), seed=7)
+    b.load_state_dict(state)
+    for (_, fa), (_, fb) in zip(a.layer_feedback, b.layer_feedback):
+        assert all(torch.equal(u, v) for u, v in zip(fa, fb))
+    assert all(torch.equal(u, v) for u, v in zip(a.head_feedback, b.head_feedback))
+    assert all(torch.equal(u, v) for u, v in zip(a.heads.parameters(), b.heads.parameters()))

@@ -367,7 +367,18 @@ def _unit_modules(modules: list[nn.Module]) -> list[nn.Module]:
 class BlockLocalFGActivity(BlockLocalFG):
     method = "lg-fg-a"
 
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        self._scratch = torch.Generator(device=self.generator.device)
+
+    def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return T.sample(shape, self.dist, self._scratch, device=like.device, dtype=like.dtype)
+
     def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        # Per-example tangents from a stream seeded afresh each step: data-parallel rank r offsets the seed so its
+        # examples get their own tangents, while every rank advances the shared generator alike (resumable).
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
+        self._scratch.manual_seed((seed + self.group.rank * 0x9E3779B97F4A7C15) % 2**63)
         k, batch, g = self.tangents, x.shape[0], self.groups
         xk = x.repeat(k, *([1] * (x.dim() - 1)))  # K copies of the batch: independent tangents per copy
         fired: list[list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = [[] for _ in self.anatomy.blocks]
