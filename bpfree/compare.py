@@ -2,8 +2,10 @@
 
 Resumable: a finished run is skipped, an unfinished one resumed from its checkpoint (the trainer's `--resume`), a
 diverged one is recorded in `failed.json` and not retried with the same settings (it would diverge again at the
-same step: training is deterministic); a failed run whose settings changed is trained afresh. A failing run never
-stops the others.
+same step: training is deterministic); a failed run whose settings changed is trained afresh. Before any run
+trains, every method's setup is built and takes one step on a few examples, so a model / method / option
+combination that cannot work stops the comparison at once (UsageError) instead of after hours of other runs.
+A run failing later never stops the others.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from bpfree import data as datasets
+from bpfree import methods, models
 from bpfree.errors import DivergedError, UsageError
 from bpfree.results import NOT_SETTINGS
 from bpfree.train import (
@@ -27,6 +30,8 @@ from bpfree.train import (
     FAILED,
     METRICS,
     TrainConfig,
+    lr_multipliers_by_id,
+    make_optimizer,
     read_metrics,
     record_failure,
     train,
@@ -91,8 +96,32 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def dry_run(cfg: TrainConfig, data: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Build `cfg`'s model, estimator and optimizer on the CPU and take one step on `batch`.
+
+    A UsageError (a model the method cannot take, options that do not fit, a step the method refuses) is raised
+    naming the method; any other error is left for the real run, which records it in the method's row.
+    """
+    state = torch.get_rng_state()  # library callers may rely on the global generator; `train` reseeds anyway
+    try:
+        model = models.build(cfg.model, num_classes=data.num_classes, input_shape=data.input_shape,
+                             **cfg.model_options)
+        estimator = methods.build(cfg.method, model, seed=cfg.seed, **cfg.method_options)
+        optimizer = make_optimizer(cfg, estimator.trainable(), lr_multipliers_by_id(estimator))
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        estimator.step(*batch)
+    except UsageError as e:
+        raise UsageError(f"{cfg.method} cannot run this setup: {e} (nothing was trained)") from None
+    except Exception:  # not a setup the user can fix by changing options: the run itself will report it
+        pass
+    finally:
+        torch.set_rng_state(state)
+
+
 def run_all(configs: list[TrainConfig], data: Any = None, show_progress: bool | None = None) -> None:
-    """Train (or resume, or skip) every config in order. Settings clashes are checked for all runs first."""
+    """Train (or resume, or skip) every config in order. Settings clashes, and every method's setup (`dry_run`),
+    are checked for all runs first."""
     fresh = set()
     for cfg in configs:
         cfg.check()
@@ -120,7 +149,17 @@ def run_all(configs: list[TrainConfig], data: Any = None, show_progress: bool | 
             todo.append(cfg)
     if todo and data is None:
         first = todo[0]
-        data = datasets.load(first.data, first.data_root, first.train_size, first.augment)
+        data = datasets.load(first.data, first.data_root, first.train_size, first.augment, classes=first.classes)
+    if todo:
+        batches = data.train_batches(min(8, data.num_train), torch.Generator().manual_seed(0))
+        x, y = next(batches)
+        batches.close()  # an image folder's loader workers stop now, not when garbage-collected
+        checked = set()
+        for cfg in todo:  # seeds of one method share its setup
+            key = json.dumps(settings(_plain(cfg)), sort_keys=True)
+            if key not in checked:
+                checked.add(key)
+                dry_run(cfg, data, (x, y))
     for i, cfg in enumerate(todo):
         out = Path(cfg.out)
         cfg.resume = (out / CHECKPOINT).exists()

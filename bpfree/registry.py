@@ -7,6 +7,7 @@ checks the values, so no caller needs to know any entry's internals.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,12 +20,18 @@ class Option:
     """One option of a model or method: its default, a one-line help, and optional allowed values.
 
     The type is taken from the default: int, float, str, bool, or a tuple of ints (given as "1024,1024").
+    Numbers may declare bounds where the option is declared: `minimum` / `maximum` (inclusive) and `above`
+    (exclusive); for a tuple every entry is checked, and `min_items` bounds its length. Floats must be finite.
     """
 
     default: Any
     help: str
     choices: Sequence[str] | None = None
     type: type | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None
+    min_items: int = 0
 
     @property
     def kind(self) -> type:
@@ -61,7 +68,36 @@ class Option:
             raise UsageError(
                 f"option --{name.replace('_', '-')}: {value!r} is not one of {', '.join(map(str, self.choices))}"
             )
+        self.check_bounds(name, value)
         return value
+
+    def bounds(self) -> str:
+        """The declared bounds in words ("at least 1", "in (0, 1]"), or "" if none."""
+        low = f"[{self.minimum:g}" if self.minimum is not None else f"({self.above:g}" if self.above is not None else ""
+        if low and self.maximum is not None:
+            return f"in {low}, {self.maximum:g}]"
+        if self.maximum is not None:
+            return f"at most {self.maximum:g}"
+        if self.minimum is not None:
+            return f"at least {self.minimum:g}"
+        if self.above is not None:
+            return f"greater than {self.above:g}"
+        return ""
+
+    def check_bounds(self, name: str, value: Any) -> None:
+        """Raise UsageError naming the option and its bounds if `value` (already parsed) is outside them."""
+        flag = "--" + name.replace("_", "-")
+        if self.kind is tuple and len(value) < self.min_items:
+            raise UsageError(f"option {flag}: needs at least {self.min_items} value(s), got {len(value)}")
+        for v in value if self.kind is tuple else (value,):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UsageError(f"option {flag}: must be a finite number, got {v}")
+            if ((self.minimum is not None and v < self.minimum) or (self.maximum is not None and v > self.maximum)
+                    or (self.above is not None and v <= self.above)):
+                each = "each value " if self.kind is tuple else ""
+                raise UsageError(f"option {flag}: {each}must be {self.bounds()}, got {v}")
 
 
 @dataclass

@@ -63,8 +63,11 @@ class TrainConfig:
 
     def check(self) -> None:
         """Reject bad numbers and impossible combinations with one line each."""
+        from bpfree.checks import check_device, check_seed  # shared with the other commands
+
         if self.epochs < 1:
             raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
+        check_seed(self.seed)
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -83,10 +86,7 @@ class TrainConfig:
             raise UsageError(f"--dist-timeout must be positive, got {self.dist_timeout}")
         if self.train_size is not None and self.train_size < 1:
             raise UsageError(f"--train-size must be at least 1, got {self.train_size}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError("--device cuda requested but CUDA is not available on this machine")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise UsageError(f"unknown device {self.device!r} (choose cpu or cuda)")
+        check_device(self.device)
         methods.METHODS.get(self.method)
         models.MODELS.get(self.model)
 

@@ -144,7 +144,7 @@ def test_kill_and_rerun_resumes(tmp_path):
 
 def test_diverging_method_gets_a_row(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert compare(out, "--epochs", "2", "--lr", f"bp=0.1,{SLOW}=1e20") == 0
+    assert compare(out, "--epochs", "2", "--lr", f"bp=0.1,{SLOW}=1e20") == 1  # table written, a run diverged
     rows = csv_rows(out / "results.csv")
     assert rows["bp"]["status"] == "ok" and len(metrics(out, "bp", 0)) == 2
     assert rows[SLOW]["status"] == "diverged at epoch 1"
@@ -152,7 +152,7 @@ def test_diverging_method_gets_a_row(tmp_path, capsys):
     assert f"| {SLOW} | 1 | 2 | diverged at epoch 1 |" in capsys.readouterr().out
     assert "diverged at epoch 1" in (out / "results.md").read_text()
     # Not retried on a rerun (it would diverge again), and still reported.
-    assert compare(out, "--epochs", "2", "--lr", f"bp=0.1,{SLOW}=1e20") == 0
+    assert compare(out, "--epochs", "2", "--lr", f"bp=0.1,{SLOW}=1e20") == 1  # table written, a run diverged
     assert "not retried" in capsys.readouterr().err
     assert csv_rows(out / "results.csv")[SLOW]["status"] == "diverged at epoch 1"
     # With a sane lr, the failed run is trained afresh (its folder held nothing worth keeping); bp is skipped.
@@ -169,7 +169,7 @@ def test_failing_method_gets_a_row(tmp_path, monkeypatch):
 
     monkeypatch.setattr(compare_helpers.SlowBackprop, "step", broken)
     out = tmp_path / "cmp"
-    assert compare(out, "--epochs", "1") == 0
+    assert compare(out, "--epochs", "1") == 1  # table written, a run failed
     rows = csv_rows(out / "results.csv")
     assert rows["bp"]["status"] == "ok"
     assert rows[SLOW]["status"] == "RuntimeError: shapes do not match"
@@ -182,17 +182,17 @@ def test_failing_method_gets_a_row(tmp_path, monkeypatch):
     assert csv_rows(out / "results.csv")[SLOW]["status"] == "ok"
 
 
-def test_method_refusing_the_setup_gets_a_row(tmp_path, monkeypatch):
-    """A method that cannot handle the model raises UsageError when built: its row says why, bp still runs."""
+def test_method_refusing_the_setup_stops_before_training(tmp_path, monkeypatch, capsys):
+    """A method that cannot handle the model raises UsageError when built: found before bp trains, exit 2."""
     def refuse(self, model, seed=0, **options):
         raise UsageError("test-slow-bp does not support this model")
 
     monkeypatch.setattr(compare_helpers.SlowBackprop, "__init__", refuse)
     out = tmp_path / "cmp"
-    assert compare(out, "--epochs", "1") == 0
-    rows = csv_rows(out / "results.csv")
-    assert rows["bp"]["status"] == "ok"
-    assert rows[SLOW]["status"] == "test-slow-bp does not support this model"
+    assert compare(out, "--epochs", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "test-slow-bp does not support this model" in err[0]
+    assert not (out / "bp").exists()
 
 
 def test_config_file_and_overrides(tmp_path):

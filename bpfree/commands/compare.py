@@ -1,6 +1,8 @@
 """`bpfree compare`: several learning rules × seeds with the same model, data, budget and optimizer, then one table.
 
 Settings come from built-in defaults, then a JSON `--config` file, then the command line (each overriding the last).
+Exit codes: 0 every run finished; 1 the table was written but a run failed or diverged (its row says how);
+2 bad input, found before anything trains.
 """
 
 from __future__ import annotations
@@ -8,10 +10,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from bpfree import methods
+from bpfree.checks import output_folder
 from bpfree.commands.train import DEFAULTS, add_training_arguments, config_from_args, set_threads
 from bpfree.compare import run_all, run_folder
 from bpfree.errors import UsageError
@@ -28,7 +32,10 @@ METHOD_OPTIONS_RULE = (
     "that a larger --epochs extends finished runs when the schedule is constant. "
     "A --config file is a JSON object whose keys are these long option names (methods, seeds, lr, epochs, hidden, "
     "tangents, ...; - or _), lists as arrays, per-method values as objects ({\"bp\": 0.05, \"fg-a\": 0.01}), "
-    "plus an optional \"description\" that titles results.md."
+    "plus an optional \"description\" that titles results.md. "
+    "Every method's setup (model, estimator, one step on a few examples) is checked before any run trains: one "
+    "that cannot work stops the comparison with exit code 2. Exit code 1: the table was written, but at least one "
+    "run failed or diverged (its row says how; the others completed); 0: every run finished."
 )
 
 
@@ -96,9 +103,15 @@ def _coerce(action: argparse.Action, key: str, value: Any, where: str) -> Any:
 def load_config(path: str, actions: dict[str, argparse.Action]) -> tuple[dict[str, Any], str]:
     """The settings of a JSON experiment file (keys are long option names, `-` or `_`), and its description."""
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"config file {path} is a folder, not a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config file {path} is not UTF-8 text (byte {e.start}): is it a JSON file?") from None
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise UsageError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(raw, dict):
@@ -197,10 +210,19 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[TrainConfig], Path, 
 def run(args: argparse.Namespace) -> int:
     names, configs, out, description = plan(args)
     set_threads(args.compare_threads)
+    for cfg in configs:
+        cfg.check()  # before the folder is made: bad numbers leave nothing behind
+    output_folder(out)
     run_all(configs)
     groups = {m: [load_run(Path(c.out)) for c in configs if c.method == m] for m in names}
     table = write_report(groups, out, title=description or " vs ".join(names), plots=not args.no_plots)
     print(table, end="")
     print(f"(results in {out}/results.md, results.csv" + ("" if args.no_plots else ", test_error.png, final_error.png")
           + ")")
+    failed = [f"{r.config.get('method')} seed {r.config.get('seed')}" for runs in groups.values() for r in runs
+              if not r.finished]
+    if failed:
+        print(f"bpfree: {len(failed)} of {len(configs)} runs did not finish ({', '.join(failed)}); "
+              "see their rows", file=sys.stderr)
+        return 1
     return 0

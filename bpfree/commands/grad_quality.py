@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from bpfree import data as datasets
 from bpfree import methods, models
-from bpfree.commands.train import add_entry_options, entry_options
+from bpfree.checks import check_device, check_seed, output_folder
+from bpfree.commands.train import DATA_HELP, add_entry_options, entry_options
 from bpfree.errors import UsageError
 from bpfree.gradquality import gradient_quality, markdown_table, write_report
 
@@ -26,7 +26,7 @@ def _list(text: str, kind: type, flag: str) -> list:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="mlp", help="model (see `bpfree models`)")
-    parser.add_argument("--data", default="digits", help="digits, mnist, fashion-mnist, cifar10 or imagefolder:PATH")
+    parser.add_argument("--data", default="digits", help=DATA_HELP)
     parser.add_argument("--data-root", default=None, help="folder holding the data sets")
     parser.add_argument("--methods", default="fg-w,fg-a", help="comma-separated methods (any registered)")
     parser.add_argument("--tangents", default="1,4,16,64", help="tangent counts K (methods that take them)")
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="option for every method declaring KEY, e.g. tangent_dist=normal (repeatable)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the model's initialisation and the batches")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--out", default="runs/grad-quality", help="folder for the JSON, markdown and PNG")
     add_entry_options(parser, models.MODELS, "model")
 
@@ -72,11 +72,13 @@ def run(args: argparse.Namespace) -> int:
         if "aggregation" in entry.options:
             for a in aggs:
                 methods.METHODS.resolve_options(n, {**trial, "aggregation": a})
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    ds = datasets.load(args.data, args.data_root)
+    check_seed(args.seed)
+    device = check_device(args.device)
     model_opts = entry_options(args, models.MODELS, args.model)
+    torch.manual_seed(args.seed)
+    ds = datasets.load(args.data, args.data_root)
     model = models.build(args.model, ds.num_classes, ds.input_shape, **model_opts).to(device)
+    out = output_folder(args.out)  # before the work: a file in the way would only show when the results are written
     gen = torch.Generator().manual_seed(args.seed)
     batches = []
     for x, y in ds.train_batches(args.batch_size, gen):
@@ -96,6 +98,6 @@ def run(args: argparse.Namespace) -> int:
         "note": "model at initialisation; exact gradient from bp on the same parameters and batch",
     }
     print(markdown_table(rows), end="")
-    for p in write_report(rows, Path(args.out), meta):
+    for p in write_report(rows, out, meta):
         print(f"wrote {p}")
     return 0

@@ -17,6 +17,9 @@ from bpfree.registry import Registry
 from bpfree.train import OPTIMIZERS, TrainConfig, train
 
 DEFAULTS = TrainConfig()
+DATA_HELP = ("digits, mnist, fashion-mnist, cifar10 or imagefolder:PATH (PATH/train/CLASS/* and PATH/val/CLASS/*, "
+             "the same class folders in both, each with images; an image that cannot be decoded stops the run "
+             "with its file name, exit code 2)")
 
 
 def add_entry_options(parser: argparse.ArgumentParser, registry: Registry, title: str) -> None:
@@ -41,7 +44,8 @@ def add_entry_options(parser: argparse.ArgumentParser, registry: Registry, title
         for n in names:
             o = registry.get(n).options[key]
             choices = f" {{{','.join(map(str, o.choices))}}}" if o.choices else ""
-            meanings.setdefault(f"{o.help}{choices} (default {o.default}", []).append(n)
+            bounds = f"{'each ' if o.kind is tuple else ''}{o.bounds()}; " if o.bounds() else ""
+            meanings.setdefault(f"{o.help}{choices} ({bounds}default {o.default}", []).append(n)
         help_text = "; ".join(f"{text}; {registry.kind}s: {', '.join(owners)})" for text, owners in meanings.items())
         group.add_argument(
             flag, dest=f"{registry.kind}_opt_{key}", default=None, metavar=metavar,
@@ -63,14 +67,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True)
     if single:
         parser.add_argument("--method", default=d.method, help="learning rule (see `bpfree methods`)")
     parser.add_argument("--model", default=d.model, help="model (see `bpfree models`)")
-    parser.add_argument("--data", default=d.data,
-                        help="digits, mnist, fashion-mnist, cifar10 or imagefolder:PATH")
+    parser.add_argument("--data", default=d.data, help=DATA_HELP)
     parser.add_argument("--data-root", default=None,
                         help="folder holding the data sets (default $BPFREE_DATA, else ./data)")
     parser.add_argument("--train-size", type=int, default=None, help="use only the first N training examples")
     parser.add_argument("--augment", action="store_true", help="pad-4 random crop + horizontal flip (cifar10)")
     parser.add_argument("--classes", default=None, type=lambda v: tuple(int(c) for c in v.split(",")),
-                        metavar="A,B,...", help="use only these labels (relabelled 0..k-1 in the order given)")
+                        metavar="A,B,...", help="use only these labels, at least two (relabelled 0..k-1 in the "
+                        "order given; for imagefolder: indices of the sorted class-folder names)")
     parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                         help="start from the backbone of a trained run's checkpoint.pt (new classifier heads)")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,23 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 def resolve_root(root: str | os.PathLike | None) -> Path:
     """--data-root, else $BPFREE_DATA, else ./data."""
     return Path(root or os.environ.get("BPFREE_DATA") or "data")
+
+
+def data_folder(root: str | os.PathLike | None) -> Path:
+    """The resolved data root, refused if it names something that is not a folder."""
+    path = resolve_root(root)
+    if path.exists() and not path.is_dir():
+        source = "--data-root" if root else "$BPFREE_DATA" if os.environ.get("BPFREE_DATA") else "./data"
+        raise UsageError(f"{source} {path} is a file, not a folder of data sets")
+    return path
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, where: str | Path) -> None:
+    """Every label must name one of the data set's classes (a damaged file can hold any byte)."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise UsageError(f"{where}: label {int(bad[0])} is out of range 0..{num_classes - 1} "
+                         f"({len(bad)} such labels)")
 
 
 class TensorData:
@@ -54,6 +72,18 @@ class TensorData:
         """The first `n` training examples (the test set unchanged)."""
         return TensorData(self.name, self.train_x[:n], self.train_y[:n], self.test_x, self.test_y,
                           self.num_classes, self.augment)
+
+    def with_classes(self, classes: Sequence[int]) -> TensorData:
+        """Only the examples of `classes` (checked by `select_classes`), relabelled 0..k-1 in that order."""
+        remap = torch.full((self.num_classes,), -1, dtype=torch.int64)
+        remap[torch.tensor(list(classes))] = torch.arange(len(classes))
+
+        def keep(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            mask = remap[y] >= 0
+            return x[mask], remap[y[mask]]
+
+        return TensorData(self.name, *keep(self.train_x, self.train_y), *keep(self.test_x, self.test_y),
+                          len(classes), self.augment)
 
     def train_batches(
         self, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1
@@ -133,16 +163,21 @@ def _idx_family(folder: str, mean: float, std: float) -> Callable[[Path, bool], 
                 fetch(base + f, raw / f, sums[f])
             if any(not (raw / f).exists() for f in MNIST_FILES):
                 raise _missing(root, f"{folder}/raw", MNIST_FILES)
-        arrays = [read_idx(raw / f) for f in MNIST_FILES]
+        arrays = [read_idx(raw / f, ndim=3 if "images" in f else 1) for f in MNIST_FILES]
         for images, labels, f in ((arrays[0], arrays[1], MNIST_FILES[0]), (arrays[2], arrays[3], MNIST_FILES[2])):
             if len(images) != len(labels):
                 raise UsageError(f"{raw / f}: {len(images)} images but {len(labels)} labels")
+        if arrays[0].shape[1:] != arrays[2].shape[1:]:
+            raise UsageError(f"{raw}: training images are {'x'.join(map(str, arrays[0].shape[1:]))} pixels but "
+                             f"test images {'x'.join(map(str, arrays[2].shape[1:]))}")
+        labels = [torch.from_numpy(arrays[i].astype(np.int64)) for i in (1, 3)]
+        check_labels(labels[0], 10, raw / MNIST_FILES[1])
+        check_labels(labels[1], 10, raw / MNIST_FILES[3])
         if augment:
             raise UsageError(f"--augment is only available for cifar10, not {folder}")
         return TensorData(
             folder.lower().replace("fashionmnist", "fashion-mnist"),
-            _normalise(arrays[0], [mean], [std]), torch.from_numpy(arrays[1].astype(np.int64)),
-            _normalise(arrays[2], [mean], [std]), torch.from_numpy(arrays[3].astype(np.int64)), 10,
+            _normalise(arrays[0], [mean], [std]), labels[0], _normalise(arrays[2], [mean], [std]), labels[1], 10,
         )
 
     return load_family
@@ -157,6 +192,8 @@ def load_cifar10(root: Path, augment: bool) -> TensorData:
         if any(not (folder / f).exists() for f in CIFAR_FILES):
             raise _missing(root, "cifar-10-batches-py", CIFAR_FILES)
     parts = [read_cifar_batch(folder / f) for f in CIFAR_FILES]
+    for part, f in zip(parts, CIFAR_FILES):
+        check_labels(torch.from_numpy(part[1]), 10, folder / f)
     train_x = np.concatenate([p[0] for p in parts[:5]])
     train_y = np.concatenate([p[1] for p in parts[:5]])
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -191,20 +228,15 @@ DATASETS: dict[str, Callable[[Path, bool], TensorData]] = {
 }
 
 
-def select_classes(data: TensorData, classes: Sequence[int]) -> TensorData:
-    """Keep only the given classes, relabelled 0..len(classes)-1 in the order given."""
+def select_classes(data: Any, classes: Sequence[int]) -> Any:
+    """Keep only the given classes, relabelled 0..len(classes)-1 in the order given (tensor data sets and image
+    folders alike; an image folder's labels are the indices of its sorted class-folder names)."""
     classes = list(classes)
     if len(set(classes)) != len(classes) or any(c < 0 or c >= data.num_classes for c in classes):
         raise UsageError(f"--classes must be distinct labels in 0..{data.num_classes - 1}, got {classes}")
-    remap = torch.full((data.num_classes,), -1, dtype=torch.int64)
-    remap[torch.tensor(classes)] = torch.arange(len(classes))
-
-    def keep(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = remap[y] >= 0
-        return x[mask], remap[y[mask]]
-
-    return TensorData(data.name, *keep(data.train_x, data.train_y), *keep(data.test_x, data.test_y),
-                      len(classes), data.augment)
+    if len(classes) < 2:  # one class: every prediction is right, the model learns nothing
+        raise UsageError(f"--classes needs at least two classes, got {classes}")
+    return data.with_classes(classes)
 
 
 def load(
@@ -213,8 +245,10 @@ def load(
     train_size: int | None = None,
     augment: bool = False,
     image_size: int = 224,
+    classes: Sequence[int] | None = None,
 ) -> TensorData:
-    """The data set `name` (or `imagefolder:PATH`), its first `train_size` training examples if given."""
+    """The data set `name` (or `imagefolder:PATH`), only the labels `classes` (relabelled 0..k-1) if given, then
+    its first `train_size` training examples if given."""
     if name.startswith("imagefolder:"):
         from bpfree.data.imagefolder import ImageFolderData
 
@@ -228,7 +262,9 @@ def load(
             raise UsageError(
                 f"unknown data set {name!r}{hint} (choose from: {', '.join(DATASETS)}, imagefolder:PATH)"
             )
-        data = DATASETS[name](resolve_root(root), augment)
+        data = DATASETS[name](data_folder(root) if name != "digits" else resolve_root(root), augment)
+    if classes:
+        data = select_classes(data, classes)
     if train_size is not None:
         if train_size < 1:
             raise UsageError(f"--train-size must be at least 1, got {train_size}")

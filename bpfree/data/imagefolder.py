@@ -17,24 +17,34 @@ EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
 
 
-def scan(split_dir: Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+def class_folders(split_dir: Path) -> list[str]:
+    """The sorted class sub-folder names of one split (hidden folders such as .ipynb_checkpoints are not classes)."""
     if not split_dir.is_dir():
         raise UsageError(f"image folder split missing: expected class sub-folders in {split_dir}")
-    classes = classes or sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-    if not classes:
-        raise UsageError(f"no class sub-folders in {split_dir}")
-    samples = [
-        (f, label)
-        for label, c in enumerate(classes)
-        for f in sorted((split_dir / c).iterdir()) if (split_dir / c).is_dir() and f.suffix.lower() in EXTENSIONS
-    ]
-    if not samples:
-        raise UsageError(f"no images ({', '.join(sorted(EXTENSIONS))}) under {split_dir}")
-    return samples, classes
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def scan(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """(image file, label) for every image of `classes` (label = index in `classes`); every class needs images."""
+    samples = []
+    for label, c in enumerate(classes):
+        files = sorted(f for f in (split_dir / c).iterdir() if f.is_file() and f.suffix.lower() in EXTENSIONS)
+        if not files:
+            raise UsageError(f"no images ({', '.join(sorted(EXTENSIONS))}) in {split_dir / c}: every class needs some")
+        samples += [(f, label) for f in files]
+    return samples
+
+
+def _names(names: list[str] | set[str], limit: int = 5) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 class ImageFiles(Dataset):
-    """Decode with Pillow, resize the short side, then a random (train) or center crop to `size`."""
+    """Decode with Pillow, resize the short side, then a random (train) or center crop to `size`.
+
+    An item is (image, label, error): a file Pillow cannot decode gives a zero image and a one-line error naming
+    it, which the main process raises (an exception raised in a loader worker would arrive as a traceback)."""
 
     def __init__(self, samples: list[tuple[Path, int]], size: int, train: bool, seed: int = 0):
         self.samples, self.size, self.train = samples, size, train
@@ -43,10 +53,21 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        path, label = self.samples[i]
+        try:
+            x = self._decode(path, i)
+        except Exception as e:  # images are untrusted files: any decoding failure is a bad file
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return torch.zeros(3, self.size, self.size), label, f"cannot decode image {path}: {reason}"
+        if self.train and torch.rand(1).item() < 0.5:
+            x = x.flip(-1)
+        x = (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+        return x, label, ""
+
+    def _decode(self, path: Path, i: int) -> torch.Tensor:
         from PIL import Image
 
-        path, label = self.samples[i]
         with Image.open(path) as im:
             im = im.convert("RGB")
             scale = (self.size * (1.14 if self.train else 1.0)) / min(im.size)
@@ -58,22 +79,41 @@ class ImageFiles(Dataset):
             else:
                 left, top = (w - self.size) // 2, (h - self.size) // 2
             im = im.crop((left, top, left + self.size, top + self.size))
-            x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-        if self.train and torch.rand(1).item() < 0.5:
-            x = x.flip(-1)
-        x = (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
-        return x, label
+            return torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
 
 
 class ImageFolderData:
+    """ROOT/train/CLASS/* and ROOT/val/CLASS/*: both splits must hold the same class folders, each with images
+    (a class missing from val/ would go untested; one only in val/ could never be predicted)."""
+
     def __init__(self, root: Path, image_size: int = 224, augment: bool = True, workers: int | None = None):
         self.name = f"imagefolder:{root}"
-        self.train_samples, classes = scan(root / "train")
-        self.test_samples, _ = scan(root / "val", classes)
-        self.num_classes = len(classes)
+        try:
+            self._scan(root)
+        except OSError as e:  # an unreadable folder (permissions, a vanished mount)
+            raise UsageError(f"cannot read image folder {e.filename or root}: {e.strerror or e}") from None
         self.image_size = image_size
         self.augment = augment
         self.workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+
+    def _scan(self, root: Path) -> None:
+        if not root.is_dir():
+            raise UsageError(f"image folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
+        classes = class_folders(root / "train")
+        if len(classes) < 2:
+            raise UsageError(f"{root / 'train'} needs at least two class sub-folders, found {len(classes)}")
+        val = class_folders(root / "val")
+        if not val:
+            raise UsageError(f"no class sub-folders in {root / 'val'} (it needs the {len(classes)} of train/)")
+        if set(classes) - set(val):
+            raise UsageError(f"{root / 'val'} lacks class folders that train/ has: {_names(set(classes) - set(val))}")
+        if set(val) - set(classes):
+            raise UsageError(f"{root / 'val'} has class folders that train/ lacks (the model could never predict "
+                             f"them): {_names(set(val) - set(classes))}")
+        self.class_names = classes
+        self.train_samples = scan(root / "train", classes)
+        self.test_samples = scan(root / "val", classes)
+        self.num_classes = len(classes)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -91,19 +131,38 @@ class ImageFolderData:
         copy.__dict__.update(self.__dict__, train_samples=self.train_samples[:n])
         return copy
 
-    def _loader(self, dataset: Dataset, batch_size: int, generator: torch.Generator | None) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator,
-                          num_workers=self.workers, persistent_workers=False)
+    def with_classes(self, classes: list[int]) -> ImageFolderData:
+        """Only the images of `classes` (checked by `select_classes`), relabelled 0..k-1 in that order."""
+        remap = {c: i for i, c in enumerate(classes)}
+        copy = object.__new__(ImageFolderData)
+        copy.__dict__.update(
+            self.__dict__, num_classes=len(classes), class_names=[self.class_names[c] for c in classes],
+            train_samples=[(f, remap[y]) for f, y in self.train_samples if y in remap],
+            test_samples=[(f, remap[y]) for f, y in self.test_samples if y in remap],
+        )
+        return copy
+
+    def _batches(self, files: ImageFiles, batch_size: int, generator: torch.Generator | None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Decoded batches; the first file that cannot be decoded stops the run with its name (exit 2)."""
+        loader = DataLoader(files, batch_size=batch_size, shuffle=generator is not None, generator=generator,
+                            num_workers=self.workers, persistent_workers=False)
+        for x, y, errors in loader:
+            bad = [e for e in errors if e]
+            if bad:
+                more = f" ({len(bad) - 1} more in this batch)" if len(bad) > 1 else ""
+                raise UsageError(f"{bad[0]}{more}; delete or replace the file")
+            yield x, y
 
     def train_batches(
         self, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         seed = int(torch.randint(0, 1 << 31, (1,), generator=generator))
         files = ImageFiles(self.train_samples, self.image_size, train=self.augment, seed=seed)
-        for x, y in self._loader(files, batch_size, generator):
+        for x, y in self._batches(files, batch_size, generator):
             if world_size > 1:
                 x, y = x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
             yield x, y
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        yield from self._loader(ImageFiles(self.test_samples, self.image_size, train=False), batch_size, None)
+        yield from self._batches(ImageFiles(self.test_samples, self.image_size, train=False), batch_size, None)

@@ -35,8 +35,8 @@ class FCBN(nn.Sequential):
     "fc-bn",
     "fully connected 784-800xL-10 with batch norm (Bacho & Chu's MNIST net)",
     options={
-        "layers": Option(2, "number of hidden layers L"),
-        "width": Option(800, "units per hidden layer"),
+        "layers": Option(2, "number of hidden layers L", minimum=1),
+        "width": Option(800, "units per hidden layer", minimum=1),
     },
 )
 def build_fc_bn(num_classes: int, input_shape: tuple[int, ...], layers: int, width: int) -> FCBN:

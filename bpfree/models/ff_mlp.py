@@ -114,7 +114,8 @@ class FFMLP(nn.Module):
     "fully connected ReLU net with the label in the input (Forward-Forward); linear readout",
     options={
         "hidden": Option(
-            (2000, 2000, 2000, 2000), "hidden layer widths (Hinton's MNIST: 2000,2000,2000,2000)", type=tuple
+            (2000, 2000, 2000, 2000), "hidden layer widths (Hinton's MNIST: 2000,2000,2000,2000)", type=tuple,
+            minimum=1, min_items=1,
         ),
         "label_input": Option(
             "replace",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -286,11 +286,11 @@ class LocalMixer(nn.Module):
 
 
 _OPTIONS = {
-    "blocks": Option(1, "number of mixer blocks"),
-    "grid": Option(1, "patch grid side: the image is cut into grid x grid patches, one token each"),
-    "channels": Option(512, "channels per token"),
-    "groups": Option(16, "channel groups (grouped linear, group-wise local losses)"),
-    "head_dim": Option(0, "local head output size (0 = classes; 128 for the contrastive projection)"),
+    "blocks": Option(1, "number of mixer blocks", minimum=1),
+    "grid": Option(1, "patch grid side: the image is cut into grid x grid patches, one token each", minimum=1),
+    "channels": Option(512, "channels per token", minimum=1),
+    "groups": Option(16, "channel groups (grouped linear, group-wise local losses)", minimum=1),
+    "head_dim": Option(0, "local head output size (0 = classes; 128 for the contrastive projection)", minimum=0),
 }
 
 
@@ -298,7 +298,7 @@ def _register(
     name: str, description: str, blocks: int, grid: int, channels: int, groups: int, input_shape: tuple[int, ...]
 ) -> None:
     defaults = {"blocks": blocks, "grid": grid, "channels": channels, "groups": groups}
-    options = {k: Option(defaults.get(k, o.default), o.help) for k, o in _OPTIONS.items()}
+    options = {k: replace(o, default=defaults.get(k, o.default)) for k, o in _OPTIONS.items()}
 
     @MODELS.register(name, description, options=options, input_shape=input_shape)
     def build(num_classes: int, input_shape: tuple[int, ...], **opts: int) -> LocalMixer:

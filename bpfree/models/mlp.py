@@ -26,7 +26,7 @@ class MLP(nn.Sequential):
 @MODELS.register(
     "mlp",
     "fully connected ReLU network (hidden widths an option)",
-    options={"hidden": Option((1024, 1024), "hidden layer widths, e.g. 1024,1024,1024", type=tuple)},
+    options={"hidden": Option((1024, 1024), "hidden layer widths, e.g. 1024,1024,1024", type=tuple, minimum=1)},
 )
 def build_mlp(num_classes: int, input_shape: tuple[int, ...], hidden: tuple[int, ...]) -> MLP:
     return MLP(math.prod(input_shape), hidden, num_classes)

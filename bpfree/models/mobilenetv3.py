@@ -142,9 +142,9 @@ class MobileNetV3(nn.Module):
 
 def _options() -> dict[str, Option]:
     return {
-        "width": Option(1.0, "width multiplier (channels scaled and rounded to multiples of 8)"),
+        "width": Option(1.0, "width multiplier (channels scaled and rounded to multiples of 8)", above=0),
         "cifar": Option(True, "small inputs: stem and first stride-2 bottleneck at stride 1"),
-        "dropout": Option(0.2, "dropout before the last linear layer"),
+        "dropout": Option(0.2, "dropout before the last linear layer", minimum=0, maximum=1),
     }
 
 

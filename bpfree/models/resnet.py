@@ -89,7 +89,7 @@ class ResNet18(nn.Module):
 @MODELS.register(
     "resnet18",
     "ResNet18, CIFAR variant (3x3 stem, no max-pool); blocks exposed for block-local rules",
-    options={"width": Option(64, "channels of the first stage (64 = standard; 8-16 for quick runs)")},
+    options={"width": Option(64, "channels of the first stage (64 = standard; 8-16 for quick runs)", minimum=1)},
     input_shape=(3, 32, 32),
 )
 def build_resnet18(num_classes: int, input_shape: tuple[int, ...], width: int) -> ResNet18:

@@ -1,0 +1,54 @@
+"""Checks of command-line inputs that several commands share (output folders, devices, seeds), made before any work."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from bpfree.errors import UsageError
+
+
+def output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create the folder `path` (and its parents) or raise one UsageError naming why it cannot be one.
+
+    A file where the folder or one of its parents should be, a read-only parent, a name too long: each would
+    otherwise surface only after the work, when the results are written."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "" if part == path else f" (its parent {part} is a file)"
+                raise UsageError(f"{flag} {path} cannot be a folder{where or ': it is a file'}")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create the folder: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: the folder is not writable")
+    return path
+
+
+def check_device(name: str) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N` as a torch.device, or a UsageError saying why this machine cannot use it."""
+    if not (name == "cpu" or name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise UsageError(f"unknown device {name!r} (choose cpu, cuda or cuda:N)")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} requested but CUDA is not available on this machine")
+        index = int(name[5:] or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(name)
+
+
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (np.random.seed) takes only unsigned 32-bit seeds
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """`seed`, or a UsageError if numpy could not take it."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"{flag} must be in 0..{MAX_SEED} (2**32 - 1), got {seed}")
+    return seed
