@@ -18,11 +18,13 @@ from the next block's loss; the model's classifier after the last block from the
   the parameter gradients equal those of `l-bp`/`l-fa` (LocalMixer's fast path, whose units keep patches and groups
   apart, is where the LG credit assignment differs inside a block). The forward-gradient rules use the grid's
   per-copy directional derivatives:
-  `lg-fg-a` perturbs the output of every parametrised module inside a block (noise u, per example) and gives the
-  module the estimate sum_k c[k, b, p, g] u[k, b, p, group g] where its output has the block output's patches and
-  G | channels (the copy credited only at its own slice), the per-group sum over patches where only the channels
-  split into G groups, the block's total otherwise; each module's weight gradient is its own vector-Jacobian
-  product (inputs detached: nothing crosses a module). `lg-fg-w` perturbs every weight of a block (K tangents
+  `lg-fg-a` perturbs the output of every parametrised module inside a block (noise u, per example; a module whose
+  output goes straight into a normalisation is perturbed after that norm instead, as the paper adds noise after the
+  post-linear LayerNorm) and gives the module the estimate sum_k c[k, b, p, g] u[k, b, p, group g] where its output
+  has the block output's patches and G | channels (the copy credited only at its own slice), the per-group sum over
+  patches where only the channels split into G groups, the block's total otherwise; each module's (or norm +
+  module's) weight gradient is its own vector-Jacobian product (inputs detached: nothing crosses a module).
+  `lg-fg-w` perturbs every weight of a block (K tangents
   shared by the batch); copy (p, g) scales the rows of group g of a weight whose first dimension splits into G
   groups, every copy the rest. Both run in forward mode (torch.autograd.forward_ad), never from a backward pass.
   Parameters between blocks (positional embeddings) get no signal under `lg-fg-*` (zero gradient).
@@ -354,14 +356,53 @@ class BlockLocalFG(BlockLocalGrid):
         raise NotImplementedError
 
 
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+
+
 def _unit_modules(modules: list[nn.Module]) -> list[nn.Module]:
-    """The modules with parameters of their own inside a block (what activity perturbation perturbs)."""
+    """The modules inside a block that activity perturbation perturbs: those with parameters of their own, and
+    normalisations (which may join the module before them, see `_feeds_norm`)."""
     out = []
     for m in modules:
         for s in m.modules():
-            if any(True for _ in s.parameters(recurse=False)) and s not in out:
+            if (isinstance(s, NORMS) or any(True for _ in s.parameters(recurse=False))) and s not in out:
                 out.append(s)
     return out
+
+
+def _feeds_norm(anatomy: Anatomy, units: list[nn.Module]) -> dict[nn.Module, nn.Module]:
+    """norm -> the unit whose output is the norm's input, found by one probe pass (eval mode, no grad).
+
+    The noise then goes after the normalisation, and its estimate goes back through the normalisation and that
+    unit (the paper's recipe: noise after the post-linear LayerNorm, back through that LN and the linear). Noise
+    before a batch norm would be credited per example although batch statistics couple the examples.
+    """
+    produced: dict[int, nn.Module] = {}
+    kept: list[torch.Tensor] = []  # hold the outputs so that their ids stay unique during the pass
+    pairs: dict[nn.Module, nn.Module] = {}
+    handles = []
+    for m in units:
+        def after(mod: nn.Module, _args: tuple, out: Any) -> None:
+            first = out[0] if isinstance(out, tuple) else out
+            kept.append(first)
+            produced[id(first)] = mod
+
+        def before(mod: nn.Module, args: tuple) -> None:
+            if isinstance(mod, NORMS) and args and id(args[0]) in produced:
+                pairs[mod] = produced[id(args[0])]
+
+        handles += [m.register_forward_hook(after), m.register_forward_pre_hook(before)]
+    model = anatomy.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input(model, anatomy.input_shape))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return pairs
 
 
 class BlockLocalFGActivity(BlockLocalFG):
@@ -370,6 +411,9 @@ class BlockLocalFGActivity(BlockLocalFG):
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
         self._scratch = torch.Generator(device=self.generator.device)
+        self.units = [_unit_modules(b.modules) for b in self.anatomy.blocks]
+        self.joined = _feeds_norm(self.anatomy, [m for us in self.units for m in us])  # norm -> the unit before it
+        self.silent = set(self.joined.values())  # units perturbed after their norm only
 
     def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         return T.sample(shape, self.dist, self._scratch, device=like.device, dtype=like.dtype)
@@ -386,7 +430,10 @@ class BlockLocalFGActivity(BlockLocalFG):
         tangents: list[torch.Tensor] = []
         handles = []
 
-        def detach_inputs(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        def detach_inputs(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if m in self.joined:  # a norm after a unit: its estimate goes back through that unit too
+                return None
+
             def cut(a: Any) -> Any:
                 if not isinstance(a, torch.Tensor):
                     return a
@@ -396,6 +443,8 @@ class BlockLocalFGActivity(BlockLocalFG):
 
         def perturb(i: int):  # noqa: ANN202
             def hook(m: nn.Module, _args: tuple, out: Any) -> Any:
+                if m in self.silent:
+                    return None
                 first = out[0] if isinstance(out, tuple) else out
                 primal, tangent = fwad.unpack_dual(first)
                 u = self.sample(tuple(primal.shape), primal)
@@ -404,8 +453,8 @@ class BlockLocalFGActivity(BlockLocalFG):
                 return (dual, *out[1:]) if isinstance(out, tuple) else dual
             return hook
 
-        for i, block in enumerate(self.anatomy.blocks):
-            for m in _unit_modules(block.modules):
+        for i, units in enumerate(self.units):
+            for m in units:
                 handles.append(m.register_forward_pre_hook(detach_inputs, with_kwargs=True))
                 handles.append(m.register_forward_hook(perturb(i)))
 
@@ -434,8 +483,8 @@ class BlockLocalFGActivity(BlockLocalFG):
                     outputs.append(primal)
                     grads.append(self._estimate(c, u.unflatten(0, (k, batch)), patches, g))
                     params.append(m)
-        owned = _owned_parameters(params)
-        flat = [p for m in params for p in owned[m]]
+        owned = _owned_parameters(params + [self.joined[m] for m in params if m in self.joined])
+        flat = [p for m in params for p in owned[m] + (owned[self.joined[m]] if m in self.joined else [])]
         if flat:
             with torch.enable_grad():
                 got = torch.autograd.grad(outputs, flat, grads, allow_unused=True)
