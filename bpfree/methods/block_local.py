@@ -24,9 +24,9 @@ from the next block's loss; the model's classifier after the last block from the
   has the block output's patches and G | channels (the copy credited only at its own slice), the per-group sum over
   patches where only the channels split into G groups, the block's total otherwise; each module's (or norm +
   module's) weight gradient is its own vector-Jacobian product (inputs detached: nothing crosses a module).
-  `lg-fg-w` perturbs every weight of a block (K tangents
-  shared by the batch); copy (p, g) scales the rows of group g of a weight whose first dimension splits into G
-  groups, every copy the rest. Both run in forward mode (torch.autograd.forward_ad), never from a backward pass.
+  `lg-fg-w` perturbs every weight of a block (K tangents shared by the batch); copy (p, g) scales the rows of
+  group g of a weight whose first dimension splits into G groups, every copy the rest. Both run in forward mode
+  (torch.autograd.forward_ad), never from a backward pass.
   Parameters between blocks (positional embeddings) get no signal under `lg-fg-*` (zero gradient).
 """
 
