@@ -1,7 +1,12 @@
 """The `bpfree` command line. Each subcommand is a module with `add_arguments(parser)` and `run(args) -> int`.
 
-Errors: bad input prints one line and exits 2; a diverged run exits 3; a lost data-parallel rank exits 4; never a
-traceback for any of them. In a data-parallel run the lines of ranks other than 0 are prefixed with their rank.
+Exit codes, each with one line on stderr and never a traceback: 0 success; 1 `compare` wrote its table but a run
+failed or diverged; 2 bad input, including a run folder that is in use, damaged or cannot be written (disk full,
+read-only, path too long) and a model or option that does not fit in memory; 3 the loss became NaN/inf; 4 a
+data-parallel rank died or stopped answering; 130 interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM).
+Interrupted and terminated runs end alike: the write in progress is finished, temp files are removed and the run
+folder's lock released, so `--resume` continues from the last epoch.
+In a data-parallel run the lines of ranks other than 0 are prefixed with their rank.
 """
 
 from __future__ import annotations
@@ -9,9 +14,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
+import signal
 import sys
+import threading
 
-from bpfree.errors import DistributedError, DivergedError, UsageError
+from bpfree.errors import DistributedError, DivergedError, Terminated, UsageError
+from bpfree.runfolder import describe_os_error, first_line
 
 # name -> (module, one-line help). A new subcommand is one line here.
 SUBCOMMANDS = {
@@ -49,12 +58,56 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def format_bytes(n: float) -> str:
+    """1024-based, as torch's CUDA messages print sizes: `3.64 TiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} PiB"
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """`out of memory: tried to allocate 3.64 TiB` for torch's CPU and CUDA allocation failures, else None."""
+    import torch
+
+    text = str(error)
+    if not (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in text or "out of memory" in text.lower()):
+        return None
+    asked = re.search(r"tried to allocate (\d+) bytes", text, re.IGNORECASE)  # CPU: bytes
+    if asked:
+        amount = format_bytes(int(asked.group(1)))
+    else:
+        asked = re.search(r"tried to allocate ([\d.]+ ?[KMGTP]?i?B)", text, re.IGNORECASE)  # CUDA: "1.50 GiB"
+        amount = asked.group(1) if asked else None
+    what = f"tried to allocate {amount}" if amount else first_line(error)[:200]
+    return (f"out of memory: {what} (a smaller model, --batch-size, --tangents or --eval-batch-size "
+            "needs less)")
+
+
+def _exit_now(code: int) -> None:
+    """End the process at once (after flushing our output), skipping interpreter teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` relaunches this command line
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"bpfree[rank {rank}]" if rank else "bpfree"
+    # SIGTERM ends a run as Ctrl-C does. Not in a torchrun worker: there SIGTERM is how the launcher stops the
+    # ranks after one failed, and it must act at once, even on a rank waiting inside a collective.
+    worker = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handle_term = not worker and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if handle_term else None
     try:
         return args.run(args) or 0
     except UsageError as e:
@@ -65,10 +118,27 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except DistributedError as e:
         print(f"{prefix}: distributed: {e}", file=sys.stderr)
+        if worker:  # the lock is released and temp files are gone; torch's teardown could wait on the lost peer
+            _exit_now(e.exit_code)
         return e.exit_code
+    except Terminated:
+        print(f"{prefix}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("bpfree: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system said no (disk full, read-only, a name too long) where not caught before
+        print(f"{prefix}: error: {describe_os_error(e)}", file=sys.stderr)
+        return UsageError.exit_code
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        message = out_of_memory(e)
+        if message is None:
+            raise
+        print(f"{prefix}: error: {message}", file=sys.stderr)
+        return UsageError.exit_code
+    finally:
+        if handle_term:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

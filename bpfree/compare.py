@@ -24,6 +24,7 @@ from bpfree import data as datasets
 from bpfree import methods, models
 from bpfree.errors import DivergedError, UsageError
 from bpfree.results import NOT_SETTINGS
+from bpfree.runfolder import FolderInUse, read_json
 from bpfree.train import (
     CHECKPOINT,
     CONFIG,
@@ -58,7 +59,7 @@ def check_compatible(cfg: TrainConfig) -> None:
     saved_path = out / CONFIG
     if not saved_path.exists():
         return
-    saved, new = with_defaults(json.loads(saved_path.read_text())), _plain(cfg)
+    saved, new = with_defaults(read_json(saved_path)), _plain(cfg)
     changed = [k for k in new if k not in (*NOT_SETTINGS, "epochs") and k in saved and saved[k] != new[k]]
     if changed:
         what = ", ".join(f"{k}={saved[k]!r} (now {new[k]!r})" for k in changed)
@@ -76,7 +77,7 @@ def settings(config: dict[str, Any]) -> dict[str, Any]:
 
 def read_failure(cfg: TrainConfig) -> dict[str, Any] | None:
     path = Path(cfg.out) / FAILED
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -162,13 +163,13 @@ def run_all(configs: list[TrainConfig], data: Any = None, show_progress: bool | 
                 dry_run(cfg, data, (x, y))
     for i, cfg in enumerate(todo):
         out = Path(cfg.out)
-        cfg.resume = (out / CHECKPOINT).exists()
-        if not cfg.resume:  # nothing to resume (killed before the first checkpoint): start afresh
-            for name in (METRICS, CONFIG):
-                (out / name).unlink(missing_ok=True)
-        start = len(read_metrics(out / METRICS)) if cfg.resume else 0
+        started = (out / CHECKPOINT).exists()
+        # A folder killed before its first checkpoint holds config.json only: the trainer starts it afresh (and
+        # clears it) under the folder's lock, so a folder another process is training in is never touched.
+        cfg.resume = started or (out / CONFIG).exists()
+        start = len(read_metrics(out / METRICS)) if started else 0
         log(f"[{i + 1}/{len(todo)}] {cfg.method} seed {cfg.seed}: "
-            + (f"resuming after epoch {start}" if cfg.resume else "training") + f" -> {out}")
+            + (f"resuming after epoch {start}" if started else "training") + f" -> {out}")
         reset_peak_memory(torch.device(cfg.device))
         try:
             records = train(cfg, data=data, show_progress=show_progress)
@@ -176,6 +177,8 @@ def run_all(configs: list[TrainConfig], data: Any = None, show_progress: bool | 
             epoch = len(read_metrics(out / METRICS)) + 1
             log(f"  {cfg.method} seed {cfg.seed}: diverged at epoch {epoch}: {e}")
             continue
+        except FolderInUse:
+            raise  # another process is training in that folder: stop, and write nothing into it
         except UsageError as e:
             record_failure(out, _plain(cfg), "error", str(e))
             log(f"  {cfg.method} seed {cfg.seed}: error: {e}")

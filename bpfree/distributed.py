@@ -15,9 +15,14 @@ is a no-op, so single-process code paths pay nothing.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -28,6 +33,16 @@ from bpfree.errors import DistributedError, UsageError
 
 BUCKET = 1 << 20  # elements (4 MB of float32): bigger gradients are all-reduced in place, smaller ones packed
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+MAX_TIMEOUT = 7 * 24 * 3600.0  # seconds; --dist-timeout beyond a week is surely a mistake (and inf overflows)
+# `train --nproc N`: seconds the launcher gives the other ranks to end after one failed, before SIGKILL. Ranks end at
+# once on SIGTERM (the command line leaves it at its default in workers); only a stopped or stuck rank needs the kill.
+STOP_GRACE = 2
+
+
+def check_timeout(seconds: float) -> None:
+    """--dist-timeout must be a finite positive number of seconds (torch turns it into a timedelta)."""
+    if not (0 < seconds <= MAX_TIMEOUT and math.isfinite(seconds)):
+        raise UsageError(f"--dist-timeout must be a number of seconds in (0, {MAX_TIMEOUT:.0f}], got {seconds}")
 
 
 class Group:
@@ -159,6 +174,7 @@ def init_from_env(device: str, timeout: float) -> tuple[Group, str]:
     """
     if not launched_by_torchrun():
         return LOCAL, device
+    check_timeout(timeout)
     missing = [v for v in ENV_VARS if v not in os.environ]
     if missing:
         raise UsageError(f"WORLD_SIZE > 1 but {', '.join(missing)} not set: launch with torchrun or --nproc")
@@ -222,9 +238,12 @@ def strip_nproc(argv: Sequence[str]) -> list[str]:
 def launch(nproc: int, argv: Sequence[str]) -> int:
     """Run `python -m bpfree ARGV` on `nproc` local processes through torch.distributed.run (torchrun).
 
-    Returns 0, or the exit code of the first rank that failed (2 bad input, 3 diverged, 4 lost a rank, ...); the
-    elastic agent stops the other ranks as soon as one fails.
+    Returns 0, or the exit code of the first rank that failed with an error of its own (2 bad input, 3 diverged);
+    else 4: a rank was killed by a signal or lost a peer. The elastic agent stops the other ranks as soon as one
+    fails (SIGKILL after STOP_GRACE seconds). Ctrl-C / SIGTERM on the launcher stop every rank: 130 / 143. One line
+    on stderr says what happened (the agent's own log lines are silenced).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import config_from_args, get_args_parser
 
@@ -237,14 +256,67 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     # torchrun's own default for several processes per machine, set here so that it does not print its banner.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     config, cmd, cmd_args = config_from_args(run_args)
+    config.shutdown_timeout = STOP_GRACE
     from torch.distributed.launcher.api import elastic_launch
 
+    # The agent's log lines repeat what the one line below says; each elastic module's logger sets its own level.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        elastic_launch(config, cmd)(*cmd_args)
+        with _agent_fixes(STOP_GRACE):
+            elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items(), key=lambda kv: kv[1].timestamp)
-        code = failure.exitcode
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        print(f"bpfree: rank {rank} {how}; the other ranks were stopped", file=sys.stderr)
-        return code if code > 0 else 1
+        # Every rank that failed, first first (insertion order breaks ties: timestamps are whole seconds). A rank
+        # that exits 4 lost a peer, so the root cause is elsewhere; ranks the agent stopped may be listed too.
+        failures = sorted(e.failures.items(), key=lambda kv: kv[1].timestamp)
+        what = ", ".join(f"rank {rank} was killed by signal {-f.exitcode} ({_signal_name(-f.exitcode)})"
+                         if f.exitcode < 0 else f"rank {rank} exited with code {f.exitcode}" for rank, f in failures)
+        code = next((f.exitcode for _, f in failures if f.exitcode > 0 and f.exitcode != DistributedError.exit_code),
+                    DistributedError.exit_code)
+        kind = "distributed: " if code == DistributedError.exit_code else ""
+        print(f"bpfree: {kind}the data-parallel run failed: {what}", file=sys.stderr)
+        return code
+    except SignalException as e:  # the launcher itself got SIGINT / SIGTERM; the agent stopped the ranks
+        terminated = e.sigval == signal.SIGTERM
+        print(f"bpfree: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     return 0
+
+
+@contextmanager
+def _agent_fixes(seconds: int) -> Iterator[None]:
+    """For one launch: the elastic agent SIGKILLs the remaining ranks `seconds` after SIGTERM when one rank failed,
+    and leaves the caller's signal handlers as they were.
+
+    torch's SubprocessContext stops the other workers after a failure through `close()` with its fixed 30 s default
+    (the launch config's shutdown_timeout reaches only the agent's final clean-up), so a stopped or stuck rank held
+    the launcher 30 s past --dist-timeout.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SubprocessContext
+
+    original = SubprocessContext.__dict__.get("_close")
+    # The agent also installs signal handlers of its own and leaves them: put back the caller's afterwards.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+
+    def close(self, death_sig: signal.Signals, timeout: int = 30) -> None:
+        original(self, death_sig, min(timeout, seconds))
+
+    if original is not None:
+        SubprocessContext._close = close
+    try:
+        yield
+    finally:
+        if original is not None:
+            SubprocessContext._close = original
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"

@@ -17,3 +17,8 @@ class DistributedError(Exception):
     """A data-parallel rank died or stopped answering within --dist-timeout. Exit code 4."""
 
     exit_code = 4
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned by the command line into an exception so that a run ends as after Ctrl-C: lock released,
+    temp files removed, a write in progress finished. Exit code 143 (128 + SIGTERM)."""

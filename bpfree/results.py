@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.errors import UsageError
+from bpfree.runfolder import read_json
 from bpfree.train import CONFIG, FAILED, METRICS, read_metrics, with_defaults
 
 # Config fields that do not change what a run computes: runs differing only in these belong to the same row.
@@ -48,14 +49,15 @@ def load_run(path: Path) -> RunResult:
     """A run folder as written by the trainer (and `compare`'s failed.json, if any)."""
     config_path = path / CONFIG
     failed_path = path / FAILED
-    failed = json.loads(failed_path.read_text()) if failed_path.exists() else None
+    failed = read_json(failed_path) if failed_path.exists() else None
     if config_path.exists():
-        config = json.loads(config_path.read_text())
+        config = read_json(config_path)
     elif failed is not None:
         config = failed.get("config", {})
     else:
         raise UsageError(f"{path} is not a run folder (no {CONFIG})")
-    return RunResult(path, with_defaults(config), read_metrics(path / METRICS), failed["error"] if failed else None)
+    failure = str(failed.get("error", "failed")) if failed is not None else None
+    return RunResult(path, with_defaults(config), read_metrics(path / METRICS), failure)
 
 
 def find_runs(paths: list[Path]) -> list[RunResult]:

@@ -13,8 +13,11 @@ Aggregations (Flügel et al. 2024), V = tangents as columns, d = V^T g:
     sum         c = d                 estimate = V d
     mean        c = d / K             estimate = V d / K
     orthogonal  c = (V^T V)^+ d       estimate = V (V^T V)^+ V^T g = projection of g onto span(V)
-The K x K Gram system is solved in float64 with an eigenvalue pseudo-inverse, so K larger than the space's
-dimension (a singular Gram matrix) still gives exactly the projection instead of failing.
+The K x K Gram matrix is accumulated in float64 (for Rademacher tangents exactly, from float32 matmuls or a
+histogram of sign patterns, see `gram`) and the system solved in float64 (Cholesky where it is certified to be
+the same, else an eigenvalue pseudo-inverse): K larger than the space's dimension (a singular Gram matrix) still
+gives exactly the projection instead of failing, and nearly dependent tangents keep float64's accuracy (a
+float32 inverse loses it once the Gram's condition number nears 1/eps32).
 
 Sampling: `rademacher` (+-1) is built from random BITS (one 64-bit draw gives 56 signs, expanded through a
 256 x 8 lookup table); measured on this CPU for 3M numbers: torch.normal_ 31 ms, this 2.8 ms (11x).
@@ -101,50 +104,134 @@ def _as_list(tangents: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tens
     return [tangents] if isinstance(tangents, torch.Tensor) else list(tangents)
 
 
+ENTRIES = ("real", "integer", "sign")
+
+_SIGN_TABLES: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+_MAX_CODE_BITS = 16  # the sign-code route below keeps a 2^K-bin histogram: K <= 16
+
+
+def entries(dist: str, masked: bool = False) -> str:
+    """What `gram` may assume about tangents drawn from `dist` (masked: some entries multiplied by 0)."""
+    if dist != "rademacher":
+        return "real"
+    return "integer" if masked else "sign"
+
+
+def _sign_table(K: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """([2^K, K] table whose row c holds the signs 2 * bit_k(c) - 1, [K] code weights 2^(k-1))."""
+    key = (K, device, dtype)
+    if key not in _SIGN_TABLES:
+        k = torch.arange(K, device=device)
+        bits = (torch.arange(2**K, device=device).unsqueeze(1) >> k) & 1
+        _SIGN_TABLES[key] = ((bits * 2 - 1).to(dtype), torch.pow(2.0, k).to(dtype) / 2)
+    return _SIGN_TABLES[key]
+
+
+def _sign_gram(part: torch.Tensor) -> torch.Tensor:
+    """Gram matrix of K <= 16 sign vectors [K, m] (m < 2^24) from the histogram of their columns.
+
+    Column j is one of 2^K sign patterns, coded as the integer sum_k 2^(k-1) (v_kj + 1): one [K] x [K, m] product,
+    exact in float32. With counts h over the patterns S, G = S^T diag(h) S; the patterns are split into the low
+    a = min(K, 8) and high b = K - a signs (h as a [2^b, 2^a] table H), so G's blocks are small products:
+    S_a^T diag(H summed over rows) S_a, S_b^T diag(H summed over columns) S_b and S_b^T H S_a. About K
+    multiply-adds per coordinate instead of K^2.
+    """
+    K = part.shape[0]
+    a = min(K, 8)
+    b = K - a
+    S_a, weights = _sign_table(a, part.device, part.dtype)
+    if b:
+        S_b, w_b = _sign_table(b, part.device, part.dtype)
+        weights = torch.cat([weights, w_b * 2**a])
+    code = (weights @ part).add_((2**K - 1) / 2).to(torch.int32)  # int32: a far cheaper conversion than int64
+    H = torch.bincount(code, minlength=2**K).to(part.dtype).view(2**b, 2**a)
+    G = part.new_empty(K, K)
+    G[:a, :a] = (S_a.T * H.sum(0)) @ S_a
+    if b:
+        G[a:, a:] = (S_b.T * H.sum(1)) @ S_b
+        G[a:, :a] = S_b.T @ H @ S_a
+        G[:a, a:] = G[a:, :a].T
+    return G
+
+
 def gram(
-    tangents: torch.Tensor | Sequence[torch.Tensor], per_example: bool = False, chunk: int = 1 << 20
+    tangents: torch.Tensor | Sequence[torch.Tensor],
+    per_example: bool = False,
+    entries: str = "real",
+    chunk: int = 1 << 20,
 ) -> torch.Tensor:
     """Float64 Gram matrix of the tangents, summed over all given tensors.
 
     tangents [K, *S] -> [K, K]; with per_example=True, tangents [K, B, *S] -> [B, K, K] (one per example).
-    Columns are processed in chunks so the float64 copy never exceeds K * chunk (* B) numbers.
+
+    `entries` says what the values are (see `entries()`): "real" -> columns converted to float64 in chunks (the
+    copy never exceeds K * chunk (* B) numbers). "integer" (in {-1, 0, 1}: Rademacher, possibly masked) -> every
+    product and partial sum is an integer, exact in float32 below 2^24, so chunks of up to 2^24 coordinates are
+    reduced in the tangents' own float32/float64 (one matmul, no float64 copy) and only the K x K results summed
+    in float64. "sign" (in {-1, 1}: Rademacher, unmasked) -> for K <= 16 a column histogram (`_sign_gram`), else
+    as "integer". All three give the same float64 result, bit for bit, for such tangents.
     """
+    if entries not in ENTRIES:
+        raise ValueError(f"entries must be one of {ENTRIES}, got {entries!r}")
     G: torch.Tensor | None = None
     for t in _as_list(tangents):
         K = t.shape[0]
+        exact = entries != "real" and t.dtype in (torch.float32, torch.float64)
+        codes = exact and entries == "sign" and not per_example and 1 < K <= _MAX_CODE_BITS
+        step = 1 << 24 if exact else chunk
         if per_example:
             B = t.shape[1]
             flat = t.reshape(K, B, -1).transpose(0, 1)  # [B, K, m]
-            step = max(1, chunk // max(1, B))
+            step = step if exact else max(1, chunk // max(1, B))
             for s in range(0, flat.shape[-1], step):
-                part = flat[..., s : s + step].double()
-                g = part @ part.transpose(1, 2)
+                part = flat[..., s : s + step] if exact else flat[..., s : s + step].double()
+                g = torch.bmm(part, part.transpose(1, 2)).double()
                 G = g if G is None else G + g
         else:
             flat = t.reshape(K, -1)
-            for s in range(0, flat.shape[-1], chunk):
-                part = flat[:, s : s + chunk].double()
-                g = part @ part.T
+            for s in range(0, flat.shape[-1], step):
+                part = flat[:, s : s + step] if exact else flat[:, s : s + step].double()
+                g = (_sign_gram(part) if codes else part @ part.T).double()
                 G = g if G is None else G + g
     if G is None:
         raise ValueError("gram() needs at least one tangent tensor")
     return G
 
 
-def solve_projection(G: torch.Tensor, d: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """c = G^+ d in float64 (G [K,K] with d [K], or G [B,K,K] with d [K,B]); returns d's shape and dtype.
-
-    `dim` is the dimension of the tangent space (for the rank tolerance); unknown -> a conservative 1e6.
-    """
+def _solve_psd(G: torch.Tensor, rhs: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """G^+ rhs for float64 Gram matrices G [B, K, K] and right-hand sides rhs [B, K, R]."""
     rtol = _RTOL_PER_DIM * max(dim or 10**6, G.shape[-1])
     # Symmetrise: the two float64 triangles can differ in the last bit after chunked summation.
     Gs = 0.5 * (G + G.transpose(-1, -2))
-    pinv = torch.linalg.pinv(Gs, hermitian=True, rtol=rtol)
-    if d.dim() == 1:
-        c = pinv @ d.double()
+    # Fast route, Cholesky: taken where it certifies that the pseudo-inverse would keep every eigenvalue, i.e. a
+    # lower bound on the smallest, 1 / ||L^-1||_F^2, exceeds the cut-off rtol * trace (>= rtol * the largest).
+    # There G^+ = G^-1. Elsewhere (rank deficient, K > dimension, or too close to it) the eigenvalue pseudo-inverse.
+    L, info = torch.linalg.cholesky_ex(Gs)
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device).expand_as(Gs)
+    L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+    smallest = 1 / L_inv.square().sum((-1, -2))
+    ok = (info == 0) & torch.isfinite(smallest) & (smallest > rtol * Gs.diagonal(dim1=-2, dim2=-1).sum(-1))
+    c = torch.cholesky_solve(rhs, L)
+    if not bool(ok.all()):
+        bad = ~ok
+        c[bad] = torch.linalg.pinv(Gs[bad], hermitian=True, rtol=rtol) @ rhs[bad]
+    return c
+
+
+def solve_projection(G: torch.Tensor, d: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """c = G^+ d in float64; returns d's shape and dtype.
+
+    G [K, K] with d [K, *R] (one Gram matrix for every column of d), or G [B, K, K] with d [K, B, *R] (example b's
+    Gram matrix for the columns d[:, b]). `dim` is the dimension of the tangent space (for the rank tolerance);
+    unknown -> a conservative 1e6.
+    """
+    K = G.shape[-1]
+    if G.dim() == 2:
+        c = _solve_psd(G.unsqueeze(0), d.double().reshape(1, K, -1), dim)[0]
     else:
-        c = (pinv @ d.double().T.unsqueeze(-1)).squeeze(-1).T  # [B,K,K] @ [B,K,1] -> [K,B]
-    return c.to(d.dtype)
+        rhs = d.double().reshape(K, G.shape[0], -1).transpose(0, 1)  # [B, K, R]
+        c = _solve_psd(G, rhs, dim).transpose(0, 1)
+    return c.reshape(d.shape).to(d.dtype)
 
 
 def coefficients(
@@ -185,13 +272,13 @@ def dimension(tangents: torch.Tensor | Sequence[torch.Tensor], per_example: bool
 
 
 def aggregate(
-    tangents: torch.Tensor | Sequence[torch.Tensor], d: torch.Tensor, aggregation: str
+    tangents: torch.Tensor | Sequence[torch.Tensor], d: torch.Tensor, aggregation: str, entries: str = "real"
 ) -> list[torch.Tensor]:
     """The estimate(s) from tangents and directional derivatives; per-example when d is [K, B].
 
-    Returns one tensor per tangent tensor, without the K dimension.
+    Returns one tensor per tangent tensor, without the K dimension. `entries` as in `gram`.
     """
     per_example = d.dim() == 2
-    G = gram(tangents, per_example=per_example) if aggregation == "orthogonal" else None
+    G = gram(tangents, per_example, entries) if aggregation == "orthogonal" else None
     c = coefficients(d, aggregation, G, dimension(tangents, per_example))
     return combine(tangents, c)

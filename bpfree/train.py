@@ -26,12 +26,30 @@ from tqdm import tqdm
 from bpfree import data as datasets
 from bpfree import distributed, methods, models
 from bpfree.errors import DivergedError, UsageError
+from bpfree.runfolder import (
+    RunLock,
+    append_line,
+    atomic_write_bytes,
+    describe_os_error,
+    first_line,
+    read_json,
+    read_metrics,
+    remove_temp_files,
+    signals_deferred,
+    write_lines,
+)
 from bpfree.transfer import load_backbone
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 FAILED = "failed.json"  # written when a run diverges (by `compare` also when it fails otherwise)
+RUN_FILES = (CHECKPOINT, METRICS, CONFIG, FAILED)  # written atomically (temp files are cleaned up on start and exit)
+
+
+def note(message: str) -> None:
+    """A one-line notice on stderr (not an error)."""
+    print(f"bpfree: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -161,24 +179,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write via a temp file in the same folder, fsync, then rename: a kill leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def append_line(path: Path, record: dict[str, Any]) -> None:
-    """One JSON line in a single write; a torn last line (no newline) is dropped when the run resumes."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """A saved config with today's defaults filled into its method and model options.
 
@@ -200,16 +200,6 @@ def record_failure(out: Path, config: dict[str, Any], kind: str, error: str, det
     out.mkdir(parents=True, exist_ok=True)
     record = {"kind": kind, "error": error, "detail": detail, "config": json.loads(json.dumps(config))}
     atomic_write_bytes(out / FAILED, lambda f: f.write(json.dumps(record, indent=2).encode()))
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines(keepends=True):
-        if line.endswith("\n") and line.strip():
-            records.append(json.loads(line))
-    return records
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -241,7 +231,11 @@ def evaluate(
 
 
 class Run:
-    """Everything one training run holds; `train` drives it epoch by epoch."""
+    """Everything one training run holds; `train` drives it epoch by epoch.
+
+    Rank 0 holds the run folder's lock from the start of `__init__` (so that a folder in use, or a bad --resume,
+    is refused before any data is loaded) until `train` ends, however it ends, or `close` is called.
+    """
 
     def __init__(self, cfg: TrainConfig, data=None, show_progress: bool | None = None, log_epochs: bool = False):
         cfg.check()
@@ -253,6 +247,21 @@ class Run:
         self.log_epochs = log_epochs and self.group.is_main
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
         self.show_progress = self.show_progress and self.group.is_main
+        self.lock: RunLock | None = None
+        self.records: list[dict[str, Any]] = []  # every epoch's metrics record, also those of earlier sessions
+        self.epoch = 0
+        self._checked: dict[str, Any] | None = None  # rank 0: the checkpoint state checked before resuming
+        try:
+            resume_from = self.open_run_folder()
+            self._build(data)
+            if resume_from is not None:
+                self.load_checkpoint(resume_from)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, data) -> None:
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -279,9 +288,13 @@ class Run:
             if self.data.num_train - (self.steps_per_epoch - 1) * cfg.batch_size < self.group.world_size:
                 self.steps_per_epoch -= 1
         self.schedule = make_schedule(cfg, self.optimizer, self.steps_per_epoch)
-        self.epoch = 0
 
     # -- persistence -------------------------------------------------------------------------------------------
+    # Every epoch rank 0 first writes the checkpoint, which holds the metrics records of all epochs so far,
+    # atomically, and then appends the epoch's line to metrics.jsonl. Whatever a kill interrupts, the checkpoint
+    # covers every line on disk; a resume rewrites metrics.jsonl from the checkpoint's records, so no epoch is lost
+    # (a torn last line is restored) or doubled. A kill before the first checkpoint leaves no run to resume: the
+    # run starts again from epoch 1.
     def save_checkpoint(self) -> None:
         state = {
             "epoch": self.epoch,
@@ -290,64 +303,147 @@ class Run:
             "schedule": self.schedule.state_dict(),
             "estimator": self.estimator.state_dict(),
             "rng": rng_state(),
+            "records": self.records,
         }
         atomic_write_bytes(self.out / CHECKPOINT, lambda f: torch.save(state, f))
 
-    def load_checkpoint(self) -> None:
-        """Every rank loads rank 0's checkpoint (sent over the group: ranks need not share a file system)."""
+    def save_epoch(self, record: dict[str, Any]) -> None:
+        """Rank 0: the checkpoint, then the metrics line. SIGINT / SIGTERM wait until both are on disk."""
+        with signals_deferred():
+            try:
+                self.save_checkpoint()
+                append_line(self.out / METRICS, record)
+            except OSError as e:
+                raise UsageError(f"cannot save epoch {self.epoch}: {describe_os_error(e, self.out)}") from None
+
+    def parse_checkpoint(self, raw: bytes) -> dict[str, Any]:
+        """A checkpoint's state, checked to be one bpfree wrote (loaded with weights_only=True: no code runs)."""
         path = self.out / CHECKPOINT
+        if not raw:
+            raise UsageError(f"cannot resume from {path}: the file is empty; delete it to start the run again")
         try:
-            raw = self.group.broadcast_bytes(path.read_bytes() if self.group.is_main else None)
             state = torch.load(io.BytesIO(raw), map_location=self.device, weights_only=True)
-        except Exception as e:
-            raise UsageError(f"cannot resume from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.estimator.load_state_dict(state["estimator"])
-        set_rng_state(state["rng"])
+        except Exception as e:  # torch reports a damaged or foreign file with many exception types
+            raise UsageError(f"cannot resume from {path}: not a readable checkpoint "
+                             f"({type(e).__name__}: {first_line(e)[:200]})") from None
+        keys = ("epoch", "model", "optimizer", "schedule", "estimator", "rng")
+        missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+        if missing:
+            raise UsageError(f"cannot resume from {path}: not a bpfree checkpoint (no {', '.join(missing)})")
+        if not isinstance(state["epoch"], int) or state["epoch"] < 0:
+            raise UsageError(f"cannot resume from {path}: its epoch is {state['epoch']!r}")
+        return state
+
+    def load_checkpoint(self, raw: bytes) -> None:
+        """Every rank resumes from rank 0's checkpoint (sent over the group: ranks need not share a file system)."""
+        state = self._checked if self._checked is not None else self.parse_checkpoint(raw)
+        self._checked = None
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            self.estimator.load_state_dict(state["estimator"])
+            set_rng_state(state["rng"])
+        except Exception as e:  # a checkpoint of another model or method: torch raises several kinds
+            raise UsageError(f"cannot resume from {self.out / CHECKPOINT}: it does not fit this run "
+                             f"({type(e).__name__}: {first_line(e)[:200]})") from None
         self.epoch = state["epoch"]
+        if "records" in state:
+            self.records = list(state["records"])
+        elif self.group.is_main:  # a checkpoint from before records were kept in it: the metrics it covers
+            self.records = [r for r in read_metrics(self.out / METRICS) if r["epoch"] <= self.epoch]
 
-    def prepare_output(self) -> None:
-        """Create the run folder; refuse to overwrite an existing run unless resuming.
-
-        Rank 0 checks and writes the folder; the other ranks of a data-parallel run learn its verdict (an error,
-        or whether to resume) from a broadcast, and all load the same checkpoint.
-        """
-        error, resume = None, False
+    def open_run_folder(self) -> bytes | None:
+        """Rank 0 locks and checks the run folder; every rank learns the verdict: an error, or the checkpoint to
+        resume from (None: a fresh start). Broadcast, so that no rank hangs on an error found by rank 0."""
+        error, raw = None, None
         if self.group.is_main:
             try:
-                resume = self._prepare_run_folder()
+                raw = self._check_run_folder()
             except UsageError as e:
                 error = e
         self.group.broadcast_error(error)
-        if self.group.broadcast_bytes(b"1" if resume else b"0") == b"1":
-            self.load_checkpoint()
-            if self.group.is_main:
-                # Drop metrics of epochs the checkpoint does not cover (a kill between the two writes) and torn lines.
-                kept = [r for r in read_metrics(self.out / METRICS) if r["epoch"] <= self.epoch]
-                atomic_write_bytes(self.out / METRICS, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept)
-                                                                          .encode()))
+        if self.group.broadcast_bytes(b"0" if raw is None else b"1") == b"0":
+            return None
+        return self.group.broadcast_bytes(raw)
 
-    def _prepare_run_folder(self) -> bool:
-        """Rank 0: check the folder against the config and write config.json. Returns whether the run resumes."""
-        # As stored (tuples become lists); world_size: a resumed run must keep the number of ranks.
-        config = with_defaults(json.loads(json.dumps({**asdict(self.cfg), "resume": False,
-                                                      "world_size": self.group.world_size})))
-        config_path = self.out / CONFIG
-        resume = self.cfg.resume and (self.out / CHECKPOINT).exists()
-        if resume:
-            saved = with_defaults(json.loads(config_path.read_text())) if config_path.exists() else {}
+    def _check_run_folder(self) -> bytes | None:
+        """Rank 0: refuse a folder in use, an existing run without --resume, a --resume with nothing to resume or
+        with other settings; the checkpoint's bytes when resuming."""
+        cfg, out = self.cfg, self.out
+        # torchrun --max-restarts N with --resume from the start: the first attempt starts the run.
+        restartable = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+        checkpoint, config_path = out / CHECKPOINT, out / CONFIG
+        try:
+            if cfg.resume and not out.exists() and not restartable:
+                raise UsageError(f"--resume: {out} does not exist, so there is no run to continue (check --out)")
+            self.lock = RunLock(out).acquire()
+            remove_temp_files(out, RUN_FILES)
+            if not cfg.resume:
+                if checkpoint.exists() or (out / METRICS).exists():
+                    raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+                return None
+            if not checkpoint.exists():
+                if not config_path.exists() and not restartable:
+                    raise UsageError(f"--resume: {out} holds no run ({CONFIG} and {CHECKPOINT} are missing)")
+                if config_path.exists():
+                    note(f"{out} has no checkpoint yet (stopped in its first epoch): starting the run from epoch 1")
+                return None
+            saved = with_defaults(read_json(config_path)) if config_path.exists() else {}
+            config = self.stored_config()
             # Everything but the epoch budget must match, or the resumed run would silently differ.
             changed = [k for k in config if k not in ("epochs", "resume", "device", "out", "data_root", "dist_timeout")
                        and k in saved and saved[k] != config[k]]
             if changed:
-                raise UsageError(f"--resume with a different {', '.join(changed)} than the run in {self.out}")
-        elif (self.out / CHECKPOINT).exists() or (self.out / METRICS).exists():
-            raise UsageError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(config_path, lambda f: f.write(json.dumps(config, indent=2).encode()))
-        return resume
+                raise UsageError(f"--resume with a different {', '.join(changed)} than the run in {out}")
+            raw = checkpoint.read_bytes()
+        except OSError as e:
+            raise UsageError(f"cannot use {out} as a run folder: {describe_os_error(e)}") from None
+        self._checked = self.parse_checkpoint(raw)  # loaded once: load_checkpoint uses it
+        self.check_budget(saved.get("epochs", cfg.epochs), self._checked["epoch"])
+        return raw
+
+    def check_budget(self, planned: int, done: int) -> None:
+        """A resumed run may change its number of epochs only where that changes nothing already trained."""
+        epochs, schedule = self.cfg.epochs, self.cfg.schedule
+        if epochs == planned:
+            return
+        if epochs < done:
+            raise UsageError(f"--resume with --epochs {epochs}, but the run in {self.out} has already trained "
+                             f"{done} epochs")
+        if schedule != "constant":
+            raise UsageError(f"--resume with --epochs {epochs}, but the run in {self.out} was started with "
+                             f"--epochs {planned} and its {schedule} schedule depends on that total; keep "
+                             f"--epochs {planned} or start a new run")
+        # Constant schedule (warm-up included): the learning rate of every step is independent of the total.
+        note(f"{self.out}: the run's budget changes from {planned} to {epochs} epochs "
+             "(exact: the constant schedule does not depend on the total)")
+
+    def stored_config(self) -> dict[str, Any]:
+        """The config as config.json stores it (tuples become lists); world_size: a resumed run keeps its ranks."""
+        return with_defaults(json.loads(json.dumps({**asdict(self.cfg), "resume": False,
+                                                    "world_size": self.group.world_size})))
+
+    def write_run_folder(self) -> None:
+        """Rank 0, before the first epoch of this session: config.json, metrics.jsonl as the checkpoint has it."""
+        config = self.stored_config()
+        try:
+            atomic_write_bytes(self.out / CONFIG, lambda f: f.write(json.dumps(config, indent=2).encode()))
+            if self.epoch > 0 or (self.out / METRICS).exists():
+                write_lines(self.out / METRICS, self.records)
+            (self.out / FAILED).unlink(missing_ok=True)  # a resumed run is trying again
+        except OSError as e:
+            raise UsageError(f"cannot write the run folder: {describe_os_error(e, self.out)}") from None
+
+    def close(self) -> None:
+        """Release the run folder (rank 0): temp files of interrupted writes removed, then the lock."""
+        if self.lock is not None:
+            try:
+                remove_temp_files(self.out, RUN_FILES)
+            except OSError:
+                pass  # the next run removes them
+            self.lock.release()
+            self.lock = None
 
     # -- training --------------------------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
@@ -366,12 +462,12 @@ class Run:
         for step, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            result = self.estimator.step(x, y)
+            try:
+                result = self.estimator.step(x, y)
+            except DivergedError as e:  # an estimator found non-finite values of its own (e.g. ff's scores)
+                raise self.diverged(str(e), step) from None
             if not torch.isfinite(result.loss):
-                raise DivergedError(
-                    f"loss became {result.loss.item()} at epoch {self.epoch + 1}, step {step + 1}; "
-                    f"last good checkpoint kept in {self.out / CHECKPOINT} (try a lower --lr)"
-                )
+                raise self.diverged(f"loss became {result.loss.item()}", step)
             n = len(y)
             if group.active:  # every rank now holds the update of the whole global batch (the estimator's policy)
                 self.estimator.all_reduce_gradients(group, n)
@@ -393,12 +489,22 @@ class Run:
             record["comm_bytes_per_step"] = (group.bytes - sent) / (step + 1)
         return record
 
+    def diverged(self, what: str, step: int) -> DivergedError:
+        kept = (f"the checkpoint of epoch {self.epoch} is kept in {self.out / CHECKPOINT}" if self.epoch
+                else "no checkpoint was written (the first epoch had not finished)")
+        return DivergedError(f"{what} at epoch {self.epoch + 1}, step {step + 1}; {kept} (try a lower --lr)")
+
     def train(self) -> list[dict[str, Any]]:
-        self.prepare_output()
+        """Train the remaining epochs; returns every epoch's metrics record (earlier sessions' too)."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> list[dict[str, Any]]:
         cfg = self.cfg
-        records: list[dict[str, Any]] = []  # this session's epochs (ranks > 0 have no metrics file to read)
         if self.group.is_main:
-            (self.out / FAILED).unlink(missing_ok=True)  # a resumed run is trying again
+            self.write_run_folder()
         while self.epoch < cfg.epochs:
             start = time.perf_counter()
             try:
@@ -413,15 +519,14 @@ class Run:
             record = {"epoch": self.epoch, **record, "test_error": test_error, "test_loss": test_loss,
                       "seconds": seconds, "lr": self.optimizer.param_groups[0]["lr"],
                       "peak_memory_mb": peak_memory_mb(self.device)}
-            records.append(record)
+            self.records.append(record)
             if self.group.is_main:
-                append_line(self.out / METRICS, record)
-                self.save_checkpoint()
+                self.save_epoch(record)
             if self.log_epochs:
                 tqdm.write(f"epoch {self.epoch}: train loss {record['train_loss']:.4f}, "
                            f"train error {record['train_error']:.2f} %, test error {test_error:.2f} % "
                            f"({seconds:.1f} s)", file=sys.stderr)
-        return read_metrics(self.out / METRICS) if self.group.is_main else records
+        return list(self.records)
 
 
 def train(

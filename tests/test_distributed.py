@@ -2,12 +2,10 @@
 bytes per step per method, a dead rank stops the others, and --resume (through `bpfree train --nproc 2`) continues.
 """
 
-import gzip
 import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -18,8 +16,6 @@ import torch
 
 from bpfree import methods, models
 from bpfree.cli import main
-from bpfree.data import load
-from bpfree.data.datasets import MNIST_FILES
 from bpfree.distributed import LOCAL, Group, strip_nproc
 from bpfree.train import TrainConfig, read_metrics, train
 
@@ -41,25 +37,6 @@ RUNS = {
     # A last batch of 1 example cannot be shared by 2 ranks: both drop it (instead of a NaN loss on an empty shard).
     "bp-tail": dict(method="bp", train_size=201, batch_size=100),
 }
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    """The 8x8 digits stored as MNIST IDX files: the ranks load them without importing scikit-learn (seconds of
-    start-up per process on the two-core test machine)."""
-    root = tmp_path_factory.mktemp("data")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    digits = load("digits")
-    arrays = [digits.train_x[:256], digits.train_y[:256], digits.test_x[:120], digits.test_y[:120]]
-    for name, a in zip(MNIST_FILES, arrays):
-        if a.dim() > 1:  # back from the normalised floats to bytes
-            a = ((a[:, 0] * 0.4 + 0.3) * 255).round().clamp(0, 255)
-        a = a.to(torch.uint8).numpy()
-        with gzip.open(raw / name, "wb") as f:
-            f.write(struct.pack(">I", 2051 if a.ndim == 3 else 2049) + struct.pack(f">{a.ndim}I", *a.shape)
-                    + a.tobytes())
-    return root
 
 
 def free_port() -> int:

@@ -118,18 +118,21 @@ def test_fa_with_transposed_weights_is_backprop() -> None:
 # --------------------------------------------------------------------------------------------------- DFA, FDFA
 
 
-@pytest.mark.parametrize("method", ["dfa", "fdfa"])
+@pytest.mark.parametrize("method,timing", [("dfa", None), ("fdfa", "before"), ("fdfa", "after")])
 @pytest.mark.parametrize("fast", [True, False])
-def test_direct_feedback_mlp_matches_formula(method: str, fast: bool) -> None:
+def test_direct_feedback_mlp_matches_formula(method: str, timing: str | None, fast: bool) -> None:
+    """The signal is e·B with B from before this step's feedback update (fdfa's default, the public code's), or
+    from after it (--feedback-timing after)."""
     torch.manual_seed(0)
     net = build_model("mlp", 3, (4,), hidden=(5, 6)).double()
-    est = build(method, net, seed=1)
+    est = build(method, net, seed=1, **({} if timing is None else {"feedback_timing": timing}))
     if not fast:
         est.fast = None  # force the generic autograd / forward-AD path
     x, y = batch()
-    for _ in range(2):  # fdfa: B starts at zero, so look at the second step
-        est.step(x, y)
-    B1, B2 = est.feedback
+    est.step(x, y)  # fdfa: B starts at zero, so look at the second step
+    before = [b.clone() for b in est.feedback]
+    est.step(x, y)
+    B1, B2 = est.feedback if timing == "after" else before
     assert B1.shape == (3, 5) and B2.shape == (3, 6)
     l1, l2, l3 = net[1], net[3], net[5]
     with torch.no_grad():
@@ -172,11 +175,12 @@ def test_direct_feedback_blocks_are_local(method: str, model: str, shape: tuple[
     net = build_model(model, 3, shape, **kw).double().eval()  # eval: BN stats stay put between the two runs
     est = build(method, net, seed=1)
     x, y = batch(n=6, shape=shape)
-    for _ in range(2):
-        est.step(x, y)
+    est.step(x, y)
+    feedback = [b.clone() for b in est.feedback]  # fdfa's signal uses B from before the step's update
+    est.step(x, y)
     got = [p.grad.clone() for p in net.parameters()]
     blocks = [*est.hidden, est.output]
-    ref = local_reference(blocks, x, y, est.feedback)
+    ref = local_reference(blocks, x, y, feedback)
     assert len(got) == len(ref)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
@@ -364,7 +368,7 @@ def test_models_shapes() -> None:
 
 
 def tiny_mixer(blocks: int = 2) -> nn.Module:
-    """Two blocks on a 2x2 patch grid (so token mixing and the LG link are present), 2 groups, float64."""
+    """Two blocks on a 2x2 patch grid (so token mixing is present), 2 groups, float64."""
     torch.manual_seed(0)
     model = build_model("localmixer-m8-16", 3, (1, 4, 4), blocks=blocks, grid=2, channels=8, groups=2).double()
     with torch.no_grad():  # non-zero readout and biases: nothing degenerate at init
@@ -377,7 +381,7 @@ def tiny_mixer(blocks: int = 2) -> nn.Module:
 
 @pytest.mark.parametrize("method,reference", [("l-fa", "l-bp"), ("lg-fa", "lg-bp"), ("fa", "bp")])
 def test_mixer_fa_with_feedback_equal_to_weights_is_its_bp(method: str, reference: str) -> None:
-    """B = W must reproduce the backprop rule exactly (every unit linear, the LG link, heads, readout);
+    """B = W must reproduce the backprop rule exactly (every unit linear, heads, readout);
     random B must change every block weight's update but no head's or readout's (those stay exact)."""
     model = tiny_mixer()
     x, y = batch(n=5, shape=(1, 4, 4))
@@ -518,45 +522,20 @@ def test_fdfa_feedback_optimizer_options() -> None:
         build("fdfa", net, feedback_optimizer="rmsprop")
 
 
-def test_lg_fa_matches_naive_group_copies_with_random_feedback() -> None:
-    """lg-fa's token-mixing update (the one place LG differs from L) against per-group autograd through FA linears:
-    the LG gradient at the channel unit's activity a1, masked to one group g at a time, pushed back through the
-    channel unit (with B1 in place of W1) to the token unit's activity a0, keeping only group g there."""
-    from bpfree.losses import local_loss_grid
-    from bpfree.methods.feedback_alignment import mixer_linear_hook
-    from bpfree.models.localmixer import layer_norm
-
+def test_lg_fa_is_l_fa_with_random_feedback() -> None:
+    """Under the authors' LG target (the ordinary block-local gradient at every unit) lg-fa's update is l-fa's,
+    through the loss grid, with the same random feedback."""
     model = tiny_mixer()
     x_img, y = batch(n=5, shape=(1, 4, 4))
     est = build("lg-fa", model, seed=4)
     est.step(x_img, y)
-    block, groups = model.blocks[1], model.blocks[1].groups
-    with torch.no_grad():
-        x = model.blocks[0](model.tokens(x_img))
-    lin = mixer_linear_hook(1, block, est.feedback)
-    a0 = layer_norm(lin("token", layer_norm(x)))
-    a0_leaf = a0.detach().requires_grad_()
-    a1 = layer_norm(lin("channel", layer_norm(torch.relu(a0_leaf))))
-    a1_leaf = a1.detach().requires_grad_()
-    out = torch.relu(layer_norm(lin("group", layer_norm(torch.relu(a1_leaf), groups)), groups) + x)
-    grid = local_loss_grid(out, groups, est.local_loss_fn(1, y))
-    (g_a1,) = torch.autograd.grad(grid.values(out).sum((1, 2)).mean(), a1_leaf)
-    g_a0 = torch.zeros_like(a0)
-    c = a0.shape[-1] // groups
-    for g in range(groups):
-        mask = torch.zeros(a0.shape[-1], dtype=a0.dtype)
-        mask[g * c : (g + 1) * c] = 1
-        (part,) = torch.autograd.grad(a1, a0_leaf, g_a1 * mask, retain_graph=True)
-        g_a0 += part * mask
-    ref_token = torch.autograd.grad(a0, block.token_mix.weight, g_a0)[0]
-    ref_channel = torch.autograd.grad(a1, block.channel.weight, g_a1)[0]
-    torch.testing.assert_close(block.token_mix.weight.grad, ref_token)
-    torch.testing.assert_close(block.channel.weight.grad, ref_channel)
-    # and it is not the l-fa (block-wise) update, which lets group g's signal reach every group of a0
+    lg_fa = {n: p.grad.clone() for n, p in model.named_parameters()}
     est_l = build("l-fa", model, seed=4)
     est_l.feedback = est.feedback
     est_l.step(x_img, y)
-    assert not torch.allclose(block.token_mix.weight.grad, ref_token)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, lg_fa[n], msg=n)
+    assert model.blocks[1].token_mix.weight.grad.abs().sum() > 0
 
 
 def test_dfa_on_localmixer_is_each_units_local_backward() -> None:
@@ -597,3 +576,50 @@ def test_dfa_on_localmixer_is_each_units_local_backward() -> None:
             for p, r in zip(params, ref):
                 torch.testing.assert_close(got[name[id(p)]], r, msg=name[id(p)])
         h = units[-1][0]
+
+
+# ------------------------------------------------------------------- defaults of the public FDFA code (issue 17)
+
+
+@pytest.mark.parametrize("init", ["kaiming-uniform", "normal"])
+def test_dfa_feedback_init_statistics(init: str) -> None:
+    """kaiming-uniform (default): U(±√(6/n)), std √(2/n) for n outputs; normal: N(0, 1/classes)."""
+    torch.manual_seed(0)
+    n, classes = 400, 10
+    net = build_model("mlp", classes, (8,), hidden=(n,))
+    est = build("dfa", net, seed=3, **({} if init == "kaiming-uniform" else {"feedback_init": init}))
+    est.step(torch.randn(16, 8), torch.randint(0, classes, (16,)))
+    (b,) = est.feedback
+    assert b.shape == (classes, n)
+    std = (2 / n) ** 0.5 if init == "kaiming-uniform" else classes**-0.5
+    assert abs(float(b.std()) - std) < 0.05 * std, (float(b.std()), std)
+    assert abs(float(b.mean())) < 4 * std / (classes * n) ** 0.5
+    if init == "kaiming-uniform":
+        assert float(b.abs().max()) <= (6 / n) ** 0.5
+        assert float(b.abs().max()) > 0.95 * (6 / n) ** 0.5  # uniform: fills its range
+    else:
+        assert float(b.abs().max()) > 3 * std  # normal: tails beyond any uniform of this std
+    with pytest.raises(UsageError):
+        build("dfa", net, feedback_init="zeros")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fdfa_feedback_timing_from_a_zero_start(fast: bool) -> None:
+    """B starts at zero. With timing before (default, the public code) the first hidden update is exactly zero;
+    with after, the first step already uses the learned B, so it is not."""
+    for timing in ["before", "after"]:
+        torch.manual_seed(0)
+        net = build_model("mlp", 3, (4,), hidden=(5, 6)).double()
+        est = build("fdfa", net, seed=1, feedback_lr=0.5, **({} if timing == "before" else {"feedback_timing": timing}))
+        if not fast:
+            est.fast = None
+        est.step(*batch())
+        hidden = [p.grad for p in [*net[1].parameters(), *net[3].parameters()]]
+        assert all(torch.isfinite(g).all() for g in hidden)
+        assert net[5].weight.grad.abs().sum() > 0  # the output layer takes its exact gradient either way
+        if timing == "before":
+            assert all(torch.all(g == 0) for g in hidden)
+        else:
+            assert all(g.abs().sum() > 0 for g in hidden)
+    with pytest.raises(UsageError):
+        build("fdfa", net, feedback_timing="during")

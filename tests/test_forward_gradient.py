@@ -255,3 +255,61 @@ def test_batchnorm_generic_path() -> None:
     assert torch.allclose(_estimate(est, x, y), g, atol=1e-9)
     with pytest.raises(UsageError):
         build("fg-a", model, tangents=2).step(x, y)
+
+
+def test_gram_of_integer_entries_matches_float64_bit_for_bit() -> None:
+    """Rademacher tangents (some entries masked to 0): the float32 Gram route equals the float64 one exactly."""
+    gen = torch.Generator().manual_seed(0)
+    V = [T.sample((5, 40, 30), "rademacher", gen), T.sample((5, 7), "rademacher", gen)]
+    V[0][:, :, :4] = 0
+    assert torch.equal(T.gram(V, entries="integer"), T.gram([v.double() for v in V]))
+    U = T.sample((5, 3, 50), "rademacher", gen) * (torch.rand(3, 50, generator=gen) > 0.5)
+    assert torch.equal(T.gram(U, True, "integer"), T.gram(U.double(), True))
+    # unmasked signs: the histogram route (K <= 16) and the matmul route (K > 16) equal float64
+    for K in (2, 16, 17):
+        W = [T.sample((K, 33, 9), "rademacher", gen), T.sample((K, 5), "rademacher", gen)]
+        assert torch.equal(T.gram(W, entries="sign"), T.gram([w.double() for w in W]))
+        assert torch.equal(T.gram([w.double() for w in W], entries="sign"), T.gram([w.double() for w in W]))
+
+
+@pytest.mark.parametrize("dist", ["normal", "rademacher"])
+def test_orthogonal_projection_is_stable_for_nearly_dependent_tangents(dist: str) -> None:
+    """Float32 tangents, the last one nearly equal to the first. Normal: the Gram matrix's condition number is ~4e8,
+    beyond float32; the projection still agrees with a float64 reference built from the same float32 tangents and
+    directional derivatives, a float32 Gram inverse does not. Rademacher (two of 4000 signs flipped): the small
+    eigenvalue is kept, not cut as rank deficiency, and the integer Gram route agrees with the reference."""
+    gen = torch.Generator().manual_seed(0)
+    K, n = 6, 4000
+    V = T.sample((K, n), dist, gen)
+    if dist == "normal":
+        V[-1] = V[0] + 1e-4 * T.sample((n,), "normal", gen)
+    else:
+        V[-1] = V[0]
+        V[-1, :2] *= -1  # two of 4000 signs differ
+    g = torch.randn(n, generator=gen)
+    d = V @ g  # float32, as the estimators compute it
+    (est,) = T.aggregate(V, d, "orthogonal", entries=T.entries(dist))
+    V64 = V.double()
+    ref = torch.linalg.solve(V64 @ V64.T, d.double()) @ V64
+    rel = lambda a: float((a.double() - ref).norm() / ref.norm())  # noqa: E731
+    assert rel(est) < 1e-3
+    if dist == "normal":
+        assert rel(torch.linalg.inv(V @ V.T) @ d @ V) > 1e-2  # the test can fail: float32 inverse is far off
+
+
+def test_projection_solve_takes_the_pseudo_inverse_where_the_gram_is_singular() -> None:
+    """Per-example Gram matrices in one batch: full rank (fast Cholesky route), K > dimension and a repeated
+    tangent (singular: pseudo-inverse route). Every example's coefficients give the projection."""
+    gen = torch.Generator().manual_seed(0)
+    K = 4
+    V = torch.zeros(K, 3, 6, dtype=torch.float64)
+    V[:, 0] = torch.randn(K, 6, generator=gen, dtype=torch.float64)  # rank 4 in 6 dimensions
+    V[:, 1, :3] = torch.randn(K, 3, generator=gen, dtype=torch.float64)  # 4 tangents in 3 dimensions
+    V[:, 2] = torch.randn(K, 6, generator=gen, dtype=torch.float64)
+    V[3, 2] = V[0, 2]  # a repeated tangent
+    g = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    d = torch.einsum("kbn,bn->kb", V, g)
+    (est,) = T.aggregate(V, d, "orthogonal")
+    for b in range(3):
+        assert torch.allclose(est[b], _projection(V[:, b], g[b]), atol=1e-10)
+    assert torch.allclose(est[1, :3], g[1, :3]) and est[1, 3:].abs().max() == 0

@@ -43,23 +43,48 @@ def tiny(blocks: int = 2, grid: int = 2, channels: int = 8, groups: int = 2, hea
     return model.double()
 
 
+def naive_slot_norm(v: torch.Tensor) -> torch.Tensor:
+    """Non-affine LayerNorm of one token's channels of one group (last dim), from its definition."""
+    mean = v.sum(-1, keepdim=True) / v.shape[-1]
+    var = ((v - mean) ** 2).sum(-1, keepdim=True) / v.shape[-1]
+    return (v - mean) / torch.sqrt(var + 1e-5)
+
+
+def naive_head_input(h: torch.Tensor, groups: int, live: tuple[int, int] | None = None) -> torch.Tensor:
+    """The authors' local-head input, token by token and group by group: every (patch, group) slot of h
+    [B, P, C] normalised on its own, then the average over patches -> [B, C]. With `live` = (p, g) every other
+    slot is under stop-gradient (one copy of the paper's loss grid)."""
+    b, p, c = h.shape
+    cg = c // groups
+    total = torch.zeros(b, c, dtype=h.dtype)
+    for pi in range(p):
+        for g in range(groups):
+            slot = h[:, pi, g * cg : (g + 1) * cg]
+            if live is not None and live != (pi, g):
+                slot = slot.detach()
+            pad = [torch.zeros(b, g * cg, dtype=h.dtype), naive_slot_norm(slot),
+                   torch.zeros(b, c - (g + 1) * cg, dtype=h.dtype)]
+            total = total + torch.cat(pad, -1)
+    return total / p
+
+
 def naive_copy_losses(h: torch.Tensor, groups: int, loss_fn) -> torch.Tensor:
     """[B, P, G] losses from P x G explicit copies with the paper's stop-gradient construction."""
     b, p, c = h.shape
-    cg = c // groups
-    out = torch.zeros(b, p, groups, dtype=h.dtype)
-    rows = []
-    for pi in range(p):
-        row = []
-        for g in range(groups):
-            sl = slice(g * cg, (g + 1) * cg)
-            pooled = h.detach().mean(1).clone()
-            others = h.detach().sum(1) - h[:, pi].detach()
-            pooled[:, sl] = (h[:, pi, sl] + others[:, sl]) / p
-            row.append(loss_fn(pooled))
-        rows.append(torch.stack(row, -1))
-    out = torch.stack(rows, 1)
-    return out
+    rows = [torch.stack([loss_fn(naive_head_input(h, groups, (pi, g))) for g in range(groups)], -1)
+            for pi in range(p)]
+    return torch.stack(rows, 1)
+
+
+def test_head_input_normalises_each_token_per_group_before_pooling():
+    model = tiny(groups=2)
+    h = torch.randn(3, 4, 8) * 3 + 1
+    torch.testing.assert_close(model.head_input(h), naive_head_input(h, 2))
+    # not the old definition (pool, then normalise over all channels): the test can fail
+    pooled_first = naive_slot_norm(h.mean(1))
+    assert not torch.allclose(model.head_input(h), pooled_first, atol=1e-3)
+    # the readout (as the authors' last_layer_ln): pool over patches, then normalise over all channels
+    torch.testing.assert_close(model.classify(model.pooled(h)), model.readout(pooled_first))
 
 
 def test_parameter_counts_match_the_paper():
@@ -102,7 +127,7 @@ def test_fused_grid_matches_naive_copies(objective):
     fn = supervised(model, 0, y) if objective == "supervised" else (lambda m: nt_xent(model.head(0, m), 0.5))
     weight = torch.randn(b, 4, 2)
     naive = naive_copy_losses(h, 2, fn)
-    grid = local_loss_grid(h, 2, fn)
+    grid = local_loss_grid(h, 2, fn, model.head_input)
     fused = grid.values(h)
     torch.testing.assert_close(fused, naive)
     head = list(model.heads[0].parameters())
@@ -146,8 +171,11 @@ def block_units(block, x):
     return out, units
 
 
-def exact_lg_grads(model, i, x, y):
-    """Sum over copies of dL_pg/da_l restricted to slice (p, g), mean over batch, through one LN + linear."""
+def exact_lg_grads(model, i, x, y, token_target: str = "block"):
+    """The LG gradient from the per-copy losses, mean over batch, through one LN + linear per unit: copy (p, g)
+    credits slice (p, group g) of every unit's activity, except at the token-mixing unit under the authors'
+    definition (token_target "block"), where it credits every channel of patch p. token_target "group" (slice
+    (p, group g) there too) is a different, group-diagonal target: the tests' way to show they can fail."""
     block = model.blocks[i]
     out, units = block_units(block, x)
     losses = naive_copy_losses(out, block.groups, supervised(model, i, y))
@@ -155,11 +183,13 @@ def exact_lg_grads(model, i, x, y):
     cg = out.shape[-1] // g
     acts = [a for a, _ in units]
     deltas = [torch.zeros_like(a) for a in acts]
+    token_unit = 0 if block.token_mix is not None and token_target == "block" else None
     for pi in range(p):
         for gi in range(g):
             grads = torch.autograd.grad(losses[:, pi, gi].sum() / b, acts, retain_graph=True)
-            for d, gr in zip(deltas, grads):
-                d[:, pi, gi * cg : (gi + 1) * cg] += gr[:, pi, gi * cg : (gi + 1) * cg]
+            for u, (d, gr) in enumerate(zip(deltas, grads)):
+                sl = slice(None) if u == token_unit else slice(gi * cg, (gi + 1) * cg)
+                d[:, pi, sl] += gr[:, pi, sl]
     params = list(block.parameters())
     grads = torch.autograd.grad([loc for _, loc in units], params, grad_outputs=deltas, allow_unused=True)
     return [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
@@ -177,23 +207,23 @@ def data(n=4):
     return torch.randn(n, 1, 4, 4), torch.randint(0, 3, (n,))
 
 
-def test_lg_bp_is_the_exact_lg_gradient_and_l_bp_the_block_gradient():
+def test_lg_bp_is_the_exact_lg_gradient():
+    """lg-bp against autograd of the authors' per-copy losses (a two-block mixer, so block 1 has a token-mixing
+    unit): the token-mixing weight's gradient and every other one. Under their definition it equals l-bp, the
+    ordinary block-local gradient; the group-diagonal target differs at the token-mixing weight."""
     model = tiny()
     x, y = data()
-    est = build_method("lg-bp", model)
-    est.step(x, y)
+    build_method("lg-bp", model).step(x, y)
     for i, block in enumerate(model.blocks):
         ref = exact_lg_grads(model, i, block_input(model, x, i), y)
         for p, r in zip(block.parameters(), ref):
             torch.testing.assert_close(p.grad, r)
-    # l-bp: ordinary block-local gradient; equal to lg-bp everywhere but the token-mixing unit of blocks >= 1
+    group = exact_lg_grads(model, 1, block_input(model, x, 1), y, "group")
+    assert not torch.allclose(model.blocks[1].token_mix.weight.grad, group[0])
     lg = [p.grad.clone() for p in model.parameters()]
     build_method("l-bp", model).step(x, y)
-    for (name, p), g in zip(model.named_parameters(), lg):
-        if name.endswith("token_mix.weight"):
-            assert not torch.allclose(p.grad, g)
-        else:
-            torch.testing.assert_close(p.grad, g)
+    for p, g in zip(model.parameters(), lg):
+        torch.testing.assert_close(p.grad, g)
 
 
 def test_stop_gradient_between_blocks():
@@ -217,7 +247,7 @@ def test_heads_and_readout_take_exact_gradients():
     build_method("lg-fg-a", model).step(x, y)
     feats = model.features(x, detach_between=True)
     for i, h in enumerate(feats):
-        loss = F.cross_entropy(model.head(i, model.pooled(h.detach())), y)
+        loss = F.cross_entropy(model.heads[i](naive_head_input(h.detach(), model.groups)), y)
         for p, g in zip(model.heads[i].parameters(), torch.autograd.grad(loss, list(model.heads[i].parameters()))):
             torch.testing.assert_close(p.grad, g)
     loss = F.cross_entropy(model.classify(model.pooled(feats[-1].detach())), y)
@@ -247,19 +277,16 @@ def _assert_unbiased(mean, stderr, target):
 def test_lg_fg_a_is_unbiased_for_the_lg_gradient():
     model = tiny()
     x, y = data()
-    target = torch.cat(
-        [
-            torch.cat([g.flatten() for g in exact_lg_grads(model, i, block_input(model, x, i), y)])
-            for i in range(len(model.blocks))
-        ]
-    )
+
+    def target(kind: str) -> torch.Tensor:
+        return torch.cat([torch.cat([g.flatten() for g in exact_lg_grads(model, i, block_input(model, x, i), y, kind)])
+                          for i in range(len(model.blocks))])
+
     mean, stderr = _mean_and_stderr(model, "lg-fg-a", x, y, 40)
-    _assert_unbiased(mean, stderr, target)
-    # and the test can fail: the l-bp gradient differs at the token-mixing unit, detectably so
-    build_method("l-bp", model).step(x, y)
-    wrong = torch.cat([p.grad.flatten() for p in model.blocks.parameters()])
+    _assert_unbiased(mean, stderr, target("block"))
+    # and the test can fail: the group-diagonal target differs at the token-mixing unit, detectably so
     with pytest.raises(AssertionError):
-        _assert_unbiased(mean, stderr, wrong)
+        _assert_unbiased(mean, stderr, target("group"))
 
 
 def exact_fg_w_target(model, i, x, y):
@@ -299,6 +326,25 @@ def test_orthogonal_aggregation_with_all_directions_is_exact():
     x, y = data()
     target = exact_lg_grads(model, 0, block_input(model, x, 0), y)
     build_method("lg-fg-a", model, tangents=8, aggregation="orthogonal", tangent_dist="normal").step(x, y)
+    for p, t in zip(model.blocks[0].parameters(), target):
+        torch.testing.assert_close(p.grad, t)
+
+
+def test_orthogonal_aggregation_projects_onto_the_masked_tangents():
+    """The directional derivatives see the tangents masked by the ReLU derivative, so the Gram matrix must be of
+    the masked tangents: then K = the largest number of live coordinates of an example already spans everything
+    and the projection is exact, although K is below the unmasked dimension (a Gram matrix of the unmasked
+    tangents gives a different, inexact projection here)."""
+    model = tiny(blocks=1, grid=1, channels=8, groups=2)
+    x, y = data(6)
+    h = block_input(model, x, 0)
+    _, units = model.blocks[0].trace(h)
+    live = sum(u.live.flatten(1).sum(1) for u in units)  # per example
+    unmasked = sum(u.live[0].numel() for u in units)
+    k = int(live.max())
+    assert k < unmasked, (k, unmasked)  # the case where masking matters
+    target = exact_lg_grads(model, 0, h, y)
+    build_method("lg-fg-a", model, tangents=k, aggregation="orthogonal", tangent_dist="normal").step(x, y)
     for p, t in zip(model.blocks[0].parameters(), target):
         torch.testing.assert_close(p.grad, t)
 
@@ -507,7 +553,7 @@ def test_bp_contrastive_is_end_to_end_simclr():
     # Reference with the same two views, written independently: symmetric InfoNCE over the 2N views.
     pad = max(1, x.shape[-1] // 8)
     v = torch.cat([augment(x, views_gen, pad), augment(x, views_gen, pad)])
-    z = F.normalize(model.head(1, model.features(v)[-1].mean(-2)), dim=-1)
+    z = F.normalize(model.heads[1](naive_head_input(model.features(v)[-1], model.groups)), dim=-1)
     sim = z @ z.T / 0.5
     n2 = len(z)
     loss = sum(torch.logsumexp(torch.cat([sim[i, :i], sim[i, i + 1:]]), 0) - sim[i, (i + n2 // 2) % n2]

@@ -20,6 +20,7 @@ from bpfree.commands.train import DEFAULTS, add_training_arguments, config_from_
 from bpfree.compare import run_all, run_folder
 from bpfree.errors import UsageError
 from bpfree.results import load_run, write_report
+from bpfree.runfolder import RunLock
 from bpfree.train import TrainConfig
 
 METHOD_OPTIONS_RULE = (
@@ -213,9 +214,10 @@ def run(args: argparse.Namespace) -> int:
     for cfg in configs:
         cfg.check()  # before the folder is made: bad numbers leave nothing behind
     output_folder(out)
-    run_all(configs)
-    groups = {m: [load_run(Path(c.out)) for c in configs if c.method == m] for m in names}
-    table = write_report(groups, out, title=description or " vs ".join(names), plots=not args.no_plots)
+    with RunLock(out, "comparison folder"):  # a second compare on OUT stops at once instead of interleaving
+        run_all(configs)
+        groups = {m: [load_run(Path(c.out)) for c in configs if c.method == m] for m in names}
+        table = write_report(groups, out, title=description or " vs ".join(names), plots=not args.no_plots)
     print(table, end="")
     print(f"(results in {out}/results.md, results.csv" + ("" if args.no_plots else ", test_error.png, final_error.png")
           + ")")

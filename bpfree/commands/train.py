@@ -118,7 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser)
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
     parser.add_argument("--out", default=None, help="run folder (default runs/METHOD-MODEL-DATA)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint (an error if --out holds no run; "
+                             "a run stopped before its first checkpoint starts again). --epochs may change only "
+                             "with --schedule constant, and not below the epochs already trained")
     parser.add_argument("--nproc", type=int, default=1,
                         help="data-parallel processes on this machine (the same as `torchrun --standalone "
                              "--nproc-per-node N -m bpfree train ...`); each takes 1/N of every batch")
@@ -129,6 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    distributed.check_timeout(args.dist_timeout)
     if args.nproc > 1 and not distributed.launched_by_torchrun():
         return distributed.launch(args.nproc, distributed.strip_nproc(getattr(args, "argv", sys.argv[1:])))
     set_threads(args.threads)

@@ -6,16 +6,20 @@ Every block is trained only by its own head's loss (its input is stop-gradient);
 stopped features of the last block. Heads and readout always take their exact gradients.
 
 The "LG" objective replicates each block's loss for every (patch p, group g) (`bpfree.losses.grid`). Its
-gradient, as the forward-gradient methods define it: at every perturbed activity a_l of the block (post-LN,
-pre-ReLU of each unit), copy (p, g) is credited only at its own slice a_l[b, p, group g]:
+gradient, as the authors' code defines it (sum over copies, mean over the batch): at every perturbed activity
+a_l of the block (post-LN, pre-ReLU of each unit) except the token-mixing one, copy (p, g) is credited only at
+its own slice a_l[b, p, group g]; at the token-mixing unit of blocks >= 1 every channel of patch p is credited
+by all copies of patch p (the sum over groups):
 
-    delta a_l[b, p, g] = (1/B) * dL_{b,p,g} / d a_l[b, p, group g]       (sum over copies, mean over batch)
+    delta a_l[b, p, group g] = (1/B) * dL_{b,p,g} / d a_l[b, p, group g]       (channel and grouped units)
+    delta a_0[b, p, :]       = (1/B) * sum_g dL_{b,p,g} / d a_0[b, p, :]        (token-mixing unit)
 
 and the weight gradient is delta a_l pushed back through that unit's LN and linear only. This is what LG-FG-A
-estimates without bias and what `lg-bp` computes exactly. Wherever the path from a_l to the block output keeps
-patches and groups apart (block 0, the last two units of later blocks) it equals the ordinary block-local
-gradient; it differs only at the token-mixing unit of blocks >= 1, whose signal would otherwise cross groups
-through the channel-mixing linear. `l-bp` is the ordinary block-local gradient.
+estimates without bias and what `lg-bp` computes exactly. Every path from a channel or grouped unit to the
+block output keeps patches and groups apart, and the token-mixing unit's patch p reaches only patch p of the
+output, so this target is the ordinary block-local gradient: `lg-bp` equals `l-bp`, and the grid changes only
+the forward-gradient estimates (their variance). See docs/localmixer.md (also for the group-diagonal target at the
+token-mixing unit that this project used before, and its measurement).
 
 Forward gradients (lg-fg-a, lg-fg-w) are computed for real in forward mode (hand-written tangent propagation
 through the block, see `_tangent_pass`), never derived from a backward pass.
@@ -39,107 +43,14 @@ from bpfree.methods.base import Estimator, StepResult
 from bpfree.methods.block_local import COMMON_OPTIONS, FG_OPTIONS, check_groups
 from bpfree.methods.feedback_alignment import _clone, _FALinear, mixer_feedback, mixer_linear_hook
 from bpfree.models.localmixer import (
-    LinearHook,
     LNCache,
     LocalMixer,
     MixerBlock,
     Unit,
-    layer_norm,
     layer_norm_cached,
-    layer_norm_linear,
-    layer_norm_stats,
     unit_params,
     unit_weight_grads,
 )
-
-# ---------------------------------------------------------------------------------------------------------------
-# Exact local gradients
-
-
-class _GroupDiagonalLink(torch.autograd.Function):
-    """a1 = LN(W1 · LN(ReLU(a0)) + b1) (per token, LN over all channels), the path from a block's token-mixing
-    activity a0 to its channel-mixing activity a1.
-
-    Forward and the W1/b1 gradients are ordinary. The gradient to a0 is the LG one: the signal from group g of
-    a1 is credited only to group g of a0 (the diagonal blocks of the group-to-group Jacobian), computed in closed
-    form with one full and one grouped matmul instead of G backward passes.
-
-    With `feedback` B1 (feedback alignment, `lg-fa`) every use of W1 in the gradient to a0 (all of them are W1ᵀ
-    applied to something: W1ᵀv, 1ᵀW1, W1ᵀa1, and t1·W1ᵀv = v·W1t1) takes B1 instead; B1 = W1 gives the above.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, a0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, groups: int,
-                feedback: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        t1, r_t = layer_norm_stats(F.relu(a0))
-        u1 = t1 @ w1.T  # W1 t1 (no bias)
-        a1, r_s = layer_norm_stats(u1 + b1)
-        ctx.groups = groups
-        if feedback is not None:
-            w1, u1 = feedback, t1 @ feedback.T
-        ctx.save_for_backward(a0, w1, t1, r_t, u1, a1, r_s)
-        return a1
-
-    @staticmethod
-    def backward(ctx: Any, grad_a1: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        a0, w1, t1, r_t, u1, a1, r_s = ctx.saved_tensors  # w1, u1: B1 and B1 t1 under feedback alignment
-        groups = ctx.groups
-        c = a1.shape[-1]
-        r_s, r_t = r_s.squeeze(-1), r_t.squeeze(-1)  # [B, P, 1]
-        grad_s1 = layer_norm_linear(a1, r_s.unsqueeze(-1), grad_a1)
-        grad_w1 = grad_s1.flatten(0, -2).T @ t1.flatten(0, -2)
-        grad_b1 = grad_s1.flatten(0, -2).sum(0)
-        # Group g's share v_g = grad_a1 masked to group g; through LN(s1): r_s (v_g - alpha_g - beta_g a1);
-        # through W1^T, then LN(h0)^T, keeping only group g of the result.
-        dg = grad_a1.unflatten(-1, (groups, -1))  # [B, P, G, c]
-        alpha = dg.sum(-1) / c  # [B, P, G]
-        beta = (dg * a1.unflatten(-1, (groups, -1))).sum(-1) / c
-        wg = w1.unflatten(0, (groups, -1)).unflatten(-1, (groups, -1))  # [G_out, c_out, G_in, c_in]
-        w_diag = torch.diagonal(wg, dim1=0, dim2=2).permute(2, 0, 1)  # [G, c_out, c_in]
-        colsum, rowsum = w1.sum(0), w1.sum(1)
-        a1w = a1 @ w1  # [B, P, C]
-        # v_t^(g) restricted to group g, and the two per-token means over all channels that LN(h0)^T needs.
-        vt_g = torch.einsum("bpgo,goi->bpgi", dg, w_diag)
-        vt_g = (
-            vt_g
-            - alpha[..., None] * colsum.unflatten(-1, (groups, -1))
-            - beta[..., None] * a1w.unflatten(-1, (groups, -1))
-        )
-        vt_g = vt_g * r_s[..., None]
-        mean_vt = (
-            (dg * rowsum.unflatten(-1, (groups, -1))).sum(-1)
-            - alpha * colsum.sum()
-            - beta * (a1 * rowsum).sum(-1, keepdim=True)
-        )
-        mean_vt = mean_vt * r_s / c
-        mean_vtt = (
-            (dg * u1.unflatten(-1, (groups, -1))).sum(-1)
-            - alpha * u1.sum(-1, keepdim=True)
-            - beta * (a1 * u1).sum(-1, keepdim=True)
-        )
-        mean_vtt = mean_vtt * r_s / c
-        t1g = t1.unflatten(-1, (groups, -1))
-        grad_h0 = r_t[..., None] * (vt_g - mean_vt[..., None] - t1g * mean_vtt[..., None])
-        grad_a0 = grad_h0.flatten(-2) * (a0 > 0)
-        return grad_a0, grad_w1, grad_b1, None, None
-
-
-def lg_block_forward(
-    block: MixerBlock, x: torch.Tensor, linear: LinearHook | None = None, channel_feedback: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The block's forward whose autograd backward gives the LG gradient (see the module docstring).
-
-    `linear` replaces the token and group units' linear maps (as in `MixerBlock.forward`); `channel_feedback`
-    replaces W1ᵀ in the channel unit's fused backward (both: feedback alignment, `lg-fa`).
-    """
-    if block.token_mix is None:  # nothing crosses patches or groups after the first unit: ordinary forward
-        return block(x, linear)
-    lin = linear or block.unit_linear
-    a0 = layer_norm(lin("token", layer_norm(x)))
-    a1 = _GroupDiagonalLink.apply(a0, block.channel.weight, block.channel.bias, block.groups, channel_feedback)
-    a = layer_norm(lin("group", layer_norm(F.relu(a1), block.groups)), block.groups)
-    return F.relu(a + x)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Forward-mode machinery on a traced block
@@ -209,19 +120,13 @@ def combine_coefficients(
     """Coefficients c [K, ...] with estimate = sum_k c_k v_k from directional derivatives d [K, ...].
 
     Uses `bpfree.tangents` (sum: c = d, mean: d / K, orthogonal: the Gram pseudo-inverse applied to d). The
-    grid adds trailing (patch, group) dims to d: for one Gram [K, K] (weight tangents) they broadcast; for one
-    Gram per example [B, K, K] (activity tangents) the pseudo-inverse is formed once per example, column by
-    column through `tangents.solve_projection`, and applied to all copies of that example.
+    grid adds trailing (patch, group) dims to d: for one Gram [K, K] (weight tangents) or one Gram per example
+    [B, K, K] (activity tangents), `tangents.solve_projection` factorises each Gram matrix once and applies it to
+    all copies.
     """
     if aggregation != "orthogonal" or gram is None:
         return T.coefficients(d, aggregation)
-    k = d.shape[0]
-    if gram.dim() == 2:
-        return T.solve_projection(gram, d.reshape(k, -1), dim).reshape(d.shape)
-    b = gram.shape[0]
-    eye = torch.eye(k, dtype=torch.float64, device=d.device)
-    pinv = torch.stack([T.solve_projection(gram, eye[j][:, None].expand(k, b), dim) for j in range(k)], -1)
-    return torch.einsum("kbj,jb...->kb...", pinv.to(d.dtype), d)  # pinv [K(row), B, K(col)]
+    return T.solve_projection(gram, d, dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,7 +169,7 @@ def contrastive_backprop_step(
         p.grad = torch.zeros_like(p)
     with torch.enable_grad():
         h = model.features(x)[-1]
-        loss = nt_xent(model.head(last, model.pooled(h)), temperature, stop_gradient=False).mean()
+        loss = nt_xent(model.head(last, model.head_input(h)), temperature, stop_gradient=False).mean()
         grads = torch.autograd.grad(loss, trunk + head, allow_unused=True)
     for p, g in zip(trunk + head, grads):
         if g is not None:
@@ -301,15 +206,21 @@ class LocalEstimator(Estimator):
         return [(list(model.heads.parameters()), self.head_lr_mult),
                 (list(model.readout.parameters()), self.readout_lr_mult)]
 
-    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
-        """Local head i on pooled features (feedback alignment swaps the backward of its linear)."""
-        return self.model.head(i, pooled)  # type: ignore[operator]
+    def head(self, i: int, feats: torch.Tensor) -> torch.Tensor:
+        """Local head i's linear on its input features (feedback alignment swaps its backward)."""
+        return self.model.head(i, feats)  # type: ignore[operator]
 
-    # -- local loss of block i on pooled features: per-example losses
+    # -- local loss of block i on the head's input features (`LocalMixer.head_input`): per-example losses
     def local_loss_fn(self, i: int, y: torch.Tensor):  # noqa: ANN201 - returns a closure
         if self.objective == "contrastive":
-            return lambda pooled: nt_xent(self.head(i, pooled), self.temperature)
-        return lambda pooled: F.cross_entropy(self.head(i, pooled), y, reduction="none")
+            return lambda feats: nt_xent(self.head(i, feats), self.temperature)
+        return lambda feats: F.cross_entropy(self.head(i, feats), y, reduction="none")
+
+    def loss_grid(self, i: int, out: torch.Tensor, y: torch.Tensor) -> LossGrid:
+        """Block i's patch x group loss grid on its output `out`."""
+        model = self.model
+        assert isinstance(model, LocalMixer)
+        return local_loss_grid(out, model.blocks[i].groups, self.local_loss_fn(i, y), model.head_input)
 
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Set the grads of block i and its head from input x (stop-gradient); return (output, local loss)."""
@@ -342,7 +253,7 @@ class LocalBP(LocalEstimator):
         params = list(block.parameters()) + self._head_params(i)
         with torch.enable_grad():
             out = self.block_forward(i, block, x)
-            per = self.local_loss_fn(i, y)(self.model.pooled(out))  # type: ignore[operator]
+            per = self.local_loss_fn(i, y)(self.model.head_input(out))  # type: ignore[operator]
             loss = per.mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         self._set(params, list(grads))
@@ -355,17 +266,15 @@ class LocalBP(LocalEstimator):
 
 @register_fast_path("lg-bp", LocalMixer)
 class LocalGroupBP(LocalBP):
-    """The grid's summed gradient at the block output equals the pooled loss's (each copy reaches only its own
-    slice, with the pooled slope), so the difference from l-bp is inside the block: `lg_block_forward`."""
-
-    def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
-        return lg_block_forward(block, x)
+    """The grid's summed gradient at the block output equals the ordinary loss's (each copy reaches only its own
+    slot, with the ordinary slope there), and inside the block the LG target is the ordinary backward (module
+    docstring): this is l-bp's gradient, computed through the grid."""
 
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         params = list(block.parameters())
         with torch.enable_grad():
             out = self.block_forward(i, block, x)
-            grid = local_loss_grid(out, block.groups, self.local_loss_fn(i, y))
+            grid = self.loss_grid(i, out, y)
             values = grid.values(out)  # [B, P, G]
             loss = grid.per_example.mean()
             # sum over copies, mean over the batch (the scale of the ordinary local loss at the block output)
@@ -389,7 +298,7 @@ class LocalForwardGradient(LocalEstimator):
         T.check_options(self.tangents, self.aggregation, self.dist)
 
     def head_step(self, i: int, out: torch.Tensor, y: torch.Tensor) -> tuple[LossGrid, float]:
-        grid = local_loss_grid(out, self.model.blocks[i].groups, self.local_loss_fn(i, y))
+        grid = self.loss_grid(i, out, y)
         with torch.enable_grad():
             loss = grid.per_example.mean()
             self._set(self._head_params(i), list(torch.autograd.grad(loss, self._head_params(i))))
@@ -403,8 +312,9 @@ class LocalForwardGradient(LocalEstimator):
 class LocalFGActivity(LocalForwardGradient):
     """Noise u (Rademacher by default, or N(0, I); independent per example, token and unit) on every unit's
     post-LN pre-ReLU activity, one forward-mode pass per block; copy (p, g)'s directional derivative d[b,p,g]
-    scales u's slice [b, p, group g] at every unit (all units of a block share it); the estimate is masked by
-    the ReLU derivative and passed back through that unit's LN and linear only."""
+    scales u's slice [b, p, group g] at every unit (all units of a block share it), except at the token-mixing
+    unit, where the sum over groups sum_g d[b,p,g] scales all of u[b, p, :] (as the authors' code); the
+    estimate is masked by the ReLU derivative and passed back through that unit's LN and linear only."""
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
@@ -423,21 +333,24 @@ class LocalFGActivity(LocalForwardGradient):
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         out, units = block.trace(x)
         grid, loss = self.head_step(i, out, y)
-        k, g = self.tangents, block.groups
+        k = self.tangents
         stream = self.block_stream()
         noise = [T.sample((k, *u.live.shape), self.dist, stream, device=u.live.device, dtype=u.live.dtype)
                  for u in units]
         with torch.no_grad():
-            # the Gram matrix (orthogonal aggregation) is of the tangents as drawn, before the ReLU mask
-            gram = T.gram(noise, per_example=True) if self.aggregation == "orthogonal" else None
-            dim = T.dimension(noise, per_example=True)
             masked = [u.mul_(unit.live) for u, unit in zip(noise, units)]
+            # Orthogonal: the Gram matrix of the masked tangents, the ones the directional derivatives see
+            gram = T.gram(masked, True, T.entries(self.dist, masked=True)) if self.aggregation == "orthogonal" else None
+            dim = T.dimension(masked, per_example=True)
             d = grid.directional(_tangent_pass(block, units, activity_noise=masked))  # [K, B, P, G]
             d = d / x.shape[0]  # objective: mean over the batch of the sum over copies
             c = combine_coefficients(d, self.aggregation, gram, dim).unsqueeze(-1)  # [K, B, P, G, 1]
+            # every channel of patch p at the token-mixing unit takes all copies of patch p
+            c_token = c.sum(-2, keepdim=True)  # [K, B, P, 1, 1]
             for unit, u in zip(units, masked):
-                ug = u.unflatten(-1, (g, -1))  # masked by the ReLU derivative, as the estimate should be
-                est = (c[0] * ug[0] if k == 1 else (c * ug).sum(0)).flatten(-2)
+                cu = c_token if unit.kind == "token" else c
+                ug = u.unflatten(-1, (cu.shape[-2], -1))  # masked by the ReLU derivative, as the estimate should be
+                est = (cu[0] * ug[0] if k == 1 else (cu * ug).sum(0)).flatten(-2)
                 dw, db = unit_weight_grads(block, unit, est)
                 w, b = unit_params(block, unit.kind)
                 w.grad, b.grad = dw, db
@@ -472,7 +385,7 @@ class LocalFGWeight(LocalForwardGradient):
             d = d.sum(1, keepdim=True)
             self.group.weighted_mean_([d], x.shape[0])
             flat = [t for pair in noise for t in pair]
-            gram = T.gram(flat) if self.aggregation == "orthogonal" else None
+            gram = T.gram(flat, entries=T.entries(self.dist)) if self.aggregation == "orthogonal" else None
             c = combine_coefficients(d, self.aggregation, gram, T.dimension(flat))
             for unit, (dw, db) in zip(units, noise):
                 w, b = unit_params(block, unit.kind)
@@ -551,7 +464,7 @@ def mixer_fg_a(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
         flat.append(u_out)
     d = (logits_dot * e).sum(-1)  # [K, B]: per-example directional derivatives of the mean loss
     # Orthogonal: project onto the span of the masked tangents (d only sees them), as the chain path does.
-    gram = T.gram(flat, per_example=True) if est.aggregation == "orthogonal" else None
+    gram = T.gram(flat, True, T.entries(est.dist, masked=True)) if est.aggregation == "orthogonal" else None
     c = T.coefficients(d, est.aggregation, gram, T.dimension(flat, per_example=True))
     for block, units, us in zip(model.blocks, traces, noise):
         for unit, u in zip(units, us):
@@ -592,7 +505,7 @@ def mixer_fg_w(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
         flat += [vw, vb]
     d = (logits_dot * e).sum((-1, -2))  # [K]
     est.group.weighted_mean_([d], x.shape[0])  # data-parallel: seed-shared tangents, K numbers exchanged
-    gram = T.gram(flat) if est.aggregation == "orthogonal" else None
+    gram = T.gram(flat, entries=T.entries(est.dist)) if est.aggregation == "orthogonal" else None
     c = T.coefficients(d, est.aggregation, gram, T.dimension(flat))
     for block, units, pairs in zip(model.blocks, traces, noise):
         for unit, pair in zip(units, pairs):
@@ -623,9 +536,9 @@ class _LocalFeedback:
     def _init_feedback(self) -> None:
         self.feedback = mixer_feedback(self.model, self.generator, heads=True, readout=False)
 
-    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
+    def head(self, i: int, feats: torch.Tensor) -> torch.Tensor:
         h = self.model.heads[i]
-        return _FALinear.apply(layer_norm(pooled), h.weight, h.bias, self.feedback[f"heads.{i}.weight"])
+        return _FALinear.apply(feats, h.weight, h.bias, self.feedback[f"heads.{i}.weight"])
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "feedback": _clone(self.feedback)}  # type: ignore[misc]
@@ -652,8 +565,7 @@ class LocalGroupFA(_LocalFeedback, LocalGroupBP):
         self._init_feedback()
 
     def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
-        hook = mixer_linear_hook(i, block, self.feedback)
-        return lg_block_forward(block, x, hook, self.feedback[f"blocks.{i}.channel.weight"])
+        return block(x, mixer_linear_hook(i, block, self.feedback))
 
 
 # ---------------------------------------------------------------------------------------------------------------

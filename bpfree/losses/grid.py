@@ -1,15 +1,17 @@
 """The fused patch-wise + group-wise local loss grid.
 
-For block output h [B, P, C] (C channels in G groups) and a head loss on the pooled feature m = mean_p h, the
-paper replicates the loss for every (patch p, group g): copy (p, g) sees the pooled feature
-(1/P)(h_{p,g} + sum_{p' != p} SG(h_{p',g})) in group g and SG(m) in the other groups. Every copy has the value of
-the ordinary pooled loss L_b, and its gradient reaches only h[b, p, group g]:
+For block output h [B, P, C] (C channels in G groups), a local head sees features m = head_input(h) [B, C] that
+keep the (patch, group) slots apart: feature group g depends on h[b, p, group g] through that slot alone and
+then an average over patches (LocalMixer: LN per token and group, then mean over patches). The paper replicates
+the loss for every (patch p, group g): copy (p, g) sees m with every slot but h[b, p, group g] under
+stop-gradient. Every copy has the value of the ordinary loss L_b, and its gradient reaches only its own slot,
+where it equals the ordinary gradient there:
 
-    d L_{b,p,g} / d h[b, p, group g] = (1/P) * (dL_b/dm_b)[group g],   zero elsewhere.
+    d L_{b,p,g} / d h[b, p, group g] = (dL_b/dh)[b, p, group g],   zero elsewhere.
 
-So one head evaluation and one head backward (for dL/dm) give the whole grid, its backward (any weighting of
+So one head evaluation and one backward to h (for dL/dh) give the whole grid, its backward (any weighting of
 the copies) and its forward-mode derivatives: the directional derivative of copy (p, g) along a tangent h_dot of
-the block output is (1/P) * sum_{c in g} (dL_b/dm_b)_c * h_dot[b, p, c]. No P x G copies of the head are built.
+the block output is sum_{c in g} (dL_b/dh)[b, p, c] * h_dot[b, p, c]. No P x G copies of the head are built.
 """
 
 from __future__ import annotations
@@ -25,43 +27,47 @@ class LossGrid:
     """One block's local loss grid. `per_example` [B] keeps its graph to the head's parameters."""
 
     per_example: torch.Tensor
-    pooled_grad: torch.Tensor  # [B, C]: d per_example[b] / d m[b], detached
-    patches: int
+    output_slope: torch.Tensor  # [B, P, C]: d per_example[b] / d h[b], detached
     groups: int
 
+    def _grouped_slope(self) -> torch.Tensor:
+        return self.output_slope.unflatten(-1, (self.groups, -1))  # [B, P, G, C/G]
+
     def values(self, h: torch.Tensor) -> torch.Tensor:
-        """The [B, P, G] grid, connected to autograd: entry (p, g) has the pooled loss's value, and its gradient
+        """The [B, P, G] grid, connected to autograd: entry (p, g) has the loss's value, and its gradient
         reaches h only at patch p, group g (and the head parameters as the ordinary loss does).
 
         A first-order construction (value + (h - SG(h))·slope): exact for gradients and forward derivatives,
         which is all a training step needs.
         """
         live = (h - h.detach()).unflatten(-1, (self.groups, -1))  # zero value, identity gradient
-        slope = (self.pooled_grad / self.patches).unflatten(-1, (self.groups, -1)).unsqueeze(1)
-        return self.per_example[:, None, None] + (live * slope).sum(-1)
+        return self.per_example[:, None, None] + (live * self._grouped_slope()).sum(-1)
 
     def directional(self, h_dot: torch.Tensor) -> torch.Tensor:
         """Forward-mode derivative of every copy along the output tangent h_dot [..., B, P, C] -> [..., B, P, G]."""
-        prod = h_dot * (self.pooled_grad / self.patches).unsqueeze(-2)
-        return prod.unflatten(-1, (self.groups, -1)).sum(-1)
+        return (h_dot * self.output_slope).unflatten(-1, (self.groups, -1)).sum(-1)
 
     def output_grad(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Gradient w.r.t. h [B, P, C] of sum_{b,p,g} weight[b,p,g] * grid[b,p,g] (weight defaults to ones)."""
-        b, c = self.pooled_grad.shape
-        slope = (self.pooled_grad / self.patches).unflatten(-1, (self.groups, -1)).unsqueeze(1)
         if weight is None:
-            return slope.expand(b, self.patches, self.groups, c // self.groups).flatten(-2)
-        return (weight.unsqueeze(-1) * slope).flatten(-2)
+            return self.output_slope
+        return (weight.unsqueeze(-1) * self._grouped_slope()).flatten(-2)
 
 
-def local_loss_grid(h: torch.Tensor, groups: int, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> LossGrid:
+def local_loss_grid(
+    h: torch.Tensor,
+    groups: int,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    features: Callable[[torch.Tensor], torch.Tensor],
+) -> LossGrid:
     """Build the loss grid of block output h [B, P, C] with groups channel groups.
 
-    loss_fn maps pooled features [B, C] to per-example losses [B]; example b's loss must depend (through
-    gradients) on pooled[b] only — contrastive losses put the other examples under stop-gradient.
+    features maps h to the head's input [B, C] and must keep the (patch, group) slots apart (module docstring);
+    loss_fn maps those features to per-example losses [B]; example b's loss must depend (through gradients) on
+    row b only — contrastive losses put the other examples under stop-gradient.
     """
-    pooled = h.detach().mean(-2).requires_grad_(True)
+    leaf = h.detach().requires_grad_(True)
     with torch.enable_grad():
-        per = loss_fn(pooled)
-        (grad,) = torch.autograd.grad(per.sum(), pooled, retain_graph=True)
-    return LossGrid(per, grad.detach(), h.shape[-2], groups)
+        per = loss_fn(features(leaf))
+        (grad,) = torch.autograd.grad(per.sum(), leaf, retain_graph=True)
+    return LossGrid(per, grad.detach(), groups)

@@ -295,7 +295,8 @@ class BlockLocalGrid(BlockLocal):
 
     def grid(self, i: int, out: torch.Tensor, y: torch.Tensor):  # noqa: ANN201 - a LossGrid
         return local_loss_grid(self.patches(out), self.groups,
-                               lambda pooled: F.cross_entropy(self.head(i, pooled), y, reduction="none"))
+                               lambda pooled: F.cross_entropy(self.head(i, pooled), y, reduction="none"),
+                               features=lambda h: h.mean(-2))  # the head pools over patches: slots stay apart
 
     def local_loss(self, i: int, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.patches(out)

@@ -6,9 +6,11 @@ All three replace the backward pass of backprop by random or learned feedback:
   matrices B in place of the transposed weights Wᵀ (Linear and Conv2d layers).
 - `dfa`  (Nøkland 2016): the output error e = ∂L/∂y is sent straight to every hidden block through a fixed random
   matrix B_l; the block turns δh_l = e·B_l into its weight updates locally (δa_l = δh_l ⊙ f'(a_l), ΔW_l = δa_lᵀ x_l).
+  B_l is kaiming-uniform by default, as in the public FDFA code (`--feedback-init`).
 - `fdfa` (Bacho & Chu 2022): as DFA, but B_l is learned: one forward-mode pass with a fresh tangent u_l ~ N(0, I)
   added to every hidden block's output gives ẏ = Σ_l J_l u_l, so E[ẏ u_lᵀ] = J_l = ∂y/∂h_l, and
-  B_l ← (1−λ)B_l + λ·mean_batch(ẏ u_lᵀ), starting from zero.
+  B_l ← (1−λ)B_l + λ·mean_batch(ẏ u_lᵀ), starting from zero. The weight signal e·B_l uses B_l from before this
+  step's update by default, as the public code does (`--feedback-timing`). See docs/feedback_alignment.md.
 
 A "block" is the stretch of a flat `nn.Sequential` from one weight layer (Linear / Conv2d) up to the next one, e.g.
 Linear+BatchNorm+ReLU or Conv+ReLU+MaxPool(+Flatten); the last block is the output layer. DFA and FDFA feed their
@@ -375,6 +377,7 @@ class _DirectFeedback(Estimator):
     method = ""
     use_tangents = False
     tangent_dist = "normal"
+    feedback_timing = "before"  # learned B (use_tangents): the weight signal takes B from before or after its update
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed=seed, **options)
@@ -475,14 +478,16 @@ class _DirectFeedback(Estimator):
             outs, tangents, logits, y_dot = self._forward_generic(x)
         if self.feedback is None:
             self.feedback = self.init_feedback(outs, logits.shape[1])
-        if self.use_tangents:
+        if self.use_tangents and self.feedback_timing == "after":
             self.learn_feedback(y_dot, tangents)
         # The output error e = ∂L/∂y (autograd on the loss only, so any loss_fn works).
         leaf = logits.detach().requires_grad_()
         with torch.enable_grad():
             loss = self.loss_fn(leaf, y)
             (e,) = torch.autograd.grad(loss, leaf)
-        signals = [(e @ b).view_as(o) for b, o in zip(self.feedback, outs)]
+        signals = [(e @ b).view_as(o) for b, o in zip(self.feedback, outs)]  # new tensors: B may change below
+        if self.use_tangents and self.feedback_timing == "before":
+            self.learn_feedback(y_dot, tangents)
         if self.fast is not None:
             with torch.no_grad():
                 for block, s in zip(self.fast, signals):
@@ -510,24 +515,49 @@ class _DirectFeedback(Estimator):
         self.feedback = None if state["feedback"] is None else [b.to(device) for b in state["feedback"]]
 
 
+FEEDBACK_INITS = ("kaiming-uniform", "normal")
+
+
+def dfa_feedback(classes: int, like: torch.Tensor, init: str, generator: torch.Generator) -> torch.Tensor:
+    """A fixed DFA matrix B (classes x n, n = numel of one example of `like`).
+
+    kaiming-uniform: U(±√(6/n)), std √(2/n) (PyTorch's kaiming_uniform_ defaults on a classes x n matrix, the public
+    FDFA code's DFA). normal: N(0, 1/classes), so e·B has the scale of one entry of e whatever the width.
+    """
+    n = like[0].numel()
+    if init == "normal":
+        return torch.randn(classes, n, generator=generator, device=like.device, dtype=like.dtype) * classes**-0.5
+    u = torch.rand(classes, n, generator=generator, device=like.device, dtype=like.dtype)
+    return (2 * u - 1) * (6 / n) ** 0.5
+
+
 @METHODS.register(
     "dfa",
     "direct feedback alignment: output error sent to every hidden layer through fixed random matrices",
+    options={
+        "feedback_init": Option(
+            "kaiming-uniform",
+            "fixed B: kaiming-uniform U(±√(6/n)) for n outputs (the public FDFA code) or normal N(0, 1/classes)",
+            choices=FEEDBACK_INITS,
+        ),
+    },
     paper=PAPER_DFA,
 )
 class DirectFeedbackAlignment(_DirectFeedback):
     method = "dfa"
 
+    def __init__(self, model: nn.Module, seed: int = 0, feedback_init: str = "kaiming-uniform", **options: Any):
+        if feedback_init not in FEEDBACK_INITS:
+            raise UsageError(f"dfa: --feedback-init must be one of {', '.join(FEEDBACK_INITS)}, got {feedback_init!r}")
+        super().__init__(model, seed=seed, feedback_init=feedback_init, **options)
+        self.feedback_init = feedback_init
+
     def init_feedback(self, outs: list[torch.Tensor], classes: int) -> list[torch.Tensor]:
-        # N(0, 1/classes): each unit's signal e·B_l then has the scale of one entry of e, whatever the width.
-        return [
-            torch.randn(classes, o[0].numel(), generator=self.generator, device=o.device, dtype=o.dtype)
-            * classes**-0.5
-            for o in outs
-        ]
+        return [dfa_feedback(classes, o, self.feedback_init, self.generator) for o in outs]
 
 
 FEEDBACK_OPTIMIZERS = ("average", "adam", "sgd")
+FEEDBACK_TIMINGS = ("before", "after")
 
 
 @METHODS.register(
@@ -544,6 +574,11 @@ FEEDBACK_OPTIMIZERS = ("average", "adam", "sgd")
             "normal", "tangent entries: normal (the paper's) or rademacher (±1: lower variance, cheaper to draw)",
             choices=T.DISTS,
         ),
+        "feedback_timing": Option(
+            "before",
+            "the weight signal e·B uses B from before this step's feedback update (the public code) or after it",
+            choices=FEEDBACK_TIMINGS,
+        ),
     },
     paper=PAPER_FDFA,
 )
@@ -556,10 +591,12 @@ class DirectionalDFA(_DirectFeedback):
 
     def __init__(
         self, model: nn.Module, seed: int = 0, feedback_lr: float = 1e-2, feedback_optimizer: str = "average",
-        tangent_dist: str = "normal", **options: Any,
+        tangent_dist: str = "normal", feedback_timing: str = "before", **options: Any,
     ):  # fmt: skip
         if feedback_optimizer not in FEEDBACK_OPTIMIZERS:
             raise UsageError(f"fdfa: --feedback-optimizer must be one of {', '.join(FEEDBACK_OPTIMIZERS)}")
+        if feedback_timing not in FEEDBACK_TIMINGS:
+            raise UsageError(f"fdfa: --feedback-timing must be one of {', '.join(FEEDBACK_TIMINGS)}")
         if not 0.0 < feedback_lr <= (1.0 if feedback_optimizer == "average" else float("inf")):
             raise UsageError(
                 f"fdfa: --feedback-lr must be in (0, 1] for the moving average, > 0 for an optimizer; got {feedback_lr}"
@@ -567,9 +604,10 @@ class DirectionalDFA(_DirectFeedback):
         T.check_options(1, "mean", tangent_dist)
         super().__init__(
             model, seed=seed, feedback_lr=feedback_lr, feedback_optimizer=feedback_optimizer,
-            tangent_dist=tangent_dist, **options,
+            tangent_dist=tangent_dist, feedback_timing=feedback_timing, **options,
         )  # fmt: skip
         self.feedback_lr, self.feedback_optimizer, self.tangent_dist = feedback_lr, feedback_optimizer, tangent_dist
+        self.feedback_timing = feedback_timing
         self.optimizer: torch.optim.Optimizer | None = None
 
     def init_feedback(self, outs: list[torch.Tensor], classes: int) -> list[torch.Tensor]:

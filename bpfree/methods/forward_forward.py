@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree.anatomy import boundaries, channels, example_input, init_uniform_, pool
-from bpfree.errors import UsageError
+from bpfree.errors import DivergedError, UsageError
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.methods.block_local import between_parameters
@@ -152,6 +152,8 @@ def wrong_labels(
     scores = scores.detach().float().clone()
     scores[torch.arange(len(y), device=y.device), y] = -math.inf
     probs = torch.softmax(scores - scores.amax(1, keepdim=True), dim=1)
+    if not torch.isfinite(probs).all():  # goodness overflowed (lr far too high): nothing sensible to sample
+        raise DivergedError("goodness scores became NaN/inf (sampling hard negatives)")
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 

@@ -15,9 +15,13 @@ that turn an estimated pre-activation gradient into that module's parameter grad
 Execution paths:
 * fast path for nn.Sequential chains [Flatten] Linear, activation, ..., Linear (the `mlp`): primal and
   the K tangents share one buffer [K+1, B, width], so a layer is ONE matmul for all of them, and ReLU is one
-  multiply by the primal's mask for primal and tangents together. Tangents come from a per-step seed and are
-  regenerated instead of stored (fg-w always; fg-a with recompute=True), so nothing waits in memory for the
-  output's directional derivative: activation memory is flat in depth.
+  multiply by the primal's mask for primal and tangents together. fg-w: a layer's weight tangents enter as
+  x V_k^T, one batched matmul written straight into the tangent rows; with K = 1 the tangent is drawn into
+  p.grad and scaled at the end (no memory beyond the gradients); with K > 1 the K tangents of every parameter
+  are kept in buffers reused from step to step (K x the parameters' memory), so the estimate sum_k c_k v_k is
+  one [K] x [K, numel] product and the Gram matrix (orthogonal) is accumulated layer by layer. fg-a: activity
+  tangents are stored, or with recompute=True regenerated from the per-step seed, so that nothing waits in
+  memory for the output's directional derivative: activation memory is flat in depth.
 * generic path for any other model of Linear/Conv/pooling/activations: torch.func.jvp over the parameters with
   the K tangents vmapped (fg-w), or torch.autograd.forward_ad with tangents injected at the output of every
   parametrised module and the batch replicated K times (fg-a). Correct but slower; keeps layer inputs.
@@ -224,6 +228,10 @@ class _ForwardGradient(Estimator):
 class ForwardGradientWeight(_ForwardGradient):
     method = "fg-w"
 
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed=seed, **options)
+        self._tangent_buffers: dict[int, torch.Tensor] = {}  # fast path, K > 1: id(parameter) -> [K, *shape]
+
     def all_reduce_gradients(self, group: Group, weight: float) -> None:
         """Data-parallel: seed-shared tangents. Every rank draws the same tangents (self.generator is seeded alike
         on every rank), so averaging the K directional derivatives inside `step` (weighted by the ranks' batch
@@ -240,23 +248,26 @@ class ForwardGradientWeight(_ForwardGradient):
         orth = self.aggregation == "orthogonal"
         G = torch.zeros(K, K, dtype=torch.float64, device=x.device) if orth else None
         dim = 0
-        # K == 1: each tangent is drawn straight into p.grad and scaled at the end (one draw, no memory).
-        # K > 1: drawn into a reused scratch buffer and regenerated from the seed for the estimate.
+        # K == 1: each tangent is drawn straight into p.grad and scaled at the end (one draw, no extra memory).
+        # K > 1: drawn once into a buffer per parameter, kept between steps (a fresh buffer of this size costs its
+        # page faults again every step); the estimate sum_k c_k v_k is then one [K] x [K, numel] product per
+        # parameter (drawing the tangents a second time would cost more than reading them back).
         direct = K == 1
-        scratch: dict[tuple[int, ...], torch.Tensor] = {}
+        drawn: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its K tangents)
 
         def tangent(p: torch.Tensor) -> torch.Tensor:
-            nonlocal G, dim
+            nonlocal dim
             if direct:
                 p.grad = torch.empty_like(p)
                 v = self._sample_(p.grad.unsqueeze(0))
             else:
-                shape = (K, *p.shape)
-                if shape not in scratch:
-                    scratch[shape] = torch.empty(shape, device=p.device, dtype=p.dtype)
-                v = self._sample_(scratch[shape])
-            if orth:
-                G += T.gram(v)
+                buf = self._tangent_buffers.get(id(p))
+                if buf is None or buf.shape != (K, *p.shape) or buf.dtype != p.dtype or buf.device != p.device:
+                    buf = self._tangent_buffers[id(p)] = torch.empty((K, *p.shape), device=p.device, dtype=p.dtype)
+                v = self._sample_(buf)
+                drawn.append((p, v))
+            if G is not None:  # accumulated layer by layer while the tangents are at hand
+                G.add_(T.gram(v, entries=T.entries(self.dist)))
                 dim += p.numel()
             return v
 
@@ -267,18 +278,24 @@ class ForwardGradientWeight(_ForwardGradient):
             if i == len(chain) - 1:
                 h_last = H[0]
             perturb = self._perturbed(i)
-            Z = F.linear(H, W)  # primal and all tangents through W: one matmul
-            if perturb and Z.shape[0] == 1:
-                Z = torch.cat([Z, Z.new_zeros(K, B, Z.shape[-1])])
+            weight_tangent = perturb and W.requires_grad
+            if perturb and H.shape[0] == 1:  # first perturbed layer: the tangent rows start at x V^T (or zero)
+                Z = H.new_empty(K + 1, B, W.shape[0])
+                torch.mm(H[0], W.T, out=Z[0])
+                if not weight_tangent:
+                    Z[1:].zero_()
+            else:
+                Z = F.linear(H, W)  # primal and all tangents through W: one matmul
             if b is not None:
                 Z[0].add_(b)
-            if perturb and W.requires_grad:
-                vW = tangent(W)  # [K, out, in]; h @ vW^T for all k is one [B, in] x [in, K*out] matmul
-                if K == 1:
-                    Z[1].addmm_(H[0], vW[0].T)  # fused, no temporary
+            if weight_tangent:
+                vW = tangent(W)  # [K, out, in]
+                # x V_k^T for every k, written or accumulated straight into the tangent rows: no temporary
+                xv = (H[0].expand(K, B, W.shape[1]), vW.transpose(1, 2))
+                if H.shape[0] == 1:
+                    torch.bmm(*xv, out=Z[1:])
                 else:
-                    hv = H[0] @ vW.reshape(K * W.shape[0], W.shape[1]).T
-                    Z[1:].add_(hv.view(B, K, -1).transpose(0, 1))
+                    Z[1:].baddbmm_(*xv)
             if perturb and b is not None and b.requires_grad:
                 Z[1:].add_(tangent(b).unsqueeze(1))
             _activate_(Z, act)
@@ -289,18 +306,14 @@ class ForwardGradientWeight(_ForwardGradient):
             d = torch.einsum("kbc,bc->k", H[1:], e)
             self.group.weighted_mean_([d], B)  # data-parallel: the K numbers are all that ranks exchange
             c = T.coefficients(d, self.aggregation, G, dim)
-            self._scratch.manual_seed(seed)  # replay the same tangents in the same order
-            for i, (lin, _) in enumerate(chain):
-                if not self._perturbed(i):
-                    continue
-                for p in (lin.weight, lin.bias):
-                    if p is None or not p.requires_grad:
-                        continue
-                    if direct:
-                        p.grad.mul_(c[0])
-                    else:
-                        v = self._sample_(scratch[(K, *p.shape)])
-                        p.grad = torch.tensordot(c.to(p.dtype), v, dims=1)
+            if direct:
+                for i, (lin, _) in enumerate(chain):
+                    if self._perturbed(i):
+                        for p in (lin.weight, lin.bias):
+                            if p is not None and p.requires_grad:
+                                p.grad.mul_(c[0])
+            for p, v in drawn:
+                p.grad = (c.to(v.dtype) @ v.view(K, -1)).view(p.shape)
         if self.exact_readout:
             self._readout_grads(chain[-1][0], h_last, e)
         return loss, logits.clone()
@@ -346,7 +359,8 @@ class ForwardGradientWeight(_ForwardGradient):
         ydot = vmap(tangent_out, randomness="same")(tang)  # [K, B, C]: the K tangents batched, not looped
         d = torch.einsum("kbc,bc->k", ydot, e)
         self.group.weighted_mean_([d], x.shape[0])  # data-parallel: the K numbers are all that ranks exchange
-        G = T.gram(list(tang.values())) if self.aggregation == "orthogonal" else None
+        orth = self.aggregation == "orthogonal"
+        G = T.gram(list(tang.values()), entries=T.entries(self.dist)) if orth else None
         c = T.coefficients(d, self.aggregation, G, sum(p.numel() for p in pert.values()))
         for n, v in tang.items():
             named[n].grad = torch.tensordot(c.to(v.dtype), v, dims=1)
@@ -418,7 +432,7 @@ class ForwardGradientActivity(_ForwardGradient):
                 um = None if u is None else (u if mask is None else u.mul_(mask))
             if um is not None:
                 if orth:
-                    G += T.gram(um, per_example=True)
+                    G += T.gram(um, True, T.entries(self.dist, masked=True))
                     dim += um.shape[-1]
                 if not self.recompute:
                     saved.append((lin, H[0].clone() if H.shape[0] > 1 else H[0], um))
@@ -505,7 +519,8 @@ class ForwardGradientActivity(_ForwardGradient):
         loss, e = loss_grad(self, logits, y)
         d = torch.einsum("kbc,bc->kb", ydot, e.reshape(B, -1))
         tangents = [u for _, _, u in records]
-        G = T.gram(tangents, per_example=True) if self.aggregation == "orthogonal" and tangents else None
+        kind = T.entries(self.dist, masked=True)  # no mask on this path, but "integer" covers +-1 too
+        G = T.gram(tangents, True, kind) if self.aggregation == "orthogonal" and tangents else None
         c = T.coefficients(d, self.aggregation, G, T.dimension(tangents, per_example=True) if tangents else 1)
         for mod, inp, u in records:
             gz = torch.einsum("kb,kb...->b...", c.to(u.dtype), u)

@@ -8,8 +8,10 @@ small local losses can be attached: every block has its own head, and channels a
 - Blocks >= 1: LN -> token-mixing Linear across the P patches -> LN -> ReLU -> LN -> Linear(C -> C) -> LN -> ReLU
   -> groups -> LN -> grouped Linear -> LN -> + block input -> ReLU.
 - LayerNorms have no affine parameters (per token over channels; per group where grouped).
-- Local head per block: average-pool over patches -> LN -> Linear (to classes, or to a projection for the
-  contrastive objective). Readout: average-pool -> LN -> Linear on the last block's features.
+- Local head per block: LN per token and channel group -> average-pool over patches -> Linear (to classes, or
+  to a projection for the contrastive objective). Readout: average-pool -> LN over all channels -> Linear on the
+  last block's features. Both as in the authors' code (its `inter_ln` and `last_layer_ln`, on in their config);
+  see docs/localmixer.md.
 
 `forward(x)` returns the readout logits with the gradient flowing through every block, so `bp` trains the
 network end to end as an ordinary model (the local heads take no part and get zero gradient). The stop-gradient
@@ -46,24 +48,6 @@ def layer_norm(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], eps=EPS)
     g = x.unflatten(-1, (groups, -1))
     return F.layer_norm(g, g.shape[-1:], eps=EPS).flatten(-2)
-
-
-def layer_norm_stats(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-affine LayerNorm returning (y, rstd); y has the shape of x, rstd is [..., groups, 1]."""
-    g = x.unflatten(-1, (groups, -1))
-    y, _, rstd = torch.native_layer_norm(g, g.shape[-1:], None, None, EPS)
-    return y.flatten(-2), rstd
-
-
-def layer_norm_linear(y: torch.Tensor, rstd: torch.Tensor, v: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """The LayerNorm Jacobian applied to v (it is symmetric, so this is both the JVP and the VJP).
-
-    y is the LN output and rstd its 1/std; v may carry extra leading dims (several tangents).
-    """
-    vg = v.unflatten(-1, (groups, -1))
-    yg = y.unflatten(-1, (groups, -1))
-    out = rstd * (vg - vg.mean(-1, keepdim=True) - yg * (vg * yg).mean(-1, keepdim=True))
-    return out.flatten(-2)
 
 
 def _init_(weight: torch.Tensor, fan_in: int) -> None:
@@ -264,9 +248,15 @@ class LocalMixer(nn.Module):
     def pooled(h: torch.Tensor) -> torch.Tensor:
         return h.mean(-2)
 
-    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
-        """Local head i on pooled features [.., C]: LN -> Linear."""
-        return self.heads[i](layer_norm(pooled))
+    def head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """What every local head sees: block output [.., P, C] layer-normalised per token and channel group, then
+        averaged over patches -> [.., C]. Normalising per (patch, group) slot keeps the slots apart, which the
+        patch x group loss grid relies on (`bpfree.losses.grid`)."""
+        return layer_norm(h, self.groups).mean(-2)
+
+    def head(self, i: int, feats: torch.Tensor) -> torch.Tensor:
+        """Local head i's linear on its input features [.., C] (`head_input`)."""
+        return self.heads[i](feats)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """The readout on pooled features: LN -> Linear."""
