@@ -145,13 +145,15 @@ def test_lg_fg_a_is_unbiased_where_a_module_output_is_the_block_output():
         assert err < 0.1, err
 
 
-def test_lg_fg_w_uses_the_exact_directional_derivative():
-    """One weight tangent v (sum aggregation, one group): every block's update is d v with d the exact directional
-    derivative of the block's own local loss along v (autograd's <l-bp gradient, v>)."""
+@pytest.mark.parametrize("aggregation", ["sum", "orthogonal"])
+def test_lg_fg_w_uses_the_exact_directional_derivative(aggregation):
+    """One weight tangent v (one group): every block's update is d v with d the exact directional derivative of the
+    block's own local loss along v (autograd's <l-bp gradient, v>); orthogonal projects: d v / |v|^2 over the
+    block's weights."""
     x, y = batch((3, 16, 16))
     ref = build_method("l-bp", residual_cnn(), seed=0)
     ref.step(x, y)
-    est = build_method("lg-fg-w", residual_cnn(), seed=0, groups=1, aggregation="sum")
+    est = build_method("lg-fg-w", residual_cnn(), seed=0, groups=1, aggregation=aggregation)
     replay = torch.Generator().manual_seed(0)
     replay.set_state(est.generator.get_state())
     est.step(x, y)
@@ -162,8 +164,27 @@ def test_lg_fg_w_uses_the_exact_directional_derivative():
         vs = tangents[k:k + len(ps)]
         k += len(ps)
         d = sum((r.grad * v).sum() for r, v in zip(rps, vs))
+        if aggregation == "orthogonal":
+            d = d / sum(v.square().sum() for v in vs)
         for p, v in zip(ps, vs):
             torch.testing.assert_close(p.grad, d * v)
+
+
+def test_lg_fg_a_orthogonal_with_one_tangent_projects_per_example():
+    """K = 1: the orthogonal estimate is the sum estimate divided by each example's |u|^2 (over the block's noise)."""
+    x, y = batch((1, 4, 4))
+
+    def run(aggregation: str):  # noqa: ANN202
+        torch.manual_seed(0)
+        est = build_method("lg-fg-a", build("mlp", 10, (1, 4, 4), hidden=(8, 8)), seed=0, aggregation=aggregation)
+        est.step(x, y)
+        return est
+
+    plain, ortho = run("sum"), run("orthogonal")
+    # each mlp block perturbs one Linear output of 8 Rademacher entries per example: |u|^2 = 8 for every example
+    for a, b in zip(plain.anatomy.block_parameters(), ortho.anatomy.block_parameters()):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(q.grad, p.grad / 8)
 
 
 def test_lg_rules_check_the_groups():

@@ -318,12 +318,18 @@ class BlockLocalFG(BlockLocalGrid):
         self.aggregation = options.get("aggregation", "mean")
         self.dist = options.get("tangent_dist", "rademacher")
         T.check_options(self.tangents, self.aggregation, self.dist)
-        if self.aggregation == "orthogonal":
-            raise UsageError(f"{self.method} --aggregation orthogonal: localmixer-* models only (sum or mean here)")
         self.block_params = [[p for p in b.parameters() if p.requires_grad] for b in self.anatomy.blocks]
 
     def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         return T.sample(shape, self.dist, self.generator, device=like.device, dtype=like.dtype)
+
+    def coefficients(self, d: torch.Tensor, noise: list[torch.Tensor], per_example: bool) -> torch.Tensor:
+        """c [K, ...] from one block's directional derivatives d [K, (B,) P, G]; orthogonal: the Gram matrix of the
+        block's tangents as drawn (one per example for activity tangents) applied to every copy."""
+        if self.aggregation != "orthogonal":
+            return T.coefficients(d, self.aggregation)
+        gram = T.gram(noise, per_example=per_example, entries=T.entries(self.dist))
+        return T.coefficients(d, self.aggregation, gram, T.dimension(noise, per_example=per_example))
 
     def exact_part(self, outs: list[torch.Tensor], logits: torch.Tensor, y: torch.Tensor) -> tuple[Any, ...]:
         """The heads' exact gradients (they see stopped features only) and the readout's from dL/dlogits e through
@@ -478,7 +484,7 @@ class BlockLocalFGActivity(BlockLocalFG):
             for i, grid in enumerate(grids):
                 h_dot = self.patches(tangents[i].detach()).unflatten(0, (k, batch))  # [K, B, P, C]
                 d = grid.directional(h_dot) / batch  # [K, B, P, G]: mean over the batch of the sum over copies
-                c = T.coefficients(d, self.aggregation)
+                c = self.coefficients(d, [u.unflatten(0, (k, batch)) for _, _, u in fired[i]], per_example=True)
                 patches = d.shape[2]
                 for m, primal, u in fired[i]:
                     outputs.append(primal)
@@ -558,8 +564,9 @@ class BlockLocalFGWeight(BlockLocalFG):
                 h_dot = torch.stack([self.patches(t) for t in d_all[i]])  # [K, B, P, C]
                 d = (grid.directional(h_dot) / batch).sum(1)  # [K, P, G]: only the batch sum matters
                 self.group.weighted_mean_([d], batch)  # data-parallel: seed-shared tangents
-                c = T.coefficients(d, self.aggregation)
-                for p, v in zip(self.block_params[i], noise[start:start + len(self.block_params[i])]):
+                block_noise = noise[start:start + len(self.block_params[i])]
+                c = self.coefficients(d, block_noise, per_example=False)
+                for p, v in zip(self.block_params[i], block_noise):
                     if p.dim() >= 1 and p.shape[0] % g == 0:
                         coef = c.sum(1).repeat_interleave(p.shape[0] // g, dim=1)  # [K, rows]: group g's rows
                         p.grad = (coef.view(*coef.shape, *([1] * (p.dim() - 1))) * v).sum(0)
