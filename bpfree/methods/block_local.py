@@ -14,10 +14,9 @@ from the next block's loss; the model's classifier after the last block from the
   (spatial positions), [B, T, C] has T (tokens), [B, C] is one patch; `--groups G` channel groups (must divide the
   channels of every block output; 0 = the model's own `groups` attribute, else 1). Copy (p, g) of a block's loss has
   the pooled loss's value and its gradient reaches only patch p, group g of the block output.
-  `lg-bp`/`lg-fa` backpropagate the grid through the block: inside an arbitrary block backprop sums the copies, so
-  the parameter gradients equal those of `l-bp`/`l-fa` (LocalMixer's fast path, whose units keep patches and groups
-  apart, is where the LG credit assignment differs inside a block). The forward-gradient rules use the grid's
-  per-copy directional derivatives:
+  `lg-bp`/`lg-fa` backpropagate the grid through the block: backprop sums the copies, so the parameter gradients
+  equal those of `l-bp`/`l-fa` (as on LocalMixer under the authors' definition, docs/localmixer.md); the grid
+  changes the forward-gradient rules, which use its per-copy directional derivatives:
   `lg-fg-a` perturbs the output of every parametrised module inside a block (noise u, per example; a module whose
   output goes straight into a normalisation is perturbed after that norm instead, as the paper adds noise after the
   post-linear LayerNorm) and gives the module the estimate sum_k c[k, b, p, g] u[k, b, p, group g] where its output
