@@ -82,16 +82,13 @@ def test_l_fa_with_feedback_equal_to_the_weights_is_l_bp(local, fa, make):
     ref, est = build_method(local, model(), seed=0), build_method(fa, model(), seed=0)
     for a, b in zip(ref.heads.parameters(), est.heads.parameters()):
         b.data.copy_(a.data)
-    est.layer_feedback = [
-        (m, [m.in_proj_weight.detach(), m.out_proj.weight.detach()] if isinstance(m, torch.nn.MultiheadAttention)
-         else [m.weight.detach()]) for m, _ in est.layer_feedback
-    ]
+    est.feedback = [w.detach() for _, w in est.fa_weights]
     est.head_feedback = [h.weight.detach() for h in est.heads]
     ref.step(x, y)
     est.step(x, y)
     for a, b in zip(ref.trainable(), est.trainable()):
         torch.testing.assert_close(a.grad, b.grad)
-    assert len(est.layer_feedback) == (7 if make == "vit" else 20)
+    assert len(est.fa_weights) == (9 if make == "vit" else 20)  # ViT: patch conv; per layer in, out, 2 MLP
 
 
 def test_lg_bp_on_resnet18_is_autograd_of_the_patch_group_losses():
@@ -204,8 +201,7 @@ def test_l_fa_state_round_trip_restores_heads_and_feedback():
     state = a.state_dict()
     b = build_method("l-fa", residual_cnn(), seed=7)
     b.load_state_dict(state)
-    for (_, fa), (_, fb) in zip(a.layer_feedback, b.layer_feedback):
-        assert all(torch.equal(u, v) for u, v in zip(fa, fb))
+    assert all(torch.equal(u, v) for u, v in zip(a.feedback, b.feedback))
     assert all(torch.equal(u, v) for u, v in zip(a.head_feedback, b.head_feedback))
     assert all(torch.equal(u, v) for u, v in zip(a.heads.parameters(), b.heads.parameters()))
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -119,8 +120,9 @@ def set_grads(params: list[nn.Parameter], grads: Any) -> None:
 # Feedback alignment inside blocks (l-fa, lg-fa)
 
 
-def _fa_attention(m: nn.MultiheadAttention, b_in: torch.Tensor, b_out: torch.Tensor):  # noqa: ANN202
-    """`m.forward` for self-attention with both projections' backward through B (the attention itself exact)."""
+def _fa_attention(m: nn.MultiheadAttention, b_in: torch.Tensor):  # noqa: ANN202
+    """`m.forward` for self-attention with the input projection's backward through B (the output projection is
+    `m.out_proj`, called as a module so its own FA forward applies; the attention itself exact)."""
 
     def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: Any = None,
                 need_weights: bool = True, attn_mask: Any = None, average_attn_weights: bool = True,
@@ -136,54 +138,55 @@ def _fa_attention(m: nn.MultiheadAttention, b_in: torch.Tensor, b_out: torch.Ten
             mask = ~mask  # nn.MultiheadAttention: True = not allowed; SDPA: True = allowed
         drop = m.dropout if m.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, mask, drop, is_causal=is_causal and mask is None)
-        out = _FALinear.apply(a.transpose(1, 2).reshape(b, t, e), m.out_proj.weight, m.out_proj.bias, b_out)
+        out = m.out_proj(a.transpose(1, 2).reshape(b, t, e))
         return (out if m.batch_first else out.transpose(0, 1)), None
 
     return forward
 
 
-def _fa_forward(m: nn.Module, fb: list[torch.Tensor]):  # noqa: ANN202
-    if isinstance(m, nn.MultiheadAttention):
-        return _fa_attention(m, *fb)
-    if isinstance(m, nn.Conv2d):
-        conf = _conv_conf(m)
-        return lambda x: _FAConv2d.apply(x, m.weight, m.bias, fb[0], conf)
-    return lambda x: _FALinear.apply(x, m.weight, m.bias, fb[0])
+def _fa_linear(m: nn.Linear, fb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _FALinear.apply(x, m.weight, m.bias, fb)
 
 
-def block_feedback(anatomy: Anatomy, generator: torch.Generator, method: str) -> list[tuple[nn.Module, list]]:
-    """(layer, feedback matrices) for every layer inside a block, in the anatomy's order: one B per weight,
-    U(±1/√fan_in) as `fa` draws them."""
+def _fa_conv(m: nn.Conv2d, fb: torch.Tensor, conf: tuple, x: torch.Tensor) -> torch.Tensor:
+    return _FAConv2d.apply(x, m.weight, m.bias, fb, conf)
+
+
+def block_fa_weights(anatomy: Anatomy, method: str) -> list[tuple[nn.Module, torch.Tensor]]:
+    """(module, weight) for every weight inside a block that FA gives a B, in the anatomy's layer order: Linear /
+    Conv2d weights (attention output projections included) and each attention's fused input projection."""
     inside = {id(s) for block in anatomy.blocks for m in block.modules for s in m.modules()}
-    attention_parts = {id(a.out_proj) for _, a in anatomy.layers if isinstance(a, nn.MultiheadAttention)}
-    out = []
+    out: list[tuple[nn.Module, torch.Tensor]] = []
     for _, m in anatomy.layers:
-        if id(m) not in inside or id(m) in attention_parts:
+        if id(m) not in inside:
             continue
         if isinstance(m, nn.MultiheadAttention):
             if not m._qkv_same_embed_dim or m.bias_k is not None or m.in_proj_weight is None:
                 raise UsageError(f"{method}: only nn.MultiheadAttention with one fused input projection")
-            fb = [random_feedback(m.in_proj_weight, m.embed_dim, generator),
-                  random_feedback(m.out_proj.weight, m.embed_dim, generator)]
+            out.append((m, m.in_proj_weight))
         elif isinstance(m, nn.Conv1d):
             raise UsageError(f"{method}: Conv1d layers are not supported (Linear, Conv2d, MultiheadAttention are)")
         else:
             if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
                 raise UsageError(f"{method} supports only zero-padded convolutions")
-            fb = [random_feedback(m.weight, m.weight[0].numel(), generator)]
-        out.append((m, fb))
+            out.append((m, m.weight))
     return out
 
 
 @contextmanager
-def feedback_forward(layers: list[tuple[nn.Module, list]]) -> Iterator[None]:
-    """While active, every listed layer's forward sends its error back through its B instead of Wᵀ."""
-    for m, fb in layers:
-        m.forward = _fa_forward(m, fb)  # an instance attribute shadows the class's forward
+def feedback_forward(weights: list[tuple[nn.Module, torch.Tensor]], feedback: list[torch.Tensor]) -> Iterator[None]:
+    """While active, every weight in `weights` sends its error back through its B in `feedback` (same order)."""
+    for (m, _), fb in zip(weights, feedback):
+        if isinstance(m, nn.MultiheadAttention):
+            m.forward = _fa_attention(m, fb)  # an instance attribute shadows the class's forward
+        elif isinstance(m, nn.Conv2d):
+            m.forward = partial(_fa_conv, m, fb, _conv_conf(m))
+        else:
+            m.forward = partial(_fa_linear, m, fb)
     try:
         yield
     finally:
-        for m, _ in layers:
+        for m, _ in weights:
             del m.forward
 
 
@@ -219,7 +222,8 @@ class BlockLocal(Estimator):
             init_uniform_(list(head.parameters()), head.in_features, self.generator)
         between = {id(p) for p in between_parameters(anatomy)}
         self.readout = [p for p in anatomy.readout_parameters() if id(p) not in between]
-        self.layer_feedback = block_feedback(anatomy, self.generator, self.method) if self.uses_fa else []
+        self.fa_weights = block_fa_weights(anatomy, self.method) if self.uses_fa else []
+        self.feedback = [random_feedback(w, w[0].numel(), self.generator) for _, w in self.fa_weights]
         self.head_feedback = [random_feedback(h.weight, h.in_features, self.generator) for h in self.heads] \
             if self.uses_fa else []
 
@@ -242,7 +246,7 @@ class BlockLocal(Estimator):
             return out.detach()
 
         params = self.trainable()
-        with torch.enable_grad(), boundaries(self.anatomy, cut), feedback_forward(self.layer_feedback):
+        with torch.enable_grad(), boundaries(self.anatomy, cut), feedback_forward(self.fa_weights, self.feedback):
             logits = self.model(x)
             loss = self.loss_fn(logits, y)
             local = [self.local_loss(i, out, y) for i, out in enumerate(outs)]
@@ -261,16 +265,15 @@ class BlockLocal(Estimator):
     def state_dict(self) -> dict[str, Any]:
         state = {**super().state_dict(), "heads": self.heads.state_dict()}
         if self.uses_fa:
-            state["feedback"] = _clone([b for _, fb in self.layer_feedback for b in fb] + self.head_feedback)
+            state["feedback"] = _clone(self.feedback + self.head_feedback)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.heads.load_state_dict(state["heads"])
         if self.uses_fa:
-            saved = iter(_clone(state["feedback"], next(self.model.parameters()).device))
-            self.layer_feedback = [(m, [next(saved) for _ in fb]) for m, fb in self.layer_feedback]
-            self.head_feedback = [next(saved) for _ in self.head_feedback]
+            saved = _clone(state["feedback"], next(self.model.parameters()).device)
+            self.feedback, self.head_feedback = saved[:len(self.feedback)], saved[len(self.feedback):]
 
 
 class BlockLocalGrid(BlockLocal):
