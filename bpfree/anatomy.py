@@ -204,11 +204,25 @@ def example_input(model: nn.Module, input_shape: Sequence[int], batch: int = 2) 
     return torch.zeros(batch, *input_shape, device=p.device, dtype=p.dtype)
 
 
+def _first_linear_input(model: nn.Module) -> tuple[int, ...] | None:
+    """An nn.Sequential starting (after any Flatten) with a Linear takes flat vectors of its in_features."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    for child in model:
+        if isinstance(child, nn.Linear):
+            return (child.in_features,)
+        if not isinstance(child, nn.Flatten):
+            return None
+    return None
+
+
 def describe(
     model: nn.Module, input_shape: Sequence[int] | None = None, blocks: Sequence[str] | None = None
 ) -> Anatomy:
     """The anatomy of `model` for inputs of per-example shape `input_shape` (default: `model.input_shape`)."""
     shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
+    if shape is None:
+        shape = _first_linear_input(model)
     if shape is None:
         raise UsageError(f"{type(model).__name__}: the input shape is unknown; pass input_shape=(C, H, W) or set "
                          "the model's `input_shape` attribute")
@@ -262,6 +276,23 @@ def boundaries(anatomy: Anatomy, at_output: BoundaryFn) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def forwards_replaced(replacements: Sequence[tuple[nn.Module, Callable[..., object]]]) -> Iterator[None]:
+    """While active, each module's `forward` is the given function (its hooks still run); restored after, also a
+    forward the module had set on itself."""
+    saved = [(m, vars(m).get("forward")) for m, _ in replacements]
+    for m, fn in replacements:
+        m.forward = fn
+    try:
+        yield
+    finally:
+        for m, old in reversed(saved):
+            if old is None:
+                del m.forward
+            else:
+                m.forward = old
 
 
 def init_uniform_(params: Sequence[torch.Tensor], fan_in: int, generator: torch.Generator) -> None:

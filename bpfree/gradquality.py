@@ -64,10 +64,12 @@ def gradient_quality(
     aggregations: Sequence[str] = ("mean",),
     seeds: Sequence[int] = (0,),
     method_options: dict[str, Any] | None = None,
+    blocks: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (method, K, aggregation): cosine and norm ratio vs the exact gradient, mean and std.
 
-    `method_options` are passed to every method that declares them (e.g. {"tangent_dist": "normal"}).
+    `method_options` are passed to every method that declares them (e.g. {"tangent_dist": "normal"}); `blocks`
+    names the block boundaries of block-wise rules.
     The model's parameters are not changed (estimators only write `.grad`); it is left in train mode.
     A method that cannot handle the model (UsageError when built) gets one row {"method", "unsupported": reason}
     and the others are still evaluated.
@@ -87,7 +89,7 @@ def gradient_quality(
         aggs: list[str | None] = list(aggregations) if "aggregation" in entry.options else [None]
         shared = {k: v for k, v in (method_options or {}).items() if k in entry.options}
         try:  # can this method handle the model at all?
-            methods.build(name, model, seed=seeds[0], **_options(shared, ks[0], aggs[0]))
+            methods.build(name, model, seed=seeds[0], blocks=blocks, **_options(shared, ks[0], aggs[0]))
         except UsageError as err:
             rows.append({"method": name, "tangents": None, "aggregation": None, "unsupported": str(err)})
             continue
@@ -97,7 +99,7 @@ def gradient_quality(
                 cos, ratio = [], []
                 layer_cos: dict[str, list[float]] = {}
                 for seed in seeds:
-                    est = methods.build(name, model, seed=seed, **opts)
+                    est = methods.build(name, model, seed=seed, blocks=blocks, **opts)
                     for (x, y), g, g_layers in zip(batches, exact, exact_layers):
                         model.zero_grad(set_to_none=True)
                         est.step(x, y)

@@ -78,6 +78,7 @@ class TrainConfig:
     dist_timeout: float = 60.0  # data-parallel runs: seconds before a rank gives up on a silent peer
     method_options: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
+    blocks: tuple[str, ...] | None = None  # the model's submodules whose outputs are the block boundaries
 
     def check(self) -> None:
         """Reject bad numbers and impossible combinations with one line each."""
@@ -106,7 +107,7 @@ class TrainConfig:
             raise UsageError(f"--train-size must be at least 1, got {self.train_size}")
         check_device(self.device)
         methods.METHODS.get(self.method)
-        models.MODELS.get(self.model)
+        models.check(self.model)
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -186,6 +187,8 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     compare's skip check, report's rows) a config that spells the default out.
     """
     out = dict(config)
+    if "method" in out:
+        out.setdefault("blocks", None)  # runs saved before --blocks existed found their blocks themselves
     for key, registry, name in (("method_options", methods.METHODS, "method"),
                                 ("model_options", models.MODELS, "model")):
         entry = registry.entries.get(config.get(name, ""))
@@ -277,7 +280,7 @@ class Run:
         if cfg.init_from and not cfg.resume:
             load_backbone(self.model, cfg.init_from)  # before the estimator: method-owned heads start new
         self.group.broadcast_module(self.model)
-        self.estimator = methods.build(cfg.method, self.model, seed=cfg.seed, **cfg.method_options)
+        self.estimator = methods.build(cfg.method, self.model, seed=cfg.seed, blocks=cfg.blocks, **cfg.method_options)
         self.estimator.group = self.group
         self.optimizer = make_optimizer(cfg, self.estimator.trainable(), lr_multipliers_by_id(self.estimator))
         self.steps_per_epoch = self.data.num_train_batches(cfg.batch_size)

@@ -148,6 +148,14 @@ def test_direct_feedback_mlp_matches_formula(method: str, timing: str | None, fa
         torch.testing.assert_close(p.grad, g)
 
 
+def sequential_blocks(est) -> list[nn.Module]:
+    """The estimator's blocks of an nn.Sequential, then the readout (the children after the last block)."""
+    children = list(est.model)
+    blocks = [nn.Sequential(*b.modules) for b in est.anatomy.blocks]
+    last = children.index(est.anatomy.blocks[-1].exit)
+    return [*blocks, nn.Sequential(*children[last + 1 :])]
+
+
 def local_reference(blocks: list[nn.Module], x: torch.Tensor, y: torch.Tensor, feedback: list[torch.Tensor]):
     """Each hidden block's gradients from e·B_l at its output through that block alone; the output's exact."""
     grads = []
@@ -179,7 +187,7 @@ def test_direct_feedback_blocks_are_local(method: str, model: str, shape: tuple[
     feedback = [b.clone() for b in est.feedback]  # fdfa's signal uses B from before the step's update
     est.step(x, y)
     got = [p.grad.clone() for p in net.parameters()]
-    blocks = [*est.hidden, est.output]
+    blocks = sequential_blocks(est)
     ref = local_reference(blocks, x, y, feedback)
     assert len(got) == len(ref)
     for a, b in zip(got, ref):
@@ -221,7 +229,7 @@ def test_fdfa_one_step_feedback_is_directional_derivative(model: str, shape: tup
     est = build("fdfa", net, seed=7, feedback_lr=1.0)
     x, y = batch(n=5, shape=shape)
     est.step(x, y)
-    blocks = [*est.hidden, est.output]
+    blocks = sequential_blocks(est)
     with torch.no_grad():
         outs, h = [], x
         for b in blocks[:-1]:
@@ -323,6 +331,11 @@ def test_state_dict_resumes_exactly(method: str) -> None:
         torch.testing.assert_close(a, p.grad)
 
 
+def with_shape(model: nn.Module, shape: tuple[int, ...] = (4,)) -> nn.Module:
+    model.input_shape = shape
+    return model
+
+
 class NotSequential(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -334,8 +347,11 @@ class NotSequential(nn.Module):
 
 @pytest.mark.parametrize("method", ["fa", "dfa", "fdfa"])
 def test_unsupported_models_are_usage_errors(method: str) -> None:
-    with pytest.raises(UsageError, match="nn.Sequential"):
-        build(method, NotSequential())
+    if method == "fa":
+        build(method, NotSequential())  # any module with layers
+    else:
+        with pytest.raises(UsageError, match="hidden block"):
+            build(method, with_shape(NotSequential()))
     with pytest.raises(UsageError, match="cannot handle layer LSTM"):
         build(method, nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4), nn.Linear(4, 3)))
     if method != "fa":
@@ -436,9 +452,19 @@ def test_local_fa_state_and_contrastive(method: str) -> None:
         torch.testing.assert_close(a, p.grad)
 
 
-def test_fdfa_on_localmixer_is_a_usage_error() -> None:
-    with pytest.raises(UsageError, match="localmixer.*use dfa, fa or lg-fa"):
-        build("fdfa", build_model("localmixer-m1-16", 10, (1, 8, 8), channels=16, groups=2))
+def test_fdfa_on_localmixer_runs_on_its_blocks() -> None:
+    """No fast path: the generic rule on the LocalMixer's declared blocks (B_l per block, heads untouched)."""
+    torch.manual_seed(0)
+    net = build_model("localmixer-m1-16", 10, (1, 8, 8), blocks=2, grid=2, channels=16, groups=2)
+    with torch.no_grad():
+        net.readout.weight.normal_(0, 0.3)  # zero at init: then B would stay zero for the first steps
+    est = build("fdfa", net, seed=0)
+    x, y = batch(n=6, shape=(1, 8, 8), classes=10)
+    for _ in range(2):
+        est.step(x.float(), y)
+    assert len(est.feedback) == len(net.blocks) and all(b.abs().sum() > 0 for b in est.feedback)
+    assert all(p.grad.abs().sum() > 0 for p in net.blocks.parameters() if p.dim() > 1)
+    assert all(p.grad.abs().sum() == 0 for p in net.heads.parameters())
 
 
 @pytest.mark.parametrize("method", ["fa", "l-fa", "lg-fa", "dfa"])

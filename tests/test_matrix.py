@@ -9,22 +9,10 @@ from bpfree import matrix
 from bpfree.errors import UsageError
 from bpfree.methods import METHODS
 
-# Cells of the rules made generic on branch anat-fb (fa, dfa, fdfa, fg-w, fg-a; bp's contrastive path): they may
-# fail here until that branch is merged. Delete this set after the merge.
-PENDING_ANAT_FB = {"bp", "fa", "dfa", "fdfa", "fg-w", "fg-a"}
 
-
-def cells() -> list:
-    out = []
-    for method in METHODS.names():
-        for model in matrix.MODELS:
-            marks = [pytest.mark.xfail(strict=False, reason="generic fa/dfa/fdfa/fg lands from branch anat-fb")] \
-                if method in PENDING_ANAT_FB else []
-            out.append(pytest.param(method, model, marks=marks, id=f"{method}-{model}"))
-    return out
-
-
-@pytest.mark.parametrize("method, model", cells())
+@pytest.mark.parametrize("method, model", [
+    pytest.param(method, model, id=f"{method}-{model}") for method in METHODS.names() for model in matrix.MODELS
+])
 def test_cell_learns_or_is_a_documented_undefined_case(method, model):
     try:
         first, last = matrix.losses(method, model)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bpfree import methods
+from bpfree import methods, models
 from bpfree.checks import output_folder
 from bpfree.commands.train import DEFAULTS, add_training_arguments, config_from_args, set_threads
 from bpfree.compare import run_all, run_folder
@@ -193,7 +193,7 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[TrainConfig], Path, 
             if m is not None and m not in takers:
                 raise UsageError(f"method {m!r} does not take {flag} (methods that do: {', '.join(takers)})")
     safe_data = str(values["data"]).replace(":", "_").replace("/", "_")
-    out = Path(values.get("out") or f"runs/compare-{values['model']}-{safe_data}")
+    out = Path(values.get("out") or f"runs/compare-{models.short_name(str(values['model']))}-{safe_data}")
     configs = []
     for method in names:
         ns = argparse.Namespace(**{a.dest: values.get(k) for k, a in actions.items()

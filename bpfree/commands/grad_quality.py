@@ -9,7 +9,7 @@ import torch
 from bpfree import data as datasets
 from bpfree import methods, models
 from bpfree.checks import check_device, check_seed, output_folder
-from bpfree.commands.train import DATA_HELP, add_entry_options, entry_options
+from bpfree.commands.train import DATA_HELP, add_entry_options, document_blocks_flag, model_options
 from bpfree.errors import UsageError
 from bpfree.gradquality import gradient_quality, markdown_table, write_report
 
@@ -25,7 +25,8 @@ def _list(text: str, kind: type, flag: str) -> list:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="mlp", help="model (see `bpfree models`)")
+    parser.add_argument("--model", default="mlp",
+                        help="model (see `bpfree models`), or your own: path/to/file.py:Name or package.module:name")
     parser.add_argument("--data", default="digits", help=DATA_HELP)
     parser.add_argument("--data-root", default=None, help="folder holding the data sets")
     parser.add_argument("--methods", default="fg-w,fg-a", help="comma-separated methods (any registered)")
@@ -45,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--out", default="runs/grad-quality", help="folder for the JSON, markdown and PNG")
     add_entry_options(parser, models.MODELS, "model")
+    document_blocks_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                 methods.METHODS.resolve_options(n, {**trial, "aggregation": a})
     check_seed(args.seed)
     device = check_device(args.device)
-    model_opts = entry_options(args, models.MODELS, args.model)
+    model_opts, blocks = model_options(args, args.model)
     torch.manual_seed(args.seed)
     ds = datasets.load(args.data, args.data_root)
     model = models.build(args.model, ds.num_classes, ds.input_shape, **model_opts).to(device)
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         batches.append((x.to(device), y.to(device)))
         if len(batches) == args.batches:
             break
-    rows = gradient_quality(model, names, batches, ks, aggs, range(args.seeds), opts)
+    rows = gradient_quality(model, names, batches, ks, aggs, range(args.seeds), opts, blocks=blocks)
     meta = {
         "model": args.model,
         "model_options": {k: list(v) if isinstance(v, tuple) else v for k, v in model_opts.items()},

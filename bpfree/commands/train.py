@@ -66,7 +66,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True)
     d = DEFAULTS
     if single:
         parser.add_argument("--method", default=d.method, help="learning rule (see `bpfree methods`)")
-    parser.add_argument("--model", default=d.model, help="model (see `bpfree models`)")
+    parser.add_argument("--model", default=d.model,
+                        help="model (see `bpfree models`), or your own: path/to/file.py:Name or package.module:name "
+                        "(a class or function called with num_classes and input_shape)")
     parser.add_argument("--data", default=d.data, help=DATA_HELP)
     parser.add_argument("--data-root", default=None,
                         help="folder holding the data sets (default $BPFREE_DATA, else ./data)")
@@ -92,6 +94,38 @@ def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True)
                         "a busy machine: threads waiting for each other cost more than they share")
     add_entry_options(parser, methods.METHODS, "method")
     add_entry_options(parser, models.MODELS, "model")
+    document_blocks_flag(parser)
+
+
+BLOCKS_HELP = ("; any other model: the submodules (dotted names, e.g. layer1,layer2) whose outputs are the block "
+               "boundaries of block-wise rules (default: found from the model)")
+
+
+def document_blocks_flag(parser: argparse.ArgumentParser) -> None:
+    """`--blocks` is LocalMixer's block count and, for every other model, the names of the block boundaries."""
+    for action in parser._actions:
+        if "--blocks" in action.option_strings:
+            action.help = (action.help or "") + BLOCKS_HELP
+            action.metavar = "INT|A,B,..."
+
+
+def model_options(args: argparse.Namespace, name: str) -> tuple[dict[str, Any], tuple[str, ...] | None]:
+    """The model options given, resolved for `name` (a user's model takes none), and the block names given
+    with --blocks to a model that has no `blocks` option of its own."""
+    prefix = "model_opt_"
+    given = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+    blocks = None
+    own = models.user_model(name) is None and "blocks" in models.MODELS.get(name).options
+    if given.get("blocks") is not None and not own:
+        blocks = tuple(n.strip() for n in str(given.pop("blocks")).split(",") if n.strip())
+        if not blocks:
+            raise UsageError("--blocks: expected submodule names separated by commas")
+    return models.resolve_options(name, given), blocks
+
+
+def run_name(args: argparse.Namespace) -> str:
+    """METHOD-MODEL-DATA for default run folders, safe as one path component."""
+    return f"{args.method}-{models.short_name(args.model)}-{args.data}".replace(":", "_").replace("/", "_")
 
 
 def config_from_args(args: argparse.Namespace, **override: Any) -> TrainConfig:
@@ -99,9 +133,9 @@ def config_from_args(args: argparse.Namespace, **override: Any) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     values.update(override)
     cfg = TrainConfig(**values)
-    models.MODELS.get(cfg.model)
+    models.check(cfg.model)
     methods.METHODS.get(cfg.method)
-    cfg.model_options = entry_options(args, models.MODELS, cfg.model)
+    cfg.model_options, cfg.blocks = model_options(args, cfg.model)
     cfg.method_options = entry_options(args, methods.METHODS, cfg.method)
     return cfg
 
@@ -136,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc > 1 and not distributed.launched_by_torchrun():
         return distributed.launch(args.nproc, distributed.strip_nproc(getattr(args, "argv", sys.argv[1:])))
     set_threads(args.threads)
-    out = args.out or f"runs/{args.method}-{args.model}-{args.data.replace(':', '_').replace('/', '_')}"
+    out = args.out or f"runs/{run_name(args)}"
     cfg = config_from_args(args, out=out)
     records = train(cfg, log_epochs=True)
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports for the data-parallel run

@@ -1,6 +1,7 @@
-"""LocalMixer's fast paths for the local rules (Ren, Kornblith, Liao, Hinton 2022): l-bp, lg-bp, l-fa, lg-fa,
-lg-fg-w, lg-fg-a, and the end-to-end fg-w / fg-a baselines, each registered with `methods.register_fast_path`
-(the generic rules, for any model: `bpfree.methods.block_local`, `bpfree.methods.forward_gradient`).
+"""LocalMixer's fast paths for the local rules (Ren, Kornblith, Liao, Hinton 2022): l-bp, lg-bp, lg-fg-w, lg-fg-a,
+and the end-to-end fg-w / fg-a baselines, each registered with `methods.register_fast_path` (the generic rules, for
+any model: `bpfree.methods.block_local`, `bpfree.methods.forward_gradient`; l-fa / lg-fa on LocalMixer:
+`bpfree.fastpaths.localmixer_feedback`, next to the LocalMixer's feedback matrices).
 
 Every block is trained only by its own head's loss (its input is stop-gradient); the readout is trained on the
 stopped features of the last block. Heads and readout always take their exact gradients.
@@ -41,7 +42,6 @@ from bpfree.methods import forward_gradient as FG
 from bpfree.methods import register_fast_path
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.methods.block_local import COMMON_OPTIONS, FG_OPTIONS, check_groups
-from bpfree.methods.feedback_alignment import _clone, _FALinear, mixer_feedback, mixer_linear_hook
 from bpfree.models.localmixer import (
     LNCache,
     LocalMixer,
@@ -516,56 +516,6 @@ def mixer_fg_w(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     else:
         model.readout.weight.grad, model.readout.bias.grad = T.combine([vw, vb], c)
     return loss, logits
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# L-FA, LG-FA: the local-loss estimators (l-bp, lg-bp) with every linear's backward through a fixed random B.
-
-
-class _LocalFeedback:
-    """Mixin over LocalBP / LocalGroupBP. Every linear map between a local loss and the weights it trains sends
-    its error back through a fixed random B (`random_feedback`: U(±1/√fan_in), as `fa`): the three unit linears
-    of each block and the local head's linear, so no weight is transported anywhere. Each weight's own gradient
-    stays local and exact given the signal at its output (for a head: its exact local gradient). The readout sits
-    on stopped features and passes no signal down, so it takes its exact gradient with no B, as in local.py.
-    """
-
-    model: LocalMixer
-    generator: torch.Generator
-
-    def _init_feedback(self) -> None:
-        self.feedback = mixer_feedback(self.model, self.generator, heads=True, readout=False)
-
-    def head(self, i: int, feats: torch.Tensor) -> torch.Tensor:
-        h = self.model.heads[i]
-        return _FALinear.apply(feats, h.weight, h.bias, self.feedback[f"heads.{i}.weight"])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "feedback": _clone(self.feedback)}  # type: ignore[misc]
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)  # type: ignore[misc]
-        self.feedback = _clone(state["feedback"], next(self.model.parameters()).device)
-
-
-@register_fast_path("l-fa", LocalMixer)
-class LocalFA(_LocalFeedback, LocalBP):
-    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
-        super().__init__(model, seed, **options)
-        self._init_feedback()
-
-    def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
-        return block(x, mixer_linear_hook(i, block, self.feedback))
-
-
-@register_fast_path("lg-fa", LocalMixer)
-class LocalGroupFA(_LocalFeedback, LocalGroupBP):
-    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
-        super().__init__(model, seed, **options)
-        self._init_feedback()
-
-    def block_forward(self, i: int, block: MixerBlock, x: torch.Tensor) -> torch.Tensor:
-        return block(x, mixer_linear_hook(i, block, self.feedback))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -54,13 +54,9 @@ def build(
 
 
 # Importing a family's module registers its methods.
-import bpfree.fastpaths  # noqa: E402,F401  (model-specific fast paths register themselves)
-from bpfree.methods import (  # noqa: E402,F401
-    block_local,  # noqa: E402,F401  (after feedback_alignment: it uses the FA pieces)
-    bp,
-    feedback_alignment,
-    forward_forward,
-    forward_gradient,
-)
+from bpfree.methods import block_local, bp, feedback_alignment, forward_forward, forward_gradient  # noqa: E402,F401
 
 __all__ = ["FAST_PATHS", "METHODS", "Estimator", "StepResult", "build", "fast_path", "register_fast_path"]
+
+# Model-specific fast paths register last: they build on the generic families.
+import bpfree.fastpaths  # noqa: E402,F401

@@ -40,6 +40,29 @@ def estimator_seed(seed: int) -> int:
     return (seed * 0x9E3779B1 + 0xFA) % 2**63
 
 
+def set_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    """`p.grad = g` for a trainable parameter (frozen ones keep no gradient)."""
+    if p.requires_grad:
+        p.grad = g
+
+
+def set_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    """Each parameter's gradient, zeros where a rule gave none (a parameter its signal does not reach)."""
+    for p, g in zip(params, grads):
+        p.grad = torch.zeros_like(p) if g is None else g
+
+
+def zero_missing_grads(params: Sequence[torch.Tensor]) -> None:
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A per-step seed made distinct per data-parallel rank (per-example tangents must differ across ranks)."""
+    return (seed + rank * 0x9E3779B97F4A7C15) % 2**63
+
+
 class Estimator:
     """Base class: subclasses override `step` (and `predict` when inference is not `model(x)`)."""
 

@@ -31,24 +31,29 @@ from the next block's loss; the model's classifier after the last block from the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import partial
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bpfree import tangents as T
 from bpfree.anatomy import Anatomy, boundaries, example_input, init_uniform_, pool, positions_last
+from bpfree.attention import math_attention
 from bpfree.errors import UsageError
 from bpfree.losses import local_loss_grid
 from bpfree.methods import METHODS
-from bpfree.methods.base import Estimator, StepResult
-from bpfree.methods.feedback_alignment import _clone, _conv_conf, _FAConv2d, _FALinear, random_feedback
+from bpfree.methods.base import Estimator, StepResult, rank_seed, set_grads
+from bpfree.methods.feedback_alignment import (
+    _clone,
+    _FALinear,
+    check_layers,
+    fa_weights,
+    feedback_layers,
+    random_feedback,
+)
 from bpfree.registry import Option
 
 PAPER = "Ren, Kornblith, Liao, Hinton 2022 (arXiv 2210.03310)"
@@ -111,83 +116,15 @@ def between_parameters(anatomy: Anatomy) -> list[nn.Parameter]:
     return [p for p, g in zip(free, grads) if g is not None]
 
 
-def set_grads(params: list[nn.Parameter], grads: Any) -> None:
-    for p, g in zip(params, grads):
-        p.grad = torch.zeros_like(p) if g is None else g.detach()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Feedback alignment inside blocks (l-fa, lg-fa)
 
 
-def _fa_attention(m: nn.MultiheadAttention, b_in: torch.Tensor):  # noqa: ANN202
-    """`m.forward` for self-attention with the input projection's backward through B (the output projection is
-    `m.out_proj`, called as a module so its own FA forward applies; the attention itself exact)."""
-
-    def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: Any = None,
-                need_weights: bool = True, attn_mask: Any = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, None]:  # fmt: skip
-        if key is not query or value is not query or key_padding_mask is not None:
-            raise UsageError("feedback alignment supports self-attention without key padding masks")
-        x = query if m.batch_first else query.transpose(0, 1)  # [B, T, E]
-        b, t, e = x.shape
-        qkv = _FALinear.apply(x, m.in_proj_weight, m.in_proj_bias, b_in)
-        q, k, v = (z.unflatten(-1, (m.num_heads, -1)).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
-        mask = attn_mask.to(q.dtype) if attn_mask is not None and attn_mask.dtype != torch.bool else attn_mask
-        if mask is not None and mask.dtype == torch.bool:
-            mask = ~mask  # nn.MultiheadAttention: True = not allowed; SDPA: True = allowed
-        drop = m.dropout if m.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, mask, drop, is_causal=is_causal and mask is None)
-        out = m.out_proj(a.transpose(1, 2).reshape(b, t, e))
-        return (out if m.batch_first else out.transpose(0, 1)), None
-
-    return forward
-
-
-def _fa_linear(m: nn.Linear, fb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return _FALinear.apply(x, m.weight, m.bias, fb)
-
-
-def _fa_conv(m: nn.Conv2d, fb: torch.Tensor, conf: tuple, x: torch.Tensor) -> torch.Tensor:
-    return _FAConv2d.apply(x, m.weight, m.bias, fb, conf)
-
-
 def block_fa_weights(anatomy: Anatomy, method: str) -> list[tuple[nn.Module, torch.Tensor]]:
-    """(module, weight) for every weight inside a block that FA gives a B, in the anatomy's layer order: Linear /
-    Conv2d weights (attention output projections included) and each attention's fused input projection."""
+    """`fa_weights` of the layers inside the blocks (the heads take their B separately; the readout none)."""
+    check_layers(anatomy.model, method)
     inside = {id(s) for block in anatomy.blocks for m in block.modules for s in m.modules()}
-    out: list[tuple[nn.Module, torch.Tensor]] = []
-    for _, m in anatomy.layers:
-        if id(m) not in inside:
-            continue
-        if isinstance(m, nn.MultiheadAttention):
-            if not m._qkv_same_embed_dim or m.bias_k is not None or m.in_proj_weight is None:
-                raise UsageError(f"{method}: only nn.MultiheadAttention with one fused input projection")
-            out.append((m, m.in_proj_weight))
-        elif isinstance(m, nn.Conv1d):
-            raise UsageError(f"{method}: Conv1d layers are not supported (Linear, Conv2d, MultiheadAttention are)")
-        else:
-            if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
-                raise UsageError(f"{method} supports only zero-padded convolutions")
-            out.append((m, m.weight))
-    return out
-
-
-@contextmanager
-def feedback_forward(weights: list[tuple[nn.Module, torch.Tensor]], feedback: list[torch.Tensor]) -> Iterator[None]:
-    """While active, every weight in `weights` sends its error back through its B in `feedback` (same order)."""
-    for (m, _), fb in zip(weights, feedback):
-        if isinstance(m, nn.MultiheadAttention):
-            m.forward = _fa_attention(m, fb)  # an instance attribute shadows the class's forward
-        elif isinstance(m, nn.Conv2d):
-            m.forward = partial(_fa_conv, m, fb, _conv_conf(m))
-        else:
-            m.forward = partial(_fa_linear, m, fb)
-    try:
-        yield
-    finally:
-        for m, _ in weights:
-            del m.forward
+    return [(m, w) for m, w in fa_weights(anatomy.model) if id(m) in inside]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,7 +183,8 @@ class BlockLocal(Estimator):
             return out.detach()
 
         params = self.trainable()
-        with torch.enable_grad(), boundaries(self.anatomy, cut), feedback_forward(self.fa_weights, self.feedback):
+        fa = feedback_layers(self.model, self.fa_weights, self.feedback) if self.uses_fa else nullcontext()
+        with torch.enable_grad(), boundaries(self.anatomy, cut), fa:
             logits = self.model(x)
             loss = self.loss_fn(logits, y)
             local = [self.local_loss(i, out, y) for i, out in enumerate(outs)]
@@ -354,7 +292,7 @@ class BlockLocalFG(BlockLocalGrid):
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         for p in self.trainable():
             p.grad = None
-        with sdpa_kernel(SDPBackend.MATH):  # forward-mode AD needs the math attention kernel
+        with math_attention():  # forward-mode AD needs the math attention kernel
             loss, logits, extra = self.forward_step(x, y)
         for p in self.trainable():
             if p.grad is None:
@@ -431,7 +369,7 @@ class BlockLocalFGActivity(BlockLocalFG):
         # Per-example tangents from a stream seeded afresh each step: data-parallel rank r offsets the seed so its
         # examples get their own tangents, while every rank advances the shared generator alike (resumable).
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
-        self._scratch.manual_seed((seed + self.group.rank * 0x9E3779B97F4A7C15) % 2**63)
+        self._scratch.manual_seed(rank_seed(seed, self.group.rank))
         k, batch, g = self.tangents, x.shape[0], self.groups
         xk = x.repeat(k, *([1] * (x.dim() - 1)))  # K copies of the batch: independent tangents per copy
         fired: list[list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = [[] for _ in self.anatomy.blocks]

@@ -8,8 +8,7 @@ import torch
 
 from bpfree.errors import UsageError
 from bpfree.methods import METHODS
-from bpfree.methods.base import Estimator, StepResult
-from bpfree.models.localmixer import LocalMixer
+from bpfree.methods.base import Estimator, StepResult, set_grads
 from bpfree.registry import Option
 
 OPTIONS = {
@@ -26,27 +25,24 @@ OPTIONS = {
 @METHODS.register("bp", "backpropagation of the global loss (the reference)", options=OPTIONS,
                   paper="Rumelhart et al. 1986")
 class Backprop(Estimator):
+    #: Whether this estimator has the contrastive objective (LocalMixer's fast path does).
+    contrastive_objective = False
+
     def __init__(self, model: torch.nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
         self.contrastive = options.get("objective", "supervised") == "contrastive"
         self.temperature = float(options.get("temperature", 0.5))
-        if self.contrastive:
-            if not isinstance(model, LocalMixer) or model.head_dim == model.num_classes:
-                raise UsageError("bp --objective contrastive needs a localmixer-* model with --head-dim 128")
+        if self.contrastive and not self.contrastive_objective:
+            raise UsageError("bp --objective contrastive needs a localmixer-* model with --head-dim 128")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward pass whose autograd graph `step` differentiates (feedback alignment swaps its backward)."""
         return self.model(x)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        if self.contrastive:
-            from bpfree.fastpaths.localmixer_local import contrastive_backprop_step  # localmixer-* only
-
-            return contrastive_backprop_step(self.model, x, y, self.generator, self.temperature)  # type: ignore[arg-type]
         params = self.trainable()
         logits = self.forward(x)
         loss = self.loss_fn(logits, y)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for p, g in zip(params, grads):
-            p.grad = torch.zeros_like(p) if g is None else g
+        set_grads(params, grads)
         return StepResult(loss.detach(), logits.detach())

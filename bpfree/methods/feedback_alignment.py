@@ -1,30 +1,34 @@
-"""Feedback alignment family: FA, DFA and Directional DFA (FDFA).
+"""Feedback alignment family: FA, DFA and Directional DFA (FDFA), on any model through its anatomy.
 
 All three replace the backward pass of backprop by random or learned feedback:
 
 - `fa`   (Lillicrap et al. 2016): the error is propagated backwards layer by layer, but through fixed random
-  matrices B in place of the transposed weights Wᵀ (Linear and Conv2d layers).
-- `dfa`  (Nøkland 2016): the output error e = ∂L/∂y is sent straight to every hidden block through a fixed random
+  matrices B in place of the transposed weights Wᵀ. Every layer of the anatomy (`nn.Linear`, `nn.Conv1d/2d`, the
+  input and output projections of `nn.MultiheadAttention`) gets a B, in any topology: residual sums, batch norm,
+  attention and whatever else the model's own `forward` does run as usual (parameter-free maps and norms are
+  differentiated exactly; only the transport of weight matrices is replaced).
+- `dfa`  (Nøkland 2016): the output error e = ∂L/∂y is sent straight to every block's output through a fixed random
   matrix B_l; the block turns δh_l = e·B_l into its weight updates locally (δa_l = δh_l ⊙ f'(a_l), ΔW_l = δa_lᵀ x_l).
   B_l is kaiming-uniform by default, as in the public FDFA code (`--feedback-init`).
 - `fdfa` (Bacho & Chu 2022): as DFA, but B_l is learned: one forward-mode pass with a fresh tangent u_l ~ N(0, I)
-  added to every hidden block's output gives ẏ = Σ_l J_l u_l, so E[ẏ u_lᵀ] = J_l = ∂y/∂h_l, and
+  added to every block's output gives ẏ = Σ_l J_l u_l, so E[ẏ u_lᵀ] = J_l = ∂y/∂h_l, and
   B_l ← (1−λ)B_l + λ·mean_batch(ẏ u_lᵀ), starting from zero. The weight signal e·B_l uses B_l from before this
   step's update by default, as the public code does (`--feedback-timing`). See docs/feedback_alignment.md.
 
-A "block" is the stretch of a flat `nn.Sequential` from one weight layer (Linear / Conv2d) up to the next one, e.g.
-Linear+BatchNorm+ReLU or Conv+ReLU+MaxPool(+Flatten); the last block is the output layer. DFA and FDFA feed their
-signal to each hidden block's *output* and push it back through that block only (its BatchNorm, activation and
-pooling included), so each block's update needs nothing but its own input and the feedback signal. For a
-Linear(+BN)+ReLU block this is exactly δa = (e·B) ⊙ f'(a); after a max-pool the signal is routed to the pooled maxima.
-On a LocalMixer, `dfa` treats every unit (linear -> LN -> [+residual] -> ReLU) as such a block; `fdfa` does not take it.
-
-`fa` on a LocalMixer is FA of the global loss through every block. `l-fa`, `lg-fa` (FA under local losses) live
-with the local rules: `bpfree.methods.block_local`, and `bpfree.fastpaths.localmixer_local` on LocalMixer.
+DFA and FDFA use the model's blocks (`bpfree.anatomy`): one ordinary forward pass of the model in which every block
+output is remembered and passed on detached (so no gradient crosses a block boundary), then one backward pass of
+⟨block output, e·B_l⟩ for every block plus the loss for everything after the last block (the readout, exact). On a
+flat `nn.Sequential` a block is one weight layer and the parameter-free layers after it (Linear+BatchNorm+ReLU,
+Conv+ReLU+MaxPool(+Flatten)), so for a Linear(+BN)+ReLU block this is exactly δa = (e·B) ⊙ f'(a); after a max-pool
+the signal is routed to the pooled maxima. Fully connected chains run hand-written formulas (`_DenseBlock`).
+Model-specific paths (LocalMixer: `bpfree.fastpaths.localmixer_feedback`) register with `register_fast_path`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,57 +37,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree import tangents as T
+from bpfree.anatomy import Anatomy, boundaries, example_input, forwards_replaced
+from bpfree.attention import math_attention, patched_attention
 from bpfree.errors import UsageError
+from bpfree.forward_mode import tangent_friendly
 from bpfree.methods import METHODS
-from bpfree.methods.base import Estimator, StepResult
+from bpfree.methods.base import Estimator, StepResult, set_grad, zero_missing_grads
 from bpfree.methods.bp import Backprop
-from bpfree.models.localmixer import LinearHook, LocalMixer, MixerBlock, layer_norm, unit_params, unit_weight_grads
 from bpfree.registry import Option
 
 PAPER_FA = "Lillicrap et al. 2016, Random synaptic feedback weights support error backpropagation for deep learning"
 PAPER_DFA = "Nøkland 2016, Direct Feedback Alignment Provides Learning in Deep Neural Networks"
 PAPER_FDFA = "Bacho & Chu 2022, Low-variance Forward Gradients using Direct Feedback Alignment and Momentum"
 
-WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
-NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d)
-# Layers without parameters that may sit anywhere in a block (activations, pooling, reshaping, regularisers).
-FREE_LAYERS = (
-    nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity,
-)  # fmt: skip
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d)
+# Modules with weight matrices this family has no feedback path for: their exact backward would transport weights.
+UNSUPPORTED = (nn.RNNBase, nn.RNNCellBase, nn.Bilinear, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+               nn.ConvTranspose3d)  # fmt: skip
 
 
-def flat_layers(model: nn.Module, method: str) -> list[nn.Module]:
-    """The model's leaf layers in order, checking that each is one this family knows how to handle."""
-    if not isinstance(model, nn.Sequential):
-        raise UsageError(
-            f"method {method!r} needs a model that is an nn.Sequential of Linear/Conv2d/BatchNorm/activation/pooling "
-            f"layers (e.g. mlp, fc-bn, cnn-small), got {type(model).__name__}"
-        )
-    out: list[nn.Module] = []
-    for m in model:
-        if isinstance(m, nn.Sequential):
-            out += flat_layers(m, method)
-        elif isinstance(m, WEIGHT_LAYERS + NORM_LAYERS + FREE_LAYERS):
-            out.append(m)
-        else:
-            raise UsageError(f"method {method!r} cannot handle layer {type(m).__name__} in the model")
-    for m in out:
-        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
-            raise UsageError(f"method {method!r} supports only zero-padded convolutions")
-    return out
-
-
-def split_blocks(layers: list[nn.Module], method: str) -> tuple[list[nn.Sequential], nn.Sequential]:
-    """Cut the layers into blocks, each starting at a weight layer; returns (hidden blocks, output block)."""
-    starts = [i for i, m in enumerate(layers) if isinstance(m, WEIGHT_LAYERS)]
-    if len(starts) < 2:
-        raise UsageError(f"method {method!r} needs a model with at least one hidden weight layer")
-    if any(isinstance(m, NORM_LAYERS) for m in layers[: starts[0]]):
-        raise UsageError(f"method {method!r}: a BatchNorm before the first weight layer is not supported")
-    bounds = [0, *starts[1:], len(layers)]  # parameter-free layers before the first weight layer join block 0
-    blocks = [nn.Sequential(*layers[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    return blocks[:-1], blocks[-1]
+def check_layers(model: nn.Module, method: str) -> None:
+    """Refuse modules whose backward this family cannot replace (one line, naming the module)."""
+    for name, m in model.named_modules():
+        if isinstance(m, UNSUPPORTED):
+            raise UsageError(f"method {method!r} cannot handle layer {type(m).__name__} ({name or 'the model'}): "
+                             "only Linear, Conv1d/2d and MultiheadAttention get feedback matrices")
+        if isinstance(m, CONV_LAYERS) and m.padding_mode != "zeros":
+            raise UsageError(f"method {method!r} supports only zero-padded convolutions ({name})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,19 +82,22 @@ class _FALinear(torch.autograd.Function):
         x, fb = ctx.saved_tensors
         grad_x = g @ fb if ctx.needs_input_grad[0] else None  # B in place of W (shape out x in)
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-        grad_w = g2.t() @ x2
-        grad_b = g2.sum(0) if ctx.has_bias else None
+        grad_w = g2.t() @ x2 if ctx.needs_input_grad[1] else None
+        grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
 
 
-class _FAConv2d(torch.autograd.Function):
+class _FAConv(torch.autograd.Function):
+    """Conv1d / Conv2d (by the weight's rank) with B in place of W in the backward to the input."""
+
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fb: torch.Tensor,
                 conf: tuple) -> torch.Tensor:  # fmt: skip
         stride, padding, dilation, groups = conf
         ctx.save_for_backward(x, fb)
         ctx.conf, ctx.has_bias = conf, bias is not None
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        conv = F.conv1d if weight.dim() == 3 else F.conv2d
+        return conv(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
@@ -122,81 +105,33 @@ class _FAConv2d(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conf
         # The weight gradient does not depend on the weight, so one native call with B as the "weight" gives both
         # the FA input signal (transposed convolution with B) and the true local weight/bias gradients.
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            g, x, fb, [fb.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False, [0, 0], groups,
-            [ctx.needs_input_grad[0], True, ctx.has_bias],
+            g, x, fb, [fb.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False,
+            [0] * len(stride), groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_b],
         )  # fmt: skip
         return grad_x, grad_w, grad_b, None, None
 
 
-def _conv_conf(m: nn.Conv2d) -> tuple:
+_FAConv2d = _FAConv
+
+
+def _conv_conf(m: nn.Conv1d | nn.Conv2d) -> tuple:
     padding = m.padding
     if isinstance(padding, str):  # "valid" / "same" given as strings: convert to explicit zero padding
         if padding == "valid":
-            padding = (0, 0)
-        elif all(k % 2 == 1 for k in m.kernel_size) and m.stride in (1, (1, 1)):
+            padding = (0,) * len(m.kernel_size)
+        elif all(k % 2 == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride):
             padding = tuple(d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation))
         else:
             raise UsageError("fa: padding='same' is supported only for odd kernels with stride 1")
     return (list(m.stride), list(padding), list(m.dilation), m.groups)
 
 
-class _FAGrouped(torch.autograd.Function):
-    """LocalMixer's grouped linear (t [..., G*i] -> [..., G*o], weight [G, o, i]) with B in place of W backwards."""
-
-    @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
-        tg = t.unflatten(-1, (weight.shape[0], -1))
-        ctx.save_for_backward(tg, fb)
-        return torch.einsum("...gi,goi->...go", tg, weight).flatten(-2) + bias
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor):
-        tg, fb = ctx.saved_tensors
-        gg = g.unflatten(-1, (fb.shape[0], -1))
-        grad_t = torch.einsum("...go,goi->...gi", gg, fb).flatten(-2) if ctx.needs_input_grad[0] else None
-        grad_w = torch.einsum("...go,...gi->goi", gg, tg)
-        return grad_t, grad_w, g.flatten(0, -2).sum(0), None
-
-
 def random_feedback(weight: torch.Tensor, fan_in: int, generator: torch.Generator) -> torch.Tensor:
     """A fixed B of W's shape, U(±1/√fan_in): the scale of PyTorch's default init of W. Every FA variant uses it."""
     u = torch.rand(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
     return (2 * u - 1) * fan_in**-0.5
-
-
-def mixer_feedback(
-    model: LocalMixer, generator: torch.Generator, heads: bool, readout: bool
-) -> dict[str, torch.Tensor]:
-    """Feedback matrices for a LocalMixer's linear maps, keyed by their weights' parameter names."""
-    out: dict[str, torch.Tensor] = {}
-    for i, block in enumerate(model.blocks):
-        if block.token_mix is not None:
-            out[f"blocks.{i}.token_mix.weight"] = random_feedback(block.token_mix.weight, model.patches, generator)
-        out[f"blocks.{i}.channel.weight"] = random_feedback(block.channel.weight, block.channel.in_features, generator)
-        out[f"blocks.{i}.group_weight"] = random_feedback(block.group_weight, block.group_weight.shape[-1], generator)
-    for i, head in enumerate(model.heads if heads else []):
-        out[f"heads.{i}.weight"] = random_feedback(head.weight, head.in_features, generator)
-    if readout:
-        out["readout.weight"] = random_feedback(model.readout.weight, model.readout.in_features, generator)
-    return out
-
-
-def mixer_linear_hook(i: int, block: MixerBlock, feedback: dict[str, torch.Tensor]) -> LinearHook:
-    """Block i's unit linear maps with B in place of W in their backward (see `MixerBlock.forward`)."""
-
-    def linear(kind: str, t: torch.Tensor) -> torch.Tensor:
-        if kind == "token":
-            m = block.token_mix
-            assert m is not None
-            fb = feedback[f"blocks.{i}.token_mix.weight"]
-            return _FALinear.apply(t.transpose(-1, -2), m.weight, m.bias, fb).transpose(-1, -2)
-        if kind == "channel":
-            fb = feedback[f"blocks.{i}.channel.weight"]
-            return _FALinear.apply(t, block.channel.weight, block.channel.bias, fb)
-        return _FAGrouped.apply(t, block.group_weight, block.group_bias, feedback[f"blocks.{i}.group_weight"])
-
-    return linear
 
 
 def _clone(feedback: Any, device: torch.device | None = None) -> Any:
@@ -208,54 +143,78 @@ def _clone(feedback: Any, device: torch.device | None = None) -> Any:
     return [b.to(device) if device is not None else b.clone() for b in feedback]
 
 
+def fa_weights(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
+    """(module, weight) for every weight FA gives a B, in module order: Linear / Conv weights (attention output
+    projections included) and each attention's input projection (one fused [3E, E] map, or three)."""
+    out: list[tuple[nn.Module, torch.Tensor]] = []
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, *CONV_LAYERS)):
+            out.append((m, m.weight))
+        elif isinstance(m, nn.MultiheadAttention):
+            if m._qkv_same_embed_dim:
+                out.append((m, m.in_proj_weight))
+            else:
+                out += [(m, m.q_proj_weight), (m, m.k_proj_weight), (m, m.v_proj_weight)]
+    return out
+
+
+def _fa_linear(m: nn.Linear, fb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _FALinear.apply(x, m.weight, m.bias, fb)
+
+
+def _fa_conv(m: nn.Conv1d | nn.Conv2d, fb: torch.Tensor, conf: tuple, x: torch.Tensor) -> torch.Tensor:
+    return _FAConv.apply(x, m.weight, m.bias, fb, conf)
+
+
+@contextmanager
+def feedback_layers(model: nn.Module, weights: list[tuple[nn.Module, torch.Tensor]],
+                    feedback: list[torch.Tensor]) -> Iterator[None]:  # fmt: skip
+    """While active, every weight in `weights` sends its error back through its B in `feedback` (same order)."""
+    fb = {id(w): b for (_, w), b in zip(weights, feedback)}
+    swaps = []
+    for m, w in weights:
+        if isinstance(m, nn.Linear):
+            swaps.append((m, partial(_fa_linear, m, fb[id(w)])))
+        elif isinstance(m, CONV_LAYERS):
+            swaps.append((m, partial(_fa_conv, m, fb[id(w)], _conv_conf(m))))
+
+    def project(mha: nn.MultiheadAttention, which: str, x: torch.Tensor, w: torch.Tensor,
+                b: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        if which == "qkv":
+            B = fb[id(mha.in_proj_weight)]
+        elif mha._qkv_same_embed_dim:
+            e, i = mha.embed_dim, "qkv".index(which)
+            B = fb[id(mha.in_proj_weight)][i * e:(i + 1) * e]
+        else:
+            B = fb[id(getattr(mha, f"{which}_proj_weight"))]
+        return _FALinear.apply(x, w, b, B)
+
+    with forwards_replaced(swaps), patched_attention(model, project):
+        yield
+
+
 @METHODS.register(
     "fa",
     "feedback alignment: backward pass through fixed random matrices instead of transposed weights",
     paper=PAPER_FA,
 )
 class FeedbackAlignment(Backprop):
-    """Backprop's step through a forward pass whose weight layers send the error back through B instead of Wᵀ.
+    """Backprop's step through the model's own forward pass with every layer's backward through B instead of Wᵀ.
 
-    On a LocalMixer (the paper's "FA" row) every linear map of every block and the readout get a B; the global
-    loss trains the blocks end to end, the local heads take no part (zero gradient), as under `bp`.
+    `feedback[i]` is the B of `weights[i]` (see `fa_weights`), drawn U(±1/√fan_in) in module order.
     """
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed=seed, **options)
-        self.feedback: Any
-        if isinstance(model, LocalMixer):
-            self.layers: list[nn.Module] | None = None
-            self.feedback = mixer_feedback(model, self.generator, heads=False, readout=True)
-            return
-        self.layers = flat_layers(model, "fa")
-        # One fixed B per weight layer, same shape and scale as PyTorch's default init of W (U(±1/sqrt(fan_in))).
-        self.feedback = [
-            random_feedback(m.weight, m.weight[0].numel(), self.generator)
-            for m in self.layers
-            if isinstance(m, WEIGHT_LAYERS)
-        ]
+        check_layers(model, "fa")
+        self.weights = fa_weights(model)
+        if not self.weights:
+            raise UsageError("method 'fa' needs a model with at least one Linear, Conv or attention layer")
+        self.feedback: Any = [random_feedback(w, w[0].numel(), self.generator) for _, w in self.weights]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's forward pass, with each weight layer replaced by its FA Function."""
-        if self.layers is None:  # LocalMixer: tokens -> blocks -> pooled -> LN -> readout, as its forward
-            model = self.model
-            assert isinstance(model, LocalMixer)
-            h = model.tokens(x)
-            for i, block in enumerate(model.blocks):
-                h = block(h, mixer_linear_hook(i, block, self.feedback))
-            ro = model.readout
-            return _FALinear.apply(layer_norm(model.pooled(h)), ro.weight, ro.bias, self.feedback["readout.weight"])
-        h, k = x, 0
-        for m in self.layers:
-            if isinstance(m, nn.Linear):
-                h = _FALinear.apply(h, m.weight, m.bias, self.feedback[k])
-                k += 1
-            elif isinstance(m, nn.Conv2d):
-                h = _FAConv2d.apply(h, m.weight, m.bias, self.feedback[k], _conv_conf(m))
-                k += 1
-            else:
-                h = m(h)
-        return h
+        with feedback_layers(self.model, self.weights, self.feedback):
+            return self.model(x)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "feedback": _clone(self.feedback)}
@@ -266,7 +225,7 @@ class FeedbackAlignment(Backprop):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DFA and FDFA: the output error goes straight to each hidden block through B_l (classes x block-output size).
+# DFA and FDFA: the output error goes straight to each block through B_l (classes x block-output size).
 
 
 class _DenseBlock:
@@ -278,7 +237,7 @@ class _DenseBlock:
     (benchmarks/feedback_alignment.py speed).
     """
 
-    def __init__(self, block: nn.Sequential):
+    def __init__(self, block: list[nn.Module]):
         mods = list(block)
         self.flatten = isinstance(mods[0], nn.Flatten)
         mods = mods[1:] if self.flatten else mods
@@ -287,7 +246,7 @@ class _DenseBlock:
         self.relu = isinstance(mods[-1], nn.ReLU)
 
     @staticmethod
-    def try_make(block: nn.Sequential) -> _DenseBlock | None:
+    def try_make(block: list[nn.Module]) -> _DenseBlock | None:
         mods = list(block)
         if mods and isinstance(mods[0], nn.Flatten):
             if mods[0].start_dim != 1 or mods[0].end_dim != -1:
@@ -355,17 +314,12 @@ class _DenseBlock:
             affine = bn.weight is not None
             g, g_gamma, g_beta = self._bn_backward(g, (True, affine, affine))
             if affine:
-                _set_grad(bn.weight, g_gamma)
-                _set_grad(bn.bias, g_beta)
-        _set_grad(self.linear.weight, g.t() @ self.x)
+                set_grad(bn.weight, g_gamma)
+                set_grad(bn.bias, g_beta)
+        set_grad(self.linear.weight, g.t() @ self.x)
         if self.linear.bias is not None:
-            _set_grad(self.linear.bias, g.sum(0))
+            set_grad(self.linear.bias, g.sum(0))
         self.x = self.z = self.h = None  # free the saved activations
-
-
-def _set_grad(p: torch.Tensor, g: torch.Tensor) -> None:
-    if p.requires_grad:
-        p.grad = g
 
 
 class _DirectFeedback(Estimator):
@@ -383,17 +337,21 @@ class _DirectFeedback(Estimator):
         super().__init__(model, seed=seed, **options)
         # B_l has shape (classes, numel of block l's output); made at the first step, when the shapes are known.
         self.feedback: list[torch.Tensor] | None = None
-        self.mixer = isinstance(model, LocalMixer)
-        if self.mixer:
-            if self.use_tangents:
-                raise UsageError(f"method {self.method!r} does not support localmixer-* models; use dfa, fa or lg-fa")
-            self.fast = None
-            return
-        self.hidden, self.output = split_blocks(flat_layers(model, self.method), self.method)
-        dense = [_DenseBlock.try_make(b) for b in self.hidden]
-        out_is_linear = len(self.output) == 1 and isinstance(self.output[0], nn.Linear)
-        # Fast path (hand-written formulas, no autograd) when every block is [Flatten] Linear [BN1d] [ReLU].
-        self.fast: list[_DenseBlock] | None = dense if out_is_linear and all(dense) else None
+        self.fast: list[_DenseBlock] | None = None
+        self._setup()
+
+    def _setup(self) -> None:
+        check_layers(self.model, self.method)
+        anatomy = self.anatomy
+        if not anatomy.blocks:
+            raise UsageError(
+                f"method {self.method!r} needs a model with at least one hidden block before the readout (found "
+                "none; name them with --blocks)"
+            )
+        self.fast, self.readout = _dense_chain(anatomy)
+        # Set on the first step: whether an in-place op after a block (ReLU(inplace=True)) would overwrite the block
+        # output that its local backward needs; then the next block gets a copy instead of a detached view.
+        self._copy_boundaries: bool | None = None
 
     def init_feedback(self, outs: list[torch.Tensor], classes: int) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -406,6 +364,7 @@ class _DirectFeedback(Estimator):
 
     def _forward_fast(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, Any]:
         h, h_dot, outs, tangents = x, None, [], []
+        assert self.fast is not None
         for block in self.fast:
             h, h_dot = block.forward(h, h_dot)
             outs.append(h)
@@ -413,64 +372,63 @@ class _DirectFeedback(Estimator):
                 u = self._tangent(h)
                 tangents.append(u)
                 h_dot = u if h_dot is None else h_dot.add_(u)
-        lin = self.output[0]
+        lin = self.readout
         self._last_hidden = h
         logits = F.linear(h, lin.weight, lin.bias)
         y_dot = None if h_dot is None else F.linear(h_dot, lin.weight)
         return outs, tangents, logits, y_dot
 
+    def _boundaries_overwritten(self) -> bool:
+        """Probe once (eval mode, no gradients): does anything after a block modify its output in place?"""
+        seen: list[tuple[torch.Tensor, int]] = []
+
+        def look(_i: int, out: torch.Tensor) -> torch.Tensor:
+            seen.append((out, out._version))
+            return out.detach()
+
+        model, was_training = self.model, self.model.training
+        model.eval()
+        try:
+            with torch.no_grad(), boundaries(self.anatomy, look):
+                model(example_input(model, self.anatomy.input_shape))
+        finally:
+            model.train(was_training)
+        return any(out._version != v for out, v in seen)
+
     def _forward_generic(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, Any]:
-        outs, tangents, y_dot = [], [], None
-        with fwad.dual_level():
-            h = x
-            for block in self.hidden:
-                out = block(h)
-                outs.append(out)
-                if self.use_tangents:
-                    primal, tangent = fwad.unpack_dual(out)
-                    u = self._tangent(primal)
-                    tangents.append(u)
-                    # Next block: detached primal (local reverse graphs); tangent = what flowed in + this block's u.
-                    h = fwad.make_dual(primal.detach(), u if tangent is None else tangent.detach() + u)
-                else:
-                    h = out.detach()  # detached input: each block's graph is its own
-            logits = self.output(h)
+        """One pass of the model's own forward; block outputs remembered and passed on cut from their graph."""
+        if self._copy_boundaries is None:
+            self._copy_boundaries = self._boundaries_overwritten()
+        copy = self._copy_boundaries
+        outs: list[torch.Tensor] = []
+        tangents: list[torch.Tensor] = []
+
+        def cut(_i: int, out: torch.Tensor) -> torch.Tensor:
+            outs.append(out)
+            if not self.use_tangents:
+                nxt = out.detach()
+                return nxt.clone() if copy else nxt
+            primal, tangent = fwad.unpack_dual(out)
+            u = self._tangent(primal)
+            tangents.append(u)
+            nxt = primal.detach()
+            # Next block: cut primal (local reverse graphs); tangent = what flowed in + this block's u.
+            return fwad.make_dual(nxt.clone() if copy else nxt, u if tangent is None else tangent.detach() + u)
+
+        y_dot = None
+        with ExitStack() as stack:
             if self.use_tangents:
-                y_dot = fwad.unpack_dual(logits).tangent.detach()
+                stack.enter_context(fwad.dual_level())
+                stack.enter_context(math_attention())
+                stack.enter_context(tangent_friendly(self.model))
+            stack.enter_context(boundaries(self.anatomy, cut))
+            logits = self.model(x)
+            if self.use_tangents:
+                tangent = fwad.unpack_dual(logits).tangent
+                y_dot = torch.zeros_like(logits) if tangent is None else tangent.detach()
         return outs, tangents, logits, y_dot
 
-    def _step_mixer(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        """DFA on a LocalMixer: every unit (linear -> LN -> [+residual] -> ReLU) of every block is a DFA layer.
-        Its signal e·B_l [B, P, C] at the unit output goes through that unit's ReLU, LN and linear only; the readout
-        takes its exact gradient, the local heads none (zero)."""
-        model = self.model
-        assert isinstance(model, LocalMixer)
-        with torch.no_grad():
-            h, traced = model.tokens(x), []
-            for block in model.blocks:
-                h, units = block.trace(h)
-                traced += [(block, u) for u in units]
-            feats = layer_norm(model.pooled(h))
-            logits = model.readout(feats)
-        leaf = logits.requires_grad_()
-        with torch.enable_grad():
-            loss = self.loss_fn(leaf, y)
-            (e,) = torch.autograd.grad(loss, leaf)
-        if self.feedback is None:
-            self.feedback = self.init_feedback([unit.live.flatten(1) for _, unit in traced], logits.shape[1])
-        with torch.no_grad():
-            for (block, unit), b in zip(traced, self.feedback):
-                grad_a = (e @ b).view_as(unit.live) * unit.live  # through the unit's ReLU (and residual sum)
-                w, bias = unit_params(block, unit.kind)
-                w.grad, bias.grad = unit_weight_grads(block, unit, grad_a)
-            model.readout.weight.grad, model.readout.bias.grad = e.t() @ feats, e.sum(0)
-            for head in model.heads:
-                head.weight.grad, head.bias.grad = torch.zeros_like(head.weight), torch.zeros_like(head.bias)
-        return StepResult(loss.detach(), logits.detach())
-
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        if self.mixer:
-            return self._step_mixer(x, y)
         if self.fast is not None:
             with torch.no_grad():
                 outs, tangents, logits, y_dot = self._forward_fast(x)
@@ -488,21 +446,25 @@ class _DirectFeedback(Estimator):
         signals = [(e @ b).view_as(o) for b, o in zip(self.feedback, outs)]  # new tensors: B may change below
         if self.use_tangents and self.feedback_timing == "before":
             self.learn_feedback(y_dot, tangents)
+        params = self.trainable()
+        for p in params:
+            p.grad = None
         if self.fast is not None:
             with torch.no_grad():
                 for block, s in zip(self.fast, signals):
                     block.backward(s)
-                lin = self.output[0]  # the output layer's exact gradient
-                _set_grad(lin.weight, e.t() @ self._last_hidden)
+                lin = self.readout  # the readout's exact gradient
+                set_grad(lin.weight, e.t() @ self._last_hidden)
                 if lin.bias is not None:
-                    _set_grad(lin.bias, e.sum(0))
+                    set_grad(lin.bias, e.sum(0))
             self._last_hidden = None
         else:
-            params = self.trainable()
-            # Every block's input was detached, so this one call runs one independent local backward per block.
-            grads = torch.autograd.grad([logits, *outs], params, [e, *signals], allow_unused=True)
-            for p, g in zip(params, grads):
-                p.grad = torch.zeros_like(p) if g is None else g
+            # Every block's input was cut from its graph, so this one call runs one independent local backward per
+            # block (⟨h_l, e·B_l⟩) and the readout's exact one (⟨y, e⟩).
+            pairs = [(t, g) for t, g in zip([logits, *outs], [e, *signals]) if t.requires_grad]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        zero_missing_grads(params)
         return StepResult(loss.detach(), logits.detach())
 
     def state_dict(self) -> dict[str, Any]:
@@ -513,6 +475,21 @@ class _DirectFeedback(Estimator):
         super().load_state_dict(state)
         device = next(self.model.parameters()).device
         self.feedback = None if state["feedback"] is None else [b.to(device) for b in state["feedback"]]
+
+
+def _dense_chain(anatomy: Anatomy) -> tuple[list[_DenseBlock] | None, nn.Linear | None]:
+    """The hand-written path's blocks and readout when the model is an nn.Sequential of [Flatten] Linear [BN1d]
+    [ReLU] blocks ending in one Linear; (None, None) otherwise."""
+    model = anatomy.model
+    if not isinstance(model, nn.Sequential):
+        return None, None
+    children = list(model)
+    last = max(i for i, c in enumerate(children) if c is anatomy.blocks[-1].exit)
+    readout = children[last + 1:]
+    dense = [_DenseBlock.try_make(b.modules) for b in anatomy.blocks]
+    if len(readout) != 1 or not isinstance(readout[0], nn.Linear) or not all(dense):
+        return None, None
+    return dense, readout[0]  # type: ignore[return-value]
 
 
 FEEDBACK_INITS = ("kaiming-uniform", "normal")

@@ -37,6 +37,7 @@ perturbed. exact_readout=False perturbs it like every other layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,10 +47,12 @@ from torch.autograd import forward_ad as fwad
 from torch.func import functional_call, jvp, vmap
 
 from bpfree import tangents as T
+from bpfree.attention import math_attention, patched_attention, projection_weights
 from bpfree.distributed import Group
 from bpfree.errors import UsageError
+from bpfree.forward_mode import layer_param_grads, tangent_friendly
 from bpfree.methods import METHODS
-from bpfree.methods.base import Estimator, StepResult
+from bpfree.methods.base import Estimator, StepResult, rank_seed, set_grad
 from bpfree.registry import Option
 
 _COMMON = {
@@ -119,6 +122,11 @@ def _activate_(Z: torch.Tensor, act: nn.Module | None) -> torch.Tensor | None:
     return deriv != 0
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Identical values; NaN equals NaN (a diverged run is the trainer's to report, not a readout mismatch)."""
+    return a.shape == b.shape and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+
+
 def loss_grad(est: Estimator, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and dL/dlogits: autograd through the loss function only, never through a layer."""
     leaf = logits.detach().requires_grad_(True)
@@ -126,11 +134,6 @@ def loss_grad(est: Estimator, logits: torch.Tensor, y: torch.Tensor) -> tuple[to
         loss = est.loss_fn(leaf, y)
         (e,) = torch.autograd.grad(loss, leaf)
     return loss.detach(), e
-
-
-def _set_grad(p: torch.Tensor, g: torch.Tensor) -> None:
-    if p.requires_grad:
-        p.grad = g
 
 
 class _ForwardGradient(Estimator):
@@ -179,9 +182,9 @@ class _ForwardGradient(Estimator):
         return not (self.exact_readout and i == len(self.chain) - 1)
 
     def _readout_grads(self, lin: nn.Linear, h_in: torch.Tensor, e: torch.Tensor) -> None:
-        _set_grad(lin.weight, e.T @ h_in)
+        set_grad(lin.weight, e.T @ h_in)
         if lin.bias is not None:
-            _set_grad(lin.bias, e.sum(0))
+            set_grad(lin.bias, e.sum(0))
 
     def _zero_missing(self) -> None:
         for p in self.trainable():
@@ -336,7 +339,7 @@ class ForwardGradientWeight(_ForwardGradient):
         finally:
             if handle is not None:
                 handle.remove()
-        if readout is not None and not torch.equal(captured["out"], logits):
+        if readout is not None and not _same(captured["out"], logits):
             raise UsageError(
                 "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
             )
@@ -356,7 +359,8 @@ class ForwardGradientWeight(_ForwardGradient):
         def tangent_out(t: dict[str, torch.Tensor]) -> torch.Tensor:
             return jvp(f, (pert,), (t,))[1]
 
-        ydot = vmap(tangent_out, randomness="same")(tang)  # [K, B, C]: the K tangents batched, not looped
+        with math_attention():  # forward-mode AD has no rule for the CPU flash-attention kernel
+            ydot = vmap(tangent_out, randomness="same")(tang)  # [K, B, C]: the K tangents batched, not looped
         d = torch.einsum("kbc,bc->k", ydot, e)
         self.group.weighted_mean_([d], x.shape[0])  # data-parallel: the K numbers are all that ranks exchange
         orth = self.aggregation == "orthogonal"
@@ -390,9 +394,9 @@ class ForwardGradientActivity(_ForwardGradient):
     def _local_grads(self, lin: nn.Linear, h_in: torch.Tensor, um: torch.Tensor, c: torch.Tensor) -> None:
         """Weight gradient from the pre-activation estimate sum_k c_kn um_kn and the layer's own input."""
         gz = torch.einsum("kb,kbo->bo", c.to(um.dtype), um)
-        _set_grad(lin.weight, gz.T @ h_in)
+        set_grad(lin.weight, gz.T @ h_in)
         if lin.bias is not None:
-            _set_grad(lin.bias, gz.sum(0))
+            set_grad(lin.bias, gz.sum(0))
 
     def _step_chain(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         K, chain = self.K, self.chain
@@ -469,7 +473,7 @@ class ForwardGradientActivity(_ForwardGradient):
         if self.group.rank:
             # Data-parallel: per-example tangents must be independent across ranks too (rank r's example i must
             # not reuse rank 0's tangents for its example i), so each rank offsets the shared per-step seed.
-            seed = (seed + self.group.rank * 0x9E3779B97F4A7C15) % 2**63
+            seed = rank_seed(seed, self.group.rank)
             self._scratch.manual_seed(seed)
         self._seed = seed
         return seed
@@ -487,8 +491,14 @@ class ForwardGradientActivity(_ForwardGradient):
                 "batch would share batch statistics); use --tangents 1"
             )
         readout = self._readout_module()
-        records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # (module, input, tangents [K,B,..])
+        # (the map's output as a function of its input, input, tangents [K, B, ...], parameters)
+        records: list[tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor, list[nn.Parameter]]]
+        records = []
         readout_io: dict[str, torch.Tensor] = {}
+
+        def perturb(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            u = self._sample_(torch.empty(out.shape, device=out.device, dtype=out.dtype))
+            return out + fwad.make_dual(torch.zeros_like(u), u), u.view(K, B, *out.shape[1:])
 
         def inject(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
             primal_in = fwad.unpack_dual(inp[0]).primal[:B]
@@ -496,39 +506,78 @@ class ForwardGradientActivity(_ForwardGradient):
                 readout_io["in"] = primal_in.detach()
                 readout_io["out"] = fwad.unpack_dual(out).primal[:B].detach()
                 return None
-            u = self._sample_(torch.empty(out.shape, device=out.device, dtype=out.dtype))
-            records.append((mod, primal_in.detach(), u.view(K, B, *out.shape[1:])))
-            return out + fwad.make_dual(torch.zeros_like(u), u)
+            out, u = perturb(out)
+            records.append((mod, primal_in.detach(), u, [p for p in mod.parameters(recurse=False) if p.requires_grad]))
+            return out
 
-        mods = [m for m in self.model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        def project(mha: nn.MultiheadAttention, which: str, t: torch.Tensor, w: torch.Tensor,
+                    b: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+            """An attention input projection: perturbed like any linear map, its own weights' VJP later."""
+            out, u = perturb(F.linear(t, w, b))
+
+            def fn(inp: torch.Tensor) -> torch.Tensor:
+                if which == "qkv":
+                    return F.linear(inp, mha.in_proj_weight, mha.in_proj_bias)
+                return F.linear(inp, *projection_weights(mha)[which])
+
+            params = [p for p in mha.parameters(recurse=False) if p.requires_grad]
+            records.append((fn, fwad.unpack_dual(t).primal[:B].detach(), u, params))
+            return out
+
+        # Attention modules return tuples: their projections are perturbed inside `attention_forward` instead.
+        mods = [m for m in self.model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+                and not isinstance(m, nn.MultiheadAttention)]  # fmt: skip
+        # A container's own parameters (a ViT's position embedding on the model itself) are used somewhere inside
+        # its forward: perturbing the container's output would need a VJP through all of it. They get weight
+        # perturbation instead, one tangent shared by all examples and copies (unbiased alongside the activity
+        # tangents, which are independent of it); under orthogonal aggregation they keep the VJP.
+        loose: dict[str, torch.Tensor] = {}
+        if self.aggregation != "orthogonal":
+            containers = [(n, m) for n, m in self.model.named_modules() if m in mods
+                          and any(next(c.parameters(), None) is not None for c in m.children())]  # fmt: skip
+            for prefix, m in containers:
+                mods.remove(m)
+                for pn, p in m.named_parameters(recurse=False):
+                    if p.requires_grad:
+                        loose[f"{prefix}.{pn}" if prefix else pn] = self._sample_(torch.empty_like(p))
+        named = dict(self.model.named_parameters())
         handles = [m.register_forward_hook(inject) for m in mods]
         try:
-            with fwad.dual_level():
+            with fwad.dual_level(), math_attention(), patched_attention(self.model, project), \
+                    tangent_friendly(self.model):
                 # The K tangents travel as K copies of the batch: per-example, per-copy independent noise.
-                out = self.model(x.repeat(K, *([1] * (x.dim() - 1))))
+                x_rep = x.repeat(K, *([1] * (x.dim() - 1)))
+                if loose:
+                    duals = {n: fwad.make_dual(named[n].detach(), v) for n, v in loose.items()}
+                    out = functional_call(self.model, duals, (x_rep,))
+                else:
+                    out = self.model(x_rep)
                 primal, tangent = fwad.unpack_dual(out)
                 logits = primal[:B].detach().clone()
                 ydot = (torch.zeros_like(primal) if tangent is None else tangent).view(K, B, -1)
         finally:
             for hd in handles:
                 hd.remove()
-        if readout is not None and not torch.equal(readout_io.get("out", logits[:0]), logits):
+        if readout is not None and not _same(readout_io.get("out", logits[:0]), logits):
             raise UsageError(
                 "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
             )
         loss, e = loss_grad(self, logits, y)
         d = torch.einsum("kbc,bc->kb", ydot, e.reshape(B, -1))
-        tangents = [u for _, _, u in records]
+        tangents = [u for _, _, u, _ in records]
         kind = T.entries(self.dist, masked=True)  # no mask on this path, but "integer" covers +-1 too
         G = T.gram(tangents, True, kind) if self.aggregation == "orthogonal" and tangents else None
         c = T.coefficients(d, self.aggregation, G, T.dimension(tangents, per_example=True) if tangents else 1)
-        for mod, inp, u in records:
+        for mod, inp, u, params in records:
             gz = torch.einsum("kb,kb...->b...", c.to(u.dtype), u)
-            params = [p for p in mod.parameters(recurse=False) if p.requires_grad]
-            with torch.enable_grad():  # a vector-Jacobian product through this one module only
-                grads = torch.autograd.grad(mod(inp), params, gz)
+            grads = layer_param_grads(mod, inp, gz) if isinstance(mod, nn.Module) else None
+            if grads is None:
+                with torch.enable_grad():  # a vector-Jacobian product through this one map only
+                    grads = torch.autograd.grad(mod(inp), params, gz)
             for p, g in zip(params, grads):
                 p.grad = g if p.grad is None else p.grad + g
+        for n, v in loose.items():
+            named[n].grad = c.sum().to(v.dtype) * v
         if readout is not None:
             self._readout_grads(readout, readout_io["in"].reshape(-1, readout.in_features), e)
         return loss, logits

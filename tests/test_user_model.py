@@ -1,0 +1,113 @@
+"""A user's own model from the command line: --model path/to/file.py:Name (or module:name) and --blocks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bpfree.cli import main
+
+MODEL_FILE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A small residual CNN, written as a user would."""
+
+    def __init__(self, num_classes, input_shape):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(input_shape[0], 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(self.body(h) + h)
+        return self.fc(h.mean((2, 3)))
+
+
+def make(num_classes):  # a factory taking only some of the arguments
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+
+def broken(num_classes, input_shape):
+    raise RuntimeError("out of ideas")
+
+
+def wrong_output(num_classes, input_shape):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+
+
+NOT_CALLABLE = 3
+'''
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "my_net.py"
+    path.write_text(MODEL_FILE)
+    return path
+
+
+TRAIN = ["train", "--data", "digits", "--epochs", "1", "--batch-size", "128", "--threads", "1"]
+
+
+@pytest.mark.parametrize("method", ["bp", "fa", "dfa", "fdfa", "fg-a"])
+def test_train_a_model_from_a_file(tmp_path, model_file, capsys, method):
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--method", method, "--model", f"{model_file}:Net", "--train-size", "512",
+                 "--out", str(out)]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["model"] == f"{model_file}:Net" and summary["test_error"] < 100
+    assert json.loads((out / "config.json").read_text())["model"] == f"{model_file}:Net"
+    assert main([*TRAIN, "--method", method, "--model", f"{model_file}:Net", "--train-size", "512", "--epochs", "2",
+                 "--out", str(out), "--resume"]) == 0  # fmt: skip
+
+
+def test_factory_with_some_arguments_and_named_blocks(tmp_path, model_file, capsys):
+    assert main([*TRAIN, "--method", "dfa", "--model", f"{model_file}:make", "--blocks", "2",
+                 "--out", str(tmp_path / "r")]) == 0  # fmt: skip
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["blocks"] == ["2"]
+
+
+def test_compare_and_grad_quality_take_a_user_model(tmp_path, model_file, capsys):
+    assert main(["compare", "--methods", "bp,dfa", "--data", "digits", "--epochs", "1", "--train-size", "256",
+                 "--threads", "1", "--model", f"{model_file}:Net", "--out", str(tmp_path / "c")]) == 0  # fmt: skip
+    assert main(["grad-quality", "--methods", "fa,dfa", "--data", "digits", "--batches", "1", "--model",
+                 f"{model_file}:Net", "--out", str(tmp_path / "g")]) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("{dir}/nope.py:Net", "no file"),
+        ("{file}:Nope", "has no attribute 'Nope'"),
+        ("{file}:NOT_CALLABLE", "not a class or function"),
+        ("{file}:broken", "broken(num_classes=10, input_shape=(1, 8, 8)) failed: RuntimeError: out of ideas"),
+        ("{file}:wrong_output", "expected logits (2, 10)"),
+        ("{dir}/bad.py:Net", "importing"),
+        ("no_such_package_xyz.models:Net", "no module 'no_such_package_xyz'"),
+        ("{file}:", "expected path/to/file.py:Name"),
+    ],
+)
+def test_bad_user_models_are_one_line_errors(tmp_path, model_file, capsys, spec, message):
+    (tmp_path / "bad.py").write_text("import not_a_module_anywhere\n")
+    spec = spec.format(dir=tmp_path, file=model_file)
+    assert main([*TRAIN, "--model", spec, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_model_options_do_not_apply_to_a_user_model(tmp_path, model_file, capsys):
+    assert main([*TRAIN, "--model", f"{model_file}:Net", "--width", "8", "--out", str(tmp_path / "r")]) == 2
+    assert "apply to the registered models only" in capsys.readouterr().err
+
+
+def test_bad_block_name_is_a_one_line_error(tmp_path, model_file, capsys):
+    assert main([*TRAIN, "--method", "dfa", "--model", f"{model_file}:Net", "--blocks", "stem,nope",
+                 "--out", str(tmp_path / "r")]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no submodule 'nope'" in err[0], err
