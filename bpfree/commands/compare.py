@@ -81,7 +81,7 @@ def _coerce(action: argparse.Action, key: str, value: Any, where: str) -> Any:
         value = ",".join(map(str, value))
     if key in ("methods", "seeds") and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if key == "lr" or action.dest.startswith(("method_opt_", "model_opt_")):
+    if key == "lr" or action.dest.startswith(("method_opt_", "model_opt_", "shared_opt_")):
         return value  # parsed later (per-method values, typed options)
     if action.nargs == 0:  # store_true
         if not isinstance(value, bool):

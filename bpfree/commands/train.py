@@ -53,13 +53,22 @@ def add_entry_options(parser: argparse.ArgumentParser, registry: Registry, title
         )
 
 
+def given_options(args: argparse.Namespace, kind: str, declared: Any) -> dict[str, Any]:
+    """The options given on the command line for a `kind` ("method" / "model") entry: its own flags, plus the
+    flags shared by both registries (`add_entry_options`) that the entry declares."""
+    given: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if value is None:
+            continue
+        if key.startswith(f"{kind}_opt_"):
+            given[key[len(kind) + 5:]] = value
+        elif key.startswith("shared_opt_") and key[len("shared_opt_"):] in declared:
+            given[key[len("shared_opt_"):]] = value
+    return given
+
+
 def entry_options(args: argparse.Namespace, registry: Registry, name: str) -> dict[str, Any]:
-    prefix = f"{registry.kind}_opt_"
-    given = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
-    declared = registry.get(name).options
-    shared = {k[len("shared_opt_"):]: v for k, v in vars(args).items() if k.startswith("shared_opt_") and v is not None}
-    given.update({k: v for k, v in shared.items() if k in declared})
-    return registry.resolve_options(name, given)
+    return registry.resolve_options(name, given_options(args, registry.kind, registry.get(name).options))
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True) -> None:
@@ -112,10 +121,10 @@ def document_blocks_flag(parser: argparse.ArgumentParser) -> None:
 def model_options(args: argparse.Namespace, name: str) -> tuple[dict[str, Any], tuple[str, ...] | None]:
     """The model options given, resolved for `name` (a user's model takes none), and the block names given
     with --blocks to a model that has no `blocks` option of its own."""
-    prefix = "model_opt_"
-    given = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+    registered = models.user_model(name) is None
+    given = given_options(args, "model", models.MODELS.get(name).options if registered else {})
     blocks = None
-    own = models.user_model(name) is None and "blocks" in models.MODELS.get(name).options
+    own = registered and "blocks" in models.MODELS.get(name).options
     if given.get("blocks") is not None and not own:
         blocks = tuple(n.strip() for n in str(given.pop("blocks")).split(",") if n.strip())
         if not blocks:
