@@ -149,5 +149,6 @@ def table(method_names: list[str] | None = None, model_names: list[str] | None =
                     reasons.append(why)
                 marks.append(f"✗{reasons.index(why) + 1}")
         lines.append(f"| {m} | " + " | ".join(marks) + " |")
-    lines += [""] + [f"✗{i + 1}: {r}" for i, r in enumerate(reasons)]
+    if reasons:
+        lines += [""] + [f"✗{i + 1}: {r}" for i, r in enumerate(reasons)]
     return "\n".join(lines)
