@@ -19,11 +19,11 @@ demo: setup
 	$(BIN)/bpfree compare --config configs/demo.json
 
 test: setup
-	$(BIN)/ruff check bpfree tests benchmarks
+	$(BIN)/ruff check bpfree tests benchmarks examples
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check bpfree tests benchmarks
+	$(BIN)/ruff check bpfree tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs

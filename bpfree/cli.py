@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "compare": ("bpfree.commands.compare", "train several learning rules x seeds alike: one results table, plots"),
     "report": ("bpfree.commands.report", "the results table and plots of existing run folders"),
     "grad-quality": ("bpfree.commands.grad_quality", "cosine / norm ratio of gradient estimates vs the exact gradient"),
+    "sweep": ("bpfree.commands.sweep", "choose each method's recipe (lr, optimizer, ...) on validation error"),
 }
 
 

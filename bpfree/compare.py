@@ -14,13 +14,13 @@ import gc
 import json
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bpfree import data as datasets
 from bpfree import methods, models
 from bpfree.errors import DivergedError, UsageError
 from bpfree.results import NOT_SETTINGS
@@ -31,6 +31,7 @@ from bpfree.train import (
     FAILED,
     METRICS,
     TrainConfig,
+    load_data,
     lr_multipliers_by_id,
     make_optimizer,
     read_metrics,
@@ -120,9 +121,13 @@ def dry_run(cfg: TrainConfig, data: Any, batch: tuple[torch.Tensor, torch.Tensor
         torch.set_rng_state(state)
 
 
-def run_all(configs: list[TrainConfig], data: Any = None, show_progress: bool | None = None) -> None:
+def run_all(
+    configs: list[TrainConfig], data: Any = None, show_progress: bool | None = None,
+    describe: Callable[[TrainConfig], str] = lambda cfg: f"{cfg.method} seed {cfg.seed}", show_test: bool = True,
+) -> None:
     """Train (or resume, or skip) every config in order. Settings clashes, and every method's setup (`dry_run`),
-    are checked for all runs first."""
+    are checked for all runs first. `describe` says which run a progress line is about (`sweep` adds the grid
+    point); show_test=False keeps test errors out of the progress lines (`sweep` chooses on validation error)."""
     fresh = set()
     for cfg in configs:
         cfg.check()
@@ -139,18 +144,18 @@ def run_all(configs: list[TrainConfig], data: Any = None, show_progress: bool | 
                 (out / name).unlink(missing_ok=True)
         failure = read_failure(cfg)
         if failure is not None and failure.get("kind") == "diverged":
-            log(f"{cfg.method} seed {cfg.seed}: {failure['error']} before (not retried: it would again; "
+            log(f"{describe(cfg)}: {failure['error']} before (not retried: it would again; "
                 f"change its settings or delete {out})")
             continue
         if failure is not None:
             (out / FAILED).unlink()  # an error (perhaps fixed since): try again, resuming what was saved
         if (out / CHECKPOINT).exists() and len(read_metrics(out / METRICS)) >= cfg.epochs:
-            log(f"{cfg.method} seed {cfg.seed}: finished before, skipped")
+            log(f"{describe(cfg)}: finished before, skipped")
         else:
             todo.append(cfg)
     if todo and data is None:
         first = todo[0]
-        data = datasets.load(first.data, first.data_root, first.train_size, first.augment, classes=first.classes)
+        data = load_data(first)  # every run shares the data settings (compare and sweep set them alike)
     if todo:
         batches = data.train_batches(min(8, data.num_train), torch.Generator().manual_seed(0))
         x, y = next(batches)
@@ -168,26 +173,29 @@ def run_all(configs: list[TrainConfig], data: Any = None, show_progress: bool | 
         # clears it) under the folder's lock, so a folder another process is training in is never touched.
         cfg.resume = started or (out / CONFIG).exists()
         start = len(read_metrics(out / METRICS)) if started else 0
-        log(f"[{i + 1}/{len(todo)}] {cfg.method} seed {cfg.seed}: "
+        log(f"[{i + 1}/{len(todo)}] {describe(cfg)}: "
             + (f"resuming after epoch {start}" if started else "training") + f" -> {out}")
         reset_peak_memory(torch.device(cfg.device))
         try:
             records = train(cfg, data=data, show_progress=show_progress)
         except DivergedError as e:  # the trainer wrote failed.json
             epoch = len(read_metrics(out / METRICS)) + 1
-            log(f"  {cfg.method} seed {cfg.seed}: diverged at epoch {epoch}: {e}")
+            log(f"  {describe(cfg)}: diverged at epoch {epoch}: {e}")
             continue
         except FolderInUse:
             raise  # another process is training in that folder: stop, and write nothing into it
         except UsageError as e:
             record_failure(out, _plain(cfg), "error", str(e))
-            log(f"  {cfg.method} seed {cfg.seed}: error: {e}")
+            log(f"  {describe(cfg)}: error: {e}")
             continue
         except Exception as e:  # a broken method must not take the whole comparison down
             line = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             record_failure(out, _plain(cfg), "error", line, traceback.format_exc())
-            log(f"  {cfg.method} seed {cfg.seed}: failed: {line} (traceback in {out / FAILED})")
+            log(f"  {describe(cfg)}: failed: {line} (traceback in {out / FAILED})")
             continue
         last = records[-1]
-        log(f"  test error {last['test_error']:.2f} %, train error {last['train_error']:.2f} % "
+        shown = [f"val error {last['val_error']:.2f} %"] if "val_error" in last else []
+        shown += [f"test error {last['test_error']:.2f} %"] if show_test else []
+        shown += [f"train error {last['train_error']:.2f} %"]
+        log(f"  {', '.join(shown)} "
             f"after {last['epoch']} epochs ({sum(r['seconds'] for r in records) / len(records):.2f} s/epoch)")

@@ -21,12 +21,16 @@ if TYPE_CHECKING:
 PERCENT = FuncFormatter(lambda v, _: f"{v:g} %")
 
 
-def test_error_curves(groups: dict[str, list[RunResult]], path: Path, setup: str = "") -> None:
-    """Test error (%) per epoch for every row: the mean over the seeds that reached that epoch, band min–max."""
+def test_error_curves(
+    groups: dict[str, list[RunResult]], path: Path, setup: str = "", metric: str = "test_error"
+) -> None:
+    """Test (or `metric="val_error"`: validation) error (%) per epoch for every row: the mean over the seeds that
+    reached that epoch, band min–max."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     lowest, highest, most_seeds = np.inf, 0.0, 1
     for label, runs in groups.items():
-        curves = [[r["test_error"] for r in run.records] for run in runs if run.records]
+        curves = [[r[metric] for r in run.records if metric in r] for run in runs if run.records]
+        curves = [c for c in curves if c]
         failed = [run.failure for run in runs if run.failure]
         if failed:  # say in the legend how a method failed (all seeds the same way) or how often
             every = len(failed) == len(runs) and len(set(failed)) == 1
@@ -53,9 +57,11 @@ def test_error_curves(groups: dict[str, list[RunResult]], path: Path, setup: str
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test error (%)")
+    name = "validation error" if metric == "val_error" else "test error"
+    ax.set_ylabel(f"{name} (%)")
     band = f"mean over up to {most_seeds} seeds, band min–max" if most_seeds > 1 else "one seed"
-    ax.set_title(f"Test error vs epoch — {setup}\n({band})" if setup else f"Test error vs epoch ({band})", fontsize=10)
+    title = name[0].upper() + name[1:] + " vs epoch"
+    ax.set_title(f"{title} — {setup}\n({band})" if setup else f"{title} ({band})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     if groups:
         ax.legend(fontsize=9)

@@ -20,7 +20,8 @@ from bpfree.runfolder import read_json
 from bpfree.train import CONFIG, FAILED, METRICS, read_metrics, with_defaults
 
 # Config fields that do not change what a run computes: runs differing only in these belong to the same row.
-NOT_SETTINGS = ("seed", "out", "resume", "device", "data_root", "eval_batch_size")
+# `recipe` only names where the settings came from; the settings themselves are compared.
+NOT_SETTINGS = ("seed", "out", "resume", "device", "data_root", "eval_batch_size", "recipe")
 
 
 @dataclass
@@ -126,6 +127,7 @@ class Row:
     epochs: int
     test: list[float] = field(default_factory=list)  # per successful seed
     train: list[float] = field(default_factory=list)
+    val: list[float] = field(default_factory=list)  # per successful seed, for runs with a --val-split
     seconds_per_epoch: float | None = None
     peak_memory_mb: float | None = None
     time_vs_bp: float | None = None
@@ -155,6 +157,8 @@ def summarise(groups: dict[str, list[RunResult]], reference: str = "bp") -> list
         for r in good:
             row.test.append(r.records[-1]["test_error"])
             row.train.append(r.records[-1]["train_error"])
+            if "val_error" in r.records[-1]:
+                row.val.append(r.records[-1]["val_error"])
         epochs = [rec for r in good for rec in r.records]
         if epochs:
             row.seconds_per_epoch = statistics.fmean(rec["seconds"] for rec in epochs)
@@ -186,10 +190,12 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    """The paper's layout: `test / train` error (%), mean ± std over seeds; cost columns with ratios to bp."""
-    head = ["method", "seeds", "epochs", "test / train error (%)", "time / epoch (s)", "× bp",
-            "peak memory (MB)", "× bp"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 5) + "|"]
+    """The paper's layout: `test / train` error (%), mean ± std over seeds; cost columns with ratios to bp.
+    Runs with a validation split get a validation error column before it."""
+    with_val = any(r.val for r in rows)
+    head = ["method", "seeds", "epochs", *(["val error (%)"] if with_val else []), "test / train error (%)",
+            "time / epoch (s)", "× bp", "peak memory (MB)", "× bp"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in rows:
         if r.ok:
             error = f"{_pm(r.test)} / {_pm(r.train)}"
@@ -197,14 +203,16 @@ def markdown_table(rows: list[Row]) -> str:
                 error += f" ({r.status})"
         else:
             error = r.status
-        cells = [r.label, str(len(r.seeds)), str(r.epochs), error, _num(r.seconds_per_epoch, ".3f"),
+        val = [_pm(r.val) if r.val and len(r.val) == len(r.test) else ""] if with_val else []
+        cells = [r.label, str(len(r.seeds)), str(r.epochs), *val, error, _num(r.seconds_per_epoch, ".3f"),
                  _num(r.time_vs_bp, ".2f"), _num(r.peak_memory_mb, ".0f"), _num(r.memory_vs_bp, ".2f")]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ["method", "label", "seeds", "epochs", "test_error_mean", "test_error_std", "train_error_mean",
-              "train_error_std", "seconds_per_epoch", "time_vs_bp", "peak_memory_mb", "memory_vs_bp", "status", "lr",
+CSV_FIELDS = ["method", "label", "seeds", "epochs", "val_error_mean", "val_error_std", "test_error_mean",
+              "test_error_std", "train_error_mean", "train_error_std",
+              "seconds_per_epoch", "time_vs_bp", "peak_memory_mb", "memory_vs_bp", "status", "lr",
               "method_options"]
 
 
@@ -216,7 +224,9 @@ def csv_text(rows: list[Row]) -> str:
     for r in rows:
         test = mean_std(r.test) if r.ok else (None, None)
         train = mean_std(r.train) if r.ok else (None, None)
+        val = mean_std(r.val) if r.val and len(r.val) == len(r.test) else (None, None)
         values = {"method": r.method, "label": r.label, "seeds": " ".join(map(str, r.seeds)), "epochs": r.epochs,
+                  "val_error_mean": val[0], "val_error_std": val[1],
                   "test_error_mean": test[0], "test_error_std": test[1], "train_error_mean": train[0],
                   "train_error_std": train[1], "seconds_per_epoch": r.seconds_per_epoch, "time_vs_bp": r.time_vs_bp,
                   "peak_memory_mb": r.peak_memory_mb, "memory_vs_bp": r.memory_vs_bp, "status": r.status,
@@ -239,7 +249,8 @@ def describe_setup(groups: dict[str, list[RunResult]]) -> str:
         hidden = (common("model_options") or {}).get("hidden")
         head.append(f"{model} {_short(hidden)}" if hidden else str(model))
     if data:
-        head.append(f"on {data}" + (f" (first {common('train_size')} examples)" if common("train_size") else ""))
+        head.append(f"on {data}" + (f" (first {common('train_size')} examples)" if common("train_size") else "")
+                    + (f", {common('val_split')} held out for validation" if common("val_split") else ""))
     parts = [" ".join(head)] if head else []
     if epochs:
         parts.append(f"{epochs} epochs")
@@ -258,7 +269,8 @@ def write_report(groups: dict[str, list[RunResult]], out: Path, title: str = "",
     per_row = [f"`{r.label}`: lr {r.lr:g}" + "".join(f", {k}={_short(v)}" for k, v in r.method_options.items())
                for r in rows if r.lr is not None]
     md += [table, "Settings per row: " + "; ".join(per_row) + ".", "",
-           "Errors in %, at the last epoch, mean ± sample std over seeds (`test / train`, as in the papers). "
+           "Errors in %, at the last epoch, mean ± sample std over seeds (`test / train`, as in the papers; "
+           "`val`: on the held-out training examples, the only error to choose settings by). "
            "Time: training seconds per epoch (evaluation excluded). Peak memory: CUDA max allocated, or on CPU "
            "the process's peak resident set size during the run (includes Python, torch and the data set).", ""]
     if plots:
@@ -267,6 +279,9 @@ def write_report(groups: dict[str, list[RunResult]], out: Path, title: str = "",
         plotting.test_error_curves(groups, out / "test_error.png", setup)
         plotting.final_error_bars(rows, out / "final_error.png", setup)
         md += ["![test error vs epoch](test_error.png)", "", "![final errors](final_error.png)", ""]
+        if any(r.val for r in rows):
+            plotting.test_error_curves(groups, out / "val_error.png", setup, metric="val_error")
+            md += ["![validation error vs epoch](val_error.png)", ""]
     (out / "results.md").write_text("\n".join(md))
     (out / "results.csv").write_text(csv_text(rows))
     return table

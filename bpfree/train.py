@@ -70,6 +70,7 @@ class TrainConfig:
     out: str = "runs/latest"
     resume: bool = False
     train_size: int | None = None
+    val_split: int = 0  # training examples held out for validation (the same ones for every seed; see load_data)
     classes: tuple[int, ...] | None = None  # train and test on these labels only, relabelled 0..k-1
     init_from: str | None = None  # copy a trained backbone from this checkpoint (classifier heads stay new)
     data_root: str | None = None
@@ -79,6 +80,7 @@ class TrainConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
     blocks: tuple[str, ...] | None = None  # the model's submodules whose outputs are the block boundaries
+    recipe: dict[str, Any] | None = None  # which recipes.py entry filled the settings not given (CLI runs)
 
     def check(self) -> None:
         """Reject bad numbers and impossible combinations with one line each."""
@@ -99,18 +101,21 @@ class TrainConfig:
             raise UsageError(f"--warmup-epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer {self.optimizer!r} (choose from: {', '.join(OPTIMIZERS)})")
-        if self.schedule not in ("constant", "cosine"):
-            raise UsageError(f"unknown schedule {self.schedule!r} (choose from: constant, cosine)")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown schedule {self.schedule!r} (choose from: {', '.join(SCHEDULES)})")
         if not self.dist_timeout > 0:
             raise UsageError(f"--dist-timeout must be positive, got {self.dist_timeout}")
         if self.train_size is not None and self.train_size < 1:
             raise UsageError(f"--train-size must be at least 1, got {self.train_size}")
+        if self.val_split < 0:
+            raise UsageError(f"--val-split must be 0 (none) or a number of examples, got {self.val_split}")
         check_device(self.device)
         methods.METHODS.get(self.method)
         models.check(self.model)
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
 
 
 def make_optimizer(
@@ -189,6 +194,7 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     out = dict(config)
     if "method" in out:
         out.setdefault("blocks", None)  # runs saved before --blocks existed found their blocks themselves
+    out.setdefault("val_split", 0)  # saved before validation splits existed: none
     for key, registry, name in (("method_options", methods.METHODS, "method"),
                                 ("model_options", models.MODELS, "model")):
         entry = registry.entries.get(config.get(name, ""))
@@ -213,15 +219,35 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def load_data(cfg: TrainConfig):
+    """The data set of a run, in this order: load, keep --classes (relabelled), hold out --val-split examples
+    (drawn from the class-filtered training set by a constant seed), then keep the first --train-size of the rest.
+
+    So the validation examples do not depend on --seed or --train-size, and never overlap the training examples.
+    """
+    # The label subset first, so --train-size and --val-split count examples of these classes.
+    data = datasets.load(cfg.data, cfg.data_root, None if cfg.val_split else cfg.train_size, cfg.augment,
+                         classes=cfg.classes)
+    if cfg.val_split:
+        if not hasattr(data, "hold_out"):
+            raise UsageError(f"--val-split is not available for {cfg.data} (image folders: use a separate folder)")
+        data = data.hold_out(cfg.val_split)
+        if cfg.train_size:
+            data = data.subset(cfg.train_size)
+    return data
+
+
 @torch.no_grad()
 def evaluate(
     estimator: methods.Estimator, data, batch_size: int, device: torch.device,
-    group: distributed.Group = distributed.LOCAL,
+    group: distributed.Group = distributed.LOCAL, split: str = "test",
 ) -> tuple[float, float]:
-    """Test error (%) and mean cross-entropy of the estimator's predictions (test batches shared among ranks)."""
+    """Error (%) and mean cross-entropy of the estimator's predictions on the test (or "val") set, its batches
+    shared among ranks."""
     estimator.model.eval()
     wrong, total, loss = 0, 0, 0.0
-    for i, (x, y) in enumerate(data.test_batches(batch_size)):
+    batches = data.val_batches(batch_size) if split == "val" else data.test_batches(batch_size)
+    for i, (x, y) in enumerate(batches):
         if i % group.world_size != group.rank:
             continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -268,12 +294,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        if data is None:
-            data = datasets.load(cfg.data, cfg.data_root, None if cfg.classes else cfg.train_size, cfg.augment)
-            if cfg.classes:  # the label subset first, so --train-size counts examples of these classes
-                data = datasets.select_classes(data, cfg.classes)
-                data = data.subset(cfg.train_size) if cfg.train_size else data
-        self.data = data
+        self.data = load_data(cfg) if data is None else data
         self.model = models.build(
             cfg.model, num_classes=self.data.num_classes, input_shape=self.data.input_shape, **cfg.model_options
         ).to(self.device)
@@ -395,7 +416,8 @@ class Run:
             saved = with_defaults(read_json(config_path)) if config_path.exists() else {}
             config = self.stored_config()
             # Everything but the epoch budget must match, or the resumed run would silently differ.
-            changed = [k for k in config if k not in ("epochs", "resume", "device", "out", "data_root", "dist_timeout")
+            changed = [k for k in config if k not in ("epochs", "resume", "device", "out", "data_root", "dist_timeout",
+                                                      "recipe")
                        and k in saved and saved[k] != config[k]]
             if changed:
                 raise UsageError(f"--resume with a different {', '.join(changed)} than the run in {out}")
@@ -517,6 +539,10 @@ class Run:
                     record_failure(self.out, asdict(cfg), "diverged", f"diverged at epoch {self.epoch + 1}", str(e))
                 raise
             seconds = time.perf_counter() - start
+            if cfg.val_split:
+                val_error, val_loss = evaluate(self.estimator, self.data, cfg.eval_batch_size, self.device,
+                                               self.group, split="val")
+                record.update(val_error=val_error, val_loss=val_loss)
             test_error, test_loss = evaluate(self.estimator, self.data, cfg.eval_batch_size, self.device, self.group)
             self.epoch += 1
             record = {"epoch": self.epoch, **record, "test_error": test_error, "test_loss": test_loss,
@@ -526,8 +552,9 @@ class Run:
             if self.group.is_main:
                 self.save_epoch(record)
             if self.log_epochs:
+                val = f"val error {record['val_error']:.2f} %, " if cfg.val_split else ""
                 tqdm.write(f"epoch {self.epoch}: train loss {record['train_loss']:.4f}, "
-                           f"train error {record['train_error']:.2f} %, test error {test_error:.2f} % "
+                           f"train error {record['train_error']:.2f} %, {val}test error {test_error:.2f} % "
                            f"({seconds:.1f} s)", file=sys.stderr)
         return list(self.records)
 

@@ -22,7 +22,9 @@ from bpfree.train import read_metrics
 
 SLOW = compare_helpers.NAME
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--data", "digits", "--train-size", "320", "--hidden", "16", "--batch-size", "64"]
+# The recipe settings spelled out: these tests are about compare, not about each method's recipe.
+TINY = ["--data", "digits", "--train-size", "320", "--hidden", "16", "--batch-size", "64", "--optimizer", "sgd",
+        "--lr", "0.05", "--momentum", "0.9", "--schedule", "constant"]
 
 
 @pytest.fixture(autouse=True)

@@ -135,7 +135,9 @@ def test_strip_nproc():
 
 def test_dead_rank_stops_the_other_then_resume_continues(tmp_path, data_root):
     out = tmp_path / "run"
+    # The recipe settings spelled out as TrainConfig's plain defaults: the run is compared with a TrainConfig run.
     args = ["train", "--data", "mnist", "--data-root", str(data_root), "--hidden", "16", "--batch-size", "64",
+            "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--schedule", "constant",
             "--seed", "2", "--out", str(out)]
     procs = start_ranks([sys.executable, "-m", "bpfree", *args, "--epochs", "100000", "--dist-timeout", "10"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

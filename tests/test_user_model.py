@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +112,13 @@ def test_bad_block_name_is_a_one_line_error(tmp_path, model_file, capsys):
                  "--out", str(tmp_path / "r")]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no submodule 'nope'" in err[0], err
+
+
+def test_the_shipped_example_model_trains_from_outside_the_package(tmp_path, capsys):
+    """The README's example: examples/residual_cnn.py, a file outside the package."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "residual_cnn.py"
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--method", "dfa", "--model", f"{example}:ResidualCNN", "--train-size", "256",
+                 "--out", str(out)]) == 0  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"].endswith("residual_cnn.py:ResidualCNN")

@@ -9,24 +9,27 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import itertools
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from bpfree import methods, models
+from bpfree import methods, models, recipes
 from bpfree.checks import output_folder
-from bpfree.commands.train import DEFAULTS, add_training_arguments, config_from_args, set_threads
+from bpfree.commands.train import add_training_arguments, config_from_args, set_threads
 from bpfree.compare import run_all, run_folder
 from bpfree.errors import UsageError
 from bpfree.results import load_run, write_report
 from bpfree.runfolder import RunLock
-from bpfree.train import TrainConfig
+from bpfree.train import OPTIMIZERS, SCHEDULES, TrainConfig
 
 METHOD_OPTIONS_RULE = (
     "Method options (--tangents, ...) go to every compared method that declares them; methods that do not declare "
     "an option train without it, with their own defaults. METHOD=VALUE pairs give per-method values, like --lr: "
-    "--tangents fg-a=4,lg-fg-a=16. An option that none of the compared methods declares is an error. "
+    "--tangents fg-a=4,lg-fg-a=16. The recipe settings (--lr, --optimizer, --momentum, --weight-decay, --schedule, "
+    "--warmup-epochs, --batch-size) take METHOD=VALUE pairs too; a setting not given comes from each method's recipe "
+    "(bpfree/recipes.py). An option that none of the compared methods declares is an error. "
     "Rerunning the same command skips finished runs, resumes unfinished ones from their checkpoints and does not "
     "retry diverged ones unless their settings change (they would diverge again); a finished or unfinished run "
     "folder trained with other settings is refused, except "
@@ -47,13 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rules to compare, e.g. bp,fg-a (see `bpfree methods`)")
     parser.add_argument("--seeds", default="0", metavar="S,S,...", help="seeds; every method is trained once per seed")
     add_training_arguments(parser, single=False)
-    parser.add_argument("--lr", default=str(DEFAULTS.lr), metavar="LR|METHOD=LR,...",
+    parser.add_argument("--lr", default=None, metavar="LR|METHOD=LR,...",
                         help="learning rate: one float for all methods, or METHOD=LR pairs, e.g. bp=0.05,fg-a=0.01 "
-                        "(a bare float before them sets the rest)")
+                        "(a bare float before them sets the rest; default: from each method's recipe)")
     parser.add_argument("--out", default=None,
                         help="comparison folder (default runs/compare-MODEL-DATA); runs go to OUT/METHOD/seed-S")
     parser.add_argument("--no-plots", action="store_true", help="only the table and the CSV, no PNGs")
     parser.epilog = METHOD_OPTIONS_RULE
+    per_method_recipe_flags(parser)
     # Defaults are applied in `run`, below the config file's values: to know what the command line set, every
     # option parses to None unless given. The help still shows the real defaults.
     actions: dict[str, argparse.Action] = {}
@@ -70,6 +74,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(compare_actions=actions, compare_defaults=defaults)
 
 
+RECIPE_CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}
+
+
+def per_method_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """Let the recipe settings take METHOD=VALUE pairs: parse them as text here, typed per method in `plan`."""
+    for action in parser._actions:
+        if action.dest in recipes.RECIPE_FIELDS:
+            kind = type(recipes.BASE[action.dest])
+            action.type, action.choices = None, None
+            action.metavar = action.metavar or f"{'X' if kind is str else kind.__name__.upper()}|METHOD=X,..."
+
+
+def typed(where: str, key: str, raw: Any) -> Any:
+    """One recipe setting (`key`) as its type and checked (a config file may give numbers as numbers)."""
+    kind, choices = type(recipes.BASE[key]), RECIPE_CHOICES.get(key)
+    try:
+        if isinstance(raw, bool) or (kind is not str and not isinstance(raw, (str, int, float))):
+            raise ValueError
+        value = kind(raw)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: expected {'a number' if kind is not str else 'a name'}, got {raw!r}") from None
+    if choices is not None and value not in choices:
+        raise UsageError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def recipe_grid(values: dict[str, Any], names: list[str], grid: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """Per method, its list of recipe settings {field: value, or None for the method's recipe}: one entry for
+    `compare`; for `sweep` (grid=True) the product of the comma-separated values given per field."""
+    axes: dict[str, dict[str, list[Any]]] = {m: {} for m in names}
+    for key in recipes.RECIPE_FIELDS:
+        flag = key.replace("_", "-")
+        per = split_per_method(flag, values[key], names) if values.get(key) is not None else {}
+        for m in names:
+            raw = per.get(m, per.get(None))
+            items = [None] if raw is None else raw if isinstance(raw, list) else \
+                str(raw).split(",") if isinstance(raw, str) else [raw]
+            if len(items) > 1 and not grid:
+                raise UsageError(f"--{flag}: one value per method, got {raw!r} (to try several: bpfree sweep)")
+            if len(set(map(str, items))) != len(items):
+                raise UsageError(f"--{flag} lists a value twice: {raw!r}")
+            axes[m][key] = [None if v is None else typed(f"--{flag}", key, v.strip() if isinstance(v, str) else v)
+                            for v in items]
+    return {m: [dict(zip(axes[m], combo)) for combo in itertools.product(*axes[m].values())] for m in names}
+
+
+def point_label(point: dict[str, Any]) -> str:
+    """A sweep's run-folder name for the recipe settings given at one grid point, e.g. `lr=0.01,optimizer=adam`."""
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items()
+                    if v is not None) or "recipe"
+
+
 def _closest(name: str, names: list[str]) -> str:
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else ""
@@ -81,7 +137,14 @@ def _coerce(action: argparse.Action, key: str, value: Any, where: str) -> Any:
         value = ",".join(map(str, value))
     if key in ("methods", "seeds") and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if key == "lr" or action.dest.startswith(("method_opt_", "model_opt_", "shared_opt_")):
+    if key in recipes.RECIPE_FIELDS:  # one value or per-method values; checked now, split per method later
+        if isinstance(value, str) and "=" in value:
+            return value
+        for v in value.values() if isinstance(value, dict) else [value]:
+            for item in v if isinstance(v, list) else [v]:  # a list: a sweep's grid
+                typed(f"{where}: {key}", key, item)
+        return value
+    if action.dest.startswith(("method_opt_", "model_opt_", "shared_opt_")):
         return value  # parsed later (per-method values, typed options)
     if action.nargs == 0:  # store_true
         if not isinstance(value, bool):
@@ -159,8 +222,11 @@ def parse_list(flag: str, value: str) -> list[str]:
     return items
 
 
-def plan(args: argparse.Namespace) -> tuple[list[str], list[TrainConfig], Path, str]:
-    """The methods, one TrainConfig per method × seed, the comparison folder and the file's description."""
+def plan(args: argparse.Namespace, grid: bool = False) -> tuple[list[str], list[TrainConfig], Path, str]:
+    """The methods, one TrainConfig per method × seed, the comparison folder and the file's description.
+
+    grid=True (`bpfree sweep`): one TrainConfig per method × grid point × seed, in OUT/METHOD/POINT/seed-S.
+    """
     actions: dict[str, argparse.Action] = args.compare_actions
     values: dict[str, Any] = dict(args.compare_defaults)
     description = ""
@@ -177,11 +243,9 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[TrainConfig], Path, 
         seeds = [int(s) for s in parse_list("seeds", values["seeds"])]
     except ValueError:
         raise UsageError(f"--seeds must be integers, got {values['seeds']!r}") from None
-    lr = split_per_method("lr", values["lr"], names)
-    try:
-        lrs = {m: float(lr.get(m, lr.get(None, DEFAULTS.lr))) for m in names}
-    except (TypeError, ValueError):
-        raise UsageError(f"--lr: expected a number or METHOD=LR pairs, got {values['lr']!r}") from None
+    if grid and hasattr(args, "sweep_defaults"):
+        args.sweep_defaults(values)
+    per_method = recipe_grid(values, names, grid)
     method_opts = {k: split_per_method(k.replace("_", "-"), v, names) for k, v in values.items()
                    if actions[k].dest.startswith("method_opt_") and v is not None}
     for key, per in method_opts.items():
@@ -193,17 +257,19 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[TrainConfig], Path, 
             if m is not None and m not in takers:
                 raise UsageError(f"method {m!r} does not take {flag} (methods that do: {', '.join(takers)})")
     safe_data = str(values["data"]).replace(":", "_").replace("/", "_")
-    out = Path(values.get("out") or f"runs/compare-{models.short_name(str(values['model']))}-{safe_data}")
+    kind = "sweep" if grid else "compare"
+    out = Path(values.get("out") or f"runs/{kind}-{models.short_name(str(values['model']))}-{safe_data}")
     configs = []
     for method in names:
         ns = argparse.Namespace(**{a.dest: values.get(k) for k, a in actions.items()
-                                   if not a.dest.startswith("method_opt_")})
+                                   if not a.dest.startswith("method_opt_") and a.dest not in recipes.RECIPE_FIELDS})
         for key, per in method_opts.items():
             declared = key in methods.METHODS.get(method).options
             setattr(ns, f"method_opt_{key}", per.get(method, per.get(None)) if declared else None)
-        for seed in seeds:
-            configs.append(config_from_args(ns, method=method, lr=lrs[method], seed=seed,
-                                            out=str(run_folder(out, method, seed)), resume=False))
+        for point in per_method[method]:
+            for seed in seeds:
+                folder = out / method / point_label(point) / f"seed-{seed}" if grid else run_folder(out, method, seed)
+                configs.append(config_from_args(ns, method=method, seed=seed, resume=False, out=str(folder), **point))
     args.compare_threads = values.get("threads")
     return names, configs, out, description
 

@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
-from bpfree import distributed, methods, models
+from bpfree import distributed, methods, models, recipes
 from bpfree.errors import UsageError
 from bpfree.registry import Registry
 from bpfree.train import OPTIMIZERS, TrainConfig, train
 
 DEFAULTS = TrainConfig()
+FROM_RECIPE = "default: from the method's recipe for the model, see bpfree/recipes.py"
 DATA_HELP = ("digits, mnist, fashion-mnist, cifar10 or imagefolder:PATH (PATH/train/CLASS/* and PATH/val/CLASS/*, "
              "the same class folders in both, each with images; an image that cannot be decoded stops the run "
              "with its file name, exit code 2)")
@@ -81,7 +82,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True)
     parser.add_argument("--data", default=d.data, help=DATA_HELP)
     parser.add_argument("--data-root", default=None,
                         help="folder holding the data sets (default $BPFREE_DATA, else ./data)")
-    parser.add_argument("--train-size", type=int, default=None, help="use only the first N training examples")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="use only the first N training examples (after --classes and --val-split)")
+    parser.add_argument("--val-split", type=int, default=None, metavar="N",
+                        help="hold out N training examples for validation (val_error, val_loss in the metrics): "
+                        "the same N for every seed and method, drawn after --classes and before --train-size "
+                        "(default 0: none)")
     parser.add_argument("--augment", action="store_true", help="pad-4 random crop + horizontal flip (cifar10)")
     parser.add_argument("--classes", default=None, type=lambda v: tuple(int(c) for c in v.split(",")),
                         metavar="A,B,...", help="use only these labels, at least two (relabelled 0..k-1 in the "
@@ -89,14 +95,17 @@ def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True)
     parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                         help="start from the backbone of a trained run's checkpoint.pt (new classifier heads)")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
-    parser.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="torch.optim optimizer")
+    # The recipe settings parse to None unless given: what is not given comes from the recipe (bpfree/recipes.py).
+    parser.add_argument("--batch-size", type=int, default=None, help=f"examples per step ({FROM_RECIPE})")
+    parser.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help=f"torch.optim optimizer ({FROM_RECIPE})")
     if single:
-        parser.add_argument("--lr", type=float, default=d.lr, help="learning rate")
-    parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay (weights only)")
-    parser.add_argument("--schedule", default=d.schedule, choices=("constant", "cosine"), help="learning-rate schedule")
-    parser.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up epochs")
+        parser.add_argument("--lr", type=float, default=None, help=f"learning rate ({FROM_RECIPE})")
+    parser.add_argument("--momentum", type=float, default=None, help=f"SGD momentum ({FROM_RECIPE})")
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help=f"weight decay, weights only ({FROM_RECIPE})")
+    parser.add_argument("--schedule", default=None, choices=("constant", "cosine"),
+                        help=f"learning-rate schedule ({FROM_RECIPE})")
+    parser.add_argument("--warmup-epochs", type=float, default=None, help=f"linear warm-up epochs ({FROM_RECIPE})")
     parser.add_argument("--device", default=d.device, help="cpu or cuda (cuda:N)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice). 1 is fastest for small models and on "
@@ -138,15 +147,37 @@ def run_name(args: argparse.Namespace) -> str:
 
 
 def config_from_args(args: argparse.Namespace, **override: Any) -> TrainConfig:
-    """A TrainConfig from parsed arguments; `override` wins (compare sets method, lr, seed and out per run)."""
+    """A TrainConfig from parsed arguments; `override` wins (compare sets method, lr, seed and out per run).
+
+    Recipe settings (recipes.RECIPE_FIELDS) that are None in both were not given: they come from the recipe for
+    the method and model, and config.json's `recipe` says which entry that was.
+    """
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values.update(override)
+    values.update({k: v for k, v in override.items() if v is not None or k not in recipes.RECIPE_FIELDS})
+    if values.get("val_split") is None:
+        values["val_split"] = 0
+    values.setdefault("method", DEFAULTS.method)
+    values.setdefault("model", DEFAULTS.model)
+    chosen, values["recipe"] = recipes.apply(values["method"], values["model"],
+                                             {k: values.get(k) for k in recipes.RECIPE_FIELDS})
+    values.update(chosen)
     cfg = TrainConfig(**values)
     models.check(cfg.model)
     methods.METHODS.get(cfg.method)
     cfg.model_options, cfg.blocks = model_options(args, cfg.model)
     cfg.method_options = entry_options(args, methods.METHODS, cfg.method)
     return cfg
+
+
+def recipe_summary(cfg: TrainConfig, args: argparse.Namespace) -> str:
+    """`bp/mlp (validated): optimizer adam, lr 0.003, ...`: the recipe entry and the settings taken from it."""
+    entry = cfg.recipe or {}
+    taken = [k for k in recipes.RECIPE_FIELDS if getattr(args, k, None) is None
+             and not (k == "momentum" and cfg.optimizer != "sgd")]
+    shown = ", ".join(f"{k} {getattr(cfg, k):g}" if isinstance(getattr(cfg, k), float) else f"{k} {getattr(cfg, k)}"
+                      for k in taken)
+    status = "validated" if entry.get("validated") else "not validated"
+    return f"{entry.get('entry')} ({status}): {shown or 'none taken'}"
 
 
 def set_threads(threads: int | None) -> None:
@@ -189,8 +220,9 @@ def run(args: argparse.Namespace) -> int:
     last = records[-1]
     best = min(r["test_error"] for r in records)
     print(json.dumps({"method": cfg.method, "model": cfg.model, "data": cfg.data, "epochs": last["epoch"],
+                      **({"val_error": round(last["val_error"], 3)} if "val_error" in last else {}),
                       "test_error": round(last["test_error"], 3), "best_test_error": round(best, 3),
                       "train_error": round(last["train_error"], 3),
                       "seconds_per_epoch": round(sum(r["seconds"] for r in records) / len(records), 2),
-                      "out": cfg.out}))
+                      "out": cfg.out, "recipe": recipe_summary(cfg, args)}))
     return 0

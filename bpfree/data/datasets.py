@@ -14,6 +14,7 @@ from bpfree.data.files import extract_tar, fetch, read_cifar_batch, read_idx
 from bpfree.errors import UsageError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+VALIDATION_SEED = 20221006  # fixed, not --seed: all runs of a data set share one validation split
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
@@ -50,12 +51,15 @@ class TensorData:
         test_y: torch.Tensor,
         num_classes: int,
         augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        val_x: torch.Tensor | None = None,
+        val_y: torch.Tensor | None = None,
     ):
         self.name = name
         self.train_x, self.train_y = train_x, train_y
         self.test_x, self.test_y = test_x, test_y
         self.num_classes = num_classes
         self.augment = augment
+        self.val_x, self.val_y = val_x, val_y  # held-out training examples (see `hold_out`), never augmented
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -71,7 +75,27 @@ class TensorData:
     def subset(self, n: int) -> TensorData:
         """The first `n` training examples (the test set unchanged)."""
         return TensorData(self.name, self.train_x[:n], self.train_y[:n], self.test_x, self.test_y,
-                          self.num_classes, self.augment)
+                          self.num_classes, self.augment, self.val_x, self.val_y)
+
+    def hold_out(self, n: int) -> TensorData:
+        """Move `n` training examples into a validation set; the rest stay training examples, in their order.
+
+        Which examples: the first `n` of a permutation drawn from a constant seed (VALIDATION_SEED), so every run
+        with the same data, --classes and `n` holds out the same examples whatever its --seed, method or
+        --train-size. A random draw rather than the last `n`: a file sorted by class or writer would give a
+        lopsided validation set.
+        """
+        if n < 1 or n >= self.num_train:
+            raise UsageError(f"--val-split must be in 1..{self.num_train - 1} (the {self.num_train} training "
+                             f"examples of {self.name}), got {n}")
+        held = torch.zeros(self.num_train, dtype=torch.bool)
+        held[torch.randperm(self.num_train, generator=torch.Generator().manual_seed(VALIDATION_SEED))[:n]] = True
+        return TensorData(self.name, self.train_x[~held], self.train_y[~held], self.test_x, self.test_y,
+                          self.num_classes, self.augment, self.train_x[held], self.train_y[held])
+
+    @property
+    def num_val(self) -> int:
+        return 0 if self.val_y is None else len(self.val_y)
 
     def with_classes(self, classes: Sequence[int]) -> TensorData:
         """Only the examples of `classes` (checked by `select_classes`), relabelled 0..k-1 in that order."""
@@ -102,6 +126,11 @@ class TensorData:
     def test_batches(self, batch_size: int) -> Iterator[Batch]:
         for start in range(0, len(self.test_y), batch_size):
             yield self.test_x[start : start + batch_size], self.test_y[start : start + batch_size]
+
+    def val_batches(self, batch_size: int) -> Iterator[Batch]:
+        """The held-out validation examples in order (none without `hold_out`)."""
+        for start in range(0, self.num_val, batch_size):
+            yield self.val_x[start : start + batch_size], self.val_y[start : start + batch_size]
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:

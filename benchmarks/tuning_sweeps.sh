@@ -1,0 +1,20 @@
+#!/bin/sh
+# The validation sweeps behind the "validated" entries of bpfree/recipes.py (docs/tuning.md). One process, one
+# thread, short budgets: MNIST, 5000 training examples held out for validation, the first 10000 of the rest for
+# training, 3 epochs, cosine schedule. Rerunning skips finished runs, so a widened grid trains only its new points
+# (fg-a on mlp and l-fa / lg-fa on the LocalMixer were widened where their first choice sat at the grid's edge).
+# Usage: PYTHONPATH=. BPFREE_DATA=... PYTHON=.venv/bin/python sh benchmarks/tuning_sweeps.sh
+set -e
+PY=${PYTHON:-python}
+COMMON="--data mnist --train-size 10000 --val-split 5000 --epochs 3 --schedule cosine --threads 1 --no-plots"
+LRS="1e-4,3e-4,1e-3,3e-3,0.01,0.03,0.1,0.3"
+$PY -m bpfree sweep --methods bp,fg-a,fg-w --model mlp $COMMON \
+    --optimizer bp=sgd,adam,fg-a=adam,fg-w=adam \
+    --lr bp=1e-3,3e-3,0.01,0.03,0.1,0.3,fg-a=3e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1,fg-w=3e-5,1e-4,3e-4,1e-3,3e-3,1e-2 \
+    --out runs/sweep-mlp-mnist
+$PY -m bpfree sweep --methods bp,lg-fg-a --model localmixer-m1-16 $COMMON \
+    --optimizer sgd,adam --lr $LRS --out runs/sweep-localmixer-m1-16-mnist
+$PY -m bpfree sweep --methods l-bp,lg-bp,fg-w,fg-a,lg-fg-w,fa,l-fa,lg-fa,dfa --model localmixer-m1-16 $COMMON \
+    --optimizer sgd --lr $LRS,l-fa=$LRS,1,lg-fa=$LRS,1 --out runs/sweep-localmixer-m1-16-mnist-rest
+$PY -m bpfree sweep --methods bp,fg-a,lg-fg-a --model localmixer-s1-1 $COMMON \
+    --optimizer sgd --lr $LRS --out runs/sweep-localmixer-s1-1-mnist
