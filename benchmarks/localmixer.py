@@ -107,9 +107,11 @@ def time_steps(args: argparse.Namespace) -> list[dict]:
         model = models.build(model_name, 10, shape)
         with torch.no_grad():  # a non-zero readout, so that forward gradients have something to carry
             model.readout.weight.normal_(0, 0.01)
-        est = methods.build(name.split(":")[0], model)
-        if name.endswith(":generic"):
-            est.path = None
+        base = name.split(":")[0]
+        if name.endswith(":generic"):  # the registered generic rule, not the LocalMixer fast path
+            est = methods.METHODS.get(base).factory(model, seed=0, **methods.METHODS.resolve_options(base, {}))
+        else:
+            est = methods.build(base, model)
         ests[name] = (est, torch.optim.SGD(est.trainable(), lr=1e-3, momentum=0.9))
     times: dict[str, list[float]] = {k: [] for k in ests}
     for _ in range(args.rounds):

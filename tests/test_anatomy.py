@@ -9,39 +9,7 @@ from torch import nn
 from bpfree import methods, models
 from bpfree.anatomy import boundaries, describe, pool, positions_last
 from bpfree.errors import UsageError
-
-
-class ResidualCNN(nn.Module):
-    """A user's own residual CNN with batch norm: an nn.Module, not an nn.Sequential."""
-
-    def __init__(self, num_classes: int = 10, input_shape: tuple[int, ...] = (3, 16, 16)):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(input_shape[0], 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
-        h = torch.relu(self.bn(self.conv(h)) + h)
-        h = torch.relu(self.down(h))
-        return self.fc(h.mean((2, 3)))
-
-
-class TinyViT(nn.Module):
-    def __init__(self, num_classes: int = 10, input_shape: tuple[int, ...] = (3, 16, 16), dim: int = 32):
-        super().__init__()
-        self.patch = nn.Conv2d(input_shape[0], dim, 4, 4)
-        self.pos = nn.Parameter(torch.zeros(1, (input_shape[1] // 4) * (input_shape[2] // 4), dim))
-        layer = nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.patch(x).flatten(2).transpose(1, 2) + self.pos
-        return self.head(self.norm(self.encoder(t)).mean(1))
+from bpfree.matrix import ResidualCNN, TinyViT  # noqa: F401  (other tests import them from here)
 
 
 def test_sequential_blocks_group_each_layer_with_what_follows():

@@ -261,9 +261,13 @@ def test_ff_learns_digits_above_chance(digits):
     assert acc > 0.5, acc
 
 
-def test_ff_rejects_other_models():
-    with pytest.raises(UsageError):
-        build_method("ff", build_model("mlp", 10, (1, 6, 6)))
+def test_ff_refuses_models_without_blocks_and_ff_mlp_only_options():
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 10))
+    linear.input_shape = (1, 6, 6)
+    with pytest.raises(UsageError, match="needs a model with blocks"):
+        build_method("ff", linear)
+    with pytest.raises(UsageError, match="ff-mlp only"):
+        build_method("ff", build_model("mlp", 10, (1, 6, 6)), peer_norm=0.1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -383,8 +387,10 @@ def test_sff_heads_are_saved_and_restored():
 
 
 def test_sff_rejects_models_without_blocks():
-    with pytest.raises(UsageError):
-        build_method("sff-block", build_model("mlp", 10, (1, 6, 6)))
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 10))
+    linear.input_shape = (1, 6, 6)
+    with pytest.raises(UsageError, match="needs a model with blocks"):
+        build_method("sff-block", linear)
 
 
 # ----------------------------------------------------------------------------------------------------------------

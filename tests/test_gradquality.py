@@ -92,14 +92,15 @@ def test_per_layer_cosine() -> None:
 
 
 def test_unsupported_method_gets_a_row_and_the_others_run(tmp_path, capsys) -> None:
-    """A method that cannot take the model (here: local losses and feedback alignment on a non-Sequential / non-
-    LocalMixer model) is reported as 'unsupported: <reason>' instead of stopping the whole command."""
+    """A method that cannot take the model (here: local losses on a model with one hidden block) is reported as
+    'unsupported: <reason>' instead of stopping the whole command."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    model.input_shape = (1, 2, 2)
     batches = [(torch.randn(5, 1, 2, 2, dtype=torch.float64), torch.randint(0, 2, (5,)))]
     rows = gradient_quality(model, ["l-bp", "bp", "fg-w"], batches, tangents=[1, 2], aggregations=["mean"])
     assert [(r["method"], r["tangents"]) for r in rows] == [("l-bp", None), ("bp", None), ("fg-w", 1), ("fg-w", 2)]
-    assert "localmixer" in rows[0]["unsupported"] and "cosine_mean" not in rows[0]
+    assert "two or more blocks" in rows[0]["unsupported"] and "cosine_mean" not in rows[0]
     assert rows[1]["cosine_mean"] == pytest.approx(1.0)
 
     out = tmp_path / "gq"
@@ -107,7 +108,7 @@ def test_unsupported_method_gets_a_row_and_the_others_run(tmp_path, capsys) -> N
             "--seeds", "1", "--batch-size", "32", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     md = (out / "grad_quality.md").read_text()
-    assert "| lg-fa | - | - | unsupported: this method needs a localmixer-* model" in md
+    assert "| lg-fa | - | - | unsupported: lg-fa needs a model with two or more blocks" in md
     assert "| dfa | - | - | 0." in md or "| dfa | - | - | -0." in md  # dfa takes the MLP and is evaluated
     rows = json.loads((out / "grad_quality.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["lg-fa", "bp", "dfa"] and "unsupported" in rows[0]

@@ -425,7 +425,7 @@ def test_global_fg_on_localmixer_is_unbiased_for_the_end_to_end_gradient(method,
     model = tiny()  # 2 blocks, 2x2 patches: token mixing, residual, tangents crossing blocks
     x, y = data()
     est = build_method(method, model, seed=5, tangents=40, **options)
-    assert est.path is not None  # the LocalMixer path, not the generic forward-mode one
+    assert type(est).__module__ == "bpfree.fastpaths.localmixer_local"  # the LocalMixer path, not the generic one
     params = list(model.blocks.parameters())
     if options.get("exact_readout") is False:
         params += list(model.readout.parameters())
@@ -518,7 +518,7 @@ def test_l_bp_on_a_block_model_is_blockwise_backprop_with_local_heads():
     loss = F.cross_entropy(model.head(h.detach()), y)
     for p, g in zip(model.head.parameters(), torch.autograd.grad(loss, list(model.head.parameters()))):
         torch.testing.assert_close(p.grad, g)
-    with pytest.raises(UsageError, match="resnet18"):
+    with pytest.raises(UsageError, match="two or more blocks"):
         build_method("l-bp", build("mlp", 3, (1, 4, 4), hidden=(8,)))
     with pytest.raises(UsageError):
         build_method("l-bp", model, objective="contrastive")

@@ -268,9 +268,9 @@ def test_compare_out_is_a_file(tmp_path, capsys, inside):
 
 
 def test_compare_checks_every_setup_before_training(tmp_path, capsys):
-    """ff cannot train an mlp: found before bp (first in the list) trains anything."""
-    assert compare(tmp_path, "--methods", "bp,ff") == 2
-    one_line_error(capsys, "ff cannot run this setup", "ff-mlp", "nothing was trained")
+    """l-bp cannot train a one-block mlp: found before bp (first in the list) trains anything."""
+    assert compare(tmp_path, "--methods", "bp,l-bp") == 2
+    one_line_error(capsys, "l-bp cannot run this setup", "two or more blocks", "nothing was trained")
     assert not (tmp_path / "cmp" / "bp").exists()
 
 

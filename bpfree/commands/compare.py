@@ -144,7 +144,7 @@ def _coerce(action: argparse.Action, key: str, value: Any, where: str) -> Any:
             for item in v if isinstance(v, list) else [v]:  # a list: a sweep's grid
                 typed(f"{where}: {key}", key, item)
         return value
-    if action.dest.startswith(("method_opt_", "model_opt_")):
+    if action.dest.startswith(("method_opt_", "model_opt_", "shared_opt_")):
         return value  # parsed later (per-method values, typed options)
     if action.nargs == 0:  # store_true
         if not isinstance(value, bool):

@@ -30,7 +30,14 @@ def add_entry_options(parser: argparse.ArgumentParser, registry: Registry, title
         for key in registry.get(name).options:
             owners.setdefault(key, []).append(name)
     group = parser.add_argument_group(title)
+    existing = {s: a for a in parser._actions for s in a.option_strings}
     for key, names in sorted(owners.items()):
+        flag = "--" + key.replace("_", "-")
+        if flag in existing:  # declared by both registries (--groups: localmixer's and the loss grid's): one value
+            action = existing[flag]  # sets it for whichever of the chosen method and model takes it
+            action.dest = f"shared_opt_{key}"
+            action.help = f"{action.help}; also the {registry.kind}s': {', '.join(names)}"
+            continue
         # Entries may declare one name with different types (resnet18's int width, mobilenetv3's float width).
         kinds = dict.fromkeys(registry.get(n).options[key].kind for n in names)
         metavar = "|".join("A,B,..." if k is tuple else k.__name__.upper() for k in kinds)
@@ -42,15 +49,27 @@ def add_entry_options(parser: argparse.ArgumentParser, registry: Registry, title
             meanings.setdefault(f"{o.help}{choices} ({bounds}default {o.default}", []).append(n)
         help_text = "; ".join(f"{text}; {registry.kind}s: {', '.join(owners)})" for text, owners in meanings.items())
         group.add_argument(
-            "--" + key.replace("_", "-"), dest=f"{registry.kind}_opt_{key}", default=None, metavar=metavar,
+            flag, dest=f"{registry.kind}_opt_{key}", default=None, metavar=metavar,
             help=help_text,
         )
 
 
+def given_options(args: argparse.Namespace, kind: str, declared: Any) -> dict[str, Any]:
+    """The options given on the command line for a `kind` ("method" / "model") entry: its own flags, plus the
+    flags shared by both registries (`add_entry_options`) that the entry declares."""
+    given: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if value is None:
+            continue
+        if key.startswith(f"{kind}_opt_"):
+            given[key[len(kind) + 5:]] = value
+        elif key.startswith("shared_opt_") and key[len("shared_opt_"):] in declared:
+            given[key[len("shared_opt_"):]] = value
+    return given
+
+
 def entry_options(args: argparse.Namespace, registry: Registry, name: str) -> dict[str, Any]:
-    prefix = f"{registry.kind}_opt_"
-    given = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
-    return registry.resolve_options(name, given)
+    return registry.resolve_options(name, given_options(args, registry.kind, registry.get(name).options))
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True) -> None:
@@ -111,10 +130,10 @@ def document_blocks_flag(parser: argparse.ArgumentParser) -> None:
 def model_options(args: argparse.Namespace, name: str) -> tuple[dict[str, Any], tuple[str, ...] | None]:
     """The model options given, resolved for `name` (a user's model takes none), and the block names given
     with --blocks to a model that has no `blocks` option of its own."""
-    prefix = "model_opt_"
-    given = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+    registered = models.user_model(name) is None
+    given = given_options(args, "model", models.MODELS.get(name).options if registered else {})
     blocks = None
-    own = models.user_model(name) is None and "blocks" in models.MODELS.get(name).options
+    own = registered and "blocks" in models.MODELS.get(name).options
     if given.get("blocks") is not None and not own:
         blocks = tuple(n.strip() for n in str(given.pop("blocks")).split(",") if n.strip())
         if not blocks:

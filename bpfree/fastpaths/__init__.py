@@ -3,4 +3,4 @@
 import a model; the modules here do.
 """
 
-from bpfree.fastpaths import localmixer_feedback  # noqa: F401
+from bpfree.fastpaths import ff_mlp, localmixer_feedback, localmixer_local  # noqa: F401

@@ -2,8 +2,9 @@
 
 The LocalMixer's grouped linear is a raw parameter (no nn.Linear), and the paper's DFA row treats every unit
 (linear -> LN -> [+residual] -> ReLU) as its own DFA layer, finer than the model's blocks; so these rules run the
-model's units by hand. `mixer_feedback` and `mixer_linear_hook` are shared with the local FA rules (l-fa, lg-fa),
-which live here until the local rules have their own generic module.
+model's units by hand. `mixer_feedback` and `mixer_linear_hook` also give LocalMixer's fast paths of the local FA
+rules (l-fa, lg-fa: `LocalBP` / `LocalGroupBP` of `bpfree.fastpaths.localmixer_local` with random feedback; the
+generic rules are `bpfree.methods.block_local`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 from torch import nn
 
 from bpfree.errors import UsageError
-from bpfree.methods import METHODS, register_fast_path
+from bpfree.fastpaths.localmixer_local import LocalBP, LocalGroupBP, contrastive_backprop_step
+from bpfree.methods import register_fast_path
 from bpfree.methods.base import StepResult
 from bpfree.methods.bp import Backprop
 from bpfree.methods.feedback_alignment import (
@@ -24,15 +26,7 @@ from bpfree.methods.feedback_alignment import (
     _FALinear,
     random_feedback,
 )
-from bpfree.methods.local import (
-    COMMON_OPTIONS,
-    LocalBP,
-    LocalGroupBP,
-    contrastive_backprop_step,
-    unit_params,
-    unit_weight_grads,
-)
-from bpfree.models.localmixer import LinearHook, LocalMixer, MixerBlock, layer_norm
+from bpfree.models.localmixer import LinearHook, LocalMixer, MixerBlock, layer_norm, unit_params, unit_weight_grads
 
 
 class _FAGrouped(torch.autograd.Function):
@@ -162,9 +156,6 @@ class MixerDFA(DirectFeedbackAlignment):
         return StepResult(loss.detach(), logits.detach())
 
 
-PAPER_LFA = "Ren, Kornblith, Liao, Hinton 2022 (arXiv 2210.03310), FA under their local losses"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # L-FA, LG-FA: the local-loss estimators (l-bp, lg-bp) with every linear's backward through a fixed random B.
 
@@ -195,12 +186,7 @@ class _LocalFeedback:
         self.feedback = _clone(state["feedback"], next(self.model.parameters()).device)
 
 
-@METHODS.register(
-    "l-fa",
-    "feedback alignment inside each block under block-wise local losses (l-bp with random feedback)",
-    options=COMMON_OPTIONS,
-    paper=PAPER_LFA,
-)
+@register_fast_path("l-fa", LocalMixer)
 class LocalFA(_LocalFeedback, LocalBP):
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
@@ -210,12 +196,7 @@ class LocalFA(_LocalFeedback, LocalBP):
         return block(x, mixer_linear_hook(i, block, self.feedback))
 
 
-@METHODS.register(
-    "lg-fa",
-    "feedback alignment under the block + patch + group local losses (lg-bp with random feedback)",
-    options=COMMON_OPTIONS,
-    paper=PAPER_LFA,
-)
+@register_fast_path("lg-fa", LocalMixer)
 class LocalGroupFA(_LocalFeedback, LocalGroupBP):
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)

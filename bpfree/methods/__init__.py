@@ -54,7 +54,7 @@ def build(
 
 
 # Importing a family's module registers its methods.
-from bpfree.methods import bp, feedback_alignment, forward_forward, forward_gradient, local  # noqa: E402,F401
+from bpfree.methods import block_local, bp, feedback_alignment, forward_forward, forward_gradient  # noqa: E402,F401
 
 __all__ = ["FAST_PATHS", "METHODS", "Estimator", "StepResult", "build", "fast_path", "register_fast_path"]
 

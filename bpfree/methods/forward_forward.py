@@ -9,7 +9,8 @@ p(positive) = sigma(G - theta) on each pass. The default recipe differs in three
 label drawn from the network's own goodness softmax, as Hinton suggests), the contrast loss
 softplus(-s (G_pos - G_neg)) on each example's positive/negative pair (with the logistic loss the third layer
 of 3x500 did not learn at all in 4 epochs), and a label overlay of 3 instead of 1 (standardised MNIST pixels
-reach 2.8, so a label of 1 is a faint signal).
+reach 2.8, so a label of 1 is a faint signal). That recipe is the `ff-mlp` fast path
+(`bpfree.fastpaths.ff_mlp`); `BlockForwardForward` below is the same rule on any block-structured classifier.
 
 `sff` / `sff-block`: no label in the input and no negative pass. Each unit (a conv layer for `sff`, a natural
 block such as a ResNet basic block for `sff-block`) gets a 1x1-conv head with one channel per class; goodness
@@ -36,10 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bpfree.anatomy import boundaries, channels, example_input, init_uniform_, pool
 from bpfree.errors import DivergedError, UsageError
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult
-from bpfree.models.ff_mlp import FFMLP, length_normalise
+from bpfree.methods.block_local import between_parameters
 from bpfree.registry import Option
 
 
@@ -62,10 +64,8 @@ def _accumulate(
 # Forward-Forward (Hinton 2022)
 
 
-@METHODS.register(
-    "ff",
-    "Forward-Forward: per-layer goodness of positive (true label) vs negative (wrong label) data",
-    options={
+FF_PAPER = "Hinton 2022, The Forward-Forward Algorithm: Some Preliminary Investigations"
+FF_OPTIONS = {
         "loss": Option(
             "contrast",
             "contrast: softplus(-contrast_scale * (G_pos - G_neg)), each example's positive pass against its "
@@ -122,167 +122,158 @@ def _accumulate(
             "pair_error: how often the negative's goodness reached the positive's",
             choices=("goodness", "readout"),
         ),
-    },
-    paper="Hinton 2022, The Forward-Forward Algorithm: Some Preliminary Investigations",
-)
-class ForwardForward(Estimator):
-    """Trains an `ff-mlp`. The readout layer is always trained too (cross-entropy on detached, normalised
-    activities under the neutral label), so `--inference readout` works on any trained network."""
+    }
+
+
+def goodness_logits(goodness: torch.Tensor, width: int, form: str, threshold: float) -> torch.Tensor:
+    """Goodness (sum of squares) minus the threshold, in the mean (÷ width) or the sum (threshold x width) scale."""
+    if form == "mean":
+        return goodness / width - threshold
+    return goodness - threshold * width
+
+
+def pair_loss(logits: torch.Tensor, positive: torch.Tensor, loss: str, contrast_scale: float) -> torch.Tensor:
+    """One layer's loss; `logits` hold the positive passes first, then the negatives in the same order."""
+    if loss == "contrast":
+        half = len(logits) // 2  # the threshold cancels in the difference
+        return F.softplus(contrast_scale * (logits[half:] - logits[:half])).mean()
+    # softplus(theta - G) on positives, softplus(G - theta) on negatives
+    return F.binary_cross_entropy_with_logits(logits, positive)
+
+
+def wrong_labels(
+    y: torch.Tensor, classes: int, scores: torch.Tensor | None, generator: torch.Generator
+) -> torch.Tensor:
+    """A wrong label per example, never equal to `y`: uniform (scores None) or in proportion to the softmax of
+    `scores` ([B, C], higher = more plausible) over the wrong classes."""
+    if scores is None:
+        offset = torch.randint(1, classes, y.shape, generator=generator, device=y.device)
+        return (y + offset) % classes
+    scores = scores.detach().float().clone()
+    scores[torch.arange(len(y), device=y.device), y] = -math.inf
+    probs = torch.softmax(scores - scores.amax(1, keepdim=True), dim=1)
+    if not torch.isfinite(probs).all():  # goodness overflowed (lr far too high): nothing sensible to sample
+        raise DivergedError("goodness scores became NaN/inf (sampling hard negatives)")
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def example_rms_normalise(h: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Each example scaled to root-mean-square 1 over all its values: only the direction goes on."""
+    return h / (h.pow(2).flatten(1).mean(1).sqrt() + eps).view(-1, *([1] * (h.dim() - 1)))
+
+
+@METHODS.register("ff", "Forward-Forward: per-block goodness of positive (true label) vs negative (wrong label) data",
+                  options=FF_OPTIONS, paper=FF_PAPER)
+class BlockForwardForward(Estimator):
+    """`ff` on any block-structured classifier (ff-mlp has its own fast path: `bpfree.fastpaths.ff_mlp`).
+
+    Label overlay (keeps the input's shape): the first C values of each flattened example are replaced by 3 x the
+    one-hot of the label (the neutral label 1/C for the readout), as Hinton's label in the first pixels of an MNIST
+    image. Goodness is measured at every block output: the sum over channels of the squared activity, averaged over
+    positions ([B, C, H, W]) or tokens ([B, T, C]) (divided by the channels with `--goodness mean`). Each block's
+    output is normalised (root-mean-square 1 per example) and detached where the model's forward continues, so no
+    gradient crosses a block and the next block sees only the direction. The model's own readout (the parameters
+    after the last block) learns by cross-entropy on the neutral-label pass; parameters between blocks learn from
+    the next block's goodness loss. `--peer-norm`, `--input-dropout` and `--greedy-steps` are ff-mlp only.
+    Hard negatives and goodness inference overlay every label: one pass over C x B examples.
+    """
+
+    label_value = 3.0
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
-        if not isinstance(model, FFMLP):
-            raise UsageError("method 'ff' needs the 'ff-mlp' model (the label is part of its input)")
         super().__init__(model, seed=seed, **options)
-        if not 0.0 <= self.options["input_dropout"] < 1.0:
-            raise UsageError(f"ff: --input-dropout must be in [0, 1), got {self.options['input_dropout']}")
-        self.steps = 0
-        self.running_means: dict[int, torch.Tensor] = {}  # peer normalisation: per layer, per unit
+        name = type(model).__name__
+        for key in ("peer_norm", "input_dropout", "greedy_steps"):
+            if options.get(key):
+                raise UsageError(f"ff --{key.replace('_', '-')}: ff-mlp only, not {name}")
+        anatomy = self.anatomy
+        if not anatomy.blocks:
+            raise UsageError(f"ff needs a model with blocks (goodness is measured at each); {name} has none")
+        self.classes = anatomy.num_classes
+        if math.prod(anatomy.input_shape) < self.classes:
+            raise UsageError(f"ff: an input of {math.prod(anatomy.input_shape)} values cannot hold a "
+                             f"{self.classes}-class label")
+        between = {id(p) for p in between_parameters(anatomy)}
+        self.readout = [p for p in anatomy.readout_parameters() if id(p) not in between]
 
-    @property
-    def net(self) -> FFMLP:
-        return self.model  # type: ignore[return-value]
+    def overlay(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """x with its first C values (flattened) replaced by label_value x `label` [B, C]; same shape as x."""
+        flat = x.flatten(1)
+        return torch.cat([label.to(flat.dtype) * self.label_value, flat[:, self.classes:]], 1).view_as(x)
 
-    def negative_labels(
-        self, x: torch.Tensor, y: torch.Tensor, scores: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """A wrong label per example; never equal to `y` by construction.
+    def goodness(self, out: torch.Tensor) -> torch.Tensor:
+        """[B]: sum over channels of the squared activity, averaged over positions or tokens."""
+        return pool(out.pow(2)).sum(-1)
 
-        `scores` ([B, C], higher = more plausible) drive 'hard' and 'readout' sampling; computed here if absent.
-        """
-        classes = self.net.num_classes
-        mode = self.options["negatives"]
-        if mode == "random":
-            offset = torch.randint(1, classes, y.shape, generator=self.generator, device=y.device)
-            return (y + offset) % classes
-        if scores is None:
-            with torch.no_grad():
-                scores = self.goodness_scores(x) if mode == "hard" else self.net(x)
-        scores = scores.detach().float().clone()
-        scores[torch.arange(len(y), device=y.device), y] = -math.inf
-        probs = torch.softmax(scores - scores.amax(1, keepdim=True), dim=1)
-        if not torch.isfinite(probs).all():  # goodness overflowed (lr far too high): nothing sensible to sample
-            raise DivergedError("goodness scores became NaN/inf (sampling hard negatives)")
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+    def block_logits(self, out: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        return goodness_logits(self.goodness(out), channels(out.shape[1:]), o["goodness"], o["threshold"])
 
-    def active_layers(self) -> range:
-        n = len(self.net.layers)
-        every = self.options["greedy_steps"]
-        if every <= 0:
-            return range(n)
-        current = min(self.steps // every, n - 1)
-        return range(current, current + 1)
+    def run(self, x: torch.Tensor, visit: Any = None) -> torch.Tensor:
+        """The model on labelled inputs x, every block output seen by `visit(i, out)`, normalised and detached."""
+        def at(i: int, out: torch.Tensor) -> torch.Tensor:
+            if visit is not None:
+                visit(i, out)
+            return example_rms_normalise(out).detach()
 
-    def layer_logits(self, acts: torch.Tensor) -> torch.Tensor:
-        """Goodness minus threshold, in the mean or the sum (x layer width) scale."""
-        goodness = acts.pow(2).sum(dim=1)
-        if self.options["goodness"] == "mean":
-            return goodness / acts.shape[1] - self.options["threshold"]
-        return goodness - self.options["threshold"] * acts.shape[1]
-
-    def layer_loss(self, acts: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-        """One layer's loss; `acts` holds the positive passes first, then the negatives in the same order."""
-        logits = self.layer_logits(acts)
-        if self.options["loss"] == "contrast":
-            half = len(logits) // 2  # the threshold cancels in the difference
-            return F.softplus(self.options["contrast_scale"] * (logits[half:] - logits[:half])).mean()
-        # softplus(theta - G) on positives, softplus(G - theta) on negatives
-        return F.binary_cross_entropy_with_logits(logits, positive)
-
-    def peer_loss(self, index: int, acts: torch.Tensor) -> torch.Tensor:
-        """Mean over units of (layer mean of the running means - the unit's running mean)^2.
-
-        The running mean (momentum 0.9, positive data only) carries this batch's term with its graph; older
-        batches enter as constants.
-        """
-        batch_mean = acts.mean(dim=0)
-        old = self.running_means.get(index)
-        running = batch_mean if old is None else 0.9 * old + 0.1 * batch_mean
-        self.running_means[index] = running.detach()
-        return (running.mean() - running).pow(2).mean()
-
-    def dropout_scale(self, batch: int, width: int, first: bool) -> torch.Tensor:
-        """[batch, width] input-dropout multipliers (0 or 1/(1-p)); the first layer's label entries are kept."""
-        p = self.options["input_dropout"]
-        scale = (torch.rand(batch, width, generator=self.generator, device=self.generator.device) >= p).float()
-        scale /= 1.0 - p
-        if first:  # the label entries come first in both label layouts; dropping them would erase the task
-            scale[:, : self.net.num_classes] = 1.0
-        return scale
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        net, classes, batch = self.net, self.net.num_classes, x.shape[0]
-        # Readout on the normalised activities of the neutral-label pass; features carry no gradient. It runs
-        # first so that 'readout' negatives can use its prediction.
-        with torch.no_grad():
-            features = net.readout_features(net.activities(net.with_label(x, net.neutral(x))))
-            readout_logits = net.readout(features)
-            scores = self.goodness_scores(x) if self.options["negatives"] == "hard" else readout_logits
-        y_neg = self.negative_labels(x, y, scores)
-        h = torch.cat(
-            [net.with_label(x, F.one_hot(y, classes)), net.with_label(x, F.one_hot(y_neg, classes))]
-        )
-        positive = torch.cat([x.new_ones(batch), x.new_zeros(batch)])
-        active = self.active_layers()
-        grads: dict[nn.Parameter, torch.Tensor] = {}
-        extra: dict[str, float] = {}
-        losses = []
-        margin = x.new_zeros(batch)  # positive minus negative goodness, layers as in goodness inference
-        peer = self.options["peer_norm"]
-        for index, layer in enumerate(net.layers):
-            if index > active[-1]:
-                break  # greedy schedule: later layers are not trained yet
-            learn = index in active
-            if self.options["input_dropout"] > 0:  # one mask per example, shared by its two passes
-                h = h * self.dropout_scale(batch, h.shape[1], first=index == 0).to(h.dtype).repeat(2, 1)
-            with torch.set_grad_enabled(learn):
-                acts = torch.relu(layer(h))
-                if learn:
-                    loss = self.layer_loss(acts, positive)
-                    losses.append(loss.detach())
-                    extra[f"loss_layer{index}"] = loss.item()
-                    if peer > 0:
-                        loss = loss + peer * self.peer_loss(index, acts[:batch])
-                    _accumulate(grads, loss, list(layer.parameters()))
-            if index > 0 or len(net.layers) == 1:
-                good = acts.detach().pow(2).sum(dim=1)
-                margin += good[:batch] - good[batch:]
-            # The next layer sees only the direction of this activity and no gradient flows back through it.
-            h = length_normalise(acts.detach())
-        with torch.enable_grad():
-            readout_loss = F.cross_entropy(net.readout(features), y)
-        _accumulate(grads, readout_loss, list(net.readout.parameters()))
-        _set_grads(self.trainable(), grads)
-        self.steps += 1
-        extra["loss_readout"] = readout_loss.item()
-        extra["readout_error"] = 100.0 * (readout_logits.argmax(1) != y).float().mean().item()
-        extra["pair_error"] = 100.0 * (margin <= 0).float().mean().item()
-        # The trainer's train_error comes from these logits: the method's own inference when the step has it.
-        goodness_known = self.options["inference"] == "goodness" and self.options["negatives"] == "hard"
-        logits = scores if goodness_known else readout_logits
-        return StepResult(torch.stack(losses).mean(), logits.detach(), extra)
+        with boundaries(self.anatomy, at):
+            return self.model(x)
 
     def goodness_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C]: for every label c, goodness summed over all layers but the first with c overlaid.
+        """[B, C]: for every label c overlaid, goodness summed over all blocks but the first (one pass of C x B)."""
+        b, c = x.shape[0], self.classes
+        eye = torch.eye(c, device=x.device, dtype=x.dtype)
+        labelled = self.overlay(x.repeat(c, *([1] * (x.dim() - 1))), eye.repeat_interleave(b, 0))
+        goods: list[torch.Tensor] = []
+        skip_first = len(self.anatomy.blocks) > 1
+        with torch.no_grad():
+            self.run(labelled, lambda i, out: goods.append(self.goodness(out)) if i > 0 or not skip_first else None)
+        return torch.stack(goods).sum(0).view(c, b).t()
 
-        Each example gets the fixed one-hot of c, so its score never depends on the rest of the batch.
-        """
-        acts = self.net.activities_per_label(x)
-        used = acts[1:] if len(acts) > 1 else acts
-        return sum(a.pow(2).sum(dim=-1) for a in used).t()
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        o, batch, c = self.options, x.shape[0], self.classes
+        neutral = x.new_full((batch, c), 1.0 / c)
+        scores = None
+        if o["negatives"] == "hard":
+            scores = self.goodness_scores(x)
+        elif o["negatives"] == "readout":
+            with torch.no_grad():
+                scores = self.run(self.overlay(x, neutral))
+        y_neg = wrong_labels(y, c, scores, self.generator)
+        h = torch.cat([self.overlay(x, F.one_hot(y, c)), self.overlay(x, F.one_hot(y_neg, c))])
+        positive = torch.cat([x.new_ones(batch), x.new_zeros(batch)])
+        losses: list[torch.Tensor] = []
+        margin = x.new_zeros(batch)
+        skip_first = len(self.anatomy.blocks) > 1
+
+        def visit(i: int, out: torch.Tensor) -> None:
+            nonlocal margin
+            losses.append(pair_loss(self.block_logits(out), positive, o["loss"], o["contrast_scale"]))
+            if i > 0 or not skip_first:
+                good = self.goodness(out.detach())
+                margin = margin + good[:batch] - good[batch:]
+
+        params = self.trainable()
+        with torch.enable_grad():
+            self.run(h, visit)
+            readout_logits = self.run(self.overlay(x, neutral))
+            readout_loss = F.cross_entropy(readout_logits, y)
+            # blocks are cut apart: one backward is every block's own local backward, plus the readout's
+            grads = torch.autograd.grad(sum(losses) + readout_loss, params, allow_unused=True)
+        _set_grads(params, {p: g for p, g in zip(params, grads) if g is not None})
+        extra = {f"loss_layer{i}": float(v.detach()) for i, v in enumerate(losses)}
+        extra["loss_readout"] = float(readout_loss.detach())
+        extra["readout_error"] = 100.0 * float((readout_logits.argmax(1) != y).float().mean())
+        extra["pair_error"] = 100.0 * float((margin <= 0).float().mean())
+        use_scores = o["inference"] == "goodness" and o["negatives"] == "hard"
+        logits = scores if use_scores and scores is not None else readout_logits
+        return StepResult(torch.stack(losses).mean().detach(), logits.detach(), extra)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             if self.options["inference"] == "readout":
-                return self.net(x)
+                return self.run(self.overlay(x, x.new_full((x.shape[0], self.classes), 1.0 / self.classes)))
             return self.goodness_scores(x)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "steps": self.steps, "running_means": dict(self.running_means)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.steps = int(state.get("steps", 0))
-        self.running_means = dict(state.get("running_means", {}))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -300,59 +291,76 @@ SFF_OPTIONS = {
 }
 SFF_PAPER = "Krutsylo 2025, Scalable Forward-Forward Algorithm (arXiv 2501.03176)"
 
-Visit = Callable[[int, torch.Tensor, nn.Module], None]
+Visit = Callable[[int, torch.Tensor, list[nn.Parameter]], None]
 
 
 class ScalableFF(Estimator):
-    """Wraps a model exposing `blocks` (an ordered nn.ModuleList) without changing it."""
+    """Wraps any model with blocks (its anatomy) without changing it.
+
+    Units are the blocks; a unit's output is layer-normalised and detached where the model's own forward continues
+    (`bpfree.anatomy.boundaries`). Layer-wise `sff` additionally splits blocks that declare `splittable` (a model
+    capability: resnet18's and mobilenetv3's blocks take `between=`, called between their conv layers) when the
+    model declares its `blocks` and runs them in order; other blocks stay whole units.
+    """
 
     layerwise = False
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
-        blocks = getattr(model, "blocks", None)
-        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-            raise UsageError("sff needs a model that exposes its blocks (e.g. resnet18, mobilenetv3-small)")
-        input_shape = getattr(model, "input_shape", None)
-        if input_shape is None:
-            raise UsageError("sff needs the model's input_shape attribute to size its heads")
         super().__init__(model, seed=seed, **options)
-        self.blocks = blocks
+        anatomy = self.anatomy
+        if not anatomy.blocks:
+            raise UsageError(f"sff needs a model with blocks; {type(model).__name__} has none (name them with "
+                             "--blocks)")
+        declared = getattr(model, "blocks", None)
+        self.split = self.layerwise and isinstance(declared, nn.ModuleList) and any(
+            getattr(b, "splittable", False) for b in declared
+        )
+        self.num_classes = anatomy.num_classes
+        self.between = between_parameters(anatomy)
         param = next(model.parameters())
-        # A dry run (eval mode, no grad: BN statistics untouched) finds each unit's channels and the classes.
-        channels: list[int] = []
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            dummy = torch.zeros(2, *input_shape, device=param.device, dtype=param.dtype)
-            self.num_classes = int(model(dummy).shape[1])
-            self._run(dummy, lambda k, h, b: channels.append(h.shape[1]))
-        model.train(was_training)
+        if self.split:
+            # A dry run (eval mode, no grad: BN statistics untouched) finds each split unit's channels.
+            channels: list[int] = []
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                self._run(example_input(model, anatomy.input_shape), lambda k, h, ps: channels.append(h.shape[1]))
+            model.train(was_training)
+        else:
+            channels = anatomy.block_widths()
         self.heads = nn.ModuleList(nn.Conv2d(c, self.num_classes, 1) for c in channels).to(
             param.device, param.dtype
         )
-        with torch.no_grad():  # seeded like every other random draw of an estimator
-            for head in self.heads:
-                bound = 1 / math.sqrt(head.in_channels)
-                for p in head.parameters():
-                    u = torch.rand(p.shape, generator=self.generator, device=p.device, dtype=p.dtype)
-                    p.copy_((2 * u - 1) * bound)
+        for head in self.heads:  # seeded like every other random draw of an estimator
+            init_uniform_(list(head.parameters()), head.in_channels, self.generator)
 
     def _norm(self, h: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(h, h.shape[1:]) if self.options["norm"] == "layer" else h
 
     def _run(self, x: torch.Tensor, visit: Visit) -> None:
-        """Forward through all units; `visit(k, out, block)` sees unit k's raw output (graph attached)."""
+        """Forward through all units; `visit(k, out, params)` sees unit k's raw output (graph attached) and the
+        parameters its loss may reach."""
+        if not self.split:
+            blocks = self.anatomy.block_parameters()
+
+            def at(i: int, out: torch.Tensor) -> torch.Tensor:
+                visit(i, out, blocks[i] + self.between)
+                return self._norm(out).detach()  # no gradient crosses this boundary
+
+            with boundaries(self.anatomy, at):
+                self.model(x)
+            return
         index = 0
         h = x
 
         def end_unit(out: torch.Tensor) -> torch.Tensor:
             nonlocal index
-            visit(index, out, block)
+            visit(index, out, list(block.parameters()))
             index += 1
             return self._norm(out).detach()  # no gradient crosses this boundary
 
-        for block in self.blocks:  # noqa: B007 (end_unit reads the current block)
-            if self.layerwise and getattr(block, "splittable", False):
+        for block in self.model.blocks:  # noqa: B007 (end_unit reads the current block)
+            if getattr(block, "splittable", False):
                 out = block(h, between=end_unit)
             else:
                 out = block(h)
@@ -362,6 +370,8 @@ class ScalableFF(Estimator):
         """[B, C]: mean over positions of the squared activations of head k's channel c."""
         if out.dim() == 2:
             out = out[:, :, None, None]
+        elif out.dim() == 3:  # [B, T, C] tokens
+            out = out.transpose(1, 2).unsqueeze(-1)
         return self.heads[k](out).pow(2).mean(dim=(2, 3))
 
     def combine(self, goodness: list[torch.Tensor]) -> torch.Tensor:
@@ -374,17 +384,18 @@ class ScalableFF(Estimator):
         goods: list[torch.Tensor] = []
         losses: list[torch.Tensor] = []
 
-        def visit(k: int, out: torch.Tensor, block: nn.Module) -> None:
+        def visit(k: int, out: torch.Tensor, unit: list[nn.Parameter]) -> None:
             g = self.goodness(k, out)
             loss = F.cross_entropy(g, y)
             # Only this unit's block and head can be in the graph (the unit's input was detached); taking the
             # gradient now frees the unit's graph before the next unit runs.
-            params = [p for p in block.parameters() if p.requires_grad] + list(self.heads[k].parameters())
+            params = [p for p in unit if p.requires_grad] + list(self.heads[k].parameters())
             _accumulate(grads, loss, params)
             goods.append(g.detach())
             losses.append(loss.detach())
 
-        self._run(x, visit)
+        with torch.enable_grad():
+            self._run(x, visit)
         _set_grads(self.trainable(), grads)
         extra = {f"loss_unit{k}": loss.item() for k, loss in enumerate(losses)}
         return StepResult(torch.stack(losses).mean(), self.combine(goods), extra)
@@ -406,7 +417,8 @@ class ScalableFF(Estimator):
         return self.combine(self.unit_goodness(x))
 
     def trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.blocks.parameters() if p.requires_grad] + list(self.heads.parameters())
+        inside = [p for ps in self.anatomy.block_parameters() for p in ps] + self.between
+        return [p for p in inside if p.requires_grad] + list(self.heads.parameters())
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "heads": self.heads.state_dict()}

@@ -26,9 +26,9 @@ Execution paths:
   the K tangents vmapped (fg-w), or torch.autograd.forward_ad with tangents injected at the output of every
   parametrised module and the batch replicated K times (fg-a). Correct but slower; keeps layer inputs.
 
-* model-specific paths registered in MODEL_PATHS by the module that knows a model's structure: LocalMixer
-  (`bpfree.methods.local.mixer_fg_a` / `mixer_fg_w`) perturbs every unit's post-LN, pre-ReLU activity (the
-  paper's FG-A) with hand-written tangent propagation through all blocks.
+* model-specific fast paths (`bpfree.methods.register_fast_path`) subclass these estimators and override
+  `_step_generic`: LocalMixer's (`bpfree.fastpaths.localmixer_local`) perturbs every unit's post-LN, pre-ReLU
+  activity (the paper's FG-A) with hand-written tangent propagation through all blocks.
 
 Readout: by default (exact_readout=True, as in the paper's code) the final Linear is trained on its exact
 local gradient dL/dlogits x its input (it sees only its own input, so this is no backpropagation) and is not
@@ -85,21 +85,6 @@ _ACTIVATIONS = (
 
 Chain = list[tuple[nn.Linear, "nn.Module | None"]]
 
-#: Model-specific paths: (model class, "fg-w" | "fg-a") -> step(estimator, x, y) -> (loss, logits), filling
-#: p.grad like `_step_generic` would. Registered by the module that knows the model's structure (LocalMixer:
-#: `bpfree.methods.local`), so this file and the trainer stay model-agnostic.
-ModelPath = Callable[["_ForwardGradient", torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-MODEL_PATHS: dict[tuple[type, str], ModelPath] = {}
-
-
-def model_path(model: nn.Module, method: str) -> ModelPath | None:
-    """The registered specialised step for this model (or a base class of it), if any."""
-    for cls in type(model).__mro__:
-        if (cls, method) in MODEL_PATHS:
-            return MODEL_PATHS[(cls, method)]
-    return None
-
-
 def _chain(model: nn.Module) -> Chain | None:
     """(Linear, activation-or-None) pairs if `model` is a [Flatten] Linear/activation chain, else None."""
     if not isinstance(model, nn.Sequential):
@@ -154,7 +139,6 @@ def loss_grad(est: Estimator, logits: torch.Tensor, y: torch.Tensor) -> tuple[to
 class _ForwardGradient(Estimator):
     """Shared option handling, per-step tangent seeds, and the exact readout."""
 
-    method = ""  # the registered name, to look up a model-specific path
 
     def __init__(
         self,
@@ -181,7 +165,6 @@ class _ForwardGradient(Estimator):
         self.dist = tangent_dist
         self.exact_readout = exact_readout
         self.chain = _chain(model)
-        self.path = model_path(model, self.method)
         # Tangents come from a scratch generator seeded per step from self.generator: they can be regenerated
         # (same seed, same order) instead of stored, and a restored self.generator replays the same sequence.
         self._scratch = torch.Generator(device=self.generator.device)
@@ -227,8 +210,6 @@ class _ForwardGradient(Estimator):
         with torch.no_grad():
             if self.chain is not None:
                 loss, logits = self._step_chain(x, y, seed)
-            elif self.path is not None:
-                loss, logits = self.path(self, x, y)
             else:
                 loss, logits = self._step_generic(x, y)
         self._zero_missing()

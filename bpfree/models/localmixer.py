@@ -15,8 +15,8 @@ small local losses can be attached: every block has its own head, and channels a
 
 `forward(x)` returns the readout logits with the gradient flowing through every block, so `bp` trains the
 network end to end as an ordinary model (the local heads take no part and get zero gradient). The stop-gradient
-in front of the readout is applied by the local methods (`bpfree.methods.local`), which train the readout on
-detached features. `features(x)` gives every block's output, `trace` the cached intermediates that the
+in front of the readout is applied by the local methods (`bpfree.fastpaths.localmixer_local`), which train the
+readout on detached features. `features(x)` gives every block's output, `trace` the cached intermediates that the
 forward-gradient methods need.
 
 Each block has three "units" (linear -> LN -> [+residual] -> ReLU); the forward-gradient methods perturb the
@@ -180,6 +180,26 @@ class MixerBlock(nn.Module):
         units.append(Unit("group", nt, ln, torch.sign(out)))
         units[0].pre = pre
         return out, units
+
+
+def unit_params(block: MixerBlock, kind: str) -> tuple[nn.Parameter, nn.Parameter]:
+    if kind == "token":
+        assert block.token_mix is not None
+        return block.token_mix.weight, block.token_mix.bias
+    if kind == "channel":
+        return block.channel.weight, block.channel.bias
+    return block.group_weight, block.group_bias
+
+
+def unit_weight_grads(block: MixerBlock, unit: Unit, grad_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Push a gradient at the unit's post-LN activity back through that LN and linear only -> (dW, db)."""
+    grad_s = unit.ln.apply(grad_a)
+    if unit.kind == "token":
+        return torch.einsum("bpc,bqc->pq", grad_s, unit.inp), grad_s.sum((0, 2))
+    if unit.kind == "channel":
+        return grad_s.flatten(0, 1).T @ unit.inp.flatten(0, 1), grad_s.sum((0, 1))
+    gs, gi = grad_s.unflatten(-1, (block.groups, -1)), unit.inp.unflatten(-1, (block.groups, -1))
+    return torch.einsum("bpgo,bpgi->goi", gs, gi), grad_s.sum((0, 1))
 
 
 class LocalMixer(nn.Module):

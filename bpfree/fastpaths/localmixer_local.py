@@ -1,4 +1,7 @@
-"""Local greedy learning on LocalMixer (Ren, Kornblith, Liao, Hinton 2022): l-bp, lg-bp, lg-fg-w, lg-fg-a.
+"""LocalMixer's fast paths for the local rules (Ren, Kornblith, Liao, Hinton 2022): l-bp, lg-bp, lg-fg-w, lg-fg-a,
+and the end-to-end fg-w / fg-a baselines, each registered with `methods.register_fast_path` (the generic rules, for
+any model: `bpfree.methods.block_local`, `bpfree.methods.forward_gradient`; l-fa / lg-fa on LocalMixer:
+`bpfree.fastpaths.localmixer_feedback`, next to the LocalMixer's feedback matrices).
 
 Every block is trained only by its own head's loss (its input is stop-gradient); the readout is trained on the
 stopped features of the last block. Heads and readout always take their exact gradients.
@@ -25,7 +28,6 @@ through the block, see `_tangent_pass`), never derived from a backward pass.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -36,40 +38,19 @@ from bpfree import tangents as T
 from bpfree.distributed import Group
 from bpfree.errors import UsageError
 from bpfree.losses import LossGrid, augment, local_loss_grid, nt_xent
-from bpfree.methods import METHODS
 from bpfree.methods import forward_gradient as FG
+from bpfree.methods import register_fast_path
 from bpfree.methods.base import Estimator, StepResult
+from bpfree.methods.block_local import COMMON_OPTIONS, FG_OPTIONS, check_groups
 from bpfree.models.localmixer import (
     LNCache,
     LocalMixer,
     MixerBlock,
     Unit,
     layer_norm_cached,
+    unit_params,
+    unit_weight_grads,
 )
-from bpfree.registry import Option
-
-PAPER = "Ren, Kornblith, Liao, Hinton 2022 (arXiv 2210.03310)"
-
-COMMON_OPTIONS = {
-    "objective": Option(
-        "supervised",
-        "local loss: cross-entropy, or contrastive (two views, NT-Xent)",
-        choices=("supervised", "contrastive"),
-    ),
-    "temperature": Option(0.5, "NT-Xent temperature (contrastive objective)"),
-    # The paper's code has both flags (head 1, readout 0.1); default 1 here: the README's rows were run with 1.
-    "head_lr_mult": Option(1.0, "learning-rate multiplier of the local heads (paper: 1)"),
-    "readout_lr_mult": Option(1.0, "learning-rate multiplier of the readout / linear probe (paper: 0.1)"),
-}
-FG_OPTIONS = {
-    **COMMON_OPTIONS,
-    "tangents": Option(1, "tangents K per step (drawn per example for activity perturbation)"),
-    "aggregation": Option(
-        "mean", "combine the K directional derivatives: sum, mean, orthogonal (projection)", choices=T.AGGREGATIONS
-    ),
-    "tangent_dist": Option("rademacher", "tangent entries: rademacher (+-1) or normal", choices=T.DISTS),
-}
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Forward-mode machinery on a traced block
@@ -83,26 +64,6 @@ def _linear_tangent(block: MixerBlock, kind: str, t_dot: torch.Tensor) -> torch.
     if kind == "channel":
         return t_dot @ block.channel.weight.T
     return torch.einsum("...gi,goi->...go", t_dot.unflatten(-1, (block.groups, -1)), block.group_weight).flatten(-2)
-
-
-def unit_params(block: MixerBlock, kind: str) -> tuple[nn.Parameter, nn.Parameter]:
-    if kind == "token":
-        assert block.token_mix is not None
-        return block.token_mix.weight, block.token_mix.bias
-    if kind == "channel":
-        return block.channel.weight, block.channel.bias
-    return block.group_weight, block.group_bias
-
-
-def unit_weight_grads(block: MixerBlock, unit: Unit, grad_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Push a gradient at the unit's post-LN activity back through that LN and linear only -> (dW, db)."""
-    grad_s = unit.ln.apply(grad_a)
-    if unit.kind == "token":
-        return torch.einsum("bpc,bqc->pq", grad_s, unit.inp), grad_s.sum((0, 2))
-    if unit.kind == "channel":
-        return grad_s.flatten(0, 1).T @ unit.inp.flatten(0, 1), grad_s.sum((0, 1))
-    gs, gi = grad_s.unflatten(-1, (block.groups, -1)), unit.inp.unflatten(-1, (block.groups, -1))
-    return torch.einsum("bpgo,bpgi->goi", gs, gi), grad_s.sum((0, 1))
 
 
 def _tangent_pass(
@@ -235,6 +196,9 @@ class LocalEstimator(Estimator):
         for name, m in (("head", self.head_lr_mult), ("readout", self.readout_lr_mult)):
             if not m >= 0:
                 raise UsageError(f"option --{name}-lr-mult: must be >= 0, got {m}")
+        groups = int(options.get("groups", 0))
+        if groups and groups != check_groups(groups, model):
+            raise UsageError(f"localmixer: the loss grid's groups are the model's --groups ({model.groups})")
 
     def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:
         model = self.model
@@ -300,105 +264,7 @@ class LocalBP(LocalEstimator):
         return block(x)
 
 
-class BlockLocalBP(Estimator):
-    """l-bp on a model that exposes ordered `blocks` and a classifier `head` (resnet18, mobilenetv3-*).
-
-    Every block gets its own local head (global average pool -> Linear to classes; owned by the estimator, like
-    the Scalable FF heads, so the model stays the plain network) and is trained by backprop of that head's
-    cross-entropy only; its output is detached before the next block. The model's own `head` is the readout:
-    trained on the detached last block output by its own exact gradient, and used for prediction (`model(x)`).
-    """
-
-    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
-        super().__init__(model, seed, **options)
-        if options.get("objective", "supervised") != "supervised":
-            raise UsageError("l-bp on block models supports only --objective supervised (contrastive: localmixer-*)")
-        self.blocks, self.readout = model.blocks, model.head
-        self.head_lr_mult = float(options.get("head_lr_mult", 1.0))
-        self.readout_lr_mult = float(options.get("readout_lr_mult", 1.0))
-        param = next(model.parameters())
-        was_training = model.training
-        model.eval()  # dry run: eval mode and no grad, so batch-norm statistics are untouched
-        with torch.no_grad():
-            h = torch.zeros(2, *model.input_shape, device=param.device, dtype=param.dtype)
-            classes = int(model(h).shape[1])
-            widths = []
-            for block in self.blocks:
-                h = block(h)
-                widths.append(h.shape[1])
-        model.train(was_training)
-        self.heads = nn.ModuleList(nn.Linear(c, classes) for c in widths).to(param.device, param.dtype)
-        with torch.no_grad():  # PyTorch's default Linear init, drawn from the estimator's generator
-            for head in self.heads:
-                for p in head.parameters():
-                    u = torch.rand(p.shape, generator=self.generator, device=p.device, dtype=p.dtype)
-                    p.copy_((2 * u - 1) / math.sqrt(head.in_features))
-
-    @staticmethod
-    def pool(h: torch.Tensor) -> torch.Tensor:
-        return h.flatten(2).mean(-1) if h.dim() > 2 else h
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        h, extra = x, {}
-        for k, block in enumerate(self.blocks):
-            params = [p for p in block.parameters() if p.requires_grad] + list(self.heads[k].parameters())
-            with torch.enable_grad():
-                out = block(h.detach())
-                loss = F.cross_entropy(self.heads[k](self.pool(out)), y)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for p, g in zip(params, grads):  # a block's graph is freed before the next block runs
-                p.grad = torch.zeros_like(p) if g is None else g
-            extra[f"local_loss_{k}"] = float(loss.detach())
-            h = out.detach()
-        params = [p for p in self.readout.parameters() if p.requires_grad]
-        with torch.enable_grad():
-            logits = self.readout(h)
-            loss = F.cross_entropy(logits, y)
-            grads = torch.autograd.grad(loss, params)
-        for p, g in zip(params, grads):
-            p.grad = g
-        return StepResult(loss.detach(), logits.detach(), extra)
-
-    def trainable(self) -> list[nn.Parameter]:
-        return super().trainable() + list(self.heads.parameters())
-
-    def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:
-        return [(list(self.heads.parameters()), self.head_lr_mult),
-                (list(self.readout.parameters()), self.readout_lr_mult)]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "heads": self.heads.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.heads.load_state_dict(state["heads"])
-
-
-@METHODS.register(
-    "l-bp",
-    "block-wise local losses, backprop inside each block, stop-gradient between blocks",
-    options=COMMON_OPTIONS,
-    paper=PAPER,
-)
-def build_l_bp(model: nn.Module, seed: int = 0, **options: Any) -> Estimator:
-    """LocalMixer, or any model exposing ordered `blocks` and a classifier `head` (resnet18, mobilenetv3-*)."""
-    if isinstance(model, LocalMixer):
-        return LocalBP(model, seed, **options)
-    blocks, head = getattr(model, "blocks", None), getattr(model, "head", None)
-    if isinstance(blocks, nn.ModuleList) and isinstance(head, nn.Module):
-        return BlockLocalBP(model, seed, **options)
-    raise UsageError(
-        f"l-bp needs a localmixer-* model or one split into blocks (resnet18, mobilenetv3-small, mobilenetv3-large), "
-        f"got {type(model).__name__}"
-    )
-
-
-@METHODS.register(
-    "lg-bp",
-    "backprop of block + patch + group local losses (the exact LG gradient)",
-    options=COMMON_OPTIONS,
-    paper=PAPER,
-)
+@register_fast_path("lg-bp", LocalMixer)
 class LocalGroupBP(LocalBP):
     """The grid's summed gradient at the block output equals the ordinary loss's (each copy reaches only its own
     slot, with the ordinary slope there), and inside the block the LG target is the ordinary backward (module
@@ -442,12 +308,7 @@ class LocalForwardGradient(LocalEstimator):
         return T.sample(shape, self.dist, self.generator, device=like.device, dtype=like.dtype)
 
 
-@METHODS.register(
-    "lg-fg-a",
-    "forward gradient, activity perturbation, against the block+patch+group loss grid",
-    options=FG_OPTIONS,
-    paper=PAPER,
-)
+@register_fast_path("lg-fg-a", LocalMixer)
 class LocalFGActivity(LocalForwardGradient):
     """Noise u (Rademacher by default, or N(0, I); independent per example, token and unit) on every unit's
     post-LN pre-ReLU activity, one forward-mode pass per block; copy (p, g)'s directional derivative d[b,p,g]
@@ -496,12 +357,7 @@ class LocalFGActivity(LocalForwardGradient):
         return out, loss
 
 
-@METHODS.register(
-    "lg-fg-w",
-    "forward gradient, weight perturbation, against the block+patch+group loss grid",
-    options=FG_OPTIONS,
-    paper=PAPER,
-)
+@register_fast_path("lg-fg-w", LocalMixer)
 class LocalFGWeight(LocalForwardGradient):
     """Weight tangents v (shared by the batch); copy (p, g)'s directional derivative scales the slice of v it
     owns: rows of group g for channel and grouped linears, row p of the token-mixing linear."""
@@ -662,5 +518,23 @@ def mixer_fg_w(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     return loss, logits
 
 
-FG.MODEL_PATHS[(LocalMixer, "fg-a")] = mixer_fg_a
-FG.MODEL_PATHS[(LocalMixer, "fg-w")] = mixer_fg_w
+# ---------------------------------------------------------------------------------------------------------------
+# Registration: every rule above is LocalMixer's fast path for the generic method of the same name.
+
+register_fast_path("l-bp", LocalMixer)(LocalBP)
+
+
+@register_fast_path("fg-a", LocalMixer)
+class MixerFGActivity(FG.ForwardGradientActivity):
+    """`fg-a` on LocalMixer: `mixer_fg_a` in place of the generic forward-mode path."""
+
+    def _step_generic(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return mixer_fg_a(self, x, y)
+
+
+@register_fast_path("fg-w", LocalMixer)
+class MixerFGWeight(FG.ForwardGradientWeight):
+    """`fg-w` on LocalMixer: `mixer_fg_w` in place of the generic forward-mode path."""
+
+    def _step_generic(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return mixer_fg_w(self, x, y)

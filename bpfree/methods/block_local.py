@@ -1,0 +1,576 @@
+"""Local losses on any model with blocks (Ren, Kornblith, Liao, Hinton 2022): l-bp, l-fa, lg-bp, lg-fa, lg-fg-a,
+lg-fg-w, read through the model's anatomy (`bpfree.anatomy`).
+
+Every block output gets a local head owned by the estimator (pool -> Linear to the classes, sized from the anatomy's
+probe pass; the model stays the plain network that `bp` trains) and the block is trained by that head's
+cross-entropy only: one ordinary forward pass of `model(x)` in which every block output is remembered and replaced
+by its detached copy (stop-gradient), then ONE backward over the readout's loss plus every block's local loss fills
+every p.grad. Parameters in no block take their gradient from the next boundary downstream (a positional embedding
+from the next block's loss; the model's classifier after the last block from the readout loss on stopped features).
+
+- `l-fa`: as `l-bp` with feedback alignment inside each block: every Linear / Conv2d / MultiheadAttention
+  projection in a block and every local head sends its error back through a fixed random B (`random_feedback`).
+- `lg-*`: the block + patch + group loss grid (`bpfree.losses.grid`). A block output [B, C, H, W] has H*W patches
+  (spatial positions), [B, T, C] has T (tokens), [B, C] is one patch; `--groups G` channel groups (must divide the
+  channels of every block output; 0 = the model's own `groups` attribute, else 1). Copy (p, g) of a block's loss has
+  the pooled loss's value and its gradient reaches only patch p, group g of the block output.
+  `lg-bp`/`lg-fa` backpropagate the grid through the block: backprop sums the copies, so the parameter gradients
+  equal those of `l-bp`/`l-fa` (as on LocalMixer under the authors' definition, docs/localmixer.md); the grid
+  changes the forward-gradient rules, which use its per-copy directional derivatives:
+  `lg-fg-a` perturbs the output of every parametrised module inside a block (noise u, per example; a module whose
+  output goes straight into a normalisation is perturbed after that norm instead, as the paper adds noise after the
+  post-linear LayerNorm) and gives the module the estimate sum_k c[k, b, p, g] u[k, b, p, group g] where its output
+  has the block output's patches and G | channels (the copy credited only at its own slice), the per-group sum over
+  patches where only the channels split into G groups, the block's total otherwise; each module's (or norm +
+  module's) weight gradient is its own vector-Jacobian product (inputs detached: nothing crosses a module).
+  `lg-fg-w` perturbs every weight of a block (K tangents shared by the batch); copy (p, g) scales the rows of
+  group g of a weight whose first dimension splits into G groups, every copy the rest. Both run in forward mode
+  (torch.autograd.forward_ad), never from a backward pass.
+  Parameters between blocks (positional embeddings) get no signal under `lg-fg-*` (zero gradient).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.nn.functional as F
+from torch import nn
+
+from bpfree import tangents as T
+from bpfree.anatomy import Anatomy, boundaries, example_input, init_uniform_, pool, positions_last
+from bpfree.attention import math_attention
+from bpfree.errors import UsageError
+from bpfree.losses import local_loss_grid
+from bpfree.methods import METHODS
+from bpfree.methods.base import Estimator, StepResult, rank_seed, set_grads
+from bpfree.methods.feedback_alignment import (
+    _clone,
+    _FALinear,
+    check_layers,
+    fa_weights,
+    feedback_layers,
+    random_feedback,
+)
+from bpfree.registry import Option
+
+PAPER = "Ren, Kornblith, Liao, Hinton 2022 (arXiv 2210.03310)"
+PAPER_LFA = "Ren, Kornblith, Liao, Hinton 2022 (arXiv 2210.03310), FA under their local losses"
+
+COMMON_OPTIONS = {
+    "objective": Option(
+        "supervised",
+        "local loss: cross-entropy, or contrastive (two views, NT-Xent; localmixer-* only)",
+        choices=("supervised", "contrastive"),
+    ),
+    "temperature": Option(0.5, "NT-Xent temperature (contrastive objective)"),
+    # The paper's code has both flags (head 1, readout 0.1); default 1 here: the README's rows were run with 1.
+    "head_lr_mult": Option(1.0, "learning-rate multiplier of the local heads (paper: 1)"),
+    "readout_lr_mult": Option(1.0, "learning-rate multiplier of the readout / linear probe (paper: 0.1)"),
+}
+LG_OPTIONS = {
+    **COMMON_OPTIONS,
+    "groups": Option(
+        0, "channel groups of the patch x group loss grid (0: the model's own groups, e.g. localmixer's; else 1)"
+    ),
+}
+FG_OPTIONS = {
+    **LG_OPTIONS,
+    "tangents": Option(1, "tangents K per step (drawn per example for activity perturbation)"),
+    "aggregation": Option(
+        "mean", "combine the K directional derivatives: sum, mean, orthogonal (projection)", choices=T.AGGREGATIONS
+    ),
+    "tangent_dist": Option("rademacher", "tangent entries: rademacher (+-1) or normal", choices=T.DISTS),
+}
+
+
+def check_groups(groups: int, model: nn.Module) -> int:
+    """The grid's channel groups: the option, else the model's own `groups` attribute, else 1."""
+    if groups < 0:
+        raise UsageError(f"option --groups: must be >= 0, got {groups}")
+    return groups or int(getattr(model, "groups", 1) or 1)
+
+
+def between_parameters(anatomy: Anatomy) -> list[nn.Parameter]:
+    """Parameters in no block that some block output depends on (a positional embedding, a class token), found by
+    one probe pass (eval mode, so batch-norm statistics stay untouched)."""
+    free = anatomy.readout_parameters()
+    if not free:
+        return []
+    model, outs = anatomy.model, []
+
+    def keep(_i: int, out: torch.Tensor) -> torch.Tensor:
+        outs.append(out)
+        return out
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), boundaries(anatomy, keep):
+            model(example_input(model, anatomy.input_shape))
+        grads = torch.autograd.grad(sum(o.float().sum() for o in outs), free, allow_unused=True)
+    finally:
+        model.train(was_training)
+    return [p for p, g in zip(free, grads) if g is not None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feedback alignment inside blocks (l-fa, lg-fa)
+
+
+def block_fa_weights(anatomy: Anatomy, method: str) -> list[tuple[nn.Module, torch.Tensor]]:
+    """`fa_weights` of the layers inside the blocks (the heads take their B separately; the readout none)."""
+    check_layers(anatomy.model, method)
+    inside = {id(s) for block in anatomy.blocks for m in block.modules for s in m.modules()}
+    return [(m, w) for m, w in fa_weights(anatomy.model) if id(m) in inside]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Estimators
+
+
+class BlockLocal(Estimator):
+    """l-bp on any model with two or more blocks; subclasses change the block loss (grid) or the backward (FA)."""
+
+    method = "l-bp"
+    options = COMMON_OPTIONS
+    uses_fa = False
+
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        name = type(model).__name__
+        if options.get("objective", "supervised") != "supervised":
+            raise UsageError(f"{self.method} on {name}: only --objective supervised (contrastive: localmixer-*)")
+        anatomy = self.anatomy
+        if len(anatomy.blocks) < 2:
+            raise UsageError(f"{self.method} needs a model with two or more blocks; {name} has "
+                             f"{len(anatomy.blocks)} (name them with --blocks)")
+        self.head_lr_mult = float(options.get("head_lr_mult", 1.0))
+        self.readout_lr_mult = float(options.get("readout_lr_mult", 1.0))
+        for what, m in (("head", self.head_lr_mult), ("readout", self.readout_lr_mult)):
+            if not m >= 0:
+                raise UsageError(f"option --{what}-lr-mult: must be >= 0, got {m}")
+        param = next(model.parameters())
+        self.heads = nn.ModuleList(nn.Linear(c, anatomy.num_classes) for c in anatomy.block_widths())
+        self.heads.to(param.device, param.dtype)
+        for head in self.heads:
+            init_uniform_(list(head.parameters()), head.in_features, self.generator)
+        between = {id(p) for p in between_parameters(anatomy)}
+        self.readout = [p for p in anatomy.readout_parameters() if id(p) not in between]
+        self.fa_weights = block_fa_weights(anatomy, self.method) if self.uses_fa else []
+        self.feedback = [random_feedback(w, w[0].numel(), self.generator) for _, w in self.fa_weights]
+        self.head_feedback = [random_feedback(h.weight, h.in_features, self.generator) for h in self.heads] \
+            if self.uses_fa else []
+
+    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
+        h = self.heads[i]
+        if self.uses_fa:
+            return _FALinear.apply(pooled, h.weight, h.bias, self.head_feedback[i])
+        return h(pooled)
+
+    def local_loss(self, i: int, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what block i's backward differentiates, the local loss to report)."""
+        loss = F.cross_entropy(self.head(i, pool(out)), y)
+        return loss, loss
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        outs: list[torch.Tensor] = []
+
+        def cut(_i: int, out: torch.Tensor) -> torch.Tensor:
+            outs.append(out)
+            return out.detach()
+
+        params = self.trainable()
+        fa = feedback_layers(self.model, self.fa_weights, self.feedback) if self.uses_fa else nullcontext()
+        with torch.enable_grad(), boundaries(self.anatomy, cut), fa:
+            logits = self.model(x)
+            loss = self.loss_fn(logits, y)
+            local = [self.local_loss(i, out, y) for i, out in enumerate(outs)]
+            # Blocks are cut apart, so this one backward is every block's own local backward at once.
+            total = loss + sum(objective for objective, _ in local)
+            set_grads(params, torch.autograd.grad(total, params, allow_unused=True))
+        extra = {f"local_loss_{i}": float(reported.detach()) for i, (_, reported) in enumerate(local)}
+        return StepResult(loss.detach(), logits.detach(), extra)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return super().trainable() + list(self.heads.parameters())
+
+    def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:
+        return [(list(self.heads.parameters()), self.head_lr_mult), (self.readout, self.readout_lr_mult)]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {**super().state_dict(), "heads": self.heads.state_dict()}
+        if self.uses_fa:
+            state["feedback"] = _clone(self.feedback + self.head_feedback)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.heads.load_state_dict(state["heads"])
+        if self.uses_fa:
+            saved = _clone(state["feedback"], next(self.model.parameters()).device)
+            self.feedback, self.head_feedback = saved[:len(self.feedback)], saved[len(self.feedback):]
+
+
+class BlockLocalGrid(BlockLocal):
+    """The lg-* rules' shared part: groups, patches, and the grid of every block output."""
+
+    method = "lg-bp"
+    options = LG_OPTIONS
+
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        self.groups = check_groups(int(options.get("groups", 0)), model)
+        for block, width in zip(self.anatomy.blocks, self.anatomy.block_widths()):
+            if width % self.groups:
+                raise UsageError(f"{self.method}: --groups {self.groups} does not divide the {width} channels of "
+                                 f"block {block.name!r}")
+
+    @staticmethod
+    def patches(out: torch.Tensor) -> torch.Tensor:
+        """A block output as [B, P, C]: a [B, C] output is one patch."""
+        return out.unsqueeze(1) if out.dim() == 2 else positions_last(out)
+
+    def grid(self, i: int, out: torch.Tensor, y: torch.Tensor):  # noqa: ANN201 - a LossGrid
+        return local_loss_grid(self.patches(out), self.groups,
+                               lambda pooled: F.cross_entropy(self.head(i, pooled), y, reduction="none"),
+                               features=lambda h: h.mean(-2))  # the head pools over patches: slots stay apart
+
+    def local_loss(self, i: int, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.patches(out)
+        grid = self.grid(i, out, y)
+        loss = grid.per_example.mean()
+        # The block's signal: the sum over copies (mean over the batch) of each copy's gradient, which reaches only
+        # its own slice of h; the head's gradient from the ordinary loss (every copy shares the head, whose gradient
+        # the grid would otherwise count P x G times).
+        copies = (h * grid.output_grad()).sum() / h.shape[0]
+        return copies + loss, loss
+
+
+class BlockLocalFG(BlockLocalGrid):
+    """lg-fg-a / lg-fg-w: exact heads and readout, forward-mode directional derivatives for the blocks."""
+
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        self.tangents = int(options.get("tangents", 1))
+        self.aggregation = options.get("aggregation", "mean")
+        self.dist = options.get("tangent_dist", "rademacher")
+        T.check_options(self.tangents, self.aggregation, self.dist)
+        self.block_params = [[p for p in b.parameters() if p.requires_grad] for b in self.anatomy.blocks]
+
+    def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return T.sample(shape, self.dist, self.generator, device=like.device, dtype=like.dtype)
+
+    def coefficients(self, d: torch.Tensor, noise: list[torch.Tensor], per_example: bool) -> torch.Tensor:
+        """c [K, ...] from one block's directional derivatives d [K, (B,) P, G]; orthogonal: the Gram matrix of the
+        block's tangents as drawn (one per example for activity tangents) applied to every copy."""
+        if self.aggregation != "orthogonal":
+            return T.coefficients(d, self.aggregation)
+        gram = T.gram(noise, per_example=per_example, entries=T.entries(self.dist))
+        return T.coefficients(d, self.aggregation, gram, T.dimension(noise, per_example=per_example))
+
+    def exact_part(self, outs: list[torch.Tensor], logits: torch.Tensor, y: torch.Tensor) -> tuple[Any, ...]:
+        """The heads' exact gradients (they see stopped features only) and the readout's from dL/dlogits e through
+        the readout's own graph (`logits` must carry it); returns (loss, e, grids, extra)."""
+        batch = y.shape[0]
+        full = logits
+        with torch.enable_grad():
+            logits = logits[:batch].detach().requires_grad_()
+            loss = self.loss_fn(logits, y)
+            grids = [self.grid(i, o[:batch].detach(), y) for i, o in enumerate(outs)]
+            local = [g.per_example.mean() for g in grids]
+            heads = list(self.heads.parameters())
+            readout = [p for p in self.readout if p.requires_grad]
+            (e,) = torch.autograd.grad(loss, logits)
+            set_grads(heads, torch.autograd.grad(sum(local), heads, allow_unused=True))
+            if readout:
+                set_grads(readout, torch.autograd.grad(full[:batch], readout, e, allow_unused=True))
+        return loss.detach(), e, grids, {f"local_loss_{i}": float(v.detach()) for i, v in enumerate(local)}
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        for p in self.trainable():
+            p.grad = None
+        with math_attention():  # forward-mode AD needs the math attention kernel
+            loss, logits, extra = self.forward_step(x, y)
+        for p in self.trainable():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return StepResult(loss, logits, extra)
+
+    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        raise NotImplementedError
+
+
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+
+
+def _unit_modules(modules: list[nn.Module]) -> list[nn.Module]:
+    """The modules inside a block that activity perturbation perturbs: those with parameters of their own, and
+    normalisations (which may join the module before them, see `_feeds_norm`)."""
+    out = []
+    for m in modules:
+        for s in m.modules():
+            if (isinstance(s, NORMS) or any(True for _ in s.parameters(recurse=False))) and s not in out:
+                out.append(s)
+    return out
+
+
+def _feeds_norm(anatomy: Anatomy, units: list[nn.Module]) -> dict[nn.Module, nn.Module]:
+    """norm -> the unit whose output is the norm's input, found by one probe pass (eval mode, no grad).
+
+    The noise then goes after the normalisation, and its estimate goes back through the normalisation and that
+    unit (the paper's recipe: noise after the post-linear LayerNorm, back through that LN and the linear). Noise
+    before a batch norm would be credited per example although batch statistics couple the examples.
+    """
+    produced: dict[int, nn.Module] = {}
+    kept: list[torch.Tensor] = []  # hold the outputs so that their ids stay unique during the pass
+    pairs: dict[nn.Module, nn.Module] = {}
+    handles = []
+    for m in units:
+        def after(mod: nn.Module, _args: tuple, out: Any) -> None:
+            first = out[0] if isinstance(out, tuple) else out
+            kept.append(first)
+            produced[id(first)] = mod
+
+        def before(mod: nn.Module, args: tuple) -> None:
+            if isinstance(mod, NORMS) and args and id(args[0]) in produced:
+                pairs[mod] = produced[id(args[0])]
+
+        handles += [m.register_forward_hook(after), m.register_forward_pre_hook(before)]
+    model = anatomy.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input(model, anatomy.input_shape))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return pairs
+
+
+class BlockLocalFGActivity(BlockLocalFG):
+    method = "lg-fg-a"
+
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed, **options)
+        self._scratch = torch.Generator(device=self.generator.device)
+        self.units = [_unit_modules(b.modules) for b in self.anatomy.blocks]
+        self.joined = _feeds_norm(self.anatomy, [m for us in self.units for m in us])  # norm -> the unit before it
+        self.silent = set(self.joined.values())  # units perturbed after their norm only
+
+    def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return T.sample(shape, self.dist, self._scratch, device=like.device, dtype=like.dtype)
+
+    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        # Per-example tangents from a stream seeded afresh each step: data-parallel rank r offsets the seed so its
+        # examples get their own tangents, while every rank advances the shared generator alike (resumable).
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
+        self._scratch.manual_seed(rank_seed(seed, self.group.rank))
+        k, batch, g = self.tangents, x.shape[0], self.groups
+        xk = x.repeat(k, *([1] * (x.dim() - 1)))  # K copies of the batch: independent tangents per copy
+        fired: list[list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = [[] for _ in self.anatomy.blocks]
+        outs: list[torch.Tensor] = []
+        tangents: list[torch.Tensor] = []
+        handles = []
+
+        def detach_inputs(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if m in self.joined:  # a norm after a unit: its estimate goes back through that unit too
+                return None
+
+            def cut(a: Any) -> Any:
+                if not isinstance(a, torch.Tensor):
+                    return a
+                primal, tangent = fwad.unpack_dual(a)
+                return primal.detach() if tangent is None else fwad.make_dual(primal.detach(), tangent)
+            return tuple(cut(a) for a in args), {key: cut(v) for key, v in kwargs.items()}
+
+        def perturb(i: int):  # noqa: ANN202
+            def hook(m: nn.Module, _args: tuple, out: Any) -> Any:
+                if m in self.silent:
+                    return None
+                first = out[0] if isinstance(out, tuple) else out
+                primal, tangent = fwad.unpack_dual(first)
+                u = self.sample(tuple(primal.shape), primal)
+                fired[i].append((m, primal, u))
+                dual = fwad.make_dual(primal, u if tangent is None else tangent + u)
+                return (dual, *out[1:]) if isinstance(out, tuple) else dual
+            return hook
+
+        for i, units in enumerate(self.units):
+            for m in units:
+                handles.append(m.register_forward_pre_hook(detach_inputs, with_kwargs=True))
+                handles.append(m.register_forward_hook(perturb(i)))
+
+        def cut_block(_i: int, out: torch.Tensor) -> torch.Tensor:
+            primal, tangent = fwad.unpack_dual(out)
+            outs.append(primal)
+            tangents.append(tangent if tangent is not None else torch.zeros_like(primal))
+            return primal.detach()
+
+        try:
+            with fwad.dual_level(), torch.enable_grad(), boundaries(self.anatomy, cut_block):
+                logits = self.model(xk)
+                logits = fwad.unpack_dual(logits).primal
+        finally:
+            for h in handles:
+                h.remove()
+        loss, _, grids, extra = self.exact_part(outs, logits, y)
+        outputs, grads, params = [], [], []
+        with torch.no_grad():
+            for i, grid in enumerate(grids):
+                h_dot = self.patches(tangents[i].detach()).unflatten(0, (k, batch))  # [K, B, P, C]
+                d = grid.directional(h_dot) / batch  # [K, B, P, G]: mean over the batch of the sum over copies
+                c = self.coefficients(d, [u.unflatten(0, (k, batch)) for _, _, u in fired[i]], per_example=True)
+                patches = d.shape[2]
+                for m, primal, u in fired[i]:
+                    outputs.append(primal)
+                    grads.append(self._estimate(c, u.unflatten(0, (k, batch)), patches, g))
+                    params.append(m)
+        owned = _owned_parameters(params + [self.joined[m] for m in params if m in self.joined])
+        flat = [p for m in params for p in owned[m] + (owned[self.joined[m]] if m in self.joined else [])]
+        if flat:
+            with torch.enable_grad():
+                got = torch.autograd.grad(outputs, flat, grads, allow_unused=True)
+            set_grads(flat, got)
+        return loss, logits[:batch].detach(), extra
+
+    def _estimate(self, c: torch.Tensor, u: torch.Tensor, patches: int, g: int) -> torch.Tensor:
+        """c u per tangent for the noise u [K, B, *S] of one module's output ([K*B, *S], the rows of the K copies of
+        the batch): copy (p, g) credited at its own slice where the output has the block's patches and G | its
+        channels, per group (summed over patches) where only the channels split, the block's total otherwise."""
+        k, b, shape = u.shape[0], u.shape[1], u.shape[2:]
+        up = self.patches(u.flatten(0, 1))  # [K*B, P', C']
+        if up.shape[-1] % g == 0 and up.shape[1] == patches:
+            coef = c.flatten(0, 1)  # [K*B, P, G]
+        elif up.shape[-1] % g == 0:
+            coef = c.sum(2, keepdim=True).flatten(0, 1)  # [K*B, 1, G]
+        else:
+            coef = c.sum((2, 3)).flatten(0, 1)[:, None, None]  # [K*B, 1, 1]
+        est = (coef.unsqueeze(-1) * up.unflatten(-1, (coef.shape[-1], -1))).flatten(-2)  # [K*B, P', C']
+        if len(shape) == 1:
+            return est.squeeze(1)
+        if len(shape) == 2:
+            return est
+        return est.transpose(1, 2).reshape(k * b, *shape)
+
+
+def _owned_parameters(modules: list[nn.Module]) -> dict[nn.Module, list[nn.Parameter]]:
+    """Each fired module's trainable parameters, less those of fired modules inside it (their own VJPs)."""
+    fired = set(modules)
+    owned = {}
+    for m in modules:
+        inner = {id(p) for s in m.modules() if s is not m and s in fired for p in s.parameters()}
+        owned[m] = [p for p in m.parameters() if p.requires_grad and id(p) not in inner]
+    return owned
+
+
+class BlockLocalFGWeight(BlockLocalFG):
+    method = "lg-fg-w"
+
+    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        k, batch, g = self.tangents, x.shape[0], self.groups
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        params = [p for ps in self.block_params for p in ps]
+        noise = [self.sample((k, *p.shape), p) for p in params]
+        d_all: list[list[torch.Tensor]] = [[] for _ in self.anatomy.blocks]
+        outs: list[torch.Tensor] = []
+        logits = torch.empty(0)
+        for j in range(k):
+            tangents: list[torch.Tensor] = []
+            outs = []
+
+            def cut_block(_i: int, out: torch.Tensor, outs: list = outs, tangents: list = tangents) -> torch.Tensor:
+                primal, tangent = fwad.unpack_dual(out)
+                outs.append(primal.detach())
+                tangents.append(tangent if tangent is not None else torch.zeros_like(primal))
+                return primal.detach()
+
+            # The first pass keeps the readout's graph (after the last cut only the readout has parameters that
+            # require grad; the blocks' are dual copies), for its exact gradient.
+            with fwad.dual_level(), torch.set_grad_enabled(j == 0), boundaries(self.anatomy, cut_block):
+                duals = {names[id(p)]: fwad.make_dual(p.detach(), v[j]) for p, v in zip(params, noise)}
+                out = torch.func.functional_call(self.model, duals, (x,), strict=False)
+                if j == 0:
+                    logits = fwad.unpack_dual(out).primal
+            d_all = [d + [t.detach()] for d, t in zip(d_all, tangents)]
+        loss, _, grids, extra = self.exact_part(outs, logits, y)
+        with torch.no_grad():
+            start = 0
+            for i, grid in enumerate(grids):
+                h_dot = torch.stack([self.patches(t) for t in d_all[i]])  # [K, B, P, C]
+                d = (grid.directional(h_dot) / batch).sum(1)  # [K, P, G]: only the batch sum matters
+                self.group.weighted_mean_([d], batch)  # data-parallel: seed-shared tangents
+                block_noise = noise[start:start + len(self.block_params[i])]
+                c = self.coefficients(d, block_noise, per_example=False)
+                for p, v in zip(self.block_params[i], block_noise):
+                    if p.dim() >= 1 and p.shape[0] % g == 0:
+                        coef = c.sum(1).repeat_interleave(p.shape[0] // g, dim=1)  # [K, rows]: group g's rows
+                        p.grad = (coef.view(*coef.shape, *([1] * (p.dim() - 1))) * v).sum(0)
+                    else:
+                        p.grad = (c.sum((1, 2)).view(k, *([1] * p.dim())) * v).sum(0)
+                start += len(self.block_params[i])
+        return loss, logits.detach(), extra
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registration (LocalMixer registers faster equivalents: `bpfree.fastpaths.localmixer_local`)
+
+
+@METHODS.register(
+    "l-bp",
+    "block-wise local losses, backprop inside each block, stop-gradient between blocks",
+    options=COMMON_OPTIONS,
+    paper=PAPER,
+)
+class BlockLocalBP(BlockLocal):
+    method = "l-bp"
+
+
+@METHODS.register(
+    "l-fa",
+    "feedback alignment inside each block under block-wise local losses (l-bp with random feedback)",
+    options=COMMON_OPTIONS,
+    paper=PAPER_LFA,
+)
+class BlockLocalFA(BlockLocal):
+    method = "l-fa"
+    uses_fa = True
+
+
+@METHODS.register(
+    "lg-bp",
+    "backprop of block + patch + group local losses (the exact LG gradient)",
+    options=LG_OPTIONS,
+    paper=PAPER,
+)
+class BlockLocalGroupBP(BlockLocalGrid):
+    method = "lg-bp"
+
+
+@METHODS.register(
+    "lg-fa",
+    "feedback alignment under the block + patch + group local losses (lg-bp with random feedback)",
+    options=LG_OPTIONS,
+    paper=PAPER_LFA,
+)
+class BlockLocalGroupFA(BlockLocalGrid):
+    method = "lg-fa"
+    uses_fa = True
+
+
+METHODS.register(
+    "lg-fg-a",
+    "forward gradient, activity perturbation, against the block+patch+group loss grid",
+    options=FG_OPTIONS,
+    paper=PAPER,
+)(BlockLocalFGActivity)
+METHODS.register(
+    "lg-fg-w",
+    "forward gradient, weight perturbation, against the block+patch+group loss grid",
+    options=FG_OPTIONS,
+    paper=PAPER,
+)(BlockLocalFGWeight)
