@@ -292,10 +292,7 @@ class LocalForwardGradient(LocalEstimator):
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
-        self.tangents = int(options.get("tangents", 1))
-        self.aggregation = options.get("aggregation", "mean")
-        self.dist = options.get("tangent_dist", "rademacher")
-        T.check_options(self.tangents, self.aggregation, self.dist)
+        self.tangents, self.aggregation, self.dist = T.read_options(options)
 
     def head_step(self, i: int, out: torch.Tensor, y: torch.Tensor) -> tuple[LossGrid, float]:
         grid = self.loss_grid(i, out, y)

@@ -254,10 +254,7 @@ class BlockLocalFG(BlockLocalGrid):
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
-        self.tangents = int(options.get("tangents", 1))
-        self.aggregation = options.get("aggregation", "mean")
-        self.dist = options.get("tangent_dist", "rademacher")
-        T.check_options(self.tangents, self.aggregation, self.dist)
+        self.tangents, self.aggregation, self.dist = T.read_options(options)
         self.block_params = [[p for p in b.parameters() if p.requires_grad] for b in self.anatomy.blocks]
 
     def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
