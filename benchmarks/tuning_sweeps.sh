@@ -18,3 +18,11 @@ $PY -m bpfree sweep --methods l-bp,lg-bp,fg-w,fg-a,lg-fg-w,fa,l-fa,lg-fa,dfa --m
     --optimizer sgd --lr $LRS,l-fa=$LRS,1,lg-fa=$LRS,1 --out runs/sweep-localmixer-m1-16-mnist-rest
 $PY -m bpfree sweep --methods bp,fg-a,lg-fg-a --model localmixer-s1-1 $COMMON \
     --optimizer sgd --lr $LRS --out runs/sweep-localmixer-s1-1-mnist
+# The LocalMixer re-sweep on the code whose heads and LG target follow the authors' (docs/tuning.md).
+for M in m1-16 s1-1; do
+  $PY -m bpfree sweep --methods bp,l-bp,lg-bp,fg-w,fg-a,lg-fg-w,lg-fg-a,fa,l-fa,lg-fa,dfa --model localmixer-$M \
+      $COMMON --optimizer sgd --lr 3e-3,0.01,0.03,0.1,0.3 --out runs/resweep-localmixer-$M-mnist
+done
+# mlp: the feedback-alignment rules.
+$PY -m bpfree sweep --methods fa,dfa,fdfa --model mlp $COMMON --optimizer adam --lr 1e-4,3e-4,1e-3,3e-3,1e-2 \
+    --out runs/sweep-mlp-fa

@@ -49,10 +49,11 @@ def _adam(lr: float) -> dict[str, Any]:
 SWEPT = ("MNIST, first 10000 of the training examples left after holding out 5000 for validation, 3 epochs, cosine, "
          "benchmarks/tuning_sweeps.sh, 2026-12-01; docs/tuning.md")
 MLP_SWEEP = f"validated: bpfree sweep --methods bp,fg-a,fg-w --model mlp ({SWEPT})"
-MIXER_SWEEP = f"validated: bpfree sweep --methods bp,lg-fg-a --model localmixer-m1-16 ({SWEPT})"
-S11_SWEEP = f"validated: bpfree sweep --methods bp,fg-a,lg-fg-a --model localmixer-s1-1 ({SWEPT})"
-REST_SWEEP = (f"validated: bpfree sweep --methods l-bp,lg-bp,fg-w,fg-a,lg-fg-w,fa,l-fa,lg-fa,dfa "
-              f"--model localmixer-m1-16 ({SWEPT})")
+LOCAL_METHODS = "bp,l-bp,lg-bp,fg-w,fg-a,lg-fg-w,lg-fg-a,fa,l-fa,lg-fa,dfa"
+MIXER_SWEEP = (f"validated: bpfree sweep --methods {LOCAL_METHODS} --model localmixer-m1-16 --optimizer sgd "
+               f"--lr 3e-3,0.01,0.03,0.1,0.3 ({SWEPT})")
+S11_SWEEP = (f"validated: bpfree sweep --methods {LOCAL_METHODS} --model localmixer-s1-1 --optimizer sgd "
+             f"--lr 3e-3,0.01,0.03,0.1,0.3 ({SWEPT})")
 FA_SWEEP = f"validated: bpfree sweep --methods fa,dfa,fdfa --model mlp --optimizer adam ({SWEPT})"
 L_FA = 0.3
 
@@ -66,15 +67,14 @@ _TABLE: dict[tuple[str, str], tuple[dict[str, Any], str, bool]] = {
     ("fa", "mlp"): (_adam(1e-3), FA_SWEEP, True),
     ("dfa", "mlp"): (_adam(3e-3), FA_SWEEP, True),
     ("fdfa", "mlp"): (_adam(3e-3), FA_SWEEP, True),
-    # LocalMixer: validated on M/1/16 (MNIST); the family's other models (S/1/1, M/8/16 on CIFAR-10) borrow them.
-    ("bp", "localmixer"): (_sgd(0.1), MIXER_SWEEP, True),
-    ("lg-fg-a", "localmixer"): (_sgd(0.03), MIXER_SWEEP, True),
-    **{(m, "localmixer"): (_sgd(lr), REST_SWEEP, True)
-       for m, lr in (("l-bp", 0.1), ("lg-bp", 0.1), ("fg-w", 0.1), ("fg-a", 0.01), ("lg-fg-w", 0.1), ("fa", 0.1),
-                     ("l-fa", L_FA), ("lg-fa", L_FA), ("dfa", 0.1))},
-    # LocalMixer S/1/1: its own sweep (lg-fg-a chose differently from M/1/16; bp and fg-a the same).
+    # LocalMixer: validated on M/1/16 (MNIST); the family's other models (M/8/16 on CIFAR-10) borrow them.
+    **{(m, "localmixer"): (_sgd(lr), MIXER_SWEEP, True)
+       for m, lr in (("bp", 0.1), ("l-bp", 0.1), ("lg-bp", 0.1), ("fg-w", 0.1), ("fg-a", 0.01), ("lg-fg-w", 0.1),
+                     ("lg-fg-a", 0.1), ("fa", 0.1), ("l-fa", L_FA), ("lg-fa", L_FA), ("dfa", 0.3))},
+    # LocalMixer S/1/1: its own sweep.
     **{(m, "localmixer-s1-1"): (_sgd(lr), S11_SWEEP, True)
-       for m, lr in (("bp", 0.1), ("fg-a", 0.01), ("lg-fg-a", 0.01))},
+       for m, lr in (("bp", 0.1), ("l-bp", 0.1), ("lg-bp", 0.1), ("fg-w", 0.1), ("fg-a", 0.01), ("lg-fg-w", 0.1),
+                     ("lg-fg-a", 0.01), ("fa", 0.3), ("l-fa", L_FA), ("lg-fa", L_FA), ("dfa", 0.3))},
     # Forward-Forward (README Forward-Forward section, MNIST 3x1000)
     ("ff", "ff-mlp"): ({"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05, "schedule": "cosine",
                         "warmup_epochs": 0.0, "batch_size": 100},
