@@ -26,3 +26,7 @@ done
 # mlp: the feedback-alignment rules.
 $PY -m bpfree sweep --methods fa,dfa,fdfa --model mlp $COMMON --optimizer adam --lr 1e-4,3e-4,1e-3,3e-3,1e-2 \
     --out runs/sweep-mlp-fa
+# mlp: the local and Forward-Forward rules (1e-2 added for the methods whose choice sat at 3e-3).
+$PY -m bpfree sweep --methods l-bp,l-fa,lg-fg-a,lg-fg-w,sff,sff-block,ff --model mlp $COMMON --optimizer adam \
+    --lr l-bp=1e-4,3e-4,1e-3,3e-3,1e-2,l-fa=1e-4,3e-4,1e-3,3e-3,1e-2,lg-fg-w=1e-4,3e-4,1e-3,3e-3,1e-2,ff=1e-4,3e-4,1e-3,3e-3,1e-2,lg-fg-a=1e-4,3e-4,1e-3,3e-3,sff=1e-4,3e-4,1e-3,3e-3,sff-block=1e-4,3e-4,1e-3,3e-3 \
+    --out runs/sweep-mlp-local

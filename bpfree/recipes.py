@@ -55,6 +55,10 @@ MIXER_SWEEP = (f"validated: bpfree sweep --methods {LOCAL_METHODS} --model local
 S11_SWEEP = (f"validated: bpfree sweep --methods {LOCAL_METHODS} --model localmixer-s1-1 --optimizer sgd "
              f"--lr 3e-3,0.01,0.03,0.1,0.3 ({SWEPT})")
 FA_SWEEP = f"validated: bpfree sweep --methods fa,dfa,fdfa --model mlp --optimizer adam ({SWEPT})"
+LOCAL_SWEEP = (f"validated: bpfree sweep --methods l-bp,l-fa,lg-fg-a,lg-fg-w,sff,sff-block,ff --model mlp "
+               f"--optimizer adam ({SWEPT})")
+SAME_AS = "{2}; chosen for {0}, whose update {1} equals exactly"
+FROM_MLP = "carried over from the mlp sweep (not validated on this model): the generic fallback diverged there"
 L_FA = 0.3
 
 # (method, model or family) -> (settings, source, validated). Keep the sources honest: only a sweep that was run
@@ -67,6 +71,18 @@ _TABLE: dict[tuple[str, str], tuple[dict[str, Any], str, bool]] = {
     ("fa", "mlp"): (_adam(1e-3), FA_SWEEP, True),
     ("dfa", "mlp"): (_adam(3e-3), FA_SWEEP, True),
     ("fdfa", "mlp"): (_adam(3e-3), FA_SWEEP, True),
+    ("l-bp", "mlp"): (_adam(3e-3), LOCAL_SWEEP, True),
+    ("l-fa", "mlp"): (_adam(3e-3), LOCAL_SWEEP, True),
+    ("lg-bp", "mlp"): (_adam(3e-3), SAME_AS.format("l-bp", "lg-bp", LOCAL_SWEEP), True),
+    ("lg-fa", "mlp"): (_adam(3e-3), SAME_AS.format("l-fa", "lg-fa", LOCAL_SWEEP), True),
+    ("lg-fg-a", "mlp"): (_adam(1e-3), LOCAL_SWEEP, True),
+    ("lg-fg-w", "mlp"): (_adam(1e-2), LOCAL_SWEEP, True),
+    ("sff", "mlp"): (_adam(1e-3), LOCAL_SWEEP, True),
+    ("sff-block", "mlp"): (_adam(1e-3), LOCAL_SWEEP, True),
+    ("ff", "mlp"): (_adam(3e-3), LOCAL_SWEEP, True),
+    # Any other model: where the generic fallback (SGD 0.05) diverged on mlp, start from mlp's validated recipe.
+    **{(m, ANY): (_adam(lr), FROM_MLP, False)
+       for m, lr in (("lg-fg-a", 1e-3), ("lg-fg-w", 1e-2), ("sff", 1e-3), ("sff-block", 1e-3))},
     # LocalMixer: validated on M/1/16 (MNIST); the family's other models (M/8/16 on CIFAR-10) borrow them.
     **{(m, "localmixer"): (_sgd(lr), MIXER_SWEEP, True)
        for m, lr in (("bp", 0.1), ("l-bp", 0.1), ("lg-bp", 0.1), ("fg-w", 0.1), ("fg-a", 0.01), ("lg-fg-w", 0.1),
