@@ -59,6 +59,9 @@ LOCAL_SWEEP = (f"validated: bpfree sweep --methods l-bp,l-fa,lg-fg-a,lg-fg-w,sff
                f"--optimizer adam ({SWEPT})")
 SAME_AS = "{2}; chosen for {0}, whose update {1} equals exactly"
 FROM_MLP = "carried over from the mlp sweep (not validated on this model): the generic fallback diverged there"
+RESNET_SWEEP = ("validated: bpfree sweep --methods bp,dfa,fdfa (and lg-fg-a --groups 2) --model resnet18 --width 16 "
+                "--data cifar10 --train-size 10000 --val-split 5000 --epochs 2 --lr 0.01,0.03,0.1 --schedule cosine, "
+                "2026-12-01; docs/results.md")
 L_FA = 0.3
 
 # (method, model or family) -> (settings, source, validated). Keep the sources honest: only a sweep that was run
@@ -80,6 +83,9 @@ _TABLE: dict[tuple[str, str], tuple[dict[str, Any], str, bool]] = {
     ("sff", "mlp"): (_adam(1e-3), LOCAL_SWEEP, True),
     ("sff-block", "mlp"): (_adam(1e-3), LOCAL_SWEEP, True),
     ("ff", "mlp"): (_adam(3e-3), LOCAL_SWEEP, True),
+    # resnet18 (CIFAR-10)
+    **{(m, "resnet18"): (_sgd(lr), RESNET_SWEEP, True)
+       for m, lr in (("bp", 0.03), ("dfa", 0.03), ("fdfa", 0.03), ("lg-fg-a", 0.1))},
     # Any other model: where the generic fallback (SGD 0.05) diverged on mlp, start from mlp's validated recipe.
     **{(m, ANY): (_adam(lr), FROM_MLP, False)
        for m, lr in (("lg-fg-a", 1e-3), ("lg-fg-w", 1e-2), ("sff", 1e-3), ("sff-block", 1e-3))},
