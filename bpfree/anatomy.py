@@ -22,7 +22,7 @@ detach) every block output in one ordinary forward pass of the model, whatever i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -113,18 +113,19 @@ def positions_last(h: torch.Tensor) -> torch.Tensor:
 # -- finding blocks --------------------------------------------------------------------------------------------
 
 
-def _sequential_segments(seq: nn.Sequential) -> list[Block]:
-    """Children grouped: each segment is one layer-holding child plus the layer-free children after it."""
+def _group(named: Iterable[tuple[str, nn.Module]]) -> list[Block]:
+    """Each segment is one layer-holding module plus the layer-free modules after it; layer-free modules before
+    the first layer (a Flatten) join the first segment."""
     segments: list[Block] = []
-    leading: list[nn.Module] = []  # layer-free modules before the first layer (Flatten) join the first segment
-    for name, child in seq.named_children():
-        if has_layer(child):
-            segments.append(Block(name, [*leading, child]))
+    leading: list[nn.Module] = []
+    for name, module in named:
+        if has_layer(module):
+            segments.append(Block(name, [*leading, module]))
             leading = []
         elif segments:
-            segments[-1].modules.append(child)
+            segments[-1].modules.append(module)
         else:
-            leading.append(child)
+            leading.append(module)
     return segments
 
 
@@ -162,18 +163,7 @@ def _expand(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
 def _generic_segments(model: nn.Module, x: torch.Tensor) -> list[Block]:
     candidates = [item for n, c in model.named_children() for item in _expand(n, c)]
     by_name = dict(candidates)
-    segments: list[Block] = []
-    leading: list[nn.Module] = []
-    for name in _call_order(model, candidates, x):  # the same grouping as an nn.Sequential's, in call order
-        module = by_name[name]
-        if has_layer(module):
-            segments.append(Block(name, [*leading, module]))
-            leading = []
-        elif segments:
-            segments[-1].modules.append(module)
-        else:
-            leading.append(module)
-    return segments
+    return _group((name, by_name[name]) for name in _call_order(model, candidates, x))
 
 
 def _named_blocks(model: nn.Module, names: Sequence[str]) -> list[Block]:
@@ -234,7 +224,7 @@ def describe(
     elif isinstance(getattr(model, "blocks", None), nn.ModuleList):
         found = [Block(f"blocks.{i}", [b]) for i, b in enumerate(model.blocks)]
     elif isinstance(model, nn.Sequential):
-        found = _sequential_segments(model)[:-1]  # the segment with the last layer is the readout
+        found = _group(model.named_children())[:-1]  # the segment with the last layer is the readout
     else:
         found = _generic_segments(model, x)[:-1]
     anatomy = Anatomy(model, shape, layers, found)

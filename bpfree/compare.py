@@ -108,7 +108,7 @@ def dry_run(cfg: TrainConfig, data: Any, batch: tuple[torch.Tensor, torch.Tensor
     try:
         model = models.build(cfg.model, num_classes=data.num_classes, input_shape=data.input_shape,
                              **cfg.model_options)
-        estimator = methods.build(cfg.method, model, seed=cfg.seed, **cfg.method_options)
+        estimator = methods.build(cfg.method, model, seed=cfg.seed, blocks=cfg.blocks, **cfg.method_options)
         optimizer = make_optimizer(cfg, estimator.trainable(), lr_multipliers_by_id(estimator))
         model.train()
         optimizer.zero_grad(set_to_none=True)

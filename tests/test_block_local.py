@@ -201,9 +201,10 @@ def test_l_fa_state_round_trip_restores_heads_and_feedback():
     state = a.state_dict()
     b = build_method("l-fa", residual_cnn(), seed=7)
     b.load_state_dict(state)
-    assert all(torch.equal(u, v) for u, v in zip(a.feedback, b.feedback))
-    assert all(torch.equal(u, v) for u, v in zip(a.head_feedback, b.head_feedback))
-    assert all(torch.equal(u, v) for u, v in zip(a.heads.parameters(), b.heads.parameters()))
+    assert a.feedback and a.head_feedback  # non-empty, so the comparisons below compare something
+    assert all(torch.equal(u, v) for u, v in zip(a.feedback, b.feedback, strict=True))
+    assert all(torch.equal(u, v) for u, v in zip(a.head_feedback, b.head_feedback, strict=True))
+    assert all(torch.equal(u, v) for u, v in zip(a.heads.parameters(), b.heads.parameters(), strict=True))
 
 
 def test_lg_fg_a_is_unbiased_on_a_residual_cnn_with_batch_norm():

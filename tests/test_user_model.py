@@ -122,3 +122,10 @@ def test_the_shipped_example_model_trains_from_outside_the_package(tmp_path, cap
                  "--out", str(out)]) == 0  # fmt: skip
     config = json.loads((out / "config.json").read_text())
     assert config["model"].endswith("residual_cnn.py:ResidualCNN")
+
+
+def test_compare_setup_check_uses_the_named_blocks(tmp_path, model_file, capsys):
+    """`make` has one block of its own, too few for l-bp; --blocks names two, and compare's check must see them."""
+    assert main(["compare", "--methods", "l-bp", "--data", "digits", "--epochs", "1", "--train-size", "256",
+                 "--threads", "1", "--model", f"{model_file}:make", "--blocks", "1,2",
+                 "--out", str(tmp_path / "c")]) == 0  # fmt: skip
