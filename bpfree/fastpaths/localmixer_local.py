@@ -114,21 +114,6 @@ def _tangent_pass(
     return h_dot
 
 
-def combine_coefficients(
-    d: torch.Tensor, aggregation: str, gram: torch.Tensor | None = None, dim: int | None = None
-) -> torch.Tensor:
-    """Coefficients c [K, ...] with estimate = sum_k c_k v_k from directional derivatives d [K, ...].
-
-    Uses `bpfree.tangents` (sum: c = d, mean: d / K, orthogonal: the Gram pseudo-inverse applied to d). The
-    grid adds trailing (patch, group) dims to d: for one Gram [K, K] (weight tangents) or one Gram per example
-    [B, K, K] (activity tangents), `tangents.solve_projection` factorises each Gram matrix once and applies it to
-    all copies.
-    """
-    if aggregation != "orthogonal" or gram is None:
-        return T.coefficients(d, aggregation)
-    return T.solve_projection(gram, d, dim)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Estimators
 
@@ -341,7 +326,7 @@ class LocalFGActivity(LocalForwardGradient):
             dim = T.dimension(masked, per_example=True)
             d = grid.directional(_tangent_pass(block, units, activity_noise=masked))  # [K, B, P, G]
             d = d / x.shape[0]  # objective: mean over the batch of the sum over copies
-            c = combine_coefficients(d, self.aggregation, gram, dim).unsqueeze(-1)  # [K, B, P, G, 1]
+            c = T.coefficients(d, self.aggregation, gram, dim).unsqueeze(-1)  # [K, B, P, G, 1]
             # every channel of patch p at the token-mixing unit takes all copies of patch p
             c_token = c.sum(-2, keepdim=True)  # [K, B, P, 1, 1]
             for unit, u in zip(units, masked):
@@ -383,7 +368,7 @@ class LocalFGWeight(LocalForwardGradient):
             self.group.weighted_mean_([d], x.shape[0])
             flat = [t for pair in noise for t in pair]
             gram = T.gram(flat, entries=T.entries(self.dist)) if self.aggregation == "orthogonal" else None
-            c = combine_coefficients(d, self.aggregation, gram, T.dimension(flat))
+            c = T.coefficients(d, self.aggregation, gram, T.dimension(flat))
             for unit, (dw, db) in zip(units, noise):
                 w, b = unit_params(block, unit.kind)
                 if unit.kind == "token":
