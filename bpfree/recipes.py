@@ -10,15 +10,16 @@ docs/tuning.md lists the sweeps behind the validated entries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from bpfree.train import TrainConfig
 
 # The TrainConfig fields a recipe may set.
 RECIPE_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "batch_size")
 
 # What a field is when neither a recipe nor the user gives it (the library's defaults before recipes existed).
-BASE = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "schedule": "constant",
-        "warmup_epochs": 0.0, "batch_size": 128}
+BASE = {f.name: f.default for f in fields(TrainConfig) if f.name in RECIPE_FIELDS}
 
 ANY = "*"
 CARRIED = "carried over: chosen on the test set before validation splits existed (not validated)"
