@@ -61,7 +61,7 @@ def test_train_a_model_from_a_file(tmp_path, model_file, capsys, method):
     assert main([*TRAIN, "--method", method, "--model", f"{model_file}:Net", "--train-size", "512",
                  "--out", str(out)]) == 0  # fmt: skip
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["model"] == f"{model_file}:Net" and summary["test_error"] < 100
+    assert summary["model"] == f"{model_file}:Net" and summary["test_error"] < 90  # chance: 90 %
     assert json.loads((out / "config.json").read_text())["model"] == f"{model_file}:Net"
     assert main([*TRAIN, "--method", method, "--model", f"{model_file}:Net", "--train-size", "512", "--epochs", "2",
                  "--out", str(out), "--resume"]) == 0  # fmt: skip
