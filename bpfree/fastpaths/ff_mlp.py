@@ -13,8 +13,8 @@ from torch import nn
 
 from bpfree.errors import UsageError
 from bpfree.methods import register_fast_path
-from bpfree.methods.base import Estimator, StepResult
-from bpfree.methods.forward_forward import _accumulate, _set_grads, goodness_logits, pair_loss, wrong_labels
+from bpfree.methods.base import Estimator, StepResult, set_grads
+from bpfree.methods.forward_forward import _accumulate, goodness_logits, pair_loss, wrong_labels
 from bpfree.models.ff_mlp import FFMLP, length_normalise
 
 
@@ -129,7 +129,8 @@ class ForwardForward(Estimator):
         with torch.enable_grad():
             readout_loss = F.cross_entropy(net.readout(features), y)
         _accumulate(grads, readout_loss, list(net.readout.parameters()))
-        _set_grads(self.trainable(), grads)
+        params = self.trainable()
+        set_grads(params, [grads.get(p) for p in params])
         self.steps += 1
         extra["loss_readout"] = readout_loss.item()
         extra["readout_error"] = 100.0 * (readout_logits.argmax(1) != y).float().mean().item()

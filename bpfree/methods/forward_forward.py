@@ -40,16 +40,9 @@ from torch import nn
 from bpfree.anatomy import boundaries, channels, example_input, init_uniform_, pool
 from bpfree.errors import DivergedError, UsageError
 from bpfree.methods import METHODS
-from bpfree.methods.base import Estimator, StepResult
+from bpfree.methods.base import Estimator, StepResult, set_grads
 from bpfree.methods.block_local import between_parameters
 from bpfree.registry import Option
-
-
-def _set_grads(params: list[nn.Parameter], grads: dict[nn.Parameter, torch.Tensor]) -> None:
-    """Overwrite `.grad` of every parameter: its local gradient, or zeros where the rule gives nothing."""
-    for p in params:
-        g = grads.get(p)
-        p.grad = torch.zeros_like(p) if g is None else g
 
 
 def _accumulate(
@@ -260,7 +253,7 @@ class BlockForwardForward(Estimator):
             readout_loss = F.cross_entropy(readout_logits, y)
             # blocks are cut apart: one backward is every block's own local backward, plus the readout's
             grads = torch.autograd.grad(sum(losses) + readout_loss, params, allow_unused=True)
-        _set_grads(params, {p: g for p, g in zip(params, grads) if g is not None})
+        set_grads(params, grads)
         extra = {f"loss_layer{i}": float(v.detach()) for i, v in enumerate(losses)}
         extra["loss_readout"] = float(readout_loss.detach())
         extra["readout_error"] = 100.0 * float((readout_logits.argmax(1) != y).float().mean())
@@ -396,7 +389,8 @@ class ScalableFF(Estimator):
 
         with torch.enable_grad():
             self._run(x, visit)
-        _set_grads(self.trainable(), grads)
+        params = self.trainable()
+        set_grads(params, [grads.get(p) for p in params])
         extra = {f"loss_unit{k}": loss.item() for k, loss in enumerate(losses)}
         return StepResult(torch.stack(losses).mean(), self.combine(goods), extra)
 

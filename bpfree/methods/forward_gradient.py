@@ -52,7 +52,7 @@ from bpfree.distributed import Group
 from bpfree.errors import UsageError
 from bpfree.forward_mode import layer_param_grads, tangent_friendly
 from bpfree.methods import METHODS
-from bpfree.methods.base import Estimator, StepResult, rank_seed, set_grad
+from bpfree.methods.base import Estimator, StepResult, rank_seed, set_grad, zero_missing_grads
 from bpfree.registry import Option
 
 _COMMON = {
@@ -186,11 +186,6 @@ class _ForwardGradient(Estimator):
         if lin.bias is not None:
             set_grad(lin.bias, e.sum(0))
 
-    def _zero_missing(self) -> None:
-        for p in self.trainable():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-
     def _readout_module(self) -> nn.Linear | None:
         """The last Linear (generic path); it must produce the logits, checked at run time."""
         if not self.exact_readout:
@@ -212,7 +207,7 @@ class _ForwardGradient(Estimator):
                 loss, logits = self._step_chain(x, y, seed)
             else:
                 loss, logits = self._step_generic(x, y)
-        self._zero_missing()
+        zero_missing_grads(self.trainable())
         return StepResult(loss, logits)
 
     def _step_chain(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
