@@ -185,3 +185,32 @@ def test_tangent_friendly_layers_change_nothing_but_speed(train: bool) -> None:
     g = torch.randn_like(pa)
     for s, r in zip(torch.autograd.grad(pb, list(b.parameters()), g), torch.autograd.grad(pa, list(a.parameters()), g)):
         torch.testing.assert_close(s, r)
+
+
+def test_fdfa_tangents_survive_inplace_ops_after_a_block() -> None:
+    """B learns from the tangents u_l as drawn: an in-place ReLU on the block output must not change them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.ReLU(inplace=True), nn.Linear(6, 6), nn.Tanh(),
+                          nn.Linear(6, 3)).double()  # fmt: skip
+    x, y = data(shape=(5,), classes=3)
+    est = build("fdfa", model, seed=0, blocks=["1", "4"])
+    drawn: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []
+    draw, learn = est._tangent, est.learn_feedback
+
+    def record_draw(i: int, like: torch.Tensor) -> torch.Tensor:
+        u = draw(i, like)
+        drawn.append(u.clone())
+        return u
+
+    def record_learn(y_dot: torch.Tensor, tangents: list[torch.Tensor]) -> None:
+        seen.extend(u.clone() for u in tangents)
+        learn(y_dot, tangents)
+
+    est._tangent, est.learn_feedback = record_draw, record_learn
+    for _ in range(2):
+        est.step(x, y)
+    assert len(drawn) == len(seen) == 4
+    assert all((u < 0).any() for u in drawn)  # the ReLU would have zeroed these entries
+    for u, v in zip(drawn, seen):
+        torch.testing.assert_close(v, u)

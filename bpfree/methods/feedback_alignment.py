@@ -338,6 +338,8 @@ class _DirectFeedback(Estimator):
         # B_l has shape (classes, numel of block l's output); made at the first step, when the shapes are known.
         self.feedback: list[torch.Tensor] | None = None
         self.fast: list[_DenseBlock] | None = None
+        # Tangent buffers kept between steps: a fresh tensor as large as a block output costs page faults.
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
         self._setup()
 
     def _setup(self) -> None:
@@ -359,17 +361,24 @@ class _DirectFeedback(Estimator):
     def learn_feedback(self, y_dot: torch.Tensor, tangents: list[torch.Tensor]) -> None:
         """FDFA's update of B from the forward-mode pass (DFA keeps B fixed)."""
 
-    def _tangent(self, like: torch.Tensor) -> torch.Tensor:
-        return T.sample(like.shape, self.tangent_dist, self.generator, device=like.device, dtype=like.dtype)
+    def _buffer(self, kind: str, i: int, like: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get((kind, i))
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[kind, i] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return buf
+
+    def _tangent(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        """Block i's tangent u_i, drawn into its buffer (valid until the next step)."""
+        return T.sample_(self._buffer("u", i, like), self.tangent_dist, self.generator)
 
     def _forward_fast(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, Any]:
         h, h_dot, outs, tangents = x, None, [], []
         assert self.fast is not None
-        for block in self.fast:
+        for i, block in enumerate(self.fast):
             h, h_dot = block.forward(h, h_dot)
             outs.append(h)
             if self.use_tangents:
-                u = self._tangent(h)
+                u = self._tangent(i, h)
                 tangents.append(u)
                 h_dot = u if h_dot is None else h_dot.add_(u)
         lin = self.readout
@@ -403,17 +412,22 @@ class _DirectFeedback(Estimator):
         outs: list[torch.Tensor] = []
         tangents: list[torch.Tensor] = []
 
-        def cut(_i: int, out: torch.Tensor) -> torch.Tensor:
+        def cut(i: int, out: torch.Tensor) -> torch.Tensor:
             outs.append(out)
             if not self.use_tangents:
                 nxt = out.detach()
                 return nxt.clone() if copy else nxt
             primal, tangent = fwad.unpack_dual(out)
-            u = self._tangent(primal)
+            u = self._tangent(i, primal)
             tangents.append(u)
+            # Next block: cut primal (local reverse graphs); tangent = what flowed in + this block's u, in a buffer
+            # of its own where an in-place op downstream could otherwise change u.
+            if tangent is None:
+                onward = self._buffer("onward", i, primal).copy_(u) if copy else u
+            else:
+                onward = torch.add(tangent.detach(), u, out=self._buffer("onward", i, primal))
             nxt = primal.detach()
-            # Next block: cut primal (local reverse graphs); tangent = what flowed in + this block's u.
-            return fwad.make_dual(nxt.clone() if copy else nxt, u if tangent is None else tangent.detach() + u)
+            return fwad.make_dual(nxt.clone() if copy else nxt, onward)
 
         y_dot = None
         with ExitStack() as stack:
