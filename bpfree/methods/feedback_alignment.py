@@ -231,10 +231,8 @@ class FeedbackAlignment(Backprop):
 class _DenseBlock:
     """[Flatten] Linear [BatchNorm1d] [ReLU] with hand-written forward, forward-mode and local backward.
 
-    The fast path of DFA/FDFA for fully connected nets (mlp, fc-bn). Skipping autograd's graph (and, for FDFA,
-    forward-mode AD) matters: on fc-bn (2x800, batch 64, 1 CPU thread, thread CPU time) the autograd versions took
-    ~0.95x (dfa) and ~1.75x (fdfa) of a bp step, these formulas ~0.85x and ~1.15x
-    (benchmarks/feedback_alignment.py speed).
+    The fast path of DFA/FDFA for fully connected nets (mlp, fc-bn): without autograd's graph and forward-mode AD
+    these small nets step markedly faster (docs/performance.md, "Measured choices").
     """
 
     def __init__(self, block: list[nn.Module]):
@@ -268,8 +266,7 @@ class _DenseBlock:
         if x_dot is None:
             h, h_dot = F.linear(x, self.linear.weight, self.linear.bias), None
         else:
-            # Primal and tangent through the weight as ONE matmul of 2N rows: on 800x800, N = 64, one CPU thread
-            # this took ~2.0 ms against ~3.0 ms for two separate ones.
+            # Primal and tangent through the weight as one matmul of 2N rows (cheaper than two of N rows).
             n = x.shape[0]
             both = F.linear(torch.cat([x, x_dot]), self.linear.weight)
             h, h_dot = both[:n], both[n:]

@@ -66,16 +66,13 @@ FF_OPTIONS = {
             "p(positive) = sigma(G - threshold) on each pass separately",
             choices=("contrast", "logistic"),
         ),
-        # MNIST 3x500, 10k images, 4 epochs, hard negatives, test error by scale: 4: 8.6 %, 10: 7.7 %, 20: 7.9 %,
-        # 50: 6.8 %, 200: 7.5 % (2,000 test images, sd ~0.6 %); the deepest layer learns faster at larger scale.
+        # 50: the best of a small scan (docs/performance.md, "Measured choices").
         "contrast_scale": Option(50.0, "inverse temperature of the contrast loss, in units of the goodness form"),
         "threshold": Option(
             1.0, "logistic loss: theta per unit (the sum form compares G with threshold * layer width)"
         ),
-        # sum and mean rank labels identically; they differ in the logistic's temperature (layer width). With
-        # the literal sum the logits are O(width): on digits (3x200, Adam lr 1e-3 / 1e-4, 15 epochs) accuracy
-        # stayed below 25 %, while mean reached 89 % at lr 1e-2; on MNIST (2x500, 10k images, 3 epochs) sum
-        # with Adam ranked the true label last. Hence mean by default.
+        # sum and mean rank labels identically; they differ in the logistic's temperature (layer width): with the
+        # literal sum the logits grow with width and training fails (docs/performance.md, "Measured choices").
         "goodness": Option(
             "mean",
             "G = mean of squared activities, or 'sum' (Hinton's literal form; with the logistic loss "

@@ -68,8 +68,7 @@ class LNCache:
     def apply(self, v: torch.Tensor) -> torch.Tensor:
         """J v for v [..., *x.shape] (J is symmetric, so this is both the JVP and the VJP).
 
-        Uses ATen's fused LayerNorm-backward kernel: 5x faster than the same formula in separate torch ops
-        (30 ms vs 149 ms for [128, 64, 512] on this CPU, one thread).
+        Uses ATen's fused LayerNorm-backward kernel, several times faster than the same formula in separate ops.
         """
         c = self.x.shape[-1] // self.groups
         xg = self.x.unflatten(-1, (self.groups, c))
