@@ -21,7 +21,6 @@ detach) every block output in one ordinary forward pass of the model, whatever i
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -178,15 +177,21 @@ def _named_blocks(model: nn.Module, names: Sequence[str]) -> list[Block]:
     return blocks
 
 
-def _probe(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One forward pass in eval mode without gradients, so batch-norm statistics stay untouched."""
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for a while (probe passes leave batch-norm statistics untouched), then as it was."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            return model(x)
+        yield
     finally:
         model.train(was_training)
+
+
+def _probe(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One forward pass in eval mode without gradients."""
+    with eval_mode(model), torch.no_grad():
+        return model(x)
 
 
 def example_input(model: nn.Module, input_shape: Sequence[int], batch: int = 2) -> torch.Tensor:
@@ -285,10 +290,15 @@ def forwards_replaced(replacements: Sequence[tuple[nn.Module, Callable[..., obje
                 m.forward = old
 
 
+def uniform_like(t: torch.Tensor, fan_in: int, generator: torch.Generator) -> torch.Tensor:
+    """A new tensor shaped like t drawn from U(±1/sqrt(fan_in)): the scale of PyTorch's default Linear/Conv init
+    (estimator-owned heads, and every feedback-alignment B)."""
+    u = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+    return (2 * u - 1) * fan_in**-0.5
+
+
 def init_uniform_(params: Sequence[torch.Tensor], fan_in: int, generator: torch.Generator) -> None:
     """PyTorch's default Linear/Conv init, U(±1/sqrt(fan_in)), drawn from an estimator's generator."""
-    bound = 1 / math.sqrt(fan_in)
     with torch.no_grad():
         for p in params:
-            u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
-            p.copy_((2 * u - 1) * bound)
+            p.copy_(uniform_like(p, fan_in, generator))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bpfree.anatomy import uniform_like
 from bpfree.errors import UsageError
 from bpfree.fastpaths.localmixer_local import LocalBP, LocalGroupBP, contrastive_backprop_step
 from bpfree.methods import register_fast_path
@@ -24,7 +25,6 @@ from bpfree.methods.feedback_alignment import (
     FeedbackAlignment,
     _clone,
     _FALinear,
-    random_feedback,
 )
 from bpfree.models.localmixer import LinearHook, LocalMixer, MixerBlock, layer_norm, unit_params, unit_weight_grads
 
@@ -54,13 +54,13 @@ def mixer_feedback(
     out: dict[str, torch.Tensor] = {}
     for i, block in enumerate(model.blocks):
         if block.token_mix is not None:
-            out[f"blocks.{i}.token_mix.weight"] = random_feedback(block.token_mix.weight, model.patches, generator)
-        out[f"blocks.{i}.channel.weight"] = random_feedback(block.channel.weight, block.channel.in_features, generator)
-        out[f"blocks.{i}.group_weight"] = random_feedback(block.group_weight, block.group_weight.shape[-1], generator)
+            out[f"blocks.{i}.token_mix.weight"] = uniform_like(block.token_mix.weight, model.patches, generator)
+        out[f"blocks.{i}.channel.weight"] = uniform_like(block.channel.weight, block.channel.in_features, generator)
+        out[f"blocks.{i}.group_weight"] = uniform_like(block.group_weight, block.group_weight.shape[-1], generator)
     for i, head in enumerate(model.heads if heads else []):
-        out[f"heads.{i}.weight"] = random_feedback(head.weight, head.in_features, generator)
+        out[f"heads.{i}.weight"] = uniform_like(head.weight, head.in_features, generator)
     if readout:
-        out["readout.weight"] = random_feedback(model.readout.weight, model.readout.in_features, generator)
+        out["readout.weight"] = uniform_like(model.readout.weight, model.readout.in_features, generator)
     return out
 
 
@@ -162,7 +162,7 @@ class MixerDFA(DirectFeedbackAlignment):
 
 class _LocalFeedback:
     """Mixin over LocalBP / LocalGroupBP. Every linear map between a local loss and the weights it trains sends
-    its error back through a fixed random B (`random_feedback`: U(±1/√fan_in), as `fa`): the three unit linears
+    its error back through a fixed random B (`anatomy.uniform_like`: U(±1/√fan_in), as `fa`): the three unit linears
     of each block and the local head's linear, so no weight is transported anywhere. Each weight's own gradient
     stays local and exact given the signal at its output (for a head: its exact local gradient). The readout sits
     on stopped features and passes no signal down, so it takes its exact gradient with no B, as in local.py.

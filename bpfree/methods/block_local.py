@@ -9,7 +9,7 @@ every p.grad. Parameters in no block take their gradient from the next boundary 
 from the next block's loss; the model's classifier after the last block from the readout loss on stopped features).
 
 - `l-fa`: as `l-bp` with feedback alignment inside each block: every Linear / Conv2d / MultiheadAttention
-  projection in a block and every local head sends its error back through a fixed random B (`random_feedback`).
+  projection in a block and every local head sends its error back through a fixed random B (`anatomy.uniform_like`).
 - `lg-*`: the block + patch + group loss grid (`bpfree.losses.grid`). A block output [B, C, H, W] has H*W patches
   (spatial positions), [B, T, C] has T (tokens), [B, C] is one patch; `--groups G` channel groups (must divide the
   channels of every block output; 0 = the model's own `groups` attribute, else 1). Copy (p, g) of a block's loss has
@@ -40,7 +40,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree import tangents as T
-from bpfree.anatomy import Anatomy, boundaries, example_input, init_uniform_, pool, positions_last
+from bpfree.anatomy import (
+    Anatomy,
+    boundaries,
+    eval_mode,
+    example_input,
+    init_uniform_,
+    pool,
+    positions_last,
+    uniform_like,
+)
 from bpfree.attention import math_attention
 from bpfree.errors import UsageError
 from bpfree.losses import local_loss_grid
@@ -52,7 +61,6 @@ from bpfree.methods.feedback_alignment import (
     check_layers,
     fa_weights,
     feedback_layers,
-    random_feedback,
 )
 from bpfree.registry import Option
 
@@ -105,14 +113,9 @@ def between_parameters(anatomy: Anatomy) -> list[nn.Parameter]:
         outs.append(out)
         return out
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad(), boundaries(anatomy, keep):
-            model(example_input(model, anatomy.input_shape))
+    with eval_mode(model), torch.enable_grad(), boundaries(anatomy, keep):
+        model(example_input(model, anatomy.input_shape))
         grads = torch.autograd.grad(sum(o.float().sum() for o in outs), free, allow_unused=True)
-    finally:
-        model.train(was_training)
     return [p for p, g in zip(free, grads) if g is not None]
 
 
@@ -160,8 +163,8 @@ class BlockLocal(Estimator):
         between = {id(p) for p in between_parameters(anatomy)}
         self.readout = [p for p in anatomy.readout_parameters() if id(p) not in between]
         self.fa_weights = block_fa_weights(anatomy, self.method) if self.uses_fa else []
-        self.feedback = [random_feedback(w, w[0].numel(), self.generator) for _, w in self.fa_weights]
-        self.head_feedback = [random_feedback(h.weight, h.in_features, self.generator) for h in self.heads] \
+        self.feedback = [uniform_like(w, w[0].numel(), self.generator) for _, w in self.fa_weights]
+        self.head_feedback = [uniform_like(h.weight, h.in_features, self.generator) for h in self.heads] \
             if self.uses_fa else []
 
     def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
@@ -337,13 +340,10 @@ def _feeds_norm(anatomy: Anatomy, units: list[nn.Module]) -> dict[nn.Module, nn.
 
         handles += [m.register_forward_hook(after), m.register_forward_pre_hook(before)]
     model = anatomy.model
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input(model, anatomy.input_shape))
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return pairs

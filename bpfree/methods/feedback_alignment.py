@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree import tangents as T
-from bpfree.anatomy import Anatomy, boundaries, example_input, forwards_replaced
+from bpfree.anatomy import Anatomy, boundaries, eval_mode, example_input, forwards_replaced, uniform_like
 from bpfree.attention import math_attention, patched_attention
 from bpfree.errors import UsageError
 from bpfree.forward_mode import tangent_friendly
@@ -128,12 +128,6 @@ def _conv_conf(m: nn.Conv1d | nn.Conv2d) -> tuple:
     return (list(m.stride), list(padding), list(m.dilation), m.groups)
 
 
-def random_feedback(weight: torch.Tensor, fan_in: int, generator: torch.Generator) -> torch.Tensor:
-    """A fixed B of W's shape, U(±1/√fan_in): the scale of PyTorch's default init of W. Every FA variant uses it."""
-    u = torch.rand(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
-    return (2 * u - 1) * fan_in**-0.5
-
-
 def _clone(feedback: Any, device: torch.device | None = None) -> Any:
     """Copy a list or name -> tensor dict of feedback matrices (checkpoints), optionally to a device."""
     if feedback is None:
@@ -210,7 +204,7 @@ class FeedbackAlignment(Backprop):
         self.weights = fa_weights(model)
         if not self.weights:
             raise UsageError("method 'fa' needs a model with at least one Linear, Conv or attention layer")
-        self.feedback: Any = [random_feedback(w, w[0].numel(), self.generator) for _, w in self.weights]
+        self.feedback: Any = [uniform_like(w, w[0].numel(), self.generator) for _, w in self.weights]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with feedback_layers(self.model, self.weights, self.feedback):
@@ -392,13 +386,9 @@ class _DirectFeedback(Estimator):
             seen.append((out, out._version))
             return out.detach()
 
-        model, was_training = self.model, self.model.training
-        model.eval()
-        try:
-            with torch.no_grad(), boundaries(self.anatomy, look):
-                model(example_input(model, self.anatomy.input_shape))
-        finally:
-            model.train(was_training)
+        model = self.model
+        with eval_mode(model), torch.no_grad(), boundaries(self.anatomy, look):
+            model(example_input(model, self.anatomy.input_shape))
         return any(out._version != v for out, v in seen)
 
     def _forward_generic(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, Any]:

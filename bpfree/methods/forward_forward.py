@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.anatomy import boundaries, channels, example_input, init_uniform_, pool
+from bpfree.anatomy import boundaries, channels, eval_mode, example_input, init_uniform_, pool
 from bpfree.errors import DivergedError, UsageError
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult, set_grads
@@ -311,11 +311,8 @@ class ScalableFF(Estimator):
         if self.split:
             # A dry run (eval mode, no grad: BN statistics untouched) finds each split unit's channels.
             channels: list[int] = []
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 self._run(example_input(model, anatomy.input_shape), lambda k, h, ps: channels.append(h.shape[1]))
-            model.train(was_training)
         else:
             channels = anatomy.block_widths()
         self.heads = nn.ModuleList(nn.Conv2d(c, self.num_classes, 1) for c in channels).to(

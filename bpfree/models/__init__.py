@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bpfree.anatomy import eval_mode
 from bpfree.errors import UsageError
 from bpfree.registry import Registry
 
@@ -125,16 +126,12 @@ def _build_user(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn
     if not any(True for _ in model.parameters()):
         raise UsageError(f"--model {name}: {call} has no parameters to train")
     # One probe batch, so that a model that does not fit the data says so here, in one line.
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(torch.zeros(2, *input_shape))
     except Exception as e:
         raise UsageError(f"--model {name}: {call} fails on a batch shaped {(2, *input_shape)}: "
                          f"{type(e).__name__}: {e}") from None
-    finally:
-        model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UsageError(f"--model {name}: {call} returns {got} for a batch of 2, expected logits (2, {num_classes})")
