@@ -129,12 +129,12 @@ def layer_param_grads(module: nn.Module, inp: torch.Tensor, grad_out: torch.Tens
     if isinstance(module, nn.Linear):
         g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), inp.reshape(-1, inp.shape[-1])
         grads = {"weight": g2.t() @ x2, "bias": g2.sum(0)}
-    elif isinstance(module, CONVS) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+    elif isinstance(module, CONVS) and module.padding_mode == "zeros" and (conf := conv_config(module)) is not None:
         w = module.weight
+        stride, padding, dilation, groups = conf
         _, gw, gb = torch.ops.aten.convolution_backward(
-            grad_out, inp, w, [w.shape[0]] if module.bias is not None else None, list(module.stride),
-            list(module.padding), list(module.dilation), False, [0] * (w.dim() - 2), module.groups,
-            [False, True, module.bias is not None],
+            grad_out, inp, w, [w.shape[0]] if module.bias is not None else None, stride, padding, dilation, False,
+            [0] * (w.dim() - 2), groups, [False, True, module.bias is not None],
         )  # fmt: skip
         grads = {"weight": gw, "bias": gb}
     else:
@@ -142,9 +142,21 @@ def layer_param_grads(module: nn.Module, inp: torch.Tensor, grad_out: torch.Tens
     return [grads["weight"] if p is module.weight else grads["bias"] for p in params]
 
 
-def _conv_forward(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    padding = [0] * len(m.kernel_size) if m.padding == "valid" else list(m.padding)
-    conf = (list(m.stride), padding, list(m.dilation), m.groups)
+def conv_config(m: nn.Conv1d | nn.Conv2d) -> tuple | None:
+    """(stride, padding, dilation, groups) with the padding explicit ("valid", and "same" for odd kernels at stride
+    1, become numbers), as ATen's convolution kernels take them; None for a "same" they cannot express."""
+    padding = m.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0,) * len(m.kernel_size)
+        elif all(k % 2 == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride):
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation))
+        else:
+            return None
+    return (list(m.stride), list(padding), list(m.dilation), m.groups)
+
+
+def _conv_forward(m: nn.Conv1d | nn.Conv2d, conf: tuple, x: torch.Tensor) -> torch.Tensor:
     return _Conv.apply(x, m.weight, m.bias, conf)
 
 
@@ -168,9 +180,8 @@ def tangent_friendly(model: nn.Module) -> Iterator[None]:
     for m in model.modules():
         if "forward" in vars(m):
             continue  # already replaced (e.g. by feedback alignment): keep that
-        if isinstance(m, CONVS) and m.padding_mode == "zeros" and (not isinstance(m.padding, str)
-                                                                   or m.padding == "valid"):  # fmt: skip
-            swaps.append((m, partial(_conv_forward, m)))
+        if isinstance(m, CONVS) and m.padding_mode == "zeros" and (conf := conv_config(m)) is not None:
+            swaps.append((m, partial(_conv_forward, m, conf)))
         elif isinstance(m, NORMS):
             swaps.append((m, partial(_norm_forward, m)))
     with forwards_replaced(swaps):

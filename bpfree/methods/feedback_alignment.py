@@ -40,7 +40,7 @@ from bpfree import tangents as T
 from bpfree.anatomy import Anatomy, boundaries, eval_mode, example_input, forwards_replaced, uniform_like
 from bpfree.attention import math_attention, patched_attention
 from bpfree.errors import UsageError
-from bpfree.forward_mode import tangent_friendly
+from bpfree.forward_mode import conv_config, tangent_friendly
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult, set_grad, zero_missing_grads
 from bpfree.methods.bp import Backprop
@@ -117,15 +117,10 @@ _FAConv2d = _FAConv
 
 
 def _conv_conf(m: nn.Conv1d | nn.Conv2d) -> tuple:
-    padding = m.padding
-    if isinstance(padding, str):  # "valid" / "same" given as strings: convert to explicit zero padding
-        if padding == "valid":
-            padding = (0,) * len(m.kernel_size)
-        elif all(k % 2 == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride):
-            padding = tuple(d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation))
-        else:
-            raise UsageError("fa: padding='same' is supported only for odd kernels with stride 1")
-    return (list(m.stride), list(padding), list(m.dilation), m.groups)
+    conf = conv_config(m)
+    if conf is None:
+        raise UsageError("fa: padding='same' is supported only for odd kernels with stride 1")
+    return conf
 
 
 def _clone(feedback: Any, device: torch.device | None = None) -> Any:
