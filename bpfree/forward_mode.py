@@ -122,11 +122,25 @@ class _BatchNorm(torch.autograd.Function):
 
 
 def layer_param_grads(module: nn.Module, inp: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor] | None:
-    """The gradients of a Linear's / zero-padded Conv's trainable parameters (weight, then bias) from its input and
-    the gradient at its output, without running the layer again; None for other modules."""
+    """The gradients of a Linear's / zero-padded Conv's / batch norm's trainable parameters (weight, then bias) from
+    its input and the gradient at its output, without running the layer again (a batch norm's running statistics
+    stay as they are); None for other modules."""
     params = [p for p in (module.weight, module.bias) if p is not None and p.requires_grad] if isinstance(
-        module, (nn.Linear, *CONVS)) else []  # fmt: skip
-    if isinstance(module, nn.Linear):
+        module, (nn.Linear, *CONVS, *NORMS)) else []  # fmt: skip
+    if isinstance(module, NORMS):
+        if module.weight is None:
+            return []
+        # Batch statistics exactly when nn.BatchNorm's forward uses them.
+        batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+        dims = [0, *range(2, inp.dim())]
+        var, mean = torch.var_mean(inp, dim=dims, correction=0) if batch_stats else (None, None)
+        rstd = None if var is None else (var + module.eps).rsqrt()
+        _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(), inp, module.weight, module.running_mean, module.running_var, mean, rstd,
+            batch_stats, module.eps, [False, True, True],
+        )  # fmt: skip
+        grads = {"weight": gw, "bias": gb}
+    elif isinstance(module, nn.Linear):
         g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), inp.reshape(-1, inp.shape[-1])
         grads = {"weight": g2.t() @ x2, "bias": g2.sum(0)}
     elif isinstance(module, CONVS) and module.padding_mode == "zeros" and (conf := conv_config(module)) is not None:

@@ -492,8 +492,11 @@ class ForwardGradientActivity(_ForwardGradient):
         readout_io: dict[str, torch.Tensor] = {}
 
         def perturb(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            primal, tangent = fwad.unpack_dual(out)
             u = self._sample_(torch.empty(out.shape, device=out.device, dtype=out.dtype))
-            return out + fwad.make_dual(torch.zeros_like(u), u), u.view(K, B, *out.shape[1:])
+            # The onward tangent is a tensor of its own: an in-place op downstream must not change u.
+            onward = u.clone() if tangent is None else tangent + u
+            return fwad.make_dual(primal, onward), u.view(K, B, *out.shape[1:])
 
         def inject(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
             primal_in = fwad.unpack_dual(inp[0]).primal[:B]
@@ -538,7 +541,8 @@ class ForwardGradientActivity(_ForwardGradient):
         named = dict(self.model.named_parameters())
         handles = [m.register_forward_hook(inject) for m in mods]
         try:
-            with fwad.dual_level(), math_attention(), patched_attention(self.model, project), \
+            # No reverse graph: every gradient comes from the recorded inputs and tangents.
+            with torch.no_grad(), fwad.dual_level(), math_attention(), patched_attention(self.model, project), \
                     tangent_friendly(self.model):
                 # The K tangents travel as K copies of the batch: per-example, per-copy independent noise.
                 x_rep = x.repeat(K, *([1] * (x.dim() - 1)))
@@ -567,8 +571,14 @@ class ForwardGradientActivity(_ForwardGradient):
             gz = torch.einsum("kb,kb...->b...", c.to(u.dtype), u)
             grads = layer_param_grads(mod, inp, gz) if isinstance(mod, nn.Module) else None
             if grads is None:
-                with torch.enable_grad():  # a vector-Jacobian product through this one map only
+                # A vector-Jacobian product through this one map only, run again: its buffers (running statistics)
+                # are put back as the step's forward pass left them.
+                buffers = [(b, b.clone()) for b in mod.buffers()] if isinstance(mod, nn.Module) else []
+                with torch.enable_grad():
                     grads = torch.autograd.grad(mod(inp), params, gz)
+                with torch.no_grad():
+                    for b, before in buffers:
+                        b.copy_(before)
             for p, g in zip(params, grads):
                 p.grad = g if p.grad is None else p.grad + g
         for n, v in loose.items():
