@@ -148,8 +148,18 @@ def test_kill_mid_metrics_line_restores_that_epoch_from_the_checkpoint(data_root
     assert compared(read_metrics(out / "metrics.jsonl")) == whole  # epoch 2 restored, not dropped
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test, also where the suite was started in the background (a shell
+    starts background jobs with SIGINT ignored, and Python then keeps it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_signal_during_a_checkpoint_write(data_root, whole, tmp_path, capsys, monkeypatch, sig, code, word):
+def test_signal_during_a_checkpoint_write(data_root, whole, tmp_path, capsys, monkeypatch, python_sigint, sig, code,
+                                          word):  # fmt: skip
     out = tmp_path / "run"
     monkeypatch.setattr(torch, "save", signal_hooks.signalling_save(2, sig))
     assert main(run_args(data_root, out)) == code
