@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import nn
 
@@ -200,3 +201,14 @@ def tangent_friendly(model: nn.Module) -> Iterator[None]:
             swaps.append((m, partial(_norm_forward, m)))
     with forwards_replaced(swaps):
         yield
+
+
+def renew_dual_level() -> None:
+    """Close the current forward-AD level and open a fresh one, dropping every tangent made so far.
+
+    A dual tensor whose primal has a reverse graph keeps its tangent (and what the tangent's graph saved) alive until
+    its level closes, whoever still refers to it. A rule that hands only a primal across a block boundary renews the
+    level there, so those tangents die with the block instead of piling up over the depth of the model.
+    """
+    fwad.exit_dual_level()
+    fwad.enter_dual_level()

@@ -13,8 +13,8 @@ from torch import nn
 
 from bpfree.errors import UsageError
 from bpfree.methods import register_fast_path
-from bpfree.methods.base import Estimator, StepResult, set_grads
-from bpfree.methods.forward_forward import _accumulate, goodness_logits, pair_loss, wrong_labels
+from bpfree.methods.base import Estimator, StepResult, add_grads, zero_missing_grads
+from bpfree.methods.forward_forward import goodness_logits, pair_loss, wrong_labels
 from bpfree.models.ff_mlp import FFMLP, length_normalise
 
 
@@ -101,7 +101,9 @@ class ForwardForward(Estimator):
         )
         positive = torch.cat([x.new_ones(batch), x.new_zeros(batch)])
         active = self.active_layers()
-        grads: dict[nn.Parameter, torch.Tensor] = {}
+        params = self.trainable()
+        for p in params:
+            p.grad = None
         extra: dict[str, float] = {}
         losses = []
         margin = x.new_zeros(batch)  # positive minus negative goodness, layers as in goodness inference
@@ -120,7 +122,7 @@ class ForwardForward(Estimator):
                     extra[f"loss_layer{index}"] = loss.item()
                     if peer > 0:
                         loss = loss + peer * self.peer_loss(index, acts[:batch])
-                    _accumulate(grads, loss, list(layer.parameters()))
+                    add_grads(loss, list(layer.parameters()))
             if index > 0 or len(net.layers) == 1:
                 good = acts.detach().pow(2).sum(dim=1)
                 margin += good[:batch] - good[batch:]
@@ -128,9 +130,8 @@ class ForwardForward(Estimator):
             h = length_normalise(acts.detach())
         with torch.enable_grad():
             readout_loss = F.cross_entropy(net.readout(features), y)
-        _accumulate(grads, readout_loss, list(net.readout.parameters()))
-        params = self.trainable()
-        set_grads(params, [grads.get(p) for p in params])
+        add_grads(readout_loss, list(net.readout.parameters()))
+        zero_missing_grads(params)
         self.steps += 1
         extra["loss_readout"] = readout_loss.item()
         extra["readout_error"] = 100.0 * (readout_logits.argmax(1) != y).float().mean().item()

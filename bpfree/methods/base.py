@@ -52,6 +52,18 @@ def set_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | Non
         p.grad = torch.zeros_like(p) if g is None else g
 
 
+def add_grads(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+    """Add d loss / d p into every p.grad now (a local backward: it frees the loss's graph at once, so a rule that
+    calls it at each block boundary holds one block's graph at a time). Parameters the loss does not reach keep
+    their gradient."""
+    params = [p for p in params if p.requires_grad]
+    if not params or not loss.requires_grad:
+        return
+    for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
+
+
 def zero_missing_grads(params: Sequence[torch.Tensor]) -> None:
     for p in params:
         if p.grad is None:

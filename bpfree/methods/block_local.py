@@ -52,9 +52,10 @@ from bpfree.anatomy import (
 )
 from bpfree.attention import math_attention
 from bpfree.errors import UsageError
+from bpfree.forward_mode import renew_dual_level
 from bpfree.losses import local_loss_grid
 from bpfree.methods import METHODS
-from bpfree.methods.base import Estimator, StepResult, rank_seed, set_grads
+from bpfree.methods.base import Estimator, StepResult, add_grads, rank_seed, set_grads, zero_missing_grads
 from bpfree.methods.feedback_alignment import (
     _clone,
     _FALinear,
@@ -160,8 +161,11 @@ class BlockLocal(Estimator):
         self.heads.to(param.device, param.dtype)
         for head in self.heads:
             init_uniform_(list(head.parameters()), head.in_features, self.generator)
-        between = {id(p) for p in between_parameters(anatomy)}
-        self.readout = [p for p in anatomy.readout_parameters() if id(p) not in between]
+        between = between_parameters(anatomy)
+        self.readout = [p for p in anatomy.readout_parameters() if all(p is not q for q in between)]
+        # What block i's local loss may reach: its own parameters, its head, parameters between blocks.
+        self.local_params = [b.parameters() + list(h.parameters()) + between
+                             for b, h in zip(anatomy.blocks, self.heads)]
         self.fa_weights = block_fa_weights(anatomy, self.method) if self.uses_fa else []
         self.feedback = [uniform_like(w, w[0].numel(), self.generator) for _, w in self.fa_weights]
         self.head_feedback = [uniform_like(h.weight, h.in_features, self.generator) for h in self.heads] \
@@ -179,23 +183,26 @@ class BlockLocal(Estimator):
         return loss, loss
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        outs: list[torch.Tensor] = []
+        reported: list[float] = []
 
-        def cut(_i: int, out: torch.Tensor) -> torch.Tensor:
-            outs.append(out)
+        def learn(i: int, out: torch.Tensor) -> torch.Tensor:
+            # Block at a time: block i's local backward runs at its boundary, inside the model's own forward, so its
+            # graph is freed before block i + 1 starts (activation memory: one block's, flat in depth).
+            objective, loss = self.local_loss(i, out, y)
+            add_grads(objective, self.local_params[i])
+            reported.append(float(loss.detach()))
             return out.detach()
 
         params = self.trainable()
+        for p in params:
+            p.grad = None
         fa = feedback_layers(self.model, self.fa_weights, self.feedback) if self.uses_fa else nullcontext()
-        with torch.enable_grad(), boundaries(self.anatomy, cut), fa:
+        with torch.enable_grad(), boundaries(self.anatomy, learn), fa:
             logits = self.model(x)
             loss = self.loss_fn(logits, y)
-            local = [self.local_loss(i, out, y) for i, out in enumerate(outs)]
-            # Blocks are cut apart, so this one backward is every block's own local backward at once.
-            total = loss + sum(objective for objective, _ in local)
-            set_grads(params, torch.autograd.grad(total, params, allow_unused=True))
-        extra = {f"local_loss_{i}": float(reported.detach()) for i, (_, reported) in enumerate(local)}
-        return StepResult(loss.detach(), logits.detach(), extra)
+            add_grads(loss, self.anatomy.readout_parameters())
+        zero_missing_grads(params)
+        return StepResult(loss.detach(), logits.detach(), {f"local_loss_{i}": v for i, v in enumerate(reported)})
 
     def trainable(self) -> list[nn.Parameter]:
         return super().trainable() + list(self.heads.parameters())
@@ -271,35 +278,42 @@ class BlockLocalFG(BlockLocalGrid):
         gram = T.gram(noise, per_example=per_example, entries=T.entries(self.dist))
         return T.coefficients(d, self.aggregation, gram, T.dimension(noise, per_example=per_example))
 
-    def exact_part(self, outs: list[torch.Tensor], logits: torch.Tensor, y: torch.Tensor) -> tuple[Any, ...]:
-        """The heads' exact gradients (they see stopped features only) and the readout's from dL/dlogits e through
-        the readout's own graph (`logits` must carry it); returns (loss, e, grids, extra)."""
-        batch = y.shape[0]
-        full = logits
+    def head_grid(self, i: int, out: torch.Tensor, y: torch.Tensor, learn: bool = True):  # noqa: ANN201
+        """Block i's loss grid on its stopped output [B, ...]; with `learn`, the head's exact gradient is added now
+        (the head sees stopped features only) and the local loss recorded."""
         with torch.enable_grad():
-            logits = logits[:batch].detach().requires_grad_()
-            loss = self.loss_fn(logits, y)
-            grids = [self.grid(i, o[:batch].detach(), y) for i, o in enumerate(outs)]
-            local = [g.per_example.mean() for g in grids]
-            heads = list(self.heads.parameters())
+            grid = self.grid(i, out.detach(), y)
+            if learn:
+                local = grid.per_example.mean()
+                add_grads(local, list(self.heads[i].parameters()))
+                self._reported[i] = float(local.detach())
+        return grid
+
+    def readout_step(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss, and the readout's exact gradient from dL/dlogits through the readout's own graph (`logits`
+        [K*B, classes] must carry it; the first B rows are the unperturbed batch)."""
+        batch = y.shape[0]
+        with torch.enable_grad():
+            leaf = logits[:batch].detach().requires_grad_()
+            loss = self.loss_fn(leaf, y)
+            (e,) = torch.autograd.grad(loss, leaf)
             readout = [p for p in self.readout if p.requires_grad]
-            (e,) = torch.autograd.grad(loss, logits)
-            set_grads(heads, torch.autograd.grad(sum(local), heads, allow_unused=True))
             if readout:
-                set_grads(readout, torch.autograd.grad(full[:batch], readout, e, allow_unused=True))
-        return loss.detach(), e, grids, {f"local_loss_{i}": float(v.detach()) for i, v in enumerate(local)}
+                set_grads(readout, torch.autograd.grad(logits[:batch], readout, e, allow_unused=True))
+        return loss.detach()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         for p in self.trainable():
             p.grad = None
+        self._reported: dict[int, float] = {}
         with math_attention():  # forward-mode AD needs the math attention kernel
-            loss, logits, extra = self.forward_step(x, y)
-        for p in self.trainable():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+            loss, logits = self.forward_step(x, y)
+        zero_missing_grads(self.trainable())
+        extra = {f"local_loss_{i}": v for i, v in sorted(self._reported.items())}
         return StepResult(loss, logits, extra)
 
-    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fill the blocks' gradients block at a time, inside the model's forward; returns (loss, logits)."""
         raise NotImplementedError
 
 
@@ -362,28 +376,14 @@ class BlockLocalFGActivity(BlockLocalFG):
     def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         return T.sample(shape, self.dist, self._scratch, device=like.device, dtype=like.dtype)
 
-    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Per-example tangents from a stream seeded afresh each step: data-parallel rank r offsets the seed so its
         # examples get their own tangents, while every rank advances the shared generator alike (resumable).
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
         self._scratch.manual_seed(rank_seed(seed, self.group.rank))
-        k, batch, g = self.tangents, x.shape[0], self.groups
+        k, batch = self.tangents, x.shape[0]
         xk = x.repeat(k, *([1] * (x.dim() - 1)))  # K copies of the batch: independent tangents per copy
         fired: list[list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = [[] for _ in self.anatomy.blocks]
-        outs: list[torch.Tensor] = []
-        tangents: list[torch.Tensor] = []
-        handles = []
-
-        def detach_inputs(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            if m in self.joined:  # a norm after a unit: its estimate goes back through that unit too
-                return None
-
-            def cut(a: Any) -> Any:
-                if not isinstance(a, torch.Tensor):
-                    return a
-                primal, tangent = fwad.unpack_dual(a)
-                return primal.detach() if tangent is None else fwad.make_dual(primal.detach(), tangent)
-            return tuple(cut(a) for a in args), {key: cut(v) for key, v in kwargs.items()}
 
         def perturb(i: int):  # noqa: ANN202
             def hook(m: nn.Module, _args: tuple, out: Any) -> Any:
@@ -397,43 +397,59 @@ class BlockLocalFGActivity(BlockLocalFG):
                 return (dual, *out[1:]) if isinstance(out, tuple) else dual
             return hook
 
+        def learn(i: int, out: torch.Tensor) -> torch.Tensor:
+            # Block at a time: block i's estimate is formed at its boundary and its units' records dropped.
+            primal, tangent = fwad.unpack_dual(out)
+            self._learn_block(i, primal, torch.zeros_like(primal) if tangent is None else tangent, fired[i], y)
+            fired[i] = []
+            onward = primal.detach()
+            del out, primal, tangent
+            renew_dual_level()  # the next block starts without tangents: this block's die now
+            return onward
+
+        handles = []
         for i, units in enumerate(self.units):
             for m in units:
-                handles.append(m.register_forward_pre_hook(detach_inputs, with_kwargs=True))
+                handles.append(m.register_forward_pre_hook(self._detach_inputs, with_kwargs=True))
                 handles.append(m.register_forward_hook(perturb(i)))
-
-        def cut_block(_i: int, out: torch.Tensor) -> torch.Tensor:
-            primal, tangent = fwad.unpack_dual(out)
-            outs.append(primal)
-            tangents.append(tangent if tangent is not None else torch.zeros_like(primal))
-            return primal.detach()
-
         try:
-            with fwad.dual_level(), torch.enable_grad(), boundaries(self.anatomy, cut_block):
-                logits = self.model(xk)
-                logits = fwad.unpack_dual(logits).primal
+            with fwad.dual_level(), torch.enable_grad(), boundaries(self.anatomy, learn):
+                logits = fwad.unpack_dual(self.model(xk)).primal
         finally:
             for h in handles:
                 h.remove()
-        loss, _, grids, extra = self.exact_part(outs, logits, y)
-        outputs, grads, params = [], [], []
+        return self.readout_step(logits, y), logits[:batch].detach()
+
+    def _detach_inputs(self, m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """A unit's inputs cut from the reverse graph (its VJP stays inside it), tangents kept."""
+        if m in self.joined:  # a norm after a unit: its estimate goes back through that unit too
+            return None
+
+        def cut(a: Any) -> Any:
+            if not isinstance(a, torch.Tensor):
+                return a
+            primal, tangent = fwad.unpack_dual(a)
+            return primal.detach() if tangent is None else fwad.make_dual(primal.detach(), tangent)
+        return tuple(cut(a) for a in args), {key: cut(v) for key, v in kwargs.items()}
+
+    def _learn_block(self, i: int, out: torch.Tensor, tangent: torch.Tensor,
+                     fired: list[tuple[nn.Module, torch.Tensor, torch.Tensor]], y: torch.Tensor) -> None:
+        """Block i's head (exact) and its units' gradients from the grid's directional derivatives."""
+        k, batch = self.tangents, y.shape[0]
+        grid = self.head_grid(i, out[:batch], y)
         with torch.no_grad():
-            for i, grid in enumerate(grids):
-                h_dot = self.patches(tangents[i].detach()).unflatten(0, (k, batch))  # [K, B, P, C]
-                d = grid.directional(h_dot) / batch  # [K, B, P, G]: mean over the batch of the sum over copies
-                c = self.coefficients(d, [u.unflatten(0, (k, batch)) for _, _, u in fired[i]], per_example=True)
-                patches = d.shape[2]
-                for m, primal, u in fired[i]:
-                    outputs.append(primal)
-                    grads.append(self._estimate(c, u.unflatten(0, (k, batch)), patches, g))
-                    params.append(m)
-        owned = _owned_parameters(params + [self.joined[m] for m in params if m in self.joined])
-        flat = [p for m in params for p in owned[m] + (owned[self.joined[m]] if m in self.joined else [])]
+            h_dot = self.patches(tangent.detach()).unflatten(0, (k, batch))  # [K, B, P, C]
+            d = grid.directional(h_dot) / batch  # [K, B, P, G]: mean over the batch of the sum over copies
+            noise = [u.unflatten(0, (k, batch)) for _, _, u in fired]
+            c = self.coefficients(d, noise, per_example=True)
+            grads = [self._estimate(c, u, d.shape[2], self.groups) for u in noise]
+        units = [m for m, _, _ in fired]
+        owned = _owned_parameters(units + [self.joined[m] for m in units if m in self.joined])
+        flat = [p for m in units for p in owned[m] + (owned[self.joined[m]] if m in self.joined else [])]
         if flat:
             with torch.enable_grad():
-                got = torch.autograd.grad(outputs, flat, grads, allow_unused=True)
+                got = torch.autograd.grad([o for _, o, _ in fired], flat, grads, allow_unused=True)
             set_grads(flat, got)
-        return loss, logits[:batch].detach(), extra
 
     def _estimate(self, c: torch.Tensor, u: torch.Tensor, patches: int, g: int) -> torch.Tensor:
         """c u per tangent for the noise u [K, B, *S] of one module's output ([K*B, *S], the rows of the K copies of
@@ -468,49 +484,54 @@ def _owned_parameters(modules: list[nn.Module]) -> dict[nn.Module, list[nn.Param
 class BlockLocalFGWeight(BlockLocalFG):
     method = "lg-fg-w"
 
-    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        k, batch, g = self.tangents, x.shape[0], self.groups
+    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, batch = self.tangents, x.shape[0]
         names = {id(p): n for n, p in self.model.named_parameters()}
         params = [p for ps in self.block_params for p in ps]
         noise = [self.sample((k, *p.shape), p) for p in params]
+        # Per block, the K passes' grid derivatives summed over the batch: [P, G] each (only the batch sum matters).
         d_all: list[list[torch.Tensor]] = [[] for _ in self.anatomy.blocks]
-        outs: list[torch.Tensor] = []
         logits = torch.empty(0)
         for j in range(k):
-            tangents: list[torch.Tensor] = []
-            outs = []
-
-            def cut_block(_i: int, out: torch.Tensor, outs: list = outs, tangents: list = tangents) -> torch.Tensor:
+            def learn(i: int, out: torch.Tensor, first: bool = j == 0) -> torch.Tensor:
+                # Block at a time: the block's grid (its head learns in the first pass) and derivative, then on.
                 primal, tangent = fwad.unpack_dual(out)
-                outs.append(primal.detach())
-                tangents.append(tangent if tangent is not None else torch.zeros_like(primal))
+                grid = self.head_grid(i, primal, y, learn=first)
+                if tangent is not None:
+                    with torch.no_grad():
+                        d_all[i].append((grid.directional(self.patches(tangent.detach())) / batch).sum(0))
+                else:
+                    d_all[i].append(primal.new_zeros(grid.output_slope.shape[1], self.groups))
                 return primal.detach()
 
             # The first pass keeps the readout's graph (after the last cut only the readout has parameters that
             # require grad; the blocks' are dual copies), for its exact gradient.
-            with fwad.dual_level(), torch.set_grad_enabled(j == 0), boundaries(self.anatomy, cut_block):
+            with fwad.dual_level(), torch.set_grad_enabled(j == 0), boundaries(self.anatomy, learn):
                 duals = {names[id(p)]: fwad.make_dual(p.detach(), v[j]) for p, v in zip(params, noise)}
                 out = torch.func.functional_call(self.model, duals, (x,), strict=False)
                 if j == 0:
                     logits = fwad.unpack_dual(out).primal
-            d_all = [d + [t.detach()] for d, t in zip(d_all, tangents)]
-        loss, _, grids, extra = self.exact_part(outs, logits, y)
+        loss = self.readout_step(logits, y)
         with torch.no_grad():
             start = 0
-            for i, grid in enumerate(grids):
-                h_dot = torch.stack([self.patches(t) for t in d_all[i]])  # [K, B, P, C]
-                d = (grid.directional(h_dot) / batch).sum(1)  # [K, P, G]: only the batch sum matters
+            for i, ds in enumerate(d_all):
+                d = torch.stack(ds)  # [K, P, G]
                 self.group.weighted_mean_([d], batch)  # data-parallel: seed-shared tangents
                 block_noise = noise[start:start + len(self.block_params[i])]
-                c = self.coefficients(d, block_noise, per_example=False)
-                for p, v in zip(self.block_params[i], block_noise):
-                    if p.dim() >= 1 and p.shape[0] % g == 0:
-                        coef = c.sum(1).repeat_interleave(p.shape[0] // g, dim=1)  # [K, rows]: group g's rows
-                        p.grad = (coef.view(*coef.shape, *([1] * (p.dim() - 1))) * v).sum(0)
-                    else:
-                        p.grad = (c.sum((1, 2)).view(k, *([1] * p.dim())) * v).sum(0)
+                self._weight_grads(self.block_params[i], block_noise, self.coefficients(d, block_noise, False))
                 start += len(self.block_params[i])
-        return loss, logits.detach(), extra
+        return loss, logits.detach()
+
+    def _weight_grads(self, params: list[nn.Parameter], noise: list[torch.Tensor], c: torch.Tensor) -> None:
+        """Copy (p, g) scales the rows of group g of a weight whose first dimension splits into G groups; every
+        copy scales the rest."""
+        k, g = c.shape[0], self.groups
+        for p, v in zip(params, noise):
+            if p.dim() >= 1 and p.shape[0] % g == 0:
+                coef = c.sum(1).repeat_interleave(p.shape[0] // g, dim=1)  # [K, rows]: group g's rows
+                p.grad = (coef.view(*coef.shape, *([1] * (p.dim() - 1))) * v).sum(0)
+            else:
+                p.grad = (c.sum((1, 2)).view(k, *([1] * p.dim())) * v).sum(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,18 +40,9 @@ from torch import nn
 from bpfree.anatomy import boundaries, channels, eval_mode, example_input, init_uniform_, pool
 from bpfree.errors import DivergedError, UsageError
 from bpfree.methods import METHODS
-from bpfree.methods.base import Estimator, StepResult, set_grads
+from bpfree.methods.base import Estimator, StepResult, add_grads, zero_missing_grads
 from bpfree.methods.block_local import between_parameters
 from bpfree.registry import Option
-
-
-def _accumulate(
-    grads: dict[nn.Parameter, torch.Tensor], loss: torch.Tensor, params: list[nn.Parameter]
-) -> None:
-    for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
-        if g is not None:
-            grads[p] = grads[p] + g if p in grads else g
-
 
 # ----------------------------------------------------------------------------------------------------
 # Forward-Forward (Hinton 2022)
@@ -183,8 +174,9 @@ class BlockForwardForward(Estimator):
         if math.prod(anatomy.input_shape) < self.classes:
             raise UsageError(f"ff: an input of {math.prod(anatomy.input_shape)} values cannot hold a "
                              f"{self.classes}-class label")
-        between = {id(p) for p in between_parameters(anatomy)}
-        self.readout = [p for p in anatomy.readout_parameters() if id(p) not in between]
+        between = between_parameters(anatomy)
+        self.readout = [p for p in anatomy.readout_parameters() if all(p is not q for q in between)]
+        self.local_params = [b.parameters() + between for b in anatomy.blocks]
 
     def overlay(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """x with its first C values (flattened) replaced by label_value x `label` [B, C]; same shape as x."""
@@ -238,19 +230,22 @@ class BlockForwardForward(Estimator):
 
         def visit(i: int, out: torch.Tensor) -> None:
             nonlocal margin
-            losses.append(pair_loss(self.block_logits(out), positive, o["loss"], o["contrast_scale"]))
+            loss = pair_loss(self.block_logits(out), positive, o["loss"], o["contrast_scale"])
+            add_grads(loss, self.local_params[i])  # now: block i's graph is freed before block i + 1 runs
+            losses.append(loss.detach())
             if i > 0 or not skip_first:
                 good = self.goodness(out.detach())
                 margin = margin + good[:batch] - good[batch:]
 
         params = self.trainable()
+        for p in params:
+            p.grad = None
         with torch.enable_grad():
             self.run(h, visit)
             readout_logits = self.run(self.overlay(x, neutral))
             readout_loss = F.cross_entropy(readout_logits, y)
-            # blocks are cut apart: one backward is every block's own local backward, plus the readout's
-            grads = torch.autograd.grad(sum(losses) + readout_loss, params, allow_unused=True)
-        set_grads(params, grads)
+            add_grads(readout_loss, self.anatomy.readout_parameters())
+        zero_missing_grads(params)
         extra = {f"loss_layer{i}": float(v.detach()) for i, v in enumerate(losses)}
         extra["loss_readout"] = float(readout_loss.detach())
         extra["readout_error"] = 100.0 * float((readout_logits.argmax(1) != y).float().mean())
@@ -367,24 +362,24 @@ class ScalableFF(Estimator):
         return torch.stack(goodness).mean(dim=0)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        grads: dict[nn.Parameter, torch.Tensor] = {}
         goods: list[torch.Tensor] = []
         losses: list[torch.Tensor] = []
+        params = self.trainable()
+        for p in params:
+            p.grad = None
 
         def visit(k: int, out: torch.Tensor, unit: list[nn.Parameter]) -> None:
             g = self.goodness(k, out)
             loss = F.cross_entropy(g, y)
             # Only this unit's block and head can be in the graph (the unit's input was detached); taking the
             # gradient now frees the unit's graph before the next unit runs.
-            params = [p for p in unit if p.requires_grad] + list(self.heads[k].parameters())
-            _accumulate(grads, loss, params)
+            add_grads(loss, unit + list(self.heads[k].parameters()))
             goods.append(g.detach())
             losses.append(loss.detach())
 
         with torch.enable_grad():
             self._run(x, visit)
-        params = self.trainable()
-        set_grads(params, [grads.get(p) for p in params])
+        zero_missing_grads(params)
         extra = {f"loss_unit{k}": loss.item() for k, loss in enumerate(losses)}
         return StepResult(torch.stack(losses).mean(), self.combine(goods), extra)
 
