@@ -7,7 +7,8 @@ else); the optimizer step is the caller's. The training loop only ever calls `st
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -73,6 +74,53 @@ def zero_missing_grads(params: Sequence[torch.Tensor]) -> None:
 def rank_seed(seed: int, rank: int) -> int:
     """A per-step seed made distinct per data-parallel rank (per-example tangents must differ across ranks)."""
     return (seed + rank * 0x9E3779B97F4A7C15) % 2**63
+
+
+def rng_state(device: torch.device) -> list[torch.Tensor]:
+    """The global RNG state(s) a model's forward draws from (dropout): CPU, and the device's on CUDA."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def set_rng_state(states: list[torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
+
+
+@contextmanager
+def rng_as(states: list[torch.Tensor], device: torch.device) -> Iterator[None]:
+    """The global RNG as in `states` for a while (a rerun of a module draws its forward's dropout masks), then as
+    it was."""
+    now = rng_state(device)
+    set_rng_state(states, device)
+    try:
+        yield
+    finally:
+        set_rng_state(now, device)
+
+
+class Replay:
+    """A second forward pass that sees what the first saw: taken before the first pass, `again()` runs a block with
+    the global RNG (dropout) as it was then and puts the model's buffers (batch-norm running statistics) and the RNG
+    back as the first pass left them, so recomputing changes nothing but memory."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model, self.device = model, device
+        self.rng = rng_state(device)
+
+    @contextmanager
+    def again(self) -> Iterator[None]:
+        kept = [(b, b.clone()) for b in self.model.buffers()]
+        try:
+            with rng_as(self.rng, self.device):
+                yield
+        finally:
+            with torch.no_grad():
+                for b, before in kept:
+                    b.copy_(before)
 
 
 class Estimator:

@@ -42,7 +42,7 @@ from bpfree.attention import math_attention, patched_attention
 from bpfree.errors import UsageError
 from bpfree.forward_mode import conv_config, tangent_friendly
 from bpfree.methods import METHODS
-from bpfree.methods.base import Estimator, StepResult, set_grad, zero_missing_grads
+from bpfree.methods.base import Estimator, Replay, StepResult, set_grad, zero_missing_grads
 from bpfree.methods.bp import Backprop
 from bpfree.registry import Option
 
@@ -308,6 +308,15 @@ class _DenseBlock:
         self.x = self.z = self.h = None  # free the saved activations
 
 
+def output_error(est: Estimator, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and the output error e = ∂L/∂y (autograd through the loss only, so any loss_fn works)."""
+    leaf = logits.detach().requires_grad_()
+    with torch.enable_grad():
+        loss = est.loss_fn(leaf, y)
+        (e,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), e
+
+
 class _DirectFeedback(Estimator):
     """Shared machinery of DFA and FDFA: blocks, feedback matrices, local updates from per-block signals.
 
@@ -319,8 +328,9 @@ class _DirectFeedback(Estimator):
     tangent_dist = "normal"
     feedback_timing = "before"  # learned B (use_tangents): the weight signal takes B from before or after its update
 
-    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
-        super().__init__(model, seed=seed, **options)
+    def __init__(self, model: nn.Module, seed: int = 0, recompute: bool = False, **options: Any):
+        super().__init__(model, seed=seed, recompute=recompute, **options)
+        self.recompute = recompute
         # B_l has shape (classes, numel of block l's output); made at the first step, when the shapes are known.
         self.feedback: list[torch.Tensor] | None = None
         self.fast: list[_DenseBlock] | None = None
@@ -336,7 +346,7 @@ class _DirectFeedback(Estimator):
                 f"method {self.method!r} needs a model with at least one hidden block before the readout (found "
                 "none; name them with --blocks)"
             )
-        self.fast, self.readout = _dense_chain(anatomy)
+        self.fast, self.readout = _dense_chain(anatomy) if not self.recompute else (None, None)
         # Set on the first step: whether an in-place op after a block (ReLU(inplace=True)) would overwrite the block
         # output that its local backward needs; then the next block gets a copy instead of a detached view.
         self._copy_boundaries: bool | None = None
@@ -345,7 +355,12 @@ class _DirectFeedback(Estimator):
         raise NotImplementedError
 
     def learn_feedback(self, y_dot: torch.Tensor, tangents: list[torch.Tensor]) -> None:
-        """FDFA's update of B from the forward-mode pass (DFA keeps B fixed)."""
+        """FDFA's update of every B from the forward-mode pass (DFA keeps B fixed)."""
+        for i, u in enumerate(tangents):
+            self.learn_block_feedback(i, y_dot, u)
+
+    def learn_block_feedback(self, i: int, y_dot: torch.Tensor, u: torch.Tensor) -> None:
+        """FDFA's update of B_i from the output tangent and block i's tangent u."""
 
     def _buffer(self, kind: str, i: int, like: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get((kind, i))
@@ -425,6 +440,8 @@ class _DirectFeedback(Estimator):
         return outs, tangents, logits, y_dot
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        if self.recompute:
+            return self._step_recompute(x, y)
         if self.fast is not None:
             with torch.no_grad():
                 outs, tangents, logits, y_dot = self._forward_fast(x)
@@ -432,36 +449,104 @@ class _DirectFeedback(Estimator):
             outs, tangents, logits, y_dot = self._forward_generic(x)
         if self.feedback is None:
             self.feedback = self.init_feedback(outs, logits.shape[1])
-        if self.use_tangents and self.feedback_timing == "after":
+        learns = self.use_tangents
+        if learns and self.feedback_timing == "after":
             self.learn_feedback(y_dot, tangents)
-        # The output error e = ∂L/∂y (autograd on the loss only, so any loss_fn works).
-        leaf = logits.detach().requires_grad_()
-        with torch.enable_grad():
-            loss = self.loss_fn(leaf, y)
-            (e,) = torch.autograd.grad(loss, leaf)
-        signals = [(e @ b).view_as(o) for b, o in zip(self.feedback, outs)]  # new tensors: B may change below
-        if self.use_tangents and self.feedback_timing == "before":
-            self.learn_feedback(y_dot, tangents)
+        loss, e = output_error(self, logits, y)
         params = self.trainable()
         for p in params:
             p.grad = None
+        # Each block's signal e·B_l is made just before its local backward (B before this step's update when the
+        # timing is "before": the update comes after), so at most one signal is alive.
         if self.fast is not None:
             with torch.no_grad():
-                for block, s in zip(self.fast, signals):
-                    block.backward(s)
+                for block, b, o in zip(self.fast, self.feedback, outs):
+                    block.backward((e @ b).view_as(o))
                 lin = self.readout  # the readout's exact gradient
                 set_grad(lin.weight, e.t() @ self._last_hidden)
                 if lin.bias is not None:
                     set_grad(lin.bias, e.sum(0))
             self._last_hidden = None
         else:
-            # Every block's input was cut from its graph, so this one call runs one independent local backward per
-            # block (⟨h_l, e·B_l⟩) and the readout's exact one (⟨y, e⟩).
-            pairs = [(t, g) for t, g in zip([logits, *outs], [e, *signals]) if t.requires_grad]
-            if pairs:
-                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+            # Every block's input was cut from its graph: one independent local backward per block (⟨h_l, e·B_l⟩),
+            # last block first, each freeing its graph, and the readout's exact one (⟨y, e⟩).
+            if logits.requires_grad:
+                torch.autograd.backward(logits, e)
+            while outs:
+                out = outs.pop()
+                if out.requires_grad:
+                    torch.autograd.backward(out, (e @ self.feedback[len(outs)]).view_as(out))
+                del out
+        if learns and self.feedback_timing == "before":
+            self.learn_feedback(y_dot, tangents)
         zero_missing_grads(params)
-        return StepResult(loss.detach(), logits.detach())
+        return StepResult(loss, logits.detach())
+
+    def _step_recompute(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        """Block at a time, in two passes. The first runs without a reverse graph (FDFA: with tangents) for the
+        output error e (and ẏ); the second, with the same randomness, buffers and tangents, runs each block's local
+        backward of ⟨h_l, e·B_l⟩ at its boundary (FDFA: and learns B_l there, u_l drawn again), so no block's graph
+        outlives it. Same gradients as one pass; one more forward pass; activation memory flat in depth."""
+        replay = Replay(self.model, x.device)
+        drawn = self.generator.get_state()
+        shapes: list[torch.Tensor] = []
+
+        def first(i: int, out: torch.Tensor) -> torch.Tensor:
+            primal, tangent = fwad.unpack_dual(out)
+            if self.feedback is None:
+                shapes.append(primal.new_empty((1, *primal.shape[1:])))
+            if not self.use_tangents:
+                return out
+            u = T.sample_(torch.empty_like(primal), self.tangent_dist, self.generator)
+            return fwad.make_dual(primal, u if tangent is None else tangent + u)
+
+        with torch.no_grad(), self._passes(first, dual=self.use_tangents):
+            out = self.model(x)
+            logits, tangent = fwad.unpack_dual(out)
+            y_dot = None
+            if self.use_tangents:
+                y_dot = torch.zeros_like(logits) if tangent is None else tangent.detach().clone()
+            logits = logits.detach().clone()
+            del out, tangent
+        if self.feedback is None:
+            self.feedback = self.init_feedback(shapes, logits.shape[1])
+        loss, e = output_error(self, logits, y)
+        params = self.trainable()
+        for p in params:
+            p.grad = None
+        self.generator.set_state(drawn)
+
+        def second(i: int, out: torch.Tensor) -> torch.Tensor:
+            assert self.feedback is not None
+            if self.use_tangents:
+                u = T.sample_(torch.empty_like(out), self.tangent_dist, self.generator)
+                if self.feedback_timing == "after":
+                    self.learn_block_feedback(i, y_dot, u)
+            signal = (e @ self.feedback[i]).view_as(out)
+            if self.use_tangents and self.feedback_timing == "before":
+                self.learn_block_feedback(i, y_dot, u)
+            if out.requires_grad:
+                torch.autograd.backward(out, signal)
+            return out.detach()
+
+        with replay.again(), torch.enable_grad(), self._passes(second, dual=False):
+            again = self.model(x)
+            if again.requires_grad:
+                torch.autograd.backward(again, e)  # the readout's exact gradient
+        zero_missing_grads(params)
+        return StepResult(loss, logits)
+
+    @contextmanager
+    def _passes(self, at_boundary: Any, dual: bool) -> Iterator[None]:
+        """The contexts of a pass of the recomputing step (the same primal arithmetic in both passes)."""
+        with ExitStack() as stack:
+            if dual:
+                stack.enter_context(fwad.dual_level())
+            if self.use_tangents:
+                stack.enter_context(math_attention())
+                stack.enter_context(tangent_friendly(self.model))
+            stack.enter_context(boundaries(self.anatomy, at_boundary))
+            yield
 
     def state_dict(self) -> dict[str, Any]:
         fb = None if self.feedback is None else [b.clone() for b in self.feedback]
@@ -508,6 +593,10 @@ def dfa_feedback(classes: int, like: torch.Tensor, init: str, generator: torch.G
     "dfa",
     "direct feedback alignment: output error sent to every hidden layer through fixed random matrices",
     options={
+        "recompute": Option(
+            False, "two forward passes, each block's local backward at its boundary in the second (activation "
+            "memory flat in depth, one more forward pass)"
+        ),
         "feedback_init": Option(
             "kaiming-uniform",
             "fixed B: kaiming-uniform U(±√(6/n)) for n outputs (the public FDFA code) or normal N(0, 1/classes)",
@@ -537,6 +626,10 @@ FEEDBACK_TIMINGS = ("before", "after")
     "fdfa",
     "directional DFA: DFA whose feedback matrices track the output Jacobians, learned by one forward-mode pass",
     options={
+        "recompute": Option(
+            False, "two forward passes, each block's local backward at its boundary in the second (activation "
+            "memory flat in depth, one more forward pass)"
+        ),
         "feedback_lr": Option(1e-2, "rate of B: moving-average λ, or the feedback optimizer's learning rate"),
         "feedback_optimizer": Option(
             "average",
@@ -593,21 +686,23 @@ class DirectionalDFA(_DirectFeedback):
         elif self.feedback_optimizer == "sgd":
             self.optimizer = torch.optim.SGD(self.feedback, lr=self.feedback_lr)
 
-    def learn_feedback(self, y_dot: torch.Tensor, tangents: list[torch.Tensor]) -> None:
+    def learn_block_feedback(self, i: int, y_dot: torch.Tensor, u: torch.Tensor) -> None:
         lam, n = self.feedback_lr, y_dot.shape[0]
         assert self.feedback is not None
+        b = self.feedback[i]
         with torch.no_grad():
             if self.feedback_optimizer == "average":
-                for b, u in zip(self.feedback, tangents):
-                    # B ← (1−λ)B + λ·mean_batch(ẏ uᵀ), in place as one addmm.
-                    b.mul_(1 - lam).addmm_(y_dot.t(), u.reshape(n, -1), alpha=lam / n)
+                # B ← (1−λ)B + λ·mean_batch(ẏ uᵀ), in place as one addmm.
+                b.mul_(1 - lam).addmm_(y_dot.t(), u.reshape(n, -1), alpha=lam / n)
                 return
             if self.optimizer is None:
                 self._make_optimizer()
             assert self.optimizer is not None
-            for b, u in zip(self.feedback, tangents):
-                b.grad = torch.addmm(b, y_dot.t(), u.reshape(n, -1), alpha=-1 / n)  # ∇ ½‖B − mean(ẏuᵀ)‖²
+            # One B at a time: the optimizer steps only parameters with a gradient, so each B_i takes exactly one
+            # step per training step however the blocks are visited.
+            b.grad = torch.addmm(b, y_dot.t(), u.reshape(n, -1), alpha=-1 / n)  # ∇ ½‖B − mean(ẏuᵀ)‖²
             self.optimizer.step()
+            b.grad = None
 
     def state_dict(self) -> dict[str, Any]:
         opt = None if self.optimizer is None else self.optimizer.state_dict()

@@ -202,15 +202,31 @@ class BlockForwardForward(Estimator):
             return self.model(x)
 
     def goodness_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C]: for every label c overlaid, goodness summed over all blocks but the first (one pass of C x B)."""
+        """[B, C]: for every label c overlaid, goodness summed over all blocks but the first.
+
+        Two labels per pass (as many examples as a training pass: the scores never hold more activations than the
+        step); one pass of C x B where batch norm in training mode makes the examples of a pass depend on each other.
+        """
         b, c = x.shape[0], self.classes
+        coupled = self.model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                              for m in self.model.modules())  # fmt: skip
+        per_pass = c if coupled else 2
         eye = torch.eye(c, device=x.device, dtype=x.dtype)
-        labelled = self.overlay(x.repeat(c, *([1] * (x.dim() - 1))), eye.repeat_interleave(b, 0))
-        goods: list[torch.Tensor] = []
         skip_first = len(self.anatomy.blocks) > 1
+        scores = []
         with torch.no_grad():
-            self.run(labelled, lambda i, out: goods.append(self.goodness(out)) if i > 0 or not skip_first else None)
-        return torch.stack(goods).sum(0).view(c, b).t()
+            for first in range(0, c, per_pass):
+                labels = eye[first:first + per_pass]
+                labelled = self.overlay(x.repeat(len(labels), *([1] * (x.dim() - 1))), labels.repeat_interleave(b, 0))
+                goods: list[torch.Tensor] = []
+
+                def keep(i: int, out: torch.Tensor, goods: list = goods) -> None:
+                    if i > 0 or not skip_first:
+                        goods.append(self.goodness(out))
+
+                self.run(labelled, keep)
+                scores.append(torch.stack(goods).sum(0).view(len(labels), b))
+        return torch.cat(scores).t()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         o, batch, c = self.options, x.shape[0], self.classes

@@ -38,6 +38,8 @@ perturbed. exact_readout=False perturbs it like every other layer.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,7 +54,16 @@ from bpfree.distributed import Group
 from bpfree.errors import UsageError
 from bpfree.forward_mode import layer_param_grads, tangent_friendly
 from bpfree.methods import METHODS
-from bpfree.methods.base import Estimator, StepResult, rank_seed, set_grad, zero_missing_grads
+from bpfree.methods.base import (
+    Estimator,
+    Replay,
+    StepResult,
+    rank_seed,
+    rng_as,
+    rng_state,
+    set_grad,
+    zero_missing_grads,
+)
 from bpfree.registry import Option
 
 _COMMON = {
@@ -374,7 +385,8 @@ class ForwardGradientWeight(_ForwardGradient):
     options={
         **_COMMON,
         "recompute": Option(
-            False, "regenerate activity tangents in a second forward pass instead of storing (flat memory)"
+            False, "regenerate tangents and layer inputs in a second forward pass instead of keeping them (activation "
+            "memory flat in depth, one more forward pass)"
         ),
     },
     paper="Ren et al. 2022 (arXiv 2210.03310); Flügel et al. 2024 (arXiv 2410.17764)",
@@ -474,10 +486,50 @@ class ForwardGradientActivity(_ForwardGradient):
         return seed
 
     def _step_generic(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        K = self.K
-        B = x.shape[0]
+        self._check_batch_norm()
+        readout = self._readout_module()
+        mods, loose = self._perturbed_maps()
+        replay = Replay(self.model, x.device) if self.recompute else None
+        records: list[_Record] = []
+        orth = self.aggregation == "orthogonal"
+        gram: list[Any] = [None, 0]  # orthogonal aggregation: the tangents' Gram matrix and dimension, summed
+        kind = T.entries(self.dist, masked=True)  # no mask on this path, but "integer" covers +-1 too
+
+        def keep(rec: _Record) -> None:
+            if orth:
+                g = T.gram(rec.u, True, kind)
+                gram[0] = g if gram[0] is None else gram[0] + g
+                gram[1] += T.dimension(rec.u, per_example=True)
+            if not self.recompute:
+                records.append(rec)
+
+        logits, ydot, readout_io = self._activity_pass(x, mods, loose, readout, keep, dual=True)
+        if readout is not None and not _same(readout_io.get("out", logits[:0]), logits):
+            raise UsageError(
+                "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
+            )
+        loss, e = loss_grad(self, logits, y)
+        d = torch.einsum("kbc,bc->kb", ydot, e.reshape(x.shape[0], -1))
+        c = T.coefficients(d, self.aggregation, gram[0], gram[1] or 1)
+        if replay is not None:
+            # Second primal pass, same randomness and buffers: each map's input and tangents come back, its
+            # gradient is formed and both are dropped (activation memory: one map's, flat in depth).
+            with replay.again():
+                self._scratch.manual_seed(self._seed)
+                self._perturbed_maps()  # the loose tangents again: the stream stays aligned
+                self._activity_pass(x, mods, {}, readout, lambda rec: self._map_grads(rec, c), dual=False)
+        for rec in records:
+            self._map_grads(rec, c)
+        named = dict(self.model.named_parameters())
+        for n, v in loose.items():
+            named[n].grad = c.sum().to(v.dtype) * v
+        if readout is not None:
+            self._readout_grads(readout, readout_io["in"].reshape(-1, readout.in_features), e)
+        return loss, logits
+
+    def _check_batch_norm(self) -> None:
         if (
-            K > 1
+            self.K > 1
             and self.model.training
             and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         ):
@@ -485,50 +537,18 @@ class ForwardGradientActivity(_ForwardGradient):
                 "fg-a with --tangents > 1 cannot run batch norm in training mode (the K tangent copies of the "
                 "batch would share batch statistics); use --tangents 1"
             )
-        readout = self._readout_module()
-        # (the map's output as a function of its input, input, tangents [K, B, ...], parameters)
-        records: list[tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor, list[nn.Parameter]]]
-        records = []
-        readout_io: dict[str, torch.Tensor] = {}
 
-        def perturb(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            primal, tangent = fwad.unpack_dual(out)
-            u = self._sample_(torch.empty(out.shape, device=out.device, dtype=out.dtype))
-            # The onward tangent is a tensor of its own: an in-place op downstream must not change u.
-            onward = u.clone() if tangent is None else tangent + u
-            return fwad.make_dual(primal, onward), u.view(K, B, *out.shape[1:])
+    def _perturbed_maps(self) -> tuple[list[nn.Module], dict[str, torch.Tensor]]:
+        """The modules whose outputs get activity tangents, and the loose parameters' weight tangents (drawn now).
 
-        def inject(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
-            primal_in = fwad.unpack_dual(inp[0]).primal[:B]
-            if mod is readout:
-                readout_io["in"] = primal_in.detach()
-                readout_io["out"] = fwad.unpack_dual(out).primal[:B].detach()
-                return None
-            out, u = perturb(out)
-            records.append((mod, primal_in.detach(), u, [p for p in mod.parameters(recurse=False) if p.requires_grad]))
-            return out
-
-        def project(mha: nn.MultiheadAttention, which: str, t: torch.Tensor, w: torch.Tensor,
-                    b: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-            """An attention input projection: perturbed like any linear map, its own weights' VJP later."""
-            out, u = perturb(F.linear(t, w, b))
-
-            def fn(inp: torch.Tensor) -> torch.Tensor:
-                if which == "qkv":
-                    return F.linear(inp, mha.in_proj_weight, mha.in_proj_bias)
-                return F.linear(inp, *projection_weights(mha)[which])
-
-            params = [p for p in mha.parameters(recurse=False) if p.requires_grad]
-            records.append((fn, fwad.unpack_dual(t).primal[:B].detach(), u, params))
-            return out
-
-        # Attention modules return tuples: their projections are perturbed inside `attention_forward` instead.
+        Attention modules return tuples: their projections are perturbed inside `attention_forward` instead. A
+        container's own parameters (a ViT's position embedding on the model itself) are used somewhere inside its
+        forward: perturbing the container's output would need a VJP through all of it. They get weight perturbation
+        instead, one tangent shared by all examples and copies (unbiased alongside the activity tangents, which are
+        independent of it); under orthogonal aggregation they keep the VJP.
+        """
         mods = [m for m in self.model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
                 and not isinstance(m, nn.MultiheadAttention)]  # fmt: skip
-        # A container's own parameters (a ViT's position embedding on the model itself) are used somewhere inside
-        # its forward: perturbing the container's output would need a VJP through all of it. They get weight
-        # perturbation instead, one tangent shared by all examples and copies (unbiased alongside the activity
-        # tangents, which are independent of it); under orthogonal aggregation they keep the VJP.
         loose: dict[str, torch.Tensor] = {}
         if self.aggregation != "orthogonal":
             containers = [(n, m) for n, m in self.model.named_modules() if m in mods
@@ -538,15 +558,86 @@ class ForwardGradientActivity(_ForwardGradient):
                 for pn, p in m.named_parameters(recurse=False):
                     if p.requires_grad:
                         loose[f"{prefix}.{pn}" if prefix else pn] = self._sample_(torch.empty_like(p))
-        named = dict(self.model.named_parameters())
+        return mods, loose
+
+    def _activity_pass(
+        self, x: torch.Tensor, mods: list[nn.Module], loose: dict[str, torch.Tensor], readout: nn.Linear | None,
+        visit: Callable[[_Record], None], dual: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        """One pass over K copies of the batch (per-example, per-copy independent tangents). Every perturbed map's
+        output gets tangents u drawn from the step's stream, added to its tangent when `dual` (else only drawn);
+        `visit` sees each map with its input and u. Returns (logits [B, C], ydot [K, B, C], the readout's input
+        and output)."""
+        K, B = self.K, x.shape[0]
+        readout_io: dict[str, torch.Tensor] = {}
+        busy = []  # set while `visit` runs: a module it calls again (a VJP) is not a new map of the pass
+
+        def seen(rec: _Record) -> None:
+            busy.append(True)
+            try:
+                visit(rec)
+            finally:
+                busy.pop()
+
+        def perturb(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            primal, tangent = fwad.unpack_dual(out)
+            u = self._sample_(torch.empty(out.shape, device=out.device, dtype=out.dtype))
+            if not dual:
+                return out, u.view(K, B, *out.shape[1:])
+            # The onward tangent is a tensor of its own: an in-place op downstream must not change u.
+            onward = u.clone() if tangent is None else tangent + u
+            return fwad.make_dual(primal, onward), u.view(K, B, *out.shape[1:])
+
+        def inject(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
+            if busy:
+                return None
+            primal_in = fwad.unpack_dual(inp[0]).primal[:B]
+            if mod is readout:
+                readout_io["in"] = primal_in.detach()
+                readout_io["out"] = fwad.unpack_dual(out).primal[:B].detach()
+                return None
+            out, u = perturb(out)
+            params = [p for p in mod.parameters(recurse=False) if p.requires_grad]
+            seen(_Record(mod, primal_in.detach(), u, params, rng.pop(mod, None)))
+            return out
+
+        def project(mha: nn.MultiheadAttention, which: str, t: torch.Tensor, w: torch.Tensor,
+                    b: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+            """An attention input projection: perturbed like any linear map, its own weights' VJP later."""
+            if busy:
+                return F.linear(t, w, b)
+            out, u = perturb(F.linear(t, w, b))
+
+            def fn(inp: torch.Tensor) -> torch.Tensor:
+                if which == "qkv":
+                    return F.linear(inp, mha.in_proj_weight, mha.in_proj_bias)
+                return F.linear(inp, *projection_weights(mha)[which])
+
+            params = [p for p in mha.parameters(recurse=False) if p.requires_grad]
+            seen(_Record(fn, fwad.unpack_dual(t).primal[:B].detach(), u, params))
+            return out
+
+        def draws(mod: nn.Module, _inp: tuple) -> None:
+            if not busy:
+                rng[mod] = rng_state(x.device)
+
+        # Modules holding dropout: a rerun for their VJP must draw the masks their forward drew.
+        rng: dict[nn.Module, list[torch.Tensor]] = {}
+        random = [m for m in mods if any(isinstance(s, nn.modules.dropout._DropoutNd) for s in m.modules())]
         handles = [m.register_forward_hook(inject) for m in mods]
+        handles += [m.register_forward_pre_hook(draws) for m in random]
         try:
             # No reverse graph: every gradient comes from the recorded inputs and tangents.
-            with torch.no_grad(), fwad.dual_level(), math_attention(), patched_attention(self.model, project), \
-                    tangent_friendly(self.model):
-                # The K tangents travel as K copies of the batch: per-example, per-copy independent noise.
+            with ExitStack() as stack:
+                stack.enter_context(torch.no_grad())
+                if dual:
+                    stack.enter_context(fwad.dual_level())
+                for context in (math_attention(), patched_attention(self.model, project),
+                                tangent_friendly(self.model)):  # fmt: skip
+                    stack.enter_context(context)
                 x_rep = x.repeat(K, *([1] * (x.dim() - 1)))
                 if loose:
+                    named = dict(self.model.named_parameters())
                     duals = {n: fwad.make_dual(named[n].detach(), v) for n, v in loose.items()}
                     out = functional_call(self.model, duals, (x_rep,))
                 else:
@@ -557,32 +648,32 @@ class ForwardGradientActivity(_ForwardGradient):
         finally:
             for hd in handles:
                 hd.remove()
-        if readout is not None and not _same(readout_io.get("out", logits[:0]), logits):
-            raise UsageError(
-                "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
-            )
-        loss, e = loss_grad(self, logits, y)
-        d = torch.einsum("kbc,bc->kb", ydot, e.reshape(B, -1))
-        tangents = [u for _, _, u, _ in records]
-        kind = T.entries(self.dist, masked=True)  # no mask on this path, but "integer" covers +-1 too
-        G = T.gram(tangents, True, kind) if self.aggregation == "orthogonal" and tangents else None
-        c = T.coefficients(d, self.aggregation, G, T.dimension(tangents, per_example=True) if tangents else 1)
-        for mod, inp, u, params in records:
-            gz = torch.einsum("kb,kb...->b...", c.to(u.dtype), u)
-            grads = layer_param_grads(mod, inp, gz) if isinstance(mod, nn.Module) else None
-            if grads is None:
-                # A vector-Jacobian product through this one map only, run again: its buffers (running statistics)
-                # are put back as the step's forward pass left them.
-                buffers = [(b, b.clone()) for b in mod.buffers()] if isinstance(mod, nn.Module) else []
-                with torch.enable_grad():
-                    grads = torch.autograd.grad(mod(inp), params, gz)
-                with torch.no_grad():
-                    for b, before in buffers:
-                        b.copy_(before)
-            for p, g in zip(params, grads):
-                p.grad = g if p.grad is None else p.grad + g
-        for n, v in loose.items():
-            named[n].grad = c.sum().to(v.dtype) * v
-        if readout is not None:
-            self._readout_grads(readout, readout_io["in"].reshape(-1, readout.in_features), e)
-        return loss, logits
+        return logits, ydot, readout_io
+
+    def _map_grads(self, rec: _Record, c: torch.Tensor) -> None:
+        """Add one perturbed map's parameter gradients: the VJP of its estimated output gradient sum_k c_k u_k."""
+        gz = torch.einsum("kb,kb...->b...", c.to(rec.u.dtype), rec.u)
+        grads = layer_param_grads(rec.fn, rec.inp, gz) if isinstance(rec.fn, nn.Module) else None
+        if grads is None:
+            # A vector-Jacobian product through this one map only, run again: its buffers (running statistics)
+            # are put back as the step's forward pass left them.
+            buffers = [(b, b.clone()) for b in rec.fn.buffers()] if isinstance(rec.fn, nn.Module) else []
+            with torch.enable_grad(), rng_as(rec.rng, rec.inp.device) if rec.rng else nullcontext():
+                grads = torch.autograd.grad(rec.fn(rec.inp), rec.params, gz)
+            with torch.no_grad():
+                for b, before in buffers:
+                    b.copy_(before)
+        for p, g in zip(rec.params, grads):
+            p.grad = g if p.grad is None else p.grad + g
+
+
+@dataclass
+class _Record:
+    """A perturbed map of fg-a's generic path: the map, its primal input (first B rows), its tangents [K, B, ...]
+    and the parameters its VJP reaches."""
+
+    fn: nn.Module | Callable[[torch.Tensor], torch.Tensor]
+    inp: torch.Tensor
+    u: torch.Tensor
+    params: list[nn.Parameter]
+    rng: list[torch.Tensor] | None = None  # the global RNG before the map's forward, where it drew dropout masks

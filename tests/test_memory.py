@@ -1,0 +1,130 @@
+"""Activation memory (bpfree.memory): flat in depth for the local rules and the recomputing rules, and
+recomputation changes nothing but memory."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bpfree import methods
+from bpfree.memory import activation_peak
+
+CHANNELS, BATCH = 8, 16
+
+
+def conv_net(depth: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers = [nn.Sequential(nn.Conv2d(3 if i == 0 else CHANNELS, CHANNELS, 3, padding=1), nn.ReLU())
+              for i in range(depth)]  # fmt: skip
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(CHANNELS, 10))
+    net.input_shape = (3, 16, 16)
+    return net
+
+
+def step_peak(method: str, depth: int, **options: object) -> int:
+    """Bytes: the peak of the second step (the first made the estimator's state: DFA's B grows with depth as the
+    weights do, but it is not activation memory)."""
+    est = methods.build(method, conv_net(depth), seed=0, **options)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(BATCH, 3, 16, 16, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+    est.step(x, y)
+    return activation_peak(lambda: est.step(x, y))
+
+
+FLAT = [("l-bp", {}), ("l-fa", {}), ("lg-bp", {}), ("lg-fa", {}), ("lg-fg-a", {}), ("lg-fg-w", {}),
+        ("sff", {}), ("sff-block", {}), ("ff", {}), ("fg-w", {}), ("fg-a", {"recompute": True}),
+        ("dfa", {"recompute": True}), ("fdfa", {"recompute": True})]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "options"), FLAT, ids=[m + ("-rc" if o else "") for m, o in FLAT])
+def test_activation_memory_is_flat_in_depth(method: str, options: dict) -> None:
+    shallow, deep = step_peak(method, 3, **options), step_peak(method, 12, **options)
+    assert deep <= 1.3 * shallow, f"{method}: depth 12 holds {deep / shallow:.2f}x depth 3"
+
+
+def test_backprop_memory_grows_with_depth() -> None:
+    """The meter sees what depth costs (else the flatness above would prove nothing)."""
+    assert step_peak("bp", 12) > 2.5 * step_peak("bp", 3)
+
+
+def test_the_meter_counts_a_known_allocation() -> None:
+    def allocate() -> None:
+        t = torch.empty(1 << 20)  # 4 MiB, freed on return
+        t.fill_(1.0)
+
+    assert activation_peak(allocate) == 4 << 20
+
+
+class DropoutBNNet(nn.Module):
+    """Batch norm and dropout inside blocks: recomputation must replay both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_shape = (3, 8, 8)
+        self.blocks = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.3)),
+            nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.3)),
+        ])
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def vit() -> nn.Module:
+    class Vit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.input_shape = (3, 8, 8)
+            self.embed = nn.Conv2d(3, 16, 4, stride=4)
+            self.pos = nn.Parameter(torch.randn(1, 4, 16) * 0.1)
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.2, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+            return self.head(self.encoder(h).mean(1))
+
+    return Vit()
+
+
+RECOMPUTING = [
+    ("dfa", {}),
+    ("fdfa", {}),
+    ("fdfa", {"feedback_optimizer": "adam"}),
+    ("fdfa", {"feedback_timing": "after"}),
+    ("fg-a", {}),
+    ("fg-a", {"aggregation": "orthogonal"}),
+]
+
+
+@pytest.mark.parametrize("make", [DropoutBNNet, vit], ids=["bn-dropout", "vit"])
+@pytest.mark.parametrize(("method", "options"), RECOMPUTING,
+                         ids=["dfa", "fdfa", "fdfa-adam", "fdfa-after", "fg-a", "fg-a-orth"])  # fmt: skip
+def test_recomputing_gives_the_same_steps(method: str, options: dict, make) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    base = make()
+    runs = []
+    for recompute in (False, True):
+        model = copy.deepcopy(base)
+        est = methods.build(method, model, seed=3, recompute=recompute, **options)
+        opt = torch.optim.SGD(est.trainable(), lr=0.1)
+        torch.manual_seed(7)  # dropout draws from the global generator
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
+            opt.zero_grad(set_to_none=True)
+            est.step(x, y)
+            opt.step()
+        runs.append((model.state_dict(), torch.get_rng_state()))
+    (kept, rng_kept), (again, rng_again) = runs
+    assert torch.equal(rng_kept, rng_again)
+    for name, value in kept.items():
+        # A module rerun for its VJP inside the second pass may use the math attention kernel: float-level noise.
+        torch.testing.assert_close(again[name], value, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
