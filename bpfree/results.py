@@ -271,8 +271,9 @@ def write_report(groups: dict[str, list[RunResult]], out: Path, title: str = "",
     md += [table, "Settings per row: " + "; ".join(per_row) + ".", "",
            "Errors in %, at the last epoch, mean ± sample std over seeds (`test / train`, as in the papers; "
            "`val`: on the held-out training examples, the only error to choose settings by). "
-           "Time: training seconds per epoch (evaluation excluded). Peak memory: CUDA max allocated, or on CPU "
-           "the process's peak resident set size during the run (includes Python, torch and the data set).", ""]
+           "Time: training seconds per epoch (evaluation excluded). Peak memory: the activation peak of a training "
+           "step (tensor memory the step allocates above what was allocated before it: activations, gradients, "
+           "temporaries; measured on each epoch's first step), largest over the epochs.", ""]
     if plots:
         from bpfree import plots as plotting
 

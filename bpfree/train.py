@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from bpfree import data as datasets
 from bpfree import distributed, methods, models
 from bpfree.errors import DivergedError, UsageError
+from bpfree.memory import measured_step
 from bpfree.runfolder import (
     RunLock,
     append_line,
@@ -209,14 +209,6 @@ def record_failure(out: Path, config: dict[str, Any], kind: str, error: str, det
     out.mkdir(parents=True, exist_ok=True)
     record = {"kind": kind, "error": error, "detail": detail, "config": json.loads(json.dumps(config))}
     atomic_write_bytes(out / FAILED, lambda f: f.write(json.dumps(record, indent=2).encode()))
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is in KiB on Linux and bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def load_data(cfg: TrainConfig):
@@ -488,7 +480,10 @@ class Run:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                result = self.estimator.step(x, y)
+                if step == 0:  # the epoch's figure for peak_memory_mb (measuring slows this one step on CPU)
+                    result, self.step_peak_mb = measured_step(self.estimator, x, y)
+                else:
+                    result = self.estimator.step(x, y)
             except DivergedError as e:  # an estimator found non-finite values of its own (e.g. ff's scores)
                 raise self.diverged(str(e), step) from None
             if not torch.isfinite(result.loss):
@@ -547,7 +542,7 @@ class Run:
             self.epoch += 1
             record = {"epoch": self.epoch, **record, "test_error": test_error, "test_loss": test_loss,
                       "seconds": seconds, "lr": self.optimizer.param_groups[0]["lr"],
-                      "peak_memory_mb": peak_memory_mb(self.device)}
+                      "peak_memory_mb": self.step_peak_mb}
             self.records.append(record)
             if self.group.is_main:
                 self.save_epoch(record)

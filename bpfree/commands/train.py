@@ -201,6 +201,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--nproc-per-node N -m bpfree train ...`); each takes 1/N of every batch")
     parser.add_argument("--dist-timeout", type=float, default=DEFAULTS.dist_timeout,
                         help="data-parallel runs: seconds a rank waits for a silent peer before stopping with an error")
+    parser.add_argument("--memory-report", action="store_true",
+                        help="after training, measure bp's activation peak on the same model and batch and print it "
+                             "beside the rule's (peak_memory_mb)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -224,5 +227,25 @@ def run(args: argparse.Namespace) -> int:
                       "test_error": round(last["test_error"], 3), "best_test_error": round(best, 3),
                       "train_error": round(last["train_error"], 3),
                       "seconds_per_epoch": round(sum(r["seconds"] for r in records) / len(records), 2),
-                      "out": cfg.out, "recipe": recipe_summary(cfg, args)}))
+                      "out": cfg.out, "recipe": recipe_summary(cfg, args),
+                      **(memory_report(cfg, records) if args.memory_report else {})}))
     return 0
+
+
+def memory_report(cfg: TrainConfig, records: list[dict[str, Any]]) -> dict[str, float]:
+    """The rule's activation peak per step beside bp's on a fresh copy of the model and the first batch (MiB)."""
+    from bpfree.memory import measured_step
+    from bpfree.train import load_data
+
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg)
+    model = models.build(cfg.model, num_classes=data.num_classes, input_shape=data.input_shape,
+                         **cfg.model_options).to(cfg.device)  # fmt: skip
+    bp = methods.build("bp", model, seed=cfg.seed)
+    x, y = next(iter(data.train_batches(cfg.batch_size, torch.Generator().manual_seed(0))))
+    bp_mb = measured_step(bp, x.to(cfg.device), y.to(cfg.device))[1]
+    rule_mb = max(r["peak_memory_mb"] for r in records)
+    print(f"activation peak per step: {cfg.method} {rule_mb:.1f} MiB, bp {bp_mb:.1f} MiB on the same model and "
+          f"batch ({rule_mb / bp_mb:.2f}x bp)", file=sys.stderr)
+    return {"peak_memory_mb": round(rule_mb, 1), "bp_peak_memory_mb": round(bp_mb, 1),
+            "memory_vs_bp": round(rule_mb / bp_mb, 3)}
