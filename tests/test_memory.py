@@ -128,3 +128,21 @@ def test_recomputing_gives_the_same_steps(method: str, options: dict, make) -> N
     for name, value in kept.items():
         # A module rerun for its VJP inside the second pass may use the math attention kernel: float-level noise.
         torch.testing.assert_close(again[name], value, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_train_reports_the_activation_peak_beside_bp(tmp_path, capsys) -> None:
+    import json
+
+    from bpfree.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--method", "l-bp", "--model", "mlp", "--hidden", "64,64,64", "--data", "digits",
+                 "--epochs", "2", "--train-size", "256", "--out", str(out), "--memory-report"])  # fmt: skip
+    assert code == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["bp_peak_memory_mb"] > 0 and summary["peak_memory_mb"] > 0
+    assert "bp" in captured.err and "activation peak per step" in captured.err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["peak_memory_mb"] > 0 for r in records)
+    assert summary["peak_memory_mb"] == round(max(r["peak_memory_mb"] for r in records), 1)
