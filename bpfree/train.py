@@ -280,6 +280,7 @@ class Run:
         self.records: list[dict[str, Any]] = []  # every epoch's metrics record, also those of earlier sessions
         self.epoch = 0
         self._checked: dict[str, Any] | None = None  # rank 0: the checkpoint state checked before resuming
+        self._rank_states: list[dict[str, Any]] | None = None  # data-parallel: every rank's RNG states, for rank 0
         try:
             resume_from = self.open_run_folder()
             self._build(data)
@@ -305,12 +306,9 @@ class Run:
         self.estimator.group = self.group
         self.optimizer = make_optimizer(cfg, self.estimator.trainable(), lr_multipliers_by_id(self.estimator))
         self.steps_per_epoch = self.data.num_train_batches(cfg.batch_size)
-        if self.group.active:
-            if cfg.batch_size < self.group.world_size:
-                raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the {self.group.world_size} ranks")
-            # A last batch with fewer examples than ranks would leave a rank with none: every rank drops it.
-            if self.data.num_train - (self.steps_per_epoch - 1) * cfg.batch_size < self.group.world_size:
-                self.steps_per_epoch -= 1
+        if self.group.active and cfg.batch_size < self.group.world_size:
+            raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the {self.group.world_size} ranks "
+                             f"(--nproc {self.group.world_size})")
         self.schedule = make_schedule(cfg, self.optimizer, self.steps_per_epoch)
 
     # -- persistence -------------------------------------------------------------------------------------------
@@ -329,6 +327,8 @@ class Run:
             "rng": rng_state(),
             "records": self.records,
         }
+        if self._rank_states is not None:
+            state["rank_states"] = self._rank_states
         atomic_write_bytes(self.out / CHECKPOINT, lambda f: torch.save(state, f))
 
     def save_epoch(self, record: dict[str, Any]) -> None:
@@ -368,6 +368,10 @@ class Run:
             self.schedule.load_state_dict(state["schedule"])
             self.estimator.load_state_dict(state["estimator"])
             set_rng_state(state["rng"])
+            own = state.get("rank_states")
+            if own is not None and len(own) == self.group.world_size:  # this rank's random streams, not rank 0's
+                set_rng_state(own[self.group.rank]["rng"])
+                self.estimator.generator.set_state(own[self.group.rank]["generator"])
         except Exception as e:  # a checkpoint of another model or method: torch raises several kinds
             raise UsageError(f"cannot resume from {self.out / CHECKPOINT}: it does not fit this run "
                              f"({type(e).__name__}: {first_line(e)[:200]})") from None
@@ -486,6 +490,11 @@ class Run:
                        desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.show_progress, leave=False)
         for step, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            n = len(y)
+            if group.active:  # this rank's rows of the global batch; 0 examples counted where it had no share
+                rows = distributed.shard(min(cfg.batch_size, self.data.num_train - step * cfg.batch_size),
+                                         group.rank, group.world_size)
+                self.estimator.shard, n = rows, rows.weight
             self.optimizer.zero_grad(set_to_none=True)
             try:
                 result = self.estimator.step(x, y)
@@ -493,13 +502,14 @@ class Run:
                 raise self.diverged(str(e), step) from None
             if not torch.isfinite(result.loss):
                 raise self.diverged(f"loss became {result.loss.item()}", step)
-            n = len(y)
             if group.active:  # every rank now holds the update of the whole global batch (the estimator's policy)
                 self.estimator.all_reduce_gradients(group, n)
+                distributed.reduce_state(group, self.estimator.reduced_state(), self.model, n)
             self.optimizer.step()
             self.schedule.step()
             loss_sum += result.loss.detach().double().cpu() * n
-            wrong += (result.logits.argmax(1) != y).sum().cpu()
+            if n:
+                wrong += (result.logits.argmax(1) != y).sum().cpu()
             seen += n
             for k, v in (result.extra or {}).items():
                 extras[k] = extras.get(k, 0.0) + float(v) * n
@@ -549,6 +559,7 @@ class Run:
                       "seconds": seconds, "lr": self.optimizer.param_groups[0]["lr"],
                       "peak_memory_mb": peak_memory_mb(self.device)}
             self.records.append(record)
+            self._rank_states = distributed.gather_rng_states(self.group, rng_state, self.estimator.generator)
             if self.group.is_main:
                 self.save_epoch(record)
             if self.log_epochs:

@@ -355,7 +355,7 @@ class _DirectFeedback(Estimator):
 
     def _tangent(self, i: int, like: torch.Tensor) -> torch.Tensor:
         """Block i's tangent u_i, drawn into its buffer (valid until the next step)."""
-        return T.sample_(self._buffer("u", i, like), self.tangent_dist, self.generator)
+        return self.sample_rows_(lambda t: T.sample_(t, self.tangent_dist, self.generator), self._buffer("u", i, like))
 
     def _forward_fast(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, Any]:
         h, h_dot, outs, tangents = x, None, [], []
@@ -597,6 +597,9 @@ class DirectionalDFA(_DirectFeedback):
         lam, n = self.feedback_lr, y_dot.shape[0]
         assert self.feedback is not None
         with torch.no_grad():
+            if self.group.active:  # data-parallel: B learns from the global batch's mean(ẏuᵀ), as on one process
+                self._learn_feedback_global(y_dot, tangents)
+                return
             if self.feedback_optimizer == "average":
                 for b, u in zip(self.feedback, tangents):
                     # B ← (1−λ)B + λ·mean_batch(ẏ uᵀ), in place as one addmm.
@@ -608,6 +611,22 @@ class DirectionalDFA(_DirectFeedback):
             for b, u in zip(self.feedback, tangents):
                 b.grad = torch.addmm(b, y_dot.t(), u.reshape(n, -1), alpha=-1 / n)  # ∇ ½‖B − mean(ẏuᵀ)‖²
             self.optimizer.step()
+
+    def _learn_feedback_global(self, y_dot: torch.Tensor, tangents: list[torch.Tensor]) -> None:
+        n = y_dot.shape[0]
+        means = [y_dot.t() @ u.reshape(n, -1) / n for u in tangents]
+        self.group.weighted_mean_(means, self.shard.weight if self.shard is not None else n)
+        assert self.feedback is not None
+        if self.feedback_optimizer == "average":
+            for b, m in zip(self.feedback, means):
+                b.mul_(1 - self.feedback_lr).add_(m, alpha=self.feedback_lr)
+            return
+        if self.optimizer is None:
+            self._make_optimizer()
+        assert self.optimizer is not None
+        for b, m in zip(self.feedback, means):
+            b.grad = b - m
+        self.optimizer.step()
 
     def state_dict(self) -> dict[str, Any]:
         opt = None if self.optimizer is None else self.optimizer.state_dict()
