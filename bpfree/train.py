@@ -204,6 +204,20 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Settings that may differ on --resume: the epoch budget (checked apart) and where and how the run is kept.
+RESUME_FREE = ("epochs", "resume", "device", "out", "data_root", "dist_timeout", "recipe")
+
+
+def settings_changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The settings that decide a run's numbers and differ between two stored configs (keys both hold)."""
+    return [k for k in after if k not in RESUME_FREE and k in before and before[k] != after[k]]
+
+
+def option_names(keys: list[str]) -> list[str]:
+    """Config keys as a user gives them (world_size is --nproc)."""
+    return ["--nproc" if k == "world_size" else k for k in keys]
+
+
 def record_failure(out: Path, config: dict[str, Any], kind: str, error: str, detail: str = "") -> None:
     """Write `failed.json` into a run folder: how the run failed ("diverged" or "error"), in one line, plus details."""
     out.mkdir(parents=True, exist_ok=True)
@@ -326,6 +340,7 @@ class Run:
             "estimator": self.estimator.state_dict(),
             "rng": rng_state(),
             "records": self.records,
+            "config": self.stored_config(),  # what trained it: a hand-edited config.json cannot pass for it
         }
         if self._rank_states is not None:
             state["rank_states"] = self._rank_states
@@ -420,15 +435,27 @@ class Run:
             saved = with_defaults(read_json(config_path)) if config_path.exists() else {}
             config = self.stored_config()
             # Everything but the epoch budget must match, or the resumed run would silently differ.
-            changed = [k for k in config if k not in ("epochs", "resume", "device", "out", "data_root", "dist_timeout",
-                                                      "recipe")
-                       and k in saved and saved[k] != config[k]]
+            changed = settings_changed(saved, config)
             if changed:
-                raise UsageError(f"--resume with a different {', '.join(changed)} than the run in {out}")
+                raise UsageError(f"--resume with a different {', '.join(option_names(changed))} than the run in "
+                                 f"{out}")
             raw = checkpoint.read_bytes()
         except OSError as e:
             raise UsageError(f"cannot use {out} as a run folder: {describe_os_error(e)}") from None
         self._checked = self.parse_checkpoint(raw)  # loaded once: load_checkpoint uses it
+        trained = self._checked.get("config")  # checkpoints before this check was made hold none
+        if isinstance(trained, dict) and not saved:  # config.json lost: the command line must match the checkpoint
+            changed = settings_changed(with_defaults(trained), config)
+            if changed:
+                raise UsageError(f"--resume with a different {', '.join(option_names(changed))} than the run in "
+                                 f"{out} (its checkpoint)")
+        elif isinstance(trained, dict):
+            edited = settings_changed(with_defaults(trained), saved)
+            if edited:
+                first = edited[0]
+                raise UsageError(f"cannot resume {out}: {CONFIG} says {first} = {saved[first]!r} but its checkpoint "
+                                 f"was trained with {trained[first]!r} ({', '.join(edited)} differ); {CONFIG} was "
+                                 "edited: restore it, or start a new run with the new settings")
         self.check_budget(saved.get("epochs", cfg.epochs), self._checked["epoch"])
         return raw
 

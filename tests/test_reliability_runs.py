@@ -235,6 +235,30 @@ def test_a_resume_that_would_change_the_run_is_refused(tmp_path, capsys, schedul
     assert {n: (out / n).read_bytes() for n in before} == before
 
 
+@pytest.mark.parametrize("key, value, flag", [("lr", 0.5, "0.5"), ("seed", 7, "7")])
+def test_a_hand_edited_config_must_agree_with_the_checkpoint(tmp_path, capsys, key, value, flag):
+    out = tmp_path / "run"
+    assert main([*small(out), "--epochs", "1"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config[key] = value
+    (out / "config.json").write_text(json.dumps(config))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*small(out), f"--{key}", flag, "--resume"]) == 2
+    line = one_line(capsys)
+    assert f"config.json says {key} = {value!r} but its checkpoint was trained with" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_lost_config_is_replaced_by_the_checkpoints_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*small(out), "--epochs", "1"]) == 0
+    (out / "config.json").unlink()
+    capsys.readouterr()
+    assert main([*small(out), "--lr", "0.5", "--resume"]) == 2
+    assert "--resume with a different lr than the run in" in one_line(capsys)
+
+
 # -- damaged or unusable run folders: one line, exit 2, nothing changed ---------------------------------------------
 DAMAGE = {
     "empty checkpoint": ("checkpoint.pt", b"", "the file is empty"),
