@@ -145,13 +145,37 @@ def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as e:
+                raise write_error(e, tmp) from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_error(error: RuntimeError, path: Path) -> BaseException:
+    """The OSError behind a writer's RuntimeError, or `error` itself when there is none.
+
+    torch's zip writer turns a failed write of its file object (disk full, quota) into `RuntimeError: [enforce fail
+    at inline_container.cc] unexpected pos ...`; the OSError the file raised is the RuntimeError's context. Where a
+    writer keeps no context, a folder with no room left is the cause.
+    """
+    cause = error.__context__
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    if isinstance(cause, OSError):
+        return cause
+    try:
+        full = os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return error
 
 
 def append_line(path: Path, record: dict[str, Any]) -> None:

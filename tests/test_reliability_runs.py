@@ -358,6 +358,47 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one(tmp_path, capsys, monk
     assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
 
 
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 2 MiB tmpfs of its own (root only: mounting needs CAP_SYS_ADMIN), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_real_full_disk_with_a_checkpoint_bigger_than_the_free_space(small_filesystem, capsys):
+    out = small_filesystem / "run"
+    constant = ("--schedule", "constant")  # so that --resume may add an epoch
+    args = small(out, "--hidden", "256", "--epochs", "1", *constant)  # a checkpoint of a few hundred KiB
+    assert main(args) == 0
+    size = (out / "checkpoint.pt").stat().st_size
+    # Leave free half of what the next checkpoint needs: torch's zip writer then fails part-way.
+    free = os.statvfs(small_filesystem).f_bavail * os.statvfs(small_filesystem).f_frsize
+    (small_filesystem / "filler").write_bytes(b"\0" * max(0, free - size // 2))
+    before = {n: (out / n).read_bytes() for n in ("checkpoint.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    assert main([*small(out, "--hidden", "256", "--epochs", "2", *constant), "--resume"]) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after the note that the budget grows from 1 to 2 epochs
+    assert "Traceback" not in err
+    assert line.startswith("bpfree: error: cannot save epoch 2: No space left on device"), line
+    assert "free space, then --resume" in line
+    assert {n: (out / n).read_bytes() for n in before} == before  # the old checkpoint and metrics intact
+    assert listing(out) == ["checkpoint.pt", "config.json", "metrics.jsonl"]  # no temp file left
+    (small_filesystem / "filler").unlink()
+    assert main([*small(out, "--hidden", "256", "--epochs", "2", *constant), "--resume"]) == 0
+    assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+
+
 def test_disk_full_during_a_metrics_line_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     append_line(path, {"epoch": 1})
