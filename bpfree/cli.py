@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # user code (a model's forward) called sys.exit during the run: its exit is not ours
+        print(f"{prefix}: error: user code called sys.exit({e.code!r}) during the run", file=sys.stderr)
+        return UsageError.exit_code
     except OSError as e:  # the file system said no (disk full, read-only, a name too long) where not caught before
         print(f"{prefix}: error: {describe_os_error(e)}", file=sys.stderr)
         return UsageError.exit_code

@@ -42,6 +42,36 @@ def wrong_output(num_classes, input_shape):
 
 
 NOT_CALLABLE = 3
+
+
+def exits(num_classes, input_shape):
+    import sys
+    sys.exit(0)
+
+
+def frozen(num_classes, input_shape):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes)).requires_grad_(False)
+
+
+class IntegerLogits(nn.Module):
+    def __init__(self, num_classes, input_shape):
+        super().__init__()
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)).round().long()
+
+
+class ExitsWhileTraining(nn.Module):
+    def __init__(self, num_classes, input_shape):
+        super().__init__()
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        if self.training:
+            import sys
+            sys.exit(5)
+        return self.fc(x.flatten(1))
 '''
 
 
@@ -92,10 +122,18 @@ def test_compare_and_grad_quality_take_a_user_model(tmp_path, model_file, capsys
         ("{dir}/bad.py:Net", "importing"),
         ("no_such_package_xyz.models:Net", "no module 'no_such_package_xyz'"),
         ("{file}:", "expected path/to/file.py:Name"),
+        ("{file}", "name the class or function in the file too: {file}:Name"),
+        ("{file}:exits", "exits(num_classes=10, input_shape=(1, 8, 8)) failed: it called sys.exit(0)"),
+        ("{dir}/exit7.py:Net", "importing {dir}/exit7.py failed: it called sys.exit(7)"),
+        ("{file}:frozen", "has every parameter frozen (requires_grad=False)"),
+        ("{file}:IntegerLogits", "returns torch.int64 logits"),
+        ("{file}:ExitsWhileTraining", "user code called sys.exit(5) during the run"),
     ],
 )
 def test_bad_user_models_are_one_line_errors(tmp_path, model_file, capsys, spec, message):
     (tmp_path / "bad.py").write_text("import not_a_module_anywhere\n")
+    (tmp_path / "exit7.py").write_text("raise SystemExit(7)\n")
+    message = message.format(dir=tmp_path, file=model_file)
     spec = spec.format(dir=tmp_path, file=model_file)
     assert main([*TRAIN, "--model", spec, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
