@@ -52,3 +52,34 @@ def check_seed(seed: int, flag: str = "--seed") -> int:
     if not 0 <= seed <= MAX_SEED:
         raise UsageError(f"{flag} must be in 0..{MAX_SEED} (2**32 - 1), got {seed}")
     return seed
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int) -> int:
+    """--threads between 1 and the cores this machine gives the process (far more threads crashed torch's pool)."""
+    cores = cpu_cores()
+    if not 1 <= threads <= cores:
+        raise UsageError(f"--threads must be in 1..{cores} (the CPU cores this process may use), got {threads}")
+    return threads
+
+
+def check_nproc(nproc: int, device: str) -> int:
+    """--nproc between 1 and the devices it spreads over: one CPU core per rank on cpu, one GPU per rank on cuda.
+
+    More ranks than cores only queue for the cores, each slower than one process would be."""
+    if nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    if device.startswith("cuda"):
+        limit, what = (torch.cuda.device_count(), "CUDA devices") if torch.cuda.is_available() else (nproc, "")
+    else:
+        limit, what = cpu_cores(), "CPU cores this process may use"
+    if nproc > limit:
+        raise UsageError(f"--nproc {nproc}: more ranks than the {limit} {what}; each rank needs one of its own")
+    return nproc

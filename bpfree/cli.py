@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 from bpfree.errors import DistributedError, DivergedError, Terminated, UsageError
 from bpfree.runfolder import describe_os_error, first_line
@@ -43,8 +44,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad option value answered by one line (the usage is one `--help` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="bpfree",
         description="Train neural networks without backpropagation: forward gradients, local losses, "
         "Forward-Forward, (directional) feedback alignment.",
@@ -83,8 +91,7 @@ def out_of_memory(error: BaseException) -> str | None:
         asked = re.search(r"tried to allocate ([\d.]+ ?[KMGTP]?i?B)", text, re.IGNORECASE)  # CUDA: "1.50 GiB"
         amount = asked.group(1) if asked else None
     what = f"tried to allocate {amount}" if amount else first_line(error)[:200]
-    return (f"out of memory: {what} (a smaller model, --batch-size, --tangents or --eval-batch-size "
-            "needs less)")
+    return f"out of memory: {what} (a smaller model, --batch-size or --tangents needs less)"
 
 
 def _exit_now(code: int) -> None:
@@ -99,16 +106,35 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` relaunches this command line
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"bpfree[rank {rank}]" if rank else "bpfree"
-    # SIGTERM ends a run as Ctrl-C does. Not in a torchrun worker: there SIGTERM is how the launcher stops the
-    # ranks after one failed, and it must act at once, even on a rank waiting inside a collective.
+    # SIGTERM ends a run as Ctrl-C does, from the start (building the parser imports torch, which takes seconds).
+    # Not in a torchrun worker: there SIGTERM is how the launcher stops the ranks after one failed, and it must act
+    # at once, even on a rank waiting inside a collective.
     worker = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handle_term = not worker and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if handle_term else None
+    try:
+        try:
+            args = make_parser().parse_args(argv)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while starting up
+            return _stopped(prefix, e)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` relaunches this command line
+        return _run(args, prefix, worker)
+    finally:
+        if handle_term:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _stopped(prefix: str, signal_error: KeyboardInterrupt) -> int:
+    """`bpfree: terminated` (143) for SIGTERM, `bpfree: interrupted` (130) for SIGINT."""
+    terminated = isinstance(signal_error, Terminated)
+    print(f"{prefix}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+    return 143 if terminated else 130
+
+
+def _run(args: argparse.Namespace, prefix: str, worker: bool) -> int:
+    """Run the command; every error it ends with becomes one line on stderr and its exit code."""
     try:
         return args.run(args) or 0
     except UsageError as e:
@@ -122,12 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         if worker:  # the lock is released and temp files are gone; torch's teardown could wait on the lost peer
             _exit_now(e.exit_code)
         return e.exit_code
-    except Terminated:
-        print(f"{prefix}: terminated", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Terminated (SIGTERM) too
+        return _stopped(prefix, e)
     except SystemExit as e:  # user code (a model's forward) called sys.exit during the run: its exit is not ours
         print(f"{prefix}: error: user code called sys.exit({e.code!r}) during the run", file=sys.stderr)
         return UsageError.exit_code
@@ -140,9 +162,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{prefix}: error: {message}", file=sys.stderr)
         return UsageError.exit_code
-    finally:
-        if handle_term:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from bpfree.runfolder import (
     RunLock,
     append_line,
     atomic_write_bytes,
+    describe_load_error,
     describe_os_error,
     first_line,
     read_json,
@@ -363,8 +364,8 @@ class Run:
         try:
             state = torch.load(io.BytesIO(raw), map_location=self.device, weights_only=True)
         except Exception as e:  # torch reports a damaged or foreign file with many exception types
-            raise UsageError(f"cannot resume from {path}: not a readable checkpoint "
-                             f"({type(e).__name__}: {first_line(e)[:200]})") from None
+            raise UsageError(f"cannot resume from {path}: not a readable checkpoint ({describe_load_error(e)})") \
+                from None
         keys = ("epoch", "model", "optimizer", "schedule", "estimator", "rng")
         missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
         if missing:
@@ -456,7 +457,10 @@ class Run:
                 raise UsageError(f"cannot resume {out}: {CONFIG} says {first} = {saved[first]!r} but its checkpoint "
                                  f"was trained with {trained[first]!r} ({', '.join(edited)} differ); {CONFIG} was "
                                  "edited: restore it, or start a new run with the new settings")
-        self.check_budget(saved.get("epochs", cfg.epochs), self._checked["epoch"])
+        planned = saved.get("epochs", cfg.epochs)
+        if isinstance(planned, bool) or not isinstance(planned, int):
+            raise UsageError(f"{config_path}: epochs is {planned!r}, not a whole number; write it as one")
+        self.check_budget(planned, self._checked["epoch"])
         return raw
 
     def check_budget(self, planned: int, done: int) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from bpfree import runfolder
 from bpfree.cli import main, out_of_memory
-from bpfree.errors import DivergedError, UsageError
+from bpfree.errors import DivergedError, Terminated, UsageError
 from bpfree.runfolder import LOCK, RunLock, append_line, read_metrics
 from bpfree.train import TrainConfig, train
 
@@ -534,3 +534,31 @@ def test_launcher_stops_within_seconds_of_the_timeout_when_a_rank_hangs(data_roo
     assert launcher.returncode == 4, err
     assert "did not answer within --dist-timeout 3 s" in err and "Traceback" not in err
     assert took < timeout + 8, took  # rank 0 gives up after the timeout; the launcher kills the stopped rank 2 s later
+
+
+@pytest.mark.parametrize("raised, code, line", [(KeyboardInterrupt, 130, "bpfree: interrupted"),
+                                                (Terminated, 143, "bpfree: terminated")])
+def test_a_signal_while_starting_up_is_one_line(monkeypatch, capsys, raised, code, line):
+    """Building the parser imports torch (seconds): SIGINT / SIGTERM there end like anywhere else."""
+    from bpfree import cli
+
+    def importing_torch():
+        raise raised
+
+    monkeypatch.setattr(cli, "make_parser", importing_torch)
+    assert main(["train"]) == code
+    assert capsys.readouterr().err.strip() == line
+
+
+def test_sigterm_handler_is_in_place_before_torch_is_imported(tmp_path):
+    """A child that sends itself SIGTERM while the subcommands (and torch) are being imported."""
+    script = ("import os, signal, sys\n"
+              "from bpfree import cli\n"
+              "real = cli.make_parser\n"
+              "def parser():\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    return real()\n"
+              "cli.make_parser = parser\n"
+              "sys.exit(cli.main(['models']))\n")
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr.strip()) == (143, "bpfree: terminated")
