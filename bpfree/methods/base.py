@@ -88,6 +88,12 @@ class Estimator:
         """The model's layers and blocks (found once, on first use; `blocks=` names them)."""
         return describe(self.model, blocks=self.block_names)
 
+    def blocks_hint(self) -> str:
+        """What to do about too few blocks: name them, or name more where --blocks was given."""
+        if self.block_names is None:
+            return "name them with --blocks"
+        return f"--blocks named {len(self.block_names)}; name more"
+
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
