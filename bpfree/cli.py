@@ -18,6 +18,8 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 from bpfree.errors import DistributedError, DivergedError, Terminated, UsageError
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if handle_term else None
     try:
         try:
-            args = make_parser().parse_args(argv)
+            with _exit_on_signals(prefix, handle_term):
+                args = make_parser().parse_args(argv)
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while starting up
             return _stopped(prefix, e)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` relaunches this command line
@@ -124,6 +127,31 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if handle_term:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextmanager
+def _exit_on_signals(prefix: str, active: bool) -> Iterator[None]:
+    """While starting up (importing torch): SIGINT / SIGTERM end the process at once with their line and code.
+
+    Nothing is open yet, so nothing needs cleaning up; an exception raised by a handler instead could land inside
+    an import that catches it (the signal was lost) or that is retried half-done (an ImportError traceback).
+    """
+    if not active:
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        print(f"{prefix}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}", file=sys.stderr)
+        _exit_now(143 if signum == signal.SIGTERM else 130)
+
+    # A signal ignored by whoever started bpfree (SIGINT in a background job) stays ignored.
+    before = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)
+              if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _stopped(prefix: str, signal_error: KeyboardInterrupt) -> int:

@@ -550,15 +550,19 @@ def test_a_signal_while_starting_up_is_one_line(monkeypatch, capsys, raised, cod
     assert capsys.readouterr().err.strip() == line
 
 
-def test_sigterm_handler_is_in_place_before_torch_is_imported(tmp_path):
-    """A child that sends itself SIGTERM while the subcommands (and torch) are being imported."""
+@pytest.mark.parametrize("sig, code, line", [("SIGINT", 130, "bpfree: interrupted"),
+                                             ("SIGTERM", 143, "bpfree: terminated")])
+def test_signal_handlers_are_in_place_before_torch_is_imported(sig, code, line):
+    """A child that signals itself just before the subcommands (and torch) are imported; the signal then ends it
+    at once with its line, never inside an import (where an exception was swallowed or left a half-done module)."""
     script = ("import os, signal, sys\n"
               "from bpfree import cli\n"
               "real = cli.make_parser\n"
               "def parser():\n"
-              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              f"    os.kill(os.getpid(), signal.{sig})\n"
               "    return real()\n"
               "cli.make_parser = parser\n"
               "sys.exit(cli.main(['models']))\n")
-    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120)
-    assert (done.returncode, done.stderr.strip()) == (143, "bpfree: terminated")
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    assert (done.returncode, done.stderr.strip()) == (code, line)
