@@ -250,6 +250,16 @@ def test_a_hand_edited_config_must_agree_with_the_checkpoint(tmp_path, capsys, k
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_resume_on_other_ranks_names_nproc(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*small(out), "--epochs", "1"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "world_size": 2}))  # as a run with --nproc 2 stores it
+    capsys.readouterr()
+    assert main([*small(out), "--epochs", "1", "--resume"]) == 2
+    assert "--resume with a different --nproc than the run in" in one_line(capsys)
+
+
 def test_a_lost_config_is_replaced_by_the_checkpoints_settings(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*small(out), "--epochs", "1"]) == 0
