@@ -85,15 +85,22 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--budget-gib", type=float, default=8.0, help="memory budget of the depth projection")
     ap.add_argument("--quick", action="store_true", help="small grid (a smoke test)")
+    ap.add_argument("--rules", default=None,
+                    help="measure only these rules (labels as in the table, comma-separated) and replace their rows "
+                         "in OUT/memory.json")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/activation_memory"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    chosen = None if args.rules is None else set(args.rules.split(","))
+    kept = json.loads((args.out / "memory.json").read_text())["rows"] if chosen else []
+    rows = [r for r in kept if r["rule"] not in chosen] if chosen else []
     start = time.time()
     for family, setting, size, make in model_grid(args.quick):
         for method, options in RULES:
+            if chosen and label(method, options) not in chosen:
+                continue
             try:
                 mib = measure(make, method, options, args.batch, device)
             except Exception as err:  # a rule that cannot run on a model is a table entry, not a crash
@@ -103,6 +110,8 @@ def main() -> None:
                          "mib": mib})  # fmt: skip
             print(f"{time.time() - start:6.0f}s {family:16s} {setting:10s} {label(method, options):16s} "
                   f"{'-' if mib is None else f'{mib:8.1f}'} MiB", flush=True)
+    order = {label(m, o): i for i, (m, o) in enumerate(RULES)}
+    rows.sort(key=lambda r: (r["family"], r["size"], order[r["rule"]]))
     (args.out / "memory.json").write_text(json.dumps({"batch": args.batch, "device": str(device), "rows": rows},
                                                      indent=1))  # fmt: skip
     (args.out / "memory.md").write_text(report(rows, args.batch, args.budget_gib))

@@ -251,6 +251,49 @@ def describe(
     return anatomy
 
 
+def check_block_names(model: nn.Module, names: Sequence[str], input_shape: Sequence[int] | None = None) -> None:
+    """`--blocks` for any rule: each name a submodule, given once, in the order the forward pass runs them, none
+    inside another, and none holding the readout (the last layer to run, which produces the logits).
+
+    One probe pass (eval mode, no gradients) records the call order. Checked once when an estimator is built, so
+    every rule refuses the same names with the same line instead of failing later in its own way.
+    """
+    repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if repeated is not None:
+        raise UsageError(f"--blocks names {repeated!r} twice; name each block once")
+    blocks = _named_blocks(model, names)
+    for outer in names:
+        inner = next((n for n in names if n.startswith(outer + ".")), None)
+        if inner is not None:
+            raise UsageError(f"--blocks: {inner!r} lies inside {outer!r}; name blocks that follow one another")
+    shape = input_shape if input_shape is not None else getattr(model, "input_shape", None) or \
+        _first_linear_input(model)
+    if shape is None:
+        return  # describe() says the input shape is unknown
+    ran: list[str] = []
+    layers: list[str] = []
+    hooks = [b.modules[0].register_forward_hook(lambda _m, _i, _o, n=b.name: ran.append(n)) for b in blocks]
+    hooks += [m.register_forward_hook(lambda _m, _i, _o, n=n: layers.append(n))
+              for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    try:
+        _probe(model, example_input(model, tuple(int(s) for s in shape)))
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [n for n in names if n not in ran]
+    if missing:
+        raise UsageError(f"--blocks: {missing[0]!r} does not run in the model's forward pass")
+    order = list(dict.fromkeys(ran))
+    if order != list(names):
+        raise UsageError(f"--blocks {','.join(names)}: not the order the forward pass runs them; give "
+                         f"--blocks {','.join(order)}")
+    readout = layers[-1] if layers else None
+    holder = next((n for n in names if readout is not None and (readout == n or readout.startswith(n + "."))), None)
+    if holder is not None:
+        raise UsageError(f"--blocks: {holder!r} holds the readout {readout!r} (the last layer, which produces the "
+                         "logits); blocks end before it")
+
+
 # -- using blocks ----------------------------------------------------------------------------------------------
 
 BoundaryFn = Callable[[int, torch.Tensor], torch.Tensor]

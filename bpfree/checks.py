@@ -52,3 +52,77 @@ def check_seed(seed: int, flag: str = "--seed") -> int:
     if not 0 <= seed <= MAX_SEED:
         raise UsageError(f"{flag} must be in 0..{MAX_SEED} (2**32 - 1), got {seed}")
     return seed
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int) -> int:
+    """--threads between 1 and the cores this machine gives the process (far more threads crashed torch's pool)."""
+    cores = cpu_cores()
+    if not 1 <= threads <= cores:
+        raise UsageError(f"--threads must be in 1..{cores} (the CPU cores this process may use), got {threads}")
+    return threads
+
+
+def check_nproc(nproc: int, device: str) -> int:
+    """--nproc between 1 and the devices it spreads over: one CPU core per rank on cpu, one GPU per rank on cuda.
+
+    More ranks than cores only queue for the cores, each slower than one process would be."""
+    if nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    if device.startswith("cuda"):
+        limit, what = (torch.cuda.device_count(), "CUDA devices") if torch.cuda.is_available() else (nproc, "")
+    else:
+        limit, what = cpu_cores(), "CPU cores this process may use"
+    if nproc > limit:
+        raise UsageError(f"--nproc {nproc}: more ranks than the {limit} {what}; each rank needs one of its own")
+    return nproc
+
+
+def parameters_without_gradient(model: torch.nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Trainable parameters of modules that run in the model's forward yet get no gradient from its logits: used
+    under torch.no_grad() (or with their result detached). Modules the forward never calls (a local rule's heads)
+    are not counted.
+
+    One probe pass with gradients (eval mode: batch-norm statistics untouched) and one backward from the logits.
+    """
+    from bpfree.anatomy import eval_mode, example_input
+
+    ran: set[str] = set()
+    hooks = [m.register_forward_hook(lambda _m, _i, _o, n=n: ran.add(n)) for n, m in model.named_modules()]
+    buffers = [(b, b.clone()) for b in model.buffers()]  # a module may count its calls: the probe leaves no trace
+    try:
+        with eval_mode(model), torch.enable_grad():
+            out = model(example_input(model, input_shape))
+            named = [(f"{m}.{n}" if m else n, p) for m, module in model.named_modules() if m in ran
+                     for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not named or not out.requires_grad:
+                return [n for n, _ in named]
+            grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    return [n for (n, _), g in zip(named, grads) if g is None]
+
+
+def check_forward_mode_can_train(model: torch.nn.Module, method: str) -> None:
+    """Forward-mode rules (fg-w, fg-a and their block-local forms) see a tangent through torch.no_grad(), so they
+    would train parameters that the model's forward keeps out of every gradient, as backprop would not: refused."""
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        return  # the estimator says the input shape is unknown
+    cut = parameters_without_gradient(model, tuple(shape))
+    if cut:
+        more = f" and {len(cut) - 1} more" if len(cut) > 1 else ""
+        raise UsageError(f"{method}: the model's forward gives {cut[0]}{more} no gradient (torch.no_grad() inside "
+                         "forward, or unused), which forward mode would train anyway; freeze such parameters with "
+                         "requires_grad_(False) instead")

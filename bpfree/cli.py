@@ -18,6 +18,9 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
 
 from bpfree.errors import DistributedError, DivergedError, Terminated, UsageError
 from bpfree.runfolder import describe_os_error, first_line
@@ -43,8 +46,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad option value answered by one line (the usage is one `--help` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="bpfree",
         description="Train neural networks without backpropagation: forward gradients, local losses, "
         "Forward-Forward, (directional) feedback alignment.",
@@ -83,8 +93,7 @@ def out_of_memory(error: BaseException) -> str | None:
         asked = re.search(r"tried to allocate ([\d.]+ ?[KMGTP]?i?B)", text, re.IGNORECASE)  # CUDA: "1.50 GiB"
         amount = asked.group(1) if asked else None
     what = f"tried to allocate {amount}" if amount else first_line(error)[:200]
-    return (f"out of memory: {what} (a smaller model, --batch-size, --tangents or --eval-batch-size "
-            "needs less)")
+    return f"out of memory: {what} (a smaller model, --batch-size or --tangents needs less)"
 
 
 def _exit_now(code: int) -> None:
@@ -99,16 +108,61 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` relaunches this command line
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"bpfree[rank {rank}]" if rank else "bpfree"
-    # SIGTERM ends a run as Ctrl-C does. Not in a torchrun worker: there SIGTERM is how the launcher stops the
-    # ranks after one failed, and it must act at once, even on a rank waiting inside a collective.
+    # SIGTERM ends a run as Ctrl-C does, from the start (building the parser imports torch, which takes seconds).
+    # Not in a torchrun worker: there SIGTERM is how the launcher stops the ranks after one failed, and it must act
+    # at once, even on a rank waiting inside a collective.
     worker = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handle_term = not worker and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if handle_term else None
+    try:
+        try:
+            with _exit_on_signals(prefix, handle_term):
+                args = make_parser().parse_args(argv)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while starting up
+            return _stopped(prefix, e)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` relaunches this command line
+        return _run(args, prefix, worker)
+    finally:
+        if handle_term:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextmanager
+def _exit_on_signals(prefix: str, active: bool) -> Iterator[None]:
+    """While starting up (importing torch): SIGINT / SIGTERM end the process at once with their line and code.
+
+    Nothing is open yet, so nothing needs cleaning up; an exception raised by a handler instead could land inside
+    an import that catches it (the signal was lost) or that is retried half-done (an ImportError traceback).
+    """
+    if not active:
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        print(f"{prefix}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}", file=sys.stderr)
+        _exit_now(143 if signum == signal.SIGTERM else 130)
+
+    # A signal ignored by whoever started bpfree (SIGINT in a background job) stays ignored.
+    before = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)
+              if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _stopped(prefix: str, signal_error: KeyboardInterrupt) -> int:
+    """`bpfree: terminated` (143) for SIGTERM, `bpfree: interrupted` (130) for SIGINT."""
+    terminated = isinstance(signal_error, Terminated)
+    print(f"{prefix}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+    return 143 if terminated else 130
+
+
+def _run(args: argparse.Namespace, prefix: str, worker: bool) -> int:
+    """Run the command; every error it ends with becomes one line on stderr and its exit code."""
     try:
         return args.run(args) or 0
     except UsageError as e:
@@ -122,12 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         if worker:  # the lock is released and temp files are gone; torch's teardown could wait on the lost peer
             _exit_now(e.exit_code)
         return e.exit_code
-    except Terminated:
-        print(f"{prefix}: terminated", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Terminated (SIGTERM) too
+        return _stopped(prefix, e)
+    except SystemExit as e:  # user code (a model's forward) called sys.exit during the run: its exit is not ours
+        print(f"{prefix}: error: user code called sys.exit({e.code!r}) during the run", file=sys.stderr)
+        return UsageError.exit_code
     except OSError as e:  # the file system said no (disk full, read-only, a name too long) where not caught before
         print(f"{prefix}: error: {describe_os_error(e)}", file=sys.stderr)
         return UsageError.exit_code
@@ -137,9 +190,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{prefix}: error: {message}", file=sys.stderr)
         return UsageError.exit_code
-    finally:
-        if handle_term:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

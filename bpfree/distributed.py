@@ -15,15 +15,17 @@ is a no-op, so single-process code paths pay nothing.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -43,6 +45,30 @@ def check_timeout(seconds: float) -> None:
     """--dist-timeout must be a finite positive number of seconds (torch turns it into a timedelta)."""
     if not (0 < seconds <= MAX_TIMEOUT and math.isfinite(seconds)):
         raise UsageError(f"--dist-timeout must be a number of seconds in (0, {MAX_TIMEOUT:.0f}], got {seconds}")
+
+
+class Shard(NamedTuple):
+    """This rank's rows [start, stop) of a global batch of `total` examples; `weight`: how many of them it counts."""
+
+    start: int
+    stop: int
+    total: int
+    weight: int
+
+
+def shard(total: int, rank: int, world_size: int) -> Shard:
+    """The contiguous share of a global batch that rank `rank` trains on (the split torch.tensor_split makes).
+
+    A batch with fewer examples than ranks (the last one of an epoch) leaves some ranks no share of their own: those
+    step on the whole batch with weight 0, so that collectives inside a step still meet every rank while the update
+    is exactly the one of the examples counted once (dropping the batch lost examples and broke equivalence).
+    """
+    size, extra = divmod(total, world_size)
+    start = rank * size + min(rank, extra)
+    stop = start + size + (rank < extra)
+    if stop == start:
+        return Shard(0, total, total, 0)
+    return Shard(start, stop, total, stop - start)
 
 
 class Group:
@@ -139,6 +165,22 @@ class Group:
             self._call("broadcast", dist.broadcast, buf, 0)
         return bytes(buf.cpu().numpy())
 
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's `data`, in rank order, on every rank (per-rank RNG states for the checkpoint)."""
+        if not self.active:
+            return [data]
+        device = self.device_for_collectives()
+        size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        self._call("all_gather", dist.all_gather, sizes, size)
+        longest = int(max(s.item() for s in sizes))
+        buf = torch.zeros(longest, dtype=torch.uint8, device=device)
+        if data:
+            buf[: len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        bufs = [torch.empty_like(buf) for _ in range(self.world_size)]
+        self._call("all_gather", dist.all_gather, bufs, buf)
+        return [bytes(b[: int(n.item())].cpu().numpy()) for b, n in zip(bufs, sizes)]
+
     def broadcast_error(self, error: Exception | None) -> None:
         """Rank 0 found bad input (e.g. an existing run): every rank raises the same UsageError, no rank hangs."""
         message = self.broadcast_bytes(str(error).encode() if error is not None else b"").decode()
@@ -161,6 +203,31 @@ class Group:
 
 
 LOCAL = Group()
+
+
+def reduce_state(group: Group, state: Sequence[torch.Tensor], model: nn.Module, weight: float) -> None:
+    """After a data-parallel step: the estimator's learned state and the model's float buffers (BatchNorm running
+    statistics) averaged over the ranks, weighted by examples, so that every rank (and rank 0's checkpoint) holds
+    the same model and estimator."""
+    tensors = [*state, *(b for b in model.buffers() if b.is_floating_point())]
+    if tensors:
+        group.weighted_mean_(tensors, weight)
+
+
+def gather_rng_states(
+    group: Group, rng_state: Callable[[], dict[str, Any]], generator: torch.Generator
+) -> list[dict[str, Any]] | None:
+    """Data-parallel: every rank's random-number states (torch's, numpy's, Python's, the estimator's generator), on
+    rank 0, for the checkpoint: a resumed rank continues its own streams (dropout masks, ff's negatives), not rank
+    0's. None on one process (the checkpoint's own states are the only ones)."""
+    if not group.active:
+        return None
+    buf = io.BytesIO()
+    torch.save({"rng": rng_state(), "generator": generator.get_state()}, buf)
+    blobs = group.all_gather_bytes(buf.getvalue())
+    if not group.is_main:
+        return None
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
 
 
 def launched_by_torchrun() -> bool:

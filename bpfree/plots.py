@@ -5,6 +5,7 @@ matplotlib's Agg backend: files only, no display needed (servers, CI).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,14 @@ if TYPE_CHECKING:
 PERCENT = FuncFormatter(lambda v, _: f"{v:g} %")
 
 
+def finite_prefix(values: list[float]) -> list[float]:
+    """The values up to the first NaN or inf (a curve ends where its run's numbers stop being numbers)."""
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            return values[:i]
+    return values
+
+
 def test_error_curves(
     groups: dict[str, list[RunResult]], path: Path, setup: str = "", metric: str = "test_error"
 ) -> None:
@@ -29,7 +38,7 @@ def test_error_curves(
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     lowest, highest, most_seeds = np.inf, 0.0, 1
     for label, runs in groups.items():
-        curves = [[r[metric] for r in run.records if metric in r] for run in runs if run.records]
+        curves = [finite_prefix([r[metric] for r in run.records if metric in r]) for run in runs if run.records]
         curves = [c for c in curves if c]
         failed = [run.failure for run in runs if run.failure]
         if failed:  # say in the legend how a method failed (all seeds the same way) or how often

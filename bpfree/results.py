@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,12 @@ class Row:
         return bool(self.test)
 
 
+def finite_errors(run: RunResult) -> bool:
+    """Whether the last epoch's errors are numbers a table can average (a hand-edited NaN is not)."""
+    last = run.records[-1] if run.records else {}
+    return all(math.isfinite(last.get(k, 0.0)) for k in ("test_error", "train_error", "val_error"))
+
+
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (None for a single seed: there is no spread to report)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
@@ -153,7 +160,7 @@ def summarise(groups: dict[str, list[RunResult]], reference: str = "bp") -> list
         cfg = runs[0].config
         row = Row(label, cfg.get("method", "?"), [r.config.get("seed", 0) for r in runs], int(cfg.get("epochs", 0)),
                   lr=cfg.get("lr"), method_options=cfg.get("method_options") or {})
-        good = [r for r in runs if r.finished]
+        good = [r for r in runs if r.finished and finite_errors(r)]
         for r in good:
             row.test.append(r.records[-1]["test_error"])
             row.train.append(r.records[-1]["train_error"])
@@ -164,9 +171,9 @@ def summarise(groups: dict[str, list[RunResult]], reference: str = "bp") -> list
             row.seconds_per_epoch = statistics.fmean(rec["seconds"] for rec in epochs)
             memory = [rec["peak_memory_mb"] for rec in epochs if "peak_memory_mb" in rec]
             row.peak_memory_mb = max(memory) if memory else None
-        bad = [r for r in runs if not r.finished]
+        bad = [r for r in runs if r not in good]
         if bad:
-            statuses = sorted({r.status for r in bad})
+            statuses = sorted({r.status if not r.finished else "error not finite at the last epoch" for r in bad})
             what = "; ".join(statuses)
             row.status = what if not good else f"{len(bad)}/{len(runs)} seeds failed: {what}"
         rows.append(row)

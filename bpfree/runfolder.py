@@ -43,6 +43,21 @@ def first_line(error: BaseException) -> str:
     return lines[0].strip() if lines else type(error).__name__
 
 
+def describe_load_error(error: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a few words.
+
+    A pickle that names code (a global such as posix.system) is said to be one; torch's own message goes on to
+    advise weights_only=False, which would run that code, so it is not repeated.
+    """
+    text = str(error)
+    if "Weights only load failed" in text:
+        named = re.search(r"unsupported (?:GLOBAL|global:?)\s*:?\s*([\w.]+)", text, re.IGNORECASE)
+        what = f" ({named.group(1)})" if named else ""
+        return (f"it holds objects beyond tensors and plain containers{what}: a pickle that could run code, "
+                "refused unread")
+    return f"{type(error).__name__}: {first_line(error)[:200]}"
+
+
 def describe_os_error(error: OSError, path: Path | str | None = None) -> str:
     """`No space left on device: runs/x/checkpoint.pt` (with a hint for the common cases)."""
     where = error.filename if error.filename is not None else path
@@ -145,13 +160,37 @@ def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as e:
+                raise write_error(e, tmp) from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_error(error: RuntimeError, path: Path) -> BaseException:
+    """The OSError behind a writer's RuntimeError, or `error` itself when there is none.
+
+    torch's zip writer turns a failed write of its file object (disk full, quota) into `RuntimeError: [enforce fail
+    at inline_container.cc] unexpected pos ...`; the OSError the file raised is the RuntimeError's context. Where a
+    writer keeps no context, a folder with no room left is the cause.
+    """
+    cause = error.__context__
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    if isinstance(cause, OSError):
+        return cause
+    try:
+        full = os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return error
 
 
 def append_line(path: Path, record: dict[str, Any]) -> None:
@@ -189,19 +228,32 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         if not line.endswith("\n") or not line.strip():
             continue  # the torn last line, or an empty one
         try:
-            record = json.loads(line)
+            record = parse_json(line)
         except json.JSONDecodeError as e:
             raise UsageError(f"{path}, line {number}: not a JSON record ({e.msg}); fix or delete that line") from None
         if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
             raise UsageError(f"{path}, line {number}: not a metrics record (no epoch); fix or delete that line")
+        # Every metric is a number (NaN and inf included: a loss may overflow); anything else is damage.
+        wrong = next((k for k, v in record.items() if isinstance(v, bool) or not isinstance(v, (int, float))), None)
+        if wrong is not None:
+            raise UsageError(f"{path}, line {number}: {wrong} is {record[wrong]!r}, not a number; fix or delete "
+                             "that line")
         records.append(record)
     return records
+
+
+def parse_json(text: str) -> Any:
+    """json.loads, with a document nested too deeply for Python's parser (RecursionError) as a JSONDecodeError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
 
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from a file, or one line saying what is wrong with it."""
     try:
-        value = json.loads(path.read_text())
+        value = parse_json(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read {path}: {first_line(e)}") from None
     except json.JSONDecodeError as e:

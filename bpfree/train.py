@@ -30,6 +30,7 @@ from bpfree.runfolder import (
     RunLock,
     append_line,
     atomic_write_bytes,
+    describe_load_error,
     describe_os_error,
     first_line,
     read_json,
@@ -204,6 +205,20 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Settings that may differ on --resume: the epoch budget (checked apart) and where and how the run is kept.
+RESUME_FREE = ("epochs", "resume", "device", "out", "data_root", "dist_timeout", "recipe")
+
+
+def settings_changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The settings that decide a run's numbers and differ between two stored configs (keys both hold)."""
+    return [k for k in after if k not in RESUME_FREE and k in before and before[k] != after[k]]
+
+
+def option_names(keys: list[str]) -> list[str]:
+    """Config keys as a user gives them (world_size is --nproc)."""
+    return ["--nproc" if k == "world_size" else k for k in keys]
+
+
 def record_failure(out: Path, config: dict[str, Any], kind: str, error: str, detail: str = "") -> None:
     """Write `failed.json` into a run folder: how the run failed ("diverged" or "error"), in one line, plus details."""
     out.mkdir(parents=True, exist_ok=True)
@@ -272,6 +287,7 @@ class Run:
         self.records: list[dict[str, Any]] = []  # every epoch's metrics record, also those of earlier sessions
         self.epoch = 0
         self._checked: dict[str, Any] | None = None  # rank 0: the checkpoint state checked before resuming
+        self._rank_states: list[dict[str, Any]] | None = None  # data-parallel: every rank's RNG states, for rank 0
         try:
             resume_from = self.open_run_folder()
             self._build(data)
@@ -297,12 +313,9 @@ class Run:
         self.estimator.group = self.group
         self.optimizer = make_optimizer(cfg, self.estimator.trainable(), lr_multipliers_by_id(self.estimator))
         self.steps_per_epoch = self.data.num_train_batches(cfg.batch_size)
-        if self.group.active:
-            if cfg.batch_size < self.group.world_size:
-                raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the {self.group.world_size} ranks")
-            # A last batch with fewer examples than ranks would leave a rank with none: every rank drops it.
-            if self.data.num_train - (self.steps_per_epoch - 1) * cfg.batch_size < self.group.world_size:
-                self.steps_per_epoch -= 1
+        if self.group.active and cfg.batch_size < self.group.world_size:
+            raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the {self.group.world_size} ranks "
+                             f"(--nproc {self.group.world_size})")
         self.schedule = make_schedule(cfg, self.optimizer, self.steps_per_epoch)
 
     # -- persistence -------------------------------------------------------------------------------------------
@@ -320,7 +333,10 @@ class Run:
             "estimator": self.estimator.state_dict(),
             "rng": rng_state(),
             "records": self.records,
+            "config": self.stored_config(),  # what trained it: a hand-edited config.json cannot pass for it
         }
+        if self._rank_states is not None:
+            state["rank_states"] = self._rank_states
         atomic_write_bytes(self.out / CHECKPOINT, lambda f: torch.save(state, f))
 
     def save_epoch(self, record: dict[str, Any]) -> None:
@@ -340,8 +356,8 @@ class Run:
         try:
             state = torch.load(io.BytesIO(raw), map_location=self.device, weights_only=True)
         except Exception as e:  # torch reports a damaged or foreign file with many exception types
-            raise UsageError(f"cannot resume from {path}: not a readable checkpoint "
-                             f"({type(e).__name__}: {first_line(e)[:200]})") from None
+            raise UsageError(f"cannot resume from {path}: not a readable checkpoint ({describe_load_error(e)})") \
+                from None
         keys = ("epoch", "model", "optimizer", "schedule", "estimator", "rng")
         missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
         if missing:
@@ -360,6 +376,10 @@ class Run:
             self.schedule.load_state_dict(state["schedule"])
             self.estimator.load_state_dict(state["estimator"])
             set_rng_state(state["rng"])
+            own = state.get("rank_states")
+            if own is not None and len(own) == self.group.world_size:  # this rank's random streams, not rank 0's
+                set_rng_state(own[self.group.rank]["rng"])
+                self.estimator.generator.set_state(own[self.group.rank]["generator"])
         except Exception as e:  # a checkpoint of another model or method: torch raises several kinds
             raise UsageError(f"cannot resume from {self.out / CHECKPOINT}: it does not fit this run "
                              f"({type(e).__name__}: {first_line(e)[:200]})") from None
@@ -408,16 +428,31 @@ class Run:
             saved = with_defaults(read_json(config_path)) if config_path.exists() else {}
             config = self.stored_config()
             # Everything but the epoch budget must match, or the resumed run would silently differ.
-            changed = [k for k in config if k not in ("epochs", "resume", "device", "out", "data_root", "dist_timeout",
-                                                      "recipe")
-                       and k in saved and saved[k] != config[k]]
+            changed = settings_changed(saved, config)
             if changed:
-                raise UsageError(f"--resume with a different {', '.join(changed)} than the run in {out}")
+                raise UsageError(f"--resume with a different {', '.join(option_names(changed))} than the run in "
+                                 f"{out}")
             raw = checkpoint.read_bytes()
         except OSError as e:
             raise UsageError(f"cannot use {out} as a run folder: {describe_os_error(e)}") from None
         self._checked = self.parse_checkpoint(raw)  # loaded once: load_checkpoint uses it
-        self.check_budget(saved.get("epochs", cfg.epochs), self._checked["epoch"])
+        trained = self._checked.get("config")  # checkpoints before this check was made hold none
+        if isinstance(trained, dict) and not saved:  # config.json lost: the command line must match the checkpoint
+            changed = settings_changed(with_defaults(trained), config)
+            if changed:
+                raise UsageError(f"--resume with a different {', '.join(option_names(changed))} than the run in "
+                                 f"{out} (its checkpoint)")
+        elif isinstance(trained, dict):
+            edited = settings_changed(with_defaults(trained), saved)
+            if edited:
+                first = edited[0]
+                raise UsageError(f"cannot resume {out}: {CONFIG} says {first} = {saved[first]!r} but its checkpoint "
+                                 f"was trained with {trained[first]!r} ({', '.join(edited)} differ); {CONFIG} was "
+                                 "edited: restore it, or start a new run with the new settings")
+        planned = saved.get("epochs", cfg.epochs)
+        if isinstance(planned, bool) or not isinstance(planned, int):
+            raise UsageError(f"{config_path}: epochs is {planned!r}, not a whole number; write it as one")
+        self.check_budget(planned, self._checked["epoch"])
         return raw
 
     def check_budget(self, planned: int, done: int) -> None:
@@ -478,6 +513,11 @@ class Run:
                        desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.show_progress, leave=False)
         for step, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            n = len(y)
+            if group.active:  # this rank's rows of the global batch; 0 examples counted where it had no share
+                rows = distributed.shard(min(cfg.batch_size, self.data.num_train - step * cfg.batch_size),
+                                         group.rank, group.world_size)
+                self.estimator.shard, n = rows, rows.weight
             self.optimizer.zero_grad(set_to_none=True)
             try:
                 if step == 0:  # the epoch's figure for peak_memory_mb (measuring slows this one step on CPU)
@@ -488,13 +528,14 @@ class Run:
                 raise self.diverged(str(e), step) from None
             if not torch.isfinite(result.loss):
                 raise self.diverged(f"loss became {result.loss.item()}", step)
-            n = len(y)
             if group.active:  # every rank now holds the update of the whole global batch (the estimator's policy)
                 self.estimator.all_reduce_gradients(group, n)
+                distributed.reduce_state(group, self.estimator.reduced_state(), self.model, n)
             self.optimizer.step()
             self.schedule.step()
             loss_sum += result.loss.detach().double().cpu() * n
-            wrong += (result.logits.argmax(1) != y).sum().cpu()
+            if n:
+                wrong += (result.logits.argmax(1) != y).sum().cpu()
             seen += n
             for k, v in (result.extra or {}).items():
                 extras[k] = extras.get(k, 0.0) + float(v) * n
@@ -544,6 +585,7 @@ class Run:
                       "seconds": seconds, "lr": self.optimizer.param_groups[0]["lr"],
                       "peak_memory_mb": self.step_peak_mb}
             self.records.append(record)
+            self._rank_states = distributed.gather_rng_states(self.group, rng_state, self.estimator.generator)
             if self.group.is_main:
                 self.save_epoch(record)
             if self.log_epochs:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from bpfree.errors import UsageError
+from bpfree.runfolder import describe_load_error
 
 # Parameter-name prefixes of the task-specific classifier of the models in this package: never transferred.
 HEAD_PREFIXES = ("head.", "readout.")
@@ -32,7 +33,7 @@ def load_backbone(
         try:
             source = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UsageError(f"--init-from: cannot read {source}: {type(e).__name__}") from None
+            raise UsageError(f"--init-from: cannot read {source}: {describe_load_error(e)}") from None
     state = source.get("model", source)
     own = model.state_dict()
     loaded = []

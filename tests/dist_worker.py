@@ -20,9 +20,16 @@ from bpfree.train import Run, TrainConfig
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 for kw in json.loads(sys.argv[1]):
+    resume_to = kw.pop("resume_to", None)  # stop after the first epoch, then --resume to this many
     run = Run(TrainConfig(**kw), show_progress=False)
     run.train()
+    if resume_to:
+        run = Run(TrainConfig(**{**kw, "epochs": resume_to, "resume": True}), show_progress=False)
+        run.train()
     torch.save(run.model.state_dict(), Path(kw["out"]) / f"rank{dist.get_rank()}.pt")
+    # The estimator's learned state besides the parameters (fdfa's feedback, ff's running means).
+    learned = [*run.estimator.reduced_state(), *(getattr(run.estimator, "feedback", None) or [])]
+    torch.save([t for t in learned if isinstance(t, torch.Tensor)], Path(kw["out"]) / f"rank{dist.get_rank()}.state.pt")
 first = json.loads(sys.argv[1])[0]
 try:
     Run(TrainConfig(**first), show_progress=False).train()

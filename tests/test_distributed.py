@@ -34,9 +34,43 @@ RUNS = {
     "lg-fg-w": dict(method="lg-fg-w", model="localmixer-m1-16", model_options={"channels": 16, "groups": 4},
                     method_options={"tangents": 2}),
     "lg-fg-a": dict(method="lg-fg-a", model="localmixer-m1-16", model_options={"channels": 16, "groups": 4}),
-    # A last batch of 1 example cannot be shared by 2 ranks: both drop it (instead of a NaN loss on an empty shard).
+    # A last batch of 1 example: rank 1 has no share of its own, steps on the whole batch with weight 0.
     "bp-tail": dict(method="bp", train_size=201, batch_size=100),
+    "fa": dict(method="fa"),
+    "dfa": dict(method="dfa"),
+    # fdfa's learned feedback: B learns from the global batch's estimate; tangents drawn for the whole batch.
+    "fdfa": dict(method="fdfa", train_size=201, batch_size=100),
+    "fdfa-generic-adam": dict(method="fdfa", model="localmixer-m1-16", model_options={"channels": 16, "groups": 4},
+                              method_options={"feedback_optimizer": "adam", "feedback_timing": "after"}),
+    # Recomputing (two passes, block at a time): the same global-batch tangents and B updates.
+    "fdfa-recompute": dict(method="fdfa", train_size=201, batch_size=100, method_options={"recompute": True}),
+    "dfa-recompute": dict(method="dfa", method_options={"recompute": True}),
+    "fdfa-generic": dict(method="fdfa", model="cnn-small", model_options={}, train_size=101, batch_size=50),
+    "l-bp": dict(method="l-bp", model_options={"hidden": (16, 16)}),
+    "l-fa": dict(method="l-fa", model_options={"hidden": (16, 16)}),
+    "lg-bp": dict(method="lg-bp", model="localmixer-m1-16", model_options={"channels": 16, "groups": 4}),
+    "lg-fa": dict(method="lg-fa", model="localmixer-m1-16", model_options={"channels": 16, "groups": 4}),
+    "sff": dict(method="sff", model_options={"hidden": (16, 16)}),
+    "sff-block": dict(method="sff-block", model_options={"hidden": (16, 16)}),
+    # ff draws each example's negative label (and ff-mlp's dropout masks) from its rank's stream: not the one
+    # process's numbers, so only the reduced state (peer normalisation's running means) and resume are checked.
+    "ff": dict(method="ff", model="ff-mlp", model_options={"hidden": (16, 16)},
+               method_options={"peer_norm": 0.03, "negatives": "random", "input_dropout": 0.1}),
+    "ff-generic": dict(method="ff", model_options={"hidden": (16, 16)}),
+    # Resumed after epoch 1 on 2 ranks (`resume_to`): must equal the uninterrupted 2-epoch runs below.
+    "fdfa-resumed": dict(method="fdfa", train_size=201, batch_size=100, resume_to=2),
+    "fdfa-whole": dict(method="fdfa", train_size=201, batch_size=100, epochs=2),
+    "ff-resumed": dict(method="ff", model="ff-mlp", model_options={"hidden": (16, 16)}, resume_to=2,
+                       method_options={"peer_norm": 0.03, "negatives": "random", "input_dropout": 0.1}),
+    "ff-whole": dict(method="ff", model="ff-mlp", model_options={"hidden": (16, 16)}, epochs=2,
+                     method_options={"peer_norm": 0.03, "negatives": "random", "input_dropout": 0.1}),
 }
+# Rules whose every random number is either shared by the ranks or drawn per example for the whole global batch:
+# their 2-rank runs equal one process on the whole batch. fg-a and lg-fg-a draw per-example tangents from a stream
+# per rank (rank_seed), and ff its negatives: the same estimator, other random numbers.
+EXACT = ["bp", "bp-tail", "fa", "dfa", "fdfa", "fdfa-generic-adam", "fdfa-recompute", "dfa-recompute",
+         "fdfa-generic", "fg-w",
+         "fg-w-noreadout", "l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-w", "sff", "sff-block"]
 
 
 def free_port() -> int:
@@ -72,9 +106,10 @@ def two_rank_runs(tmp_path_factory, data_root):
     return out
 
 
-@pytest.mark.parametrize("name", ["bp", "fg-w", "fg-w-noreadout", "lg-fg-w"])
+@pytest.mark.parametrize("name", EXACT)
 def test_two_ranks_equal_one_process_on_the_whole_batch(two_rank_runs, data_root, tmp_path, name):
     single = config(name, tmp_path, data_root)
+    single.pop("resume_to", None)
     train(TrainConfig(**single), show_progress=False)
     one = torch.load(Path(single["out"]) / "checkpoint.pt", weights_only=True)["model"]
     two = torch.load(two_rank_runs / name / "checkpoint.pt", weights_only=True)["model"]
@@ -86,7 +121,7 @@ def test_two_ranks_equal_one_process_on_the_whole_batch(two_rank_runs, data_root
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", [n for n in RUNS if "resumed" not in n])
 def test_ranks_hold_identical_parameters_and_only_rank0_writes(two_rank_runs, name):
     folder = two_rank_runs / name
     r0, r1 = (torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -97,10 +132,31 @@ def test_ranks_hold_identical_parameters_and_only_rank0_writes(two_rank_runs, na
     assert json.loads((folder / "config.json").read_text())["world_size"] == 2
 
 
-def test_last_batch_smaller_than_world_is_dropped(two_rank_runs):
+def test_last_batch_smaller_than_world_is_trained_not_dropped(two_rank_runs):
     record = read_metrics(two_rank_runs / "bp-tail" / "metrics.jsonl")[0]
     assert record["train_loss"] == record["train_loss"]  # finite, not NaN
-    assert record["comm_bytes_per_step"] > 0
+    # 3 steps (100, 100, 1 examples), all counted: the step of 1 example is not dropped.
+    assert record["comm_bytes_per_step"] == pytest.approx(4 * (models.count_parameters(
+        models.build("mlp", 10, (1, 8, 8), hidden=HIDDEN)) + 1))
+    assert torch.load(two_rank_runs / "bp-tail" / "checkpoint.pt", weights_only=True)["schedule"]["last_epoch"] == 3
+
+
+@pytest.mark.parametrize("name", ["fdfa", "ff"])
+def test_learned_estimator_state_is_the_same_on_every_rank(two_rank_runs, name):
+    r0, r1 = (torch.load(two_rank_runs / name / f"rank{r}.state.pt", weights_only=True) for r in (0, 1))
+    assert r0 and len(r0) == len(r1)
+    for a, b in zip(r0, r1):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["fdfa", "ff"])
+def test_resume_on_two_ranks_equals_the_uninterrupted_run(two_rank_runs, name):
+    resumed = read_metrics(two_rank_runs / f"{name}-resumed" / "metrics.jsonl")
+    whole = read_metrics(two_rank_runs / f"{name}-whole" / "metrics.jsonl")
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    for a, b in zip(whole, resumed):
+        for key in ("train_loss", "test_loss", "train_error"):
+            assert b[key] == a[key], (a["epoch"], key)
 
 
 def test_bad_input_found_by_rank0_stops_every_rank(two_rank_runs):
@@ -117,7 +173,8 @@ def test_weighted_mean_over_ranks(two_rank_runs):
 def test_bytes_per_step_per_method(two_rank_runs):
     params = models.count_parameters(models.build("mlp", 10, (1, 8, 8), hidden=HIDDEN))
     readout = HIDDEN[-1] * 10 + 10
-    per_step = {n: read_metrics(two_rank_runs / n / "metrics.jsonl")[0]["comm_bytes_per_step"] for n in RUNS}
+    per_step = {n: read_metrics(two_rank_runs / n / "metrics.jsonl")[0]["comm_bytes_per_step"] for n in RUNS
+                if "resumed" not in n}
     # Every all-reduce carries its float32 payload plus the rank's weight (its share of the batch).
     assert per_step["bp"] == 4 * (params + 1)
     assert per_step["fg-a"] == 4 * (params + 1)  # per-example tangents: the full gradient must be summed

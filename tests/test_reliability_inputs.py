@@ -310,3 +310,89 @@ def test_grad_quality_out_is_a_file(tmp_path, capsys):
     (tmp_path / "gq").write_text("")
     assert grad_quality(tmp_path) == 2
     one_line_error(capsys, "--out", "gq", "it is a file")
+
+
+# -- issue 23: bounds by the machine, malformed files, one-line messages --------------------------------------------
+
+def test_threads_are_bounded_by_the_machine(tmp_path, capsys):
+    assert main(["train", *TINY[:-2], "--threads", "100000", "--out", str(tmp_path / "run")]) == 2
+    one_line_error(capsys, "--threads must be in 1..", "got 100000")
+    assert not (tmp_path / "run").exists()
+
+
+def test_grad_quality_takes_threads(tmp_path, capsys):
+    assert grad_quality(tmp_path, "--threads", "100000") == 2
+    one_line_error(capsys, "--threads must be in 1..")
+    assert grad_quality(tmp_path, "--threads", "1") == 0
+
+
+def test_nproc_is_bounded_by_the_cores(tmp_path, capsys):
+    assert train(tmp_path, "--nproc", "100000") == 2
+    one_line_error(capsys, "--nproc 100000: more ranks than the", "CPU cores")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_integer_is_one_line_not_the_usage(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--epochs", "two"])
+    assert stop.value.code == 2
+    one_line_error(capsys, "--epochs: invalid int value: 'two'", "see bpfree train --help")
+
+
+def test_config_nested_too_deeply_is_one_line(tmp_path, capsys):
+    (tmp_path / "deep.json").write_text('{"lr": ' + "[" * 100000 + "]" * 100000 + "}")
+    assert compare(tmp_path, "--config", str(tmp_path / "deep.json")) == 2
+    one_line_error(capsys, "deep.json", "nested too deeply")
+
+
+def test_config_classes_may_be_a_list(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"classes": [3, 7]}))
+    assert compare(tmp_path, "--config", str(tmp_path / "c.json")) == 0
+    state = torch.load(tmp_path / "cmp" / "bp" / "seed-0" / "checkpoint.pt", weights_only=True)
+    assert state["model"]["3.weight"].shape[0] == 2
+
+
+@pytest.fixture
+def finished_run(tmp_path) -> Path:
+    assert train(tmp_path) == 0
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("value, message", [('"abc"', "test_error is 'abc', not a number"), ("NaN", None)])
+def test_report_on_metrics_holding_nan_or_strings(finished_run, capsys, value, message):
+    path = finished_run / "metrics.jsonl"
+    record = json.loads(path.read_text().splitlines()[-1])
+    path.write_text(json.dumps(record).replace(f'"test_error": {json.dumps(record["test_error"])}',
+                                               f'"test_error": {value}') + "\n")
+    capsys.readouterr()
+    code = main(["report", str(finished_run)])
+    if message:
+        assert code == 2
+        one_line_error(capsys, "metrics.jsonl, line 1", message)
+    else:  # a NaN is a number: the run's row says its error is not finite, the plots leave it out
+        assert code == 0
+        assert "error not finite at the last epoch" in (finished_run / "results.md").read_text()
+        assert (finished_run / "test_error.png").exists()
+
+
+def test_config_epochs_as_a_string_is_named(finished_run, capsys):
+    config = json.loads((finished_run / "config.json").read_text())
+    (finished_run / "config.json").write_text(json.dumps({**config, "epochs": "1"}))
+    capsys.readouterr()
+    assert main(["train", *TINY, "--out", str(finished_run), "--resume"]) == 2
+    one_line_error(capsys, "config.json: epochs is '1', not a whole number")
+
+
+def test_booby_trapped_checkpoint_gives_no_advice_to_run_it(finished_run, capsys, tmp_path):
+    marker = tmp_path / "PWNED"
+
+    class Trap:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"epoch": 1, "model": Trap()}, finished_run / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["train", *TINY, "--out", str(finished_run), "--resume"]) == 2
+    line = one_line_error(capsys, "a pickle that could run code, refused unread", "system")
+    assert "weights_only" not in line
+    assert not marker.exists()

@@ -20,7 +20,7 @@ import torch
 
 from bpfree import runfolder
 from bpfree.cli import main, out_of_memory
-from bpfree.errors import DivergedError, UsageError
+from bpfree.errors import DivergedError, Terminated, UsageError
 from bpfree.runfolder import LOCK, RunLock, append_line, read_metrics
 from bpfree.train import TrainConfig, train
 
@@ -235,6 +235,40 @@ def test_a_resume_that_would_change_the_run_is_refused(tmp_path, capsys, schedul
     assert {n: (out / n).read_bytes() for n in before} == before
 
 
+@pytest.mark.parametrize("key, value, flag", [("lr", 0.5, "0.5"), ("seed", 7, "7")])
+def test_a_hand_edited_config_must_agree_with_the_checkpoint(tmp_path, capsys, key, value, flag):
+    out = tmp_path / "run"
+    assert main([*small(out), "--epochs", "1"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config[key] = value
+    (out / "config.json").write_text(json.dumps(config))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*small(out), f"--{key}", flag, "--resume"]) == 2
+    line = one_line(capsys)
+    assert f"config.json says {key} = {value!r} but its checkpoint was trained with" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_resume_on_other_ranks_names_nproc(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*small(out), "--epochs", "1"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "world_size": 2}))  # as a run with --nproc 2 stores it
+    capsys.readouterr()
+    assert main([*small(out), "--epochs", "1", "--resume"]) == 2
+    assert "--resume with a different --nproc than the run in" in one_line(capsys)
+
+
+def test_a_lost_config_is_replaced_by_the_checkpoints_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*small(out), "--epochs", "1"]) == 0
+    (out / "config.json").unlink()
+    capsys.readouterr()
+    assert main([*small(out), "--lr", "0.5", "--resume"]) == 2
+    assert "--resume with a different lr than the run in" in one_line(capsys)
+
+
 # -- damaged or unusable run folders: one line, exit 2, nothing changed ---------------------------------------------
 DAMAGE = {
     "empty checkpoint": ("checkpoint.pt", b"", "the file is empty"),
@@ -332,6 +366,47 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one(tmp_path, capsys, monk
     monkeypatch.setattr(torch, "save", real_save)
     assert main([*small(out, "--epochs", "3"), "--resume"]) == 0
     assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 2 MiB tmpfs of its own (root only: mounting needs CAP_SYS_ADMIN), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_real_full_disk_with_a_checkpoint_bigger_than_the_free_space(small_filesystem, capsys):
+    out = small_filesystem / "run"
+    constant = ("--schedule", "constant")  # so that --resume may add an epoch
+    args = small(out, "--hidden", "256", "--epochs", "1", *constant)  # a checkpoint of a few hundred KiB
+    assert main(args) == 0
+    size = (out / "checkpoint.pt").stat().st_size
+    # Leave free half of what the next checkpoint needs: torch's zip writer then fails part-way.
+    free = os.statvfs(small_filesystem).f_bavail * os.statvfs(small_filesystem).f_frsize
+    (small_filesystem / "filler").write_bytes(b"\0" * max(0, free - size // 2))
+    before = {n: (out / n).read_bytes() for n in ("checkpoint.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    assert main([*small(out, "--hidden", "256", "--epochs", "2", *constant), "--resume"]) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after the note that the budget grows from 1 to 2 epochs
+    assert "Traceback" not in err
+    assert line.startswith("bpfree: error: cannot save epoch 2: No space left on device"), line
+    assert "free space, then --resume" in line
+    assert {n: (out / n).read_bytes() for n in before} == before  # the old checkpoint and metrics intact
+    assert listing(out) == ["checkpoint.pt", "config.json", "metrics.jsonl"]  # no temp file left
+    (small_filesystem / "filler").unlink()
+    assert main([*small(out, "--hidden", "256", "--epochs", "2", *constant), "--resume"]) == 0
+    assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
 
 
 def test_disk_full_during_a_metrics_line_leaves_the_file_as_it_was(tmp_path, monkeypatch):
@@ -469,3 +544,35 @@ def test_launcher_stops_within_seconds_of_the_timeout_when_a_rank_hangs(data_roo
     assert launcher.returncode == 4, err
     assert "did not answer within --dist-timeout 3 s" in err and "Traceback" not in err
     assert took < timeout + 8, took  # rank 0 gives up after the timeout; the launcher kills the stopped rank 2 s later
+
+
+@pytest.mark.parametrize("raised, code, line", [(KeyboardInterrupt, 130, "bpfree: interrupted"),
+                                                (Terminated, 143, "bpfree: terminated")])
+def test_a_signal_while_starting_up_is_one_line(monkeypatch, capsys, raised, code, line):
+    """Building the parser imports torch (seconds): SIGINT / SIGTERM there end like anywhere else."""
+    from bpfree import cli
+
+    def importing_torch():
+        raise raised
+
+    monkeypatch.setattr(cli, "make_parser", importing_torch)
+    assert main(["train"]) == code
+    assert capsys.readouterr().err.strip() == line
+
+
+@pytest.mark.parametrize("sig, code, line", [("SIGINT", 130, "bpfree: interrupted"),
+                                             ("SIGTERM", 143, "bpfree: terminated")])
+def test_signal_handlers_are_in_place_before_torch_is_imported(sig, code, line):
+    """A child that signals itself just before the subcommands (and torch) are imported; the signal then ends it
+    at once with its line, never inside an import (where an exception was swallowed or left a half-done module)."""
+    script = ("import os, signal, sys\n"
+              "from bpfree import cli\n"
+              "real = cli.make_parser\n"
+              "def parser():\n"
+              f"    os.kill(os.getpid(), signal.{sig})\n"
+              "    return real()\n"
+              "cli.make_parser = parser\n"
+              "sys.exit(cli.main(['models']))\n")
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    assert (done.returncode, done.stderr.strip()) == (code, line)

@@ -159,7 +159,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
         (["--hidden", "a,b"], "--hidden: expected tuple"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
         (["--augment"], "--augment is only available for cifar10"),
-        (["--threads", "0"], "--threads must be at least 1"),
+        (["--threads", "0"], "--threads must be in 1.."),
     ],
 )
 def test_bad_input_one_line_exit_2(tmp_path, capsys, args, message):

@@ -17,7 +17,7 @@ import torch
 
 from bpfree import recipes
 from bpfree.cli import main
-from bpfree.commands.sweep import Point, choose
+from bpfree.commands.sweep import Point, choose, nothing_chosen
 from bpfree.data import TensorData
 from bpfree.results import RunResult
 from bpfree.train import TrainConfig, load_data, read_metrics
@@ -178,6 +178,27 @@ def test_sweep_chooses_by_validation_even_where_test_disagrees(tmp_path, capsys)
     # The written recipe reruns as a comparison.
     assert main(["compare", "--config", str(out / "recipe.json"), "--threads", "1", "--no-plots"]) == 0
     assert json.loads((out / "compare" / "bp" / "seed-0" / "config.json").read_text())["lr"] == 0.05
+
+
+def test_sweep_where_every_grid_point_diverges_says_so(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--methods", "bp", *TINY, "--epochs", "1", "--optimizer", "sgd", "--lr", "1e30,1e35",
+            "--val-split", "300", "--out", str(out), "--no-plots"]
+    assert main(args) == 1  # as compare: the report was written, but runs did not finish
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("bpfree: bp: no grid point finished with every seed (diverged at epoch "
+                                            "1), so nothing was chosen; none trained: try lower learning rates (--lr)")
+    report = (out / "sweep.md").read_text()
+    assert "none trained" in report and "no recipe.json was written" in report
+    assert not (out / "recipe.json").exists()
+
+
+def test_sweep_names_the_best_point_that_trained_some_seeds():
+    trained = fake_point("lr=0.1", 12.0, 0.5, 10.0)
+    trained.runs.append(RunResult(Path("x"), {"epochs": 1}, [], failure="diverged"))
+    line = nothing_chosen("m", [trained])
+    assert "the best that did train: lr=0.1 (1 of 2 seeds, val error 12.00 %)" in line
 
 
 def test_sweep_needs_a_validation_split(tmp_path, capsys):

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from bpfree import methods, models
 from bpfree.cli import main
+from bpfree.errors import UsageError
 
 MODEL_FILE = '''
 import torch
@@ -42,6 +44,50 @@ def wrong_output(num_classes, input_shape):
 
 
 NOT_CALLABLE = 3
+
+
+def exits(num_classes, input_shape):
+    import sys
+    sys.exit(0)
+
+
+def frozen(num_classes, input_shape):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes)).requires_grad_(False)
+
+
+class IntegerLogits(nn.Module):
+    def __init__(self, num_classes, input_shape):
+        super().__init__()
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)).round().long()
+
+
+class FrozenByNoGrad(nn.Module):
+    """A pretrained-feature stem kept frozen the PyTorch way: under torch.no_grad() inside forward."""
+
+    def __init__(self, num_classes, input_shape):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.stem(x)
+        return self.fc(h)
+
+
+class ExitsWhileTraining(nn.Module):
+    def __init__(self, num_classes, input_shape):
+        super().__init__()
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        if self.training:
+            import sys
+            sys.exit(5)
+        return self.fc(x.flatten(1))
 '''
 
 
@@ -92,10 +138,18 @@ def test_compare_and_grad_quality_take_a_user_model(tmp_path, model_file, capsys
         ("{dir}/bad.py:Net", "importing"),
         ("no_such_package_xyz.models:Net", "no module 'no_such_package_xyz'"),
         ("{file}:", "expected path/to/file.py:Name"),
+        ("{file}", "name the class or function in the file too: {file}:Name"),
+        ("{file}:exits", "exits(num_classes=10, input_shape=(1, 8, 8)) failed: it called sys.exit(0)"),
+        ("{dir}/exit7.py:Net", "importing {dir}/exit7.py failed: it called sys.exit(7)"),
+        ("{file}:frozen", "has every parameter frozen (requires_grad=False)"),
+        ("{file}:IntegerLogits", "returns torch.int64 logits"),
+        ("{file}:ExitsWhileTraining", "user code called sys.exit(5) during the run"),
     ],
 )
 def test_bad_user_models_are_one_line_errors(tmp_path, model_file, capsys, spec, message):
     (tmp_path / "bad.py").write_text("import not_a_module_anywhere\n")
+    (tmp_path / "exit7.py").write_text("raise SystemExit(7)\n")
+    message = message.format(dir=tmp_path, file=model_file)
     spec = spec.format(dir=tmp_path, file=model_file)
     assert main([*TRAIN, "--model", spec, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -129,3 +183,40 @@ def test_compare_setup_check_uses_the_named_blocks(tmp_path, model_file, capsys)
     assert main(["compare", "--methods", "l-bp", "--data", "digits", "--epochs", "1", "--train-size", "256",
                  "--threads", "1", "--model", f"{model_file}:make", "--blocks", "1,2",
                  "--out", str(tmp_path / "c")]) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["fg-w", "fg-a"])
+def test_forward_mode_refuses_a_model_that_uses_no_grad_inside_forward(tmp_path, model_file, capsys, method):
+    assert main([*TRAIN, "--method", method, "--model", f"{model_file}:FrozenByNoGrad",
+                 "--out", str(tmp_path / "r")]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{method}: the model's forward gives stem.1.weight and 1 more no gradient" in err[0], err
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_backprop_still_trains_a_model_that_uses_no_grad_inside_forward(tmp_path, model_file, capsys):
+    assert main([*TRAIN, "--method", "bp", "--model", f"{model_file}:FrozenByNoGrad",
+                 "--out", str(tmp_path / "r")]) == 0  # fmt: skip
+
+
+BAD_BLOCKS = {
+    "body,stem": "not the order the forward pass runs them; give --blocks stem,body",
+    "stem,stem": "--blocks names 'stem' twice",
+    "stem,fc": "'fc' holds the readout 'fc'",
+    "stem,stem.0": "'stem.0' lies inside 'stem'",
+}
+
+
+@pytest.mark.parametrize("blocks", list(BAD_BLOCKS))
+def test_bad_block_lists_are_refused_alike_by_every_rule(model_file, blocks):
+    model = models.build(f"{model_file}:Net", 10, (1, 8, 8))
+    for method in methods.METHODS.names():
+        with pytest.raises(UsageError) as refused:
+            methods.build(method, model, blocks=blocks.split(","))
+        assert BAD_BLOCKS[blocks] in str(refused.value), (method, str(refused.value))
+
+
+def test_too_few_named_blocks_says_to_name_more(tmp_path, model_file, capsys):
+    assert main([*TRAIN, "--method", "l-bp", "--model", f"{model_file}:Net", "--blocks", "stem",
+                 "--out", str(tmp_path / "r")]) == 2  # fmt: skip
+    assert "(--blocks named 1; name more)" in capsys.readouterr().err

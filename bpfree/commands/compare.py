@@ -21,7 +21,7 @@ from bpfree.commands.train import add_training_arguments, config_from_args, set_
 from bpfree.compare import run_all, run_folder
 from bpfree.errors import UsageError
 from bpfree.results import load_run, write_report
-from bpfree.runfolder import RunLock
+from bpfree.runfolder import RunLock, parse_json
 from bpfree.train import OPTIMIZERS, SCHEDULES, TrainConfig
 
 METHOD_OPTIONS_RULE = (
@@ -133,9 +133,9 @@ def _closest(name: str, names: list[str]) -> str:
 
 def _coerce(action: argparse.Action, key: str, value: Any, where: str) -> Any:
     """A config-file value checked as strictly as the command line would check it."""
-    if key in ("methods", "seeds") and isinstance(value, list):
+    if key in ("methods", "seeds", "classes") and isinstance(value, list):  # comma-separated on the command line
         value = ",".join(map(str, value))
-    if key in ("methods", "seeds") and isinstance(value, int) and not isinstance(value, bool):
+    if key in ("methods", "seeds", "classes") and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if key in recipes.RECIPE_FIELDS:  # one value or per-method values; checked now, split per method later
         if isinstance(value, str) and "=" in value:
@@ -167,7 +167,7 @@ def _coerce(action: argparse.Action, key: str, value: Any, where: str) -> Any:
 def load_config(path: str, actions: dict[str, argparse.Action]) -> tuple[dict[str, Any], str]:
     """The settings of a JSON experiment file (keys are long option names, `-` or `_`), and its description."""
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        raw = parse_json(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"config file {path} not found") from None
     except IsADirectoryError:

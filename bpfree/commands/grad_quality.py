@@ -9,7 +9,7 @@ import torch
 from bpfree import data as datasets
 from bpfree import methods, models
 from bpfree.checks import check_device, check_seed, output_folder
-from bpfree.commands.train import DATA_HELP, add_entry_options, document_blocks_flag, model_options
+from bpfree.commands.train import DATA_HELP, add_entry_options, document_blocks_flag, model_options, set_threads
 from bpfree.errors import UsageError
 from bpfree.gradquality import gradient_quality, markdown_table, write_report
 
@@ -45,11 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for the model's initialisation and the batches")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--out", default="runs/grad-quality", help="folder for the JSON, markdown and PNG")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     add_entry_options(parser, models.MODELS, "model")
     document_blocks_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
     names = _list(args.methods, str, "--methods")
     for n in names:
         methods.METHODS.get(n)

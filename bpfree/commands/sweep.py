@@ -89,6 +89,24 @@ def choose(points: list[Point]) -> Point | None:
     return min(good, key=lambda t: t[:3])[3] if good else None
 
 
+def nothing_chosen(method: str, points: list[Point]) -> str:
+    """Why `method` has no recipe: what its grid points did, and the best point that trained at least one seed.
+
+    Divergence is an ordinary answer of a learning-rate search (the grid reached too far), not an error of the sweep.
+    """
+    statuses = sorted({p.status for p in points})
+    line = f"{method}: no grid point finished with every seed ({'; '.join(statuses)}), so nothing was chosen"
+    partial = [p for p in points if p.finished]
+    if partial:
+        best = min(partial, key=lambda p: statistics.fmean(r.records[-1]["val_error"] for r in p.finished))
+        val = statistics.fmean(r.records[-1]["val_error"] for r in best.finished)
+        line += (f"; the best that did train: {best.label} ({len(best.finished)} of {len(best.runs)} seeds, "
+                 f"val error {val:.2f} %)")
+    else:
+        line += "; none trained: try lower learning rates (--lr)"
+    return line
+
+
 def settings_of(config: dict[str, Any]) -> dict[str, Any]:
     """The recipe settings that matter (no momentum for Adam, no zero weight decay or warm-up)."""
     return {k: config[k] for k in recipes.RECIPE_FIELDS
@@ -208,21 +226,24 @@ def _sweep(args: argparse.Namespace, names: list[str], configs: list[TrainConfig
     command = "bpfree " + " ".join(getattr(args, "argv", sys.argv[1:]))
     noise = (5 * 95 / configs[0].val_split) ** 0.5
     summary = final_table(finals, f"— reported once, after the choice ({epochs} epochs)")
-    recipe = recipe_file(picked, first_of, out, epochs, command)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    if picked:
+        recipe = recipe_file(picked, first_of, out, epochs, command)
+        (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    unchosen = [nothing_chosen(m, by_method[m]) for m, p in chosen.items() if p is None]
     md = [f"# Sweep: {', '.join(names)} on {configs[0].model} / {configs[0].data}", "", f"`{command}`", "",
           f"Chosen on validation error ({configs[0].val_split} held-out training examples, last epoch, mean over "
           "seeds); test error was not looked at for the choice. One standard error of a validation error e (%) "
           f"is about sqrt(e (100 - e) / {configs[0].val_split}) points (binomial; {noise:.2f} at e = 5 %): "
           "grid points closer than that are a tie in all but name.", "", table, "Chosen recipes:", "", summary,
-          f"As a `compare` config: `bpfree compare --config {out / 'recipe.json'}`", ""]
+          *(f"- {line}" for line in unchosen), *([""] if unchosen else []),
+          f"As a `compare` config: `bpfree compare --config {out / 'recipe.json'}`" if picked else
+          "No recipe was chosen, so no recipe.json was written.", ""]
     (out / "sweep.md").write_text("\n".join(md))
     print(table)
     print(summary, end="")
-    missing = [m for m, p in chosen.items() if p is None]
-    print(f"(results in {out}/sweep.md; chosen recipes in {out}/recipe.json)")
-    if missing:
-        print(f"bpfree: no grid point finished for {', '.join(missing)}: nothing chosen", file=sys.stderr)
+    print(f"(results in {out}/sweep.md" + (f"; chosen recipes in {out}/recipe.json)" if picked else ")"))
+    if unchosen:
+        print(f"bpfree: {' / '.join(unchosen)}", file=sys.stderr)
         return 1
     return 0

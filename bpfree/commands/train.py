@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from bpfree import distributed, methods, models, recipes
+from bpfree.checks import check_nproc, check_threads
 from bpfree.errors import UsageError
 from bpfree.registry import Registry
 from bpfree.train import OPTIMIZERS, TrainConfig, train
@@ -183,9 +184,7 @@ def recipe_summary(cfg: TrainConfig, args: argparse.Namespace) -> str:
 def set_threads(threads: int | None) -> None:
     if threads is None:
         return
-    if threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
-    torch.set_num_threads(threads)
+    torch.set_num_threads(check_threads(threads))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -207,8 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.nproc < 1:
-        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    check_nproc(args.nproc, args.device)
     distributed.check_timeout(args.dist_timeout)
     if args.nproc > 1 and not distributed.launched_by_torchrun():
         return distributed.launch(args.nproc, distributed.strip_nproc(getattr(args, "argv", sys.argv[1:])))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from bpfree.data.files import extract_tar, fetch, read_cifar_batch, read_idx
+from bpfree.distributed import shard
 from bpfree.errors import UsageError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -112,16 +113,18 @@ class TensorData:
     def train_batches(
         self, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1
     ) -> Iterator[Batch]:
-        """Shuffled batches. With world_size > 1, each rank gets its contiguous share of every global batch."""
+        """Shuffled batches. With world_size > 1, each rank gets its share of every global batch
+        (`bpfree.distributed.shard`), augmented as the whole batch is: the same images as on one process."""
         order = torch.randperm(self.num_train, generator=generator)
         for start in range(0, self.num_train, batch_size):
             idx = order[start : start + batch_size]
-            if world_size > 1:
-                idx = idx.tensor_split(world_size)[rank]
-            x = self.train_x[idx]
+            x, y = self.train_x[idx], self.train_y[idx]
             if self.augment is not None:
                 x = self.augment(x, generator)
-            yield x, self.train_y[idx]
+            if world_size > 1:
+                rows = shard(len(idx), rank, world_size)
+                x, y = x[rows.start : rows.stop], y[rows.start : rows.stop]
+            yield x, y
 
     def test_batches(self, batch_size: int) -> Iterator[Batch]:
         for start in range(0, len(self.test_y), batch_size):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from bpfree.distributed import shard
 from bpfree.errors import UsageError
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
@@ -161,7 +162,8 @@ class ImageFolderData:
         files = ImageFiles(self.train_samples, self.image_size, train=self.augment, seed=seed)
         for x, y in self._batches(files, batch_size, generator):
             if world_size > 1:
-                x, y = x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
+                rows = shard(len(y), rank, world_size)
+                x, y = x[rows.start : rows.stop], y[rows.start : rows.stop]
             yield x, y
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

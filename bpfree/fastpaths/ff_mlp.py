@@ -156,6 +156,9 @@ class ForwardForward(Estimator):
                 return self.net(x)
             return self.goodness_scores(x)
 
+    def reduced_state(self) -> list[torch.Tensor]:
+        return [self.running_means[k] for k in sorted(self.running_means)]
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "steps": self.steps, "running_means": dict(self.running_means)}
 

@@ -12,10 +12,14 @@ from typing import Any
 
 from torch import nn
 
+from bpfree.anatomy import check_block_names
+from bpfree.checks import check_forward_mode_can_train
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.registry import Registry
 
 METHODS = Registry("method")
+# Rules whose weight gradients come from forward-mode tangents, which pass through torch.no_grad().
+FORWARD_MODE = ("fg-w", "fg-a", "lg-fg-w", "lg-fg-a")
 Factory = Callable[..., Estimator]
 FAST_PATHS: dict[tuple[str, type], Factory] = {}
 
@@ -50,6 +54,10 @@ def build(
     resolved = METHODS.resolve_options(name, options)
     factory = fast_path(name, model) or METHODS.get(name).factory
     extra = {"blocks": tuple(blocks)} if blocks else {}
+    if blocks:
+        check_block_names(model, tuple(blocks))
+    if name in FORWARD_MODE:
+        check_forward_mode_can_train(model, name)
     return factory(model, seed=seed, **extra, **resolved)
 
 

@@ -7,7 +7,7 @@ else); the optimizer step is the caller's. The training loop only ever calls `st
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree.anatomy import Anatomy, describe
-from bpfree.distributed import LOCAL, Group
+from bpfree.distributed import LOCAL, Group, Shard
 from bpfree.registry import Option
 
 
@@ -129,6 +129,9 @@ class Estimator:
     options: ClassVar[dict[str, Option]] = {}
     #: The data-parallel ranks this estimator's steps are combined over; the trainer sets it (LOCAL: one process).
     group: Group = LOCAL
+    #: Data-parallel: this rank's rows of the step's global batch (the trainer sets it before each step; None on one
+    #: process).
+    shard: Shard | None = None
 
     def __init__(self, model: nn.Module, seed: int = 0, *, blocks: Sequence[str] | None = None, **options: Any):
         self.model = model
@@ -144,6 +147,12 @@ class Estimator:
     def anatomy(self) -> Anatomy:
         """The model's layers and blocks (found once, on first use; `blocks=` names them)."""
         return describe(self.model, blocks=self.block_names)
+
+    def blocks_hint(self) -> str:
+        """What to do about too few blocks: name them, or name more where --blocks was given."""
+        if self.block_names is None:
+            return "name them with --blocks"
+        return f"--blocks named {len(self.block_names)}; name more"
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -171,6 +180,27 @@ class Estimator:
         this to reduce only what is left.
         """
         group.weighted_mean_([p.grad for p in self.trainable()], weight)
+
+    def reduced_state(self) -> list[torch.Tensor]:
+        """Learned state besides the parameters (ff's running means) that differs by the examples a rank saw.
+
+        In data-parallel runs the trainer averages these tensors in place over the ranks after every step, weighted
+        by each rank's examples, so every rank (and the checkpoint, written by rank 0) holds the same state; where the
+        state is a running mean of batch means, that is the state one process would hold. Default: none.
+        """
+        return []
+
+    def sample_rows_(self, fill_: Callable[[torch.Tensor], torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """`fill_(out)`: per-example random numbers, one row per example of this rank's batch.
+
+        Data-parallel: every rank draws the numbers of the whole global batch and keeps its own rows, so each
+        example gets the numbers one process would give it and every rank's generator advances alike.
+        """
+        rows = self.shard
+        if rows is None or rows.total == out.shape[0] and rows.start == 0:
+            return fill_(out)
+        whole = fill_(out.new_empty((rows.total, *out.shape[1:])))
+        return out.copy_(whole[rows.start : rows.stop])
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for evaluation (the model is put in eval mode by the caller)."""

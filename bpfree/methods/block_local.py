@@ -150,7 +150,7 @@ class BlockLocal(Estimator):
         anatomy = self.anatomy
         if len(anatomy.blocks) < 2:
             raise UsageError(f"{self.method} needs a model with two or more blocks; {name} has "
-                             f"{len(anatomy.blocks)} (name them with --blocks)")
+                             f"{len(anatomy.blocks)} ({self.blocks_hint()})")
         self.head_lr_mult = float(options.get("head_lr_mult", 1.0))
         self.readout_lr_mult = float(options.get("readout_lr_mult", 1.0))
         for what, m in (("head", self.head_lr_mult), ("readout", self.readout_lr_mult)):

@@ -40,7 +40,7 @@ from bpfree import tangents as T
 from bpfree.anatomy import Anatomy, boundaries, eval_mode, example_input, forwards_replaced, uniform_like
 from bpfree.attention import math_attention, patched_attention
 from bpfree.errors import UsageError
-from bpfree.forward_mode import conv_config, tangent_friendly
+from bpfree.forward_mode import conv_config, renew_dual_level, tangent_friendly
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, Replay, StepResult, set_grad, zero_missing_grads
 from bpfree.methods.bp import Backprop
@@ -370,7 +370,11 @@ class _DirectFeedback(Estimator):
 
     def _tangent(self, i: int, like: torch.Tensor) -> torch.Tensor:
         """Block i's tangent u_i, drawn into its buffer (valid until the next step)."""
-        return T.sample_(self._buffer("u", i, like), self.tangent_dist, self.generator)
+        return self._draw(self._buffer("u", i, like))
+
+    def _draw(self, out: torch.Tensor) -> torch.Tensor:
+        """Tangents drawn into `out`, per example (data-parallel: this rank's rows of the global batch's)."""
+        return self.sample_rows_(lambda t: T.sample_(t, self.tangent_dist, self.generator), out)
 
     def _forward_fast(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, Any]:
         h, h_dot, outs, tangents = x, None, [], []
@@ -424,6 +428,10 @@ class _DirectFeedback(Estimator):
             else:
                 onward = torch.add(tangent.detach(), u, out=self._buffer("onward", i, primal))
             nxt = primal.detach()
+            del tangent
+            # Only the detached onward tangent crosses the boundary: a new forward-AD level frees the tangents made
+            # inside the block, and the reverse graph their arithmetic recorded, instead of holding them to the end.
+            renew_dual_level()
             return fwad.make_dual(nxt.clone() if copy else nxt, onward)
 
         y_dot = None
@@ -497,7 +505,7 @@ class _DirectFeedback(Estimator):
                 shapes.append(primal.new_empty((1, *primal.shape[1:])))
             if not self.use_tangents:
                 return out
-            u = T.sample_(torch.empty_like(primal), self.tangent_dist, self.generator)
+            u = self._draw(torch.empty_like(primal))
             return fwad.make_dual(primal, u if tangent is None else tangent + u)
 
         with torch.no_grad(), self._passes(first, dual=self.use_tangents):
@@ -519,7 +527,7 @@ class _DirectFeedback(Estimator):
         def second(i: int, out: torch.Tensor) -> torch.Tensor:
             assert self.feedback is not None
             if self.use_tangents:
-                u = T.sample_(torch.empty_like(out), self.tangent_dist, self.generator)
+                u = self._draw(torch.empty_like(out))
                 if self.feedback_timing == "after":
                     self.learn_block_feedback(i, y_dot, u)
             signal = (e @ self.feedback[i]).view_as(out)
@@ -691,16 +699,23 @@ class DirectionalDFA(_DirectFeedback):
         assert self.feedback is not None
         b = self.feedback[i]
         with torch.no_grad():
+            mean = None  # data-parallel: the global batch's mean(ẏuᵀ), as on one process
+            if self.group.active:
+                mean = y_dot.t() @ u.reshape(n, -1) / n
+                self.group.weighted_mean_([mean], self.shard.weight if self.shard is not None else n)
             if self.feedback_optimizer == "average":
-                # B ← (1−λ)B + λ·mean_batch(ẏ uᵀ), in place as one addmm.
-                b.mul_(1 - lam).addmm_(y_dot.t(), u.reshape(n, -1), alpha=lam / n)
+                # B ← (1−λ)B + λ·mean_batch(ẏ uᵀ), in place (one addmm on one process).
+                if mean is None:
+                    b.mul_(1 - lam).addmm_(y_dot.t(), u.reshape(n, -1), alpha=lam / n)
+                else:
+                    b.mul_(1 - lam).add_(mean, alpha=lam)
                 return
             if self.optimizer is None:
                 self._make_optimizer()
             assert self.optimizer is not None
             # One B at a time: the optimizer steps only parameters with a gradient, so each B_i takes exactly one
-            # step per training step however the blocks are visited.
-            b.grad = torch.addmm(b, y_dot.t(), u.reshape(n, -1), alpha=-1 / n)  # ∇ ½‖B − mean(ẏuᵀ)‖²
+            # step per training step however the blocks are visited. ∇ ½‖B − mean(ẏuᵀ)‖² = B − mean(ẏuᵀ).
+            b.grad = torch.addmm(b, y_dot.t(), u.reshape(n, -1), alpha=-1 / n) if mean is None else b - mean
             self.optimizer.step()
             b.grad = None
 

@@ -32,11 +32,25 @@ _LOADED: dict[str, Callable[..., Any]] = {}
 def user_model(name: str) -> tuple[str, str] | None:
     """(file or module, attribute) for a user's model `file.py:Name` / `module:name`; None for a registered name."""
     if ":" not in name:
+        if name.endswith(".py"):
+            raise UsageError(f"--model {name}: name the class or function in the file too: {name}:Name")
         return None
     target, _, attr = name.rpartition(":")
     if not target or not attr.isidentifier():
         raise UsageError(f"--model {name}: expected path/to/file.py:Name or package.module:name")
     return target, attr
+
+
+# What user code (a model file, its class) may raise; SystemExit too, so that a sys.exit() in it becomes one line and
+# exit 2 instead of ending bpfree with the user's code. KeyboardInterrupt still interrupts.
+USER_ERRORS = (Exception, SystemExit)
+
+
+def user_error(error: BaseException) -> str:
+    """`ValueError: bad shape`, or `it called sys.exit(7)`, for a message about user code."""
+    if isinstance(error, SystemExit):
+        return f"it called sys.exit({error.code!r})"
+    return f"{type(error).__name__}: {error}"
 
 
 def _import(name: str, target: str) -> Any:
@@ -53,9 +67,9 @@ def _import(name: str, target: str) -> Any:
         sys.modules[module_name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as e:
+        except USER_ERRORS as e:
             del sys.modules[module_name]
-            raise UsageError(f"--model {name}: importing {target} failed: {type(e).__name__}: {e}") from None
+            raise UsageError(f"--model {name}: importing {target} failed: {user_error(e)}") from None
         return module
     try:
         return importlib.import_module(target)
@@ -64,8 +78,8 @@ def _import(name: str, target: str) -> Any:
             hint = "for a file, give its path ending in .py"
             raise UsageError(f"--model {name}: no module {e.name!r} ({hint})") from None
         raise UsageError(f"--model {name}: importing {target} failed: {type(e).__name__}: {e}") from None
-    except Exception as e:
-        raise UsageError(f"--model {name}: importing {target} failed: {type(e).__name__}: {e}") from None
+    except USER_ERRORS as e:
+        raise UsageError(f"--model {name}: importing {target} failed: {user_error(e)}") from None
 
 
 def load_user_model(name: str) -> Callable[..., Any]:
@@ -119,22 +133,26 @@ def _build_user(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn
     call = f"{short_name(name)}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
     try:
         model = factory(**kwargs)
-    except Exception as e:
-        raise UsageError(f"--model {name}: {call} failed: {type(e).__name__}: {e}") from None
+    except USER_ERRORS as e:
+        raise UsageError(f"--model {name}: {call} failed: {user_error(e)}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"--model {name}: {call} returned a {type(model).__name__}, not an nn.Module")
     if not any(True for _ in model.parameters()):
         raise UsageError(f"--model {name}: {call} has no parameters to train")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UsageError(f"--model {name}: {call} has every parameter frozen (requires_grad=False): nothing to train")
     # One probe batch, so that a model that does not fit the data says so here, in one line.
     try:
         with eval_mode(model), torch.no_grad():
             out = model(torch.zeros(2, *input_shape))
-    except Exception as e:
+    except USER_ERRORS as e:
         raise UsageError(f"--model {name}: {call} fails on a batch shaped {(2, *input_shape)}: "
-                         f"{type(e).__name__}: {e}") from None
+                         f"{user_error(e)}") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UsageError(f"--model {name}: {call} returns {got} for a batch of 2, expected logits (2, {num_classes})")
+    if not out.is_floating_point():
+        raise UsageError(f"--model {name}: {call} returns {out.dtype} logits; losses need floating-point logits")
     return model
 
 
