@@ -146,3 +146,21 @@ def test_train_reports_the_activation_peak_beside_bp(tmp_path, capsys) -> None:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["peak_memory_mb"] > 0 for r in records)
     assert summary["peak_memory_mb"] == round(max(r["peak_memory_mb"] for r in records), 1)
+
+
+def test_a_fast_path_refuses_recompute_it_cannot_honour() -> None:
+    from bpfree.errors import UsageError
+    from bpfree.methods import FAST_PATH_REFUSES, METHODS
+
+    model = bpfree_model("localmixer-m1-16")
+    with pytest.raises(UsageError, match="--recompute is not supported"):
+        methods.build("fg-a", model, seed=0, recompute=True)
+    methods.build("fg-a", model, seed=0, recompute=False)  # the default is what the path does
+    for (method, _cls), refused in FAST_PATH_REFUSES.items():
+        assert set(refused) <= set(METHODS.get(method).options), (method, refused)
+
+
+def bpfree_model(name: str) -> nn.Module:
+    from bpfree import models
+
+    return models.build(name, num_classes=10, input_shape=(1, 28, 28))

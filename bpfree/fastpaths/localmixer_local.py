@@ -424,7 +424,7 @@ def mixer_fg_a(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     back through that unit's LN and linear only. Since a unit's parameters reach the loss only through its
     activity, this is unbiased for the ordinary end-to-end gradient. The local heads take no part (zero
     gradient); the readout takes its exact gradient (or is perturbed too with --exact-readout false).
-    `--recompute` has no effect on this path: every unit's tangents are kept until d is known.
+    `--recompute` is refused on this path: every unit's tangents are kept until d is known.
     """
     model = est.model
     assert isinstance(model, LocalMixer)
@@ -506,7 +506,7 @@ def mixer_fg_w(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
 register_fast_path("l-bp", LocalMixer)(LocalBP)
 
 
-@register_fast_path("fg-a", LocalMixer)
+@register_fast_path("fg-a", LocalMixer, refuses=("recompute",))
 class MixerFGActivity(FG.ForwardGradientActivity):
     """`fg-a` on LocalMixer: `mixer_fg_a` in place of the generic forward-mode path."""
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from bpfree.anatomy import check_block_names
 from bpfree.checks import check_forward_mode_can_train
+from bpfree.errors import UsageError
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.registry import Registry
 
@@ -24,16 +25,36 @@ Factory = Callable[..., Estimator]
 FAST_PATHS: dict[tuple[str, type], Factory] = {}
 
 
-def register_fast_path(method: str, model_class: type) -> Callable[[Factory], Factory]:
-    """Register an estimator factory used for `method` on instances of `model_class` (and its subclasses)."""
+#: (method, model class) -> options whose non-default values that fast path cannot honour (build refuses them).
+FAST_PATH_REFUSES: dict[tuple[str, type], tuple[str, ...]] = {}
+
+
+def register_fast_path(method: str, model_class: type, refuses: tuple[str, ...] = ()) -> Callable[[Factory], Factory]:
+    """Register an estimator factory used for `method` on instances of `model_class` (and its subclasses).
+
+    `refuses`: the method's options this path does not honour; `build` refuses a non-default value of one with a
+    line saying so, rather than ignoring it.
+    """
 
     def decorate(factory: Factory) -> Factory:
         if (method, model_class) in FAST_PATHS:
             raise ValueError(f"fast path for {method!r} on {model_class.__name__} registered twice")
         FAST_PATHS[(method, model_class)] = factory
+        FAST_PATH_REFUSES[(method, model_class)] = refuses
         return factory
 
     return decorate
+
+
+def _check_fast_path_options(name: str, model: nn.Module, resolved: dict[str, Any]) -> None:
+    for cls in type(model).__mro__:
+        if (name, cls) in FAST_PATHS:
+            defaults = METHODS.get(name).options
+            for key in FAST_PATH_REFUSES[(name, cls)]:
+                if key in resolved and resolved[key] != defaults[key].default:
+                    raise UsageError(f"{name} on {type(model).__name__}: --{key.replace('_', '-')} is not supported "
+                                     f"by this model's fast path (leave it at {defaults[key].default})")
+            return
 
 
 def fast_path(method: str, model: nn.Module) -> Factory | None:
@@ -52,6 +73,7 @@ def build(
     `bpfree.anatomy.describe`).
     """
     resolved = METHODS.resolve_options(name, options)
+    _check_fast_path_options(name, model, resolved)
     factory = fast_path(name, model) or METHODS.get(name).factory
     extra = {"blocks": tuple(blocks)} if blocks else {}
     if blocks:
