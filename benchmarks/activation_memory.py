@@ -47,16 +47,18 @@ def plain_cnn(depth: int, channels: int = 64) -> nn.Module:
     return net
 
 
-def model_grid(quick: bool) -> list[tuple[str, str, int, object]]:
-    """(family, setting, depth or width, builder)."""
+def model_grid(quick: bool, batch: int) -> list[tuple[str, str, int, object, int]]:
+    """(family, setting, depth or width, builder, examples). resnet18's weights are large next to its activations
+    at a small batch (its gradients would set the peak): it is measured at 4 x the batch."""
     depths = (4, 8) if quick else (4, 8, 16, 32)
-    grid: list[tuple[str, str, int, object]] = [("plain conv 64ch", f"depth {d}", d, lambda d=d: plain_cnn(d))
-                                                for d in depths]  # fmt: skip
+    grid: list[tuple[str, str, int, object, int]] = [
+        ("plain conv 64ch", f"depth {d}", d, lambda d=d: plain_cnn(d), batch) for d in depths]
     for w in (16,) if quick else (16, 64):
         grid.append(("resnet18", f"width {w}", w, lambda w=w: models.build("resnet18", num_classes=10,
-                                                                            input_shape=(3, 32, 32), width=w)))
+                                                                            input_shape=(3, 32, 32), width=w),
+                     4 * batch))  # fmt: skip
     for d in (4, 8) if quick else (4, 8, 16):
-        grid.append(("ViT dim 64", f"{d} layers", d, lambda d=d: ViT(depth=d)))
+        grid.append(("ViT dim 64", f"{d} layers", d, lambda d=d: ViT(depth=d), batch))
     return grid
 
 
@@ -88,30 +90,40 @@ def main() -> None:
     ap.add_argument("--rules", default=None,
                     help="measure only these rules (labels as in the table, comma-separated) and replace their rows "
                          "in OUT/memory.json")
+    ap.add_argument("--families", default=None,
+                    help="with --rules or alone: measure only these model families (plain, resnet18, ViT; "
+                         "comma-separated) and replace their rows in OUT/memory.json")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/activation_memory"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    chosen = None if args.rules is None else set(args.rules.split(","))
-    kept = json.loads((args.out / "memory.json").read_text())["rows"] if chosen else []
-    rows = [r for r in kept if r["rule"] not in chosen] if chosen else []
+    rules = None if args.rules is None else set(args.rules.split(","))
+    families = None if args.families is None else tuple(args.families.split(","))
+
+    def chosen(family: str, rule: str) -> bool:
+        return (rules is None or rule in rules) and (families is None or family.startswith(families))
+
+    partial = rules is not None or families is not None
+    kept = json.loads((args.out / "memory.json").read_text())["rows"] if partial else []
+    rows = [r for r in kept if not chosen(r["family"], r["rule"])]
     start = time.time()
-    for family, setting, size, make in model_grid(args.quick):
+    for family, setting, size, make, batch in model_grid(args.quick, args.batch):
         for method, options in RULES:
-            if chosen and label(method, options) not in chosen:
+            if not chosen(family, label(method, options)):
                 continue
             try:
-                mib = measure(make, method, options, args.batch, device)
+                mib = measure(make, method, options, batch, device)
             except Exception as err:  # a rule that cannot run on a model is a table entry, not a crash
                 print(f"{family} {setting} {label(method, options)}: {type(err).__name__}: {err}", file=sys.stderr)
                 mib = None
             rows.append({"family": family, "setting": setting, "size": size, "rule": label(method, options),
-                         "mib": mib})  # fmt: skip
+                         "mib": mib, "examples": batch})  # fmt: skip
             print(f"{time.time() - start:6.0f}s {family:16s} {setting:10s} {label(method, options):16s} "
                   f"{'-' if mib is None else f'{mib:8.1f}'} MiB", flush=True)
     order = {label(m, o): i for i, (m, o) in enumerate(RULES)}
-    rows.sort(key=lambda r: (r["family"], r["size"], order[r["rule"]]))
+    families_order = {f: i for i, f in enumerate(dict.fromkeys(g[0] for g in model_grid(False, 1)))}
+    rows.sort(key=lambda r: (families_order[r["family"]], r["size"], order[r["rule"]]))
     (args.out / "memory.json").write_text(json.dumps({"batch": args.batch, "device": str(device), "rows": rows},
                                                      indent=1))  # fmt: skip
     (args.out / "memory.md").write_text(report(rows, args.batch, args.budget_gib))
@@ -120,15 +132,16 @@ def main() -> None:
 
 def report(rows: list[dict], batch: int, budget_gib: float) -> str:
     """Per family: MiB per setting and x bp at the largest setting; for the plain net the depth projection."""
-    out = [f"Activation memory of one step, MiB for {batch} examples (peak at 2 x {batch} less peak at {batch}); "
-           "last column: x bp at the largest setting.", ""]
+    out = ["Activation memory of one step, MiB for N examples (the peak at 2N examples less the peak at N); last "
+           "column: x bp at the largest setting.", ""]
     families = list(dict.fromkeys(r["family"] for r in rows))
     for family in families:
         sub = [r for r in rows if r["family"] == family]
         settings = list(dict.fromkeys(r["setting"] for r in sub))
         rules = list(dict.fromkeys(r["rule"] for r in sub))
         value = {(r["rule"], r["setting"]): r["mib"] for r in sub}
-        out += [f"### {family}", "", "| rule | " + " | ".join(settings) + " | × bp |",
+        out += [f"### {family} (N = {sub[0].get('examples', batch)})", "",
+                "| rule | " + " | ".join(settings) + " | × bp |",
                 "|---|" + "---|" * (len(settings) + 1)]
         bp_last = value.get(("bp", settings[-1]))
         for rule in rules:
