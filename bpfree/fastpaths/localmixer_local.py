@@ -40,7 +40,7 @@ from bpfree.errors import UsageError
 from bpfree.losses import LossGrid, augment, local_loss_grid, nt_xent
 from bpfree.methods import forward_gradient as FG
 from bpfree.methods import register_fast_path
-from bpfree.methods.base import Estimator, StepResult
+from bpfree.methods.base import Estimator, StepResult, output_error, rank_seed
 from bpfree.methods.block_local import COMMON_OPTIONS, FG_OPTIONS, check_groups
 from bpfree.models.localmixer import (
     LNCache,
@@ -309,8 +309,7 @@ class LocalFGActivity(LocalForwardGradient):
         tangents), so rank r offsets the seed; every rank still advances the shared generator alike, so a resumed
         run replays the same tangents on every rank.
         """
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
-        return self._scratch.manual_seed((seed + self.group.rank * 0x9E3779B97F4A7C15) % 2**63)
+        return self._scratch.manual_seed(rank_seed(self.draw_seed(), self.group.rank))
 
     def train_block(self, i: int, block: MixerBlock, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         out, units = block.trace(x)
@@ -430,7 +429,7 @@ def mixer_fg_a(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     assert isinstance(model, LocalMixer)
     k = est.K
     traces, z, ln, logits = _mixer_trace(model, x)
-    loss, e = FG.loss_grad(est, logits, y)
+    loss, e = output_error(est, logits, y)
     noise = [[est._sample_(torch.empty((k, *u.live.shape), device=x.device, dtype=u.live.dtype)).mul_(u.live)
               for u in units] for units in traces]
     flat = [u for us in noise for u in us]
@@ -466,7 +465,7 @@ def mixer_fg_w(est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     assert isinstance(model, LocalMixer)
     k = est.K
     traces, z, ln, logits = _mixer_trace(model, x)
-    loss, e = FG.loss_grad(est, logits, y)
+    loss, e = output_error(est, logits, y)
     noise = []
     h_dot = None
     for block, units in zip(model.blocks, traces):

@@ -71,6 +71,16 @@ def zero_missing_grads(params: Sequence[torch.Tensor]) -> None:
             p.grad = torch.zeros_like(p)
 
 
+def output_error(est: Estimator, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and the output error e = dL/dlogits: autograd through the loss function only, never through a
+    layer (so any loss_fn works); both detached."""
+    leaf = logits.detach().requires_grad_()
+    with torch.enable_grad():
+        loss = est.loss_fn(leaf, y)
+        (e,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), e
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """A per-step seed made distinct per data-parallel rank (per-example tangents must differ across ranks)."""
     return (seed + rank * 0x9E3779B97F4A7C15) % 2**63
@@ -153,6 +163,11 @@ class Estimator:
         if self.block_names is None:
             return "name them with --blocks"
         return f"--blocks named {len(self.block_names)}; name more"
+
+    def draw_seed(self) -> int:
+        """A fresh seed from the estimator's generator, for a stream of tangents regenerated or offset per rank
+        (every rank draws it alike, so a resumed run replays it)."""
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

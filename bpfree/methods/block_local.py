@@ -55,7 +55,15 @@ from bpfree.errors import UsageError
 from bpfree.forward_mode import renew_dual_level
 from bpfree.losses import local_loss_grid
 from bpfree.methods import METHODS
-from bpfree.methods.base import Estimator, StepResult, add_grads, rank_seed, set_grads, zero_missing_grads
+from bpfree.methods.base import (
+    Estimator,
+    StepResult,
+    add_grads,
+    output_error,
+    rank_seed,
+    set_grads,
+    zero_missing_grads,
+)
 from bpfree.methods.feedback_alignment import (
     _clone,
     _FALinear,
@@ -293,14 +301,11 @@ class BlockLocalFG(BlockLocalGrid):
         """The loss, and the readout's exact gradient from dL/dlogits through the readout's own graph (`logits`
         [K*B, classes] must carry it; the first B rows are the unperturbed batch)."""
         batch = y.shape[0]
-        with torch.enable_grad():
-            leaf = logits[:batch].detach().requires_grad_()
-            loss = self.loss_fn(leaf, y)
-            (e,) = torch.autograd.grad(loss, leaf)
-            readout = [p for p in self.readout if p.requires_grad]
-            if readout:
-                set_grads(readout, torch.autograd.grad(logits[:batch], readout, e, allow_unused=True))
-        return loss.detach()
+        loss, e = output_error(self, logits[:batch], y)
+        readout = [p for p in self.readout if p.requires_grad]
+        if readout:
+            set_grads(readout, torch.autograd.grad(logits[:batch], readout, e, allow_unused=True))
+        return loss
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         for p in self.trainable():
@@ -379,8 +384,7 @@ class BlockLocalFGActivity(BlockLocalFG):
     def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Per-example tangents from a stream seeded afresh each step: data-parallel rank r offsets the seed so its
         # examples get their own tangents, while every rank advances the shared generator alike (resumable).
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
-        self._scratch.manual_seed(rank_seed(seed, self.group.rank))
+        self._scratch.manual_seed(rank_seed(self.draw_seed(), self.group.rank))
         k, batch = self.tangents, x.shape[0]
         xk = x.repeat(k, *([1] * (x.dim() - 1)))  # K copies of the batch: independent tangents per copy
         fired: list[list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = [[] for _ in self.anatomy.blocks]

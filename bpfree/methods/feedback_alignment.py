@@ -42,7 +42,7 @@ from bpfree.attention import math_attention, patched_attention
 from bpfree.errors import UsageError
 from bpfree.forward_mode import conv_config, renew_dual_level, tangent_friendly
 from bpfree.methods import METHODS
-from bpfree.methods.base import Estimator, Replay, StepResult, set_grad, zero_missing_grads
+from bpfree.methods.base import Estimator, Replay, StepResult, output_error, set_grad, zero_missing_grads
 from bpfree.methods.bp import Backprop
 from bpfree.registry import Option
 
@@ -306,15 +306,6 @@ class _DenseBlock:
         if self.linear.bias is not None:
             set_grad(self.linear.bias, g.sum(0))
         self.x = self.z = self.h = None  # free the saved activations
-
-
-def output_error(est: Estimator, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss and the output error e = ∂L/∂y (autograd through the loss only, so any loss_fn works)."""
-    leaf = logits.detach().requires_grad_()
-    with torch.enable_grad():
-        loss = est.loss_fn(leaf, y)
-        (e,) = torch.autograd.grad(loss, leaf)
-    return loss.detach(), e
 
 
 class _DirectFeedback(Estimator):

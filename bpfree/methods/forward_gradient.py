@@ -58,6 +58,7 @@ from bpfree.methods.base import (
     Estimator,
     Replay,
     StepResult,
+    output_error,
     rank_seed,
     rng_as,
     rng_state,
@@ -138,15 +139,6 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
 
 
-def loss_grad(est: Estimator, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and dL/dlogits: autograd through the loss function only, never through a layer."""
-    leaf = logits.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = est.loss_fn(leaf, y)
-        (e,) = torch.autograd.grad(loss, leaf)
-    return loss.detach(), e
-
-
 class _ForwardGradient(Estimator):
     """Shared option handling, per-step tangent seeds, and the exact readout."""
 
@@ -181,7 +173,7 @@ class _ForwardGradient(Estimator):
         self._scratch = torch.Generator(device=self.generator.device)
 
     def _new_step(self) -> int:
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
+        seed = self.draw_seed()
         self._scratch.manual_seed(seed)
         return seed
 
@@ -310,7 +302,7 @@ class ForwardGradientWeight(_ForwardGradient):
             _activate_(Z, act)
             H = Z
         logits = H[0]
-        loss, e = loss_grad(self, logits, y)
+        loss, e = output_error(self, logits, y)
         if H.shape[0] > 1:
             d = torch.einsum("kbc,bc->k", H[1:], e)
             self.group.weighted_mean_([d], B)  # data-parallel: the K numbers are all that ranks exchange
@@ -349,7 +341,7 @@ class ForwardGradientWeight(_ForwardGradient):
             raise UsageError(
                 "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
             )
-        loss, e = loss_grad(self, logits, y)
+        loss, e = output_error(self, logits, y)
 
         # Batch-norm running statistics were updated by the primal pass above; inside the transform they are
         # hidden (None -> batch statistics, no in-place update of a captured tensor), as in the primal.
@@ -449,7 +441,7 @@ class ForwardGradientActivity(_ForwardGradient):
                     saved.append((lin, H[0].clone() if H.shape[0] > 1 else H[0], um))
             H = Z
         logits = H[0]
-        loss, e = loss_grad(self, logits, y)
+        loss, e = output_error(self, logits, y)
         if H.shape[0] > 1:
             d = torch.einsum("kbc,bc->kb", H[1:], e)  # per-example directional derivatives
             c = T.coefficients(d, self.aggregation, G, dim)
@@ -508,7 +500,7 @@ class ForwardGradientActivity(_ForwardGradient):
             raise UsageError(
                 "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
             )
-        loss, e = loss_grad(self, logits, y)
+        loss, e = output_error(self, logits, y)
         d = torch.einsum("kbc,bc->kb", ydot, e.reshape(x.shape[0], -1))
         c = T.coefficients(d, self.aggregation, gram[0], gram[1] or 1)
         if replay is not None:
