@@ -409,15 +409,30 @@ class BlockLocalFGActivity(BlockLocalFG):
             onward = primal.detach()
             del out, primal, tangent
             renew_dual_level()  # the next block starts without tangents: this block's die now
+            if i == len(self.units) - 1:
+                torch.set_grad_enabled(True)  # the readout learns from its own graph (the pass restores the mode)
             return onward
+
+        # Only a unit's own arithmetic is recorded for its VJP: the rest of the pass (between units, and the
+        # tangents there) runs without a reverse graph.
+        modes: list[bool] = []
+
+        def enter(_m: nn.Module, _args: tuple) -> None:
+            modes.append(torch.is_grad_enabled())
+            torch.set_grad_enabled(True)
+
+        def leave(_m: nn.Module, _args: tuple, _out: Any) -> None:
+            torch.set_grad_enabled(modes.pop())
 
         handles = []
         for i, units in enumerate(self.units):
             for m in units:
+                handles.append(m.register_forward_pre_hook(enter))
                 handles.append(m.register_forward_pre_hook(self._detach_inputs, with_kwargs=True))
                 handles.append(m.register_forward_hook(perturb(i)))
+                handles.append(m.register_forward_hook(leave))
         try:
-            with fwad.dual_level(), torch.enable_grad(), boundaries(self.anatomy, learn):
+            with fwad.dual_level(), torch.no_grad(), boundaries(self.anatomy, learn):
                 logits = fwad.unpack_dual(self.model(xk)).primal
         finally:
             for h in handles:
