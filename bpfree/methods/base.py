@@ -21,6 +21,12 @@ from bpfree.anatomy import Anatomy, describe
 from bpfree.distributed import LOCAL, Group, Shard
 from bpfree.registry import Option
 
+#: Shared by the rules that can trade one more forward pass for memory (dfa, fdfa, fg-a).
+RECOMPUTE = Option(
+    False, "a second forward pass regenerates what the first would keep, and each block's (layer's) gradient is "
+    "formed and dropped at once: activation memory flat in depth, one more forward pass"
+)
+
 
 @dataclass
 class StepResult:

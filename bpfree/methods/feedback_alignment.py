@@ -42,7 +42,15 @@ from bpfree.attention import math_attention, patched_attention
 from bpfree.errors import UsageError
 from bpfree.forward_mode import conv_config, renew_dual_level, tangent_friendly
 from bpfree.methods import METHODS
-from bpfree.methods.base import Estimator, Replay, StepResult, output_error, set_grad, zero_missing_grads
+from bpfree.methods.base import (
+    RECOMPUTE,
+    Estimator,
+    Replay,
+    StepResult,
+    output_error,
+    set_grad,
+    zero_missing_grads,
+)
 from bpfree.methods.bp import Backprop
 from bpfree.registry import Option
 
@@ -592,10 +600,7 @@ def dfa_feedback(classes: int, like: torch.Tensor, init: str, generator: torch.G
     "dfa",
     "direct feedback alignment: output error sent to every hidden layer through fixed random matrices",
     options={
-        "recompute": Option(
-            False, "two forward passes, each block's local backward at its boundary in the second (activation "
-            "memory flat in depth, one more forward pass)"
-        ),
+        "recompute": RECOMPUTE,
         "feedback_init": Option(
             "kaiming-uniform",
             "fixed B: kaiming-uniform U(±√(6/n)) for n outputs (the public FDFA code) or normal N(0, 1/classes)",
@@ -625,10 +630,7 @@ FEEDBACK_TIMINGS = ("before", "after")
     "fdfa",
     "directional DFA: DFA whose feedback matrices track the output Jacobians, learned by one forward-mode pass",
     options={
-        "recompute": Option(
-            False, "two forward passes, each block's local backward at its boundary in the second (activation "
-            "memory flat in depth, one more forward pass)"
-        ),
+        "recompute": RECOMPUTE,
         "feedback_lr": Option(1e-2, "rate of B: moving-average λ, or the feedback optimizer's learning rate"),
         "feedback_optimizer": Option(
             "average",

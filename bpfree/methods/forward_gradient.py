@@ -55,6 +55,7 @@ from bpfree.errors import UsageError
 from bpfree.forward_mode import layer_param_grads, tangent_friendly
 from bpfree.methods import METHODS
 from bpfree.methods.base import (
+    RECOMPUTE,
     Estimator,
     Replay,
     StepResult,
@@ -376,10 +377,7 @@ class ForwardGradientWeight(_ForwardGradient):
     "forward gradient, activity perturbation: per-example tangents on pre-activations, local weight grads",
     options={
         **_COMMON,
-        "recompute": Option(
-            False, "regenerate tangents and layer inputs in a second forward pass instead of keeping them (activation "
-            "memory flat in depth, one more forward pass)"
-        ),
+        "recompute": RECOMPUTE,
     },
     paper="Ren et al. 2022 (arXiv 2210.03310); Flügel et al. 2024 (arXiv 2410.17764)",
 )
