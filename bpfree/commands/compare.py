@@ -89,6 +89,8 @@ def per_method_recipe_flags(parser: argparse.ArgumentParser) -> None:
 def typed(where: str, key: str, raw: Any) -> Any:
     """One recipe setting (`key`) as its type and checked (a config file may give numbers as numbers)."""
     kind, choices = type(recipes.BASE[key]), RECIPE_CHOICES.get(key)
+    if key == "lr" and isinstance(raw, str) and raw.strip().lower() == "auto":
+        return "auto"  # the lr finder chooses per method (bpfree/lrfind.py)
     try:
         if isinstance(raw, bool) or (kind is not str and not isinstance(raw, (str, int, float))):
             raise ValueError
