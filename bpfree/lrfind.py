@@ -46,7 +46,7 @@ MAX_STEPS = 300  # more adds cost but, on the measured models, no better choices
 VAL_FRACTION = 6  # the carved validation split: a sixth of the training set ...
 VAL_MAX = 1000  # ... at most this many examples (a standard error of about 0.7 points at 10 % error)
 EVAL_COST = 1 / 3  # a validation example's cost in training examples (see `plan`)
-BLOW_UP = 3.0  # a training loss this many times the first steps' loss: the rate diverged
+BLOW_UP = 3.0  # a training loss (last 5 steps) this many times the untrained one: the rate diverged
 PROBE_PLOT = "lr_probe.png"
 
 
@@ -192,7 +192,7 @@ def train_steps(estimator: methods.Estimator, optimizer: torch.optim.Optimizer, 
             if bar is not None:
                 bar.update(1)
         epoch += 1
-    start, end = _mean(losses[:5]), _mean(losses[-5:])
+    start, end = losses[0], _mean(losses[-5:])  # the first loss is the untrained model's
     if end > BLOW_UP * start and end - start > 0.5:  # a rising loss is a rate that is too high, even if finite
         raise DivergedError(f"training loss rose from {start:.3g} to {end:.3g}")
 
@@ -296,9 +296,8 @@ def resolve(cfg: TrainConfig, data: Any = None, show_progress: bool | None = Non
             plot(probe, out / PROBE_PLOT, f"{cfg.method} on {models.short_name(cfg.model)}, {cfg.data}")
         except OSError:
             pass  # the trainer reports an unusable folder
-    else:
-        note(f"lr auto ({cfg.method}): the probe's budget ({probe.budget['allowed_examples']} examples, "
-             f"{BUDGET_FRACTION:.0%} of the run) is too small; using the rule's prior lr {cfg.lr:g}")
+    # Else the run is too short to probe: it trains at the prior, as config.json's lr_probe and the summary say
+    # (no notice here: a run that then stops on bad input prints its one error line only).
     return cfg
 
 

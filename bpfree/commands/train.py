@@ -194,7 +194,10 @@ def recipe_summary(cfg: TrainConfig, args: argparse.Namespace) -> str:
     shown = ", ".join(f"{k} {getattr(cfg, k):g}" if isinstance(getattr(cfg, k), float) else f"{k} {getattr(cfg, k)}"
                       for k in taken)
     status = "validated" if entry.get("validated") else "not validated"
-    auto = f"; lr {cfg.lr:g} found by the lr finder" if cfg.lr_auto else ""
+    auto = ""
+    if cfg.lr_auto:
+        probed = bool((cfg.lr_probe or {}).get("grid"))
+        auto = f"; lr {cfg.lr:g} " + ("found by the lr finder" if probed else "the rule's prior (too short to probe)")
     return f"{entry.get('entry')} ({status}): {shown or 'none taken'}{auto}"
 
 
