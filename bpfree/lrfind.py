@@ -108,6 +108,11 @@ def probe_data(cfg: TrainConfig, data: Any) -> tuple[TensorData, list[int] | Non
                       data.val_x[:keep], data.val_y[:keep]), indices
 
 
+def default_grid(cfg: TrainConfig) -> tuple[float, ...]:
+    """GRID for Adam / AdamW; ten times higher for SGD with momentum (the table's SGD sweeps chose 0.01-0.3)."""
+    return tuple(lr * 10 for lr in GRID) if cfg.optimizer == "sgd" else GRID
+
+
 # -- the plan -----------------------------------------------------------------------------------------------------
 def nearest(grid: tuple[float, ...], prior: float, k: int) -> list[float]:
     """The k grid points closest to the prior on a log scale, in increasing order."""
@@ -241,7 +246,7 @@ def find(cfg: TrainConfig, data: Any = None, grid: tuple[float, ...] | None = No
     data = load_data(cfg) if data is None else data
     run_examples = data.num_train
     pdata, indices = probe_data(cfg, data)
-    grid = tuple(sorted(grid or GRID))
+    grid = tuple(sorted(grid or default_grid(cfg)))
     if steps is None:
         lrs, steps, budget = plan(cfg, run_examples, pdata, grid)
     else:
