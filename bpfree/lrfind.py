@@ -223,18 +223,17 @@ def validate(estimator: methods.Estimator, data: TensorData, cfg: TrainConfig, d
 
 # -- the choice ---------------------------------------------------------------------------------------------------
 def choose(points: list[Point], n_val: int, prior: float) -> tuple[float, str]:
-    """The lowest validation error; points within one binomial standard error of it are a tie, broken by the
-    lower validation loss (a finer signal than the error on a small split). None finite: below the grid."""
+    """The lowest validation loss (ties: the lower rate). Not the error: after the probe's few steps most rules
+    are still near chance at every rate, and the error's differences are within its binomial noise, while the loss
+    still orders the rates (docs/tuning.md: chosen on the benchmark's validation errors). None finite: below the
+    grid."""
     good = [p for p in points if p.ok]
     if not good:
         low = min(p.lr for p in points) / 10 if points else prior
         return low, "every grid point diverged: a tenth of the lowest"
-    best = min(p.val_error for p in good)
-    se = math.sqrt(max(best, 1.0) * (100 - min(best, 99.0)) / max(1, n_val))
-    tied = [p for p in good if p.val_error <= best + se]
-    pick = min(tied, key=lambda p: (p.val_loss, p.lr))
-    return pick.lr, (f"lowest validation error {best:.2f} %; {len(tied)} within one standard error "
-                     f"({se:.2f} points), the lowest validation loss of those")
+    pick = min(good, key=lambda p: (p.val_loss, p.lr))
+    return pick.lr, (f"lowest validation loss {pick.val_loss:.4f} (validation error {pick.val_error:.2f} % on "
+                     f"{n_val} examples)")
 
 
 # -- the finder ---------------------------------------------------------------------------------------------------

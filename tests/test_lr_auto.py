@@ -172,3 +172,9 @@ def test_compare_resolves_lr_auto_per_method(tmp_path):
     # Rerunning skips the finished runs: their recorded choices are reused, nothing is refused.
     assert main(["compare", "--methods", "bp,fa", *TINY, "--epochs", "12", "--batch-size", "16",
                  "--lr", "auto", "--out", str(out), "--no-plots"]) == 0
+
+
+def test_choose_takes_the_lowest_validation_loss_of_the_points_that_did_not_diverge():
+    points = [lrfind.Point(1e-3, 2.30, 88.0), lrfind.Point(1e-2, 2.20, 89.0), lrfind.Point(3e-2, 0.1, 1.0, "diverged")]
+    assert lrfind.choose(points, 300, 1e-3)[0] == 1e-2  # the error alone (88 vs 89 %) is noise at this point
+    assert lrfind.choose([lrfind.Point(1e-3, 2.2, 50.0), lrfind.Point(1e-2, 2.2, 40.0)], 300, 1e-3)[0] == 1e-3
