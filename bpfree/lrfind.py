@@ -288,8 +288,10 @@ def resolve(cfg: TrainConfig, data: Any = None, show_progress: bool | None = Non
         note(f"{cfg.out}: lr {cfg.lr:g}, chosen by the probe recorded in {CONFIG}")
         return cfg
     out = Path(cfg.out)
-    if not cfg.resume and ((out / CHECKPOINT).exists() or (out / METRICS).exists()):
-        return cfg  # a run is there: the trainer refuses it before anything is spent
+    if (out / CHECKPOINT).exists() or (out / METRICS).exists():
+        # Without --resume the trainer refuses the folder; with it, a run from before --lr auto keeps its own
+        # settings or is refused for differing: either way a probe would be wasted.
+        return cfg
     probe = find(cfg, data, show_progress=show_progress)
     cfg.lr, cfg.lr_probe = probe.choice, probe.record()
     if probe.points:
