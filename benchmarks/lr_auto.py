@@ -106,6 +106,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def matrix(rows: list[dict]) -> str:
+    """Rule x model: `auto / oracle` test error (%), a cell missing the goal in bold."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    rules = list(dict.fromkeys(r["rule"] for r in rows))
+    at = {(r["rule"], r["model"]): r for r in rows}
+    lines = ["| rule | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    for rule in rules:
+        cells = []
+        for model in models:
+            r = at.get((rule, model))
+            text = "" if r is None else f"{r['auto_test']:.1f} / {r['oracle_test']:.1f}"
+            cells.append(text if r is None or r["meets_goal"] else f"**{text}**")
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="digits")
@@ -133,7 +149,7 @@ def main_() -> None:
                 log.flush()
                 print(f"{model} {rule}: auto {row['auto_lr']:g} -> {row['auto_test']:.2f} %, oracle "
                       f"{row['oracle_lr']:g} -> {row['oracle_test']:.2f} % ({row['seconds']} s)", flush=True)
-                (out / "table.md").write_text(table(rows))
+                (out / "table.md").write_text(matrix(rows) + "\n" + table(rows))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ MIN_STEPS = 10  # fewer steps per point measure the first steps' noise, not the 
 MAX_STEPS = 300  # more adds cost but, on the measured models, no better choices
 VAL_FRACTION = 6  # the carved validation split: a sixth of the training set ...
 VAL_MAX = 1000  # ... at most this many examples (a standard error of about 0.7 points at 10 % error)
+NO_SIGNAL = 0.005  # a best validation loss within this fraction of the untrained model's: the probe saw nothing
 EVAL_COST = 1 / 3  # a validation example's cost in training examples (see `plan`)
 BLOW_UP = 3.0  # a training loss (last 5 steps) this many times the untrained one: the rate diverged
 PROBE_PLOT = "lr_probe.png"
@@ -134,10 +135,10 @@ def plan(cfg: TrainConfig, run_examples: int, probe: TensorData, grid: tuple[flo
     batch = min(cfg.batch_size, probe.num_train)
     val_cost = math.ceil(EVAL_COST * probe.num_val)
     budget = {"planned_examples": planned, "allowed_examples": allowed, "fraction": BUDGET_FRACTION}
-    for k in range(len(grid), 1, -1):
-        steps = min(MAX_STEPS, (allowed // k - val_cost) // batch)
+    for k in range(len(grid), 1, -1):  # one validation pass more: the untrained model's
+        steps = min(MAX_STEPS, ((allowed - val_cost) // k - val_cost) // batch)
         if steps >= MIN_STEPS:
-            budget["probe_examples"] = k * (steps * batch + val_cost)
+            budget["probe_examples"] = k * (steps * batch + val_cost) + val_cost
             return nearest(grid, cfg.lr, k), steps, budget
     budget["probe_examples"] = 0
     return [], 0, budget
@@ -197,6 +198,8 @@ def train_steps(estimator: methods.Estimator, optimizer: torch.optim.Optimizer, 
             if bar is not None:
                 bar.update(1)
         epoch += 1
+    if not losses:
+        return
     start, end = losses[0], _mean(losses[-5:])  # the first loss is the untrained model's
     if end > BLOW_UP * start and end - start > 0.5:  # a rising loss is a rate that is too high, even if finite
         raise DivergedError(f"training loss rose from {start:.3g} to {end:.3g}")
@@ -222,18 +225,22 @@ def validate(estimator: methods.Estimator, data: TensorData, cfg: TrainConfig, d
 
 
 # -- the choice ---------------------------------------------------------------------------------------------------
-def choose(points: list[Point], n_val: int, prior: float) -> tuple[float, str]:
+def choose(points: list[Point], n_val: int, prior: float, untrained: float = math.inf) -> tuple[float, str]:
     """The lowest validation loss (ties: the lower rate). Not the error: after the probe's few steps most rules
     are still near chance at every rate, and the error's differences are within its binomial noise, while the loss
-    still orders the rates (docs/tuning.md: chosen on the benchmark's validation errors). None finite: below the
-    grid."""
+    still orders the rates. Where no rate lowered the loss below the untrained model's by NO_SIGNAL of it, the
+    probe saw nothing (too few steps for this rule and model): the rule's prior, not the grid's accidental minimum.
+    Both rules were chosen on the benchmark's validation errors (docs/tuning.md). None finite: below the grid."""
     good = [p for p in points if p.ok]
     if not good:
         low = min(p.lr for p in points) / 10 if points else prior
         return low, "every grid point diverged: a tenth of the lowest"
     pick = min(good, key=lambda p: (p.val_loss, p.lr))
+    if pick.val_loss > untrained * (1 - NO_SIGNAL):
+        return prior, (f"no rate lowered the validation loss measurably (best {pick.val_loss:.4f}, untrained "
+                       f"{untrained:.4f}): the rule's prior")
     return pick.lr, (f"lowest validation loss {pick.val_loss:.4f} (validation error {pick.val_error:.2f} % on "
-                     f"{n_val} examples)")
+                     f"{n_val} examples; untrained {untrained:.4f})")
 
 
 # -- the finder ---------------------------------------------------------------------------------------------------
@@ -255,12 +262,14 @@ def find(cfg: TrainConfig, data: Any = None, grid: tuple[float, ...] | None = No
                      time.perf_counter() - start, budget, indices)
     show = sys.stderr.isatty() if show_progress is None else show_progress
     bar = tqdm(total=len(lrs) * steps, desc="lr probe", disable=not show, leave=False, file=sys.stderr)
+    untrained = train_point(cfg, pdata, lrs[0], 0).val_loss  # the yardstick: what no training gives
     points = []
     for lr in lrs:
         bar.set_postfix(lr=f"{lr:g}")
         points.append(train_point(cfg, pdata, lr, steps, bar))
     bar.close()
-    choice, reason = choose(points, pdata.num_val, cfg.lr)
+    choice, reason = choose(points, pdata.num_val, cfg.lr, untrained)
+    budget["untrained_val_loss"] = untrained
     return Probe(points, steps, pdata.num_val, choice, reason, time.perf_counter() - start, budget, indices)
 
 

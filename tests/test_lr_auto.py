@@ -89,7 +89,7 @@ def test_the_probe_plan_never_exceeds_a_tenth_of_the_planned_training(epochs, tr
                        torch.zeros(min(1000, train // 6), 4), torch.zeros(min(1000, train // 6), dtype=torch.long))
     cfg = tiny_cfg(epochs=epochs, batch_size=128)
     lrs, steps, budget = lrfind.plan(cfg, train, probe)
-    cost = len(lrs) * (steps * 128 + lrfind.EVAL_COST * probe.num_val)
+    cost = len(lrs) * (steps * 128 + lrfind.EVAL_COST * probe.num_val) + lrfind.EVAL_COST * probe.num_val
     assert cost <= 0.1 * epochs * train
     assert (lrs == [] and steps == 0) or (len(lrs) >= 2 and lrfind.MIN_STEPS <= steps <= lrfind.MAX_STEPS)
     if lrs and len(lrs) < len(lrfind.GRID):
@@ -178,3 +178,8 @@ def test_choose_takes_the_lowest_validation_loss_of_the_points_that_did_not_dive
     points = [lrfind.Point(1e-3, 2.30, 88.0), lrfind.Point(1e-2, 2.20, 89.0), lrfind.Point(3e-2, 0.1, 1.0, "diverged")]
     assert lrfind.choose(points, 300, 1e-3)[0] == 1e-2  # the error alone (88 vs 89 %) is noise at this point
     assert lrfind.choose([lrfind.Point(1e-3, 2.2, 50.0), lrfind.Point(1e-2, 2.2, 40.0)], 300, 1e-3)[0] == 1e-3
+    # Nothing learnt measurably at any rate (the untrained loss is 2.30): the rule's prior, not the lowest rate.
+    flat = [lrfind.Point(1e-4, 2.295, 88.0), lrfind.Point(1e-3, 2.31, 89.0)]
+    assert lrfind.choose(flat, 300, 3e-3, untrained=2.30) == (3e-3, lrfind.choose(flat, 300, 3e-3, 2.30)[1])
+    assert "prior" in lrfind.choose(flat, 300, 3e-3, untrained=2.30)[1]
+    assert lrfind.choose(flat, 300, 3e-3, untrained=2.40)[0] == 1e-4
