@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from bpfree import methods, models
 from bpfree.data.datasets import VALIDATION_SEED, TensorData
-from bpfree.errors import DivergedError, UsageError
+from bpfree.errors import DivergedError
 from bpfree.train import CHECKPOINT, CONFIG, METRICS, TrainConfig, load_data, lr_multipliers_by_id, make_optimizer
 from bpfree.transfer import load_backbone
 
@@ -86,20 +86,20 @@ class Probe:
 
 
 # -- the data the probe sees --------------------------------------------------------------------------------------
-def probe_data(cfg: TrainConfig, data: Any) -> tuple[TensorData, list[int] | None]:
+def probe_data(cfg: TrainConfig, data: Any) -> tuple[TensorData | None, list[int] | None]:
     """Training and validation examples for the probe, never the test set (the returned data set has none).
 
     With the run's own --val-split the probe uses it; otherwise it carves one from the training set with the same
-    constant-seed draw as --val-split (the real run still trains on every training example).
+    constant-seed draw as --val-split (the real run still trains on every training example). None where there is
+    nothing to probe on: image folders (streamed from disk) and training sets too small to split.
     """
     if not isinstance(data, TensorData):
-        raise UsageError(f"--lr auto needs a data set held in memory ({cfg.data} is not): give --lr")
+        return None, None
     indices = None
     if data.num_val == 0:
-        n = min(VAL_MAX, max(1, data.num_train // VAL_FRACTION))
-        if data.num_train < 2 * n or n < 10:
-            raise UsageError(f"--lr auto: {data.num_train} training examples are too few to hold out a validation "
-                             "split; give --lr")
+        n = min(VAL_MAX, data.num_train // VAL_FRACTION)
+        if n < 10:
+            return None, None
         indices = torch.randperm(data.num_train, generator=torch.Generator().manual_seed(VALIDATION_SEED))[:n]
         indices = sorted(indices.tolist())
         data = data.hold_out(n)
@@ -252,13 +252,16 @@ def find(cfg: TrainConfig, data: Any = None, grid: tuple[float, ...] | None = No
     data = load_data(cfg) if data is None else data
     run_examples = data.num_train
     pdata, indices = probe_data(cfg, data)
+    if pdata is None:
+        return Probe([], 0, 0, cfg.lr, f"no validation split to probe on ({data.num_train} training examples, "
+                     f"{type(data).__name__}): the rule's prior", time.perf_counter() - start, {"allowed_examples": 0})
     grid = tuple(sorted(grid or default_grid(cfg)))
     if steps is None:
         lrs, steps, budget = plan(cfg, run_examples, pdata, grid)
     else:
         lrs, budget = list(grid), {"steps_given": steps}
     if not lrs:
-        return Probe([], 0, pdata.num_val, cfg.lr, "budget too small for a probe: the rule's prior learning rate",
+        return Probe([], 0, pdata.num_val, cfg.lr, "budget too small for a probe: the rule's prior",
                      time.perf_counter() - start, budget, indices)
     show = sys.stderr.isatty() if show_progress is None else show_progress
     bar = tqdm(total=len(lrs) * steps, desc="lr probe", disable=not show, leave=False, file=sys.stderr)

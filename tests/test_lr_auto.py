@@ -183,3 +183,13 @@ def test_choose_takes_the_lowest_validation_loss_of_the_points_that_did_not_dive
     assert lrfind.choose(flat, 300, 3e-3, untrained=2.30) == (3e-3, lrfind.choose(flat, 300, 3e-3, 2.30)[1])
     assert "prior" in lrfind.choose(flat, 300, 3e-3, untrained=2.30)[1]
     assert lrfind.choose(flat, 300, 3e-3, untrained=2.40)[0] == 1e-4
+
+
+def test_nothing_to_probe_on_is_the_rules_prior_not_an_error():
+    from types import SimpleNamespace
+
+    streamed = SimpleNamespace(num_train=5000)  # an image folder: not held in memory
+    probe = lrfind.find(tiny_cfg(), streamed, show_progress=False)
+    assert probe.points == [] and probe.choice == tiny_cfg().lr and "prior" in probe.reason
+    few = numbered(n_train=40)  # too few training examples to hold out a split
+    assert lrfind.find(tiny_cfg(), few, show_progress=False).points == []

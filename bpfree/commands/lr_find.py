@@ -55,10 +55,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, out=str(out))
     cfg.check()
     probe = lrfind.find(cfg, grid=grid, steps=args.steps_per_point)
-    if not probe.points:
+    if not probe.points and probe.budget.get("allowed_examples"):
         raise UsageError(f"the budget of 10 % of {cfg.epochs} epochs ({probe.budget['allowed_examples']} examples) "
                          f"fits no probe of {lrfind.MIN_STEPS}+ steps per point: give --steps-per-point or more "
                          "--epochs")
+    if not probe.points:
+        raise UsageError(f"nothing to probe on: {probe.reason.split(':')[0]}")
     lrfind.write(probe, out, cfg)
     print(f"lr-find: {cfg.method} on {cfg.model}, {cfg.data}; optimizer {cfg.optimizer}, {probe.steps} steps per "
           f"point, batch {cfg.batch_size}, {probe.val_examples} validation examples, {probe.seconds:.1f} s")
