@@ -11,3 +11,4 @@ PYTHONPATH=. $PYTHON -m bpfree compare --methods bp,fa,sff-block,l-bp,dfa,fdfa,l
     --model examples/residual_cnn.py:ResidualCNN --data digits --epochs 20 --threads 1 --no-plots \
     --out runs/lr_auto/issue-table > benchmarks/results/lr_auto/issue-table.md
 cp runs/lr_auto/issue-table/results.csv benchmarks/results/lr_auto/issue-table.csv
+PYTHONPATH=. $PYTHON benchmarks/lr_auto_sgd.py --models ResBNCNN,TinyMixer   # 3. Adam or SGD on unseen models
