@@ -34,6 +34,7 @@ SUBCOMMANDS = {
     "report": ("bpfree.commands.report", "the results table and plots of existing run folders"),
     "grad-quality": ("bpfree.commands.grad_quality", "cosine / norm ratio of gradient estimates vs the exact gradient"),
     "sweep": ("bpfree.commands.sweep", "choose each method's recipe (lr, optimizer, ...) on validation error"),
+    "lr-find": ("bpfree.commands.lr_find", "learning-rate range test on validation data: table, plot, choice"),
 }
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bpfree import methods, models
+from bpfree import lrfind, methods, models
 from bpfree.errors import DivergedError, UsageError
 from bpfree.results import NOT_SETTINGS
 from bpfree.runfolder import FolderInUse, read_json
@@ -129,6 +129,7 @@ def run_all(
     are checked for all runs first. `describe` says which run a progress line is about (`sweep` adds the grid
     point); show_test=False keeps test errors out of the progress lines (`sweep` chooses on validation error)."""
     fresh = set()
+    data = lrfind.resolve_all(configs, data)  # --lr auto: choose (or reuse) each run's rate before the checks
     for cfg in configs:
         cfg.check()
         failure = read_failure(cfg)

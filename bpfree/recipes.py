@@ -3,7 +3,8 @@ command line (or config file) does not give.
 
 A recipe fixes the optimizer, learning rate, schedule and the like, never the data, model or epoch budget. Each
 entry says where it comes from: `validated` (chosen by `bpfree sweep` on validation error; the command and date are
-in `source`) or `carried over` (chosen on the test set before validation splits existed; to be replaced by a sweep).
+in `source`), `carried over` (chosen on the test set before validation splits existed; to be replaced by a sweep)
+or `auto` (any model without a validated entry: the learning rate is found by `--lr auto`, bpfree/lrfind.py).
 Lookup: (method, model) first, then (method, model family), then (method, any model), then the generic fallback.
 docs/tuning.md lists the sweeps behind the validated entries.
 """
@@ -59,11 +60,21 @@ FA_SWEEP = f"validated: bpfree sweep --methods fa,dfa,fdfa --model mlp --optimiz
 LOCAL_SWEEP = (f"validated: bpfree sweep --methods l-bp,l-fa,lg-fg-a,lg-fg-w,sff,sff-block,ff --model mlp "
                f"--optimizer adam ({SWEPT})")
 SAME_AS = "{2}; chosen for {0}, whose update {1} equals exactly"
-FROM_MLP = "carried over from the mlp sweep (not validated on this model): the generic fallback diverged there"
 RESNET_SWEEP = ("validated: bpfree sweep --methods bp,dfa,fdfa (and lg-fg-a --groups 2) --model resnet18 --width 16 "
                 "--data cifar10 --train-size 10000 --val-split 5000 --epochs 2 --lr 0.01,0.03,0.1 --schedule cosine, "
                 "2026-12-01; docs/results.md")
 L_FA = 0.3
+# Models without a validated entry: the learning rate is found on validation data before training (`--lr auto`),
+# centred on each rule's prior below (its validated mlp rate, MLP_SWEEP / FA_SWEEP / LOCAL_SWEEP). Adam, not SGD:
+# Adam's step does not scale with the gradient's size, which these rules leave arbitrary (fg-a's tangent noise,
+# DFA's random feedback scale, local heads), so one grid fits every rule; chosen by the auto-vs-oracle measurement
+# on six model types the table had never seen (benchmarks/lr_auto.sh, docs/tuning.md "--lr auto": 35 of 48 rule x
+# model cells on digits within max(2 points, 10 %) of a 6-point validation oracle; SGD and warm-up not measured).
+AUTO = ("auto: learning rate found on validation data before training (bpfree/lrfind.py), Adam, cosine; measured "
+        "on six unseen model types by benchmarks/lr_auto.py (docs/tuning.md)")
+PRIORS = {"bp": 3e-3, "fg-w": 3e-3, "fg-a": 1e-2, "fa": 1e-3, "dfa": 3e-3, "fdfa": 3e-3, "l-bp": 3e-3,
+          "l-fa": 3e-3, "lg-bp": 3e-3, "lg-fa": 3e-3, "lg-fg-a": 1e-3, "lg-fg-w": 1e-2, "sff": 1e-3,
+          "sff-block": 1e-3, "ff": 3e-3}
 
 # (method, model or family) -> (settings, source, validated). Keep the sources honest: only a sweep that was run
 # makes an entry "validated".
@@ -87,9 +98,9 @@ _TABLE: dict[tuple[str, str], tuple[dict[str, Any], str, bool]] = {
     # resnet18 (CIFAR-10)
     **{(m, "resnet18"): (_sgd(lr), RESNET_SWEEP, True)
        for m, lr in (("bp", 0.03), ("dfa", 0.03), ("fdfa", 0.03), ("lg-fg-a", 0.1))},
-    # Any other model: where the generic fallback (SGD 0.05) diverged on mlp, start from mlp's validated recipe.
-    **{(m, ANY): (_adam(lr), FROM_MLP, False)
-       for m, lr in (("lg-fg-a", 1e-3), ("lg-fg-w", 1e-2), ("sff", 1e-3), ("sff-block", 1e-3))},
+    # Any other model: Adam + cosine with the learning rate found by `--lr auto` (bpfree/lrfind.py), whose grid
+    # is centred on the rule's validated mlp rate (the prior, also used when the run is too short to probe).
+    **{(m, ANY): (_adam(lr), AUTO, False) for m, lr in PRIORS.items()},
     # LocalMixer: validated on M/1/16 (MNIST); the family's other models (M/8/16 on CIFAR-10) borrow them.
     **{(m, "localmixer"): (_sgd(lr), MIXER_SWEEP, True)
        for m, lr in (("bp", 0.1), ("l-bp", 0.1), ("lg-bp", 0.1), ("fg-w", 0.1), ("fg-a", 0.01), ("lg-fg-w", 0.1),

@@ -82,6 +82,8 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     blocks: tuple[str, ...] | None = None  # the model's submodules whose outputs are the block boundaries
     recipe: dict[str, Any] | None = None  # which recipes.py entry filled the settings not given (CLI runs)
+    lr_auto: bool = False  # --lr auto: the lr finder (bpfree/lrfind.py) sets lr before training; lr is its prior
+    lr_probe: dict[str, Any] | None = None  # what the finder probed and chose (config.json; --resume reuses it)
 
     def check(self) -> None:
         """Reject bad numbers and impossible combinations with one line each."""
@@ -553,7 +555,8 @@ class Run:
     def diverged(self, what: str, step: int) -> DivergedError:
         kept = (f"the checkpoint of epoch {self.epoch} is kept in {self.out / CHECKPOINT}" if self.epoch
                 else "no checkpoint was written (the first epoch had not finished)")
-        return DivergedError(f"{what} at epoch {self.epoch + 1}, step {step + 1}; {kept} (try a lower --lr)")
+        return DivergedError(f"{what} at epoch {self.epoch + 1}, step {step + 1}; {kept}; {lr_origin(self.cfg)} "
+                             "(try a lower --lr)")
 
     def train(self) -> list[dict[str, Any]]:
         """Train the remaining epochs; returns every epoch's metrics record (earlier sessions' too)."""
@@ -596,10 +599,27 @@ class Run:
         return list(self.records)
 
 
+def lr_origin(cfg: TrainConfig) -> str:
+    """How the run's learning rate was chosen, for the divergence message."""
+    recipe = cfg.recipe or {}
+    if cfg.lr_probe is not None:
+        how = "the lr finder's choice (lr_probe in config.json)" if cfg.lr_probe.get("grid") else \
+            "the rule's prior (the finder's budget was too small to probe)"
+    elif "lr" in recipe.get("overridden", ()) or not recipe:
+        how = "given with --lr"
+    else:
+        how = f"from the recipe {recipe.get('entry')}"
+    return f"lr {cfg.lr:g} was {how}"
+
+
 def train(
     cfg: TrainConfig, data=None, show_progress: bool | None = None, log_epochs: bool = False
 ) -> list[dict[str, Any]]:
     """Train (or resume) one run; returns all epochs' metrics records (launched by torchrun: data-parallel)."""
+    if cfg.lr_auto:  # --lr auto: choose the learning rate first (the recorded choice when resuming)
+        from bpfree import lrfind  # it builds on this module
+
+        lrfind.resolve(cfg, data, show_progress)
     run = Run(cfg, data=data, show_progress=show_progress, log_epochs=log_epochs)
     records = run.train()
     distributed.shutdown(run.group)

@@ -122,11 +122,12 @@ def test_no_recipe_flags_get_the_recipe_and_a_flag_overrides_it(tmp_path):
 def test_recipe_lookup_falls_back_and_every_entry_says_where_it_comes_from():
     assert recipes.lookup("lg-fg-a", "localmixer-s1-1").key == ("lg-fg-a", "localmixer-s1-1")  # its own entry
     assert recipes.lookup("lg-fg-a", "localmixer-m8-16").key == ("lg-fg-a", "localmixer")  # the family's
-    assert recipes.lookup("bp", "mobilenetv3-small") is recipes.FALLBACK
+    assert recipes.lookup("bp", "mobilenetv3-small").key == ("bp", "*")  # every rule: --lr auto on unseen models
+    assert recipes.lookup("no-such-rule", "mlp") is recipes.FALLBACK
     for recipe in recipes.entries().values():
         assert set(recipe.settings) == set(recipes.RECIPE_FIELDS)
         assert recipe.source.startswith("validated: bpfree sweep") == recipe.validated
-        assert recipe.validated or recipe.source.startswith("carried over")
+        assert recipe.validated or recipe.source.startswith(("carried over", "auto: "))
 
 
 def test_compare_takes_per_method_recipe_settings(tmp_path):

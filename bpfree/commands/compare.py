@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser, single=False)
     parser.add_argument("--lr", default=None, metavar="LR|METHOD=LR,...",
                         help="learning rate: one float for all methods, or METHOD=LR pairs, e.g. bp=0.05,fg-a=0.01 "
-                        "(a bare float before them sets the rest; default: from each method's recipe)")
+                        "(a bare float before them sets the rest); auto (or METHOD=auto): found on validation data "
+                        "per method, as in `train` (default: from each method's recipe, auto where it is not "
+                        "validated)")
     parser.add_argument("--out", default=None,
                         help="comparison folder (default runs/compare-MODEL-DATA); runs go to OUT/METHOD/seed-S")
     parser.add_argument("--no-plots", action="store_true", help="only the table and the CSV, no PNGs")
@@ -89,6 +91,8 @@ def per_method_recipe_flags(parser: argparse.ArgumentParser) -> None:
 def typed(where: str, key: str, raw: Any) -> Any:
     """One recipe setting (`key`) as its type and checked (a config file may give numbers as numbers)."""
     kind, choices = type(recipes.BASE[key]), RECIPE_CHOICES.get(key)
+    if key == "lr" and isinstance(raw, str) and raw.strip().lower() == "auto":
+        return "auto"  # the lr finder chooses per method (bpfree/lrfind.py)
     try:
         if isinstance(raw, bool) or (kind is not str and not isinstance(raw, (str, int, float))):
             raise ValueError

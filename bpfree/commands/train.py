@@ -100,7 +100,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True)
     parser.add_argument("--batch-size", type=int, default=None, help=f"examples per step ({FROM_RECIPE})")
     parser.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help=f"torch.optim optimizer ({FROM_RECIPE})")
     if single:
-        parser.add_argument("--lr", type=float, default=None, help=f"learning rate ({FROM_RECIPE})")
+        parser.add_argument("--lr", type=lr_value, default=None, metavar="LR|auto",
+                            help="learning rate, or auto: found on validation data first (bpfree lr-find; default "
+                            "where the recipe for the method and model is not validated, else the recipe's)")
     parser.add_argument("--momentum", type=float, default=None, help=f"SGD momentum ({FROM_RECIPE})")
     parser.add_argument("--weight-decay", type=float, default=None,
                         help=f"weight decay, weights only ({FROM_RECIPE})")
@@ -114,6 +116,16 @@ def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True)
     add_entry_options(parser, methods.METHODS, "method")
     add_entry_options(parser, models.MODELS, "model")
     document_blocks_flag(parser)
+
+
+def lr_value(text: str) -> float | str:
+    """--lr: a number, or `auto` (the lr finder chooses before training)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 BLOCKS_HELP = ("; any other model: the submodules (dotted names, e.g. layer1,layer2) whose outputs are the block "
@@ -159,9 +171,14 @@ def config_from_args(args: argparse.Namespace, **override: Any) -> TrainConfig:
         values["val_split"] = 0
     values.setdefault("method", DEFAULTS.method)
     values.setdefault("model", DEFAULTS.model)
+    given_lr = values.get("lr")
+    if given_lr == "auto":
+        values["lr"] = None  # the recipe's rate is the finder's prior
     chosen, values["recipe"] = recipes.apply(values["method"], values["model"],
                                              {k: values.get(k) for k in recipes.RECIPE_FIELDS})
     values.update(chosen)
+    # --lr auto, and the default wherever the recipe is not validated for this method and model.
+    values["lr_auto"] = given_lr == "auto" or (given_lr is None and not values["recipe"]["validated"])
     cfg = TrainConfig(**values)
     models.check(cfg.model)
     methods.METHODS.get(cfg.method)
@@ -178,7 +195,11 @@ def recipe_summary(cfg: TrainConfig, args: argparse.Namespace) -> str:
     shown = ", ".join(f"{k} {getattr(cfg, k):g}" if isinstance(getattr(cfg, k), float) else f"{k} {getattr(cfg, k)}"
                       for k in taken)
     status = "validated" if entry.get("validated") else "not validated"
-    return f"{entry.get('entry')} ({status}): {shown or 'none taken'}"
+    auto = ""
+    if cfg.lr_auto:
+        probed = bool((cfg.lr_probe or {}).get("grid"))
+        auto = f"; lr {cfg.lr:g} " + ("found by the lr finder" if probed else "the rule's prior (too short to probe)")
+    return f"{entry.get('entry')} ({status}): {shown or 'none taken'}{auto}"
 
 
 def set_threads(threads: int | None) -> None:
