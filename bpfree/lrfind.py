@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -36,6 +37,7 @@ from tqdm import tqdm
 from bpfree import methods, models
 from bpfree.data.datasets import VALIDATION_SEED, TensorData
 from bpfree.errors import DivergedError
+from bpfree.runfolder import RunLock
 from bpfree.train import CHECKPOINT, CONFIG, METRICS, TrainConfig, load_data, lr_multipliers_by_id, make_optimizer
 from bpfree.transfer import load_backbone
 
@@ -304,16 +306,23 @@ def resolve(cfg: TrainConfig, data: Any = None, show_progress: bool | None = Non
         # Without --resume the trainer refuses the folder; with it, a run from before --lr auto keeps its own
         # settings or is refused for differing: either way a probe would be wasted.
         return cfg
-    probe = find(cfg, data, show_progress=show_progress)
-    cfg.lr, cfg.lr_probe = probe.choice, probe.record()
-    if probe.points:
-        note(f"lr auto ({cfg.method}): {len(probe.points)} rates x {probe.steps} steps on {probe.val_examples} "
-             f"validation examples in {probe.seconds:.1f} s -> lr {cfg.lr:g}")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            plot(probe, out / PROBE_PLOT, f"{cfg.method} on {models.short_name(cfg.model)}, {cfg.data}")
-        except OSError:
-            pass  # the trainer reports an unusable folder
+    # The run folder is locked while its probe runs and its plot is written (by the main rank only): a folder in
+    # use is refused before any probing, and another run's plot is never overwritten.
+    main = int(os.environ.get("RANK", "0")) == 0
+    lock = RunLock(out).acquire() if main else None
+    try:
+        probe = find(cfg, data, show_progress=show_progress)
+        cfg.lr, cfg.lr_probe = probe.choice, probe.record()
+        if probe.points and main:
+            note(f"lr auto ({cfg.method}): {len(probe.points)} rates x {probe.steps} steps on {probe.val_examples} "
+                 f"validation examples in {probe.seconds:.1f} s -> lr {cfg.lr:g}")
+            try:
+                plot(probe, out / PROBE_PLOT, f"{cfg.method} on {models.short_name(cfg.model)}, {cfg.data}")
+            except OSError:
+                pass  # the trainer reports an unusable folder
+    finally:
+        if lock is not None:
+            lock.release()
     # Else the run is too short to probe: it trains at the prior, as config.json's lr_probe and the summary say
     # (no notice here: a run that then stops on bad input prints its one error line only).
     return cfg

@@ -193,3 +193,17 @@ def test_nothing_to_probe_on_is_the_rules_prior_not_an_error():
     assert probe.points == [] and probe.choice == tiny_cfg().lr and "prior" in probe.reason
     few = numbered(n_train=40)  # too few training examples to hold out a split
     assert lrfind.find(tiny_cfg(), few, show_progress=False).points == []
+
+
+def test_a_folder_in_use_is_refused_before_probing(tmp_path, monkeypatch, capsys):
+    from bpfree.runfolder import RunLock
+
+    def no_probe(*a, **k):
+        raise AssertionError("probed a folder in use")
+
+    monkeypatch.setattr(lrfind, "find", no_probe)
+    out = tmp_path / "run"
+    with RunLock(out):
+        code = main(["train", "--method", "bp", *USER, "--epochs", "12", "--batch-size", "16", "--out", str(out)])
+    assert code == 2 and "in use by another bpfree process" in capsys.readouterr().err
+    assert not (out / lrfind.PROBE_PLOT).exists()
