@@ -16,7 +16,7 @@ import torch
 
 from bpfree import methods, models
 from bpfree.cli import main
-from bpfree.distributed import LOCAL, Group, strip_nproc
+from bpfree.distributed import LOCAL, Group, Shard, strip_nproc
 from bpfree.train import TrainConfig, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +46,11 @@ RUNS = {
     "fdfa-recompute": dict(method="fdfa", train_size=201, batch_size=100, method_options={"recompute": True}),
     "dfa-recompute": dict(method="dfa", method_options={"recompute": True}),
     "fdfa-generic": dict(method="fdfa", model="cnn-small", model_options={}, train_size=101, batch_size=50),
+    # Per-example tangents drawn for the whole global batch, each rank keeping its rows: as one process.
+    "fg-a-generic": dict(method="fg-a", model="cnn-small", model_options={}, train_size=101, batch_size=50),
+    "fg-a-recompute": dict(method="fg-a", method_options={"tangents": 2, "recompute": True}),
+    "lg-fg-a-generic": dict(method="lg-fg-a", model_options={"hidden": (16, 16)},
+                            method_options={"tangents": 2}),
     "l-bp": dict(method="l-bp", model_options={"hidden": (16, 16)}),
     "l-fa": dict(method="l-fa", model_options={"hidden": (16, 16)}),
     "lg-bp": dict(method="lg-bp", model="localmixer-m1-16", model_options={"channels": 16, "groups": 4}),
@@ -66,10 +71,10 @@ RUNS = {
                      method_options={"peer_norm": 0.03, "negatives": "random", "input_dropout": 0.1}),
 }
 # Rules whose every random number is either shared by the ranks or drawn per example for the whole global batch:
-# their 2-rank runs equal one process on the whole batch. fg-a and lg-fg-a draw per-example tangents from a stream
-# per rank (rank_seed), and ff its negatives: the same estimator, other random numbers.
+# their 2-rank runs equal one process on the whole batch. ff draws its negatives per rank, and LocalMixer's lg-fg-a
+# path its tangents: the same estimators, other random numbers.
 EXACT = ["bp", "bp-tail", "fa", "dfa", "fdfa", "fdfa-generic-adam", "fdfa-recompute", "dfa-recompute",
-         "fdfa-generic", "fg-w",
+         "fdfa-generic", "fg-a", "fg-a-generic", "fg-a-recompute", "lg-fg-a-generic", "fg-w",
          "fg-w-noreadout", "l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-w", "sff", "sff-block"]
 
 
@@ -257,19 +262,32 @@ def test_fgw_policy_reduces_k_numbers_in_step_and_the_readout_after():
     assert group.reduced[2] == [tuple(p.shape) for p in bp.model.parameters()]  # default: every gradient
 
 
-def test_fga_ranks_draw_independent_activity_tangents():
+@pytest.mark.parametrize("name", ["fg-a", "lg-fg-a"])
+def test_per_example_tangents_are_each_ranks_rows_of_the_global_batchs(name):
+    """Each rank draws the tangents of the whole global batch and keeps its rows: the ranks' gradients, weighted by
+    their shares, are the one-process gradient of the whole batch."""
     x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
-    grads = []
-    for group in (LOCAL, RecordingGroup(0), RecordingGroup(1)):
-        est = tiny_estimator("fg-a", group, tangents=2)
-        est.step(x, y)
-        grads.append([p.grad.clone() for p in est.model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))  # rank 0 = a single process
-    first_layer = 0
-    assert not torch.equal(grads[0][first_layer], grads[2][first_layer])  # rank 1: other tangents, same examples
+
+    def build(group: Group) -> methods.Estimator:
+        torch.manual_seed(0)
+        est = methods.build(name, models.build("mlp", 10, (1, 8, 8), hidden=(16, 16)), seed=0, tangents=2)
+        est.group = group
+        return est
+
+    whole = build(LOCAL)
+    whole.step(x, y)
+    parts = []
+    for rank, (start, stop) in enumerate(((0, 4), (4, 6))):
+        est = build(RecordingGroup(rank))
+        est.shard = Shard(start, stop, 6, stop - start)
+        est.step(x[start:stop], y[start:stop])
+        parts.append([p.grad * (stop - start) / 6 for p in est.trainable()])
+    for expected, *shares in zip([p.grad for p in whole.trainable()], *parts):
+        torch.testing.assert_close(sum(shares), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_lg_fga_ranks_draw_independent_activity_tangents():
+def test_localmixer_lg_fga_ranks_draw_independent_activity_tangents():
+    """LocalMixer's lg-fg-a path offsets each rank's tangent stream (not the one-process tangents)."""
     x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
     grads = []
     for group in (LOCAL, RecordingGroup(0), RecordingGroup(1)):

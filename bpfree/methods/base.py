@@ -211,17 +211,22 @@ class Estimator:
         """
         return []
 
-    def sample_rows_(self, fill_: Callable[[torch.Tensor], torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        """`fill_(out)`: per-example random numbers, one row per example of this rank's batch.
+    def sample_rows_(self, fill_: Callable[[torch.Tensor], torch.Tensor], out: torch.Tensor,
+                     copies: int = 1) -> torch.Tensor:  # fmt: skip
+        """`fill_(out)`: per-example random numbers, one row per example of this rank's batch (`copies` stacked
+        copies of the batch: `out` is [copies * rows, ...] or [copies, rows, ...]).
 
         Data-parallel: every rank draws the numbers of the whole global batch and keeps its own rows, so each
         example gets the numbers one process would give it and every rank's generator advances alike.
         """
         rows = self.shard
-        if rows is None or rows.total == out.shape[0] and rows.start == 0:
+        if rows is None or rows.stop - rows.start == rows.total:
             return fill_(out)
-        whole = fill_(out.new_empty((rows.total, *out.shape[1:])))
-        return out.copy_(whole[rows.start : rows.stop])
+        # Contiguous [copies, rows, rest] has the memory order of both layouts: the draws land as one process's.
+        local = out.view(copies, rows.stop - rows.start, -1)
+        whole = fill_(out.new_empty((copies, rows.total, local.shape[2])))
+        local.copy_(whole[:, rows.start : rows.stop])
+        return out
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for evaluation (the model is put in eval mode by the caller)."""

@@ -60,7 +60,6 @@ from bpfree.methods.base import (
     StepResult,
     add_grads,
     output_error,
-    rank_seed,
     set_grads,
     zero_missing_grads,
 )
@@ -379,12 +378,14 @@ class BlockLocalFGActivity(BlockLocalFG):
         self.silent = set(self.joined.values())  # units perturbed after their norm only
 
     def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        return T.sample(shape, self.dist, self._scratch, device=like.device, dtype=like.dtype)
+        """Per-example tangents for K stacked copies of the batch (data-parallel: this rank's rows of the global
+        batch's, so each example gets the tangents one process would give it)."""
+        out = torch.empty(shape, device=like.device, dtype=like.dtype)
+        return self.sample_rows_(lambda t: T.sample_(t, self.dist, self._scratch), out, self.tangents)
 
     def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Per-example tangents from a stream seeded afresh each step: data-parallel rank r offsets the seed so its
-        # examples get their own tangents, while every rank advances the shared generator alike (resumable).
-        self._scratch.manual_seed(rank_seed(self.draw_seed(), self.group.rank))
+        # Per-example tangents from a stream seeded afresh each step (alike on every rank; resumable).
+        self._scratch.manual_seed(self.draw_seed())
         k, batch = self.tangents, x.shape[0]
         xk = x.repeat(k, *([1] * (x.dim() - 1)))  # K copies of the batch: independent tangents per copy
         fired: list[list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = [[] for _ in self.anatomy.blocks]

@@ -60,7 +60,6 @@ from bpfree.methods.base import (
     Replay,
     StepResult,
     output_error,
-    rank_seed,
     rng_as,
     rng_state,
     set_grad,
@@ -178,7 +177,11 @@ class _ForwardGradient(Estimator):
         self._scratch.manual_seed(seed)
         return seed
 
-    def _sample_(self, out: torch.Tensor) -> torch.Tensor:
+    def _sample_(self, out: torch.Tensor, copies: int = 0) -> torch.Tensor:
+        """Tangents drawn into `out` from the step's stream. Per-example tangents (`copies` > 0: `out` holds that many
+        stacked copies of the batch) are, in a data-parallel run, this rank's rows of the global batch's."""
+        if copies:
+            return self.sample_rows_(lambda t: T.sample_(t, self.dist, self._scratch), out, copies)
         return T.sample_(out, self.dist, self._scratch)
 
     def _perturbed(self, i: int) -> bool:
@@ -415,11 +418,11 @@ class ForwardGradientActivity(_ForwardGradient):
                 Z = torch.empty(K + 1 if perturb else 1, B, W.shape[0], device=h.device, dtype=h.dtype)
                 torch.matmul(H[0], W.T, out=Z[0])
                 if perturb:
-                    u = self._sample_(Z[1:])
+                    u = self._sample_(Z[1:], copies=K)
             else:
                 Z = F.linear(H, W)  # primal and all K tangents: one matmul
                 if perturb:
-                    u = self._sample_(torch.empty_like(Z[1:]))
+                    u = self._sample_(torch.empty_like(Z[1:]), copies=K)
                     Z[1:].add_(u)
             if b is not None:
                 Z[0].add_(b)
@@ -461,19 +464,15 @@ class ForwardGradientActivity(_ForwardGradient):
                 break
             Z = F.linear(h, lin.weight, lin.bias).unsqueeze(0)
             mask = _activate_(Z, act)
-            u = self._sample_(torch.empty(K, B, Z.shape[-1], device=h.device, dtype=h.dtype))
+            u = self._sample_(torch.empty(K, B, Z.shape[-1], device=h.device, dtype=h.dtype), copies=K)
             self._local_grads(lin, h, u if mask is None else u.mul_(mask), c)
             h = Z[0]
 
     def _new_step(self) -> int:
-        seed = super()._new_step()
-        if self.group.rank:
-            # Data-parallel: per-example tangents must be independent across ranks too (rank r's example i must
-            # not reuse rank 0's tangents for its example i), so each rank offsets the shared per-step seed.
-            seed = rank_seed(seed, self.group.rank)
-            self._scratch.manual_seed(seed)
-        self._seed = seed
-        return seed
+        # Data-parallel: every rank seeds the stream alike and keeps its rows of the global batch's tangents
+        # (`_sample_`), so each example gets the tangents one process would give it.
+        self._seed = super()._new_step()
+        return self._seed
 
     def _step_generic(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_batch_norm()
@@ -571,7 +570,7 @@ class ForwardGradientActivity(_ForwardGradient):
 
         def perturb(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             primal, tangent = fwad.unpack_dual(out)
-            u = self._sample_(torch.empty(out.shape, device=out.device, dtype=out.dtype))
+            u = self._sample_(torch.empty(out.shape, device=out.device, dtype=out.dtype), copies=K)
             if not dual:
                 return out, u.view(K, B, *out.shape[1:])
             # The onward tangent is a tensor of its own: an in-place op downstream must not change u.
