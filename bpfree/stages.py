@@ -140,35 +140,45 @@ def named_starts(anatomy: Anatomy, names: Sequence[str], stages: int) -> list[in
     return starts
 
 
-def profile_blocks(estimator: Estimator, x: torch.Tensor, y: torch.Tensor, repeats: int = 2) -> list[float]:
-    """Seconds of one step spent in each block (its forward and its local update; the last block also the
-    readout), the mean of `repeats` steps after one warm-up. The model, the estimator and the global RNG are put
-    back as they were: profiling changes nothing that training sees."""
-    model, blocks = estimator.model, estimator.anatomy.blocks
+@contextmanager
+def restored(estimator: Estimator) -> Iterator[None]:
+    """Steps taken inside change nothing training sees: the model's state (batch-norm statistics), the estimator's
+    (its random streams) and the global RNG are put back, and the gradients cleared."""
+    model = estimator.model
     saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(estimator.state_dict()), global_rng_state())
-    marks: list[tuple[int, float]] = []
-    handles = [b.modules[0].register_forward_pre_hook(lambda *_a, i=i: marks.append((i, time.perf_counter())))
-               for i, b in enumerate(blocks)]
-    seconds = [0.0] * len(blocks)
     try:
-        for r in range(repeats + 1):
-            marks.clear()
-            start = time.perf_counter()
-            estimator.step(x, y)
-            end = time.perf_counter()
-            if r == 0:
-                continue  # warm-up
-            times = [(0, start), *marks, (marks[-1][0] if marks else 0, end)]
-            for (i, t0), (_, t1) in zip(times, times[1:]):
-                seconds[i] += (t1 - t0) / repeats
+        yield
     finally:
-        for h in handles:
-            h.remove()
         model.load_state_dict(saved[0])
         estimator.load_state_dict(saved[1])
         set_global_rng_state(saved[2])
         for p in estimator.trainable():
             p.grad = None
+
+
+def profile_blocks(estimator: Estimator, x: torch.Tensor, y: torch.Tensor, repeats: int = 2) -> list[float]:
+    """Seconds of one step spent in each block (its forward and its local update; the last block also the
+    readout), the mean of `repeats` steps after one warm-up; changes nothing (`restored`)."""
+    blocks = estimator.anatomy.blocks
+    marks: list[tuple[int, float]] = []
+    handles = [b.modules[0].register_forward_pre_hook(lambda *_a, i=i: marks.append((i, time.perf_counter())))
+               for i, b in enumerate(blocks)]
+    seconds = [0.0] * len(blocks)
+    try:
+        with restored(estimator):
+            for r in range(repeats + 1):
+                marks.clear()
+                start = time.perf_counter()
+                estimator.step(x, y)
+                end = time.perf_counter()
+                if r == 0:
+                    continue  # warm-up
+                times = [(0, start), *marks, (marks[-1][0] if marks else 0, end)]
+                for (i, t0), (_, t1) in zip(times, times[1:]):
+                    seconds[i] += (t1 - t0) / repeats
+    finally:
+        for h in handles:
+            h.remove()
     return seconds
 
 
@@ -384,7 +394,8 @@ class Link:
 
 
 class ProbeLink:
-    """A Link stand-in for checking a plan in one process: receives given tensors, keeps what is sent."""
+    """A Link stand-in for running a stage in one process: receives the given tensor (zeros where None), keeps
+    what is sent."""
 
     def __init__(self, incoming: torch.Tensor | None):
         self.incoming = incoming
@@ -394,8 +405,7 @@ class ProbeLink:
         self.sent.append(tensor)
 
     def recv(self, like: torch.Tensor) -> torch.Tensor:
-        assert self.incoming is not None
-        return self.incoming
+        return torch.zeros_like(like) if self.incoming is None else self.incoming
 
 
 @contextmanager
@@ -578,6 +588,15 @@ class StagedRun(Run):
         self.optimizer = make_optimizer(cfg, self.owned_params, lr_multipliers_by_id(est))
         self.schedule = make_schedule(cfg, self.optimizer, self.steps_per_epoch)
         self.link = Link(self.group, self.plan)
+        self.peak_mb = self._stage_peak()
+
+    def _stage_peak(self) -> float:
+        """This stage's activation peak (MiB, `bpfree.memory`) in one step on the first batch, measured alone
+        before training (the received activation stood in by zeros, nothing sent): the profiler is not run while
+        gloo's threads move tensors."""
+        x, y = next(iter(self.data.train_batches(self.cfg.batch_size, torch.Generator().manual_seed(0))))
+        with restored(self.estimator), running_stage(self.estimator, self.plan, ProbeLink(None), self.stubs):
+            return measured_step(self.estimator, x.to(self.device), y.to(self.device))[1]
 
     def _profile(self) -> list[float]:
         """Each block's step seconds, measured by rank 0 on the first batch and sent to every stage."""
@@ -624,7 +643,7 @@ class StagedRun(Run):
         cfg = self.cfg
         self.model.train()
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch)  # as one process: same batches
-        tally, peak = Tally(), 0.0
+        tally = Tally()
         self.link.reset()
         start = time.perf_counter()
         with ExitStack() as stack:
@@ -634,10 +653,7 @@ class StagedRun(Run):
                                                  self.steps_per_epoch)):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 self.optimizer.zero_grad(set_to_none=True)
-                if step == 0:
-                    result, peak = measured_step(self.estimator, x, y)
-                else:
-                    result = self.estimator.step(x, y)
+                result = self.estimator.step(x, y)
                 if self.plan.last and not torch.isfinite(result.loss):
                     raise self.diverged(f"loss became {result.loss.item()}", step)
                 self.optimizer.step()
@@ -647,7 +663,7 @@ class StagedRun(Run):
         wall = time.perf_counter() - start
         mine = {"tally": {"loss": tally.loss, "wrong": tally.wrong, "seen": tally.seen, "extras": tally.extras},
                 "wall": wall, "idle": self.link.idle, "sent": self.link.sent, "steps": self.steps_per_epoch,
-                "peak": peak}
+                "peak": self.peak_mb}
         record = self._combine(mine, tally)
         self._share_state()
         return record
