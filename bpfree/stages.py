@@ -46,20 +46,23 @@ from bpfree.errors import UsageError
 from bpfree.memory import measured_step
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.methods.block_local import BlockLocal, BlockLocalFGActivity
+from bpfree.methods.feedback_alignment import DirectFeedbackAlignment
 from bpfree.methods.forward_forward import ScalableFF
 from bpfree.runfolder import atomic_write_bytes, describe_os_error
 from bpfree.train import CHECKPOINT, CONFIG, Run, TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
 from bpfree.train import rng_state as global_rng_state
 from bpfree.train import set_rng_state as set_global_rng_state
 
-STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block")
+STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block", "dfa")
+# Rules whose blocks learn from the output error: synchronous stages (every stage waits for the last stage's error).
+SYNCHRONOUS = ("dfa",)
 # One line per rule that refuses --stages, saying why (docs/parallel.md: what is left).
 REFUSED = {
     "bp": "backprop sends gradients back through every stage; its pipeline (torch.distributed.pipelining) is not "
           "wired into --stages yet",
     "fa": "feedback alignment sends errors back through every stage; not wired into --stages yet",
-    "dfa": "the output error must reach every stage each step; dfa's staged modes are not built yet",
-    "fdfa": "the output error must reach every stage each step; fdfa's staged modes are not built yet",
+    "fdfa": "the output's directional derivative and error must reach every stage each step; fdfa's staged modes "
+            "are not built yet (dfa has a synchronous one)",
     "fg-a": "the loss's directional derivatives must reach every stage each step; not built yet",
     "fg-w": "the loss's directional derivatives must reach every stage each step; not built yet",
     "ff": "hard and readout negatives score through every block, and ff's loss averages all blocks; use sff-block",
@@ -525,6 +528,48 @@ def stage_tensors(estimator: Estimator) -> dict[str, torch.Tensor]:
     return out
 
 
+class _LastStageLoss(torch.autograd.Function):
+    """The loss, and its gradient with respect to the logits, as the last stage computes them, on every stage: the
+    rule differentiates its loss as usual and gets the last stage's output error (dfa's e, batch x classes)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, y: torch.Tensor, loss_fn: Any, share: Any) -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = logits.detach().requires_grad_()
+            loss = loss_fn(leaf, y)
+            (e,) = torch.autograd.grad(loss, leaf)
+        loss, e = share(loss.detach(), e)
+        ctx.save_for_backward(e)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (e,) = ctx.saved_tensors
+        return g * e, None, None, None
+
+
+@contextmanager
+def shared_output_error(estimator: Estimator, link: Link) -> Iterator[None]:
+    """While active, the estimator's loss (and so its output error) is the last stage's, broadcast to every stage
+    once per step; the time a stage waits for it counts as idle."""
+    original = estimator.loss_fn
+    last = len(link.plan.starts) - 1
+
+    def share(loss: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        packed = torch.cat([loss.reshape(1).to(e.dtype), e.reshape(-1)])
+        start = time.perf_counter()
+        link.group._call("broadcast", dist.broadcast, packed, last)
+        link.idle += time.perf_counter() - start
+        link.sent += packed.numel() * packed.element_size() if link.plan.last else 0
+        return packed[0].to(loss.dtype), packed[1:].view_as(e)
+
+    estimator.loss_fn = lambda logits, y: _LastStageLoss.apply(logits, y, original, share)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del estimator.loss_fn
+
+
 # -- the staged run ---------------------------------------------------------------------------------------------
 
 INDEXED = re.compile(r"(\d+)$")
@@ -565,7 +610,10 @@ class StagedRun(Run):
         super()._build(data)
         cfg, est = self.cfg, self.estimator
         est.group = distributed.LOCAL  # not data-parallel: every stage draws the one-process random numbers
-        if not isinstance(est, (BlockLocal, ScalableFF)) or methods.fast_path(cfg.method, self.model) is not None:
+        if isinstance(est, DirectFeedbackAlignment):
+            est.fast = None  # the hand-written MLP path runs no model forward; stages need the model's own
+        if not isinstance(est, (BlockLocal, ScalableFF, DirectFeedbackAlignment)) or \
+                methods.fast_path(cfg.method, self.model) is not None:
             raise UsageError(f"--stages: {cfg.method} on {type(self.model).__name__} runs a model-specific fast "
                              "path without block hooks; it cannot be staged")
         anatomy = est.anatomy
@@ -603,7 +651,17 @@ class StagedRun(Run):
         seconds: list[float] = []
         if self.group.is_main:
             x, y = next(iter(self.data.train_batches(self.cfg.batch_size, torch.Generator().manual_seed(0))))
-            seconds = profile_blocks(self.estimator, x.to(self.device), y.to(self.device))
+            est = self.estimator
+            # dfa's one-pass step runs every block's backward after the whole forward; its recomputing step (the
+            # same gradients) runs each block's backward at its boundary, where the profile can time it
+            recompute = getattr(est, "recompute", None)
+            if isinstance(est, DirectFeedbackAlignment):
+                est.recompute = True
+            try:
+                seconds = profile_blocks(est, x.to(self.device), y.to(self.device))
+            finally:
+                if isinstance(est, DirectFeedbackAlignment):
+                    est.recompute = recompute
         return json.loads(self.group.broadcast_bytes(json.dumps(seconds).encode()).decode())
 
     def _choose_starts(self, anatomy: Anatomy) -> list[int]:
@@ -649,6 +707,8 @@ class StagedRun(Run):
         with ExitStack() as stack:
             stack.enter_context(running_stage(self.estimator, self.plan, self.link, self.stubs))
             record_scores = stack.enter_context(self._scores())
+            if isinstance(self.estimator, DirectFeedbackAlignment):
+                stack.enter_context(shared_output_error(self.estimator, self.link))
             for step, (x, y) in enumerate(islice(self.data.train_batches(cfg.batch_size, generator),
                                                  self.steps_per_epoch)):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -35,6 +35,10 @@ RUNS = {
     # A user's model file, found blocks (patch embedding, eight encoder layers), a split given by name.
     "l-bp-vit": dict(method="l-bp", model=VIT, model_options={}, split=["encoder.layers.5"]),
     "lg-fg-a-vit": dict(method="lg-fg-a", model=VIT, model_options={}),
+    # dfa, synchronous: every stage gets the last stage's output error each step.
+    "dfa-resnet": dict(method="dfa", **RESNET),
+    "dfa-recompute-resnet": dict(method="dfa", **RESNET, method_options={"recompute": True}),
+    "dfa-vit": dict(method="dfa", model=VIT, model_options={}),
     "l-bp-3": dict(method="l-bp", stages=3),
     # Stopped after one epoch, resumed to three: must equal three uninterrupted epochs.
     "l-bp-resumed": dict(method="l-bp", epochs=1, resume_to=3),
@@ -116,7 +120,7 @@ def test_balanced_starts():
         balanced_starts([1, 1], 3)
 
 
-@pytest.mark.parametrize("method", ["bp", "fa", "dfa", "fdfa", "fg-a", "fg-w", "ff"])
+@pytest.mark.parametrize("method", ["bp", "fa", "fdfa", "fg-a", "fg-w", "ff"])
 def test_rules_that_cannot_be_staged_refuse_with_one_line(method, capsys):
     assert main(["train", "--method", method, "--stages", "2", "--data", "digits", "--out", "unused"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
