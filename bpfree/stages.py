@@ -14,7 +14,8 @@ model's forward runs while it steps (`running_stage`):
 The local rules learn each block from its detached input, computed before the upstream update, and the optimizers
 are per parameter, so a stage that steps only the parameters it owns while the next stage works on the previous
 batch is *exactly* the one-process run (tests/test_stages.py). Nothing flows back. Each process reads the same
-batches from its own data loader (same shuffle), so only activations travel; labels are read locally.
+batches from its own data loader (same shuffle), so only activations travel; labels are read locally. dfa is
+staged synchronously: the last stage's loss and output error reach every stage once per step (`shared_output_error`).
 
 Why not the stage modules of `torch.distributed.pipelining.pipeline` (which does split resnet18, the example ViT
 and ResidualCNN and keeps the block names): see docs/parallel.md. In short, the estimators are built on the whole
