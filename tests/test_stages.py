@@ -171,3 +171,30 @@ def test_killed_stage_stops_the_other_then_resume_continues(tmp_path, data_root)
     for a, b in zip(whole, resumed):
         for key in ("train_loss", "test_loss", "test_error"):
             assert b[key] == pytest.approx(a[key], rel=1e-6), (a["epoch"], key)
+
+
+class Skip(torch.nn.Module):
+    """Three blocks; block 0's output also skips past blocks 1 and 2 to the readout."""
+
+    input_shape = (6,)
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(6, 6) for _ in range(3))
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.head(self.c(self.b(h)) + h)
+
+
+def test_a_split_the_forward_carries_other_values_across_is_refused():
+    from bpfree.methods import build
+    from bpfree.stages import ownership
+
+    est = build("l-bp", Skip(), blocks=("a", "b", "c"))
+    owners = ownership(est, [0, 1])  # the skip starts at block a's output, which stage 2 receives: fine
+    names = [n for n, _ in est.model.named_parameters()]
+    assert [owners[names.index(n)] for n in ("a.weight", "b.weight", "c.weight", "head.weight")] == [0, 1, 1, 1]
+    with pytest.raises(UsageError, match="does not reproduce the model from the previous block's output"):
+        ownership(est, [0, 2])  # stage 2 would need block a's output too
