@@ -161,7 +161,7 @@ def time_bp(args: argparse.Namespace, split: str, work: Path) -> list[dict]:
                 mp.start_processes(pipeline_worker, args=(2, port, args.model, split, schedule, micro,
                                                           args.batch_size, args.steps, str(result)),
                                    nprocs=2, start_method="spawn")
-            except mp.ProcessExitedException as e:  # reported, not hidden: e.g. a split export cannot send
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # reported, not hidden
                 rows.append({"schedule": schedule, "micro_batches": micro, "error": str(e)})
                 continue
             rows.append({"schedule": schedule, "micro_batches": micro, **json.loads(result.read_text())})
