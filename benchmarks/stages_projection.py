@@ -50,7 +50,8 @@ def main(path: str) -> int:
     largest = max(sent[:-1])
     lines = [f"{results['model']}: projected speed-up over one process, one core per stage, NVLink-class link",
              "", "| rule | S=2 measured, share of the 2-process limit | S=2 projected, share of 2x | " +
-             " | ".join(f"S={s}" for s in (2, 4, 8, 16)) + " |", "|---" * 7 + "|"]
+             " | ".join(f"S={s}" + (f" (= {len(sent)})" if s > len(sent) else "") for s in (2, 4, 8, 16)) + " |",
+             "|---" * 7 + "|"]
     for r in results["rules"]:
         if r["rule"] in ("dfa", "fdfa"):
             continue  # synchronous: a stage waits for the error; this model assumes stages never wait
