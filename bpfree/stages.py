@@ -232,13 +232,15 @@ def _zeros(shape: Shape, like: torch.Tensor) -> torch.Tensor:
 
 
 def make_stub(module: nn.Module, output: Any, between: list[Shape], draws: list[Shape],
-              sample: Callable[[tuple[int, ...], torch.Tensor], Any] | None) -> Callable[..., Any]:
+              sample: Callable[[tuple[int, ...], torch.Tensor], Any] | None, anchored: bool) -> Callable[..., Any]:
     """`module`'s forward replaced by zeros of its probed output (`output`: a Shape, or a tuple of Shapes / None),
     as many rows as its input. A `between=` callback (sff's split units) is called with zeros of each shape it
     saw, so the rule's unit count stays as in the whole model; `draws`: the noise lg-fg-a would have drawn inside
-    the module (drawn and dropped, so later blocks get their own). Where gradients are on, the zeros hang off one
-    element of the module's first parameter, so a rule differentiating them gets zeros, not an error."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    the module (drawn and dropped, so later blocks get their own). `anchored`: where gradients are on, the zeros
+    hang off one element of the module's first parameter, so a rule differentiating them (lg-fg-a's modules'
+    vector-Jacobian products) gets zeros, not an error; the others skip what does not require grad, and anchoring
+    would cost them a backward through every stub."""
+    params = [p for p in module.parameters() if p.requires_grad] if anchored else []
 
     def zeros(shape: Shape, like: torch.Tensor) -> torch.Tensor:
         z = _zeros(shape, like)
@@ -297,7 +299,9 @@ def probe_stubs(estimator: Estimator, plan: StagePlan) -> list[tuple[nn.Module, 
     finally:
         for h in handles:
             h.remove()
-    return [(m, make_stub(m, outputs[m], between.get(m, []), draws[m], sample)) for m in outside if m in outputs]
+    anchored = isinstance(estimator, BlockLocalFGActivity)
+    return [(m, make_stub(m, outputs[m], between.get(m, []), draws[m], sample, anchored))
+            for m in outside if m in outputs]
 
 
 def _watch_draws(estimator: BlockLocalFGActivity, modules: list[nn.Module],
