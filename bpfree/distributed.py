@@ -302,13 +302,13 @@ def strip_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def launch(nproc: int, argv: Sequence[str]) -> int:
+def launch(nproc: int, argv: Sequence[str], title: str = "data-parallel run") -> int:
     """Run `python -m bpfree ARGV` on `nproc` local processes through torch.distributed.run (torchrun).
 
     Returns 0, or the exit code of the first rank that failed with an error of its own (2 bad input, 3 diverged);
     else 4: a rank was killed by a signal or lost a peer. The elastic agent stops the other ranks as soon as one
     fails (SIGKILL after STOP_GRACE seconds). Ctrl-C / SIGTERM on the launcher stop every rank: 130 / 143. One line
-    on stderr says what happened (the agent's own log lines are silenced).
+    on stderr says what happened (the agent's own log lines are silenced); `title` names the run there.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -342,7 +342,7 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
         code = next((f.exitcode for _, f in failures if f.exitcode > 0 and f.exitcode != DistributedError.exit_code),
                     DistributedError.exit_code)
         kind = "distributed: " if code == DistributedError.exit_code else ""
-        print(f"bpfree: {kind}the data-parallel run failed: {what}", file=sys.stderr)
+        print(f"bpfree: {kind}the {title} failed: {what}", file=sys.stderr)
         return code
     except SignalException as e:  # the launcher itself got SIGINT / SIGTERM; the agent stopped the ranks
         terminated = e.sigval == signal.SIGTERM

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from bpfree import distributed, methods, models, recipes
+from bpfree import distributed, methods, models, recipes, stages
 from bpfree.checks import check_nproc, check_threads
 from bpfree.errors import UsageError
 from bpfree.registry import Registry
@@ -221,6 +221,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--nproc-per-node N -m bpfree train ...`); each takes 1/N of every batch")
     parser.add_argument("--dist-timeout", type=float, default=DEFAULTS.dist_timeout,
                         help="data-parallel runs: seconds a rank waits for a silent peer before stopping with an error")
+    parser.add_argument("--stages", type=int, default=1,
+                        help="block-parallel: split the model's blocks into S contiguous stages, one process each, "
+                             "all training at once (local rules; docs/parallel.md)")
+    parser.add_argument("--stage-split", default=None, metavar="NAME,...",
+                        help="with --stages S: the blocks that begin stages 2..S (default: balanced from a short "
+                             "profile of each block's step time)")
     parser.add_argument("--memory-report", action="store_true",
                         help="after training, measure bp's activation peak on the same model and batch and print it "
                              "beside the rule's (peak_memory_mb)")
@@ -229,12 +235,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_nproc(args.nproc, args.device)
     distributed.check_timeout(args.dist_timeout)
+    split = stages.parse_split(args.stage_split)
+    stages.check_stages(args.method, args.stages, args.nproc, split)
+    if args.stages > 1 and not distributed.launched_by_torchrun():
+        check_nproc(args.stages, args.device)
+        return distributed.launch(args.stages, getattr(args, "argv", sys.argv[1:]), title="staged run")
     if args.nproc > 1 and not distributed.launched_by_torchrun():
         return distributed.launch(args.nproc, distributed.strip_nproc(getattr(args, "argv", sys.argv[1:])))
     set_threads(args.threads)
     out = args.out or f"runs/{run_name(args)}"
     cfg = config_from_args(args, out=out)
-    records = train(cfg, log_epochs=True)
+    if args.stages > 1:
+        records = stages.train(cfg, args.stages, split, log_epochs=True)
+    else:
+        records = train(cfg, log_epochs=True)
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports for the data-parallel run
         return 0
     if not records:

@@ -1,0 +1,219 @@
+"""Block-parallel throughput: `train --stages 2` against the same rule in one process, the machine's two-process
+limit, and backprop's pipeline (torch.distributed.pipelining) on the same two stages.
+
+    BPFREE_DATA=/work/data PYTHONPATH=. python benchmarks/stages.py --model resnet18 --rules l-bp,sff-block,lg-fg-a
+    BPFREE_DATA=/work/data PYTHONPATH=. python benchmarks/stages.py --model vit --rules l-bp,sff-block,lg-fg-a
+
+Every process runs one thread. Per rule it times one training epoch of `--train-size` CIFAR-10 images (`seconds`
+in metrics.jsonl: the epoch's training, not start-up or evaluation):
+- one: the rule in one process;
+- pair: two independent copies of `one` started together; their summed throughput over `one`'s is this machine's
+  two-process limit (the most two processes can give, contention included);
+- staged: `--stages 2` (balanced split).
+Then bp through torch.distributed.pipelining on the staged l-bp run's split: GPipe and 1F1B, 2/4/8 micro-batches,
+the same batches (random CIFAR-shaped tensors: the schedule's speed does not depend on the values), best of them.
+Writes a JSON file and prints a markdown table. The machine may be shared: compare numbers of one invocation only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"resnet18": ["--model", "resnet18", "--width", "32"],
+          "vit": ["--model", str(ROOT / "examples" / "vit.py") + ":ViT"]}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="resnet18")
+    p.add_argument("--rules", default="l-bp,sff-block,lg-fg-a")
+    p.add_argument("--train-size", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=8, help="bp pipeline: timed steps (after one warm-up)")
+    p.add_argument("--skip-bp", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stages"))
+    return p.parse_args(argv)
+
+
+def command(args: argparse.Namespace, rule: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "bpfree", "train", "--method", rule, *MODELS[args.model], "--data", "cifar10",
+            "--train-size", str(args.train_size), "--batch-size", str(args.batch_size), "--epochs", "1",
+            "--threads", "1", "--out", str(out), *extra]
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, out: Path) -> dict:
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(proc.args)}\n{err[-2000:]}")
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def time_rule(args: argparse.Namespace, rule: str, work: Path) -> dict:
+    n = args.train_size
+    one = finish(start(command(args, rule, work / f"{rule}-one")), work / f"{rule}-one")
+    pair_procs = [start(command(args, rule, work / f"{rule}-pair{i}")) for i in range(2)]
+    pair = [finish(p, work / f"{rule}-pair{i}") for i, p in enumerate(pair_procs)]
+    staged = finish(start(command(args, rule, work / f"{rule}-staged", "--stages", "2")), work / f"{rule}-staged")
+    config = json.loads((work / f"{rule}-staged" / "config.json").read_text())
+    one_ips = n / one["seconds"]
+    limit = sum(n / r["seconds"] for r in pair) / one_ips
+    speedup = (n / staged["seconds"]) / one_ips
+    return {
+        "rule": rule, "one_images_per_s": one_ips, "pair_seconds": [r["seconds"] for r in pair],
+        "limit": limit, "staged_images_per_s": n / staged["seconds"], "speedup": speedup,
+        "share_of_limit": speedup / limit, "stage_split": config["stage_split"],
+        "stage_share_profiled": config["stage_profile"]["stage_share"],
+        "block_seconds": config["stage_profile"]["block_seconds"],
+        "stage_busy_s": [staged[f"stage{s}_busy_seconds"] for s in (0, 1)],
+        "stage_idle_s": [staged[f"stage{s}_idle_seconds"] for s in (0, 1)],
+        "stage_sent_bytes_per_step": staged["stage0_sent_bytes_per_step"],
+        "stage_peak_mb": [staged[f"stage{s}_peak_memory_mb"] for s in (0, 1)],
+        "one_peak_mb": one["peak_memory_mb"],
+    }
+
+
+# -- bp on torch.distributed.pipelining ----------------------------------------------------------------------------
+
+
+def build_model(name: str) -> torch.nn.Module:
+    from bpfree import models
+
+    if name == "resnet18":
+        return models.build("resnet18", num_classes=10, input_shape=(3, 32, 32), width=32)
+    sys.path.insert(0, str(ROOT / "examples"))
+    from vit import ViT
+
+    return ViT(10, (3, 32, 32))
+
+
+def pipeline_worker(rank: int, world: int, port: int, model_name: str, split: str, schedule: str, micro: int,
+                    batch: int, steps: int, result: str) -> None:
+    """One stage of bp's pipeline: PyTorch's own split (export), stage and schedule; SGD on the stage's
+    parameters after every batch. Rank 0 writes images/s and its activation peak to `result`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, SplitPoint, pipeline
+
+    from bpfree.memory import measured
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = build_model(model_name)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    pipe = pipeline(model, mb_args=(x[: batch // micro],), split_spec={split: SplitPoint.BEGINNING})
+    module = pipe.get_stage_module(rank)
+    stage = pipe.build_stage(rank, torch.device("cpu"))
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+    cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+    sched = cls(stage, micro, loss_fn=torch.nn.functional.cross_entropy)
+
+    def one_step() -> None:
+        optimizer.zero_grad()
+        if rank == 0:
+            sched.step(x)
+        else:
+            sched.step(target=y)
+        optimizer.step()
+
+    one_step()  # warm-up
+    _, peak = measured(one_step)
+    dist.barrier()
+    begin = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    dist.barrier()
+    seconds = time.perf_counter() - begin
+    if rank == 0:
+        Path(result).write_text(json.dumps({"images_per_s": steps * batch / seconds, "stage0_peak_mb": peak / 2**20}))
+    dist.destroy_process_group()
+
+
+def time_bp(args: argparse.Namespace, split: str, work: Path) -> list[dict]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    rows = []
+    for schedule in ("gpipe", "1f1b"):
+        for micro in (2, 4, 8):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            result = work / f"bp-{schedule}-{micro}.json"
+            try:
+                mp.start_processes(pipeline_worker, args=(2, port, args.model, split, schedule, micro,
+                                                          args.batch_size, args.steps, str(result)),
+                                   nprocs=2, start_method="spawn")
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # reported, not hidden
+                rows.append({"schedule": schedule, "micro_batches": micro, "error": str(e)})
+                continue
+            rows.append({"schedule": schedule, "micro_batches": micro, **json.loads(result.read_text())})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"model": args.model, "train_size": args.train_size, "batch_size": args.batch_size,
+                     "threads_per_process": 1, "cores": os.cpu_count(), "rules": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for rule in args.rules.split(","):
+            row = time_rule(args, rule, work)
+            results["rules"].append(row)
+            print(json.dumps(row), flush=True)
+        if not args.skip_bp:
+            split = results["rules"][0]["stage_split"][0]
+            results["bp_pipeline"] = time_bp(args, split, work)
+            print(json.dumps(results["bp_pipeline"]), flush=True)
+    (out / f"{args.model}.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+    return 0
+
+
+def table(results: dict) -> str:
+    lines = [f"{results['model']}, {results['train_size']} images, batch {results['batch_size']}, 1 thread/process",
+             "", "| rule | one process (img/s) | 2 stages (img/s) | speed-up | 2-process limit | share of limit | "
+             "stage 0 / 1 idle (s) | stage 0 / 1 peak (MiB) | one-process peak (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rules"]:
+        lines.append(f"| {r['rule']} | {r['one_images_per_s']:.1f} | {r['staged_images_per_s']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['limit']:.2f}x | {100 * r['share_of_limit']:.0f} % | "
+                     f"{r['stage_idle_s'][0]:.1f} / {r['stage_idle_s'][1]:.1f} | "
+                     f"{r['stage_peak_mb'][0]:.0f} / {r['stage_peak_mb'][1]:.0f} | {r['one_peak_mb']:.0f} |")
+    bp = [r for r in results.get("bp_pipeline", []) if "error" not in r]
+    failed = [r for r in results.get("bp_pipeline", []) if "error" in r]
+    if failed:
+        lines += ["", "bp pipeline failed: " + ", ".join(f"{r['schedule']}x{r['micro_batches']}" for r in failed)]
+    if bp:
+        best = max(bp, key=lambda r: r["images_per_s"])
+        lines += ["", "bp, torch.distributed.pipelining, same 2 stages: " + ", ".join(
+            f"{r['schedule']}x{r['micro_batches']} {r['images_per_s']:.1f} img/s" for r in bp),
+            f"best: {best['schedule']} with {best['micro_batches']} micro-batches, {best['images_per_s']:.1f} img/s, "
+            f"stage 0 peak {best['stage0_peak_mb']:.0f} MiB"]
+        for r in results["rules"]:
+            ratio = r["staged_images_per_s"] / best["images_per_s"]
+            lines.append(f"- {r['rule']} on 2 stages / bp's best pipeline: {ratio:.2f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
