@@ -195,15 +195,12 @@ def test_strip_nproc():
     assert strip_nproc(["train", "--nproc", "2", "--lr", "1", "--nproc=3"]) == ["train", "--lr", "1"]
 
 
-def test_dead_rank_stops_the_other_then_resume_continues(tmp_path, data_root):
-    out = tmp_path / "run"
-    # The recipe settings spelled out as TrainConfig's plain defaults: the run is compared with a TrainConfig run.
-    args = ["train", "--data", "mnist", "--data-root", str(data_root), "--hidden", "16", "--batch-size", "64",
-            "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--schedule", "constant",
-            "--seed", "2", "--out", str(out)]
+def kill_rank_1_after_two_epochs(args: list[str], out: Path, wait: float) -> int:
+    """Start `bpfree ARGS` on two ranks, kill -9 rank 1 once two epochs are written, check that rank 0 stops with
+    exit 4 and one line within 25 s; returns the epochs the checkpoint holds."""
     procs = start_ranks([sys.executable, "-m", "bpfree", *args, "--epochs", "100000", "--dist-timeout", "10"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 90
+    deadline = time.time() + wait
     while len(read_metrics(out / "metrics.jsonl")) < 2 and time.time() < deadline and procs[0].poll() is None:
         time.sleep(0.05)
     assert procs[0].poll() is None, procs[0].communicate()[1]
@@ -216,6 +213,16 @@ def test_dead_rank_stops_the_other_then_resume_continues(tmp_path, data_root):
     assert "bpfree: distributed:" in err and "Traceback" not in err
     done = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
     assert done >= 2
+    return done
+
+
+def test_dead_rank_stops_the_other_then_resume_continues(tmp_path, data_root):
+    out = tmp_path / "run"
+    # The recipe settings spelled out as TrainConfig's plain defaults: the run is compared with a TrainConfig run.
+    args = ["train", "--data", "mnist", "--data-root", str(data_root), "--hidden", "16", "--batch-size", "64",
+            "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--schedule", "constant",
+            "--seed", "2", "--out", str(out)]
+    done = kill_rank_1_after_two_epochs(args, out, wait=90)
 
     # Resume with the same number of ranks through the launcher; equals one uninterrupted single process.
     total = done + 2

@@ -3,15 +3,13 @@ including a user's file), a resumed staged run equals the uninterrupted one, a k
 exit 4, and what cannot be staged is refused with one line."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import ROOT, start_ranks
+from test_distributed import ROOT, kill_rank_1_after_two_epochs, start_ranks
 
 from bpfree.cli import main
 from bpfree.errors import UsageError
@@ -145,21 +143,7 @@ def test_killed_stage_stops_the_other_then_resume_continues(tmp_path, data_root)
     args = ["train", "--method", "l-bp", "--data", "mnist", "--data-root", str(data_root), "--hidden", "16,16",
             "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--schedule",
             "constant", "--seed", "2", "--out", str(out), "--stages", "2"]
-    procs = start_ranks([sys.executable, "-m", "bpfree", *args, "--epochs", "100000", "--dist-timeout", "10"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while len(read_metrics(out / "metrics.jsonl")) < 2 and time.time() < deadline and procs[0].poll() is None:
-        time.sleep(0.05)
-    assert procs[0].poll() is None, procs[0].communicate()[1]
-    procs[1].send_signal(signal.SIGKILL)
-    killed = time.time()
-    _, err = procs[0].communicate(timeout=30)
-    procs[1].wait()
-    assert procs[0].returncode == 4, err
-    assert time.time() - killed < 25
-    assert "bpfree: distributed:" in err and "Traceback" not in err
-    done = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
-    assert done >= 2
+    done = kill_rank_1_after_two_epochs(args, out, wait=120)
     total = done + 2
     assert main([*args, "--epochs", str(total), "--resume"]) == 0
     resumed = read_metrics(out / "metrics.jsonl")
