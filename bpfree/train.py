@@ -290,6 +290,7 @@ class Run:
         self.epoch = 0
         self._checked: dict[str, Any] | None = None  # rank 0: the checkpoint state checked before resuming
         self._rank_states: list[dict[str, Any]] | None = None  # data-parallel: every rank's RNG states, for rank 0
+        self.step_peak_mb: float | None = None  # the activation peak of an epoch's first step (bpfree.memory)
         try:
             resume_from = self.open_run_folder()
             self._build(data)
@@ -522,7 +523,10 @@ class Run:
                 self.estimator.shard, n = rows, rows.weight
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                if step == 0:  # the epoch's figure for peak_memory_mb (measuring slows this one step on CPU)
+                # The epoch's figure for peak_memory_mb (measuring slows this one step on CPU). Not in CPU
+                # data-parallel runs: the profiler is not run while gloo's threads move tensors (heap corruption
+                # was seen when it did, in staged runs).
+                if step == 0 and not (group.active and self.device.type == "cpu"):
                     result, self.step_peak_mb = measured_step(self.estimator, x, y)
                 else:
                     result = self.estimator.step(x, y)
@@ -586,7 +590,7 @@ class Run:
             self.epoch += 1
             record = {"epoch": self.epoch, **record, "test_error": test_error, "test_loss": test_loss,
                       "seconds": seconds, "lr": self.optimizer.param_groups[0]["lr"],
-                      "peak_memory_mb": self.step_peak_mb}
+                      **({"peak_memory_mb": self.step_peak_mb} if self.step_peak_mb is not None else {})}
             self.records.append(record)
             self._rank_states = distributed.gather_rng_states(self.group, rng_state, self.estimator.generator)
             if self.group.is_main:

@@ -164,3 +164,20 @@ def bpfree_model(name: str) -> nn.Module:
     from bpfree import models
 
     return models.build(name, num_classes=10, input_shape=(1, 28, 28))
+
+
+def test_cpu_data_parallel_runs_measure_no_step_and_the_report_measures_apart(tmp_path, capfd) -> None:
+    """The profiler is not run inside a gloo step; --memory-report then measures the rule in one process."""
+    import json
+
+    from bpfree.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--method", "l-bp", "--model", "mlp", "--hidden", "512,512", "--data", "digits",
+                 "--epochs", "1", "--train-size", "128", "--batch-size", "32", "--lr", "0.01", "--threads", "1",
+                 "--nproc", "2", "--out", str(out), "--memory-report"])  # fmt: skip
+    assert code == 0
+    summary = json.loads(capfd.readouterr().out.strip().splitlines()[-1])  # rank 0's line (a launched process)
+    assert summary["peak_memory_mb"] > 0 and summary["bp_peak_memory_mb"] > 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records and all("peak_memory_mb" not in r for r in records)

@@ -270,14 +270,20 @@ def memory_report(cfg: TrainConfig, records: list[dict[str, Any]]) -> dict[str, 
     from bpfree.memory import measured_step
     from bpfree.train import load_data
 
-    torch.manual_seed(cfg.seed)
     data = load_data(cfg)
-    model = models.build(cfg.model, num_classes=data.num_classes, input_shape=data.input_shape,
-                         **cfg.model_options).to(cfg.device)  # fmt: skip
-    bp = methods.build("bp", model, seed=cfg.seed)
     x, y = next(iter(data.train_batches(cfg.batch_size, torch.Generator().manual_seed(0))))
-    bp_mb = measured_step(bp, x.to(cfg.device), y.to(cfg.device))[1]
-    rule_mb = max(r["peak_memory_mb"] for r in records)
+    x, y = x.to(cfg.device), y.to(cfg.device)
+
+    def fresh_peak(method: str, **options: Any) -> float:
+        torch.manual_seed(cfg.seed)
+        model = models.build(cfg.model, num_classes=data.num_classes, input_shape=data.input_shape,
+                             **cfg.model_options).to(cfg.device)  # fmt: skip
+        return measured_step(methods.build(method, model, seed=cfg.seed, blocks=cfg.blocks, **options), x, y)[1]
+
+    bp_mb = fresh_peak("bp")
+    measured = [r["peak_memory_mb"] for r in records if "peak_memory_mb" in r]
+    # CPU data-parallel runs measure no step during training: the rule is measured here, in one process.
+    rule_mb = max(measured) if measured else fresh_peak(cfg.method, **cfg.method_options)
     print(f"activation peak per step: {cfg.method} {rule_mb:.1f} MiB, bp {bp_mb:.1f} MiB on the same model and "
           f"batch ({rule_mb / bp_mb:.2f}x bp)", file=sys.stderr)
     return {"peak_memory_mb": round(rule_mb, 1), "bp_peak_memory_mb": round(bp_mb, 1),
