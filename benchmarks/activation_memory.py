@@ -1,7 +1,7 @@
 """Activation memory of every rule against backprop, as the model gets deeper or wider.
 
 For each model and rule: the activation memory of one training step, the part of its peak that grows with the
-batch (`bpfree.memory`: CPU profiler accounting of every tensor allocation, exact and deterministic; on CUDA the
+batch (`bpfree.core.memory`: CPU profiler accounting of every tensor allocation, exact and deterministic; on CUDA the
 allocator's peak; the peak at 2 x batch less the peak at batch, each on the first step of a fresh estimator, so
 buffers it keeps between steps count).
 From the growth per block, the deepest plain conv net each rule could train in a memory budget at batch 256 (a
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bpfree import methods, models
-from bpfree.memory import activation_peak
+from bpfree.core.memory import activation_peak
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from vit import ViT  # noqa: E402

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
 from bpfree.methods import build as build_method
 from bpfree.models import build as build_model
 

@@ -3,7 +3,7 @@
     python benchmarks/compare_setup_check.py configs/mnist-localmixer-m1-16.json
 
 Plans the comparison of the given config file exactly as `bpfree compare --config FILE` does, loads its data, and
-times `bpfree.compare.dry_run` once per method (1 thread). Prints one line per method and the total.
+times `bpfree.lab.compare.dry_run` once per method (1 thread). Prints one line per method and the total.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from bpfree import data as datasets
 from bpfree.cli import make_parser
 from bpfree.commands.compare import plan
-from bpfree.compare import dry_run
+from bpfree.lab.compare import dry_run
 
 
 def main() -> None:

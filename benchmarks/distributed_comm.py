@@ -5,7 +5,7 @@
 Starts NPROC local ranks through torch.distributed.run (gloo), trains one short epoch of each method on the same
 MLP, and prints (rank 0) a markdown table of `comm_bytes_per_step` (payload bytes each rank all-reduces per step,
 read from metrics.jsonl) and step time; then times one flattened all-reduce of a full gradient against one
-all-reduce per parameter tensor and against ~4 MB buckets (the choice made in bpfree.distributed).
+all-reduce per parameter tensor and against ~4 MB buckets (the choice made in bpfree.training.distributed).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from bpfree import models
-    from bpfree.distributed import Group
-    from bpfree.train import Run, TrainConfig
+    from bpfree.training.distributed import Group
+    from bpfree.training.train import Run, TrainConfig
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

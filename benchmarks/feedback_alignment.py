@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree import methods, models
-from bpfree import tangents as T
+from bpfree.core import tangents as T
 
 RESULTS = Path(__file__).parent / "results"
 

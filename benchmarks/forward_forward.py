@@ -111,7 +111,7 @@ class _Held:
 
 def load_data(spec: dict[str, Any]):
     from bpfree import data as datasets
-    from bpfree.transfer import per_class
+    from bpfree.training.transfer import per_class
 
     data = datasets.load("cifar10", spec["data_root"], None, spec["augment"])
     if spec.get("classes"):
@@ -129,8 +129,8 @@ def load_data(spec: dict[str, Any]):
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one (model, method) with the library's trainer and measure it."""
-    from bpfree.train import Run, TrainConfig
-    from bpfree.transfer import load_backbone
+    from bpfree.training.train import Run, TrainConfig
+    from bpfree.training.transfer import load_backbone
 
     torch.set_num_threads(spec["threads"])
     data = load_data(spec)

@@ -1,6 +1,6 @@
 """Reproduce Ren et al. 2022 (Table 3) rows with LocalMixer, and time LG-FG-A against BP.
 
-Suites (each method trained with the ordinary trainer, `bpfree.train`, so every number has a CLI equivalent):
+Suites (each method trained with the ordinary trainer, `bpfree.training.train`, so every number has a CLI equivalent):
   mnist-m    MNIST, localmixer-m1-16: bp, l-bp, lg-bp, fg-w, fg-a, lg-fg-w, lg-fg-a
   mnist-s    MNIST, localmixer-s1-1: bp, fg-a (lg-* equal the non-LG methods with one patch and one group)
   cifar      CIFAR-10, localmixer-m8-16: bp, l-bp, lg-bp, fg-w, fg-a, lg-fg-w, lg-fg-a at one epoch budget
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bpfree import methods, models
-from bpfree.train import TrainConfig, train
+from bpfree.training.train import TrainConfig, train
 
 PAPER = {  # test error %, Table 3 of the paper (submission version)
     "mnist-m": {"bp": 2.41, "l-bp": 2.16, "lg-bp": 2.81, "fg-w": 8.56, "fg-a": 3.76, "lg-fg-w": 5.66, "lg-fg-a": 2.55},

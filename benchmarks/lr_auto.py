@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from lr_suite import SUITE  # noqa: E402
 
 from bpfree.cli import main  # noqa: E402
-from bpfree.lrfind import GRID  # noqa: E402
+from bpfree.training.lrfind import GRID  # noqa: E402
 
 RULES = ("bp", "fa", "sff-block", "l-bp", "dfa", "fdfa", "lg-fg-a", "fg-a")
 

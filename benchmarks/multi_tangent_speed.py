@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree import tangents as T
+from bpfree.core import tangents as T
 from bpfree.methods import build as build_method
 from bpfree.models import build as build_model
 

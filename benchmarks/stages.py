@@ -110,7 +110,7 @@ def pipeline_worker(rank: int, world: int, port: int, model_name: str, split: st
     import torch.distributed as dist
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, SplitPoint, pipeline
 
-    from bpfree.memory import measured
+    from bpfree.core.memory import measured
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)

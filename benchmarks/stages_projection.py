@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from bpfree.stages import balanced_starts
+from bpfree.training.stages import balanced_starts
 
 LINKS = {"10 GbE": 1.25e9, "100 GbE": 12.5e9, "PCIe 4 x16": 25e9, "NVLink 4": 450e9}  # bytes per second
 
@@ -25,7 +25,7 @@ def block_bytes(model: str, batch: int) -> list[int]:
     """Bytes of each block's output for one batch (float32), from the model's anatomy."""
     import torch
 
-    from bpfree.anatomy import describe
+    from bpfree.core.anatomy import describe
 
     sys.path.insert(0, str(Path(__file__).parent))
     from stages import build_model  # benchmarks/stages.py

@@ -1,5 +1,5 @@
 #!/bin/sh
-# The validation sweeps behind the "validated" entries of bpfree/recipes.py (docs/tuning.md). One process, one
+# The validation sweeps behind the "validated" entries of bpfree/training/recipes.py (docs/tuning.md). One process, one
 # thread, short budgets: MNIST, 5000 training examples held out for validation, the first 10000 of the rest for
 # training, 3 epochs, cosine schedule. Rerunning skips finished runs, so a widened grid trains only its new points
 # (fg-a on mlp and l-fa / lg-fa on the LocalMixer were widened where their first choice sat at the grid's edge).

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
-from bpfree.errors import DistributedError, DivergedError, Terminated, UsageError
-from bpfree.runfolder import describe_os_error, first_line
+from bpfree.core.errors import DistributedError, DivergedError, Terminated, UsageError
+from bpfree.training.runfolder import describe_os_error, first_line
 
 # name -> (module, one-line help). A new subcommand is one line here.
 SUBCOMMANDS = {

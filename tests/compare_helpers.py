@@ -11,10 +11,10 @@ import time
 
 import torch
 
+from bpfree.core.registry import Option
 from bpfree.methods import METHODS
 from bpfree.methods.base import StepResult
 from bpfree.methods.bp import Backprop
-from bpfree.registry import Option
 
 NAME = "test-slow-bp"
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bpfree.distributed import BUCKET, Group
-from bpfree.errors import UsageError
-from bpfree.train import Run, TrainConfig
+from bpfree.core.errors import UsageError
+from bpfree.training.distributed import BUCKET, Group
+from bpfree.training.train import Run, TrainConfig
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bpfree.errors import UsageError
-from bpfree.stages import StagedRun
-from bpfree.train import TrainConfig
+from bpfree.core.errors import UsageError
+from bpfree.training.stages import StagedRun
+from bpfree.training.train import TrainConfig
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from bpfree import methods, models
-from bpfree.anatomy import boundaries, describe, pool, positions_last
-from bpfree.errors import UsageError
-from bpfree.matrix import ResidualCNN, TinyViT  # noqa: F401  (other tests import them from here)
+from bpfree.core.anatomy import boundaries, describe, pool, positions_last
+from bpfree.core.errors import UsageError
+from bpfree.lab.matrix import ResidualCNN, TinyViT  # noqa: F401  (other tests import them from here)
 
 
 def test_sequential_blocks_group_each_layer_with_what_follows():

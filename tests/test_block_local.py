@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from test_anatomy import ResidualCNN, TinyViT
 
-from bpfree import tangents as T
-from bpfree.errors import UsageError
+from bpfree.core import tangents as T
+from bpfree.core.errors import UsageError
 from bpfree.methods import build as build_method
 from bpfree.models import build
 

@@ -17,8 +17,8 @@ import pytest
 
 from bpfree import methods
 from bpfree.cli import main
-from bpfree.errors import UsageError
-from bpfree.train import read_metrics
+from bpfree.core.errors import UsageError
+from bpfree.training.train import read_metrics
 
 SLOW = compare_helpers.NAME
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from bpfree.core.errors import UsageError
 from bpfree.data import load
 from bpfree.data.datasets import MNIST_FILES, random_crop_flip, select_classes
 from bpfree.data.files import read_cifar_batch, read_idx
-from bpfree.errors import UsageError
 
 
 def write_idx(path, array, magic=None, truncate=0):

@@ -16,8 +16,8 @@ import torch
 
 from bpfree import methods, models
 from bpfree.cli import main
-from bpfree.distributed import LOCAL, Group, Shard, strip_nproc
-from bpfree.train import TrainConfig, read_metrics, train
+from bpfree.training.distributed import LOCAL, Group, Shard, strip_nproc
+from bpfree.training.train import TrainConfig, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
 from bpfree.methods import build
 from bpfree.models import build as build_model
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from test_anatomy import ResidualCNN, TinyViT
 from torch import nn
 
-from bpfree.anatomy import boundaries
-from bpfree.attention import attention_forward
+from bpfree.core.anatomy import boundaries
+from bpfree.core.attention import attention_forward
 from bpfree.methods import build
 
 torch.set_num_threads(1)
@@ -166,14 +166,14 @@ def test_tangent_friendly_layers_change_nothing_but_speed(train: bool, monkeypat
 
     import torch.autograd.forward_ad as fwad
 
-    from bpfree.forward_mode import tangent_friendly
+    from bpfree.core.forward_mode import tangent_friendly
 
     torch.manual_seed(0)
     a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                       nn.Conv2d(4, 4, 3, padding="same", dilation=2),
                       nn.Conv2d(4, 4, 3, stride=2, padding="valid"), nn.Flatten(2, 3), nn.Conv1d(4, 2, 3),
                       nn.BatchNorm1d(2)).double().train(train)  # fmt: skip
-    from bpfree.forward_mode import _Conv
+    from bpfree.core.forward_mode import _Conv
 
     calls = []
     forward = _Conv.forward

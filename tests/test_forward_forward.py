@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
 from bpfree.methods import build as build_method
 from bpfree.models import build as build_model
 from bpfree.models.ff_mlp import length_normalise
-from bpfree.transfer import load_backbone, per_class_indices
+from bpfree.training.transfer import load_backbone, per_class_indices
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -435,7 +435,7 @@ def test_per_class_indices_are_balanced():
 
 
 def test_trainer_classes_and_init_from(tmp_path):
-    from bpfree.train import TrainConfig, train
+    from bpfree.training.train import TrainConfig, train
 
     common = dict(method="sff-block", model="resnet18", data="digits", epochs=1, batch_size=50, train_size=100,
                   optimizer="adam", lr=1e-3, model_options={"width": 4})
@@ -443,7 +443,7 @@ def test_trainer_classes_and_init_from(tmp_path):
     train(first, show_progress=False)
     second = TrainConfig(**common, classes=(5, 6, 7, 8, 9), init_from=str(tmp_path / "pre" / "checkpoint.pt"),
                          out=str(tmp_path / "fine"))
-    from bpfree.train import Run
+    from bpfree.training.train import Run
 
     run = Run(second, show_progress=False)
     assert run.data.num_classes == 5 and set(run.data.train_y.tolist()) <= set(range(5))

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree import tangents as T
-from bpfree.errors import UsageError
+from bpfree.core import tangents as T
+from bpfree.core.errors import UsageError
 from bpfree.methods import build
 from bpfree.methods.forward_gradient import ForwardGradientActivity
 
@@ -189,7 +189,7 @@ def test_bad_options_raise_usage_error(options: dict) -> None:
         ForwardGradientActivity(_mlp(), tangents=-1)
 
 
-# ------------------------------------------------------------------------------------------ bpfree.tangents
+# ------------------------------------------------------------------------------------------ bpfree.core.tangents
 
 
 def _projection(V: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ def test_a_diverged_model_is_not_a_readout_error(method: str) -> None:
 def test_batch_norm_parameter_gradients_without_a_second_forward(train: bool) -> None:
     """layer_param_grads on a batch norm: autograd's gradients of γ and β, batch or running statistics as the module
     itself would use, and the running statistics left untouched."""
-    from bpfree.forward_mode import layer_param_grads
+    from bpfree.core.forward_mode import layer_param_grads
 
     torch.manual_seed(0)
     for bn in (torch.nn.BatchNorm2d(3), torch.nn.BatchNorm1d(3)):

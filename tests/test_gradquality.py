@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bpfree.cli import main
-from bpfree.gradquality import gradient_quality
+from bpfree.lab.gradquality import gradient_quality
 
 
 def test_gradient_quality_rows() -> None:

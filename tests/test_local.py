@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
 from bpfree.losses import augment, local_loss_grid, nt_xent
 from bpfree.methods import build as build_method
 from bpfree.models import build, count_parameters
@@ -362,7 +362,7 @@ def test_contrastive_objective_steps_and_checks_heads():
 
 def test_lg_fg_a_learns_digits_through_the_trainer(tmp_path):
     """End to end through the ordinary trainer: well below chance (90 % error) after a few epochs."""
-    from bpfree.train import TrainConfig, train
+    from bpfree.training.train import TrainConfig, train
 
     torch.set_default_dtype(torch.float32)
     try:
@@ -459,7 +459,7 @@ def test_global_fg_a_orthogonal_with_all_directions_is_exact():
 def test_lr_multipliers_give_param_groups_kept_by_the_schedule_and_resume(tmp_path):
     """--head-lr-mult / --readout-lr-mult: their own optimizer groups at multiplier x lr; the cosine schedule keeps
     the ratios; a resumed run equals the uninterrupted one."""
-    from bpfree.train import Run, TrainConfig, train
+    from bpfree.training.train import Run, TrainConfig, train
 
     torch.set_default_dtype(torch.float32)
     try:
@@ -525,7 +525,7 @@ def test_l_bp_on_a_block_model_is_blockwise_backprop_with_local_heads():
 
 
 def test_l_bp_on_a_block_model_trains_through_the_trainer_and_resumes(tmp_path):
-    from bpfree.train import TrainConfig, train
+    from bpfree.training.train import TrainConfig, train
 
     torch.set_default_dtype(torch.float32)
     try:

@@ -1,4 +1,4 @@
-"""The learning-rate finder (bpfree/lrfind.py), `bpfree lr-find` and `--lr auto`: the choice is deterministic,
+"""The learning-rate finder (bpfree/training/lrfind.py), `bpfree lr-find` and `--lr auto`: the choice is deterministic,
 uses no test example, fits its budget, survives diverging grid points, and a resumed run reuses it.
 
 All on the offline digits data set (or a tiny numbered data set) with tiny models and a few steps.
@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from bpfree import lrfind, recipes
 from bpfree.cli import main
 from bpfree.data import TensorData
-from bpfree.train import TrainConfig, lr_origin
+from bpfree.training import lrfind, recipes
+from bpfree.training.train import TrainConfig, lr_origin
 
 TINY = ["--model", "mlp", "--hidden", "16", "--data", "digits", "--threads", "1"]
 USER = ["--model", "examples/lr_suite.py:LayerNormMLP", "--data", "digits", "--threads", "1"]  # no recipe entry
@@ -196,7 +196,7 @@ def test_nothing_to_probe_on_is_the_rules_prior_not_an_error():
 
 
 def test_a_folder_in_use_is_refused_before_probing(tmp_path, monkeypatch, capsys):
-    from bpfree.runfolder import RunLock
+    from bpfree.training.runfolder import RunLock
 
     def no_probe(*a, **k):
         raise AssertionError("probed a folder in use")

@@ -1,12 +1,12 @@
-"""Every registered method x every kind of model (bpfree.matrix): each cell lowers its own objective on one small
+"""Every registered method x every kind of model (bpfree.lab.matrix): each cell lowers its own objective on one small
 fixed batch in a few Adam steps, or is a documented undefined case whose UsageError is one line."""
 
 from __future__ import annotations
 
 import pytest
 
-from bpfree import matrix
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
+from bpfree.lab import matrix
 from bpfree.methods import METHODS
 
 

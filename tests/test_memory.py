@@ -1,4 +1,4 @@
-"""Activation memory (bpfree.memory): flat in depth for the local rules and the recomputing rules, and
+"""Activation memory (bpfree.core.memory): flat in depth for the local rules and the recomputing rules, and
 recomputation changes nothing but memory."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bpfree import methods
-from bpfree.memory import activation_peak
+from bpfree.core.memory import activation_peak
 
 CHANNELS, BATCH = 8, 16
 
@@ -149,7 +149,7 @@ def test_train_reports_the_activation_peak_beside_bp(tmp_path, capsys) -> None:
 
 
 def test_a_fast_path_refuses_recompute_it_cannot_honour() -> None:
-    from bpfree.errors import UsageError
+    from bpfree.core.errors import UsageError
     from bpfree.methods import FAST_PATH_REFUSES, METHODS
 
     model = bpfree_model("localmixer-m1-16")

@@ -18,11 +18,11 @@ import pytest
 import signal_hooks
 import torch
 
-from bpfree import runfolder
 from bpfree.cli import main, out_of_memory
-from bpfree.errors import DivergedError, Terminated, UsageError
-from bpfree.runfolder import LOCK, RunLock, append_line, read_metrics
-from bpfree.train import TrainConfig, train
+from bpfree.core.errors import DivergedError, Terminated, UsageError
+from bpfree.training import runfolder
+from bpfree.training.runfolder import LOCK, RunLock, append_line, read_metrics
+from bpfree.training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = Path(__file__).with_name("signal_hooks.py")
@@ -83,7 +83,7 @@ def test_second_run_on_the_same_folder_fails_at_once_naming_the_holder(tmp_path,
 
 def test_lock_is_released_by_the_kernel_when_its_holder_is_killed(tmp_path, capsys):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bpfree.runfolder import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bpfree.training.runfolder import RunLock; "
                                "lock = RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)",
                                str(out)], env=ENV, stdout=subprocess.PIPE, text=True)
     try:

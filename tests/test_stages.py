@@ -1,4 +1,4 @@
-"""`train --stages S` (bpfree/stages.py): two stages train exactly as one process (every staged rule, three models
+"""`train --stages S` (training/stages.py): two stages train exactly as one process (every staged rule, three models
 including a user's file), a resumed staged run equals the uninterrupted one, a killed stage stops the other with
 exit 4, and what cannot be staged is refused with one line."""
 
@@ -12,9 +12,9 @@ import torch
 from test_distributed import ROOT, kill_rank_1_after_two_epochs, start_ranks
 
 from bpfree.cli import main
-from bpfree.errors import UsageError
-from bpfree.stages import STAGED_RULES, balanced_starts, check_stages
-from bpfree.train import TrainConfig, read_metrics, train
+from bpfree.core.errors import UsageError
+from bpfree.training.stages import STAGED_RULES, balanced_starts, check_stages
+from bpfree.training.train import TrainConfig, read_metrics, train
 
 WORKER = Path(__file__).with_name("stage_worker.py")
 VIT = f"{ROOT / 'examples' / 'vit.py'}:ViT"
@@ -174,7 +174,7 @@ class Skip(torch.nn.Module):
 
 def test_a_split_the_forward_carries_other_values_across_is_refused():
     from bpfree.methods import build
-    from bpfree.stages import ownership
+    from bpfree.training.stages import ownership
 
     est = build("l-bp", Skip(), blocks=("a", "b", "c"))
     owners = ownership(est, [0, 1])  # the skip starts at block a's output, which stage 2 receives: fine

@@ -12,9 +12,9 @@ import torch
 
 from bpfree import methods, models
 from bpfree.cli import main
-from bpfree.errors import DivergedError
-from bpfree.results import load_run
-from bpfree.train import TrainConfig, read_metrics, train
+from bpfree.core.errors import DivergedError
+from bpfree.lab.results import load_run
+from bpfree.training.train import TrainConfig, read_metrics, train
 
 COMPARED = ("epoch", "train_loss", "train_error", "test_error", "test_loss", "lr")
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bpfree import recipes
 from bpfree.cli import main
 from bpfree.commands.sweep import Point, choose, nothing_chosen
 from bpfree.data import TensorData
-from bpfree.results import RunResult
-from bpfree.train import TrainConfig, load_data, read_metrics
+from bpfree.lab.results import RunResult
+from bpfree.training import recipes
+from bpfree.training.train import TrainConfig, load_data, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "mlp", "--hidden", "16", "--data", "digits", "--threads", "1"]  # no recipe flags
@@ -68,7 +68,7 @@ def test_split_is_the_same_across_seeds_train_sizes_and_processes():
     data = load_data(TrainConfig(**base, train_size=100))
     assert data.num_train == 100 and data.num_val == 200
     assert set(map(bytes, data.val_x.numpy())).isdisjoint(set(map(bytes, data.train_x.numpy())))
-    code = ("from bpfree.train import TrainConfig; import tests.test_tuning as t; "
+    code = ("from bpfree.training.train import TrainConfig; import tests.test_tuning as t; "
             "print(t.val_digest(TrainConfig(data='digits', val_split=200, seed=3)))")
     other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert other.stdout.strip() == digest

@@ -9,7 +9,7 @@ import pytest
 
 from bpfree import methods, models
 from bpfree.cli import main
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
 
 MODEL_FILE = '''
 import torch

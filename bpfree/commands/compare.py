@@ -15,21 +15,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bpfree import methods, models, recipes
-from bpfree.checks import output_folder
+from bpfree import methods, models
 from bpfree.commands.train import add_training_arguments, config_from_args, set_threads
-from bpfree.compare import run_all, run_folder
-from bpfree.errors import UsageError
-from bpfree.results import load_run, write_report
-from bpfree.runfolder import RunLock, parse_json
-from bpfree.train import OPTIMIZERS, SCHEDULES, TrainConfig
+from bpfree.core.errors import UsageError
+from bpfree.lab.compare import run_all, run_folder
+from bpfree.lab.results import load_run, write_report
+from bpfree.training import recipes
+from bpfree.training.checks import output_folder
+from bpfree.training.runfolder import RunLock, parse_json
+from bpfree.training.train import OPTIMIZERS, SCHEDULES, TrainConfig
 
 METHOD_OPTIONS_RULE = (
     "Method options (--tangents, ...) go to every compared method that declares them; methods that do not declare "
     "an option train without it, with their own defaults. METHOD=VALUE pairs give per-method values, like --lr: "
     "--tangents fg-a=4,lg-fg-a=16. The recipe settings (--lr, --optimizer, --momentum, --weight-decay, --schedule, "
     "--warmup-epochs, --batch-size) take METHOD=VALUE pairs too; a setting not given comes from each method's recipe "
-    "(bpfree/recipes.py). An option that none of the compared methods declares is an error. "
+    "(bpfree/training/recipes.py). An option that none of the compared methods declares is an error. "
     "Rerunning the same command skips finished runs, resumes unfinished ones from their checkpoints and does not "
     "retry diverged ones unless their settings change (they would diverge again); a finished or unfinished run "
     "folder trained with other settings is refused, except "
@@ -92,7 +93,7 @@ def typed(where: str, key: str, raw: Any) -> Any:
     """One recipe setting (`key`) as its type and checked (a config file may give numbers as numbers)."""
     kind, choices = type(recipes.BASE[key]), RECIPE_CHOICES.get(key)
     if key == "lr" and isinstance(raw, str) and raw.strip().lower() == "auto":
-        return "auto"  # the lr finder chooses per method (bpfree/lrfind.py)
+        return "auto"  # the lr finder chooses per method (bpfree/training/lrfind.py)
     try:
         if isinstance(raw, bool) or (kind is not str and not isinstance(raw, (str, int, float))):
             raise ValueError

@@ -8,10 +8,10 @@ import torch
 
 from bpfree import data as datasets
 from bpfree import methods, models
-from bpfree.checks import check_device, check_seed, output_folder
 from bpfree.commands.train import DATA_HELP, add_entry_options, document_blocks_flag, model_options, set_threads
-from bpfree.errors import UsageError
-from bpfree.gradquality import gradient_quality, markdown_table, write_report
+from bpfree.core.errors import UsageError
+from bpfree.lab.gradquality import gradient_quality, markdown_table, write_report
+from bpfree.training.checks import check_device, check_seed, output_folder
 
 
 def _list(text: str, kind: type, flag: str) -> list:

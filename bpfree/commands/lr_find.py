@@ -12,9 +12,10 @@ import argparse
 import math
 from pathlib import Path
 
-from bpfree import lrfind, models
+from bpfree import models
 from bpfree.commands.train import DEFAULTS, add_training_arguments, config_from_args, set_threads
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
+from bpfree.training import lrfind
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

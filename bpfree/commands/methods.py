@@ -1,5 +1,5 @@
 """`bpfree methods`: every registered learning rule with a one-line description, its options and its paper;
-`--matrix`: which rule runs on which kind of model (`bpfree.matrix`)."""
+`--matrix`: which rule runs on which kind of model (`bpfree.lab.matrix`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.matrix:
-        from bpfree import matrix
+        from bpfree.lab import matrix
 
         torch.set_num_threads(1)
         print(matrix.table())

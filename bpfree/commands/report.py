@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bpfree.errors import UsageError
-from bpfree.results import find_runs, group_runs, write_report
+from bpfree.core.errors import UsageError
+from bpfree.lab.results import find_runs, group_runs, write_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

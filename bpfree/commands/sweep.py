@@ -17,15 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bpfree import recipes
-from bpfree.checks import output_folder
 from bpfree.commands import compare
 from bpfree.commands.train import set_threads
-from bpfree.compare import run_all
-from bpfree.errors import UsageError
-from bpfree.results import RunResult, load_run
-from bpfree.runfolder import RunLock
-from bpfree.train import TrainConfig, load_data
+from bpfree.core.errors import UsageError
+from bpfree.lab.compare import run_all
+from bpfree.lab.results import RunResult, load_run
+from bpfree.training import recipes
+from bpfree.training.checks import output_folder
+from bpfree.training.runfolder import RunLock
+from bpfree.training.train import TrainConfig, load_data
 
 GRID_RULE = (
     "Grid: the recipe settings (--lr, --optimizer, --momentum, --weight-decay, --schedule, --warmup-epochs, "

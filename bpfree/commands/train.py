@@ -11,14 +11,15 @@ from typing import Any
 
 import torch
 
-from bpfree import distributed, methods, models, recipes, stages
-from bpfree.checks import check_nproc, check_threads
-from bpfree.errors import UsageError
-from bpfree.registry import Registry
-from bpfree.train import OPTIMIZERS, TrainConfig, train
+from bpfree import methods, models
+from bpfree.core.errors import UsageError
+from bpfree.core.registry import Registry
+from bpfree.training import distributed, recipes, stages
+from bpfree.training.checks import check_nproc, check_threads
+from bpfree.training.train import OPTIMIZERS, TrainConfig, train
 
 DEFAULTS = TrainConfig()
-FROM_RECIPE = "default: from the method's recipe for the model, see bpfree/recipes.py"
+FROM_RECIPE = "default: from the method's recipe for the model, see bpfree/training/recipes.py"
 DATA_HELP = ("digits, mnist, fashion-mnist, cifar10 or imagefolder:PATH (PATH/train/CLASS/* and PATH/val/CLASS/*, "
              "the same class folders in both, each with images; an image that cannot be decoded stops the run "
              "with its file name, exit code 2)")
@@ -96,7 +97,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True)
     parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                         help="start from the backbone of a trained run's checkpoint.pt (new classifier heads)")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    # The recipe settings parse to None unless given: what is not given comes from the recipe (bpfree/recipes.py).
+    # The recipe settings parse to None unless given: what is not given comes from the recipe (training/recipes.py).
     parser.add_argument("--batch-size", type=int, default=None, help=f"examples per step ({FROM_RECIPE})")
     parser.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help=f"torch.optim optimizer ({FROM_RECIPE})")
     if single:
@@ -267,8 +268,8 @@ def run(args: argparse.Namespace) -> int:
 
 def memory_report(cfg: TrainConfig, records: list[dict[str, Any]]) -> dict[str, float]:
     """The rule's activation peak per step beside bp's on a fresh copy of the model and the first batch (MiB)."""
-    from bpfree.memory import measured_step
-    from bpfree.train import load_data
+    from bpfree.core.memory import measured_step
+    from bpfree.training.train import load_data
 
     data = load_data(cfg)
     x, y = next(iter(data.train_batches(cfg.batch_size, torch.Generator().manual_seed(0))))

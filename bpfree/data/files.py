@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
 
 IDX_MAGIC = {2049: 1, 2051: 3}  # labels: 1-d, images: 3-d
 IDX_KIND = {1: "labels", 3: "images"}

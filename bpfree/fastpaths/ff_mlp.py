@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
 from bpfree.methods import register_fast_path
 from bpfree.methods.base import Estimator, StepResult, add_grads, zero_missing_grads
 from bpfree.methods.forward_forward import goodness_logits, pair_loss, wrong_labels

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bpfree.anatomy import uniform_like
-from bpfree.errors import UsageError
+from bpfree.core.anatomy import uniform_like
+from bpfree.core.errors import UsageError
 from bpfree.fastpaths.localmixer_local import LocalBP, LocalGroupBP, contrastive_backprop_step
 from bpfree.methods import register_fast_path
 from bpfree.methods.base import StepResult

@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree import tangents as T
-from bpfree.distributed import Group
-from bpfree.errors import UsageError
+from bpfree.core import tangents as T
+from bpfree.core.errors import UsageError
 from bpfree.losses import LossGrid, augment, local_loss_grid, nt_xent
 from bpfree.methods import forward_gradient as FG
 from bpfree.methods import register_fast_path
@@ -51,6 +50,7 @@ from bpfree.models.localmixer import (
     unit_params,
     unit_weight_grads,
 )
+from bpfree.training.distributed import Group
 
 # ---------------------------------------------------------------------------------------------------------------
 # Forward-mode machinery on a traced block

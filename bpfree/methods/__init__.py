@@ -1,6 +1,6 @@
 """Learning rules. Each module registers its methods in `METHODS`; `build` makes an estimator by name.
 
-Generic rules read the model through its anatomy (`bpfree.anatomy`). A model-specific fast path for a (method,
+Generic rules read the model through its anatomy (`bpfree.core.anatomy`). A model-specific fast path for a (method,
 model class) pair is an estimator factory registered with `register_fast_path` by a module that knows the model;
 `build` prefers it, so no generic method file imports a model.
 """
@@ -12,11 +12,11 @@ from typing import Any
 
 from torch import nn
 
-from bpfree.anatomy import check_block_names
-from bpfree.checks import check_forward_mode_can_train
-from bpfree.errors import UsageError
+from bpfree.core.anatomy import check_block_names
+from bpfree.core.errors import UsageError
+from bpfree.core.registry import Registry
 from bpfree.methods.base import Estimator, StepResult
-from bpfree.registry import Registry
+from bpfree.training.checks import check_forward_mode_can_train
 
 METHODS = Registry("method")
 # Rules whose weight gradients come from forward-mode tangents, which pass through torch.no_grad().
@@ -70,7 +70,7 @@ def build(
     """The estimator `name` for `model`, options type-checked and defaults filled.
 
     `blocks` names the submodules whose outputs are the local-learning boundaries (default: found by
-    `bpfree.anatomy.describe`).
+    `bpfree.core.anatomy.describe`).
     """
     resolved = METHODS.resolve_options(name, options)
     _check_fast_path_options(name, model, resolved)

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.anatomy import Anatomy, describe
-from bpfree.distributed import LOCAL, Group, Shard
-from bpfree.registry import Option
+from bpfree.core.anatomy import Anatomy, describe
+from bpfree.core.registry import Option
+from bpfree.training.distributed import LOCAL, Group, Shard
 
 #: Shared by the rules that can trade one more forward pass for memory (dfa, fdfa, fg-a).
 RECOMPUTE = Option(

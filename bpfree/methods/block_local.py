@@ -1,5 +1,5 @@
 """Local losses on any model with blocks (Ren, Kornblith, Liao, Hinton 2022): l-bp, l-fa, lg-bp, lg-fa, lg-fg-a,
-lg-fg-w, read through the model's anatomy (`bpfree.anatomy`).
+lg-fg-w, read through the model's anatomy (`bpfree.core.anatomy`).
 
 Every block output gets a local head owned by the estimator (pool -> Linear to the classes, sized from the anatomy's
 probe pass; the model stays the plain network that `bp` trains) and the block is trained by that head's
@@ -39,8 +39,8 @@ import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree import tangents as T
-from bpfree.anatomy import (
+from bpfree.core import tangents as T
+from bpfree.core.anatomy import (
     Anatomy,
     boundaries,
     eval_mode,
@@ -50,9 +50,10 @@ from bpfree.anatomy import (
     positions_last,
     uniform_like,
 )
-from bpfree.attention import math_attention
-from bpfree.errors import UsageError
-from bpfree.forward_mode import renew_dual_level
+from bpfree.core.attention import math_attention
+from bpfree.core.errors import UsageError
+from bpfree.core.forward_mode import renew_dual_level
+from bpfree.core.registry import Option
 from bpfree.losses import local_loss_grid
 from bpfree.methods import METHODS
 from bpfree.methods.base import (
@@ -70,7 +71,6 @@ from bpfree.methods.feedback_alignment import (
     fa_weights,
     feedback_layers,
 )
-from bpfree.registry import Option
 
 PAPER = "Ren, Kornblith, Liao, Hinton 2022 (arXiv 2210.03310)"
 PAPER_LFA = "Ren, Kornblith, Liao, Hinton 2022 (arXiv 2210.03310), FA under their local losses"

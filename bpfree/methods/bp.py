@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
+from bpfree.core.registry import Option
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult, set_grads
-from bpfree.registry import Option
 
 OPTIONS = {
     "objective": Option(

@@ -15,7 +15,7 @@ All three replace the backward pass of backprop by random or learned feedback:
   B_l ← (1−λ)B_l + λ·mean_batch(ẏ u_lᵀ), starting from zero. The weight signal e·B_l uses B_l from before this
   step's update by default, as the public code does (`--feedback-timing`). See docs/feedback_alignment.md.
 
-DFA and FDFA use the model's blocks (`bpfree.anatomy`): one ordinary forward pass of the model in which every block
+DFA and FDFA use the model's blocks (`bpfree.core.anatomy`): one ordinary forward pass of the model in which every block
 output is remembered and passed on detached (so no gradient crosses a block boundary), then one backward pass of
 ⟨block output, e·B_l⟩ for every block plus the loss for everything after the last block (the readout, exact). On a
 flat `nn.Sequential` a block is one weight layer and the parameter-free layers after it (Linear+BatchNorm+ReLU,
@@ -36,11 +36,12 @@ import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree import tangents as T
-from bpfree.anatomy import Anatomy, boundaries, eval_mode, example_input, forwards_replaced, uniform_like
-from bpfree.attention import math_attention, patched_attention
-from bpfree.errors import UsageError
-from bpfree.forward_mode import conv_config, renew_dual_level, tangent_friendly
+from bpfree.core import tangents as T
+from bpfree.core.anatomy import Anatomy, boundaries, eval_mode, example_input, forwards_replaced, uniform_like
+from bpfree.core.attention import math_attention, patched_attention
+from bpfree.core.errors import UsageError
+from bpfree.core.forward_mode import conv_config, renew_dual_level, tangent_friendly
+from bpfree.core.registry import Option
 from bpfree.methods import METHODS
 from bpfree.methods.base import (
     RECOMPUTE,
@@ -52,7 +53,6 @@ from bpfree.methods.base import (
     zero_missing_grads,
 )
 from bpfree.methods.bp import Backprop
-from bpfree.registry import Option
 
 PAPER_FA = "Lillicrap et al. 2016, Random synaptic feedback weights support error backpropagation for deep learning"
 PAPER_DFA = "Nøkland 2016, Direct Feedback Alignment Provides Learning in Deep Neural Networks"

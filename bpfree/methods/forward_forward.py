@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.anatomy import boundaries, channels, eval_mode, example_input, init_uniform_, pool
-from bpfree.errors import DivergedError, UsageError
+from bpfree.core.anatomy import boundaries, channels, eval_mode, example_input, init_uniform_, pool
+from bpfree.core.errors import DivergedError, UsageError
+from bpfree.core.registry import Option
 from bpfree.methods import METHODS
 from bpfree.methods.base import Estimator, StepResult, add_grads, zero_missing_grads
 from bpfree.methods.block_local import between_parameters
-from bpfree.registry import Option
 
 # ----------------------------------------------------------------------------------------------------
 # Forward-Forward (Hinton 2022)
@@ -299,7 +299,7 @@ class ScalableFF(Estimator):
     """Wraps any model with blocks (its anatomy) without changing it.
 
     Units are the blocks; a unit's output is layer-normalised and detached where the model's own forward continues
-    (`bpfree.anatomy.boundaries`). Layer-wise `sff` additionally splits blocks that declare `splittable` (a model
+    (`bpfree.core.anatomy.boundaries`). Layer-wise `sff` additionally splits blocks that declare `splittable` (a model
     capability: resnet18's and mobilenetv3's blocks take `between=`, called between their conv layers) when the
     model declares its `blocks` and runs them in order; other blocks stay whole units.
     """

@@ -1,7 +1,7 @@
 """Forward gradients (Ren et al. 2022; Flügel et al. 2024): gradient estimates from forward-mode passes only.
 
 fg-w  weight perturbation: K tangents V over all weights; one forward-mode pass gives d_k = grad(L) . v_k;
-      the estimate is sum_k c_k v_k (c from the aggregation, see bpfree.tangents).
+      the estimate is sum_k c_k v_k (c from the aggregation, see bpfree.core.tangents).
 fg-a  activity perturbation: K tangents u on the pre-activations of every layer, independent per example;
       d_{k,n} = per-example directional derivative; each layer's pre-activation gradient is estimated as
       sum_k c_{k,n} u_{k,n}, masked where the activation's derivative is zero (a known zero, so the mask keeps
@@ -48,11 +48,11 @@ from torch import nn
 from torch.autograd import forward_ad as fwad
 from torch.func import functional_call, jvp, vmap
 
-from bpfree import tangents as T
-from bpfree.attention import math_attention, patched_attention, projection_weights
-from bpfree.distributed import Group
-from bpfree.errors import UsageError
-from bpfree.forward_mode import layer_param_grads, tangent_friendly
+from bpfree.core import tangents as T
+from bpfree.core.attention import math_attention, patched_attention, projection_weights
+from bpfree.core.errors import UsageError
+from bpfree.core.forward_mode import layer_param_grads, tangent_friendly
+from bpfree.core.registry import Option
 from bpfree.methods import METHODS
 from bpfree.methods.base import (
     RECOMPUTE,
@@ -65,7 +65,7 @@ from bpfree.methods.base import (
     set_grad,
     zero_missing_grads,
 )
-from bpfree.registry import Option
+from bpfree.training.distributed import Group
 
 _COMMON = {
     "tangents": Option(1, "number of tangents K per step (all K travel through the network together)"),

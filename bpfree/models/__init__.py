@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bpfree.anatomy import eval_mode
-from bpfree.errors import UsageError
-from bpfree.registry import Registry
+from bpfree.core.anatomy import eval_mode
+from bpfree.core.errors import UsageError
+from bpfree.core.registry import Registry
 
 MODELS = Registry("model")
 _LOADED: dict[str, Callable[..., Any]] = {}
@@ -164,7 +164,7 @@ def build(name: str, num_classes: int = 10, input_shape: tuple[int, ...] = (1, 2
     else:
         resolved = MODELS.resolve_options(name, options)
         model = MODELS.get(name).factory(num_classes=num_classes, input_shape=tuple(input_shape), **resolved)
-    if getattr(model, "input_shape", None) is None:  # what `bpfree.anatomy.describe` probes with
+    if getattr(model, "input_shape", None) is None:  # what `bpfree.core.anatomy.describe` probes with
         model.input_shape = tuple(input_shape)
     return model
 

@@ -10,9 +10,9 @@ import math
 
 from torch import nn
 
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
+from bpfree.core.registry import Option
 from bpfree.models import MODELS
-from bpfree.registry import Option
 
 
 class FCBN(nn.Sequential):

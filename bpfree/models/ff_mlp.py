@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
+from bpfree.core.registry import Option
 from bpfree.models import MODELS
-from bpfree.registry import Option
 
 
 def length_normalise(h: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

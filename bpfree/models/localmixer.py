@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
+from bpfree.core.registry import Option
 from bpfree.models import MODELS
-from bpfree.registry import Option
 
 EPS = 1e-5
 #: (unit kind, input) -> the unit's linear map applied to the input; see `MixerBlock.forward`.

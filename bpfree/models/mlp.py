@@ -9,8 +9,8 @@ import math
 
 from torch import nn
 
+from bpfree.core.registry import Option
 from bpfree.models import MODELS
-from bpfree.registry import Option
 
 
 class MLP(nn.Sequential):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bpfree.core.registry import Option
 from bpfree.models import MODELS
 from bpfree.models.resnet import Between, ConvBNAct
-from bpfree.registry import Option
 
 # kernel, expansion channels, output channels, squeeze-excite, activation ("RE" ReLU / "HS" h-swish), stride
 SMALL = [

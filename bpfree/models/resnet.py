@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from bpfree.core.registry import Option
 from bpfree.models import MODELS
-from bpfree.registry import Option
 
 # A callback a block applies between its inner conv layers. Identity for ordinary training; layer-wise local
 # rules use it to end one local unit there (loss on the activity, then normalise + detach for the next unit).

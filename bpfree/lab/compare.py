@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from bpfree import lrfind, methods, models
-from bpfree.errors import DivergedError, UsageError
-from bpfree.results import NOT_SETTINGS
-from bpfree.runfolder import FolderInUse, read_json
-from bpfree.train import (
+from bpfree import methods, models
+from bpfree.core.errors import DivergedError, UsageError
+from bpfree.lab.results import NOT_SETTINGS
+from bpfree.training import lrfind
+from bpfree.training.runfolder import FolderInUse, read_json
+from bpfree.training.train import (
     CHECKPOINT,
     CONFIG,
     FAILED,

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator  # noqa: E402
 
 if TYPE_CHECKING:
-    from bpfree.results import Row, RunResult
+    from bpfree.lab.results import Row, RunResult
 
 PERCENT = FuncFormatter(lambda v, _: f"{v:g} %")
 

@@ -4,7 +4,7 @@ command line (or config file) does not give.
 A recipe fixes the optimizer, learning rate, schedule and the like, never the data, model or epoch budget. Each
 entry says where it comes from: `validated` (chosen by `bpfree sweep` on validation error; the command and date are
 in `source`), `carried over` (chosen on the test set before validation splits existed; to be replaced by a sweep)
-or `auto` (any model without a validated entry: the learning rate is found by `--lr auto`, bpfree/lrfind.py).
+or `auto` (any model without a validated entry: the learning rate is found by `--lr auto`, bpfree/training/lrfind.py).
 Lookup: (method, model) first, then (method, model family), then (method, any model), then the generic fallback.
 docs/tuning.md lists the sweeps behind the validated entries.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from bpfree.train import TrainConfig
+from bpfree.training.train import TrainConfig
 
 # The TrainConfig fields a recipe may set.
 RECIPE_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "batch_size")
@@ -70,7 +70,7 @@ L_FA = 0.3
 # DFA's random feedback scale, local heads), so one grid fits every rule; chosen by the auto-vs-oracle measurement
 # on six model types the table had never seen (benchmarks/lr_auto.sh, docs/tuning.md "--lr auto": 35 of 48 rule x
 # model cells on digits within max(2 points, 10 %) of a 6-point validation oracle; SGD and warm-up not measured).
-AUTO = ("auto: learning rate found on validation data before training (bpfree/lrfind.py), Adam, cosine; measured "
+AUTO = ("auto: learning rate found on validation data before training (training/lrfind.py), Adam, cosine; measured "
         "on six unseen model types by benchmarks/lr_auto.py (docs/tuning.md)")
 PRIORS = {"bp": 3e-3, "fg-w": 3e-3, "fg-a": 1e-2, "fa": 1e-3, "dfa": 3e-3, "fdfa": 3e-3, "l-bp": 3e-3,
           "l-fa": 3e-3, "lg-bp": 3e-3, "lg-fa": 3e-3, "lg-fg-a": 1e-3, "lg-fg-w": 1e-2, "sff": 1e-3,
@@ -98,7 +98,7 @@ _TABLE: dict[tuple[str, str], tuple[dict[str, Any], str, bool]] = {
     # resnet18 (CIFAR-10)
     **{(m, "resnet18"): (_sgd(lr), RESNET_SWEEP, True)
        for m, lr in (("bp", 0.03), ("dfa", 0.03), ("fdfa", 0.03), ("lg-fg-a", 0.1))},
-    # Any other model: Adam + cosine with the learning rate found by `--lr auto` (bpfree/lrfind.py), whose grid
+    # Any other model: Adam + cosine with the learning rate found by `--lr auto` (bpfree/training/lrfind.py), whose grid
     # is centred on the rule's validated mlp rate (the prior, also used when the run is too short to probe).
     **{(m, ANY): (_adam(lr), AUTO, False) for m, lr in PRIORS.items()},
     # LocalMixer: validated on M/1/16 (MNIST); the family's other models (M/8/16 on CIFAR-10) borrow them.

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bpfree import methods
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
 
 
 def _flat_grads(model: nn.Module) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Read run folders and summarise them as the papers do: one row per method, test / train error mean ± std over seeds.
 
 Used by `bpfree compare` (after training) and `bpfree report` (from folders on disk). A run folder is whatever
-`bpfree.train` writes (config.json, metrics.jsonl, checkpoint.pt), plus `failed.json` when it diverged or
+`bpfree.training.train` writes (config.json, metrics.jsonl, checkpoint.pt), plus `failed.json` when it diverged or
 `compare` saw it fail.
 """
 
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bpfree.errors import UsageError
-from bpfree.runfolder import read_json
-from bpfree.train import CONFIG, FAILED, METRICS, read_metrics, with_defaults
+from bpfree.core.errors import UsageError
+from bpfree.training.runfolder import read_json
+from bpfree.training.train import CONFIG, FAILED, METRICS, read_metrics, with_defaults
 
 # Config fields that do not change what a run computes: runs differing only in these belong to the same row.
 # `recipe` only names where the settings came from; the settings themselves are compared.
@@ -282,7 +282,7 @@ def write_report(groups: dict[str, list[RunResult]], out: Path, title: str = "",
            "step (tensor memory the step allocates above what was allocated before it: activations, gradients, "
            "temporaries; measured on each epoch's first step), largest over the epochs.", ""]
     if plots:
-        from bpfree import plots as plotting
+        from bpfree.lab import plots as plotting
 
         plotting.test_error_curves(groups, out / "test_error.png", setup)
         plotting.final_error_bars(rows, out / "final_error.png", setup)

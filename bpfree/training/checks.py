@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
 
 
 def output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
@@ -92,7 +92,7 @@ def parameters_without_gradient(model: torch.nn.Module, input_shape: tuple[int, 
 
     One probe pass with gradients (eval mode: batch-norm statistics untouched) and one backward from the logits.
     """
-    from bpfree.anatomy import eval_mode, example_input
+    from bpfree.core.anatomy import eval_mode, example_input
 
     ran: set[str] = set()
     hooks = [m.register_forward_hook(lambda _m, _i, _o, n=n: ran.add(n)) for n, m in model.named_modules()]

@@ -35,11 +35,19 @@ import torch
 from tqdm import tqdm
 
 from bpfree import methods, models
+from bpfree.core.errors import DivergedError
 from bpfree.data.datasets import VALIDATION_SEED, TensorData
-from bpfree.errors import DivergedError
-from bpfree.runfolder import RunLock
-from bpfree.train import CHECKPOINT, CONFIG, METRICS, TrainConfig, load_data, lr_multipliers_by_id, make_optimizer
-from bpfree.transfer import load_backbone
+from bpfree.training.runfolder import RunLock
+from bpfree.training.train import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    TrainConfig,
+    load_data,
+    lr_multipliers_by_id,
+    make_optimizer,
+)
+from bpfree.training.transfer import load_backbone
 
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # Adam's useful range for every rule on the models measured
 BUDGET_FRACTION = 0.10  # of the planned training work
@@ -351,7 +359,7 @@ def table(probe: Probe) -> str:
 def plot(probe: Probe, path: Path, title: str = "") -> None:
     """Validation loss and error against the learning rate (log axis); diverged points as red crosses at the top,
     the choice as a dashed line."""
-    from bpfree.plots import plt  # matplotlib with its file-only backend selected
+    from bpfree.lab.plots import plt  # matplotlib with its file-only backend selected
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
     ok = [p for p in probe.points if p.ok]

@@ -21,7 +21,7 @@ import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.anatomy import forwards_replaced
+from bpfree.core.anatomy import forwards_replaced
 
 CONVS = (nn.Conv1d, nn.Conv2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)

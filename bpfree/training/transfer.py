@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bpfree.errors import UsageError
-from bpfree.runfolder import describe_load_error
+from bpfree.core.errors import UsageError
+from bpfree.training.runfolder import describe_load_error
 
 # Parameter-name prefixes of the task-specific classifier of the models in this package: never transferred.
 HEAD_PREFIXES = ("head.", "readout.")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bpfree import methods, models
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
 
 
 class ResidualCNN(nn.Module):

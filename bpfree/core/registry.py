@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bpfree.anatomy import forwards_replaced
-from bpfree.errors import UsageError
+from bpfree.core.anatomy import forwards_replaced
+from bpfree.core.errors import UsageError
 
 #: (attention module, "q" | "k" | "v", input [B, L, E], weight, bias) -> projected input
 Project = Callable[[nn.MultiheadAttention, str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]

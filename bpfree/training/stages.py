@@ -41,18 +41,27 @@ import torch.autograd.forward_ad as fwad
 import torch.distributed as dist
 from torch import nn
 
-from bpfree import distributed, methods
-from bpfree.anatomy import Anatomy, eval_mode, example_input, forwards_replaced
-from bpfree.errors import UsageError
-from bpfree.memory import measured_step
+from bpfree import methods
+from bpfree.core.anatomy import Anatomy, eval_mode, example_input, forwards_replaced
+from bpfree.core.errors import UsageError
+from bpfree.core.memory import measured_step
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.methods.block_local import BlockLocal, BlockLocalFGActivity
 from bpfree.methods.feedback_alignment import DirectFeedbackAlignment
 from bpfree.methods.forward_forward import ScalableFF
-from bpfree.runfolder import atomic_write_bytes, describe_os_error
-from bpfree.train import CHECKPOINT, CONFIG, Run, TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
-from bpfree.train import rng_state as global_rng_state
-from bpfree.train import set_rng_state as set_global_rng_state
+from bpfree.training import distributed
+from bpfree.training.runfolder import atomic_write_bytes, describe_os_error
+from bpfree.training.train import (
+    CHECKPOINT,
+    CONFIG,
+    Run,
+    TrainConfig,
+    lr_multipliers_by_id,
+    make_optimizer,
+    make_schedule,
+)
+from bpfree.training.train import rng_state as global_rng_state
+from bpfree.training.train import set_rng_state as set_global_rng_state
 
 STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block", "dfa")
 # Rules whose blocks learn from the output error: synchronous stages (every stage waits for the last stage's error).
@@ -644,7 +653,7 @@ class StagedRun(Run):
         self.peak_mb = self._stage_peak()
 
     def _stage_peak(self) -> float:
-        """This stage's activation peak (MiB, `bpfree.memory`) in one step on the first batch, measured alone
+        """This stage's activation peak (MiB, `bpfree.core.memory`) in one step on the first batch, measured alone
         before training (the received activation stood in by zeros, nothing sent): the profiler is not run while
         gloo's threads move tensors."""
         x, y = next(iter(self.data.train_batches(self.cfg.batch_size, torch.Generator().manual_seed(0))))

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
 
 DISTS = ("normal", "rademacher")
 AGGREGATIONS = ("sum", "mean", "orthogonal")

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from bpfree.errors import UsageError
+from bpfree.core.errors import UsageError
 
 LOCK = ".bpfree.lock"
 

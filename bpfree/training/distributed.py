@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bpfree.errors import DistributedError, UsageError
+from bpfree.core.errors import DistributedError, UsageError
 
 BUCKET = 1 << 20  # elements (4 MB of float32): bigger gradients are all-reduced in place, smaller ones packed
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -23,10 +23,11 @@ import torch
 from tqdm import tqdm
 
 from bpfree import data as datasets
-from bpfree import distributed, methods, models
-from bpfree.errors import DivergedError, UsageError
-from bpfree.memory import measured_step
-from bpfree.runfolder import (
+from bpfree import methods, models
+from bpfree.core.errors import DivergedError, UsageError
+from bpfree.core.memory import measured_step
+from bpfree.training import distributed
+from bpfree.training.runfolder import (
     RunLock,
     append_line,
     atomic_write_bytes,
@@ -39,7 +40,7 @@ from bpfree.runfolder import (
     signals_deferred,
     write_lines,
 )
-from bpfree.transfer import load_backbone
+from bpfree.training.transfer import load_backbone
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -82,12 +83,12 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     blocks: tuple[str, ...] | None = None  # the model's submodules whose outputs are the block boundaries
     recipe: dict[str, Any] | None = None  # which recipes.py entry filled the settings not given (CLI runs)
-    lr_auto: bool = False  # --lr auto: the lr finder (bpfree/lrfind.py) sets lr before training; lr is its prior
+    lr_auto: bool = False  # --lr auto: the lr finder (training/lrfind.py) sets lr before training; lr is its prior
     lr_probe: dict[str, Any] | None = None  # what the finder probed and chose (config.json; --resume reuses it)
 
     def check(self) -> None:
         """Reject bad numbers and impossible combinations with one line each."""
-        from bpfree.checks import check_device, check_seed  # shared with the other commands
+        from bpfree.training.checks import check_device, check_seed  # shared with the other commands
 
         if self.epochs < 1:
             raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
@@ -290,7 +291,7 @@ class Run:
         self.epoch = 0
         self._checked: dict[str, Any] | None = None  # rank 0: the checkpoint state checked before resuming
         self._rank_states: list[dict[str, Any]] | None = None  # data-parallel: every rank's RNG states, for rank 0
-        self.step_peak_mb: float | None = None  # the activation peak of an epoch's first step (bpfree.memory)
+        self.step_peak_mb: float | None = None  # the activation peak of an epoch's first step (bpfree.core.memory)
         try:
             resume_from = self.open_run_folder()
             self._build(data)
@@ -621,7 +622,7 @@ def train(
 ) -> list[dict[str, Any]]:
     """Train (or resume) one run; returns all epochs' metrics records (launched by torchrun: data-parallel)."""
     if cfg.lr_auto:  # --lr auto: choose the learning rate first (the recorded choice when resuming)
-        from bpfree import lrfind  # it builds on this module
+        from bpfree.training import lrfind  # it builds on this module
 
         lrfind.resolve(cfg, data, show_progress)
     run = Run(cfg, data=data, show_progress=show_progress, log_epochs=log_epochs)
