@@ -405,10 +405,10 @@ def test_mixer_fa_with_feedback_equal_to_weights_is_its_bp(method: str, referenc
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if n.startswith("blocks.") and p.dim() >= 2}
     expected |= {"readout.weight"} if method == "fa" else {f"heads.{i}.weight" for i in range(2)}
-    assert set(est.feedback) == expected
+    assert set(est.feedback.keys()) == expected
     est.step(x, y)
     random_fb = {n: p.grad.clone() for n, p in params.items()}
-    est.feedback = {n: params[n].detach().clone() for n in est.feedback}
+    est.feedback = {n: params[n].detach().clone() for n in est.feedback.keys()}
     est.step(x, y)
     same_fb = {n: p.grad.clone() for n, p in params.items()}
     build(reference, model).step(x, y)
@@ -491,7 +491,7 @@ def test_fdfa_sgd_feedback_optimizer_is_the_moving_average() -> None:
         est = build("fdfa", net, seed=2, feedback_lr=0.3, feedback_optimizer=opt)
         for _ in range(3):
             est.step(x, y)
-        runs.append((est.feedback, [p.grad for p in net.parameters()]))
+        runs.append((list(est.feedback), [p.grad for p in net.parameters()]))
     for a, b in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
         torch.testing.assert_close(a, b)
 
@@ -528,7 +528,7 @@ def test_fdfa_feedback_optimizer_state_resumes(tmp_path) -> None:
         est2 = build("fdfa", net, seed=99, feedback_lr=0.05, feedback_optimizer="adam")
         state = torch.load(tmp_path / "state.pt", weights_only=True)
         if not with_optimizer:
-            state["feedback_optimizer"] = None
+            state["parts"]["feedback_optimizer._extra_state"] = None
         est2.load_state_dict(state)
         est2.step(x, y)
         return [b.clone() for b in est2.feedback] + [p.grad.clone() for p in net.parameters()]
@@ -649,3 +649,20 @@ def test_fdfa_feedback_timing_from_a_zero_start(fast: bool) -> None:
             assert all(g.abs().sum() > 0 for g in hidden)
     with pytest.raises(UsageError):
         build("fdfa", net, feedback_timing="during")
+
+
+def test_estimator_state_is_modules_and_refuses_an_older_format() -> None:
+    """Heads, feedback matrices and B's optimizer live in `parts` (an nn.Module): `state_dict` and `.to()` come from
+    PyTorch; a state saved before that is refused with one line."""
+    torch.manual_seed(0)
+    net = build_model("mlp", 3, (4,), hidden=(5,))
+    x, y = batch(shape=(4,))
+    est = build("fdfa", net, seed=0, feedback_optimizer="adam")
+    est.step(x.float(), y)
+    assert {"feedback.0", "feedback_optimizer._extra_state"} <= set(est.parts.state_dict())
+    dfa = build("dfa", net, seed=0)
+    dfa.step(x.float(), y)
+    dfa.parts.double()
+    assert len(dfa.feedback) == 1 and dfa.feedback[0].dtype == torch.float64
+    with pytest.raises(UsageError, match="older bpfree"):
+        dfa.load_state_dict({"generator": dfa.generator.get_state(), "feedback": None})

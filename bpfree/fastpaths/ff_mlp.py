@@ -13,7 +13,7 @@ from torch import nn
 
 from bpfree.core.errors import UsageError
 from bpfree.methods import register_fast_path
-from bpfree.methods.base import Estimator, StepResult, add_grads, zero_missing_grads
+from bpfree.methods.base import Buffers, Estimator, StepResult, add_grads, zero_missing_grads
 from bpfree.methods.forward_forward import goodness_logits, pair_loss, wrong_labels
 from bpfree.models.ff_mlp import FFMLP, length_normalise
 
@@ -29,8 +29,16 @@ class ForwardForward(Estimator):
         super().__init__(model, seed=seed, **options)
         if not 0.0 <= self.options["input_dropout"] < 1.0:
             raise UsageError(f"ff: --input-dropout must be in [0, 1), got {self.options['input_dropout']}")
-        self.steps = 0
-        self.running_means: dict[int, torch.Tensor] = {}  # peer normalisation: per layer, per unit
+        self.parts.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self.running_means = self.parts.running_means = Buffers()  # peer normalisation: per layer, per unit
+
+    @property
+    def steps(self) -> int:
+        return int(self.parts.step_count)
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self.parts.step_count.fill_(value)
 
     @property
     def net(self) -> FFMLP:
@@ -157,12 +165,4 @@ class ForwardForward(Estimator):
             return self.goodness_scores(x)
 
     def reduced_state(self) -> list[torch.Tensor]:
-        return [self.running_means[k] for k in sorted(self.running_means)]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "steps": self.steps, "running_means": dict(self.running_means)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.steps = int(state.get("steps", 0))
-        self.running_means = dict(state.get("running_means", {}))
+        return list(self.running_means)  # made in layer order alike on every rank

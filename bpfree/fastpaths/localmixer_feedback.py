@@ -18,12 +18,11 @@ from bpfree.core.anatomy import uniform_like
 from bpfree.core.errors import UsageError
 from bpfree.fastpaths.localmixer_local import LocalBP, LocalGroupBP, contrastive_backprop_step
 from bpfree.methods import register_fast_path
-from bpfree.methods.base import StepResult
+from bpfree.methods.base import Buffers, StepResult
 from bpfree.methods.bp import Backprop
 from bpfree.methods.feedback_alignment import (
     DirectFeedbackAlignment,
     FeedbackAlignment,
-    _clone,
     _FALinear,
 )
 from bpfree.models.localmixer import LinearHook, LocalMixer, MixerBlock, layer_norm, unit_params, unit_weight_grads
@@ -107,7 +106,7 @@ class MixerFA(FeedbackAlignment):
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         assert isinstance(model, LocalMixer)
         Backprop.__init__(self, model, seed=seed, **options)
-        self.feedback = mixer_feedback(model, self.generator, heads=False, readout=True)
+        self.feedback = self.parts.feedback = Buffers(mixer_feedback(model, self.generator, heads=False, readout=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """tokens -> blocks -> pooled -> LN -> readout, as the model's forward, with B in every backward."""
@@ -172,18 +171,12 @@ class _LocalFeedback:
     generator: torch.Generator
 
     def _init_feedback(self) -> None:
-        self.feedback = mixer_feedback(self.model, self.generator, heads=True, readout=False)
+        self.feedback = self.parts.feedback = Buffers(  # type: ignore[attr-defined]
+            mixer_feedback(self.model, self.generator, heads=True, readout=False))
 
     def head(self, i: int, feats: torch.Tensor) -> torch.Tensor:
         h = self.model.heads[i]
         return _FALinear.apply(feats, h.weight, h.bias, self.feedback[f"heads.{i}.weight"])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "feedback": _clone(self.feedback)}  # type: ignore[misc]
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)  # type: ignore[misc]
-        self.feedback = _clone(state["feedback"], next(self.model.parameters()).device)
 
 
 @register_fast_path("l-fa", LocalMixer)

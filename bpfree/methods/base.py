@@ -7,6 +7,7 @@ else); the optimizer step is the caller's. The training loop only ever calls `st
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree.core.anatomy import Anatomy, describe
+from bpfree.core.errors import UsageError
 from bpfree.core.registry import Option
 from bpfree.training.distributed import LOCAL, Group, Shard
 
@@ -139,8 +141,82 @@ class Replay:
                     b.copy_(before)
 
 
+class Buffers(nn.Module):
+    """Tensors an estimator keeps besides the model (feedback matrices, running means) as buffers, so that
+    `state_dict`, `load_state_dict` and `.to()` carry them. Indexed by position or by name; filled at once or
+    lazily (a checkpoint loaded into an empty one makes its entries)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor] | dict[str, torch.Tensor] = ()):
+        super().__init__()
+        for key, t in tensors.items() if isinstance(tensors, dict) else enumerate(tensors):
+            self[key] = t
+
+    @staticmethod
+    def _name(key: int | str) -> str:
+        return str(key).replace(".", ":")  # a buffer name may not hold dots; parameter names do
+
+    def __getitem__(self, key: int | str) -> torch.Tensor:
+        if isinstance(key, int) and key < 0:
+            key += len(self)
+        return self._buffers[self._name(key)]  # type: ignore[return-value]
+
+    def __setitem__(self, key: int | str, t: torch.Tensor) -> None:
+        self.register_buffer(self._name(key), t)
+
+    def append(self, t: torch.Tensor) -> None:
+        self[len(self)] = t
+
+    def keys(self) -> list[str]:
+        return [name.replace(":", ".") for name in self._buffers]
+
+    def get(self, key: int | str) -> torch.Tensor | None:
+        return self._buffers.get(self._name(key))
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:  # type: ignore[override]
+        return iter(self._buffers.values())  # type: ignore[arg-type]
+
+    def _load_from_state_dict(self, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        saved = {key[len(prefix):]: value for key, value in state.items()
+                 if key.startswith(prefix) and "." not in key[len(prefix):]}
+        for name in [n for n in self._buffers if n not in saved]:
+            del self._buffers[name]  # made after that state was saved
+        for name, value in saved.items():
+            if name not in self._buffers:
+                self.register_buffer(name, torch.empty_like(value))
+        super()._load_from_state_dict(state, prefix, *args)
+
+
+class OptimizerState(nn.Module):
+    """A torch.optim optimizer an estimator runs on its own parts (FDFA's B), made at first use; its state rides
+    in the owner's `state_dict` (and one is made from it on load: `make` is called with no optimizer yet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.make: Callable[[], None] | None = None
+
+    def get_extra_state(self) -> dict[str, Any] | None:
+        return None if self.optimizer is None else self.optimizer.state_dict()
+
+    def set_extra_state(self, state: dict[str, Any] | None) -> None:
+        self.optimizer = None
+        if state is not None:
+            assert self.make is not None
+            self.make()
+            assert self.optimizer is not None
+            self.optimizer.load_state_dict(state)
+
+
 class Estimator:
-    """Base class: subclasses override `step` (and `predict` when inference is not `model(x)`)."""
+    """Base class: subclasses override `step` (and `predict` when inference is not `model(x)`).
+
+    State beyond the model's parameters lives in `self.parts` (an nn.Module: local heads, feedback matrices as
+    `Buffers`, running means, a feedback optimizer's state via `get_extra_state`), so `state_dict`, `.to()` and
+    checkpoints come from PyTorch; the generator's state is saved beside it.
+    """
 
     options: ClassVar[dict[str, Option]] = {}
     #: The data-parallel ranks this estimator's steps are combined over; the trainer sets it (LOCAL: one process).
@@ -158,6 +234,7 @@ class Estimator:
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(estimator_seed(seed))
+        self.parts = nn.Module()
 
     @cached_property
     def anatomy(self) -> Anatomy:
@@ -234,8 +311,14 @@ class Estimator:
             return self.model(x)
 
     def state_dict(self) -> dict[str, Any]:
-        """Estimator state beyond the model's parameters (RNG, learned feedback, ...)."""
-        return {"generator": self.generator.get_state()}
+        """Estimator state beyond the model's parameters: the generator and `parts` (a copy: training on does not
+        change it)."""
+        return {"generator": self.generator.get_state(), "parts": copy.deepcopy(self.parts.state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "parts" not in state:
+            raise UsageError("the estimator state was saved by an older bpfree (before 0.2); start a new run")
         self.generator.set_state(state["generator"])
+        device = next(self.model.parameters()).device  # entries made while loading are made here
+        self.parts.load_state_dict({k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                    for k, v in state["parts"].items()})

@@ -57,6 +57,7 @@ from bpfree.core.registry import Option
 from bpfree.losses import local_loss_grid
 from bpfree.methods import METHODS
 from bpfree.methods.base import (
+    Buffers,
     Estimator,
     StepResult,
     add_grads,
@@ -65,7 +66,6 @@ from bpfree.methods.base import (
     zero_missing_grads,
 )
 from bpfree.methods.feedback_alignment import (
-    _clone,
     _FALinear,
     check_layers,
     fa_weights,
@@ -164,7 +164,8 @@ class BlockLocal(Estimator):
             if not m >= 0:
                 raise UsageError(f"option --{what}-lr-mult: must be >= 0, got {m}")
         param = next(model.parameters())
-        self.heads = nn.ModuleList(nn.Linear(c, anatomy.num_classes) for c in anatomy.block_widths())
+        self.heads = self.parts.heads = nn.ModuleList(nn.Linear(c, anatomy.num_classes)
+                                                      for c in anatomy.block_widths())
         self.heads.to(param.device, param.dtype)
         for head in self.heads:
             init_uniform_(list(head.parameters()), head.in_features, self.generator)
@@ -174,9 +175,10 @@ class BlockLocal(Estimator):
         self.local_params = [b.parameters() + list(h.parameters()) + between
                              for b, h in zip(anatomy.blocks, self.heads)]
         self.fa_weights = block_fa_weights(anatomy, self.method) if self.uses_fa else []
-        self.feedback = [uniform_like(w, w[0].numel(), self.generator) for _, w in self.fa_weights]
-        self.head_feedback = [uniform_like(h.weight, h.in_features, self.generator) for h in self.heads] \
-            if self.uses_fa else []
+        self.feedback = self.parts.feedback = Buffers(
+            [uniform_like(w, w[0].numel(), self.generator) for _, w in self.fa_weights])
+        self.head_feedback = self.parts.head_feedback = Buffers(
+            [uniform_like(h.weight, h.in_features, self.generator) for h in self.heads] if self.uses_fa else [])
 
     def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
         h = self.heads[i]
@@ -216,19 +218,6 @@ class BlockLocal(Estimator):
 
     def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:
         return [(list(self.heads.parameters()), self.head_lr_mult), (self.readout, self.readout_lr_mult)]
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {**super().state_dict(), "heads": self.heads.state_dict()}
-        if self.uses_fa:
-            state["feedback"] = _clone(self.feedback + self.head_feedback)
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.heads.load_state_dict(state["heads"])
-        if self.uses_fa:
-            saved = _clone(state["feedback"], next(self.model.parameters()).device)
-            self.feedback, self.head_feedback = saved[:len(self.feedback)], saved[len(self.feedback):]
 
 
 class BlockLocalGrid(BlockLocal):

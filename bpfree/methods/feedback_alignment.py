@@ -45,7 +45,9 @@ from bpfree.core.registry import Option
 from bpfree.methods import METHODS
 from bpfree.methods.base import (
     RECOMPUTE,
+    Buffers,
     Estimator,
+    OptimizerState,
     Replay,
     StepResult,
     output_error,
@@ -131,15 +133,6 @@ def _conv_conf(m: nn.Conv1d | nn.Conv2d) -> tuple:
     return conf
 
 
-def _clone(feedback: Any, device: torch.device | None = None) -> Any:
-    """Copy a list or name -> tensor dict of feedback matrices (checkpoints), optionally to a device."""
-    if feedback is None:
-        return None
-    if isinstance(feedback, dict):
-        return {k: v.to(device) if device is not None else v.clone() for k, v in feedback.items()}
-    return [b.to(device) if device is not None else b.clone() for b in feedback]
-
-
 def fa_weights(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
     """(module, weight) for every weight FA gives a B, in module order: Linear / Conv weights (attention output
     projections included) and each attention's input projection (one fused [3E, E] map, or three)."""
@@ -207,18 +200,12 @@ class FeedbackAlignment(Backprop):
         self.weights = fa_weights(model)
         if not self.weights:
             raise UsageError("method 'fa' needs a model with at least one Linear, Conv or attention layer")
-        self.feedback: Any = [uniform_like(w, w[0].numel(), self.generator) for _, w in self.weights]
+        self.feedback = self.parts.feedback = Buffers(
+            [uniform_like(w, w[0].numel(), self.generator) for _, w in self.weights])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with feedback_layers(self.model, self.weights, self.feedback):
             return self.model(x)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "feedback": _clone(self.feedback)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.feedback = _clone(state["feedback"], next(self.model.parameters()).device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,7 +318,7 @@ class _DirectFeedback(Estimator):
         super().__init__(model, seed=seed, recompute=recompute, **options)
         self.recompute = recompute
         # B_l has shape (classes, numel of block l's output); made at the first step, when the shapes are known.
-        self.feedback: list[torch.Tensor] | None = None
+        self.feedback = None
         self.fast: list[_DenseBlock] | None = None
         # Tangent buffers kept between steps: a fresh tensor as large as a block output costs page faults.
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
@@ -349,6 +336,15 @@ class _DirectFeedback(Estimator):
         # Set on the first step: whether an in-place op after a block (ReLU(inplace=True)) would overwrite the block
         # output that its local backward needs; then the next block gets a copy instead of a detached view.
         self._copy_boundaries: bool | None = None
+
+    @property
+    def feedback(self) -> Buffers | None:
+        """The B_l (buffers of `parts`), or None before the first step."""
+        return self.parts.feedback if len(self.parts.feedback) else None
+
+    @feedback.setter
+    def feedback(self, tensors: list[torch.Tensor] | None) -> None:
+        self.parts.feedback = Buffers(tensors or [])
 
     def init_feedback(self, outs: list[torch.Tensor], classes: int) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -555,15 +551,6 @@ class _DirectFeedback(Estimator):
             stack.enter_context(boundaries(self.anatomy, at_boundary))
             yield
 
-    def state_dict(self) -> dict[str, Any]:
-        fb = None if self.feedback is None else [b.clone() for b in self.feedback]
-        return {**super().state_dict(), "feedback": fb}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        device = next(self.model.parameters()).device
-        self.feedback = None if state["feedback"] is None else [b.to(device) for b in state["feedback"]]
-
 
 def _dense_chain(anatomy: Anatomy) -> tuple[list[_DenseBlock] | None, nn.Linear | None]:
     """The hand-written path's blocks and readout when the model is an nn.Sequential of [Flatten] Linear [BN1d]
@@ -675,17 +662,21 @@ class DirectionalDFA(_DirectFeedback):
         )  # fmt: skip
         self.feedback_lr, self.feedback_optimizer, self.tangent_dist = feedback_lr, feedback_optimizer, tangent_dist
         self.feedback_timing = feedback_timing
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.parts.feedback_optimizer = OptimizerState()
+        self.parts.feedback_optimizer.make = self._make_optimizer
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """B's optimizer (`--feedback-optimizer adam|sgd`), made at its first use; its state is in `parts`."""
+        return self.parts.feedback_optimizer.optimizer
 
     def init_feedback(self, outs: list[torch.Tensor], classes: int) -> list[torch.Tensor]:
         return [torch.zeros(classes, o[0].numel(), device=o.device, dtype=o.dtype) for o in outs]
 
     def _make_optimizer(self) -> None:
         assert self.feedback is not None
-        if self.feedback_optimizer == "adam":
-            self.optimizer = torch.optim.Adam(self.feedback, lr=self.feedback_lr)
-        elif self.feedback_optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(self.feedback, lr=self.feedback_lr)
+        kind = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[self.feedback_optimizer]
+        self.parts.feedback_optimizer.optimizer = kind(self.feedback, lr=self.feedback_lr)
 
     def learn_block_feedback(self, i: int, y_dot: torch.Tensor, u: torch.Tensor) -> None:
         lam, n = self.feedback_lr, y_dot.shape[0]
@@ -711,15 +702,3 @@ class DirectionalDFA(_DirectFeedback):
             b.grad = torch.addmm(b, y_dot.t(), u.reshape(n, -1), alpha=-1 / n) if mean is None else b - mean
             self.optimizer.step()
             b.grad = None
-
-    def state_dict(self) -> dict[str, Any]:
-        opt = None if self.optimizer is None else self.optimizer.state_dict()
-        return {**super().state_dict(), "feedback_optimizer": opt}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.optimizer = None
-        if state.get("feedback_optimizer") is not None:
-            self._make_optimizer()  # over the loaded B, then its moments and step counts
-            assert self.optimizer is not None
-            self.optimizer.load_state_dict(state["feedback_optimizer"])

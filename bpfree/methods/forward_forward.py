@@ -326,7 +326,7 @@ class ScalableFF(Estimator):
                 self._run(example_input(model, anatomy.input_shape), lambda k, h, ps: channels.append(h.shape[1]))
         else:
             channels = anatomy.block_widths()
-        self.heads = nn.ModuleList(nn.Conv2d(c, self.num_classes, 1) for c in channels).to(
+        self.heads = self.parts.heads = nn.ModuleList(nn.Conv2d(c, self.num_classes, 1) for c in channels).to(
             param.device, param.dtype
         )
         for head in self.heads:  # seeded like every other random draw of an estimator
@@ -418,14 +418,6 @@ class ScalableFF(Estimator):
     def trainable(self) -> list[nn.Parameter]:
         inside = [p for ps in self.anatomy.block_parameters() for p in ps] + self.between
         return [p for p in inside if p.requires_grad] + list(self.heads.parameters())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "heads": self.heads.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        if "heads" in state:
-            self.heads.load_state_dict(state["heads"])
 
 
 @METHODS.register(
