@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-import bpfree.training.train
+import bpfree.training.checkpoint
 
 
 class SignalAfterFirstChunk:
@@ -48,7 +48,7 @@ def signalling_save(call: int, sig: int):
 
 def signalling_append(call: int, sig: int):
     """The trainer's append_line whose `call`-th line is cut in half by `sig`."""
-    real, calls = bpfree.training.train.append_line, []
+    real, calls = bpfree.training.checkpoint.append_line, []
 
     def append(path, record):
         calls.append(1)
@@ -67,7 +67,7 @@ if __name__ == "__main__":
     if where == "checkpoint":
         torch.save = signalling_save(call, sig)
     else:
-        bpfree.training.train.append_line = signalling_append(call, sig)
+        bpfree.training.checkpoint.append_line = signalling_append(call, sig)
     from bpfree.cli import main
 
     sys.exit(main(sys.argv[4:]))

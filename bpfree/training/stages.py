@@ -858,8 +858,8 @@ class StagedRun(Run):
         atomic_write_bytes(self.out / CHECKPOINT, lambda f: torch.save(state, f))
 
     def load_checkpoint(self, raw: bytes) -> None:
-        state = self._checked if self._checked is not None else self.parse_checkpoint(raw)
-        self._checked = None
+        state = self.parse_checkpoint(raw)
+        self.folder.forget_parsed()
         s = self.plan.stage
         try:
             staged, own = state["stages"], state["rank_states"][s]

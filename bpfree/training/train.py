@@ -6,10 +6,8 @@ It knows nothing of any method's internals: it calls `estimator.step`, `estimato
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -27,32 +25,23 @@ from bpfree import methods, models
 from bpfree.core.errors import DivergedError, UsageError
 from bpfree.core.memory import measured_step
 from bpfree.training import distributed
-from bpfree.training.runfolder import (
-    RunLock,
-    append_line,
-    atomic_write_bytes,
-    describe_load_error,
-    describe_os_error,
-    first_line,
-    read_json,
-    read_metrics,
-    remove_temp_files,
-    signals_deferred,
-    write_lines,
+from bpfree.training.checkpoint import (
+    CHECKPOINT,
+    CONFIG,
+    FAILED,
+    METRICS,
+    RunFolder,
+    note,
+    record_failure,
+    rng_state,
+    set_rng_state,
+    with_defaults,
 )
+from bpfree.training.runfolder import first_line, read_metrics
 from bpfree.training.transfer import load_backbone
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-CONFIG = "config.json"
-FAILED = "failed.json"  # written when a run diverges (by `compare` also when it fails otherwise)
-RUN_FILES = (CHECKPOINT, METRICS, CONFIG, FAILED)  # written atomically (temp files are cleaned up on start and exit)
-
-
-def note(message: str) -> None:
-    """A one-line notice on stderr (not an error)."""
-    print(f"bpfree: {message}", file=sys.stderr, flush=True)
-
+__all__ = ["CHECKPOINT", "CONFIG", "FAILED", "METRICS", "Run", "TrainConfig", "note", "read_metrics",
+           "record_failure", "rng_state", "set_rng_state", "train", "with_defaults"]
 
 @dataclass
 class TrainConfig:
@@ -169,66 +158,6 @@ def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": np.random.get_state()[2],
-        "python": list(random.getstate()[1]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """A saved config with today's defaults filled into its method and model options.
-
-    A run saved before an option existed ran with what is now that option's default, so it still matches (resume,
-    compare's skip check, report's rows) a config that spells the default out.
-    """
-    out = dict(config)
-    if "method" in out:
-        out.setdefault("blocks", None)  # runs saved before --blocks existed found their blocks themselves
-    out.setdefault("val_split", 0)  # saved before validation splits existed: none
-    for key, registry, name in (("method_options", methods.METHODS, "method"),
-                                ("model_options", models.MODELS, "model")):
-        entry = registry.entries.get(config.get(name, ""))
-        if entry is not None and isinstance(config.get(key), dict):
-            defaults = json.loads(json.dumps({k: o.default for k, o in entry.options.items()}))
-            out[key] = {**defaults, **config[key]}
-    return out
-
-
-# Settings that may differ on --resume: the epoch budget (checked apart) and where and how the run is kept.
-RESUME_FREE = ("epochs", "resume", "device", "out", "data_root", "dist_timeout", "recipe")
-
-
-def settings_changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """The settings that decide a run's numbers and differ between two stored configs (keys both hold)."""
-    return [k for k in after if k not in RESUME_FREE and k in before and before[k] != after[k]]
-
-
-def option_names(keys: list[str]) -> list[str]:
-    """Config keys as a user gives them (world_size is --nproc)."""
-    return ["--nproc" if k == "world_size" else k for k in keys]
-
-
-def record_failure(out: Path, config: dict[str, Any], kind: str, error: str, detail: str = "") -> None:
-    """Write `failed.json` into a run folder: how the run failed ("diverged" or "error"), in one line, plus details."""
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"kind": kind, "error": error, "detail": detail, "config": json.loads(json.dumps(config))}
-    atomic_write_bytes(out / FAILED, lambda f: f.write(json.dumps(record, indent=2).encode()))
-
-
 def load_data(cfg: TrainConfig):
     """The data set of a run, in this order: load, keep --classes (relabelled), hold out --val-split examples
     (drawn from the class-filtered training set by a constant seed), then keep the first --train-size of the rest.
@@ -270,10 +199,11 @@ def evaluate(
 
 
 class Run:
-    """Everything one training run holds; `train` drives it epoch by epoch.
+    """One training run: built from its config, resumed from its folder if asked, trained epoch by epoch.
 
-    Rank 0 holds the run folder's lock from the start of `__init__` (so that a folder in use, or a bad --resume,
-    is refused before any data is loaded) until `train` ends, however it ends, or `close` is called.
+    The run folder (lock, resume checks, config.json, checkpoints, metrics lines, failed.json) is `self.folder`
+    (bpfree.training.checkpoint); rank 0 holds its lock from the start of `__init__`, so that a folder in use or a
+    bad --resume is refused before any data is loaded, until `train` ends, however it ends, or `close` is called.
     """
 
     def __init__(self, cfg: TrainConfig, data=None, show_progress: bool | None = None, log_epochs: bool = False):
@@ -286,10 +216,9 @@ class Run:
         self.log_epochs = log_epochs and self.group.is_main
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
         self.show_progress = self.show_progress and self.group.is_main
-        self.lock: RunLock | None = None
+        self.folder = RunFolder(self.out, self.group, self.device)
         self.records: list[dict[str, Any]] = []  # every epoch's metrics record, also those of earlier sessions
         self.epoch = 0
-        self._checked: dict[str, Any] | None = None  # rank 0: the checkpoint state checked before resuming
         self._rank_states: list[dict[str, Any]] | None = None  # data-parallel: every rank's RNG states, for rank 0
         self.step_peak_mb: float | None = None  # the activation peak of an epoch's first step (bpfree.core.memory)
         try:
@@ -322,12 +251,21 @@ class Run:
                              f"(--nproc {self.group.world_size})")
         self.schedule = make_schedule(cfg, self.optimizer, self.steps_per_epoch)
 
-    # -- persistence -------------------------------------------------------------------------------------------
-    # Every epoch rank 0 first writes the checkpoint, which holds the metrics records of all epochs so far,
-    # atomically, and then appends the epoch's line to metrics.jsonl. Whatever a kill interrupts, the checkpoint
-    # covers every line on disk; a resume rewrites metrics.jsonl from the checkpoint's records, so no epoch is lost
-    # (a torn last line is restored) or doubled. A kill before the first checkpoint leaves no run to resume: the
-    # run starts again from epoch 1.
+    # -- the run folder (bpfree.training.checkpoint) ----------------------------------------------------------------
+    def open_run_folder(self) -> bytes | None:
+        return self.folder.open(self.stored_config(), self.cfg.resume, self.cfg.epochs, self.cfg.schedule)
+
+    def parse_checkpoint(self, raw: bytes) -> dict[str, Any]:
+        return self.folder.parse(raw)
+
+    def stored_config(self) -> dict[str, Any]:
+        """The config as config.json stores it (tuples become lists); world_size: a resumed run keeps its ranks."""
+        return with_defaults(json.loads(json.dumps({**asdict(self.cfg), "resume": False,
+                                                    "world_size": self.group.world_size})))
+
+    def write_run_folder(self) -> None:
+        self.folder.start(self.stored_config(), self.records, self.epoch)
+
     def save_checkpoint(self) -> None:
         state = {
             "epoch": self.epoch,
@@ -341,39 +279,12 @@ class Run:
         }
         if self._rank_states is not None:
             state["rank_states"] = self._rank_states
-        atomic_write_bytes(self.out / CHECKPOINT, lambda f: torch.save(state, f))
-
-    def save_epoch(self, record: dict[str, Any]) -> None:
-        """Rank 0: the checkpoint, then the metrics line. SIGINT / SIGTERM wait until both are on disk."""
-        with signals_deferred():
-            try:
-                self.save_checkpoint()
-                append_line(self.out / METRICS, record)
-            except OSError as e:
-                raise UsageError(f"cannot save epoch {self.epoch}: {describe_os_error(e, self.out)}") from None
-
-    def parse_checkpoint(self, raw: bytes) -> dict[str, Any]:
-        """A checkpoint's state, checked to be one bpfree wrote (loaded with weights_only=True: no code runs)."""
-        path = self.out / CHECKPOINT
-        if not raw:
-            raise UsageError(f"cannot resume from {path}: the file is empty; delete it to start the run again")
-        try:
-            state = torch.load(io.BytesIO(raw), map_location=self.device, weights_only=True)
-        except Exception as e:  # torch reports a damaged or foreign file with many exception types
-            raise UsageError(f"cannot resume from {path}: not a readable checkpoint ({describe_load_error(e)})") \
-                from None
-        keys = ("epoch", "model", "optimizer", "schedule", "estimator", "rng")
-        missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
-        if missing:
-            raise UsageError(f"cannot resume from {path}: not a bpfree checkpoint (no {', '.join(missing)})")
-        if not isinstance(state["epoch"], int) or state["epoch"] < 0:
-            raise UsageError(f"cannot resume from {path}: its epoch is {state['epoch']!r}")
-        return state
+        self.folder.save_checkpoint(state)
 
     def load_checkpoint(self, raw: bytes) -> None:
         """Every rank resumes from rank 0's checkpoint (sent over the group: ranks need not share a file system)."""
-        state = self._checked if self._checked is not None else self.parse_checkpoint(raw)
-        self._checked = None
+        state = self.parse_checkpoint(raw)
+        self.folder.forget_parsed()
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -384,224 +295,121 @@ class Run:
             if own is not None and len(own) == self.group.world_size:  # this rank's random streams, not rank 0's
                 set_rng_state(own[self.group.rank]["rng"])
                 self.estimator.generator.set_state(own[self.group.rank]["generator"])
+        except UsageError:
+            raise
         except Exception as e:  # a checkpoint of another model or method: torch raises several kinds
             raise UsageError(f"cannot resume from {self.out / CHECKPOINT}: it does not fit this run "
                              f"({type(e).__name__}: {first_line(e)[:200]})") from None
         self.epoch = state["epoch"]
-        if "records" in state:
-            self.records = list(state["records"])
-        elif self.group.is_main:  # a checkpoint from before records were kept in it: the metrics it covers
-            self.records = [r for r in read_metrics(self.out / METRICS) if r["epoch"] <= self.epoch]
-
-    def open_run_folder(self) -> bytes | None:
-        """Rank 0 locks and checks the run folder; every rank learns the verdict: an error, or the checkpoint to
-        resume from (None: a fresh start). Broadcast, so that no rank hangs on an error found by rank 0."""
-        error, raw = None, None
-        if self.group.is_main:
-            try:
-                raw = self._check_run_folder()
-            except UsageError as e:
-                error = e
-        self.group.broadcast_error(error)
-        if self.group.broadcast_bytes(b"0" if raw is None else b"1") == b"0":
-            return None
-        return self.group.broadcast_bytes(raw)
-
-    def _check_run_folder(self) -> bytes | None:
-        """Rank 0: refuse a folder in use, an existing run without --resume, a --resume with nothing to resume or
-        with other settings; the checkpoint's bytes when resuming."""
-        cfg, out = self.cfg, self.out
-        # torchrun --max-restarts N with --resume from the start: the first attempt starts the run.
-        restartable = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
-        checkpoint, config_path = out / CHECKPOINT, out / CONFIG
-        try:
-            if cfg.resume and not out.exists() and not restartable:
-                raise UsageError(f"--resume: {out} does not exist, so there is no run to continue (check --out)")
-            self.lock = RunLock(out).acquire()
-            remove_temp_files(out, RUN_FILES)
-            if not cfg.resume:
-                if checkpoint.exists() or (out / METRICS).exists():
-                    raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-                return None
-            if not checkpoint.exists():
-                if not config_path.exists() and not restartable:
-                    raise UsageError(f"--resume: {out} holds no run ({CONFIG} and {CHECKPOINT} are missing)")
-                if config_path.exists():
-                    note(f"{out} has no checkpoint yet (stopped in its first epoch): starting the run from epoch 1")
-                return None
-            saved = with_defaults(read_json(config_path)) if config_path.exists() else {}
-            config = self.stored_config()
-            # Everything but the epoch budget must match, or the resumed run would silently differ.
-            changed = settings_changed(saved, config)
-            if changed:
-                raise UsageError(f"--resume with a different {', '.join(option_names(changed))} than the run in "
-                                 f"{out}")
-            raw = checkpoint.read_bytes()
-        except OSError as e:
-            raise UsageError(f"cannot use {out} as a run folder: {describe_os_error(e)}") from None
-        self._checked = self.parse_checkpoint(raw)  # loaded once: load_checkpoint uses it
-        trained = self._checked.get("config")  # checkpoints before this check was made hold none
-        if isinstance(trained, dict) and not saved:  # config.json lost: the command line must match the checkpoint
-            changed = settings_changed(with_defaults(trained), config)
-            if changed:
-                raise UsageError(f"--resume with a different {', '.join(option_names(changed))} than the run in "
-                                 f"{out} (its checkpoint)")
-        elif isinstance(trained, dict):
-            edited = settings_changed(with_defaults(trained), saved)
-            if edited:
-                first = edited[0]
-                raise UsageError(f"cannot resume {out}: {CONFIG} says {first} = {saved[first]!r} but its checkpoint "
-                                 f"was trained with {trained[first]!r} ({', '.join(edited)} differ); {CONFIG} was "
-                                 "edited: restore it, or start a new run with the new settings")
-        planned = saved.get("epochs", cfg.epochs)
-        if isinstance(planned, bool) or not isinstance(planned, int):
-            raise UsageError(f"{config_path}: epochs is {planned!r}, not a whole number; write it as one")
-        self.check_budget(planned, self._checked["epoch"])
-        return raw
-
-    def check_budget(self, planned: int, done: int) -> None:
-        """A resumed run may change its number of epochs only where that changes nothing already trained."""
-        epochs, schedule = self.cfg.epochs, self.cfg.schedule
-        if epochs == planned:
-            return
-        if epochs < done:
-            raise UsageError(f"--resume with --epochs {epochs}, but the run in {self.out} has already trained "
-                             f"{done} epochs")
-        if schedule != "constant":
-            raise UsageError(f"--resume with --epochs {epochs}, but the run in {self.out} was started with "
-                             f"--epochs {planned} and its {schedule} schedule depends on that total; keep "
-                             f"--epochs {planned} or start a new run")
-        # Constant schedule (warm-up included): the learning rate of every step is independent of the total.
-        note(f"{self.out}: the run's budget changes from {planned} to {epochs} epochs "
-             "(exact: the constant schedule does not depend on the total)")
-
-    def stored_config(self) -> dict[str, Any]:
-        """The config as config.json stores it (tuples become lists); world_size: a resumed run keeps its ranks."""
-        return with_defaults(json.loads(json.dumps({**asdict(self.cfg), "resume": False,
-                                                    "world_size": self.group.world_size})))
-
-    def write_run_folder(self) -> None:
-        """Rank 0, before the first epoch of this session: config.json, metrics.jsonl as the checkpoint has it."""
-        config = self.stored_config()
-        try:
-            atomic_write_bytes(self.out / CONFIG, lambda f: f.write(json.dumps(config, indent=2).encode()))
-            if self.epoch > 0 or (self.out / METRICS).exists():
-                write_lines(self.out / METRICS, self.records)
-            (self.out / FAILED).unlink(missing_ok=True)  # a resumed run is trying again
-        except OSError as e:
-            raise UsageError(f"cannot write the run folder: {describe_os_error(e, self.out)}") from None
+        self.records = list(state["records"])
 
     def close(self) -> None:
-        """Release the run folder (rank 0): temp files of interrupted writes removed, then the lock."""
-        if self.lock is not None:
-            try:
-                remove_temp_files(self.out, RUN_FILES)
-            except OSError:
-                pass  # the next run removes them
-            self.lock.release()
-            self.lock = None
+        self.folder.close()
 
     # -- training --------------------------------------------------------------------------------------------------
-    def train_epoch(self) -> dict[str, float]:
+    def train(self) -> list[dict[str, Any]]:
+        """Train the remaining epochs; returns every epoch's metrics record (earlier sessions' too)."""
+        try:
+            if self.group.is_main:
+                self.write_run_folder()
+            while self.epoch < self.cfg.epochs:
+                self.train_and_evaluate_epoch()
+            return list(self.records)
+        finally:
+            self.close()
+
+    def train_and_evaluate_epoch(self) -> None:
         cfg = self.cfg
+        start = time.perf_counter()
+        try:
+            record = self.train_epoch()
+        except DivergedError as e:
+            self.folder.fail(asdict(cfg), "diverged", f"diverged at epoch {self.epoch + 1}", str(e))
+            raise
+        seconds = time.perf_counter() - start
+        if cfg.val_split:
+            val_error, val_loss = evaluate(self.estimator, self.data, cfg.eval_batch_size, self.device, self.group,
+                                           split="val")
+            record.update(val_error=val_error, val_loss=val_loss)
+        test_error, test_loss = evaluate(self.estimator, self.data, cfg.eval_batch_size, self.device, self.group)
+        self.epoch += 1
+        record = {"epoch": self.epoch, **record, "test_error": test_error, "test_loss": test_loss,
+                  "seconds": seconds, "lr": self.optimizer.param_groups[0]["lr"],
+                  **({"peak_memory_mb": self.step_peak_mb} if self.step_peak_mb is not None else {})}
+        self.records.append(record)
+        self._rank_states = distributed.gather_rng_states(self.group, rng_state, self.estimator.generator)
+        if self.group.is_main:
+            self.folder.save_epoch(self.save_checkpoint, record, self.epoch)
+        if self.log_epochs:
+            val = f"val error {record['val_error']:.2f} %, " if cfg.val_split else ""
+            tqdm.write(f"epoch {self.epoch}: train loss {record['train_loss']:.4f}, "
+                       f"train error {record['train_error']:.2f} %, {val}test error {test_error:.2f} % "
+                       f"({seconds:.1f} s)", file=sys.stderr)
+
+    def train_epoch(self) -> dict[str, float]:
+        cfg, group = self.cfg, self.group
         self.model.train()
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch)  # shuffle + augmentation
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        wrong = torch.zeros((), dtype=torch.int64)
-        seen = 0
+        totals = {"loss": 0.0, "wrong": 0, "seen": 0}
         extras: dict[str, float] = {}
-        group, sent = self.group, self.group.bytes
+        sent = group.bytes
         shard = {"rank": group.rank, "world_size": group.world_size} if group.active else {}
         batches = tqdm(islice(self.data.train_batches(cfg.batch_size, generator, **shard), self.steps_per_epoch),
                        total=self.steps_per_epoch,
                        desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.show_progress, leave=False)
+        steps = 0
         for step, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            n = len(y)
-            if group.active:  # this rank's rows of the global batch; 0 examples counted where it had no share
-                rows = distributed.shard(min(cfg.batch_size, self.data.num_train - step * cfg.batch_size),
-                                         group.rank, group.world_size)
-                self.estimator.shard, n = rows, rows.weight
-            self.optimizer.zero_grad(set_to_none=True)
-            try:
-                # The epoch's figure for peak_memory_mb (measuring slows this one step on CPU). Not in CPU
-                # data-parallel runs: the profiler is not run while gloo's threads move tensors (heap corruption
-                # was seen when it did, in staged runs).
-                if step == 0 and not (group.active and self.device.type == "cpu"):
-                    result, self.step_peak_mb = measured_step(self.estimator, x, y)
-                else:
-                    result = self.estimator.step(x, y)
-            except DivergedError as e:  # an estimator found non-finite values of its own (e.g. ff's scores)
-                raise self.diverged(str(e), step) from None
-            if not torch.isfinite(result.loss):
-                raise self.diverged(f"loss became {result.loss.item()}", step)
-            if group.active:  # every rank now holds the update of the whole global batch (the estimator's policy)
-                self.estimator.all_reduce_gradients(group, n)
-                distributed.reduce_state(group, self.estimator.reduced_state(), self.model, n)
-            self.optimizer.step()
-            self.schedule.step()
-            loss_sum += result.loss.detach().double().cpu() * n
-            if n:
-                wrong += (result.logits.argmax(1) != y).sum().cpu()
-            seen += n
+            result, n = self.train_step(step, x, y)
+            steps += 1
+            totals["loss"] += result.loss.detach().double().item() * n
+            totals["wrong"] += int((result.logits.argmax(1) != y).sum()) if n else 0
+            totals["seen"] += n
             for k, v in (result.extra or {}).items():
                 extras[k] = extras.get(k, 0.0) + float(v) * n
             if self.show_progress and step % 10 == 0:
-                batches.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
+                batches.set_postfix(loss=f"{totals['loss'] / max(totals['seen'], 1):.4f}")
         keys = sorted(extras)
-        totals = torch.tensor([loss_sum.item(), wrong.item(), seen, *(extras[k] for k in keys)], dtype=torch.float64)
-        loss_total, wrong_total, seen_total, *rest = group.sum(totals).tolist()  # the global batch: sums over ranks
+        sums = torch.tensor([totals["loss"], totals["wrong"], totals["seen"], *(extras[k] for k in keys)],
+                            dtype=torch.float64)
+        loss_total, wrong_total, seen_total, *rest = group.sum(sums).tolist()  # the global batch: sums over ranks
         record = {"train_loss": loss_total / seen_total, "train_error": 100.0 * wrong_total / seen_total,
                   **{k: v / seen_total for k, v in zip(keys, rest)}}
         if group.active:
-            record["comm_bytes_per_step"] = (group.bytes - sent) / (step + 1)
+            record["comm_bytes_per_step"] = (group.bytes - sent) / steps
         return record
+
+    def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[methods.StepResult, int]:
+        """The estimator fills p.grad, the ranks combine, the optimizer steps; (the result, examples counted)."""
+        cfg, group, n = self.cfg, self.group, len(y)
+        if group.active:  # this rank's rows of the global batch; 0 examples counted where it had no share
+            rows = distributed.shard(min(cfg.batch_size, self.data.num_train - step * cfg.batch_size),
+                                     group.rank, group.world_size)
+            self.estimator.shard, n = rows, rows.weight
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            # The epoch's figure for peak_memory_mb (measuring slows this one step on CPU). Not in CPU data-parallel
+            # runs: the profiler is not run while gloo's threads move tensors (heap corruption was seen).
+            if step == 0 and not (group.active and self.device.type == "cpu"):
+                result, self.step_peak_mb = measured_step(self.estimator, x, y)
+            else:
+                result = self.estimator.step(x, y)
+        except DivergedError as e:  # an estimator found non-finite values of its own (e.g. ff's scores)
+            raise self.diverged(str(e), step) from None
+        if not torch.isfinite(result.loss):
+            raise self.diverged(f"loss became {result.loss.item()}", step)
+        if group.active:  # every rank now holds the update of the whole global batch (the estimator's policy)
+            self.estimator.all_reduce_gradients(group, n)
+            distributed.reduce_state(group, self.estimator.reduced_state(), self.model, n)
+        self.optimizer.step()
+        self.schedule.step()
+        return result, n
 
     def diverged(self, what: str, step: int) -> DivergedError:
         kept = (f"the checkpoint of epoch {self.epoch} is kept in {self.out / CHECKPOINT}" if self.epoch
                 else "no checkpoint was written (the first epoch had not finished)")
         return DivergedError(f"{what} at epoch {self.epoch + 1}, step {step + 1}; {kept}; {lr_origin(self.cfg)} "
                              "(try a lower --lr)")
-
-    def train(self) -> list[dict[str, Any]]:
-        """Train the remaining epochs; returns every epoch's metrics record (earlier sessions' too)."""
-        try:
-            return self._train()
-        finally:
-            self.close()
-
-    def _train(self) -> list[dict[str, Any]]:
-        cfg = self.cfg
-        if self.group.is_main:
-            self.write_run_folder()
-        while self.epoch < cfg.epochs:
-            start = time.perf_counter()
-            try:
-                record = self.train_epoch()
-            except DivergedError as e:
-                if self.group.is_main:  # so `report` can tell a diverged run from an unfinished one
-                    record_failure(self.out, asdict(cfg), "diverged", f"diverged at epoch {self.epoch + 1}", str(e))
-                raise
-            seconds = time.perf_counter() - start
-            if cfg.val_split:
-                val_error, val_loss = evaluate(self.estimator, self.data, cfg.eval_batch_size, self.device,
-                                               self.group, split="val")
-                record.update(val_error=val_error, val_loss=val_loss)
-            test_error, test_loss = evaluate(self.estimator, self.data, cfg.eval_batch_size, self.device, self.group)
-            self.epoch += 1
-            record = {"epoch": self.epoch, **record, "test_error": test_error, "test_loss": test_loss,
-                      "seconds": seconds, "lr": self.optimizer.param_groups[0]["lr"],
-                      **({"peak_memory_mb": self.step_peak_mb} if self.step_peak_mb is not None else {})}
-            self.records.append(record)
-            self._rank_states = distributed.gather_rng_states(self.group, rng_state, self.estimator.generator)
-            if self.group.is_main:
-                self.save_epoch(record)
-            if self.log_epochs:
-                val = f"val error {record['val_error']:.2f} %, " if cfg.val_split else ""
-                tqdm.write(f"epoch {self.epoch}: train loss {record['train_loss']:.4f}, "
-                           f"train error {record['train_error']:.2f} %, {val}test error {test_error:.2f} % "
-                           f"({seconds:.1f} s)", file=sys.stderr)
-        return list(self.records)
 
 
 def lr_origin(cfg: TrainConfig) -> str:
