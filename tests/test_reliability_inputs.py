@@ -48,7 +48,7 @@ def test_seed_out_of_range(tmp_path, capsys, seed, command):
         assert compare(tmp_path, "--seeds", f"0,{seed}") == 2
     else:
         assert grad_quality(tmp_path, "--seed", seed) == 2
-    one_line_error(capsys, "--seed", "0..4294967295", seed)
+    one_line_error(capsys, "--seed", "4294967295", seed)
     assert not (tmp_path / "run").exists() and not (tmp_path / "cmp").exists() and not (tmp_path / "gq").exists()
 
 
@@ -233,7 +233,7 @@ def test_one_class_is_refused(tmp_path, capsys, data):
         assert train_folder(tmp_path, root, "--classes", "1") == 2
     else:
         assert train(tmp_path, "--classes", "3") == 2
-    one_line_error(capsys, "--classes needs at least two classes")
+    one_line_error(capsys, "--classes needs at least 2")
 
 
 def test_imagefolder_with_one_class_folder(tmp_path, capsys):

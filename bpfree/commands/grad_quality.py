@@ -8,10 +8,11 @@ import torch
 
 from bpfree import data as datasets
 from bpfree import methods, models
-from bpfree.commands.train import DATA_HELP, add_entry_options, document_blocks_flag, model_options, set_threads
+from bpfree.commands.train import add_entry_options, document_blocks_flag, model_options, set_threads
 from bpfree.core.errors import UsageError
 from bpfree.lab.gradquality import gradient_quality, markdown_table, write_report
 from bpfree.training.checks import check_device, check_seed, output_folder
+from bpfree.training.config import DATA_HELP
 
 
 def _list(text: str, kind: type, flag: str) -> list:

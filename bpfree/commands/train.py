@@ -13,16 +13,13 @@ import torch
 
 from bpfree import methods, models
 from bpfree.core.errors import UsageError
-from bpfree.core.registry import Registry
+from bpfree.core.registry import Option, Registry
 from bpfree.training import distributed, recipes, stages
 from bpfree.training.checks import check_nproc, check_threads
-from bpfree.training.train import OPTIMIZERS, TrainConfig, train
+from bpfree.training.train import TrainConfig, train
 
 DEFAULTS = TrainConfig()
 FROM_RECIPE = "default: from the method's recipe for the model, see bpfree/training/recipes.py"
-DATA_HELP = ("digits, mnist, fashion-mnist, cifar10 or imagefolder:PATH (PATH/train/CLASS/* and PATH/val/CLASS/*, "
-             "the same class folders in both, each with images; an image that cannot be decoded stops the run "
-             "with its file name, exit code 2)")
 
 
 def add_entry_options(parser: argparse.ArgumentParser, registry: Registry, title: str) -> None:
@@ -75,48 +72,43 @@ def entry_options(args: argparse.Namespace, registry: Registry, name: str) -> di
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True) -> None:
-    d = DEFAULTS
-    if single:
-        parser.add_argument("--method", default=d.method, help="learning rule (see `bpfree methods`)")
-    parser.add_argument("--model", default=d.model,
-                        help="model (see `bpfree models`), or your own: path/to/file.py:Name or package.module:name "
-                        "(a class or function called with num_classes and input_shape)")
-    parser.add_argument("--data", default=d.data, help=DATA_HELP)
-    parser.add_argument("--data-root", default=None,
-                        help="folder holding the data sets (default $BPFREE_DATA, else ./data)")
-    parser.add_argument("--train-size", type=int, default=None,
-                        help="use only the first N training examples (after --classes and --val-split)")
-    parser.add_argument("--val-split", type=int, default=None, metavar="N",
-                        help="hold out N training examples for validation (val_error, val_loss in the metrics): "
-                        "the same N for every seed and method, drawn after --classes and before --train-size "
-                        "(default 0: none)")
-    parser.add_argument("--augment", action="store_true", help="pad-4 random crop + horizontal flip (cifar10)")
-    parser.add_argument("--classes", default=None, type=lambda v: tuple(int(c) for c in v.split(",")),
-                        metavar="A,B,...", help="use only these labels, at least two (relabelled 0..k-1 in the "
-                        "order given; for imagefolder: indices of the sorted class-folder names)")
-    parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
-                        help="start from the backbone of a trained run's checkpoint.pt (new classifier heads)")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    # The recipe settings parse to None unless given: what is not given comes from the recipe (training/recipes.py).
-    parser.add_argument("--batch-size", type=int, default=None, help=f"examples per step ({FROM_RECIPE})")
-    parser.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help=f"torch.optim optimizer ({FROM_RECIPE})")
-    if single:
-        parser.add_argument("--lr", type=lr_value, default=None, metavar="LR|auto",
-                            help="learning rate, or auto: found on validation data first (bpfree lr-find; default "
-                            "where the recipe for the method and model is not validated, else the recipe's)")
-    parser.add_argument("--momentum", type=float, default=None, help=f"SGD momentum ({FROM_RECIPE})")
-    parser.add_argument("--weight-decay", type=float, default=None,
-                        help=f"weight decay, weights only ({FROM_RECIPE})")
-    parser.add_argument("--schedule", default=None, choices=("constant", "cosine"),
-                        help=f"learning-rate schedule ({FROM_RECIPE})")
-    parser.add_argument("--warmup-epochs", type=float, default=None, help=f"linear warm-up epochs ({FROM_RECIPE})")
-    parser.add_argument("--device", default=d.device, help="cpu or cuda (cuda:N)")
+    """One flag per run setting declared in `TrainConfig` (bpfree/training/config.py), then the method and model
+    options of the registries. `single=False` (compare, sweep): no --method / --lr, which they take per method."""
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        if not meta.get("flag") or (not single and f.name in ("method", "lr")) or f.name in PROCESS_SETTINGS:
+            continue
+        add_setting(parser, f.name, meta["option"], meta["unset"], meta["recipe"])
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice). 1 is fastest for small models and on "
                         "a busy machine: threads waiting for each other cost more than they share")
     add_entry_options(parser, methods.METHODS, "method")
     add_entry_options(parser, models.MODELS, "model")
     document_blocks_flag(parser)
+
+
+# Settings only `train` takes (compare and sweep choose them per run).
+PROCESS_SETTINGS = ("seed", "out", "resume", "dist_timeout")
+
+
+def add_setting(parser: argparse.ArgumentParser, name: str, declared: Option, unset: bool, recipe: bool) -> None:
+    """The flag of one declared setting: its type and choices for argparse (and config files), its help with the
+    bounds and the default; the bounds themselves are checked by TrainConfig.check."""
+    flag = "--" + name.replace("_", "-")
+    bounds = f"{declared.bounds()}; " if declared.bounds() else ""
+    default = FROM_RECIPE if recipe else f"default {declared.default}" if declared.default not in (None, False) else ""
+    help_text = f"{declared.help} ({bounds}{default})" if bounds or default else declared.help
+    if declared.kind is bool:
+        parser.add_argument(flag, action="store_true", help=help_text)
+        return
+    kind = lr_value if name == "lr" else tuple_of_ints if declared.kind is tuple else declared.kind
+    parser.add_argument(flag, type=kind, choices=declared.choices, default=None if unset else declared.default,
+                        metavar="LR|auto" if name == "lr" else "A,B,..." if declared.kind is tuple else None,
+                        help=help_text)
+
+
+def tuple_of_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(c) for c in text.split(","))
 
 
 def lr_value(text: str) -> float | str:
@@ -211,17 +203,12 @@ def set_threads(threads: int | None) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser)
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
-    parser.add_argument("--out", default=None, help="run folder (default runs/METHOD-MODEL-DATA)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its last checkpoint (an error if --out holds no run; "
-                             "a run stopped before its first checkpoint starts again). --epochs may change only "
-                             "with --schedule constant, and not below the epochs already trained")
+    for name in PROCESS_SETTINGS:
+        meta = next(f.metadata for f in fields(TrainConfig) if f.name == name)
+        add_setting(parser, name, meta["option"], meta["unset"] or name == "out", meta["recipe"])
     parser.add_argument("--nproc", type=int, default=1,
                         help="data-parallel processes on this machine (the same as `torchrun --standalone "
                              "--nproc-per-node N -m bpfree train ...`); each takes 1/N of every batch")
-    parser.add_argument("--dist-timeout", type=float, default=DEFAULTS.dist_timeout,
-                        help="data-parallel runs: seconds a rank waits for a silent peer before stopping with an error")
     parser.add_argument("--stages", type=int, default=1,
                         help="block-parallel: split the model's blocks into S contiguous stages, one process each, "
                              "all training at once (local rules; docs/parallel.md)")

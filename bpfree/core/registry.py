@@ -20,7 +20,7 @@ class Option:
     """One option of a model or method: its default, a one-line help, and optional allowed values.
 
     The type is taken from the default: int, float, str, bool, or a tuple of ints (given as "1024,1024").
-    Numbers may declare bounds where the option is declared: `minimum` / `maximum` (inclusive) and `above`
+    Numbers may declare bounds where the option is declared: `minimum` / `maximum` (inclusive), `above` / `below`
     (exclusive); for a tuple every entry is checked, and `min_items` bounds its length. Floats must be finite.
     """
 
@@ -31,6 +31,7 @@ class Option:
     minimum: float | None = None
     maximum: float | None = None
     above: float | None = None
+    below: float | None = None
     min_items: int = 0
 
     @property
@@ -63,41 +64,47 @@ class Option:
             else:
                 value = kind(value)
         except (TypeError, ValueError):
-            raise UsageError(f"option --{name.replace('_', '-')}: expected {kind.__name__}, got {value!r}") from None
+            raise UsageError(f"--{name.replace('_', '-')}: expected {kind.__name__}, got {value!r}") from None
         if self.choices is not None and value not in self.choices:
             raise UsageError(
-                f"option --{name.replace('_', '-')}: {value!r} is not one of {', '.join(map(str, self.choices))}"
+                f"--{name.replace('_', '-')}: {value!r} is not one of {', '.join(map(str, self.choices))}"
             )
         self.check_bounds(name, value)
         return value
 
     def bounds(self) -> str:
         """The declared bounds in words ("at least 1", "in (0, 1]"), or "" if none."""
-        low = f"[{self.minimum:g}" if self.minimum is not None else f"({self.above:g}" if self.above is not None else ""
-        if low and self.maximum is not None:
-            return f"in {low}, {self.maximum:g}]"
-        if self.maximum is not None:
-            return f"at most {self.maximum:g}"
-        if self.minimum is not None:
-            return f"at least {self.minimum:g}"
-        if self.above is not None:
-            return f"greater than {self.above:g}"
+        low = f"[{_num(self.minimum)}" if self.minimum is not None else \
+            f"({_num(self.above)}" if self.above is not None else ""
+        high = f"{_num(self.maximum)}]" if self.maximum is not None else \
+            f"{_num(self.below)})" if self.below is not None else ""
+        if low and high:
+            return f"in {low}, {high}"
+        for bound, words in ((self.maximum, "at most"), (self.below, "less than"), (self.minimum, "at least"),
+                             (self.above, "greater than")):
+            if bound is not None:
+                return f"{words} {_num(bound)}"
         return ""
 
     def check_bounds(self, name: str, value: Any) -> None:
         """Raise UsageError naming the option and its bounds if `value` (already parsed) is outside them."""
         flag = "--" + name.replace("_", "-")
         if self.kind is tuple and len(value) < self.min_items:
-            raise UsageError(f"option {flag}: needs at least {self.min_items} value(s), got {len(value)}")
+            raise UsageError(f"{flag} needs at least {self.min_items} value(s), got {len(value)}")
         for v in value if self.kind is tuple else (value,):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             if isinstance(v, float) and not math.isfinite(v):
-                raise UsageError(f"option {flag}: must be a finite number, got {v}")
+                raise UsageError(f"{flag} must be a finite number, got {v}")
             if ((self.minimum is not None and v < self.minimum) or (self.maximum is not None and v > self.maximum)
-                    or (self.above is not None and v <= self.above)):
+                    or (self.above is not None and v <= self.above) or (self.below is not None and v >= self.below)):
                 each = "each value " if self.kind is tuple else ""
-                raise UsageError(f"option {flag}: {each}must be {self.bounds()}, got {v}")
+                raise UsageError(f"{flag}: {each}must be {self.bounds()}, got {v}" if each else
+                                 f"{flag} must be {self.bounds()}, got {v}")
+
+
+def _num(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
 
 
 @dataclass

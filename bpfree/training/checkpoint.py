@@ -22,6 +22,7 @@ import torch
 
 from bpfree import methods, models
 from bpfree.core.errors import UsageError
+from bpfree.training.config import RESUME_FREE
 from bpfree.training.distributed import Group
 from bpfree.training.runfolder import (
     RunLock,
@@ -40,8 +41,6 @@ METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 FAILED = "failed.json"  # written when a run diverges (by `compare` also when it fails otherwise)
 RUN_FILES = (CHECKPOINT, METRICS, CONFIG, FAILED)  # written atomically (temp files are cleaned up on start and exit)
-# Settings that may differ on --resume: the epoch budget (checked apart) and where and how the run is kept.
-RESUME_FREE = ("epochs", "resume", "device", "out", "data_root", "dist_timeout", "recipe")
 
 
 def note(message: str) -> None:

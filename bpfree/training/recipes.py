@@ -14,10 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from bpfree.training.train import TrainConfig
-
-# The TrainConfig fields a recipe may set.
-RECIPE_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "batch_size")
+from bpfree.training.config import RECIPE_FIELDS, TrainConfig
 
 # What a field is when neither a recipe nor the user gives it (the library's defaults before recipes existed).
 BASE = {f.name: f.default for f in fields(TrainConfig) if f.name in RECIPE_FIELDS}

@@ -11,7 +11,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -37,79 +37,12 @@ from bpfree.training.checkpoint import (
     set_rng_state,
     with_defaults,
 )
+from bpfree.training.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from bpfree.training.runfolder import first_line, read_metrics
 from bpfree.training.transfer import load_backbone
 
-__all__ = ["CHECKPOINT", "CONFIG", "FAILED", "METRICS", "Run", "TrainConfig", "note", "read_metrics",
-           "record_failure", "rng_state", "set_rng_state", "train", "with_defaults"]
-
-@dataclass
-class TrainConfig:
-    method: str = "bp"
-    model: str = "mlp"
-    data: str = "digits"
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    seed: int = 0
-    device: str = "cpu"
-    out: str = "runs/latest"
-    resume: bool = False
-    train_size: int | None = None
-    val_split: int = 0  # training examples held out for validation (the same ones for every seed; see load_data)
-    classes: tuple[int, ...] | None = None  # train and test on these labels only, relabelled 0..k-1
-    init_from: str | None = None  # copy a trained backbone from this checkpoint (classifier heads stay new)
-    data_root: str | None = None
-    augment: bool = False
-    eval_batch_size: int = 1000
-    dist_timeout: float = 60.0  # data-parallel runs: seconds before a rank gives up on a silent peer
-    method_options: dict[str, Any] = field(default_factory=dict)
-    model_options: dict[str, Any] = field(default_factory=dict)
-    blocks: tuple[str, ...] | None = None  # the model's submodules whose outputs are the block boundaries
-    recipe: dict[str, Any] | None = None  # which recipes.py entry filled the settings not given (CLI runs)
-    lr_auto: bool = False  # --lr auto: the lr finder (training/lrfind.py) sets lr before training; lr is its prior
-    lr_probe: dict[str, Any] | None = None  # what the finder probed and chose (config.json; --resume reuses it)
-
-    def check(self) -> None:
-        """Reject bad numbers and impossible combinations with one line each."""
-        from bpfree.training.checks import check_device, check_seed  # shared with the other commands
-
-        if self.epochs < 1:
-            raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
-        check_seed(self.seed)
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UsageError(f"--lr must be a positive number, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise UsageError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise UsageError(f"--weight-decay must be non-negative, got {self.weight_decay}")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise UsageError(f"--warmup-epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
-        if self.optimizer not in OPTIMIZERS:
-            raise UsageError(f"unknown optimizer {self.optimizer!r} (choose from: {', '.join(OPTIMIZERS)})")
-        if self.schedule not in SCHEDULES:
-            raise UsageError(f"unknown schedule {self.schedule!r} (choose from: {', '.join(SCHEDULES)})")
-        if not self.dist_timeout > 0:
-            raise UsageError(f"--dist-timeout must be positive, got {self.dist_timeout}")
-        if self.train_size is not None and self.train_size < 1:
-            raise UsageError(f"--train-size must be at least 1, got {self.train_size}")
-        if self.val_split < 0:
-            raise UsageError(f"--val-split must be 0 (none) or a number of examples, got {self.val_split}")
-        check_device(self.device)
-        methods.METHODS.get(self.method)
-        models.check(self.model)
-
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine")
-
+__all__ = ["CHECKPOINT", "CONFIG", "FAILED", "METRICS", "OPTIMIZERS", "SCHEDULES", "Run", "TrainConfig", "note",
+           "read_metrics", "record_failure", "rng_state", "set_rng_state", "train", "with_defaults"]
 
 def make_optimizer(
     cfg: TrainConfig, params: list[torch.nn.Parameter], lr_multipliers: dict[int, float] | None = None
