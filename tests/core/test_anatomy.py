@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bpfree import methods, models
+from bpfree import models
 from bpfree.core.anatomy import boundaries, describe, pool, positions_last
 from bpfree.core.errors import UsageError
 from tests.user_models import ResidualCNN, TinyViT
@@ -80,23 +80,3 @@ def test_pool_and_positions():
     assert positions_last(torch.ones(2, 5, 3, 4)).shape == (2, 12, 5)
     with pytest.raises(UsageError):
         positions_last(torch.ones(2, 5))
-
-
-def test_fast_path_registry_prefers_the_model_specific_factory():
-    class Special(nn.Sequential):
-        pass
-
-    made = []
-
-    @methods.register_fast_path("bp", Special)
-    def factory(model, seed=0, **options):
-        made.append(model)
-        return methods.METHODS.get("bp").factory(model, seed=seed, **options)
-
-    try:
-        model = Special(nn.Flatten(), nn.Linear(4, 2))
-        methods.build("bp", model)
-        methods.build("bp", nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
-        assert made == [model]
-    finally:
-        del methods.FAST_PATHS[("bp", Special)]
