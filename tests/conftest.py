@@ -10,6 +10,24 @@ import torch
 os.environ.setdefault("BPFREE_OFFLINE", "1")
 torch.set_num_threads(1)
 
+# A module fixture that starts processes makes each test using it slow (whichever runs first pays for it).
+SLOW_FIXTURES = {"two_rank_runs", "staged_runs", "whole"}
+# Slow tests in files that other branches are editing; elsewhere a test says @pytest.mark.slow itself.
+SLOW_TESTS = {
+    "tests/training/test_stages.py::test_killed_stage_stops_the_other_then_resume_continues",
+    "tests/training/test_lrfind.py::test_lr_auto_records_the_probe_and_resume_reuses_it",
+    "tests/training/test_lrfind.py::test_compare_resolves_lr_auto_per_method",
+    "tests/core/test_memory.py::test_cpu_data_parallel_runs_measure_no_step_and_the_report_measures_apart",
+    "tests/core/test_memory.py::test_activation_memory_is_flat_in_depth[ff]",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid in SLOW_TESTS or item.nodeid.split("[")[0] in SLOW_TESTS or \
+                SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture
 def digits():

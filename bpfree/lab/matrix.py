@@ -1,15 +1,15 @@
 """The method x model matrix: every registered learning rule built on every kind of network, on tiny inputs.
 
-Columns: the shipped models at tiny sizes plus two networks written as a user would (`ResidualCNN`: an ordinary
-`nn.Module` with residuals and batch norm; `TinyViT`: patches + `nn.TransformerEncoder`). A cell is either a rule
-that builds and steps (`check` also asks that it lowers its own loss on one fixed batch) or a documented undefined
-case: the one-line `UsageError` that building or stepping it raises. `bpfree methods --matrix` prints the table by
-building every cell, so the table cannot disagree with the code.
+Columns: the shipped models at tiny sizes, plus any user's models (`user_columns`: `file.py:Class`, as
+`bpfree train --model` takes them). A cell is either a rule that builds and steps (`losses` also tells whether it
+lowers its own loss on one fixed batch) or a documented undefined case: the one-line `UsageError` that building or
+stepping it raises. `bpfree methods --matrix [--model FILE:Class ...]` prints the table by building every cell, so
+the table cannot disagree with the code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -17,52 +17,11 @@ from torch import nn
 from bpfree import methods, models
 from bpfree.core.errors import UsageError
 
-
-class ResidualCNN(nn.Module):
-    """A user's own residual CNN with batch norm: an nn.Module, not an nn.Sequential."""
-
-    def __init__(self, num_classes: int = 10, input_shape: tuple[int, ...] = (3, 16, 16)):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(input_shape[0], 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
-        h = torch.relu(self.bn(self.conv(h)) + h)
-        h = torch.relu(self.down(h))
-        return self.fc(h.mean((2, 3)))
-
-
-class TinyViT(nn.Module):
-    """A small Vision Transformer: 4x4-pixel patches, a positional embedding, `nn.TransformerEncoder`, mean pool."""
-
-    def __init__(self, num_classes: int = 10, input_shape: tuple[int, ...] = (3, 16, 16), dim: int = 32):
-        super().__init__()
-        self.patch = nn.Conv2d(input_shape[0], dim, 4, 4)
-        self.pos = nn.Parameter(torch.zeros(1, (input_shape[1] // 4) * (input_shape[2] // 4), dim))
-        layer = nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.patch(x).flatten(2).transpose(1, 2) + self.pos
-        return self.head(self.norm(self.encoder(t)).mean(1))
-
-
-def _user(cls: type[nn.Module], shape: tuple[int, ...]) -> Callable[[], nn.Module]:
-    def make() -> nn.Module:
-        model = cls(10, shape)
-        model.input_shape = shape
-        return model
-    return make
-
+Maker = Callable[[], nn.Module]
+Columns = Mapping[str, Maker]
 
 #: column name -> a function building the tiny model (the seed is set by the caller)
-MODELS: dict[str, Callable[[], nn.Module]] = {
+MODELS: dict[str, Maker] = {
     "mlp": lambda: models.build("mlp", 10, (1, 8, 8), hidden=(16, 16)),
     "fc-bn": lambda: models.build("fc-bn", 10, (1, 8, 8), layers=2, width=16),
     "cnn-small": lambda: models.build("cnn-small", 10, (1, 8, 8)),
@@ -70,9 +29,27 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "mobilenetv3-small": lambda: models.build("mobilenetv3-small", 10, (3, 8, 8), width=0.25),
     "localmixer-m8-16": lambda: models.build("localmixer-m8-16", 10, (3, 32, 32), channels=16, groups=4),
     "ff-mlp": lambda: models.build("ff-mlp", 10, (1, 8, 8), hidden=(16, 16)),
-    "ResidualCNN": _user(ResidualCNN, (3, 16, 16)),
-    "TinyViT": _user(TinyViT, (3, 16, 16)),
 }
+
+#: The input shape of a user's model column unless another is given.
+USER_INPUT_SHAPE = (3, 16, 16)
+
+
+def user_columns(specs: Sequence[str], input_shape: tuple[int, ...] = USER_INPUT_SHAPE) -> dict[str, Maker]:
+    """Columns for users' models (`path/to/file.py:Class` or `package.module:name`), named by the class or function;
+    each is built once here so that a model that cannot be built or does not fit `input_shape` is a UsageError now,
+    not a column of failures."""
+    columns: dict[str, Maker] = {}
+    for spec in specs:
+        name = models.short_name(spec)
+        if models.user_model(spec) is None:
+            raise UsageError(f"--model {spec}: a column is a user's model, path/to/file.py:Class "
+                             "(the registered models are columns already)")
+        if name in columns or name in MODELS:
+            raise UsageError(f"--model {spec}: a column named {name!r} is there already")
+        models.build(spec, 10, input_shape)
+        columns[name] = lambda spec=spec: models.build(spec, 10, input_shape)
+    return columns
 
 #: Adam learning rates, by (method, model) or by model, where the default 1e-2 is not the size for a few steps on one
 #: batch: cnn-small has no normalisation (dfa's kaiming-uniform B there needs less still); ff on LocalMixer sees the
@@ -93,10 +70,12 @@ def fixed_batch(shape: tuple[int, ...], n: int = 32, classes: int = 10) -> tuple
     return torch.randn(n, *shape, generator=g) + patterns[y], y
 
 
-def build_cell(method: str, model_name: str, seed: int = 0) -> tuple[methods.Estimator, torch.Tensor, torch.Tensor]:
+def build_cell(
+    method: str, model_name: str, seed: int = 0, columns: Columns = MODELS
+) -> tuple[methods.Estimator, torch.Tensor, torch.Tensor]:
     """(estimator, x, y) for one cell; raises UsageError where the rule is undefined for the model."""
     torch.manual_seed(seed)
-    model = MODELS[model_name]()
+    model = columns[model_name]()
     x, y = fixed_batch(tuple(model.input_shape))
     return methods.build(method, model, seed=seed), x, y
 
@@ -107,9 +86,9 @@ def objective(result: methods.StepResult) -> float:
     return float(result.loss) + sum(v for k, v in extra.items() if k.startswith("local_loss_"))
 
 
-def losses(method: str, model_name: str, steps: int = 3) -> tuple[float, float]:
+def losses(method: str, model_name: str, steps: int = 3, columns: Columns = MODELS) -> tuple[float, float]:
     """The estimator's own objective on the fixed batch before any update and after `steps` Adam steps."""
-    est, x, y = build_cell(method, model_name)
+    est, x, y = build_cell(method, model_name, columns=columns)
     lr = LEARNING_RATES.get((method, model_name), LEARNING_RATES.get(model_name, 1e-2))
     opt = torch.optim.Adam(est.trainable(), lr=lr)
     first = last = objective(est.step(x, y))
@@ -119,11 +98,11 @@ def losses(method: str, model_name: str, steps: int = 3) -> tuple[float, float]:
     return first, last
 
 
-def cell(method: str, model_name: str) -> str | None:
+def cell(method: str, model_name: str, columns: Columns = MODELS) -> str | None:
     """None where the rule builds and takes a step, else the one-line reason it is undefined (a UsageError), or
     "error: ..." for any other failure (a bug: the matrix test fails on it)."""
     try:
-        est, x, y = build_cell(method, model_name)
+        est, x, y = build_cell(method, model_name, columns=columns)
         est.step(x, y)
     except UsageError as e:
         return str(e)
@@ -132,16 +111,21 @@ def cell(method: str, model_name: str) -> str | None:
     return None
 
 
-def table(method_names: list[str] | None = None, model_names: list[str] | None = None) -> str:
-    """The matrix as a Markdown table (✓, or ✗n with footnote n: the reason), each cell built and stepped for real."""
+def table(
+    method_names: list[str] | None = None, model_names: list[str] | None = None, extra: Columns | None = None
+) -> str:
+    """The matrix as a Markdown table (✓, or ✗n with footnote n: the reason), each cell built and stepped for real.
+
+    `extra`: more columns after the shipped models (`user_columns`)."""
+    columns = {**MODELS, **(extra or {})}
     rows = method_names or methods.METHODS.names()
-    cols = model_names or list(MODELS)
+    cols = model_names or list(columns)
     reasons: list[str] = []
     lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for m in rows:
         marks = []
         for c in cols:
-            why = cell(m, c)
+            why = cell(m, c, columns)
             if why is None:
                 marks.append("✓")
             else:

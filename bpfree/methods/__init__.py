@@ -58,23 +58,35 @@ def _check_fast_path_options(name: str, model: nn.Module, resolved: dict[str, An
 
 
 def fast_path(method: str, model: nn.Module) -> Factory | None:
+    """The fast path registered for `method` on the model's class (or a base class), or None."""
     for cls in type(model).__mro__:
         if (method, cls) in FAST_PATHS:
             return FAST_PATHS[(method, cls)]
     return None
 
 
+_fast_path_factory = fast_path  # `build`'s argument of the same name hides the function there
+
+
 def build(
-    name: str, model: nn.Module, seed: int = 0, blocks: Sequence[str] | None = None, **options: Any
+    name: str,
+    model: nn.Module,
+    seed: int = 0,
+    blocks: Sequence[str] | None = None,
+    fast_path: bool = True,
+    **options: Any,
 ) -> Estimator:
     """The estimator `name` for `model`, options type-checked and defaults filled.
 
     `blocks` names the submodules whose outputs are the local-learning boundaries (default: found by
-    `bpfree.core.anatomy.describe`).
+    `bpfree.core.anatomy.describe`). `fast_path=False` builds the generic rule even where a fast path is registered
+    for the model's class (what the fast path must agree with: tests/fastpaths/test_contract.py).
     """
     resolved = METHODS.resolve_options(name, options)
-    _check_fast_path_options(name, model, resolved)
-    factory = fast_path(name, model) or METHODS.get(name).factory
+    factory = METHODS.get(name).factory
+    if fast_path:
+        _check_fast_path_options(name, model, resolved)
+        factory = _fast_path_factory(name, model) or factory
     extra = {"blocks": tuple(blocks)} if blocks else {}
     if blocks:
         check_block_names(model, tuple(blocks))

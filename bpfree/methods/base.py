@@ -166,6 +166,9 @@ class Buffers(nn.Module):
     def append(self, t: torch.Tensor) -> None:
         self[len(self)] = t
 
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, (int, str)) and self._name(key) in self._buffers
+
     def keys(self) -> list[str]:
         return [name.replace(":", ".") for name in self._buffers]
 

@@ -1,0 +1,82 @@
+"""The model anatomy: layers and blocks found on shipped models and on ordinary user-written modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bpfree import models
+from bpfree.core.anatomy import boundaries, describe, pool, positions_last
+from bpfree.core.errors import UsageError
+from tests.user_models import ResidualCNN, TinyViT
+
+
+def test_sequential_blocks_group_each_layer_with_what_follows():
+    a = describe(models.build("fc-bn", 10, (1, 8, 8), layers=2, width=16))
+    assert [b.name for b in a.blocks] == ["1", "4"]
+    assert [type(m).__name__ for m in a.blocks[0].modules] == ["Flatten", "Linear", "BatchNorm1d", "ReLU"]
+    assert a.block_shapes == [(16,), (16,)]
+    assert {id(p) for p in a.readout_parameters()} == {id(p) for p in list(a.model.parameters())[-2:]}
+
+
+def test_declared_blocks_are_used():
+    model = models.build("resnet18", 10, (3, 8, 8), width=4)
+    a = describe(model)
+    assert [b.exit for b in a.blocks] == list(model.blocks)
+    assert a.block_widths() == [4, 4, 4, 8, 8, 16, 16, 32, 32]
+
+
+def test_generic_blocks_follow_the_call_order():
+    a = describe(ResidualCNN(), (3, 16, 16))
+    assert [b.name for b in a.blocks] == ["stem", "conv", "down"]
+    assert a.blocks[1].exit is a.model.bn  # a layer-free module after a layer ends that layer's block
+    assert a.block_shapes == [(8, 16, 16), (8, 16, 16), (16, 8, 8)]
+
+
+def test_transformer_encoder_is_opened_into_its_layers():
+    vit = TinyViT()
+    a = describe(vit, (3, 16, 16))
+    assert [b.name for b in a.blocks] == ["patch", "encoder.layers.0", "encoder.layers.1"]
+    assert a.block_shapes[1:] == [(16, 32), (16, 32)]
+    assert a.block_widths() == [32, 32, 32]
+    assert any(isinstance(m, nn.MultiheadAttention) for _, m in a.layers)
+    assert vit.pos in a.readout_parameters()  # used between blocks: it takes the next boundary's signal
+
+
+def test_named_blocks_and_bad_names():
+    a = describe(ResidualCNN(), (3, 16, 16), blocks=["stem", "down"])
+    assert [b.name for b in a.blocks] == ["stem", "down"]
+    with pytest.raises(UsageError, match="no submodule 'nope'"):
+        describe(ResidualCNN(), (3, 16, 16), blocks=["nope"])
+
+
+def test_a_block_that_ends_twice_is_refused():
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), relu, nn.Linear(4, 4), relu, nn.Linear(4, 2))
+    with pytest.raises(UsageError, match="ends 2 times"):
+        describe(model, (4,))
+
+
+def test_unknown_input_shape_is_a_usage_error():
+    with pytest.raises(UsageError, match="input shape is unknown"):
+        describe(ResidualCNN())
+
+
+def test_boundaries_can_replace_block_outputs():
+    model = ResidualCNN()
+    a = describe(model, (3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    seen = []
+    with boundaries(a, lambda i, out: seen.append(i) or torch.zeros_like(out)):
+        logits = model(x)
+    assert seen == [0, 1, 2]
+    assert torch.allclose(logits, model.fc.bias.expand(2, -1))
+
+
+def test_pool_and_positions():
+    assert pool(torch.ones(2, 5, 3, 3)).shape == (2, 5)
+    assert pool(torch.ones(2, 7, 5)).shape == (2, 5)
+    assert positions_last(torch.ones(2, 5, 3, 4)).shape == (2, 12, 5)
+    with pytest.raises(UsageError):
+        positions_last(torch.ones(2, 5))

@@ -1,0 +1,184 @@
+"""`train --stages S` (training/stages.py): two stages train exactly as one process (every staged rule, three models
+including a user's file), a resumed staged run equals the uninterrupted one, a killed stage stops the other with
+exit 4, and what cannot be staged is refused with one line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bpfree.cli import main
+from bpfree.core.errors import UsageError
+from bpfree.training.stages import STAGED_RULES, balanced_starts, check_stages
+from bpfree.training.train import TrainConfig, read_metrics, train
+from tests.training.test_distributed import ROOT, kill_rank_1_after_two_epochs, start_ranks
+
+WORKER = Path(__file__).with_name("stage_worker.py")
+VIT = f"{ROOT / 'examples' / 'vit.py'}:ViT"
+# SGD with momentum and weight decay: per-parameter state that each stage keeps for its own parameters only.
+BASE = dict(model="mlp", data="mnist", epochs=2, batch_size=64, train_size=200, seed=3, optimizer="sgd", lr=0.05,
+            momentum=0.9, weight_decay=1e-4, model_options={"hidden": (16, 16, 16)})
+RESNET = dict(model="resnet18", model_options={"width": 4})
+RUNS = {
+    **{rule: dict(method=rule) for rule in STAGED_RULES},
+    "lg-fg-w-k2": dict(method="lg-fg-w", method_options={"tangents": 2}),
+    # resnet18: sff splits its basic blocks into units (`between=`); lg-fg-a perturbs modules inside blocks (the
+    # later stage draws and drops the earlier blocks' noise); l-fa's feedback inside convolutions; batch norm.
+    "sff-resnet": dict(method="sff", **RESNET),
+    "lg-fg-a-resnet": dict(method="lg-fg-a", **RESNET, method_options={"tangents": 2}),
+    "l-fa-resnet": dict(method="l-fa", **RESNET),
+    # A user's model file, found blocks (patch embedding, eight encoder layers), a split given by name.
+    "l-bp-vit": dict(method="l-bp", model=VIT, model_options={}, split=["encoder.layers.5"]),
+    "lg-fg-a-vit": dict(method="lg-fg-a", model=VIT, model_options={}),
+    # dfa, synchronous: every stage gets the last stage's output error each step.
+    "dfa-resnet": dict(method="dfa", **RESNET),
+    "dfa-recompute-resnet": dict(method="dfa", **RESNET, method_options={"recompute": True}),
+    "dfa-vit": dict(method="dfa", model=VIT, model_options={}),
+    "l-bp-3": dict(method="l-bp", stages=3),
+    # Stopped after one epoch, resumed to three: must equal three uninterrupted epochs.
+    "l-bp-resumed": dict(method="l-bp", epochs=1, resume_to=3),
+    "sff-resumed": dict(method="sff-block", epochs=1, resume_to=3),
+}
+
+
+def config(name: str, out: Path, root: Path) -> dict:
+    return {"stages": 2, **BASE, **RUNS[name], "out": str(out / name), "data_root": str(root)}
+
+
+def one_process(cfg: dict, out: Path) -> dict:
+    kw = {k: v for k, v in cfg.items() if k not in ("stages", "split", "resume_to")}
+    kw["epochs"] = cfg.get("resume_to") or cfg["epochs"]
+    train(TrainConfig(**{**kw, "out": str(out)}), show_progress=False)
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def staged_runs(tmp_path_factory, data_root):
+    """RUNS trained once on stages (one process group per stage count, one start-up each)."""
+    out = tmp_path_factory.mktemp("stages")
+    for world in sorted({config(n, out, data_root)["stages"] for n in RUNS}):
+        configs = [config(n, out, data_root) for n in RUNS if config(n, out, data_root)["stages"] == world]
+        procs = start_ranks([sys.executable, str(WORKER), json.dumps(configs)], world=world,
+                            stderr=subprocess.PIPE, text=True)
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err
+    return out
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_stages_equal_one_process(staged_runs, data_root, tmp_path, name):
+    cfg = config(name, staged_runs, data_root)
+    staged = torch.load(staged_runs / name / "checkpoint.pt", weights_only=True)
+    whole = one_process(cfg, tmp_path / "whole")
+    assert staged["epoch"] == whole["epoch"]
+    # Tolerance 1e-6 absolute; the runs do the same float operations in the same order (measured: equal bits).
+    for key, value in whole["model"].items():
+        assert torch.allclose(staged["model"][key].float(), value.float(), rtol=0, atol=1e-6), key
+    for key, value in whole["estimator"]["parts"].items():  # heads, feedback matrices
+        if isinstance(value, torch.Tensor):
+            assert torch.allclose(staged["estimator"]["parts"][key].float(), value.float(), rtol=0, atol=1e-6), key
+    for a, b in zip(whole["records"], staged["records"]):
+        for key in a:
+            if key not in ("seconds", "peak_memory_mb"):
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["epoch"], key)
+
+
+def test_staged_metrics_and_config(staged_runs):
+    config_json = json.loads((staged_runs / "l-bp-vit" / "config.json").read_text())
+    assert config_json["stages"] == 2 and config_json["stage_split"] == ["encoder.layers.5"]
+    assert config_json["stage_blocks"][1][0] == "encoder.layers.5"
+    assert sum(config_json["stage_profile"]["stage_share"]) == pytest.approx(1, abs=1e-3)
+    records = read_metrics(staged_runs / "l-bp" / "metrics.jsonl")
+    for s in (0, 1):
+        assert records[-1][f"stage{s}_images_per_second"] > 0
+        assert records[-1][f"stage{s}_busy_seconds"] > 0 and records[-1][f"stage{s}_idle_seconds"] >= 0
+    # Stage 0 sends its last block's output (batch x 16 floats per step); the last stage sends nothing.
+    assert records[-1]["stage0_sent_bytes_per_step"] == pytest.approx(200 / 4 * 16 * 4)
+    assert records[-1]["stage1_sent_bytes_per_step"] == 0
+    three = json.loads((staged_runs / "l-bp-3" / "config.json").read_text())
+    assert [len(b) for b in three["stage_blocks"]] == [1, 1, 1]
+
+
+def test_bad_split_is_one_line_on_every_stage(staged_runs):
+    first = staged_runs / next(iter(RUNS))
+    for r in (0, 1):
+        assert "--stage-split: 'no.such.block' is not a block" in (first / f"rank{r}.error").read_text()
+
+
+def test_balanced_starts():
+    assert balanced_starts([1, 1, 1, 1], 2) == [0, 2]
+    assert balanced_starts([5, 1, 1, 1, 1, 1], 2) == [0, 1]
+    assert balanced_starts([1, 2, 3, 4, 5, 6], 3) == [0, 3, 5]  # 6 | 9 | 6: no split does better than 9
+    assert balanced_starts([3, 1], 2) == [0, 1]
+    with pytest.raises(UsageError, match="has 2 blocks"):
+        balanced_starts([1, 1], 3)
+
+
+@pytest.mark.parametrize("method", ["bp", "fa", "fdfa", "fg-a", "fg-w", "ff"])
+def test_rules_that_cannot_be_staged_refuse_with_one_line(method, capsys):
+    assert main(["train", "--method", method, "--stages", "2", "--data", "digits", "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{method} cannot be staged" in err[0]
+
+
+def test_bad_stage_options_refuse():
+    with pytest.raises(UsageError, match="--stages with --nproc"):
+        check_stages("l-bp", 2, 2, None)
+    with pytest.raises(UsageError, match="2 names, got 1"):
+        check_stages("l-bp", 3, 1, ("a",))
+    with pytest.raises(UsageError, match="--stage-split needs --stages"):
+        check_stages("l-bp", 1, 1, ("a",))
+    with pytest.raises(UsageError, match="at least 1"):
+        check_stages("l-bp", 0, 1, None)
+
+
+def test_killed_stage_stops_the_other_then_resume_continues(tmp_path, data_root):
+    """kill -9 of stage 1 mid-run: stage 0 stops with exit 4; --resume through the launcher then gives the
+    uninterrupted staged run (which equals the one-process run)."""
+    out = tmp_path / "run"
+    args = ["train", "--method", "l-bp", "--data", "mnist", "--data-root", str(data_root), "--hidden", "16,16",
+            "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--schedule",
+            "constant", "--seed", "2", "--out", str(out), "--stages", "2"]
+    done = kill_rank_1_after_two_epochs(args, out, wait=120)
+    total = done + 2
+    assert main([*args, "--epochs", str(total), "--resume"]) == 0
+    resumed = read_metrics(out / "metrics.jsonl")
+    assert [r["epoch"] for r in resumed] == list(range(1, total + 1))
+    whole = train(TrainConfig(method="l-bp", data="mnist", data_root=str(data_root),
+                              model_options={"hidden": (16, 16)}, batch_size=64, seed=2, epochs=total,
+                              optimizer="sgd", lr=0.05, momentum=0.9, schedule="constant",
+                              out=str(tmp_path / "whole")), show_progress=False)
+    for a, b in zip(whole, resumed):
+        for key in ("train_loss", "test_loss", "test_error"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), (a["epoch"], key)
+
+
+class Skip(torch.nn.Module):
+    """Three blocks; block 0's output also skips past blocks 1 and 2 to the readout."""
+
+    input_shape = (6,)
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(6, 6) for _ in range(3))
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.head(self.c(self.b(h)) + h)
+
+
+def test_a_split_the_forward_carries_other_values_across_is_refused():
+    from bpfree.methods import build
+    from bpfree.training.stages import ownership
+
+    est = build("l-bp", Skip(), blocks=("a", "b", "c"))
+    owners = ownership(est, [0, 1])  # the skip starts at block a's output, which stage 2 receives: fine
+    names = [n for n, _ in est.model.named_parameters()]
+    assert [owners[names.index(n)] for n in ("a.weight", "b.weight", "c.weight", "head.weight")] == [0, 1, 1, 1]
+    with pytest.raises(UsageError, match="does not reproduce the model from the previous block's output"):
+        ownership(est, [0, 2])  # stage 2 would need block a's output too
