@@ -345,3 +345,44 @@ def init_uniform_(params: Sequence[torch.Tensor], fan_in: int, generator: torch.
     with torch.no_grad():
         for p in params:
             p.copy_(uniform_like(p, fan_in, generator))
+
+
+def parameters_without_gradient(model: torch.nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Trainable parameters of modules that run in the model's forward yet get no gradient from its logits: used
+    under torch.no_grad() (or with their result detached). Modules the forward never calls (a local rule's heads)
+    are not counted.
+
+    One probe pass with gradients (eval mode: batch-norm statistics untouched) and one backward from the logits.
+    """
+    ran: set[str] = set()
+    hooks = [m.register_forward_hook(lambda _m, _i, _o, n=n: ran.add(n)) for n, m in model.named_modules()]
+    buffers = [(b, b.clone()) for b in model.buffers()]  # a module may count its calls: the probe leaves no trace
+    try:
+        with eval_mode(model), torch.enable_grad():
+            out = model(example_input(model, input_shape))
+            named = [(f"{m}.{n}" if m else n, p) for m, module in model.named_modules() if m in ran
+                     for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not named or not out.requires_grad:
+                return [n for n, _ in named]
+            grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    return [n for (n, _), g in zip(named, grads) if g is None]
+
+
+def check_forward_mode_can_train(model: torch.nn.Module, method: str) -> None:
+    """Forward-mode rules (fg-w, fg-a and their block-local forms) see a tangent through torch.no_grad(), so they
+    would train parameters that the model's forward keeps out of every gradient, as backprop would not: refused."""
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        return  # the estimator says the input shape is unknown
+    cut = parameters_without_gradient(model, tuple(shape))
+    if cut:
+        more = f" and {len(cut) - 1} more" if len(cut) > 1 else ""
+        raise UsageError(f"{method}: the model's forward gives {cut[0]}{more} no gradient (torch.no_grad() inside "
+                         "forward, or unused), which forward mode would train anyway; freeze such parameters with "
+                         "requires_grad_(False) instead")

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from bpfree.core.errors import UsageError
+from bpfree.core.group import shard
 from bpfree.data.files import extract_tar, fetch, read_cifar_batch, read_idx
-from bpfree.training.distributed import shard
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 VALIDATION_SEED = 20221006  # fixed, not --seed: all runs of a data set share one validation split
@@ -114,7 +114,7 @@ class TensorData:
         self, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1
     ) -> Iterator[Batch]:
         """Shuffled batches. With world_size > 1, each rank gets its share of every global batch
-        (`bpfree.training.distributed.shard`), augmented as the whole batch is: the same images as on one process."""
+        (`bpfree.core.group.shard`), augmented as the whole batch is: the same images as on one process."""
         order = torch.randperm(self.num_train, generator=generator)
         for start in range(0, self.num_train, batch_size):
             idx = order[start : start + batch_size]

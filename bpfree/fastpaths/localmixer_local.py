@@ -36,6 +36,7 @@ from torch import nn
 
 from bpfree.core import tangents as T
 from bpfree.core.errors import UsageError
+from bpfree.core.group import Group
 from bpfree.losses import LossGrid, augment, local_loss_grid, nt_xent
 from bpfree.methods import forward_gradient as FG
 from bpfree.methods import register_fast_path
@@ -50,7 +51,6 @@ from bpfree.models.localmixer import (
     unit_params,
     unit_weight_grads,
 )
-from bpfree.training.distributed import Group
 
 # ---------------------------------------------------------------------------------------------------------------
 # Forward-mode machinery on a traced block

@@ -12,11 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from bpfree.core.anatomy import check_block_names
+from bpfree.core.anatomy import check_block_names, check_forward_mode_can_train
 from bpfree.core.errors import UsageError
 from bpfree.core.registry import Registry
 from bpfree.methods.base import Estimator, StepResult
-from bpfree.training.checks import check_forward_mode_can_train
 
 METHODS = Registry("method")
 # Rules whose weight gradients come from forward-mode tangents, which pass through torch.no_grad().

@@ -20,8 +20,8 @@ from torch import nn
 
 from bpfree.core.anatomy import Anatomy, describe
 from bpfree.core.errors import UsageError
+from bpfree.core.group import LOCAL, Group, Shard
 from bpfree.core.registry import Option
-from bpfree.training.distributed import LOCAL, Group, Shard
 
 #: Shared by the rules that can trade one more forward pass for memory (dfa, fdfa, fg-a).
 RECOMPUTE = Option(

@@ -52,6 +52,7 @@ from bpfree.core import tangents as T
 from bpfree.core.attention import math_attention, patched_attention, projection_weights
 from bpfree.core.errors import UsageError
 from bpfree.core.forward_mode import layer_param_grads, tangent_friendly
+from bpfree.core.group import Group
 from bpfree.core.registry import Option
 from bpfree.methods import METHODS
 from bpfree.methods.base import (
@@ -65,7 +66,6 @@ from bpfree.methods.base import (
     set_grad,
     zero_missing_grads,
 )
-from bpfree.training.distributed import Group
 
 _COMMON = {
     "tangents": Option(1, "number of tangents K per step (all K travel through the network together)"),

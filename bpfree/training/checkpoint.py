@@ -22,8 +22,8 @@ import torch
 
 from bpfree import methods, models
 from bpfree.core.errors import UsageError
+from bpfree.core.group import Group
 from bpfree.training.config import RESUME_FREE
-from bpfree.training.distributed import Group
 from bpfree.training.runfolder import (
     RunLock,
     append_line,

@@ -44,6 +44,7 @@ from torch import nn
 from bpfree import methods
 from bpfree.core.anatomy import Anatomy, eval_mode, example_input, forwards_replaced
 from bpfree.core.errors import UsageError
+from bpfree.core.group import LOCAL, Group
 from bpfree.core.memory import measured_step
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.methods.block_local import BlockLocal, BlockLocalFGActivity
@@ -375,7 +376,7 @@ class Link:
     """Point-to-point sends to the next stage and receives from the previous one, with the seconds spent waiting
     (idle) and the bytes sent."""
 
-    def __init__(self, group: distributed.Group, plan: StagePlan):
+    def __init__(self, group: Group, plan: StagePlan):
         self.group, self.plan = group, plan
         self.pending: list[tuple[torch.Tensor, Any]] = []
         self.reset()
@@ -623,7 +624,7 @@ class StagedRun(Run):
                              "started (launch with `bpfree train --stages S`)")
         super()._build(data)
         cfg, est = self.cfg, self.estimator
-        est.group = distributed.LOCAL  # not data-parallel: every stage draws the one-process random numbers
+        est.group = LOCAL  # not data-parallel: every stage draws the one-process random numbers
         if isinstance(est, DirectFeedbackAlignment):
             est.fast = None  # the hand-written MLP path runs no model forward; stages need the model's own
         if not isinstance(est, (BlockLocal, ScalableFF, DirectFeedbackAlignment)) or \

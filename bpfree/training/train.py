@@ -23,6 +23,7 @@ from tqdm import tqdm
 from bpfree import data as datasets
 from bpfree import methods, models
 from bpfree.core.errors import DivergedError, UsageError
+from bpfree.core.group import LOCAL, Group, shard
 from bpfree.core.memory import measured_step
 from bpfree.training import distributed
 from bpfree.training.checkpoint import (
@@ -112,7 +113,7 @@ def load_data(cfg: TrainConfig):
 @torch.no_grad()
 def evaluate(
     estimator: methods.Estimator, data, batch_size: int, device: torch.device,
-    group: distributed.Group = distributed.LOCAL, split: str = "test",
+    group: Group = LOCAL, split: str = "test",
 ) -> tuple[float, float]:
     """Error (%) and mean cross-entropy of the estimator's predictions on the test (or "val") set, its batches
     shared among ranks."""
@@ -316,7 +317,7 @@ class Run:
         """The estimator fills p.grad, the ranks combine, the optimizer steps; (the result, examples counted)."""
         cfg, group, n = self.cfg, self.group, len(y)
         if group.active:  # this rank's rows of the global batch; 0 examples counted where it had no share
-            rows = distributed.shard(min(cfg.batch_size, self.data.num_train - step * cfg.batch_size),
+            rows = shard(min(cfg.batch_size, self.data.num_train - step * cfg.batch_size),
                                      group.rank, group.world_size)
             self.estimator.shard, n = rows, rows.weight
         self.optimizer.zero_grad(set_to_none=True)

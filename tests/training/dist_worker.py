@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from bpfree.core.errors import UsageError
-from bpfree.training.distributed import BUCKET, Group
+from bpfree.core.group import BUCKET, Group
 from bpfree.training.train import Run, TrainConfig
 
 torch.set_num_threads(1)

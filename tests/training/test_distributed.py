@@ -16,7 +16,8 @@ import torch
 
 from bpfree import methods, models
 from bpfree.cli import main
-from bpfree.training.distributed import LOCAL, Group, Shard, strip_nproc
+from bpfree.core.group import LOCAL, Group, Shard
+from bpfree.training.distributed import strip_nproc
 from bpfree.training.train import TrainConfig, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[2]
