@@ -120,9 +120,10 @@ class Entry:
 class Registry:
     """A named collection of factories. `kind` names what is registered, for error messages."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, on_register: Callable[[Entry], None] | None = None):
         self.kind = kind
         self.entries: dict[str, Entry] = {}
+        self.on_register = on_register  # told of every entry as it is registered
 
     def register(
         self,
@@ -135,7 +136,9 @@ class Registry:
         def decorate(factory: Callable[..., Any]) -> Callable[..., Any]:
             if name in self.entries:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
-            self.entries[name] = Entry(name, factory, description, dict(options or {}), paper, extra)
+            entry = self.entries[name] = Entry(name, factory, description, dict(options or {}), paper, extra)
+            if self.on_register is not None:
+                self.on_register(entry)
             return factory
 
         return decorate
@@ -152,11 +155,16 @@ class Registry:
 
     def resolve_options(self, name: str, given: dict[str, Any]) -> dict[str, Any]:
         """Fill defaults and type-check the options given for entry `name` (None means not given)."""
-        entry = self.get(name)
-        given = {k: v for k, v in given.items() if v is not None}
-        unknown = sorted(set(given) - set(entry.options))
-        if unknown:
-            flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
-            valid = ", ".join("--" + k.replace("_", "-") for k in entry.options) or "none"
-            raise UsageError(f"{self.kind} {name!r} does not take {flags} (its options: {valid})")
-        return {k: opt.parse(k, given[k]) if k in given else opt.default for k, opt in entry.options.items()}
+        return resolve_options(self.get(name).options, given, f"{self.kind} {name!r}")
+
+
+def resolve_options(declared: dict[str, Option], given: dict[str, Any], owner: str) -> dict[str, Any]:
+    """Every declared option's value: the given one parsed and checked (None means not given), else its default;
+    an option `owner` does not declare is a UsageError."""
+    given = {k: v for k, v in given.items() if v is not None}
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        valid = ", ".join("--" + k.replace("_", "-") for k in declared) or "none"
+        raise UsageError(f"{owner} does not take {flags} (its options: {valid})")
+    return {k: opt.parse(k, given[k]) if k in given else opt.default for k, opt in declared.items()}

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -44,25 +43,6 @@ AGGREGATIONS = ("sum", "mean", "orthogonal")
 _RTOL_PER_DIM = 16 * torch.finfo(torch.float64).eps
 
 _LUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def check_options(tangents: int, aggregation: str, tangent_dist: str) -> None:
-    """Raise UsageError for an impossible combination of the shared forward-gradient options."""
-    if not isinstance(tangents, int) or tangents < 1:
-        raise UsageError(f"option --tangents: must be a positive integer, got {tangents!r}")
-    if aggregation not in AGGREGATIONS:
-        raise UsageError(f"option --aggregation: {aggregation!r} is not one of {', '.join(AGGREGATIONS)}")
-    if tangent_dist not in DISTS:
-        raise UsageError(f"option --tangent-dist: {tangent_dist!r} is not one of {', '.join(DISTS)}")
-
-
-def read_options(options: dict[str, Any]) -> tuple[int, str, str]:
-    """(tangents, aggregation, tangent distribution) from an estimator's options, defaults filled and checked."""
-    tangents = int(options.get("tangents", 1))
-    aggregation = options.get("aggregation", "mean")
-    tangent_dist = options.get("tangent_dist", "rademacher")
-    check_options(tangents, aggregation, tangent_dist)
-    return tangents, aggregation, tangent_dist
 
 
 def _sign_lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:

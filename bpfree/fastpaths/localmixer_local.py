@@ -41,7 +41,6 @@ from bpfree.losses import LossGrid, augment, local_loss_grid, nt_xent
 from bpfree.methods import forward_gradient as FG
 from bpfree.methods import register_fast_path
 from bpfree.methods.base import Estimator, StepResult, output_error, rank_seed
-from bpfree.methods.block_local import COMMON_OPTIONS, FG_OPTIONS, check_groups
 from bpfree.models.localmixer import (
     LNCache,
     LocalMixer,
@@ -165,24 +164,20 @@ def contrastive_backprop_step(
 class LocalEstimator(Estimator):
     """Shared step: views, per-block local training (subclass hook), exact head and readout gradients."""
 
-    options = COMMON_OPTIONS
     grid = False  # whether the block loss is the patch x group grid
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
         if not isinstance(model, LocalMixer):
             raise UsageError(f"this method needs a localmixer-* model, got {type(model).__name__}")
-        self.objective = options.get("objective", "supervised")
-        self.temperature = float(options.get("temperature", 0.5))
+        self.objective = self.options["objective"]
+        self.temperature = self.options["temperature"]
         if self.objective == "contrastive" and model.head_dim == model.num_classes:
             raise UsageError("--objective contrastive needs projection heads: build the model with --head-dim 128")
-        self.head_lr_mult = float(options.get("head_lr_mult", 1.0))
-        self.readout_lr_mult = float(options.get("readout_lr_mult", 1.0))
-        for name, m in (("head", self.head_lr_mult), ("readout", self.readout_lr_mult)):
-            if not m >= 0:
-                raise UsageError(f"option --{name}-lr-mult: must be >= 0, got {m}")
-        groups = int(options.get("groups", 0))
-        if groups and groups != check_groups(groups, model):
+        self.head_lr_mult = self.options["head_lr_mult"]
+        self.readout_lr_mult = self.options["readout_lr_mult"]
+        groups = self.options.get("groups", 0)  # lg-* only
+        if groups and groups != model.groups:
             raise UsageError(f"localmixer: the loss grid's groups are the model's --groups ({model.groups})")
 
     def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:
@@ -273,11 +268,11 @@ class LocalGroupBP(LocalBP):
 class LocalForwardGradient(LocalEstimator):
     """Shared part of lg-fg-a / lg-fg-w: trace, exact head gradients, the grid's directional derivatives."""
 
-    options = FG_OPTIONS
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
-        self.tangents, self.aggregation, self.dist = T.read_options(options)
+        o = self.options
+        self.tangents, self.aggregation, self.dist = o["tangents"], o["aggregation"], o["tangent_dist"]
 
     def head_step(self, i: int, out: torch.Tensor, y: torch.Tensor) -> tuple[LossGrid, float]:
         grid = self.loss_grid(i, out, y)

@@ -17,7 +17,7 @@ from bpfree.core.errors import UsageError
 from bpfree.core.registry import Registry
 from bpfree.methods.base import Estimator, StepResult
 
-METHODS = Registry("method")
+METHODS = Registry("method", on_register=lambda entry: _declare(entry.factory, entry.options))
 # Rules whose weight gradients come from forward-mode tangents, which pass through torch.no_grad().
 FORWARD_MODE = ("fg-w", "fg-a", "lg-fg-w", "lg-fg-a")
 Factory = Callable[..., Estimator]
@@ -40,6 +40,7 @@ def register_fast_path(method: str, model_class: type, refuses: tuple[str, ...] 
             raise ValueError(f"fast path for {method!r} on {model_class.__name__} registered twice")
         FAST_PATHS[(method, model_class)] = factory
         FAST_PATH_REFUSES[(method, model_class)] = refuses
+        _declare(factory, METHODS.get(method).options)
         return factory
 
     return decorate
@@ -92,6 +93,14 @@ def build(
     if name in FORWARD_MODE:
         check_forward_mode_can_train(model, name)
     return factory(model, seed=seed, **extra, **resolved)
+
+
+def _declare(factory: Factory, options: dict[str, Any]) -> None:
+    """An estimator class reads its registered options (`Estimator.declared`): one declaration, one path."""
+    if isinstance(factory, type) and issubclass(factory, Estimator):
+        if "declared" in vars(factory) and factory.declared != options:
+            raise ValueError(f"{factory.__name__} is registered with two option sets")
+        factory.declared = options
 
 
 # Importing a family's module registers its methods.

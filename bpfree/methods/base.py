@@ -21,7 +21,7 @@ from torch import nn
 from bpfree.core.anatomy import Anatomy, describe
 from bpfree.core.errors import UsageError
 from bpfree.core.group import LOCAL, Group, Shard
-from bpfree.core.registry import Option
+from bpfree.core.registry import Option, resolve_options
 
 #: Shared by the rules that can trade one more forward pass for memory (dfa, fdfa, fg-a).
 RECOMPUTE = Option(
@@ -221,7 +221,9 @@ class Estimator:
     checkpoints come from PyTorch; the generator's state is saved beside it.
     """
 
-    options: ClassVar[dict[str, Option]] = {}
+    #: The options this rule declares where it is registered (`METHODS.register` / `register_fast_path` set it);
+    #: `self.options` holds their values, defaults filled. None: an unregistered estimator takes options as given.
+    declared: ClassVar[dict[str, Option] | None] = None
     #: The data-parallel ranks this estimator's steps are combined over; the trainer sets it (LOCAL: one process).
     group: Group = LOCAL
     #: Data-parallel: this rank's rows of the step's global batch (the trainer sets it before each step; None on one
@@ -230,7 +232,9 @@ class Estimator:
 
     def __init__(self, model: nn.Module, seed: int = 0, *, blocks: Sequence[str] | None = None, **options: Any):
         self.model = model
-        self.options = options
+        declared = type(self).declared
+        self.options = dict(options) if declared is None else \
+            resolve_options(declared, options, f"method {type(self).__name__}")
         self.block_names = tuple(blocks) if blocks else None
         # Estimators draw their own randomness (tangents, feedback matrices) from this generator so that
         # it can be checkpointed and a resumed run continues exactly.

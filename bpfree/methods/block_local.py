@@ -83,30 +83,24 @@ COMMON_OPTIONS = {
     ),
     "temperature": Option(0.5, "NT-Xent temperature (contrastive objective)"),
     # The paper's code has both flags (head 1, readout 0.1); default 1 here: the README's rows were run with 1.
-    "head_lr_mult": Option(1.0, "learning-rate multiplier of the local heads (paper: 1)"),
-    "readout_lr_mult": Option(1.0, "learning-rate multiplier of the readout / linear probe (paper: 0.1)"),
+    "head_lr_mult": Option(1.0, "learning-rate multiplier of the local heads (paper: 1)", minimum=0),
+    "readout_lr_mult": Option(1.0, "learning-rate multiplier of the readout / linear probe (paper: 0.1)", minimum=0),
 }
 LG_OPTIONS = {
     **COMMON_OPTIONS,
     "groups": Option(
-        0, "channel groups of the patch x group loss grid (0: the model's own groups, e.g. localmixer's; else 1)"
+        0, "channel groups of the patch x group loss grid (0: the model's own groups, e.g. localmixer's; else 1)",
+        minimum=0,
     ),
 }
 FG_OPTIONS = {
     **LG_OPTIONS,
-    "tangents": Option(1, "tangents K per step (drawn per example for activity perturbation)"),
+    "tangents": Option(1, "tangents K per step (drawn per example for activity perturbation)", minimum=1),
     "aggregation": Option(
         "mean", "combine the K directional derivatives: sum, mean, orthogonal (projection)", choices=T.AGGREGATIONS
     ),
     "tangent_dist": Option("rademacher", "tangent entries: rademacher (+-1) or normal", choices=T.DISTS),
 }
-
-
-def check_groups(groups: int, model: nn.Module) -> int:
-    """The grid's channel groups: the option, else the model's own `groups` attribute, else 1."""
-    if groups < 0:
-        raise UsageError(f"option --groups: must be >= 0, got {groups}")
-    return groups or int(getattr(model, "groups", 1) or 1)
 
 
 def between_parameters(anatomy: Anatomy) -> list[nn.Parameter]:
@@ -146,23 +140,19 @@ class BlockLocal(Estimator):
     """l-bp on any model with two or more blocks; subclasses change the block loss (grid) or the backward (FA)."""
 
     method = "l-bp"
-    options = COMMON_OPTIONS
     uses_fa = False
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
         name = type(model).__name__
-        if options.get("objective", "supervised") != "supervised":
+        if self.options["objective"] != "supervised":
             raise UsageError(f"{self.method} on {name}: only --objective supervised (contrastive: localmixer-*)")
         anatomy = self.anatomy
         if len(anatomy.blocks) < 2:
             raise UsageError(f"{self.method} needs a model with two or more blocks; {name} has "
                              f"{len(anatomy.blocks)} ({self.blocks_hint()})")
-        self.head_lr_mult = float(options.get("head_lr_mult", 1.0))
-        self.readout_lr_mult = float(options.get("readout_lr_mult", 1.0))
-        for what, m in (("head", self.head_lr_mult), ("readout", self.readout_lr_mult)):
-            if not m >= 0:
-                raise UsageError(f"option --{what}-lr-mult: must be >= 0, got {m}")
+        self.head_lr_mult = self.options["head_lr_mult"]
+        self.readout_lr_mult = self.options["readout_lr_mult"]
         param = next(model.parameters())
         self.heads = self.parts.heads = nn.ModuleList(nn.Linear(c, anatomy.num_classes)
                                                       for c in anatomy.block_widths())
@@ -224,11 +214,10 @@ class BlockLocalGrid(BlockLocal):
     """The lg-* rules' shared part: groups, patches, and the grid of every block output."""
 
     method = "lg-bp"
-    options = LG_OPTIONS
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
-        self.groups = check_groups(int(options.get("groups", 0)), model)
+        self.groups = self.options["groups"] or int(getattr(model, "groups", 1) or 1)
         for block, width in zip(self.anatomy.blocks, self.anatomy.block_widths()):
             if width % self.groups:
                 raise UsageError(f"{self.method}: --groups {self.groups} does not divide the {width} channels of "
@@ -260,7 +249,8 @@ class BlockLocalFG(BlockLocalGrid):
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
-        self.tangents, self.aggregation, self.dist = T.read_options(options)
+        o = self.options
+        self.tangents, self.aggregation, self.dist = o["tangents"], o["aggregation"], o["tangent_dist"]
         self.block_params = [[p for p in b.parameters() if p.requires_grad] for b in self.anatomy.blocks]
 
     def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

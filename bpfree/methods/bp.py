@@ -30,8 +30,8 @@ class Backprop(Estimator):
 
     def __init__(self, model: torch.nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
-        self.contrastive = options.get("objective", "supervised") == "contrastive"
-        self.temperature = float(options.get("temperature", 0.5))
+        self.contrastive = self.options.get("objective") == "contrastive"  # declared by LocalMixer's bp only
+        self.temperature = self.options.get("temperature", 0.5)
         if self.contrastive and not self.contrastive_objective:
             raise UsageError("bp --objective contrastive needs a localmixer-* model with --head-dim 128")
 

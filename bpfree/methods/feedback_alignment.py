@@ -314,9 +314,9 @@ class _DirectFeedback(Estimator):
     tangent_dist = "normal"
     feedback_timing = "before"  # learned B (use_tangents): the weight signal takes B from before or after its update
 
-    def __init__(self, model: nn.Module, seed: int = 0, recompute: bool = False, **options: Any):
-        super().__init__(model, seed=seed, recompute=recompute, **options)
-        self.recompute = recompute
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed=seed, **options)
+        self.recompute = self.options["recompute"]
         # B_l has shape (classes, numel of block l's output); made at the first step, when the shapes are known.
         self.feedback = None
         self.fast: list[_DenseBlock] | None = None
@@ -599,11 +599,9 @@ def dfa_feedback(classes: int, like: torch.Tensor, init: str, generator: torch.G
 class DirectFeedbackAlignment(_DirectFeedback):
     method = "dfa"
 
-    def __init__(self, model: nn.Module, seed: int = 0, feedback_init: str = "kaiming-uniform", **options: Any):
-        if feedback_init not in FEEDBACK_INITS:
-            raise UsageError(f"dfa: --feedback-init must be one of {', '.join(FEEDBACK_INITS)}, got {feedback_init!r}")
-        super().__init__(model, seed=seed, feedback_init=feedback_init, **options)
-        self.feedback_init = feedback_init
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed=seed, **options)
+        self.feedback_init = self.options["feedback_init"]
 
     def init_feedback(self, outs: list[torch.Tensor], classes: int) -> list[torch.Tensor]:
         return [dfa_feedback(classes, o, self.feedback_init, self.generator) for o in outs]
@@ -618,7 +616,8 @@ FEEDBACK_TIMINGS = ("before", "after")
     "directional DFA: DFA whose feedback matrices track the output Jacobians, learned by one forward-mode pass",
     options={
         "recompute": RECOMPUTE,
-        "feedback_lr": Option(1e-2, "rate of B: moving-average λ, or the feedback optimizer's learning rate"),
+        "feedback_lr": Option(1e-2, "rate of B: moving-average λ (at most 1), or the feedback optimizer's learning "
+                              "rate", above=0),
         "feedback_optimizer": Option(
             "average",
             "how B learns: average = B ← (1−λ)B + λ·mean(ẏuᵀ); adam / sgd = that optimizer on ½‖B − mean(ẏuᵀ)‖²",
@@ -643,25 +642,13 @@ class DirectionalDFA(_DirectFeedback):
     method = "fdfa"
     use_tangents = True
 
-    def __init__(
-        self, model: nn.Module, seed: int = 0, feedback_lr: float = 1e-2, feedback_optimizer: str = "average",
-        tangent_dist: str = "normal", feedback_timing: str = "before", **options: Any,
-    ):  # fmt: skip
-        if feedback_optimizer not in FEEDBACK_OPTIMIZERS:
-            raise UsageError(f"fdfa: --feedback-optimizer must be one of {', '.join(FEEDBACK_OPTIMIZERS)}")
-        if feedback_timing not in FEEDBACK_TIMINGS:
-            raise UsageError(f"fdfa: --feedback-timing must be one of {', '.join(FEEDBACK_TIMINGS)}")
-        if not 0.0 < feedback_lr <= (1.0 if feedback_optimizer == "average" else float("inf")):
-            raise UsageError(
-                f"fdfa: --feedback-lr must be in (0, 1] for the moving average, > 0 for an optimizer; got {feedback_lr}"
-            )
-        T.check_options(1, "mean", tangent_dist)
-        super().__init__(
-            model, seed=seed, feedback_lr=feedback_lr, feedback_optimizer=feedback_optimizer,
-            tangent_dist=tangent_dist, feedback_timing=feedback_timing, **options,
-        )  # fmt: skip
-        self.feedback_lr, self.feedback_optimizer, self.tangent_dist = feedback_lr, feedback_optimizer, tangent_dist
-        self.feedback_timing = feedback_timing
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed=seed, **options)
+        o = self.options
+        self.feedback_lr, self.feedback_optimizer = o["feedback_lr"], o["feedback_optimizer"]
+        self.tangent_dist, self.feedback_timing = o["tangent_dist"], o["feedback_timing"]
+        if self.feedback_optimizer == "average" and self.feedback_lr > 1:  # a moving average's weight
+            raise UsageError(f"fdfa: --feedback-lr must be in (0, 1] for the moving average, got {self.feedback_lr}")
         self.parts.feedback_optimizer = OptimizerState()
         self.parts.feedback_optimizer.make = self._make_optimizer
 

@@ -165,7 +165,7 @@ class BlockForwardForward(Estimator):
         super().__init__(model, seed=seed, **options)
         name = type(model).__name__
         for key in ("peer_norm", "input_dropout", "greedy_steps"):
-            if options.get(key):
+            if self.options[key]:
                 raise UsageError(f"ff --{key.replace('_', '-')}: ff-mlp only, not {name}")
         anatomy = self.anatomy
         if not anatomy.blocks:

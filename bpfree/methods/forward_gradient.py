@@ -68,7 +68,7 @@ from bpfree.methods.base import (
 )
 
 _COMMON = {
-    "tangents": Option(1, "number of tangents K per step (all K travel through the network together)"),
+    "tangents": Option(1, "number of tangents K per step (all K travel through the network together)", minimum=1),
     "aggregation": Option(
         "mean",
         "combine the K directional derivatives: sum, mean, orthogonal (projection)",
@@ -143,30 +143,11 @@ class _ForwardGradient(Estimator):
     """Shared option handling, per-step tangent seeds, and the exact readout."""
 
 
-    def __init__(
-        self,
-        model: nn.Module,
-        seed: int = 0,
-        tangents: int = 1,
-        aggregation: str = "mean",
-        tangent_dist: str = "rademacher",
-        exact_readout: bool = True,
-        **options: Any,
-    ):
-        T.check_options(tangents, aggregation, tangent_dist)
-        super().__init__(
-            model,
-            seed=seed,
-            tangents=tangents,
-            aggregation=aggregation,
-            tangent_dist=tangent_dist,
-            exact_readout=exact_readout,
-            **options,
-        )
-        self.K = tangents
-        self.aggregation = aggregation
-        self.dist = tangent_dist
-        self.exact_readout = exact_readout
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed=seed, **options)
+        o = self.options
+        self.K, self.aggregation, self.dist = o["tangents"], o["aggregation"], o["tangent_dist"]
+        self.exact_readout = o["exact_readout"]
         self.chain = _chain(model)
         # Tangents come from a scratch generator seeded per step from self.generator: they can be regenerated
         # (same seed, same order) instead of stored, and a restored self.generator replays the same sequence.
@@ -387,9 +368,9 @@ class ForwardGradientWeight(_ForwardGradient):
 class ForwardGradientActivity(_ForwardGradient):
     method = "fg-a"
 
-    def __init__(self, model: nn.Module, seed: int = 0, recompute: bool = False, **options: Any):
-        super().__init__(model, seed=seed, recompute=recompute, **options)
-        self.recompute = recompute
+    def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
+        super().__init__(model, seed=seed, **options)
+        self.recompute = self.options["recompute"]
 
     def _local_grads(self, lin: nn.Linear, h_in: torch.Tensor, um: torch.Tensor, c: torch.Tensor) -> None:
         """Weight gradient from the pre-activation estimate sum_k c_kn um_kn and the layer's own input."""
