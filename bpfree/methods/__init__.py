@@ -57,15 +57,12 @@ def _check_fast_path_options(name: str, model: nn.Module, resolved: dict[str, An
             return
 
 
-def fast_path(method: str, model: nn.Module) -> Factory | None:
+def find_fast_path(method: str, model: nn.Module) -> Factory | None:
     """The fast path registered for `method` on the model's class (or a base class), or None."""
     for cls in type(model).__mro__:
         if (method, cls) in FAST_PATHS:
             return FAST_PATHS[(method, cls)]
     return None
-
-
-_fast_path_factory = fast_path  # `build`'s argument of the same name hides the function there
 
 
 def build(
@@ -86,7 +83,7 @@ def build(
     factory = METHODS.get(name).factory
     if fast_path:
         _check_fast_path_options(name, model, resolved)
-        factory = _fast_path_factory(name, model) or factory
+        factory = find_fast_path(name, model) or factory
     extra = {"blocks": tuple(blocks)} if blocks else {}
     if blocks:
         check_block_names(model, tuple(blocks))
@@ -106,7 +103,7 @@ def _declare(factory: Factory, options: dict[str, Any]) -> None:
 # Importing a family's module registers its methods.
 from bpfree.methods import block_local, bp, feedback_alignment, forward_forward, forward_gradient  # noqa: E402,F401
 
-__all__ = ["FAST_PATHS", "METHODS", "Estimator", "StepResult", "build", "fast_path", "register_fast_path"]
+__all__ = ["FAST_PATHS", "METHODS", "Estimator", "StepResult", "build", "find_fast_path", "register_fast_path"]
 
 # Model-specific fast paths register last: they build on the generic families.
 import bpfree.fastpaths  # noqa: E402,F401

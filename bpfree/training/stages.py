@@ -628,7 +628,7 @@ class StagedRun(Run):
         if isinstance(est, DirectFeedbackAlignment):
             est.fast = None  # the hand-written MLP path runs no model forward; stages need the model's own
         if not isinstance(est, (BlockLocal, ScalableFF, DirectFeedbackAlignment)) or \
-                methods.fast_path(cfg.method, self.model) is not None:
+                methods.find_fast_path(cfg.method, self.model) is not None:
             raise UsageError(f"--stages: {cfg.method} on {type(self.model).__name__} runs a model-specific fast "
                              "path without block hooks; it cannot be staged")
         anatomy = est.anatomy
