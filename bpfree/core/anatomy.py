@@ -347,31 +347,57 @@ def init_uniform_(params: Sequence[torch.Tensor], fan_in: int, generator: torch.
             p.copy_(uniform_like(p, fan_in, generator))
 
 
-def parameters_without_gradient(model: torch.nn.Module, input_shape: tuple[int, ...]) -> list[str]:
-    """Trainable parameters of modules that run in the model's forward yet get no gradient from its logits: used
-    under torch.no_grad() (or with their result detached). Modules the forward never calls (a local rule's heads)
-    are not counted.
-
-    One probe pass with gradients (eval mode: batch-norm statistics untouched) and one backward from the logits.
-    """
+def parameter_use(model: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[set[str], dict[str, bool]]:
+    """One probe pass with gradients (eval mode; buffers put back): the names of the modules whose forward ran, and
+    for every trainable parameter (by module name and parameter name) whether the logits reach it."""
     ran: set[str] = set()
     hooks = [m.register_forward_hook(lambda _m, _i, _o, n=n: ran.add(n)) for n, m in model.named_modules()]
     buffers = [(b, b.clone()) for b in model.buffers()]  # a module may count its calls: the probe leaves no trace
+    named = [(f"{m}.{n}" if m else n, p) for m, module in model.named_modules()
+             for n, p in module.named_parameters(recurse=False) if p.requires_grad]
     try:
         with eval_mode(model), torch.enable_grad():
             out = model(example_input(model, input_shape))
-            named = [(f"{m}.{n}" if m else n, p) for m, module in model.named_modules() if m in ran
-                     for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            if not named or not out.requires_grad:
-                return [n for n, _ in named]
-            grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
+            grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True) \
+                if named and out.requires_grad else [None] * len(named)
     finally:
         for h in hooks:
             h.remove()
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-    return [n for (n, _), g in zip(named, grads) if g is None]
+    return ran, {n: g is not None for (n, _), g in zip(named, grads)}
+
+
+def parameters_without_gradient(model: torch.nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Trainable parameters of modules that run in the model's forward yet get no gradient from its logits: used
+    under torch.no_grad() (or with their result detached). Modules the forward never calls (a local rule's heads)
+    are not counted."""
+    ran, reached = parameter_use(model, input_shape)
+    return [n for n, ok in reached.items() if not ok and n.rpartition(".")[0] in ran]
+
+
+def layers_used_functionally(model: torch.nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Layers (Linear, Conv, attention) whose forward never runs, yet whose parameters the logits reach: the model
+    uses their weights directly (`F.linear(x, m.weight)`)."""
+    ran, reached = parameter_use(model, input_shape)
+    # An attention's projections run inside its own forward, which the rules patch (bpfree.core.attention).
+    inside = {f"{name}.{child}" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+              for child, _ in m.named_modules() if child}
+    return [name for name, m in model.named_modules() if isinstance(m, LAYER_TYPES) and name not in ran
+            and name not in inside and any(reached.get(f"{name}.{n}") for n, _ in m.named_parameters(recurse=False))]
+
+
+def check_layers_called(model: torch.nn.Module, method: str) -> None:
+    """Rules that act on a layer by replacing its forward (feedback alignment's B, activity tangents) cannot reach a
+    layer whose weight the model uses directly: refused, rather than that layer silently learning otherwise."""
+    shape = getattr(model, "input_shape", None)
+    used = layers_used_functionally(model, tuple(shape)) if shape is not None else []
+    if used:
+        more = f" and {len(used) - 1} more" if len(used) > 1 else ""
+        raise UsageError(f"{method}: the model uses the weight of layer {used[0]!r}{more} directly (e.g. "
+                         "F.linear(x, layer.weight)) instead of calling the layer, which this rule reaches only "
+                         "through its forward; call the layer as a module, or choose bp, dfa, fg-w, l-bp or sff")
 
 
 def check_forward_mode_can_train(model: torch.nn.Module, method: str) -> None:

@@ -103,6 +103,8 @@ class MixerFA(FeedbackAlignment):
     """The paper's "FA" row: every linear map of every block and the readout get a B (keyed by parameter name);
     the global loss trains the blocks end to end, the local heads take no part (zero gradient), as under `bp`."""
 
+    acts_on_layer_calls = False  # LocalMixer's functional token mixing is written out here
+
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         assert isinstance(model, LocalMixer)
         Backprop.__init__(self, model, seed=seed, **options)

@@ -504,6 +504,8 @@ register_fast_path("l-bp", LocalMixer)(LocalBP)
 class MixerFGActivity(FG.ForwardGradientActivity):
     """`fg-a` on LocalMixer: `mixer_fg_a` in place of the generic forward-mode path."""
 
+    acts_on_layer_calls = False  # LocalMixer's functional token mixing is written out here
+
     def _step_generic(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return mixer_fg_a(self, x, y)
 

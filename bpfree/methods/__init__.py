@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from bpfree.core.anatomy import check_block_names, check_forward_mode_can_train
+from bpfree.core.anatomy import check_block_names, check_forward_mode_can_train, check_layers_called
 from bpfree.core.errors import UsageError
 from bpfree.core.registry import Registry
 from bpfree.methods.base import Estimator, StepResult
@@ -77,7 +77,8 @@ def build(
 
     `blocks` names the submodules whose outputs are the local-learning boundaries (default: found by
     `bpfree.core.anatomy.describe`). `fast_path=False` builds the generic rule even where a fast path is registered
-    for the model's class (what the fast path must agree with: tests/fastpaths/test_contract.py).
+    for the model's class, without that path's refusals (what the fast path must agree with:
+    tests/fastpaths/test_contract.py).
     """
     resolved = METHODS.resolve_options(name, options)
     factory = METHODS.get(name).factory
@@ -89,6 +90,9 @@ def build(
         check_block_names(model, tuple(blocks))
     if name in FORWARD_MODE:
         check_forward_mode_can_train(model, name)
+    # The generic rule asked for beside a fast path (the contract test) is built as it is, to compare what agrees.
+    if getattr(factory, "acts_on_layer_calls", False) and (fast_path or find_fast_path(name, model) is None):
+        check_layers_called(model, name)
     return factory(model, seed=seed, **extra, **resolved)
 
 

@@ -224,6 +224,9 @@ class Estimator:
     #: The options this rule declares where it is registered (`METHODS.register` / `register_fast_path` set it);
     #: `self.options` holds their values, defaults filled. None: an unregistered estimator takes options as given.
     declared: ClassVar[dict[str, Option] | None] = None
+    #: Whether the rule acts on a layer by replacing its forward (feedback alignment's B, activity tangents): `build`
+    #: then refuses a model that uses a layer's weight without calling the layer.
+    acts_on_layer_calls: ClassVar[bool] = False
     #: The data-parallel ranks this estimator's steps are combined over; the trainer sets it (LOCAL: one process).
     group: Group = LOCAL
     #: Data-parallel: this rank's rows of the step's global batch (the trainer sets it before each step; None on one

@@ -247,6 +247,8 @@ class BlockLocalGrid(BlockLocal):
 class BlockLocalFG(BlockLocalGrid):
     """lg-fg-a / lg-fg-w: exact heads and readout, forward-mode directional derivatives for the blocks."""
 
+    acts_on_layer_calls = True
+
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed, **options)
         o = self.options
@@ -555,6 +557,7 @@ class BlockLocalBP(BlockLocal):
 )
 class BlockLocalFA(BlockLocal):
     method = "l-fa"
+    acts_on_layer_calls = True
     uses_fa = True
 
 
@@ -576,6 +579,7 @@ class BlockLocalGroupBP(BlockLocalGrid):
 )
 class BlockLocalGroupFA(BlockLocalGrid):
     method = "lg-fa"
+    acts_on_layer_calls = True
     uses_fa = True
 
 

@@ -194,6 +194,8 @@ class FeedbackAlignment(Backprop):
     `feedback[i]` is the B of `weights[i]` (see `fa_weights`), drawn U(±1/√fan_in) in module order.
     """
 
+    acts_on_layer_calls = True
+
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed=seed, **options)
         check_layers(model, "fa")

@@ -367,6 +367,7 @@ class ForwardGradientWeight(_ForwardGradient):
 )
 class ForwardGradientActivity(_ForwardGradient):
     method = "fg-a"
+    acts_on_layer_calls = True
 
     def __init__(self, model: nn.Module, seed: int = 0, **options: Any):
         super().__init__(model, seed=seed, **options)

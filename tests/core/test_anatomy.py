@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bpfree import models
+from bpfree import methods, models
 from bpfree.core.anatomy import boundaries, describe, pool, positions_last
 from bpfree.core.errors import UsageError
 from tests.user_models import ResidualCNN, TinyViT
@@ -80,3 +80,35 @@ def test_pool_and_positions():
     assert positions_last(torch.ones(2, 5, 3, 4)).shape == (2, 12, 5)
     with pytest.raises(UsageError):
         positions_last(torch.ones(2, 5))
+
+
+class FunctionalMix(nn.Module):
+    """A user's net that uses a layer's weight directly, as LocalMixer's token mixing does."""
+
+    input_shape = (6,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.mix, self.b, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        h = torch.relu(torch.nn.functional.linear(h, self.mix.weight, self.mix.bias))
+        return self.out(torch.relu(self.b(h)))
+
+
+@pytest.mark.parametrize("method", ["fa", "fg-a", "l-fa", "lg-fa", "lg-fg-a", "lg-fg-w"])
+def test_rules_that_replace_layer_forwards_refuse_a_layer_used_through_its_weight(method: str) -> None:
+    """Before, fg-a / lg-fg-* left `mix` with a zero gradient and fa sent its error back through W, silently."""
+    blocks = None if method in ("fa", "fg-a") else ["a", "b"]
+    with pytest.raises(UsageError, match="uses the weight of layer 'mix' directly"):
+        methods.build(method, FunctionalMix(), blocks=blocks)
+
+
+@pytest.mark.parametrize("method", ["bp", "dfa", "fg-w", "l-bp", "sff-block"])
+def test_rules_that_differentiate_the_forward_take_a_layer_used_through_its_weight(method: str) -> None:
+    blocks = None if method in ("bp", "fg-w") else ["a", "b"]
+    model = FunctionalMix()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    methods.build(method, model, blocks=blocks).step(x, y)
+    assert model.mix.weight.grad is not None and model.mix.weight.grad.abs().sum() > 0
