@@ -51,8 +51,7 @@ def make_optimizer(
     """Weight decay on weights (>= 2 dims) only, as in the papers.
 
     lr_multipliers maps id(parameter) to a learning-rate multiplier (absent: 1). One parameter group per
-    (multiplier, decay) pair, the multiplier-1 groups first (group 0's lr is the one logged). A run without
-    multipliers has the same two groups as before, so older checkpoints still load.
+    (multiplier, decay) pair, the multiplier-1 groups first (group 0's lr is the one logged).
     """
     mult = lr_multipliers or {}
     keys: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
