@@ -29,6 +29,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="module")
+def float64_one_thread():
+    """float64 for exactness checks, one thread for tiny tensors, while the module that asks for it runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(torch.float32)
+
+
 @pytest.fixture
 def digits():
     from bpfree.data import load

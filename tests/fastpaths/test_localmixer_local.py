@@ -16,17 +16,7 @@ from bpfree.methods import build as build_method
 from bpfree.models import build
 from bpfree.models.localmixer import LocalMixer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64_one_thread():
-    # tiny tensors: one thread avoids losing time to thread hand-offs on a busy machine
-    # float64 for the exactness checks, only while this module's tests run
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")  # exactness checks on tiny tensors
 
 
 def tiny(blocks: int = 2, grid: int = 2, channels: int = 8, groups: int = 2, head_dim: int = 0) -> LocalMixer:

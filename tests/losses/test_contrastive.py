@@ -8,16 +8,7 @@ import torch.nn.functional as F
 
 from bpfree.losses import augment, nt_xent
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64_one_thread():
-    # float64 for the exactness checks, one thread for tiny tensors, only while this module's tests run
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")  # exactness checks on tiny tensors
 
 
 def test_nt_xent_value_and_stop_gradient():

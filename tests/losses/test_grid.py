@@ -8,16 +8,7 @@ import torch
 from bpfree.losses import local_loss_grid, nt_xent
 from tests.fastpaths.test_localmixer_local import naive_copy_losses, supervised, tiny
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64_one_thread():
-    # float64 for the exactness checks, one thread for tiny tensors, only while this module's tests run
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")  # exactness checks on tiny tensors
 
 
 @pytest.mark.parametrize("objective", ["supervised", "contrastive"])

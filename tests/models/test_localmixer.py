@@ -10,16 +10,7 @@ from bpfree.methods import build as build_method
 from bpfree.models import build, count_parameters
 from tests.fastpaths.test_localmixer_local import naive_head_input, naive_slot_norm, tiny
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64_one_thread():
-    # float64 for the exactness checks, one thread for tiny tensors, only while this module's tests run
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")  # exactness checks on tiny tensors
 
 
 def test_head_input_normalises_each_token_per_group_before_pooling():
