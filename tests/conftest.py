@@ -40,6 +40,18 @@ def float64_one_thread():
     torch.set_default_dtype(torch.float32)
 
 
+@pytest.fixture(scope="module")
+def digit_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits as [N, 1, 8, 8] images in [0, 1] and labels, in a fixed shuffled order."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    return x[order], y[order]
+
+
 @pytest.fixture
 def digits():
     from bpfree.data import load

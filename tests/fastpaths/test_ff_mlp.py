@@ -24,15 +24,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    y = torch.tensor(d.target, dtype=torch.int64)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    return x[order], y[order]
 
 
 def fit(est, x, y, epochs: int, lr: float, batch: int = 50) -> None:
@@ -247,8 +238,8 @@ def test_ff_goodness_scores_equal_one_pass_per_label(label_input):
     torch.testing.assert_close(est.goodness_scores(x), expected)
 
 
-def test_ff_learns_digits_above_chance(digits):
-    x, y = digits
+def test_ff_learns_digits_above_chance(digit_images):
+    x, y = digit_images
     torch.manual_seed(0)
     model = build_model("ff-mlp", 10, (1, 8, 8), hidden=(200, 200), label_input="concat")
     est = build_method("ff", model, seed=0)

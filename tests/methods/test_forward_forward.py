@@ -15,18 +15,6 @@ from tests.fastpaths.test_ff_mlp import accuracy, fit
 from tests.user_models import ResidualCNN, TinyViT
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    y = torch.tensor(d.target, dtype=torch.int64)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    return x[order], y[order]
-
-
-
 def residual_cnn() -> ResidualCNN:
     torch.manual_seed(0)
     model = ResidualCNN()
@@ -202,8 +190,8 @@ def test_sff_predict_combines_the_units_goodness():
     torch.testing.assert_close(last.predict(x), goods[-1])
 
 
-def test_sff_block_learns_digits_above_chance(digits):
-    x, y = digits
+def test_sff_block_learns_digits_above_chance(digit_images):
+    x, y = digit_images
     torch.manual_seed(0)
     x = (x - 0.3) / 0.4
     model = build_model("resnet18", 10, (1, 8, 8), width=4)
