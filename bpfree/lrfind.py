@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bpfree import methods, models
+from bpfree import distributed, methods, models
 from bpfree.data.datasets import VALIDATION_SEED, TensorData
 from bpfree.errors import DivergedError
 from bpfree.runfolder import RunLock
@@ -51,6 +50,7 @@ NO_SIGNAL = 0.005  # a best validation loss within this fraction of the untraine
 EVAL_COST = 1 / 3  # a validation example's cost in training examples (see `plan`)
 BLOW_UP = 3.0  # a training loss (last 5 steps) this many times the untrained one: the rate diverged
 PROBE_PLOT = "lr_probe.png"
+PROBE_WAIT = 24 * 3600.0  # data-parallel: seconds the other ranks wait for rank 0's probe (a dead rank 0 ends it)
 
 
 @dataclass
@@ -292,10 +292,26 @@ def saved_probe(cfg: TrainConfig) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) and isinstance(saved.get("lr_probe"), dict) else None
 
 
-def resolve(cfg: TrainConfig, data: Any = None, show_progress: bool | None = None) -> TrainConfig:
-    """cfg with lr_auto set: its learning rate chosen by the probe (or the run folder's recorded choice)."""
+def resolve(cfg: TrainConfig, data: Any = None, show_progress: bool | None = None,
+            group: distributed.Group = distributed.LOCAL) -> TrainConfig:
+    """cfg with lr_auto set: its learning rate chosen by the probe (or the run folder's recorded choice).
+
+    Data-parallel (`group` active): rank 0 alone probes (or reads the recorded choice: ranks need not share a file
+    system) and sends the rate and the probe's record to the other ranks, which wait for it."""
     if not cfg.lr_auto or cfg.lr_probe is not None:
         return cfg
+    if group.active:
+        def probe_on_main() -> bytes:
+            _resolve_here(cfg, data, show_progress)
+            return json.dumps({"lr": cfg.lr, "lr_probe": cfg.lr_probe}).encode()
+
+        chosen = json.loads(group.run_on_main(probe_on_main, max(cfg.dist_timeout, PROBE_WAIT)))
+        cfg.lr, cfg.lr_probe = float(chosen["lr"]), chosen["lr_probe"]
+        return cfg
+    return _resolve_here(cfg, data, show_progress)
+
+
+def _resolve_here(cfg: TrainConfig, data: Any, show_progress: bool | None) -> TrainConfig:
     saved = saved_probe(cfg)
     if saved is not None:  # --resume, or compare / sweep rerunning a folder: the recorded choice, no new probe
         cfg.lr, cfg.lr_probe = float(saved["lr"]), saved["lr_probe"]
@@ -306,14 +322,13 @@ def resolve(cfg: TrainConfig, data: Any = None, show_progress: bool | None = Non
         # Without --resume the trainer refuses the folder; with it, a run from before --lr auto keeps its own
         # settings or is refused for differing: either way a probe would be wasted.
         return cfg
-    # The run folder is locked while its probe runs and its plot is written (by the main rank only): a folder in
-    # use is refused before any probing, and another run's plot is never overwritten.
-    main = int(os.environ.get("RANK", "0")) == 0
-    lock = RunLock(out).acquire() if main else None
+    # The run folder is locked while its probe runs and its plot is written: a folder in use is refused before any
+    # probing, and another run's plot is never overwritten.
+    lock = RunLock(out).acquire()
     try:
         probe = find(cfg, data, show_progress=show_progress)
         cfg.lr, cfg.lr_probe = probe.choice, probe.record()
-        if probe.points and main:
+        if probe.points:
             note(f"lr auto ({cfg.method}): {len(probe.points)} rates x {probe.steps} steps on {probe.val_examples} "
                  f"validation examples in {probe.seconds:.1f} s -> lr {cfg.lr:g}")
             try:
@@ -321,8 +336,7 @@ def resolve(cfg: TrainConfig, data: Any = None, show_progress: bool | None = Non
             except OSError:
                 pass  # the trainer reports an unusable folder
     finally:
-        if lock is not None:
-            lock.release()
+        lock.release()
     # Else the run is too short to probe: it trains at the prior, as config.json's lr_probe and the summary say
     # (no notice here: a run that then stops on bad input prints its one error line only).
     return cfg

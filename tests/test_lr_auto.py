@@ -207,3 +207,66 @@ def test_a_folder_in_use_is_refused_before_probing(tmp_path, monkeypatch, capsys
         code = main(["train", "--method", "bp", *USER, "--epochs", "12", "--batch-size", "16", "--out", str(out)])
     assert code == 2 and "in use by another bpfree process" in capsys.readouterr().err
     assert not (out / lrfind.PROBE_PLOT).exists()
+
+
+RANK_LOGGER = '''
+import os
+import torch
+from torch import nn
+
+LOG = {log!r}
+
+
+class Net(nn.Module):
+    """A linear classifier that logs each construction and, at each training step, its weights' sum, with its rank."""
+
+    def __init__(self, num_classes, input_shape):
+        super().__init__()
+        self.fc = nn.Linear(int(torch.tensor(input_shape).prod()), num_classes)
+        self.write("built")
+
+    def write(self, what):
+        with open(LOG, "a") as f:
+            f.write(f"{{os.environ.get('RANK')}} {{what}}\\n")
+
+    def forward(self, x):
+        if self.training:
+            self.write(f"weights {{float(self.fc.weight.double().sum()):.12e}}")
+        return self.fc(x.flatten(1))
+'''
+
+
+def test_data_parallel_only_rank0_probes_and_every_rank_trains_with_its_choice(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    log = tmp_path / "log.txt"
+    (tmp_path / "net.py").write_text(RANK_LOGGER.format(log=str(log)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bpfree", "train", "--method", "bp", "--model", f"{tmp_path / 'net.py'}:Net",
+           "--data", "digits", "--epochs", "12", "--batch-size", "16", "--schedule", "constant", "--threads", "1",
+           "--out", str(out)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={
+        **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r), "WORLD_SIZE": "2",
+        "LOCAL_RANK": str(r), "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    config = json.loads((out / "config.json").read_text())
+    probe = config["lr_probe"]
+    assert config["lr_auto"] and probe["grid"] and config["lr"] == probe["choice"]
+    lines = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    built = {r: sum(1 for rank, what in lines if rank == r and what == "built") for r in ("0", "1")}
+    assert built == {"0": len(probe["grid"]) + 2, "1": 1}  # rank 0: untrained + each point + the run; rank 1: the run
+    # Both ranks applied the same updates, so the same rate: their weights agree at the last step (differing rates
+    # would part them from the second step on).
+    final = {r: [what for rank, what in lines if rank == r and what.startswith("weights")][-1] for r in ("0", "1")}
+    assert final["0"] == final["1"]
