@@ -12,6 +12,11 @@ scored on held-out validation examples: a rate is judged by what it has done aft
 included up to that horizon, and a divergence (NaN/inf, or the training loss blowing up) marks that rate "too
 high" instead of stopping anything.
 
+What is probed: the rule's prior (a per-rule rate measured across several model types, bpfree/recipes.py) and
+its two neighbours on the grid, and a neighbour replaces the prior only when clearly better: a few dozen steps order
+the rates of the noisy and delayed rules poorly, so the probe spends its budget on longer runs near a good guess
+and guards against a prior that is wrong for this model rather than ranking six rates it cannot tell apart.
+
 Budget: `--lr auto` spends at most BUDGET_FRACTION of the planned training work (examples through the model,
 validation examples counted like training ones) on the probe; where that leaves fewer than MIN_STEPS steps per
 point for two grid points, it trains with the rule's prior learning rate and says so. Counting examples rather than
@@ -41,6 +46,8 @@ from bpfree.train import CHECKPOINT, CONFIG, METRICS, TrainConfig, load_data, lr
 from bpfree.transfer import load_backbone
 
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # Adam's useful range for every rule on the models measured
+POINTS = 3  # --lr auto probes the rule's prior and its two grid neighbours, with three times the steps of all six
+MARGIN = 0.05  # a neighbour replaces the prior only with a validation loss this fraction below the prior's
 BUDGET_FRACTION = 0.10  # of the planned training work
 MIN_STEPS = 10  # fewer steps per point measure the first steps' noise, not the rate
 MAX_STEPS = 300  # more adds cost but, on the measured models, no better choices
@@ -137,7 +144,7 @@ def plan(cfg: TrainConfig, run_examples: int, probe: TensorData, grid: tuple[flo
     batch = min(cfg.batch_size, probe.num_train)
     val_cost = math.ceil(EVAL_COST * probe.num_val)
     budget = {"planned_examples": planned, "allowed_examples": allowed, "fraction": BUDGET_FRACTION}
-    for k in range(len(grid), 1, -1):  # one validation pass more: the untrained model's
+    for k in range(min(POINTS, len(grid)), 1, -1):  # one validation pass more: the untrained model's
         steps = min(MAX_STEPS, ((allowed - val_cost) // k - val_cost) // batch)
         if steps >= MIN_STEPS:
             budget["probe_examples"] = k * (steps * batch + val_cost) + val_cost
@@ -228,16 +235,26 @@ def validate(estimator: methods.Estimator, data: TensorData, cfg: TrainConfig, d
 
 # -- the choice ---------------------------------------------------------------------------------------------------
 def choose(points: list[Point], n_val: int, prior: float, untrained: float = math.inf) -> tuple[float, str]:
-    """The lowest validation loss (ties: the lower rate). Not the error: after the probe's few steps most rules
-    are still near chance at every rate, and the error's differences are within its binomial noise, while the loss
-    still orders the rates. Where no rate lowered the loss below the untrained model's by NO_SIGNAL of it, the
-    probe saw nothing (too few steps for this rule and model): the rule's prior, not the grid's accidental minimum.
-    Both rules were chosen on the benchmark's validation errors (docs/tuning.md). None finite: below the grid."""
+    """The rule's prior, unless a grid point's validation loss is MARGIN below the prior's (then the lowest loss;
+    ties: the lower rate).
+
+    Why the prior first: after the probe's few steps (1-3 % of a run) the order of the rates is noisy and biased
+    towards high rates, and on the benchmark's six model types a measured per-rule prior alone met the goal more
+    often than the lowest probe loss did (docs/tuning.md); the probe still moves a run away from a prior that is
+    clearly worse or diverges on its model. Loss, not error: after a few steps most rules are near chance at
+    every rate. Where the prior was not probed (`bpfree lr-find --lr-grid`), the lowest loss, unless no rate
+    lowered it below the untrained model's by NO_SIGNAL of it: then the probe saw nothing and the prior stands.
+    None finite: below the grid."""
     good = [p for p in points if p.ok]
     if not good:
         low = min(p.lr for p in points) / 10 if points else prior
         return low, "every grid point diverged: a tenth of the lowest"
     pick = min(good, key=lambda p: (p.val_loss, p.lr))
+    at_prior = next((p for p in good if math.isclose(p.lr, prior, rel_tol=1e-9)), None)
+    if at_prior is not None and not pick.val_loss < at_prior.val_loss * (1 - MARGIN):
+        return prior, (f"the rule's prior: no rate's validation loss was {MARGIN:.0%} below its "
+                       f"{at_prior.val_loss:.4f} (validation error {at_prior.val_error:.2f} % on {n_val} examples; "
+                       f"untrained {untrained:.4f})")
     if pick.val_loss > untrained * (1 - NO_SIGNAL):
         return prior, (f"no rate lowered the validation loss measurably (best {pick.val_loss:.4f}, untrained "
                        f"{untrained:.4f}): the rule's prior")
@@ -248,8 +265,8 @@ def choose(points: list[Point], n_val: int, prior: float, untrained: float = mat
 # -- the finder ---------------------------------------------------------------------------------------------------
 def find(cfg: TrainConfig, data: Any = None, grid: tuple[float, ...] | None = None, steps: int | None = None,
          show_progress: bool | None = None) -> Probe:
-    """Probe the learning rates for cfg. Without `steps`, the grid and steps fit BUDGET_FRACTION of cfg's planned
-    training (points nearest cfg.lr, the rule's prior, are kept when the budget is short)."""
+    """Probe the learning rates for cfg. Without `steps`: cfg.lr (the rule's prior) and its grid neighbours, POINTS
+    in all (fewer when the budget is short), with the steps that fit BUDGET_FRACTION of cfg's planned training."""
     start = time.perf_counter()
     data = load_data(cfg) if data is None else data
     run_examples = data.num_train

@@ -92,8 +92,8 @@ def test_the_probe_plan_never_exceeds_a_tenth_of_the_planned_training(epochs, tr
     cost = len(lrs) * (steps * 128 + lrfind.EVAL_COST * probe.num_val) + lrfind.EVAL_COST * probe.num_val
     assert cost <= 0.1 * epochs * train
     assert (lrs == [] and steps == 0) or (len(lrs) >= 2 and lrfind.MIN_STEPS <= steps <= lrfind.MAX_STEPS)
-    if lrs and len(lrs) < len(lrfind.GRID):
-        assert cfg.lr in lrs  # a short budget keeps the points nearest the rule's prior
+    if lrs:
+        assert cfg.lr in lrs and len(lrs) <= lrfind.POINTS  # the prior and its neighbours, fewer when short
 
 
 def test_a_diverging_grid_point_is_an_answer_not_a_crash(digits):
@@ -174,15 +174,30 @@ def test_compare_resolves_lr_auto_per_method(tmp_path):
                  "--lr", "auto", "--out", str(out), "--no-plots"]) == 0
 
 
-def test_choose_takes_the_lowest_validation_loss_of_the_points_that_did_not_diverge():
-    points = [lrfind.Point(1e-3, 2.30, 88.0), lrfind.Point(1e-2, 2.20, 89.0), lrfind.Point(3e-2, 0.1, 1.0, "diverged")]
+def test_choose_keeps_the_prior_unless_a_rate_is_clearly_better_and_ignores_diverged_points():
+    points = [lrfind.Point(1e-3, 2.30, 88.0), lrfind.Point(1e-2, 2.00, 89.0), lrfind.Point(3e-2, 0.1, 1.0, "diverged")]
     assert lrfind.choose(points, 300, 1e-3)[0] == 1e-2  # the error alone (88 vs 89 %) is noise at this point
-    assert lrfind.choose([lrfind.Point(1e-3, 2.2, 50.0), lrfind.Point(1e-2, 2.2, 40.0)], 300, 1e-3)[0] == 1e-3
-    # Nothing learnt measurably at any rate (the untrained loss is 2.30): the rule's prior, not the lowest rate.
+    close = [lrfind.Point(1e-3, 2.30, 88.0), lrfind.Point(1e-2, 2.30 * (1 - lrfind.MARGIN) + 1e-6, 80.0)]
+    choice, reason = lrfind.choose(close, 300, 1e-3)
+    assert choice == 1e-3 and "prior" in reason  # within the margin: the prior stands
+    assert lrfind.choose(close, 300, 1e-2)[0] == 1e-2  # the prior is the better one
+    diverged_prior = [lrfind.Point(1e-3, 2.2, 80.0), lrfind.Point(1e-2, status="diverged: x")]
+    assert lrfind.choose(diverged_prior, 300, 1e-2, untrained=2.3)[0] == 1e-3
+    # The prior not probed (lr-find --lr-grid): the lowest loss (ties: the lower rate), unless nothing was learnt
+    # measurably (the untrained loss is 2.30): then the prior, not the grid's accidental minimum.
+    assert lrfind.choose([lrfind.Point(1e-3, 2.2, 50.0), lrfind.Point(1e-2, 2.2, 40.0)], 300, 3e-3)[0] == 1e-3
     flat = [lrfind.Point(1e-4, 2.295, 88.0), lrfind.Point(1e-3, 2.31, 89.0)]
-    assert lrfind.choose(flat, 300, 3e-3, untrained=2.30) == (3e-3, lrfind.choose(flat, 300, 3e-3, 2.30)[1])
+    assert lrfind.choose(flat, 300, 3e-3, untrained=2.30)[0] == 3e-3
     assert "prior" in lrfind.choose(flat, 300, 3e-3, untrained=2.30)[1]
     assert lrfind.choose(flat, 300, 3e-3, untrained=2.40)[0] == 1e-4
+
+
+def test_the_default_probe_tries_the_prior_and_its_grid_neighbours(digits):
+    cfg = tiny_cfg(lr=1e-3, epochs=40)
+    lrs, steps, _ = lrfind.plan(cfg, digits.num_train, lrfind.probe_data(cfg, digits)[0])
+    assert lrs == [3e-4, 1e-3, 3e-3] and steps >= lrfind.MIN_STEPS
+    edge = tiny_cfg(lr=3e-2, epochs=40)
+    assert lrfind.plan(edge, digits.num_train, lrfind.probe_data(edge, digits)[0])[0] == [3e-3, 1e-2, 3e-2]
 
 
 def test_nothing_to_probe_on_is_the_rules_prior_not_an_error():
