@@ -251,30 +251,34 @@ class Net(nn.Module):
 '''
 
 
-def test_data_parallel_only_rank0_probes_and_every_rank_trains_with_its_choice(tmp_path):
+def two_ranks(args: list[str]) -> list[tuple[int, str]]:
+    """`python -m bpfree ARGS` as ranks 0 and 1 of a torchrun-style group; each rank's exit code and stderr."""
     import os
     import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    log = tmp_path / "log.txt"
-    (tmp_path / "net.py").write_text(RANK_LOGGER.format(log=str(log)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "bpfree", "train", "--method", "bp", "--model", f"{tmp_path / 'net.py'}:Net",
-           "--data", "digits", "--epochs", "12", "--batch-size", "16", "--schedule", "constant", "--threads", "1",
-           "--out", str(out)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={
+    procs = [subprocess.Popen([sys.executable, "-m", "bpfree", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env={
         **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r), "WORLD_SIZE": "2",
         "LOCAL_RANK": str(r), "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}) for r in (0, 1)]
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
+    return [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=120)]]
+
+
+def test_data_parallel_only_rank0_probes_and_every_rank_trains_with_its_choice(tmp_path):
+    log = tmp_path / "log.txt"
+    (tmp_path / "net.py").write_text(RANK_LOGGER.format(log=str(log)))
+    out = tmp_path / "run"
+    for code, err in two_ranks(["train", "--method", "bp", "--model", f"{tmp_path / 'net.py'}:Net", "--data",
+                                "digits", "--epochs", "12", "--batch-size", "16", "--schedule", "constant",
+                                "--threads", "1", "--out", str(out)]):
+        assert code == 0, err
     config = json.loads((out / "config.json").read_text())
     probe = config["lr_probe"]
     assert config["lr_auto"] and probe["grid"] and config["lr"] == probe["choice"]
@@ -285,3 +289,14 @@ def test_data_parallel_only_rank0_probes_and_every_rank_trains_with_its_choice(t
     # would part them from the second step on).
     final = {r: [what for rank, what in lines if rank == r and what.startswith("weights")][-1] for r in ("0", "1")}
     assert final["0"] == final["1"]
+
+
+def test_data_parallel_a_probe_refused_on_rank0_stops_every_rank_with_its_message(tmp_path):
+    from bpfree.runfolder import RunLock
+
+    out = tmp_path / "run"
+    with RunLock(out):  # another process holds the folder: rank 0 refuses before probing
+        results = two_ranks(["train", "--method", "bp", *USER, "--epochs", "12", "--out", str(out)])
+    assert [code for code, _ in results] == [2, 2]
+    assert all("in use by another bpfree process" in err for _, err in results)
+    assert not (out / lrfind.PROBE_PLOT).exists()
