@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed (every grid point's)")
     parser.add_argument("--lr-grid", default=None, metavar="LR,LR,...",
                         help="learning rates to try (default: "
-                        f"{','.join(f'{g:g}' for g in lrfind.GRID)}, the points nearest the rule's prior that fit "
-                        "the budget)")
+                        f"{','.join(f'{g:g}' for g in lrfind.GRID)}: the rule's prior and its {lrfind.POINTS - 1} "
+                        "neighbours there, fewer where the budget is short; with --steps-per-point, all of them)")
     parser.add_argument("--steps-per-point", type=int, default=None,
                         help="training steps per grid point (default: what fits 10 %% of --epochs of training, at "
                         f"most {lrfind.MAX_STEPS}); given, every grid point is tried")

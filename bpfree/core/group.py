@@ -6,7 +6,8 @@ bpfree.training.distributed's work.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import NamedTuple
 
 import torch
@@ -159,6 +160,37 @@ class Group:
             raise error
         if message:
             raise UsageError(message)
+
+    def run_on_main(self, work: Callable[[], bytes], seconds: float) -> bytes:
+        """Rank 0 alone calls `work`; every rank returns its bytes. The other ranks wait up to `seconds` (longer than
+        --dist-timeout: rank 0's work, e.g. the learning-rate probe, may take minutes) over a gloo group of their own
+        with that timeout. If `work` raises on rank 0, rank 0 re-raises it and the others a UsageError with its
+        message, so no rank hangs."""
+        if not self.active:
+            return work()
+        side = self._call("new_group", dist.new_group, backend="gloo", timeout=timedelta(seconds=seconds))
+        try:
+            error: Exception | None = None
+            payload = b""
+            if self.is_main:
+                try:
+                    payload = b"+" + work()
+                except Exception as e:  # told to the other ranks, then raised here
+                    error, payload = e, b"!" + str(e).encode()
+            size = torch.tensor([len(payload)], dtype=torch.int64)
+            self._call("broadcast", dist.broadcast, size, 0, group=side)
+            buf = torch.empty(int(size.item()), dtype=torch.uint8)
+            if self.is_main:
+                buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+            self._call("broadcast", dist.broadcast, buf, 0, group=side)
+            received = bytes(buf.numpy())
+        finally:
+            dist.destroy_process_group(side)
+        if error is not None:
+            raise error
+        if received[:1] == b"!":
+            raise UsageError(received[1:].decode())
+        return received[1:]
 
     def broadcast_module(self, module: nn.Module) -> None:
         """Rank 0's parameters and buffers everywhere (ranks start identical even if seeding differed)."""

@@ -12,6 +12,11 @@ scored on held-out validation examples: a rate is judged by what it has done aft
 included up to that horizon, and a divergence (NaN/inf, or the training loss blowing up) marks that rate "too
 high" instead of stopping anything.
 
+What is probed: the rule's prior (a per-rule rate measured across several model types, bpfree/recipes.py) and
+its two neighbours on the grid, and a neighbour replaces the prior only when clearly better: a few dozen steps order
+the rates of the noisy and delayed rules poorly, so the probe spends its budget on longer runs near a good guess
+and guards against a prior that is wrong for this model rather than ranking six rates it cannot tell apart.
+
 Budget: `--lr auto` spends at most BUDGET_FRACTION of the planned training work (examples through the model,
 validation examples counted like training ones) on the probe; where that leaves fewer than MIN_STEPS steps per
 point for two grid points, it trains with the rule's prior learning rate and says so. Counting examples rather than
@@ -22,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -37,6 +41,7 @@ from tqdm import tqdm
 from bpfree import methods, models
 from bpfree.core.errors import DivergedError
 from bpfree.data.datasets import VALIDATION_SEED, TensorData
+from bpfree.training import distributed
 from bpfree.training.runfolder import RunLock
 from bpfree.training.train import (
     CHECKPOINT,
@@ -50,6 +55,8 @@ from bpfree.training.train import (
 from bpfree.training.transfer import load_backbone
 
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # Adam's useful range for every rule on the models measured
+POINTS = 3  # --lr auto probes the rule's prior and its two grid neighbours, with three times the steps of all six
+MARGIN = 0.05  # a neighbour replaces the prior only with a validation loss this fraction below the prior's
 BUDGET_FRACTION = 0.10  # of the planned training work
 MIN_STEPS = 10  # fewer steps per point measure the first steps' noise, not the rate
 MAX_STEPS = 300  # more adds cost but, on the measured models, no better choices
@@ -59,6 +66,7 @@ NO_SIGNAL = 0.005  # a best validation loss within this fraction of the untraine
 EVAL_COST = 1 / 3  # a validation example's cost in training examples (see `plan`)
 BLOW_UP = 3.0  # a training loss (last 5 steps) this many times the untrained one: the rate diverged
 PROBE_PLOT = "lr_probe.png"
+PROBE_WAIT = 24 * 3600.0  # data-parallel: seconds the other ranks wait for rank 0's probe (a dead rank 0 ends it)
 
 
 @dataclass
@@ -145,7 +153,7 @@ def plan(cfg: TrainConfig, run_examples: int, probe: TensorData, grid: tuple[flo
     batch = min(cfg.batch_size, probe.num_train)
     val_cost = math.ceil(EVAL_COST * probe.num_val)
     budget = {"planned_examples": planned, "allowed_examples": allowed, "fraction": BUDGET_FRACTION}
-    for k in range(len(grid), 1, -1):  # one validation pass more: the untrained model's
+    for k in range(min(POINTS, len(grid)), 1, -1):  # one validation pass more: the untrained model's
         steps = min(MAX_STEPS, ((allowed - val_cost) // k - val_cost) // batch)
         if steps >= MIN_STEPS:
             budget["probe_examples"] = k * (steps * batch + val_cost) + val_cost
@@ -236,16 +244,26 @@ def validate(estimator: methods.Estimator, data: TensorData, cfg: TrainConfig, d
 
 # -- the choice ---------------------------------------------------------------------------------------------------
 def choose(points: list[Point], n_val: int, prior: float, untrained: float = math.inf) -> tuple[float, str]:
-    """The lowest validation loss (ties: the lower rate). Not the error: after the probe's few steps most rules
-    are still near chance at every rate, and the error's differences are within its binomial noise, while the loss
-    still orders the rates. Where no rate lowered the loss below the untrained model's by NO_SIGNAL of it, the
-    probe saw nothing (too few steps for this rule and model): the rule's prior, not the grid's accidental minimum.
-    Both rules were chosen on the benchmark's validation errors (docs/tuning.md). None finite: below the grid."""
+    """The rule's prior, unless a grid point's validation loss is MARGIN below the prior's (then the lowest loss;
+    ties: the lower rate).
+
+    Why the prior first: after the probe's few steps (1-3 % of a run) the order of the rates is noisy and biased
+    towards high rates, and on the benchmark's six model types a measured per-rule prior alone met the goal more
+    often than the lowest probe loss did (docs/tuning.md); the probe still moves a run away from a prior that is
+    clearly worse or diverges on its model. Loss, not error: after a few steps most rules are near chance at
+    every rate. Where the prior was not probed (`bpfree lr-find --lr-grid`), the lowest loss, unless no rate
+    lowered it below the untrained model's by NO_SIGNAL of it: then the probe saw nothing and the prior stands.
+    None finite: below the grid."""
     good = [p for p in points if p.ok]
     if not good:
         low = min(p.lr for p in points) / 10 if points else prior
         return low, "every grid point diverged: a tenth of the lowest"
     pick = min(good, key=lambda p: (p.val_loss, p.lr))
+    at_prior = next((p for p in good if math.isclose(p.lr, prior, rel_tol=1e-9)), None)
+    if at_prior is not None and not pick.val_loss < at_prior.val_loss * (1 - MARGIN):
+        return prior, (f"the rule's prior: no rate's validation loss was {MARGIN:.0%} below its "
+                       f"{at_prior.val_loss:.4f} (validation error {at_prior.val_error:.2f} % on {n_val} examples; "
+                       f"untrained {untrained:.4f})")
     if pick.val_loss > untrained * (1 - NO_SIGNAL):
         return prior, (f"no rate lowered the validation loss measurably (best {pick.val_loss:.4f}, untrained "
                        f"{untrained:.4f}): the rule's prior")
@@ -256,8 +274,8 @@ def choose(points: list[Point], n_val: int, prior: float, untrained: float = mat
 # -- the finder ---------------------------------------------------------------------------------------------------
 def find(cfg: TrainConfig, data: Any = None, grid: tuple[float, ...] | None = None, steps: int | None = None,
          show_progress: bool | None = None) -> Probe:
-    """Probe the learning rates for cfg. Without `steps`, the grid and steps fit BUDGET_FRACTION of cfg's planned
-    training (points nearest cfg.lr, the rule's prior, are kept when the budget is short)."""
+    """Probe the learning rates for cfg. Without `steps`: cfg.lr (the rule's prior) and its grid neighbours, POINTS
+    in all (fewer when the budget is short), with the steps that fit BUDGET_FRACTION of cfg's planned training."""
     start = time.perf_counter()
     data = load_data(cfg) if data is None else data
     run_examples = data.num_train
@@ -300,10 +318,26 @@ def saved_probe(cfg: TrainConfig) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) and isinstance(saved.get("lr_probe"), dict) else None
 
 
-def resolve(cfg: TrainConfig, data: Any = None, show_progress: bool | None = None) -> TrainConfig:
-    """cfg with lr_auto set: its learning rate chosen by the probe (or the run folder's recorded choice)."""
+def resolve(cfg: TrainConfig, data: Any = None, show_progress: bool | None = None,
+            group: distributed.Group = distributed.LOCAL) -> TrainConfig:
+    """cfg with lr_auto set: its learning rate chosen by the probe (or the run folder's recorded choice).
+
+    Data-parallel (`group` active): rank 0 alone probes (or reads the recorded choice: ranks need not share a file
+    system) and sends the rate and the probe's record to the other ranks, which wait for it."""
     if not cfg.lr_auto or cfg.lr_probe is not None:
         return cfg
+    if group.active:
+        def probe_on_main() -> bytes:
+            _resolve_here(cfg, data, show_progress)
+            return json.dumps({"lr": cfg.lr, "lr_probe": cfg.lr_probe}).encode()
+
+        chosen = json.loads(group.run_on_main(probe_on_main, max(cfg.dist_timeout, PROBE_WAIT)))
+        cfg.lr, cfg.lr_probe = float(chosen["lr"]), chosen["lr_probe"]
+        return cfg
+    return _resolve_here(cfg, data, show_progress)
+
+
+def _resolve_here(cfg: TrainConfig, data: Any, show_progress: bool | None) -> TrainConfig:
     saved = saved_probe(cfg)
     if saved is not None:  # --resume, or compare / sweep rerunning a folder: the recorded choice, no new probe
         cfg.lr, cfg.lr_probe = float(saved["lr"]), saved["lr_probe"]
@@ -314,14 +348,13 @@ def resolve(cfg: TrainConfig, data: Any = None, show_progress: bool | None = Non
         # Without --resume the trainer refuses the folder; with it, a run from before --lr auto keeps its own
         # settings or is refused for differing: either way a probe would be wasted.
         return cfg
-    # The run folder is locked while its probe runs and its plot is written (by the main rank only): a folder in
-    # use is refused before any probing, and another run's plot is never overwritten.
-    main = int(os.environ.get("RANK", "0")) == 0
-    lock = RunLock(out).acquire() if main else None
+    # The run folder is locked while its probe runs and its plot is written: a folder in use is refused before any
+    # probing, and another run's plot is never overwritten.
+    lock = RunLock(out).acquire()
     try:
         probe = find(cfg, data, show_progress=show_progress)
         cfg.lr, cfg.lr_probe = probe.choice, probe.record()
-        if probe.points and main:
+        if probe.points:
             note(f"lr auto ({cfg.method}): {len(probe.points)} rates x {probe.steps} steps on {probe.val_examples} "
                  f"validation examples in {probe.seconds:.1f} s -> lr {cfg.lr:g}")
             try:
@@ -329,8 +362,7 @@ def resolve(cfg: TrainConfig, data: Any = None, show_progress: bool | None = Non
             except OSError:
                 pass  # the trainer reports an unusable folder
     finally:
-        if lock is not None:
-            lock.release()
+        lock.release()
     # Else the run is too short to probe: it trains at the prior, as config.json's lr_probe and the summary say
     # (no notice here: a run that then stops on bad input prints its one error line only).
     return cfg

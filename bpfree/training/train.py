@@ -362,11 +362,15 @@ def train(
     cfg: TrainConfig, data=None, show_progress: bool | None = None, log_epochs: bool = False
 ) -> list[dict[str, Any]]:
     """Train (or resume) one run; returns all epochs' metrics records (launched by torchrun: data-parallel)."""
+    group = LOCAL
     if cfg.lr_auto:  # --lr auto: choose the learning rate first (the recorded choice when resuming)
         from bpfree.training import lrfind  # it builds on this module
 
-        lrfind.resolve(cfg, data, show_progress)
+        # Data-parallel: the group is joined now so that rank 0 alone probes and sends its choice to the others.
+        group, _ = distributed.init_from_env(cfg.device, cfg.dist_timeout)
+        lrfind.resolve(cfg, data, show_progress, group)
     run = Run(cfg, data=data, show_progress=show_progress, log_epochs=log_epochs)
     records = run.train()
     distributed.shutdown(run.group)
+    distributed.shutdown(group)  # the group joined for the probe (Run's own then did not create one)
     return records

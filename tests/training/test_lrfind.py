@@ -92,8 +92,8 @@ def test_the_probe_plan_never_exceeds_a_tenth_of_the_planned_training(epochs, tr
     cost = len(lrs) * (steps * 128 + lrfind.EVAL_COST * probe.num_val) + lrfind.EVAL_COST * probe.num_val
     assert cost <= 0.1 * epochs * train
     assert (lrs == [] and steps == 0) or (len(lrs) >= 2 and lrfind.MIN_STEPS <= steps <= lrfind.MAX_STEPS)
-    if lrs and len(lrs) < len(lrfind.GRID):
-        assert cfg.lr in lrs  # a short budget keeps the points nearest the rule's prior
+    if lrs:
+        assert cfg.lr in lrs and len(lrs) <= lrfind.POINTS  # the prior and its neighbours, fewer when short
 
 
 def test_a_diverging_grid_point_is_an_answer_not_a_crash(digits):
@@ -174,15 +174,30 @@ def test_compare_resolves_lr_auto_per_method(tmp_path):
                  "--lr", "auto", "--out", str(out), "--no-plots"]) == 0
 
 
-def test_choose_takes_the_lowest_validation_loss_of_the_points_that_did_not_diverge():
-    points = [lrfind.Point(1e-3, 2.30, 88.0), lrfind.Point(1e-2, 2.20, 89.0), lrfind.Point(3e-2, 0.1, 1.0, "diverged")]
+def test_choose_keeps_the_prior_unless_a_rate_is_clearly_better_and_ignores_diverged_points():
+    points = [lrfind.Point(1e-3, 2.30, 88.0), lrfind.Point(1e-2, 2.00, 89.0), lrfind.Point(3e-2, 0.1, 1.0, "diverged")]
     assert lrfind.choose(points, 300, 1e-3)[0] == 1e-2  # the error alone (88 vs 89 %) is noise at this point
-    assert lrfind.choose([lrfind.Point(1e-3, 2.2, 50.0), lrfind.Point(1e-2, 2.2, 40.0)], 300, 1e-3)[0] == 1e-3
-    # Nothing learnt measurably at any rate (the untrained loss is 2.30): the rule's prior, not the lowest rate.
+    close = [lrfind.Point(1e-3, 2.30, 88.0), lrfind.Point(1e-2, 2.30 * (1 - lrfind.MARGIN) + 1e-6, 80.0)]
+    choice, reason = lrfind.choose(close, 300, 1e-3)
+    assert choice == 1e-3 and "prior" in reason  # within the margin: the prior stands
+    assert lrfind.choose(close, 300, 1e-2)[0] == 1e-2  # the prior is the better one
+    diverged_prior = [lrfind.Point(1e-3, 2.2, 80.0), lrfind.Point(1e-2, status="diverged: x")]
+    assert lrfind.choose(diverged_prior, 300, 1e-2, untrained=2.3)[0] == 1e-3
+    # The prior not probed (lr-find --lr-grid): the lowest loss (ties: the lower rate), unless nothing was learnt
+    # measurably (the untrained loss is 2.30): then the prior, not the grid's accidental minimum.
+    assert lrfind.choose([lrfind.Point(1e-3, 2.2, 50.0), lrfind.Point(1e-2, 2.2, 40.0)], 300, 3e-3)[0] == 1e-3
     flat = [lrfind.Point(1e-4, 2.295, 88.0), lrfind.Point(1e-3, 2.31, 89.0)]
-    assert lrfind.choose(flat, 300, 3e-3, untrained=2.30) == (3e-3, lrfind.choose(flat, 300, 3e-3, 2.30)[1])
+    assert lrfind.choose(flat, 300, 3e-3, untrained=2.30)[0] == 3e-3
     assert "prior" in lrfind.choose(flat, 300, 3e-3, untrained=2.30)[1]
     assert lrfind.choose(flat, 300, 3e-3, untrained=2.40)[0] == 1e-4
+
+
+def test_the_default_probe_tries_the_prior_and_its_grid_neighbours(digits):
+    cfg = tiny_cfg(lr=1e-3, epochs=40)
+    lrs, steps, _ = lrfind.plan(cfg, digits.num_train, lrfind.probe_data(cfg, digits)[0])
+    assert lrs == [3e-4, 1e-3, 3e-3] and steps >= lrfind.MIN_STEPS
+    edge = tiny_cfg(lr=3e-2, epochs=40)
+    assert lrfind.plan(edge, digits.num_train, lrfind.probe_data(edge, digits)[0])[0] == [3e-3, 1e-2, 3e-2]
 
 
 def test_nothing_to_probe_on_is_the_rules_prior_not_an_error():
@@ -206,4 +221,82 @@ def test_a_folder_in_use_is_refused_before_probing(tmp_path, monkeypatch, capsys
     with RunLock(out):
         code = main(["train", "--method", "bp", *USER, "--epochs", "12", "--batch-size", "16", "--out", str(out)])
     assert code == 2 and "in use by another bpfree process" in capsys.readouterr().err
+    assert not (out / lrfind.PROBE_PLOT).exists()
+
+
+RANK_LOGGER = '''
+import os
+import torch
+from torch import nn
+
+LOG = {log!r}
+
+
+class Net(nn.Module):
+    """A linear classifier that logs each construction and, at each training step, its weights' sum, with its rank."""
+
+    def __init__(self, num_classes, input_shape):
+        super().__init__()
+        self.fc = nn.Linear(int(torch.tensor(input_shape).prod()), num_classes)
+        self.write("built")
+
+    def write(self, what):
+        with open(LOG, "a") as f:
+            f.write(f"{{os.environ.get('RANK')}} {{what}}\\n")
+
+    def forward(self, x):
+        if self.training:
+            self.write(f"weights {{float(self.fc.weight.double().sum()):.12e}}")
+        return self.fc(x.flatten(1))
+'''
+
+
+def two_ranks(args: list[str]) -> list[tuple[int, str]]:
+    """`python -m bpfree ARGS` as ranks 0 and 1 of a torchrun-style group; each rank's exit code and stderr."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "bpfree", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env={
+        **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r), "WORLD_SIZE": "2",
+        "LOCAL_RANK": str(r), "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}) for r in (0, 1)]
+    return [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=120)]]
+
+
+def test_data_parallel_only_rank0_probes_and_every_rank_trains_with_its_choice(tmp_path):
+    log = tmp_path / "log.txt"
+    (tmp_path / "net.py").write_text(RANK_LOGGER.format(log=str(log)))
+    out = tmp_path / "run"
+    for code, err in two_ranks(["train", "--method", "bp", "--model", f"{tmp_path / 'net.py'}:Net", "--data",
+                                "digits", "--epochs", "12", "--batch-size", "16", "--schedule", "constant",
+                                "--threads", "1", "--out", str(out)]):
+        assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    probe = config["lr_probe"]
+    assert config["lr_auto"] and probe["grid"] and config["lr"] == probe["choice"]
+    lines = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    built = {r: sum(1 for rank, what in lines if rank == r and what == "built") for r in ("0", "1")}
+    assert built == {"0": len(probe["grid"]) + 2, "1": 1}  # rank 0: untrained + each point + the run; rank 1: the run
+    # Both ranks applied the same updates, so the same rate: their weights agree at the last step (differing rates
+    # would part them from the second step on).
+    final = {r: [what for rank, what in lines if rank == r and what.startswith("weights")][-1] for r in ("0", "1")}
+    assert final["0"] == final["1"]
+
+
+def test_data_parallel_a_probe_refused_on_rank0_stops_every_rank_with_its_message(tmp_path):
+    from bpfree.training.runfolder import RunLock
+
+    out = tmp_path / "run"
+    with RunLock(out):  # another process holds the folder: rank 0 refuses before probing
+        results = two_ranks(["train", "--method", "bp", *USER, "--epochs", "12", "--out", str(out)])
+    assert [code for code, _ in results] == [2, 2]
+    assert all("in use by another bpfree process" in err for _, err in results)
     assert not (out / lrfind.PROBE_PLOT).exists()
