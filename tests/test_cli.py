@@ -396,3 +396,10 @@ def test_booby_trapped_checkpoint_gives_no_advice_to_run_it(finished_run, capsys
     line = one_line_error(capsys, "a pickle that could run code, refused unread", "system")
     assert "weights_only" not in line
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("args,needle", [(["--input-shape", "x"], "--input-shape x"),
+                                         (["--num-classes", "0"], "--num-classes must be at least 1")])
+def test_models_listing_refuses_bad_shapes_with_one_line(capsys, args, needle):
+    assert main(["models", *args]) == 2
+    one_line_error(capsys, needle)

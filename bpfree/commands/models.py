@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 
 from bpfree import models
+from bpfree.commands.methods import input_shape
+from bpfree.core.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-shape", default="1,28,28", help="C,H,W used to count parameters (MNIST by default)")
+    parser.add_argument("--input-shape", default="1,28,28", metavar="C,H,W",
+                        help="the input shape used to count parameters (MNIST by default)")
     parser.add_argument("--num-classes", type=int, default=10, help="classes used to count parameters")
 
 
 def run(args: argparse.Namespace) -> int:
-    shape = tuple(int(v) for v in args.input_shape.split(","))
+    shape = input_shape(args.input_shape)
+    if args.num_classes < 1:
+        raise UsageError(f"--num-classes must be at least 1, got {args.num_classes}")
     rows = []
     for name in models.MODELS.names():
         entry = models.MODELS.get(name)
