@@ -38,6 +38,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from bpfree import tangents as T
 from bpfree.anatomy import (
@@ -52,7 +53,7 @@ from bpfree.anatomy import (
 )
 from bpfree.attention import math_attention
 from bpfree.errors import UsageError
-from bpfree.forward_mode import renew_dual_level
+from bpfree.forward_mode import renew_dual_level, tangent_friendly
 from bpfree.losses import local_loss_grid
 from bpfree.methods import METHODS
 from bpfree.methods.base import (
@@ -388,7 +389,8 @@ class BlockLocalFGActivity(BlockLocalFG):
         self._scratch.manual_seed(self.draw_seed())
         k, batch = self.tangents, x.shape[0]
         xk = x.repeat(k, *([1] * (x.dim() - 1)))  # K copies of the batch: independent tangents per copy
-        fired: list[list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = [[] for _ in self.anatomy.blocks]
+        # Per block, its units' records: (unit, the edge of its output in the unit's reverse graph, its tangents u).
+        fired: list[list[tuple[nn.Module, GradientEdge, torch.Tensor]]] = [[] for _ in self.anatomy.blocks]
 
         def perturb(i: int):  # noqa: ANN202
             def hook(m: nn.Module, _args: tuple, out: Any) -> Any:
@@ -397,8 +399,12 @@ class BlockLocalFGActivity(BlockLocalFG):
                 first = out[0] if isinstance(out, tuple) else out
                 primal, tangent = fwad.unpack_dual(first)
                 u = self.sample(tuple(primal.shape), primal)
-                fired[i].append((m, primal, u))
-                dual = fwad.make_dual(primal, u if tangent is None else tangent + u)
+                # Only the output's edge in the unit's reverse graph is kept for the VJP, not the output: a dual (or
+                # a view of one) kept to the end of the block would hold its tangent, and that tangent, made in
+                # grad mode, the unit's tangent arithmetic. The pass goes on with detached copies of both.
+                fired[i].append((m, get_gradient_edge(primal), u))
+                onward = u if tangent is None else tangent.detach() + u
+                dual = fwad.make_dual(primal.detach(), onward)
                 return (dual, *out[1:]) if isinstance(out, tuple) else dual
             return hook
 
@@ -433,7 +439,9 @@ class BlockLocalFGActivity(BlockLocalFG):
                 handles.append(m.register_forward_hook(perturb(i)))
                 handles.append(m.register_forward_hook(leave))
         try:
-            with fwad.dual_level(), torch.no_grad(), boundaries(self.anatomy, learn):
+            # Convolutions and batch norms with lean tangent rules (one convolution; one kernel for batch norm,
+            # instead of a chain of batch-sized temporaries that a unit's reverse graph would keep to the block's end).
+            with fwad.dual_level(), torch.no_grad(), tangent_friendly(self.model), boundaries(self.anatomy, learn):
                 logits = fwad.unpack_dual(self.model(xk)).primal
         finally:
             for h in handles:
@@ -453,42 +461,56 @@ class BlockLocalFGActivity(BlockLocalFG):
         return tuple(cut(a) for a in args), {key: cut(v) for key, v in kwargs.items()}
 
     def _learn_block(self, i: int, out: torch.Tensor, tangent: torch.Tensor,
-                     fired: list[tuple[nn.Module, torch.Tensor, torch.Tensor]], y: torch.Tensor) -> None:
+                     fired: list[tuple[nn.Module, GradientEdge, torch.Tensor]], y: torch.Tensor) -> None:
         """Block i's head (exact) and its units' gradients from the grid's directional derivatives."""
         k, batch = self.tangents, y.shape[0]
         grid = self.head_grid(i, out[:batch], y)
         with torch.no_grad():
             h_dot = self.patches(tangent.detach()).unflatten(0, (k, batch))  # [K, B, P, C]
             d = grid.directional(h_dot) / batch  # [K, B, P, G]: mean over the batch of the sum over copies
-            noise = [u.unflatten(0, (k, batch)) for _, _, u in fired]
-            c = self.coefficients(d, noise, per_example=True)
-            grads = [self._estimate(c, u, d.shape[2], self.groups) for u in noise]
+            del h_dot, tangent
+            c = self.coefficients(d, [u.unflatten(0, (k, batch)) for _, _, u in fired], per_example=True)
         units = [m for m, _, _ in fired]
         owned = _owned_parameters(units + [self.joined[m] for m in units if m in self.joined])
-        flat = [p for m in units for p in owned[m] + (owned[self.joined[m]] if m in self.joined else [])]
-        if flat:
-            with torch.enable_grad():
-                got = torch.autograd.grad([o for _, o, _ in fired], flat, grads, allow_unused=True)
-            set_grads(flat, got)
+        got: dict[int, torch.Tensor] = {}
+        params: dict[int, nn.Parameter] = {}
+        # One unit at a time: its estimate is written over its tangents u (not needed after c), its VJP runs, and
+        # its record is dropped before the next unit's, so at most one unit's estimate and VJP are alive.
+        while fired:
+            m, o, u = fired.pop(0)
+            mine = owned[m] + (owned[self.joined[m]] if m in self.joined else [])
+            with torch.no_grad():
+                est = self._estimate_(c, u, d.shape[2], self.groups)
+            del u
+            if mine:
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(o, mine, est, allow_unused=True)
+                for p, g in zip(mine, grads):
+                    if g is not None:
+                        got[id(p)] = g if id(p) not in got else got[id(p)] + g
+                    params[id(p)] = p
+            del m, o, est
+        set_grads(list(params.values()), [got.get(key) for key in params])
 
-    def _estimate(self, c: torch.Tensor, u: torch.Tensor, patches: int, g: int) -> torch.Tensor:
-        """c u per tangent for the noise u [K, B, *S] of one module's output ([K*B, *S], the rows of the K copies of
+    def _estimate_(self, c: torch.Tensor, u: torch.Tensor, patches: int, g: int) -> torch.Tensor:
+        """c u per tangent, written over the noise u of one module's output ([K*B, *S], the rows of the K copies of
         the batch): copy (p, g) credited at its own slice where the output has the block's patches and G | its
         channels, per group (summed over patches) where only the channels split, the block's total otherwise."""
-        k, b, shape = u.shape[0], u.shape[1], u.shape[2:]
-        up = self.patches(u.flatten(0, 1))  # [K*B, P', C']
-        if up.shape[-1] % g == 0 and up.shape[1] == patches:
+        rows, shape = u.shape[0], u.shape[1:]
+        channels = shape[-1] if len(shape) <= 2 else shape[0]
+        positions = 1 if len(shape) == 1 else (shape[0] if len(shape) == 2 else u[0, 0].numel())
+        if channels % g == 0 and positions == patches:
             coef = c.flatten(0, 1)  # [K*B, P, G]
-        elif up.shape[-1] % g == 0:
+        elif channels % g == 0:
             coef = c.sum(2, keepdim=True).flatten(0, 1)  # [K*B, 1, G]
         else:
             coef = c.sum((2, 3)).flatten(0, 1)[:, None, None]  # [K*B, 1, 1]
-        est = (coef.unsqueeze(-1) * up.unflatten(-1, (coef.shape[-1], -1))).flatten(-2)  # [K*B, P', C']
-        if len(shape) == 1:
-            return est.squeeze(1)
-        if len(shape) == 2:
-            return est
-        return est.transpose(1, 2).reshape(k * b, *shape)
+        groups = coef.shape[-1]
+        if len(shape) <= 2:  # [K*B, (T,) C]: channels last
+            u.view(rows, -1, groups, channels // groups).mul_(coef.unsqueeze(-1))
+        else:  # [K*B, C, *spatial]: channels first, positions flattened
+            u.view(rows, groups, channels // groups, -1).mul_(coef.transpose(1, 2).unsqueeze(2))
+        return u
 
 
 def _owned_parameters(modules: list[nn.Module]) -> dict[nn.Module, list[nn.Parameter]]:
