@@ -46,8 +46,9 @@ def test_activation_memory_is_flat_in_depth(method: str, options: dict) -> None:
 
 
 def test_backprop_memory_grows_with_depth() -> None:
-    """The meter sees what depth costs (else the flatness above would prove nothing)."""
-    assert step_peak("bp", 12) > 2.5 * step_peak("bp", 3)
+    """The meter sees what depth costs (else the flatness above would prove nothing): 4x the layers, over 2x the
+    peak (the input, the head and the gradients do not grow)."""
+    assert step_peak("bp", 12) > 2.0 * step_peak("bp", 3)
 
 
 def test_the_meter_counts_a_known_allocation() -> None:
