@@ -477,7 +477,7 @@ class BlockLocalFGActivity(BlockLocalFG):
         # One unit at a time: its estimate is written over its tangents u (not needed after c), its VJP runs, and
         # its record is dropped before the next unit's, so at most one unit's estimate and VJP are alive.
         while fired:
-            m, o, u = fired.pop(0)
+            m, o, u = fired.pop()  # last unit first: each VJP runs after the records of later units are freed
             mine = owned[m] + (owned[self.joined[m]] if m in self.joined else [])
             with torch.no_grad():
                 est = self._estimate_(c, u, d.shape[2], self.groups)
