@@ -32,6 +32,7 @@ from the next block's loss; the model's classifier after the last block from the
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -389,8 +390,9 @@ class BlockLocalFGActivity(BlockLocalFG):
         self._scratch.manual_seed(self.draw_seed())
         k, batch = self.tangents, x.shape[0]
         xk = x.repeat(k, *([1] * (x.dim() - 1)))  # K copies of the batch: independent tangents per copy
-        # Per block, its units' records: (unit, the edge of its output in the unit's reverse graph, its tangents u).
-        fired: list[list[tuple[nn.Module, GradientEdge, torch.Tensor]]] = [[] for _ in self.anatomy.blocks]
+        # Per block, its units' records: (unit, the edge of its output in the unit's reverse graph, how to draw its
+        # tangents u again).
+        fired: list[list[tuple[nn.Module, GradientEdge, _Draw]]] = [[] for _ in self.anatomy.blocks]
 
         def perturb(i: int):  # noqa: ANN202
             def hook(m: nn.Module, _args: tuple, out: Any) -> Any:
@@ -398,11 +400,13 @@ class BlockLocalFGActivity(BlockLocalFG):
                     return None
                 first = out[0] if isinstance(out, tuple) else out
                 primal, tangent = fwad.unpack_dual(first)
-                u = self.sample(tuple(primal.shape), primal)
-                # Only the output's edge in the unit's reverse graph is kept for the VJP, not the output: a dual (or
-                # a view of one) kept to the end of the block would hold its tangent, and that tangent, made in
-                # grad mode, the unit's tangent arithmetic. The pass goes on with detached copies of both.
-                fired[i].append((m, get_gradient_edge(primal), u))
+                draw = _Draw(self._scratch.get_state(), tuple(primal.shape), primal.new_empty(0))
+                u = self.sample(draw.shape, primal)
+                # Kept for the unit's VJP: the edge of its output in its reverse graph, not the output (a dual, or a
+                # view of one, kept to the end of the block would hold its tangent, and that tangent, made in grad
+                # mode, the unit's tangent arithmetic), and the generator state its u was drawn from, not u: u is
+                # drawn again at the boundary. The pass goes on with detached copies of primal and tangent.
+                fired[i].append((m, get_gradient_edge(primal), draw))
                 onward = u if tangent is None else tangent.detach() + u
                 dual = fwad.make_dual(primal.detach(), onward)
                 return (dual, *out[1:]) if isinstance(out, tuple) else dual
@@ -461,7 +465,7 @@ class BlockLocalFGActivity(BlockLocalFG):
         return tuple(cut(a) for a in args), {key: cut(v) for key, v in kwargs.items()}
 
     def _learn_block(self, i: int, out: torch.Tensor, tangent: torch.Tensor,
-                     fired: list[tuple[nn.Module, GradientEdge, torch.Tensor]], y: torch.Tensor) -> None:
+                     fired: list[tuple[nn.Module, GradientEdge, _Draw]], y: torch.Tensor) -> None:
         """Block i's head (exact) and its units' gradients from the grid's directional derivatives."""
         k, batch = self.tangents, y.shape[0]
         grid = self.head_grid(i, out[:batch], y)
@@ -469,7 +473,10 @@ class BlockLocalFGActivity(BlockLocalFG):
             h_dot = self.patches(tangent.detach()).unflatten(0, (k, batch))  # [K, B, P, C]
             d = grid.directional(h_dot) / batch  # [K, B, P, G]: mean over the batch of the sum over copies
             del h_dot, tangent
-            c = self.coefficients(d, [u.unflatten(0, (k, batch)) for _, _, u in fired], per_example=True)
+            resume = self._scratch.get_state()
+            # Orthogonal aggregation needs every tangent of the block for its Gram matrix; the others none.
+            noise = [self._redraw(r) for _, _, r in fired] if self.aggregation == "orthogonal" else []
+            c = self.coefficients(d, [u.unflatten(0, (k, batch)) for u in noise], per_example=True)
         units = [m for m, _, _ in fired]
         owned = _owned_parameters(units + [self.joined[m] for m in units if m in self.joined])
         got: dict[int, torch.Tensor] = {}
@@ -477,9 +484,10 @@ class BlockLocalFGActivity(BlockLocalFG):
         # One unit at a time: its estimate is written over its tangents u (not needed after c), its VJP runs, and
         # its record is dropped before the next unit's, so at most one unit's estimate and VJP are alive.
         while fired:
-            m, o, u = fired.pop()  # last unit first: each VJP runs after the records of later units are freed
+            m, o, draw = fired.pop()  # last unit first: each VJP runs after the records of later units are freed
             mine = owned[m] + (owned[self.joined[m]] if m in self.joined else [])
             with torch.no_grad():
+                u = noise.pop() if noise else self._redraw(draw)
                 est = self._estimate_(c, u, d.shape[2], self.groups)
             del u
             if mine:
@@ -490,7 +498,13 @@ class BlockLocalFGActivity(BlockLocalFG):
                         got[id(p)] = g if id(p) not in got else got[id(p)] + g
                     params[id(p)] = p
             del m, o, est
+        self._scratch.set_state(resume)  # the next block's tangents come from where the pass left the stream
         set_grads(list(params.values()), [got.get(key) for key in params])
+
+    def _redraw(self, draw: _Draw) -> torch.Tensor:
+        """A unit's tangents u again, bit for bit: the same generator state, shape and rows."""
+        self._scratch.set_state(draw.state)
+        return self.sample(draw.shape, draw.like)
 
     def _estimate_(self, c: torch.Tensor, u: torch.Tensor, patches: int, g: int) -> torch.Tensor:
         """c u per tangent, written over the noise u of one module's output ([K*B, *S], the rows of the K copies of
@@ -511,6 +525,15 @@ class BlockLocalFGActivity(BlockLocalFG):
         else:  # [K*B, C, *spatial]: channels first, positions flattened
             u.view(rows, groups, channels // groups, -1).mul_(coef.transpose(1, 2).unsqueeze(2))
         return u
+
+
+@dataclass
+class _Draw:
+    """Where a unit's tangents came from: the generator state before the draw, their shape, dtype and device."""
+
+    state: torch.Tensor
+    shape: tuple[int, ...]
+    like: torch.Tensor  # empty, of the tangents' dtype and device
 
 
 def _owned_parameters(modules: list[nn.Module]) -> dict[nn.Module, list[nn.Parameter]]:
