@@ -59,6 +59,21 @@ def test_the_meter_counts_a_known_allocation() -> None:
     assert activation_peak(allocate) == 4 << 20
 
 
+def test_the_meter_counts_each_free_at_its_own_time() -> None:
+    """Frees made inside an enclosing operator (an autograd Function's forward, a forward-mode rule) after its
+    children's allocations: counted when they happen, not at the operator's start."""
+
+    def step() -> None:
+        with torch.profiler.record_function("enclosing"):
+            a = torch.ones(1 << 20)  # 4 MiB
+            b = a + 1  # 8 MiB live
+            del a
+            c = b + 1  # 8 MiB live again
+            del b, c
+
+    assert abs(activation_peak(step) - (8 << 20)) < 1 << 12  # a few bytes of bookkeeping besides
+
+
 class DropoutBNNet(nn.Module):
     """Batch norm and dropout inside blocks: recomputation must replay both."""
 
