@@ -484,10 +484,10 @@ class BlockLocalFGActivity(BlockLocalFG):
         # One unit at a time: its estimate is written over its tangents u (not needed after c), its VJP runs, and
         # its record is dropped before the next unit's, so at most one unit's estimate and VJP are alive.
         while fired:
-            m, o, draw = fired.pop()  # last unit first: each VJP runs after the records of later units are freed
+            m, o, draw = fired.pop(0)
             mine = owned[m] + (owned[self.joined[m]] if m in self.joined else [])
             with torch.no_grad():
-                u = noise.pop() if noise else self._redraw(draw)
+                u = noise.pop(0) if noise else self._redraw(draw)
                 est = self._estimate_(c, u, d.shape[2], self.groups)
             del u
             if mine:
