@@ -481,7 +481,7 @@ class BlockLocalFGActivity(BlockLocalFG):
         owned = _owned_parameters(units + [self.joined[m] for m in units if m in self.joined])
         got: dict[int, torch.Tensor] = {}
         params: dict[int, nn.Parameter] = {}
-        # One unit at a time: its estimate is written over its tangents u (not needed after c), its VJP runs, and
+        # One unit at a time: its tangents u are drawn again and its estimate written over them, its VJP runs, and
         # its record is dropped before the next unit's, so at most one unit's estimate and VJP are alive.
         while fired:
             m, o, draw = fired.pop(0)

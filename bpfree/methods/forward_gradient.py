@@ -22,9 +22,11 @@ Execution paths:
   one [K] x [K, numel] product and the Gram matrix (orthogonal) is accumulated layer by layer. fg-a: activity
   tangents are stored, or with recompute=True regenerated from the per-step seed, so that nothing waits in
   memory for the output's directional derivative: activation memory is flat in depth.
-* generic path for any other model of Linear/Conv/pooling/activations: torch.func.jvp over the parameters with
-  the K tangents vmapped (fg-w), or torch.autograd.forward_ad with tangents injected at the output of every
-  parametrised module and the batch replicated K times (fg-a). Correct but slower; keeps layer inputs.
+* generic path for any other model of Linear/Conv/pooling/activations: fg-w with one tangent, one
+  torch.autograd.forward_ad pass with dual weights (`tangent_friendly` convolutions and batch norms); with K
+  tangents, torch.func.jvp over the parameters with the K tangents vmapped. fg-a: torch.autograd.forward_ad
+  with tangents injected at the output of every parametrised module and the batch replicated K times. Correct
+  but slower; fg-a keeps layer inputs.
 
 * model-specific fast paths (`bpfree.methods.register_fast_path`) subclass these estimators and override
   `_step_generic`: LocalMixer's (`bpfree.fastpaths.localmixer_local`) perturbs every unit's post-LN, pre-ReLU
