@@ -60,12 +60,14 @@ class _Conv(torch.autograd.Function):
         out = None
         if x_t is not None:
             out = conv(x_t, weight, None, stride, padding, dilation, groups)
+        # Sums in place into the fresh result: no batch-sized temporaries beyond the convolutions' own outputs.
         if w_t is not None:
             more = conv(x, w_t, None, stride, padding, dilation, groups)
-            out = more if out is None else out + more
+            out = more if out is None else out.add_(more)
+            del more
         if b_t is not None:
             shape = (1, -1) + (1,) * (weight.dim() - 2)
-            out = b_t.view(shape) if out is None else out + b_t.view(shape)
+            out = b_t.view(shape) if out is None else out.add_(b_t.view(shape))
         return out
 
 
@@ -110,15 +112,20 @@ class _BatchNorm(torch.autograd.Function):
             out = _BatchNorm._backward(ctx, x_t.contiguous(), [True, False, False])[0]
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if w_t is not None:
+            # x̂·γ̇ = (x − μ)·(r·γ̇) per channel, accumulated in place a slice of the batch at a time: the temporary
+            # (x − μ) is an eighth of the batch, not all of it.
             if ctx.training:
-                x_hat = (x - mean.view(shape)) * rstd.view(shape)
+                centre, scale = mean, rstd * w_t
             else:
                 mean_r, var_r = ctx.running
-                x_hat = (x - mean_r.view(shape)) * (var_r.view(shape) + ctx.eps).rsqrt()
-            more = x_hat * w_t.view(shape)
-            out = more if out is None else out + more
+                centre, scale = mean_r, (var_r + ctx.eps).rsqrt() * w_t
+            centre, scale = centre.view(shape), scale.view(shape)
+            out = torch.zeros_like(x) if out is None else out
+            step = -(-x.shape[0] // 8)
+            for x_part, out_part in zip(x.split(step), out.split(step)):
+                out_part.addcmul_(x_part - centre, scale)
         if b_t is not None:
-            out = b_t.view(shape).expand_as(x) if out is None else out + b_t.view(shape)
+            out = b_t.view(shape).expand_as(x) if out is None else out.add_(b_t.view(shape))
         return out
 
 

@@ -31,9 +31,12 @@ def measured(step: Callable[[], T], device: torch.device | str = "cpu") -> tuple
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = step()
     live = peak = 0
-    # An event's own allocations minus frees, in the order the events started: the running sum is the live bytes.
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
+    # Every allocation (+bytes) and free (−bytes) is a record of its own, with its own time: in time order, the
+    # running sum is the live bytes. (An operator's net memory, placed at the operator's start, would count a free
+    # made inside it, after its children's allocations, before them.)
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        live += record.nbytes()
         peak = max(peak, live)
     return result, peak
 

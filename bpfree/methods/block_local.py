@@ -32,12 +32,14 @@ from the next block's loss; the model's classifier after the last block from the
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from bpfree.core import tangents as T
 from bpfree.core.anatomy import (
@@ -52,7 +54,7 @@ from bpfree.core.anatomy import (
 )
 from bpfree.core.attention import math_attention
 from bpfree.core.errors import UsageError
-from bpfree.core.forward_mode import renew_dual_level
+from bpfree.core.forward_mode import renew_dual_level, tangent_friendly
 from bpfree.core.registry import Option
 from bpfree.losses import local_loss_grid
 from bpfree.methods import METHODS
@@ -369,7 +371,9 @@ class BlockLocalFGActivity(BlockLocalFG):
         self._scratch.manual_seed(self.draw_seed())
         k, batch = self.tangents, x.shape[0]
         xk = x.repeat(k, *([1] * (x.dim() - 1)))  # K copies of the batch: independent tangents per copy
-        fired: list[list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = [[] for _ in self.anatomy.blocks]
+        # Per block, its units' records: (unit, the edge of its output in the unit's reverse graph, how to draw its
+        # tangents u again).
+        fired: list[list[tuple[nn.Module, GradientEdge, _Draw]]] = [[] for _ in self.anatomy.blocks]
 
         def perturb(i: int):  # noqa: ANN202
             def hook(m: nn.Module, _args: tuple, out: Any) -> Any:
@@ -377,9 +381,15 @@ class BlockLocalFGActivity(BlockLocalFG):
                     return None
                 first = out[0] if isinstance(out, tuple) else out
                 primal, tangent = fwad.unpack_dual(first)
-                u = self.sample(tuple(primal.shape), primal)
-                fired[i].append((m, primal, u))
-                dual = fwad.make_dual(primal, u if tangent is None else tangent + u)
+                draw = _Draw(self._scratch.get_state(), tuple(primal.shape), primal.new_empty(0))
+                u = self.sample(draw.shape, primal)
+                # Kept for the unit's VJP: the edge of its output in its reverse graph, not the output (a dual, or a
+                # view of one, kept to the end of the block would hold its tangent, and that tangent, made in grad
+                # mode, the unit's tangent arithmetic), and the generator state its u was drawn from, not u: u is
+                # drawn again at the boundary. The pass goes on with detached copies of primal and tangent.
+                fired[i].append((m, get_gradient_edge(primal), draw))
+                onward = u if tangent is None else tangent.detach() + u
+                dual = fwad.make_dual(primal.detach(), onward)
                 return (dual, *out[1:]) if isinstance(out, tuple) else dual
             return hook
 
@@ -414,7 +424,9 @@ class BlockLocalFGActivity(BlockLocalFG):
                 handles.append(m.register_forward_hook(perturb(i)))
                 handles.append(m.register_forward_hook(leave))
         try:
-            with fwad.dual_level(), torch.no_grad(), boundaries(self.anatomy, learn):
+            # Convolutions and batch norms with lean tangent rules (one convolution; one kernel for batch norm,
+            # instead of a chain of batch-sized temporaries that a unit's reverse graph would keep to the block's end).
+            with fwad.dual_level(), torch.no_grad(), tangent_friendly(self.model), boundaries(self.anatomy, learn):
                 logits = fwad.unpack_dual(self.model(xk)).primal
         finally:
             for h in handles:
@@ -434,42 +446,75 @@ class BlockLocalFGActivity(BlockLocalFG):
         return tuple(cut(a) for a in args), {key: cut(v) for key, v in kwargs.items()}
 
     def _learn_block(self, i: int, out: torch.Tensor, tangent: torch.Tensor,
-                     fired: list[tuple[nn.Module, torch.Tensor, torch.Tensor]], y: torch.Tensor) -> None:
+                     fired: list[tuple[nn.Module, GradientEdge, _Draw]], y: torch.Tensor) -> None:
         """Block i's head (exact) and its units' gradients from the grid's directional derivatives."""
         k, batch = self.tangents, y.shape[0]
         grid = self.head_grid(i, out[:batch], y)
         with torch.no_grad():
             h_dot = self.patches(tangent.detach()).unflatten(0, (k, batch))  # [K, B, P, C]
             d = grid.directional(h_dot) / batch  # [K, B, P, G]: mean over the batch of the sum over copies
-            noise = [u.unflatten(0, (k, batch)) for _, _, u in fired]
-            c = self.coefficients(d, noise, per_example=True)
-            grads = [self._estimate(c, u, d.shape[2], self.groups) for u in noise]
+            del h_dot, tangent
+            resume = self._scratch.get_state()
+            # Orthogonal aggregation needs every tangent of the block for its Gram matrix; the others none.
+            noise = [self._redraw(r) for _, _, r in fired] if self.aggregation == "orthogonal" else []
+            c = self.coefficients(d, [u.unflatten(0, (k, batch)) for u in noise], per_example=True)
         units = [m for m, _, _ in fired]
         owned = _owned_parameters(units + [self.joined[m] for m in units if m in self.joined])
-        flat = [p for m in units for p in owned[m] + (owned[self.joined[m]] if m in self.joined else [])]
-        if flat:
-            with torch.enable_grad():
-                got = torch.autograd.grad([o for _, o, _ in fired], flat, grads, allow_unused=True)
-            set_grads(flat, got)
+        got: dict[int, torch.Tensor] = {}
+        params: dict[int, nn.Parameter] = {}
+        # One unit at a time: its tangents u are drawn again and its estimate written over them, its VJP runs, and
+        # its record is dropped before the next unit's, so at most one unit's estimate and VJP are alive.
+        while fired:
+            m, o, draw = fired.pop(0)
+            mine = owned[m] + (owned[self.joined[m]] if m in self.joined else [])
+            with torch.no_grad():
+                u = noise.pop(0) if noise else self._redraw(draw)
+                est = self._estimate_(c, u, d.shape[2], self.groups)
+            del u
+            if mine:
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(o, mine, est, allow_unused=True)
+                for p, g in zip(mine, grads):
+                    if g is not None:
+                        got[id(p)] = g if id(p) not in got else got[id(p)] + g
+                    params[id(p)] = p
+            del m, o, est
+        self._scratch.set_state(resume)  # the next block's tangents come from where the pass left the stream
+        set_grads(list(params.values()), [got.get(key) for key in params])
 
-    def _estimate(self, c: torch.Tensor, u: torch.Tensor, patches: int, g: int) -> torch.Tensor:
-        """c u per tangent for the noise u [K, B, *S] of one module's output ([K*B, *S], the rows of the K copies of
+    def _redraw(self, draw: _Draw) -> torch.Tensor:
+        """A unit's tangents u again, bit for bit: the same generator state, shape and rows."""
+        self._scratch.set_state(draw.state)
+        return self.sample(draw.shape, draw.like)
+
+    def _estimate_(self, c: torch.Tensor, u: torch.Tensor, patches: int, g: int) -> torch.Tensor:
+        """c u per tangent, written over the noise u of one module's output ([K*B, *S], the rows of the K copies of
         the batch): copy (p, g) credited at its own slice where the output has the block's patches and G | its
         channels, per group (summed over patches) where only the channels split, the block's total otherwise."""
-        k, b, shape = u.shape[0], u.shape[1], u.shape[2:]
-        up = self.patches(u.flatten(0, 1))  # [K*B, P', C']
-        if up.shape[-1] % g == 0 and up.shape[1] == patches:
+        rows, shape = u.shape[0], u.shape[1:]
+        channels = shape[-1] if len(shape) <= 2 else shape[0]
+        positions = 1 if len(shape) == 1 else (shape[0] if len(shape) == 2 else u[0, 0].numel())
+        if channels % g == 0 and positions == patches:
             coef = c.flatten(0, 1)  # [K*B, P, G]
-        elif up.shape[-1] % g == 0:
+        elif channels % g == 0:
             coef = c.sum(2, keepdim=True).flatten(0, 1)  # [K*B, 1, G]
         else:
             coef = c.sum((2, 3)).flatten(0, 1)[:, None, None]  # [K*B, 1, 1]
-        est = (coef.unsqueeze(-1) * up.unflatten(-1, (coef.shape[-1], -1))).flatten(-2)  # [K*B, P', C']
-        if len(shape) == 1:
-            return est.squeeze(1)
-        if len(shape) == 2:
-            return est
-        return est.transpose(1, 2).reshape(k * b, *shape)
+        groups = coef.shape[-1]
+        if len(shape) <= 2:  # [K*B, (T,) C]: channels last
+            u.view(rows, -1, groups, channels // groups).mul_(coef.unsqueeze(-1))
+        else:  # [K*B, C, *spatial]: channels first, positions flattened
+            u.view(rows, groups, channels // groups, -1).mul_(coef.transpose(1, 2).unsqueeze(2))
+        return u
+
+
+@dataclass
+class _Draw:
+    """Where a unit's tangents came from: the generator state before the draw, their shape, dtype and device."""
+
+    state: torch.Tensor
+    shape: tuple[int, ...]
+    like: torch.Tensor  # empty, of the tangents' dtype and device
 
 
 def _owned_parameters(modules: list[nn.Module]) -> dict[nn.Module, list[nn.Parameter]]:

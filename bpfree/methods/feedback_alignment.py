@@ -389,6 +389,15 @@ class _DirectFeedback(Estimator):
         y_dot = None if h_dot is None else F.linear(h_dot, lin.weight)
         return outs, tangents, logits, y_dot
 
+    @staticmethod
+    def _owned(tangent: torch.Tensor, drawn: list[torch.Tensor]) -> bool:
+        """Whether a block output's tangent is a dense tensor of its own, made inside the block (not a view, not an
+        expanded zero, not one of the drawn tangents u), so that adding u to it in place changes nothing else."""
+        if tangent._base is not None or not tangent.is_contiguous() or tangent.is_inference():
+            return False
+        ptr = tangent.untyped_storage().data_ptr()
+        return all(u.untyped_storage().data_ptr() != ptr for u in drawn)
+
     def _boundaries_overwritten(self) -> bool:
         """Probe once (eval mode, no gradients): does anything after a block modify its output in place?"""
         seen: list[tuple[torch.Tensor, int]] = []
@@ -418,10 +427,12 @@ class _DirectFeedback(Estimator):
             primal, tangent = fwad.unpack_dual(out)
             u = self._tangent(i, primal)
             tangents.append(u)
-            # Next block: cut primal (local reverse graphs); tangent = what flowed in + this block's u, in a buffer
-            # of its own where an in-place op downstream could otherwise change u.
+            # Next block: cut primal (local reverse graphs); tangent = what flowed in + this block's u, never u
+            # itself where an in-place op downstream could otherwise change u.
             if tangent is None:
                 onward = self._buffer("onward", i, primal).copy_(u) if copy else u
+            elif self._owned(tangent, tangents):
+                onward = tangent.detach().add_(u)  # the block's own tangent, dead after this boundary: no new buffer
             else:
                 onward = torch.add(tangent.detach(), u, out=self._buffer("onward", i, primal))
             nxt = primal.detach()

@@ -22,9 +22,11 @@ Execution paths:
   one [K] x [K, numel] product and the Gram matrix (orthogonal) is accumulated layer by layer. fg-a: activity
   tangents are stored, or with recompute=True regenerated from the per-step seed, so that nothing waits in
   memory for the output's directional derivative: activation memory is flat in depth.
-* generic path for any other model of Linear/Conv/pooling/activations: torch.func.jvp over the parameters with
-  the K tangents vmapped (fg-w), or torch.autograd.forward_ad with tangents injected at the output of every
-  parametrised module and the batch replicated K times (fg-a). Correct but slower; keeps layer inputs.
+* generic path for any other model of Linear/Conv/pooling/activations: fg-w with one tangent, one
+  torch.autograd.forward_ad pass with dual weights (`tangent_friendly` convolutions and batch norms); with K
+  tangents, torch.func.jvp over the parameters with the K tangents vmapped. fg-a: torch.autograd.forward_ad
+  with tangents injected at the output of every parametrised module and the batch replicated K times. Correct
+  but slower; fg-a keeps layer inputs.
 
 * model-specific fast paths (`bpfree.methods.register_fast_path`) subclass these estimators and override
   `_step_generic`: LocalMixer's (`bpfree.fastpaths.localmixer_local`) perturbs every unit's post-LN, pre-ReLU
@@ -314,36 +316,58 @@ class ForwardGradientWeight(_ForwardGradient):
         captured: dict[str, torch.Tensor] = {}
 
         def grab(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            captured["in"], captured["out"] = inp[0].detach(), out.detach()
+            captured["in"] = fwad.unpack_dual(inp[0]).primal.detach()
+            captured["out"] = fwad.unpack_dual(out).primal.detach()
 
-        handle = readout.register_forward_hook(grab) if readout is not None else None
-        try:
-            logits = self.model(x)
-        finally:
-            if handle is not None:
-                handle.remove()
-        if readout is not None and not _same(captured["out"], logits):
-            raise UsageError(
-                "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
-            )
-        loss, e = output_error(self, logits, y)
+        def check_readout(logits: torch.Tensor) -> None:
+            if readout is not None and not _same(captured["out"], logits):
+                raise UsageError(
+                    "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
+                )
 
-        # Batch-norm running statistics were updated by the primal pass above; inside the transform they are
-        # hidden (None -> batch statistics, no in-place update of a captured tensor), as in the primal.
-        stats = {
-            n: None
-            for n, _ in self.model.named_buffers()
-            if self.model.training and n.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
-        }
+        if K == 1:
+            # One forward-mode pass gives the logits and their tangent: each layer's primal and tangent live only
+            # until the next layer has them (convolutions and batch norms with the lean tangent rules).
+            handle = readout.register_forward_hook(grab) if readout is not None else None
+            try:
+                with fwad.dual_level(), math_attention(), tangent_friendly(self.model):
+                    duals = {n: fwad.make_dual(p, tang[n][0]) for n, p in pert.items()}
+                    logits, tangent = fwad.unpack_dual(functional_call(self.model, duals, (x,), strict=False))
+                    ydot = (torch.zeros_like(logits) if tangent is None else tangent).unsqueeze(0)
+                    logits = logits.detach()
+                    del duals, tangent
+            finally:
+                if handle is not None:
+                    handle.remove()
+            check_readout(logits)
+            loss, e = output_error(self, logits, y)
+        else:
+            handle = readout.register_forward_hook(grab) if readout is not None else None
+            try:
+                logits = self.model(x)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            check_readout(logits)
+            loss, e = output_error(self, logits, y)
 
-        def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return functional_call(self.model, {**p, **stats}, (x,))
+            # Batch-norm running statistics were updated by the primal pass above; inside the transform they are
+            # hidden (None -> batch statistics, no in-place update of a captured tensor), as in the primal.
+            stats = {
+                n: None
+                for n, _ in self.model.named_buffers()
+                if self.model.training and n.rsplit(".", 1)[-1] in ("running_mean", "running_var",
+                                                                    "num_batches_tracked")
+            }
 
-        def tangent_out(t: dict[str, torch.Tensor]) -> torch.Tensor:
-            return jvp(f, (pert,), (t,))[1]
+            def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                return functional_call(self.model, {**p, **stats}, (x,))
 
-        with math_attention():  # forward-mode AD has no rule for the CPU flash-attention kernel
-            ydot = vmap(tangent_out, randomness="same")(tang)  # [K, B, C]: the K tangents batched, not looped
+            def tangent_out(t: dict[str, torch.Tensor]) -> torch.Tensor:
+                return jvp(f, (pert,), (t,))[1]
+
+            with math_attention():  # forward-mode AD has no rule for the CPU flash-attention kernel
+                ydot = vmap(tangent_out, randomness="same")(tang)  # [K, B, C]: the K tangents batched, not looped
         d = torch.einsum("kbc,bc->k", ydot, e)
         self.group.weighted_mean_([d], x.shape[0])  # data-parallel: the K numbers are all that ranks exchange
         orth = self.aggregation == "orthogonal"
