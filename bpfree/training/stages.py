@@ -1,5 +1,5 @@
 """Block-parallel training: `bpfree train --stages S` trains S contiguous groups of a model's blocks at once, one
-process each, on torch.distributed (gloo on CPU, NCCL on CUDA), for the local rules.
+process each, on torch.distributed (gloo on CPU, NCCL on CUDA), for the local rules, dfa, fdfa and fg-a.
 
 Every process builds the same model and the same estimator (same seed: same initialisation, heads, feedback
 matrices and random streams) and runs the rule's own `step` unchanged. What makes a process a *stage* is how the
@@ -14,8 +14,13 @@ model's forward runs while it steps (`running_stage`):
 The local rules learn each block from its detached input, computed before the upstream update, and the optimizers
 are per parameter, so a stage that steps only the parameters it owns while the next stage works on the previous
 batch is *exactly* the one-process run (tests/test_stages.py). Nothing flows back. Each process reads the same
-batches from its own data loader (same shuffle), so only activations travel; labels are read locally. dfa is
-staged synchronously: the last stage's loss and output error reach every stage once per step (`shared_output_error`).
+batches from its own data loader (same shuffle), so only activations travel; labels are read locally.
+
+dfa, fdfa and fg-a learn from the output error. Synchronously (the default), the last stage's loss and output error
+reach every stage once per step (`shared_output_error`); fdfa's and fg-a's tangents ride forward beside the
+activations and the last stage's output tangent is shared at the model's output, so these too equal one process.
+Pipelined (`--stage-mode pipelined`, dfa and fg-a), stage s keeps the batches it ran and updates from the signal the
+last stage sends for each (e, or fg-a's directional derivatives) S-1-s steps later, so no stage waits for it.
 
 Why not the stage modules of `torch.distributed.pipelining.pipeline` (which does split resnet18, the example ViT
 and ResidualCNN and keeps the block names): see docs/parallel.md. In short, the estimators are built on the whole
@@ -32,7 +37,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any
 
@@ -42,15 +47,18 @@ import torch.distributed as dist
 from torch import nn
 
 from bpfree import methods
+from bpfree.core import tangents as T
 from bpfree.core.anatomy import Anatomy, eval_mode, example_input, forwards_replaced
 from bpfree.core.errors import UsageError
 from bpfree.core.group import LOCAL, Group
 from bpfree.core.memory import measured_step
-from bpfree.methods.base import Estimator, StepResult
+from bpfree.methods.base import Estimator, StepResult, zero_missing_grads
 from bpfree.methods.block_local import BlockLocal, BlockLocalFGActivity
-from bpfree.methods.feedback_alignment import DirectFeedbackAlignment
+from bpfree.methods.feedback_alignment import _DirectFeedback
 from bpfree.methods.forward_forward import ScalableFF
+from bpfree.methods.forward_gradient import ForwardGradientActivity
 from bpfree.training import distributed
+from bpfree.training.checkpoint import record_failure
 from bpfree.training.runfolder import atomic_write_bytes, describe_os_error
 from bpfree.training.train import (
     CHECKPOINT,
@@ -64,29 +72,45 @@ from bpfree.training.train import (
 from bpfree.training.train import rng_state as global_rng_state
 from bpfree.training.train import set_rng_state as set_global_rng_state
 
-STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block", "dfa")
-# Rules whose blocks learn from the output error: synchronous stages (every stage waits for the last stage's error).
-SYNCHRONOUS = ("dfa",)
+STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block", "dfa", "fdfa", "fg-a")
+# Rules whose blocks learn from the output error: every stage needs the last stage's error (and, for the rules whose
+# tangents run through the whole model, its output tangent), synchronously or a few steps late (pipelined).
+OUTPUT_ERROR_RULES = ("dfa", "fdfa", "fg-a")
+# Rules whose forward-mode tangents cross the stage boundaries beside the activations.
+CARRY_TANGENTS = ("fdfa", "fg-a")
+# --stage-mode: synchronous (every stage waits for this step's error: the one-process run) or pipelined (stage s
+# applies the error of the batch it ran d = S-1-s steps before, keeping those batches' activations).
+MODES = ("synchronous", "pipelined")
+PIPELINED_RULES = ("dfa", "fg-a")
 # One line per rule that refuses --stages, saying why (docs/parallel.md: what is left).
 REFUSED = {
     "bp": "backprop sends gradients back through every stage; its pipeline (torch.distributed.pipelining) is not "
           "wired into --stages yet",
     "fa": "feedback alignment sends errors back through every stage; not wired into --stages yet",
-    "fdfa": "the output's directional derivative and error must reach every stage each step; fdfa's staged modes "
-            "are not built yet (dfa has a synchronous one)",
-    "fg-a": "the loss's directional derivatives must reach every stage each step; not built yet",
-    "fg-w": "the loss's directional derivatives must reach every stage each step; not built yet",
+    "fg-w": "its step differentiates the whole model in one torch.func.jvp under vmap, which a received activation "
+            "and its K tangents cannot enter; use fg-a or lg-fg-w",
     "ff": "hard and readout negatives score through every block, and ff's loss averages all blocks; use sff-block",
 }
 MAX_PENDING_SENDS = 2  # activations a stage may have in flight: bounds its memory, lets it run ahead by this much
 
 
-def check_stages(method: str, stages: int, nproc: int, split: Sequence[str] | None) -> None:
+def check_stages(method: str, stages: int, nproc: int, split: Sequence[str] | None,
+                 mode: str = "synchronous", recompute: bool = False) -> None:
     """Refuse what --stages cannot do, before any process starts (one line each)."""
     if stages < 1:
         raise UsageError(f"--stages must be at least 1, got {stages}")
     if split is not None and stages == 1:
         raise UsageError("--stage-split needs --stages 2 or more")
+    if mode not in MODES:
+        raise UsageError(f"--stage-mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode != "synchronous" and stages == 1:
+        raise UsageError("--stage-mode needs --stages 2 or more")
+    if mode == "pipelined" and method not in PIPELINED_RULES:
+        raise UsageError(f"--stage-mode pipelined is for {', '.join(PIPELINED_RULES)} (the local rules never wait "
+                         f"for an error; {method} runs synchronously)")
+    if mode == "pipelined" and recompute:
+        raise UsageError("--stage-mode pipelined keeps each stage's in-flight batches for their late error; "
+                         "--recompute true is for the synchronous mode")
     if stages == 1:
         return
     if nproc > 1:
@@ -295,15 +319,17 @@ def probe_stubs(estimator: Estimator, plan: StagePlan) -> list[tuple[nn.Module, 
 
     handles = [m.register_forward_hook(record) for m in outside]
     sample = None
+    before = [m for i, b in enumerate(anatomy.blocks) if i < plan.start for m in b.modules]
     if isinstance(estimator, BlockLocalFGActivity):
         sample = estimator.sample
-        handles += _watch_draws(estimator, [m for i, b in enumerate(anatomy.blocks) if i < plan.start
-                                            for m in b.modules], draws)
+        handles += _watch_draws(estimator, before, draws)
     x = example_input(model, anatomy.input_shape)
     try:
         with eval_mode(model), torch.no_grad():
             if isinstance(estimator, ScalableFF) and estimator.split:
                 between.update(_between_shapes(estimator, x))
+            elif isinstance(estimator, ForwardGradientActivity):
+                sample = _watch_activity_draws(estimator, before, draws, x)
             else:
                 model(x)
     finally:
@@ -328,6 +354,39 @@ def _watch_draws(estimator: BlockLocalFGActivity, modules: list[nn.Module],
         handles.append(u.register_forward_hook(lambda _u, _a, out: draws[running[-1]].append(
             _shape_of(out[0] if isinstance(out, tuple) else out))))
     return handles
+
+
+def _watch_activity_draws(estimator: ForwardGradientActivity, modules: list[nn.Module],
+                          draws: dict[nn.Module, list[Shape]], x: torch.Tensor) -> Callable[..., Any]:
+    """fg-a: one activity pass (changing nothing: `restored`) recording, per block module, the tangents drawn for the
+    maps strictly inside it (attention projections included), as numbers per row of the module's input; returns the
+    stub's way of drawing them (the draws depend only on how many numbers are drawn)."""
+    running: list[tuple[nn.Module, int]] = []
+    handles = []
+    for m in modules:
+        handles.append(m.register_forward_pre_hook(
+            lambda m, args, kwargs: running.append((m, _first_tensor(args, kwargs).shape[0])) and None,
+            with_kwargs=True))
+        handles.append(m.register_forward_hook(lambda _m, _a, _o: running.pop() and None))
+    original = estimator._sample_
+
+    def watched(out: torch.Tensor, copies: int = 0) -> torch.Tensor:
+        if running:
+            module, rows = running[-1]
+            draws[module].append(((out.numel() // rows,), out.dtype))
+        return original(out, copies)
+
+    estimator._sample_ = watched  # type: ignore[method-assign]
+    try:
+        with restored(estimator):
+            estimator._new_step()
+            mods, loose = estimator._perturbed_maps()
+            estimator._activity_pass(x, mods, loose, estimator._readout_module(), lambda _rec: None, dual=True)
+    finally:
+        del estimator._sample_
+        for h in handles:
+            h.remove()
+    return lambda shape, like: original(torch.empty(shape, dtype=like.dtype, device=like.device))
 
 
 def _between_shapes(estimator: ScalableFF, x: torch.Tensor) -> dict[nn.Module, list[Shape]]:
@@ -372,6 +431,13 @@ def unit_blocks(estimator: Estimator) -> list[int]:
     return owner
 
 
+def memory_order(t: torch.Tensor) -> list[int]:
+    """The dimensions of `t` from the outermost in memory to the innermost: `t.permute(order)` is contiguous
+    without a copy when `t` is a dense permuted layout (else the plain order, and sending copies)."""
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    return order if t.permute(order).is_contiguous() else list(range(t.dim()))
+
+
 class Link:
     """Point-to-point sends to the next stage and receives from the previous one, with the seconds spent waiting
     (idle) and the bytes sent."""
@@ -379,6 +445,7 @@ class Link:
     def __init__(self, group: Group, plan: StagePlan):
         self.group, self.plan = group, plan
         self.pending: list[tuple[torch.Tensor, Any]] = []
+        self.late: list[tuple[torch.Tensor, Any]] = []
         self.reset()
 
     def reset(self) -> None:
@@ -386,22 +453,60 @@ class Link:
         self.sent = 0
 
     def send(self, tensor: torch.Tensor) -> None:
-        t = tensor.detach().contiguous()
-        work = self.group._call("isend", dist.isend, t, self.plan.stage + 1)
-        self.pending.append((t, work))
+        """Sends the tensor in its own memory order (a header of its dimension order first), so the next stage
+        gets the strides this stage had: kernels round differently on another layout (a ViT's boundary is a
+        transposed view)."""
+        order = memory_order(tensor)
+        t = tensor.detach().permute(order).contiguous()
+        if t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+            t = t.clone()  # the send is asynchronous, and a rule may change its tensor in place (fdfa adds u to it)
+        header = torch.tensor(order, dtype=torch.int64, device=t.device)
+        for part in (header, t):
+            work = self.group._call("isend", dist.isend, part, self.plan.stage + 1)
+            self.pending.append((part, work))
         self.sent += t.numel() * t.element_size()
-        while len(self.pending) > MAX_PENDING_SENDS:
+        while len(self.pending) > 2 * MAX_PENDING_SENDS:
             self._wait_oldest()
 
     def recv(self, like: torch.Tensor) -> torch.Tensor:
-        buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        header = torch.empty(like.dim(), dtype=torch.int64, device=like.device)
         start = time.perf_counter()
+        self.group._call("recv", dist.recv, header, self.plan.stage - 1)
+        order = header.tolist()
+        buf = torch.empty([like.shape[d] for d in order], dtype=like.dtype, device=like.device)
         self.group._call("recv", dist.recv, buf, self.plan.stage - 1)
+        self.idle += time.perf_counter() - start
+        return buf.permute([order.index(d) for d in range(like.dim())])
+
+    def share_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The last stage's `tensor` on every stage (a broadcast; the wait counts as idle)."""
+        buf = tensor.detach().contiguous().clone()
+        start = time.perf_counter()
+        self.group._call("broadcast", dist.broadcast, buf, len(self.plan.starts) - 1)
+        self.idle += time.perf_counter() - start
+        self.sent += buf.numel() * buf.element_size() if self.plan.last else 0
+        return buf
+
+    def send_late(self, tensor: torch.Tensor) -> None:
+        """Pipelined mode, last stage: this step's signal for the earlier stages (dfa: the output error; fg-a: the
+        loss's directional derivatives) to each of them, without waiting; they take it steps later."""
+        t = tensor.detach().contiguous()
+        for s in range(len(self.plan.starts) - 1):
+            self.late.append((t, self.group._call("isend", dist.isend, t, s)))
+            self.sent += t.numel() * t.element_size()
+        while len(self.late) > len(self.plan.starts) * (len(self.plan.starts) + MAX_PENDING_SENDS):
+            self._wait_oldest(self.late)
+
+    def recv_late(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Pipelined mode, an earlier stage: the last stage's next signal (in the order of the batches)."""
+        buf = torch.empty(tuple(shape), dtype=dtype, device=device)
+        start = time.perf_counter()
+        self.group._call("recv", dist.recv, buf, len(self.plan.starts) - 1)
         self.idle += time.perf_counter() - start
         return buf
 
-    def _wait_oldest(self) -> None:
-        _, work = self.pending.pop(0)
+    def _wait_oldest(self, pending: list[tuple[torch.Tensor, Any]] | None = None) -> None:
+        _, work = (self.pending if pending is None else pending).pop(0)
         start = time.perf_counter()
         self.group._call("send", work.wait)
         self.idle += time.perf_counter() - start
@@ -409,6 +514,8 @@ class Link:
     def flush(self) -> None:
         while self.pending:
             self._wait_oldest()
+        while self.late:
+            self._wait_oldest(self.late)
 
 
 class ProbeLink:
@@ -425,26 +532,56 @@ class ProbeLink:
     def recv(self, like: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(like) if self.incoming is None else self.incoming
 
+    def share_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def in_dual_pass() -> bool:
+    """Whether a forward-mode pass is running (a `fwad.dual_level` is open): tangents then travel with the
+    activations."""
+    return fwad._current_level >= 0
+
 
 @contextmanager
 def running_stage(estimator: Estimator, plan: StagePlan, link: Link | ProbeLink,
-                  stubs: list[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+                  stubs: list[tuple[nn.Module, Callable[..., Any]]], carry_tangents: bool = False,
+                  share_output_tangent: bool = True) -> Iterator[None]:
     """While active, the model's forward is stage `plan.stage`'s: blocks outside it stubbed, the previous block's
     output received, the stage's last block's output sent. Registered before the rule's own boundary hooks (which
-    the rule adds inside `step`), so they run after these and see the true values."""
+    the rule adds inside `step`), so they run after these and see the true values.
+
+    `carry_tangents` (fdfa, fg-a): in a forward-mode pass the boundary's tangent travels beside it (zeros where it
+    has none yet: adding them changes nothing), and every stage's model output takes the last stage's tangent, the
+    output's directional derivative ẏ that the rule turns into its update (not in the pipelined mode, where the
+    last stage sends on what it made of it)."""
     blocks = estimator.anatomy.blocks
 
     def receive(_m: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
-        return link.recv(like=out)
+        primal = link.recv(like=fwad.unpack_dual(out).primal)
+        if carry_tangents and in_dual_pass():
+            return fwad.make_dual(primal, link.recv(like=primal))
+        return primal
 
     def send(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
-        link.send(fwad.unpack_dual(out).primal.detach())
+        primal, tangent = fwad.unpack_dual(out)
+        link.send(primal.detach())
+        if carry_tangents and in_dual_pass():
+            link.send(torch.zeros_like(primal) if tangent is None else tangent.detach())
+
+    def output_tangent(_m: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor | None:
+        if not in_dual_pass():
+            return None
+        primal, tangent = fwad.unpack_dual(out)
+        mine = torch.zeros_like(primal) if tangent is None else tangent.detach()
+        return fwad.make_dual(primal, link.share_from_last(mine))
 
     handles = []
     if plan.start > 0:
         handles.append(blocks[plan.start - 1].exit.register_forward_hook(receive))
     if not plan.last:
         handles.append(blocks[plan.stop - 1].exit.register_forward_hook(send))
+    if carry_tangents and share_output_tangent:
+        handles.append(estimator.model.register_forward_hook(output_tangent))
     try:
         with forwards_replaced(stubs):
             yield
@@ -585,6 +722,37 @@ def shared_output_error(estimator: Estimator, link: Link) -> Iterator[None]:
         del estimator.loss_fn
 
 
+@contextmanager
+def late_signals_sent(estimator: Estimator, link: Link) -> Iterator[None]:
+    """Pipelined mode, last stage: while active, every step's signal for the earlier stages is sent to them as the
+    rule makes it (dfa: its output error e; fg-a: the loss's directional derivatives, K x batch)."""
+    if isinstance(estimator, ForwardGradientActivity):
+        original = estimator.directional_derivatives
+
+        def sent(ydot: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+            d = original(ydot, e)
+            link.send_late(d)
+            return d
+
+        estimator.directional_derivatives = sent  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del estimator.directional_derivatives
+        return
+    loss_fn = estimator.loss_fn
+
+    def share(loss: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        link.send_late(e)
+        return loss, e
+
+    estimator.loss_fn = lambda logits, y: _LastStageLoss.apply(logits, y, loss_fn, share)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del estimator.loss_fn
+
+
 # -- the staged run ---------------------------------------------------------------------------------------------
 
 INDEXED = re.compile(r"(\d+)$")
@@ -607,8 +775,10 @@ class StagedRun(Run):
     are of the whole model: at each epoch end the stages exchange the state they own, so every process holds the
     trained model, evaluates a share of the test set, and rank 0 writes one checkpoint for all stages."""
 
-    def __init__(self, cfg: TrainConfig, stages: int, split: Sequence[str] | None = None, **kwargs: Any):
-        self.stages, self.split_given = stages, tuple(split) if split else None
+    def __init__(self, cfg: TrainConfig, stages: int, split: Sequence[str] | None = None,
+                 mode: str = "synchronous", **kwargs: Any):
+        check_stages(cfg.method, stages, 1, split, mode, bool(cfg.method_options.get("recompute")))
+        self.stages, self.split_given, self.mode = stages, tuple(split) if split else None, mode
         self._resume_raw: bytes | None = None
         self._stage_states: list[bytes] | None = None
         super().__init__(cfg, **kwargs)
@@ -625,9 +795,15 @@ class StagedRun(Run):
         super()._build(data)
         cfg, est = self.cfg, self.estimator
         est.group = LOCAL  # not data-parallel: every stage draws the one-process random numbers
-        if isinstance(est, DirectFeedbackAlignment):
-            est.fast = None  # the hand-written MLP path runs no model forward; stages need the model's own
-        if not isinstance(est, (BlockLocal, ScalableFF, DirectFeedbackAlignment)) or \
+        # The hand-written MLP paths run no model forward; stages need the model's own (same numbers for dfa)
+        if isinstance(est, _DirectFeedback):
+            est.fast = None
+        if isinstance(est, ForwardGradientActivity):
+            est.chain = None
+            if est.aggregation == "orthogonal":
+                raise UsageError("--stages: fg-a's orthogonal aggregation projects onto the span of every layer's "
+                                 "tangents, which no one stage sees; use --aggregation mean or sum")
+        if not isinstance(est, (BlockLocal, ScalableFF, _DirectFeedback, ForwardGradientActivity)) or \
                 methods.find_fast_path(cfg.method, self.model) is not None:
             raise UsageError(f"--stages: {cfg.method} on {type(self.model).__name__} runs a model-specific fast "
                              "path without block hooks; it cannot be staged")
@@ -658,8 +834,34 @@ class StagedRun(Run):
         before training (the received activation stood in by zeros, nothing sent): the profiler is not run while
         gloo's threads move tensors."""
         x, y = next(iter(self.data.train_batches(self.cfg.batch_size, torch.Generator().manual_seed(0))))
-        with restored(self.estimator), running_stage(self.estimator, self.plan, ProbeLink(None), self.stubs):
+        with restored(self.estimator), running_stage(self.estimator, self.plan, ProbeLink(None), self.stubs,
+                                                     self.carry_tangents), self._own_updates_only():
             return measured_step(self.estimator, x.to(self.device), y.to(self.device))[1]
+
+    @property
+    def carry_tangents(self) -> bool:
+        return self.cfg.method in CARRY_TANGENTS
+
+    @contextmanager
+    def _own_updates_only(self) -> Iterator[None]:
+        """fg-a: a perturbed map whose parameters another stage owns is not turned into gradients here (its VJP
+        would run through a stub); the others are formed exactly as in one process."""
+        est = self.estimator
+        if not isinstance(est, ForwardGradientActivity):
+            yield
+            return
+        mine = {id(p) for p in self.owned_params}
+        original = est._map_grads
+
+        def map_grads(rec: Any, c: torch.Tensor) -> None:
+            if any(id(p) in mine for p in rec.params):
+                original(rec, c)
+
+        est._map_grads = map_grads  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del est._map_grads
 
     def _profile(self) -> list[float]:
         """Each block's step seconds, measured by rank 0 on the first batch and sent to every stage."""
@@ -669,13 +871,15 @@ class StagedRun(Run):
             est = self.estimator
             # dfa's one-pass step runs every block's backward after the whole forward; its recomputing step (the
             # same gradients) runs each block's backward at its boundary, where the profile can time it
+            # (fg-a's likewise forms each map's gradient where the map runs)
             recompute = getattr(est, "recompute", None)
-            if isinstance(est, DirectFeedbackAlignment):
+            recomputes = isinstance(est, (_DirectFeedback, ForwardGradientActivity))
+            if recomputes:
                 est.recompute = True
             try:
                 seconds = profile_blocks(est, x.to(self.device), y.to(self.device))
             finally:
-                if isinstance(est, DirectFeedbackAlignment):
+                if recomputes:
                     est.recompute = recompute
         return json.loads(self.group.broadcast_bytes(json.dumps(seconds).encode()).decode())
 
@@ -693,7 +897,13 @@ class StagedRun(Run):
 
     def stored_config(self) -> dict[str, Any]:
         return {**super().stored_config(), "world_size": 1, "stages": self.stages,
-                "stage_split_given": list(self.split_given) if self.split_given else None}
+                "stage_split_given": list(self.split_given) if self.split_given else None,
+                "stage_mode": self.mode}
+
+    def delay(self, stage: int) -> int:
+        """Steps between a batch's forward on `stage` and the update from its error (pipelined: S-1-stage, the
+        steps the last stage runs behind it)."""
+        return self.stages - 1 - stage if self.mode == "pipelined" else 0
 
     def write_run_folder(self) -> None:
         super().write_run_folder()
@@ -701,6 +911,7 @@ class StagedRun(Run):
         bounds = [*self.starts, len(names)]
         total = sum(self.profile) or 1.0
         config = {**self.stored_config(),
+                  "stage_delays": [self.delay(s) for s in range(self.stages)],
                   "stage_split": [names[a] for a in self.starts[1:]],
                   "stage_blocks": [names[a:b] for a, b in zip(bounds, bounds[1:])],
                   "stage_profile": {"block_seconds": [round(s, 6) for s in self.profile],
@@ -719,21 +930,40 @@ class StagedRun(Run):
         tally = Tally()
         self.link.reset()
         start = time.perf_counter()
+        pipelined = self.mode == "pipelined"
+        delay = self.delay(self.plan.stage)
+        waiting: list[tuple[Any, torch.Size]] = []  # pipelined: batches run forward, their update still to come
         with ExitStack() as stack:
-            stack.enter_context(running_stage(self.estimator, self.plan, self.link, self.stubs))
+            stack.enter_context(running_stage(self.estimator, self.plan, self.link, self.stubs, self.carry_tangents,
+                                              share_output_tangent=not pipelined))
+            stack.enter_context(self._own_updates_only())
             record_scores = stack.enter_context(self._scores())
-            if isinstance(self.estimator, DirectFeedbackAlignment):
+            if pipelined and self.plan.last:
+                stack.enter_context(late_signals_sent(self.estimator, self.link))
+            elif self.cfg.method in OUTPUT_ERROR_RULES and not pipelined:
                 stack.enter_context(shared_output_error(self.estimator, self.link))
             for step, (x, y) in enumerate(islice(self.data.train_batches(cfg.batch_size, generator),
                                                  self.steps_per_epoch)):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                self.optimizer.zero_grad(set_to_none=True)
-                result = self.estimator.step(x, y)
-                if self.plan.last and not torch.isfinite(result.loss):
-                    raise self.diverged(f"loss became {result.loss.item()}", step)
-                self.optimizer.step()
-                self.schedule.step()
+                if delay:
+                    kept, result = self._forward_only(x)
+                    waiting.append((kept, x.shape))
+                    if len(waiting) > delay:
+                        self._late_update(*waiting.pop(0))
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    result = self.estimator.step(x, y)
+                    if self.plan.last and not torch.isfinite(result.loss):
+                        error = self.diverged(f"loss became {result.loss.item()}", step)
+                        if not self.group.is_main:  # the stage that saw it says so (the others lose a peer)
+                            record_failure(self.out, asdict(cfg), "diverged", f"diverged at epoch {self.epoch + 1}",
+                                           str(error))
+                        raise error
+                    self.optimizer.step()
+                    self.schedule.step()
                 self._count(tally, result, y, record_scores())
+            while waiting:  # the pipeline drains at the epoch's end: checkpoints hold no batch in flight
+                self._late_update(*waiting.pop(0))
             self.link.flush()
         wall = time.perf_counter() - start
         mine = {"tally": {"loss": tally.loss, "wrong": tally.wrong, "seen": tally.seen, "extras": tally.extras},
@@ -742,6 +972,60 @@ class StagedRun(Run):
         record = self._combine(mine, tally)
         self._share_state()
         return record
+
+    def _forward_only(self, x: torch.Tensor) -> tuple[Any, StepResult]:
+        """Pipelined, a stage before the last: the rule's forward pass of this batch (sending the boundary, with
+        its tangents for fg-a), keeping what the stage's own update will need when the batch's signal comes."""
+        est = self.estimator
+        if isinstance(est, ForwardGradientActivity):
+            est._new_step()  # the tangents' stream, seeded as on every stage
+            est._check_batch_norm()
+            mods, loose = est._perturbed_maps()
+            mine = {id(p) for p in self.owned_params}
+            records: list[Any] = []
+            logits, _, _ = est._activity_pass(
+                x, mods, loose, est._readout_module(),
+                lambda rec: records.append(rec) if any(id(p) in mine for p in rec.params) else None, dual=True)
+            named = dict(self.model.named_parameters())
+            kept: Any = (records, {n: v for n, v in loose.items() if id(named[n]) in mine})
+        else:
+            assert isinstance(est, _DirectFeedback)
+            # The optimizer changes the weights in place before this batch's update: the update is formed at the
+            # weights its forward used (autograd keeps copies of the stage's weights it saves for the backward).
+            storages = {p.untyped_storage().data_ptr() for p in self.owned_params}
+
+            def stash(t: torch.Tensor) -> torch.Tensor:
+                return t.clone() if t.untyped_storage().data_ptr() in storages else t
+
+            with torch.autograd.graph.saved_tensors_hooks(stash, lambda t: t):
+                outs, _, logits, _ = est._forward_generic(x)
+            if est.feedback is None:
+                est.feedback = est.init_feedback(outs, logits.shape[1])
+            kept = ([(i, o) for i, o in enumerate(outs) if o.requires_grad], logits.shape[1], logits.dtype)
+        return kept, StepResult(torch.zeros(()), logits.detach())
+
+    def _late_update(self, kept: Any, shape: torch.Size) -> None:
+        """Pipelined: the oldest waiting batch's update, from the signal the last stage sent for it."""
+        est, rows = self.estimator, shape[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(est, ForwardGradientActivity):
+            records, loose = kept
+            d = self.link.recv_late((est.K, rows), torch.float32, self.device)
+            c = T.coefficients(d, est.aggregation, None, 1)
+            for rec in records:
+                est._map_grads(rec, c)
+            named = dict(self.model.named_parameters())
+            for n, v in loose.items():
+                named[n].grad = c.sum().to(v.dtype) * v
+        else:
+            assert isinstance(est, _DirectFeedback) and est.feedback is not None
+            outs, classes, dtype = kept
+            e = self.link.recv_late((rows, classes), dtype, self.device)
+            for i, out in reversed(outs):  # last block first, as the rule's own step
+                torch.autograd.backward(out, (e @ est.feedback[i]).view_as(out))
+        zero_missing_grads(est.trainable())
+        self.optimizer.step()
+        self.schedule.step()
 
     @contextmanager
     def _scores(self) -> Iterator[Callable[[], torch.Tensor | None]]:
@@ -878,11 +1162,11 @@ class StagedRun(Run):
 
 
 def train(cfg: TrainConfig, stages: int, split: Sequence[str] | None = None, show_progress: bool | None = None,
-          log_epochs: bool = False) -> list[dict[str, Any]]:
+          log_epochs: bool = False, mode: str = "synchronous") -> list[dict[str, Any]]:
     """Train (or resume) one staged run in this process (one stage of a torchrun group of `stages` ranks)."""
     if not distributed.launched_by_torchrun():
         raise UsageError("--stages: each stage is a process; launch with `bpfree train --stages S`")
-    run = StagedRun(cfg, stages, split, show_progress=False if show_progress is None else show_progress,
+    run = StagedRun(cfg, stages, split, mode, show_progress=False if show_progress is None else show_progress,
                     log_epochs=log_epochs)
     records = run.train()
     distributed.shutdown(run.group)

@@ -23,7 +23,8 @@ BASE = dict(model="mlp", data="mnist", epochs=2, batch_size=64, train_size=200, 
             momentum=0.9, weight_decay=1e-4, model_options={"hidden": (16, 16, 16)})
 RESNET = dict(model="resnet18", model_options={"width": 4})
 RUNS = {
-    **{rule: dict(method=rule) for rule in STAGED_RULES},
+    # fg-a on the MLP: one process runs its hand-written chain path (its own draw order), stages the generic one.
+    **{rule: dict(method=rule) for rule in STAGED_RULES if rule != "fg-a"},
     "lg-fg-w-k2": dict(method="lg-fg-w", method_options={"tangents": 2}),
     # resnet18: sff splits its basic blocks into units (`between=`); lg-fg-a perturbs modules inside blocks (the
     # later stage draws and drops the earlier blocks' noise); l-fa's feedback inside convolutions; batch norm.
@@ -37,19 +38,41 @@ RUNS = {
     "dfa-resnet": dict(method="dfa", **RESNET),
     "dfa-recompute-resnet": dict(method="dfa", **RESNET, method_options={"recompute": True}),
     "dfa-vit": dict(method="dfa", model=VIT, model_options={}),
+    # fdfa and fg-a, synchronous: tangents ride beside the activations; the last stage's output error (and ẏ)
+    # reaches every stage each step. fdfa learns every B from the shared ẏ; fg-a draws the earlier stages' tangents.
+    "fdfa-resnet": dict(method="fdfa", **RESNET),
+    "fdfa-recompute-resnet": dict(method="fdfa", **RESNET, method_options={"recompute": True,
+                                                                          "feedback_timing": "after"}),
+    "fdfa-vit": dict(method="fdfa", model=VIT, model_options={}),
+    "fg-a-resnet": dict(method="fg-a", **RESNET, method_options={"aggregation": "sum"}),
+    "fg-a-recompute-resnet": dict(method="fg-a", **RESNET, method_options={"recompute": True}),
+    "fg-a-vit": dict(method="fg-a", model=VIT, model_options={}, method_options={"tangents": 2}),
+    "fg-a-3": dict(method="fg-a", model=VIT, model_options={}, stages=3, train_size=128),
     "l-bp-3": dict(method="l-bp", stages=3),
     # Stopped after one epoch, resumed to three: must equal three uninterrupted epochs.
     "l-bp-resumed": dict(method="l-bp", epochs=1, resume_to=3),
     "sff-resumed": dict(method="sff-block", epochs=1, resume_to=3),
 }
 
+# Pipelined: stage s updates from the error of the batch it ran S-1-s steps before (not the one-process run). Each
+# is trained twice, straight through and stopped after one epoch then resumed: the two must be equal.
+PIPELINED = {
+    "dfa-pipelined-3": dict(method="dfa", stages=3, mode="pipelined", epochs=3),
+    # resnet18: blocks of several layers, whose backward needs weights the optimizer has changed since
+    "dfa-pipelined-resnet": dict(method="dfa", **RESNET, mode="pipelined", epochs=3, train_size=128),
+    "fg-a-pipelined-vit": dict(method="fg-a", model=VIT, model_options={}, mode="pipelined", epochs=3, train_size=128,
+                               method_options={"tangents": 2}),
+}
+PIPELINED.update({f"{name}-resumed": {**kw, "epochs": 1, "resume_to": 3} for name, kw in PIPELINED.items()})
+ALL = {**RUNS, **PIPELINED}
+
 
 def config(name: str, out: Path, root: Path) -> dict:
-    return {"stages": 2, **BASE, **RUNS[name], "out": str(out / name), "data_root": str(root)}
+    return {"stages": 2, **BASE, **ALL[name], "out": str(out / name), "data_root": str(root)}
 
 
 def one_process(cfg: dict, out: Path) -> dict:
-    kw = {k: v for k, v in cfg.items() if k not in ("stages", "split", "resume_to")}
+    kw = {k: v for k, v in cfg.items() if k not in ("stages", "split", "resume_to", "mode")}
     kw["epochs"] = cfg.get("resume_to") or cfg["epochs"]
     train(TrainConfig(**{**kw, "out": str(out)}), show_progress=False)
     return torch.load(out / "checkpoint.pt", weights_only=True)
@@ -59,8 +82,8 @@ def one_process(cfg: dict, out: Path) -> dict:
 def staged_runs(tmp_path_factory, data_root):
     """RUNS trained once on stages (one process group per stage count, one start-up each)."""
     out = tmp_path_factory.mktemp("stages")
-    for world in sorted({config(n, out, data_root)["stages"] for n in RUNS}):
-        configs = [config(n, out, data_root) for n in RUNS if config(n, out, data_root)["stages"] == world]
+    for world in sorted({config(n, out, data_root)["stages"] for n in ALL}):
+        configs = [config(n, out, data_root) for n in ALL if config(n, out, data_root)["stages"] == world]
         procs = start_ranks([sys.executable, str(WORKER), json.dumps(configs)], world=world,
                             stderr=subprocess.PIPE, text=True)
         for p in procs:
@@ -87,6 +110,29 @@ def test_stages_equal_one_process(staged_runs, data_root, tmp_path, name):
                 assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["epoch"], key)
 
 
+@pytest.mark.parametrize("name", [n for n in PIPELINED if not n.endswith("-resumed")])
+def test_pipelined_is_deterministic_and_resumes_exactly(staged_runs, name):
+    straight = torch.load(staged_runs / name / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(staged_runs / f"{name}-resumed" / "checkpoint.pt", weights_only=True)
+    assert straight["epoch"] == resumed["epoch"] == 3
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    for a, b in zip(straight["records"], resumed["records"]):
+        for key in ("train_loss", "train_error", "test_loss", "test_error"):
+            assert b[key] == a[key], (a["epoch"], key)
+    config_json = json.loads((staged_runs / name / "config.json").read_text())
+    stages = config_json["stages"]
+    assert config_json["stage_mode"] == "pipelined"
+    assert config_json["stage_delays"] == list(range(stages - 1, -1, -1))
+
+
+def test_pipelined_differs_from_synchronous(staged_runs):
+    """The delay is real: pipelined dfa on three stages is not the synchronous (= one-process) run."""
+    pipelined = read_metrics(staged_runs / "dfa-pipelined-3" / "metrics.jsonl")
+    synchronous = read_metrics(staged_runs / "dfa" / "metrics.jsonl")
+    assert pipelined[0]["train_loss"] != synchronous[0]["train_loss"]
+
+
 def test_staged_metrics_and_config(staged_runs):
     config_json = json.loads((staged_runs / "l-bp-vit" / "config.json").read_text())
     assert config_json["stages"] == 2 and config_json["stage_split"] == ["encoder.layers.5"]
@@ -107,6 +153,7 @@ def test_bad_split_is_one_line_on_every_stage(staged_runs):
     first = staged_runs / next(iter(RUNS))
     for r in (0, 1):
         assert "--stage-split: 'no.such.block' is not a block" in (first / f"rank{r}.error").read_text()
+        assert "fg-a's orthogonal aggregation projects" in (first / f"rank{r}.error-orthogonal").read_text()
 
 
 def test_balanced_starts():
@@ -118,7 +165,7 @@ def test_balanced_starts():
         balanced_starts([1, 1], 3)
 
 
-@pytest.mark.parametrize("method", ["bp", "fa", "fdfa", "fg-a", "fg-w", "ff"])
+@pytest.mark.parametrize("method", ["bp", "fa", "fg-w", "ff"])
 def test_rules_that_cannot_be_staged_refuse_with_one_line(method, capsys):
     assert main(["train", "--method", method, "--stages", "2", "--data", "digits", "--out", "unused"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -134,6 +181,12 @@ def test_bad_stage_options_refuse():
         check_stages("l-bp", 1, 1, ("a",))
     with pytest.raises(UsageError, match="at least 1"):
         check_stages("l-bp", 0, 1, None)
+    with pytest.raises(UsageError, match="pipelined is for dfa, fg-a"):
+        check_stages("l-bp", 2, 1, None, "pipelined")
+    with pytest.raises(UsageError, match="--recompute true is for the synchronous mode"):
+        check_stages("dfa", 2, 1, None, "pipelined", recompute=True)
+    with pytest.raises(UsageError, match="--stage-mode needs --stages 2"):
+        check_stages("dfa", 1, 1, None, "pipelined")
 
 
 def test_killed_stage_stops_the_other_then_resume_continues(tmp_path, data_root):
@@ -155,6 +208,16 @@ def test_killed_stage_stops_the_other_then_resume_continues(tmp_path, data_root)
     for a, b in zip(whole, resumed):
         for key in ("train_loss", "test_loss", "test_error"):
             assert b[key] == pytest.approx(a[key], rel=1e-6), (a["epoch"], key)
+
+
+def test_a_diverging_stage_writes_failed_json_and_exits_3(tmp_path, data_root, capsys):
+    """The last stage sees the loss become NaN: it writes failed.json (as one process does) and the run exits 3."""
+    out = tmp_path / "run"
+    code = main(["train", "--method", "l-bp", "--data", "mnist", "--data-root", str(data_root), "--hidden", "16,16",
+                 "--optimizer", "sgd", "--lr", "1e30", "--epochs", "2", "--out", str(out), "--stages", "2"])
+    assert code == 3, capsys.readouterr().err
+    failed = json.loads((out / "failed.json").read_text())
+    assert failed["kind"] == "diverged" and "loss became" in failed["detail"]
 
 
 class Skip(torch.nn.Module):

@@ -1,0 +1,214 @@
+"""Cheaper forward-mode AD through convolutions and batch norm, for rules that push tangents through a model.
+
+PyTorch's forward-mode rule for a convolution runs three convolutions (the primal, the input tangent through W, and
+the input through W's tangent, even when W has none), and its rule for training-mode batch norm is a chain of
+elementwise ops. `tangent_friendly(model)` swaps, for a while, every zero-padded Conv1d/Conv2d and every
+BatchNorm1d/2d for an autograd Function with the same forward and backward (PyTorch's own kernels) and a `jvp` that
+does only the work needed: one convolution of the input tangent (plus the weight's tangent, if it has one); for
+batch norm the native backward kernel applied to the tangent (its Jacobian in the input is symmetric, so the VJP
+kernel is also the JVP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.nn.functional as F
+from torch import nn
+
+from bpfree.anatomy import forwards_replaced
+
+CONVS = (nn.Conv1d, nn.Conv2d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class _Conv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                conf: tuple) -> torch.Tensor:  # fmt: skip
+        stride, padding, dilation, groups = conf
+        ctx.set_materialize_grads(False)  # a weight without a tangent gives None in `jvp`, not zeros to convolve
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.conf, ctx.has_bias = conf, bias is not None
+        conv = F.conv1d if weight.dim() == 3 else F.conv2d
+        return conv(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor | None):
+        if g is None:
+            return None, None, None, None
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False,
+            [0] * len(stride), groups, mask,
+        )  # fmt: skip
+        return gx, gw, gb, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: torch.Tensor | None, w_t: torch.Tensor | None, b_t: torch.Tensor | None, _conf: Any):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        conv = F.conv1d if weight.dim() == 3 else F.conv2d
+        out = None
+        if x_t is not None:
+            out = conv(x_t, weight, None, stride, padding, dilation, groups)
+        if w_t is not None:
+            more = conv(x, w_t, None, stride, padding, dilation, groups)
+            out = more if out is None else out + more
+        if b_t is not None:
+            shape = (1, -1) + (1,) * (weight.dim() - 2)
+            out = b_t.view(shape) if out is None else out + b_t.view(shape)
+        return out
+
+
+class _BatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                running: tuple, training: bool, factor: float, eps: float) -> torch.Tensor:  # fmt: skip
+        mean_r, var_r = running
+        ctx.set_materialize_grads(False)  # parameters without tangents give None in `jvp`
+        out, mean, rstd = torch.native_batch_norm(x, weight, bias, mean_r, var_r, training, factor, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_forward(x, weight, mean, rstd)
+        # Running statistics (eval mode) as they are now; the forward may update them in place afterwards.
+        ctx.running = None if training else (mean_r.clone(), var_r.clone())
+        ctx.training, ctx.eps, ctx.affine = training, eps, weight is not None
+        return out
+
+    @staticmethod
+    def _backward(ctx: Any, g: torch.Tensor, mask: list[bool]) -> tuple:
+        x, weight, mean, rstd = ctx.saved_tensors
+        mean_r, var_r = ctx.running or (None, None)
+        return torch.ops.aten.native_batch_norm_backward(
+            g, x, weight, mean_r, var_r, mean, rstd, ctx.training, ctx.eps, mask
+        )
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor | None):
+        if g is None:
+            return None, None, None, None, None, None, None
+        affine = ctx.affine
+        gx, gw, gb = _BatchNorm._backward(
+            ctx, g.contiguous(), [ctx.needs_input_grad[0], affine and ctx.needs_input_grad[1],
+                                  affine and ctx.needs_input_grad[2]]
+        )  # fmt: skip
+        return gx, gw, gb, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: torch.Tensor | None, w_t: torch.Tensor | None, b_t: torch.Tensor | None, *_: Any):
+        x, weight, mean, rstd = ctx.saved_tensors
+        out = None
+        if x_t is not None:  # the Jacobian in x is symmetric: its VJP kernel gives the JVP
+            out = _BatchNorm._backward(ctx, x_t.contiguous(), [True, False, False])[0]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if w_t is not None:
+            if ctx.training:
+                x_hat = (x - mean.view(shape)) * rstd.view(shape)
+            else:
+                mean_r, var_r = ctx.running
+                x_hat = (x - mean_r.view(shape)) * (var_r.view(shape) + ctx.eps).rsqrt()
+            more = x_hat * w_t.view(shape)
+            out = more if out is None else out + more
+        if b_t is not None:
+            out = b_t.view(shape).expand_as(x) if out is None else out + b_t.view(shape)
+        return out
+
+
+def layer_param_grads(module: nn.Module, inp: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor] | None:
+    """The gradients of a Linear's / zero-padded Conv's / batch norm's trainable parameters (weight, then bias) from
+    its input and the gradient at its output, without running the layer again (a batch norm's running statistics
+    stay as they are); None for other modules."""
+    params = [p for p in (module.weight, module.bias) if p is not None and p.requires_grad] if isinstance(
+        module, (nn.Linear, *CONVS, *NORMS)) else []  # fmt: skip
+    if isinstance(module, NORMS):
+        if module.weight is None:
+            return []
+        # Batch statistics exactly when nn.BatchNorm's forward uses them.
+        batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+        dims = [0, *range(2, inp.dim())]
+        var, mean = torch.var_mean(inp, dim=dims, correction=0) if batch_stats else (None, None)
+        rstd = None if var is None else (var + module.eps).rsqrt()
+        _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(), inp, module.weight, module.running_mean, module.running_var, mean, rstd,
+            batch_stats, module.eps, [False, True, True],
+        )  # fmt: skip
+        grads = {"weight": gw, "bias": gb}
+    elif isinstance(module, nn.Linear):
+        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), inp.reshape(-1, inp.shape[-1])
+        grads = {"weight": g2.t() @ x2, "bias": g2.sum(0)}
+    elif isinstance(module, CONVS) and module.padding_mode == "zeros" and (conf := conv_config(module)) is not None:
+        w = module.weight
+        stride, padding, dilation, groups = conf
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            grad_out, inp, w, [w.shape[0]] if module.bias is not None else None, stride, padding, dilation, False,
+            [0] * (w.dim() - 2), groups, [False, True, module.bias is not None],
+        )  # fmt: skip
+        grads = {"weight": gw, "bias": gb}
+    else:
+        return None
+    return [grads["weight"] if p is module.weight else grads["bias"] for p in params]
+
+
+def conv_config(m: nn.Conv1d | nn.Conv2d) -> tuple | None:
+    """(stride, padding, dilation, groups) with the padding explicit ("valid", and "same" for odd kernels at stride
+    1, become numbers), as ATen's convolution kernels take them; None for a "same" they cannot express."""
+    padding = m.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0,) * len(m.kernel_size)
+        elif all(k % 2 == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride):
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation))
+        else:
+            return None
+    return (list(m.stride), list(padding), list(m.dilation), m.groups)
+
+
+def _conv_forward(m: nn.Conv1d | nn.Conv2d, conf: tuple, x: torch.Tensor) -> torch.Tensor:
+    return _Conv.apply(x, m.weight, m.bias, conf)
+
+
+def _norm_forward(m: nn.BatchNorm1d | nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    # nn.BatchNorm's own decisions: the update factor, batch statistics when training or without running ones.
+    factor = 0.0 if m.momentum is None else m.momentum
+    if m.training and m.track_running_stats and m.num_batches_tracked is not None:
+        m.num_batches_tracked.add_(1)
+        factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+    training = m.training or (m.running_mean is None and m.running_var is None)
+    keep = not m.training or m.track_running_stats
+    running = (m.running_mean if keep else None, m.running_var if keep else None)
+    return _BatchNorm.apply(x, m.weight, m.bias, running, training, factor, m.eps)
+
+
+@contextmanager
+def tangent_friendly(model: nn.Module) -> Iterator[None]:
+    """While active, the model's convolutions and batch norms run the Functions above (same values, gradients
+    and running statistics; cheaper forward-mode tangents)."""
+    swaps = []
+    for m in model.modules():
+        if "forward" in vars(m):
+            continue  # already replaced (e.g. by feedback alignment): keep that
+        if isinstance(m, CONVS) and m.padding_mode == "zeros" and (conf := conv_config(m)) is not None:
+            swaps.append((m, partial(_conv_forward, m, conf)))
+        elif isinstance(m, NORMS):
+            swaps.append((m, partial(_norm_forward, m)))
+    with forwards_replaced(swaps):
+        yield
+
+
+def renew_dual_level() -> None:
+    """Close the current forward-AD level and open a fresh one, dropping every tangent made so far.
+
+    A dual tensor whose primal has a reverse graph keeps its tangent (and what the tangent's graph saved) alive until
+    its level closes, whoever still refers to it. A rule that hands only a primal across a block boundary renews the
+    level there, so those tangents die with the block instead of piling up over the depth of the model.
+    """
+    fwad.exit_dual_level()
+    fwad.enter_dual_level()

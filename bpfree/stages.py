@@ -1,0 +1,879 @@
+"""Block-parallel training: `bpfree train --stages S` trains S contiguous groups of a model's blocks at once, one
+process each, on torch.distributed (gloo on CPU, NCCL on CUDA), for the local rules.
+
+Every process builds the same model and the same estimator (same seed: same initialisation, heads, feedback
+matrices and random streams) and runs the rule's own `step` unchanged. What makes a process a *stage* is how the
+model's forward runs while it steps (`running_stage`):
+
+- the modules of the blocks outside the stage are stubbed (`anatomy.forwards_replaced`): they return zeros of the
+  shape a probe pass recorded, so they cost almost nothing;
+- the output of the block before the stage is replaced by the activation received from the previous stage
+  (point-to-point `recv`), and the output of the stage's last block is sent to the next stage (`isend`) as it is
+  computed. The rule's own boundary hooks run after these, on the true values.
+
+The local rules learn each block from its detached input, computed before the upstream update, and the optimizers
+are per parameter, so a stage that steps only the parameters it owns while the next stage works on the previous
+batch is *exactly* the one-process run (tests/test_stages.py). Nothing flows back. Each process reads the same
+batches from its own data loader (same shuffle), so only activations travel; labels are read locally. dfa is
+staged synchronously: the last stage's loss and output error reach every stage once per step (`shared_output_error`).
+
+Why not the stage modules of `torch.distributed.pipelining.pipeline` (which does split resnet18, the example ViT
+and ResidualCNN and keeps the block names): see docs/parallel.md. In short, the estimators are built on the whole
+classifier (its anatomy, heads and random streams), sff calls blocks with `between=` and lg-fg-w calls the model by
+parameter names; stubs keep every rule's code path as it is, so exactness holds by construction.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.distributed as dist
+from torch import nn
+
+from bpfree import distributed, methods
+from bpfree.anatomy import Anatomy, eval_mode, example_input, forwards_replaced
+from bpfree.errors import UsageError
+from bpfree.memory import measured_step
+from bpfree.methods.base import Estimator, StepResult
+from bpfree.methods.block_local import BlockLocal, BlockLocalFGActivity
+from bpfree.methods.feedback_alignment import DirectFeedbackAlignment
+from bpfree.methods.forward_forward import ScalableFF
+from bpfree.runfolder import atomic_write_bytes, describe_os_error
+from bpfree.train import CHECKPOINT, CONFIG, Run, TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
+from bpfree.train import rng_state as global_rng_state
+from bpfree.train import set_rng_state as set_global_rng_state
+
+STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block", "dfa")
+# Rules whose blocks learn from the output error: synchronous stages (every stage waits for the last stage's error).
+SYNCHRONOUS = ("dfa",)
+# One line per rule that refuses --stages, saying why (docs/parallel.md: what is left).
+REFUSED = {
+    "bp": "backprop sends gradients back through every stage; its pipeline (torch.distributed.pipelining) is not "
+          "wired into --stages yet",
+    "fa": "feedback alignment sends errors back through every stage; not wired into --stages yet",
+    "fdfa": "the output's directional derivative and error must reach every stage each step; fdfa's staged modes "
+            "are not built yet (dfa has a synchronous one)",
+    "fg-a": "the loss's directional derivatives must reach every stage each step; not built yet",
+    "fg-w": "the loss's directional derivatives must reach every stage each step; not built yet",
+    "ff": "hard and readout negatives score through every block, and ff's loss averages all blocks; use sff-block",
+}
+MAX_PENDING_SENDS = 2  # activations a stage may have in flight: bounds its memory, lets it run ahead by this much
+
+
+def check_stages(method: str, stages: int, nproc: int, split: Sequence[str] | None) -> None:
+    """Refuse what --stages cannot do, before any process starts (one line each)."""
+    if stages < 1:
+        raise UsageError(f"--stages must be at least 1, got {stages}")
+    if split is not None and stages == 1:
+        raise UsageError("--stage-split needs --stages 2 or more")
+    if stages == 1:
+        return
+    if nproc > 1:
+        raise UsageError("--stages with --nproc (data-parallel replicas of each stage) is not supported yet")
+    if method in REFUSED:
+        raise UsageError(f"--stages: {method} cannot be staged: {REFUSED[method]}")
+    if method not in STAGED_RULES:
+        raise UsageError(f"--stages: {method} cannot be staged (staged rules: {', '.join(STAGED_RULES)})")
+    if split is not None and len(split) != stages - 1:
+        raise UsageError(f"--stage-split names the first block of stages 2..{stages}: {stages - 1} names, got "
+                         f"{len(split)}")
+
+
+def parse_split(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise UsageError("--stage-split: expected block names separated by commas")
+    return names
+
+
+# -- choosing the stages ------------------------------------------------------------------------------------------
+
+
+def balanced_starts(costs: Sequence[float], stages: int) -> list[int]:
+    """The first block of each stage: contiguous stages, each of one block or more, minimising the largest stage's
+    cost (exact, by dynamic programming over the blocks)."""
+    n = len(costs)
+    if not 1 <= stages <= n:
+        raise UsageError(f"--stages {stages}: the model has {n} blocks (a stage needs one or more)")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    inf = float("inf")
+    # best[k][j]: the smallest largest-stage cost of k stages over the first j blocks; cut[k][j]: where the last began
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                cost = max(best[k - 1][i], prefix[j] - prefix[i])
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    starts, j = [], n
+    for k in range(stages, 0, -1):
+        j = cut[k][j]
+        starts.append(j)
+    return starts[::-1]
+
+
+def named_starts(anatomy: Anatomy, names: Sequence[str], stages: int) -> list[int]:
+    """--stage-split: the block names that begin stages 2..S, as block indices."""
+    order = [b.name for b in anatomy.blocks]
+    starts = [0]
+    for name in names:
+        if name not in order:
+            raise UsageError(f"--stage-split: {name!r} is not a block (blocks: {', '.join(order)})")
+        starts.append(order.index(name))
+    if any(b <= a for a, b in zip(starts, starts[1:])):
+        raise UsageError(f"--stage-split {','.join(names)}: name blocks after the first, in the order they run")
+    if len(starts) != stages:
+        raise UsageError(f"--stage-split names {len(names)} blocks; --stages {stages} needs {stages - 1}")
+    return starts
+
+
+@contextmanager
+def restored(estimator: Estimator) -> Iterator[None]:
+    """Steps taken inside change nothing training sees: the model's state (batch-norm statistics), the estimator's
+    (its random streams) and the global RNG are put back, and the gradients cleared."""
+    model = estimator.model
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(estimator.state_dict()), global_rng_state())
+    try:
+        yield
+    finally:
+        model.load_state_dict(saved[0])
+        estimator.load_state_dict(saved[1])
+        set_global_rng_state(saved[2])
+        for p in estimator.trainable():
+            p.grad = None
+
+
+def profile_blocks(estimator: Estimator, x: torch.Tensor, y: torch.Tensor, repeats: int = 2) -> list[float]:
+    """Seconds of one step spent in each block (its forward and its local update; the last block also the
+    readout), the mean of `repeats` steps after one warm-up; changes nothing (`restored`)."""
+    blocks = estimator.anatomy.blocks
+    marks: list[tuple[int, float]] = []
+    handles = [b.modules[0].register_forward_pre_hook(lambda *_a, i=i: marks.append((i, time.perf_counter())))
+               for i, b in enumerate(blocks)]
+    seconds = [0.0] * len(blocks)
+    try:
+        with restored(estimator):
+            for r in range(repeats + 1):
+                marks.clear()
+                start = time.perf_counter()
+                estimator.step(x, y)
+                end = time.perf_counter()
+                if r == 0:
+                    continue  # warm-up
+                times = [(0, start), *marks, (marks[-1][0] if marks else 0, end)]
+                for (i, t0), (_, t1) in zip(times, times[1:]):
+                    seconds[i] += (t1 - t0) / repeats
+    finally:
+        for h in handles:
+            h.remove()
+    return seconds
+
+
+# -- one stage's view of the model ------------------------------------------------------------------------------
+
+
+@dataclass
+class StagePlan:
+    """Stage `stage` of `len(starts)` runs blocks [start, stop)."""
+
+    starts: list[int]
+    blocks: int
+    stage: int
+
+    @property
+    def start(self) -> int:
+        return self.starts[self.stage]
+
+    @property
+    def stop(self) -> int:
+        return self.starts[self.stage + 1] if self.stage + 1 < len(self.starts) else self.blocks
+
+    @property
+    def last(self) -> bool:
+        return self.stage == len(self.starts) - 1
+
+    def owns(self, block: int) -> bool:
+        return self.start <= block < self.stop
+
+    def stage_of(self, block: int) -> int:
+        return max(s for s, a in enumerate(self.starts) if a <= block)
+
+
+Shape = tuple[tuple[int, ...], torch.dtype]
+
+
+def _first_tensor(args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+    for a in [*args, *kwargs.values()]:
+        if isinstance(a, torch.Tensor):
+            return a
+    raise UsageError("--stages: a block module was called without a tensor input")
+
+
+def _zeros(shape: Shape, like: torch.Tensor) -> torch.Tensor:
+    dims, dtype = shape
+    return torch.zeros((like.shape[0], *dims), dtype=dtype, device=like.device)
+
+
+def make_stub(module: nn.Module, output: Any, between: list[Shape], draws: list[Shape],
+              sample: Callable[[tuple[int, ...], torch.Tensor], Any] | None, anchored: bool) -> Callable[..., Any]:
+    """`module`'s forward replaced by zeros of its probed output (`output`: a Shape, or a tuple of Shapes / None),
+    as many rows as its input. A `between=` callback (sff's split units) is called with zeros of each shape it
+    saw, so the rule's unit count stays as in the whole model; `draws`: the noise lg-fg-a would have drawn inside
+    the module (drawn and dropped, so later blocks get their own). `anchored`: where gradients are on, the zeros
+    hang off one element of the module's first parameter, so a rule differentiating them (lg-fg-a's modules'
+    vector-Jacobian products) gets zeros, not an error; the others skip what does not require grad, and anchoring
+    would cost them a backward through every stub."""
+    params = [p for p in module.parameters() if p.requires_grad] if anchored else []
+
+    def zeros(shape: Shape, like: torch.Tensor) -> torch.Tensor:
+        z = _zeros(shape, like)
+        if params and torch.is_grad_enabled():
+            z = z + params[0].reshape(-1)[:1].to(z.dtype) * 0
+        return z
+
+    def stub(*args: Any, **kwargs: Any) -> Any:
+        like = fwad.unpack_dual(_first_tensor(args, kwargs)).primal
+        for dims, dtype in draws:
+            assert sample is not None
+            sample((like.shape[0], *dims), torch.empty(0, dtype=dtype, device=like.device))
+        callback = kwargs.get("between")
+        if callback is not None:
+            for shape in between:
+                callback(zeros(shape, like))
+        if isinstance(output, list):
+            return tuple(None if s is None else zeros(s, like) for s in output)
+        return zeros(output, like)
+
+    return stub
+
+
+def _shape_of(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return (tuple(out.shape[1:]), out.dtype)
+    if isinstance(out, tuple) and all(o is None or isinstance(o, torch.Tensor) for o in out):
+        return [None if o is None else (tuple(o.shape[1:]), o.dtype) for o in out]
+    raise UsageError(f"--stages: a block module returns {type(out).__name__}; stages need tensors")
+
+
+def probe_stubs(estimator: Estimator, plan: StagePlan) -> list[tuple[nn.Module, Callable[..., Any]]]:
+    """The stubs of every module of the blocks outside the stage, from one probe pass (eval mode, no gradients)
+    recording what each returns (and, for lg-fg-a, the noise drawn inside the blocks before the stage)."""
+    anatomy, model = estimator.anatomy, estimator.model
+    outside = [m for i, b in enumerate(anatomy.blocks) if not plan.owns(i) for m in b.modules]
+    outputs: dict[nn.Module, Any] = {}
+    between: dict[nn.Module, list[Shape]] = {}
+    draws: dict[nn.Module, list[Shape]] = {m: [] for m in outside}
+    def record(m: nn.Module, _args: Any, out: Any) -> None:
+        outputs.setdefault(m, _shape_of(out))
+
+    handles = [m.register_forward_hook(record) for m in outside]
+    sample = None
+    if isinstance(estimator, BlockLocalFGActivity):
+        sample = estimator.sample
+        handles += _watch_draws(estimator, [m for i, b in enumerate(anatomy.blocks) if i < plan.start
+                                            for m in b.modules], draws)
+    x = example_input(model, anatomy.input_shape)
+    try:
+        with eval_mode(model), torch.no_grad():
+            if isinstance(estimator, ScalableFF) and estimator.split:
+                between.update(_between_shapes(estimator, x))
+            else:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    anchored = isinstance(estimator, BlockLocalFGActivity)
+    return [(m, make_stub(m, outputs[m], between.get(m, []), draws[m], sample, anchored))
+            for m in outside if m in outputs]
+
+
+def _watch_draws(estimator: BlockLocalFGActivity, modules: list[nn.Module],
+                 draws: dict[nn.Module, list[Shape]]) -> list[Any]:
+    """Hooks recording, per block module, the output shapes of the perturbed units strictly inside it, in the
+    order they run (a unit that is the block module itself still fires its own hook on the stub's zeros)."""
+    running: list[nn.Module] = []
+    handles = []
+    for m in modules:
+        handles.append(m.register_forward_pre_hook(lambda m, _a: running.append(m)))
+        handles.append(m.register_forward_hook(lambda _m, _a, _o: running.pop() and None))
+    inside = {u for m in modules for u in m.modules() if u is not m}
+    for u in (u for us in estimator.units for u in us if u not in estimator.silent and u in inside):
+        handles.append(u.register_forward_hook(lambda _u, _a, out: draws[running[-1]].append(
+            _shape_of(out[0] if isinstance(out, tuple) else out))))
+    return handles
+
+
+def _between_shapes(estimator: ScalableFF, x: torch.Tensor) -> dict[nn.Module, list[Shape]]:
+    """sff (layer-wise): the unit outputs each block hands to its `between` callback."""
+    current: list[nn.Module] = []
+    seen: dict[nn.Module, list[Shape]] = {}
+    handles = []
+    for block in estimator.model.blocks:
+        handles.append(block.register_forward_pre_hook(lambda m, _a: current.append(m)))
+        handles.append(block.register_forward_hook(lambda m, _a, _o: current.pop() and None))
+
+    def visit(_k: int, out: torch.Tensor, _params: list) -> None:
+        if current:
+            seen.setdefault(current[-1], []).append((tuple(out.shape[1:]), out.dtype))
+
+    try:
+        estimator._run(x, visit)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def unit_blocks(estimator: Estimator) -> list[int]:
+    """The block of each of the estimator's units (heads and the index of per-unit metrics): the blocks
+    themselves, except for layer-wise sff, whose blocks may hold several units."""
+    blocks = len(estimator.anatomy.blocks)
+    if not (isinstance(estimator, ScalableFF) and estimator.split):
+        return list(range(blocks))
+    owner: list[int] = []
+    entered = [0]  # the block entered last: its between-units run inside it, its output's unit just after it
+    handles = [block.register_forward_pre_hook(lambda _m, _a, i=i: entered.__setitem__(0, i))
+               for i, block in enumerate(estimator.model.blocks)]
+    model = estimator.model
+    try:
+        with eval_mode(model), torch.no_grad():
+            estimator._run(example_input(model, estimator.anatomy.input_shape),
+                           lambda _k, _o, _p: owner.append(entered[0]))
+    finally:
+        for h in handles:
+            h.remove()
+    return owner
+
+
+class Link:
+    """Point-to-point sends to the next stage and receives from the previous one, with the seconds spent waiting
+    (idle) and the bytes sent."""
+
+    def __init__(self, group: distributed.Group, plan: StagePlan):
+        self.group, self.plan = group, plan
+        self.pending: list[tuple[torch.Tensor, Any]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.idle = 0.0
+        self.sent = 0
+
+    def send(self, tensor: torch.Tensor) -> None:
+        t = tensor.detach().contiguous()
+        work = self.group._call("isend", dist.isend, t, self.plan.stage + 1)
+        self.pending.append((t, work))
+        self.sent += t.numel() * t.element_size()
+        while len(self.pending) > MAX_PENDING_SENDS:
+            self._wait_oldest()
+
+    def recv(self, like: torch.Tensor) -> torch.Tensor:
+        buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        start = time.perf_counter()
+        self.group._call("recv", dist.recv, buf, self.plan.stage - 1)
+        self.idle += time.perf_counter() - start
+        return buf
+
+    def _wait_oldest(self) -> None:
+        _, work = self.pending.pop(0)
+        start = time.perf_counter()
+        self.group._call("send", work.wait)
+        self.idle += time.perf_counter() - start
+
+    def flush(self) -> None:
+        while self.pending:
+            self._wait_oldest()
+
+
+class ProbeLink:
+    """A Link stand-in for running a stage in one process: receives the given tensor (zeros where None), keeps
+    what is sent."""
+
+    def __init__(self, incoming: torch.Tensor | None):
+        self.incoming = incoming
+        self.sent: list[torch.Tensor] = []
+
+    def send(self, tensor: torch.Tensor) -> None:
+        self.sent.append(tensor)
+
+    def recv(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(like) if self.incoming is None else self.incoming
+
+
+@contextmanager
+def running_stage(estimator: Estimator, plan: StagePlan, link: Link | ProbeLink,
+                  stubs: list[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """While active, the model's forward is stage `plan.stage`'s: blocks outside it stubbed, the previous block's
+    output received, the stage's last block's output sent. Registered before the rule's own boundary hooks (which
+    the rule adds inside `step`), so they run after these and see the true values."""
+    blocks = estimator.anatomy.blocks
+
+    def receive(_m: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+        return link.recv(like=out)
+
+    def send(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
+        link.send(fwad.unpack_dual(out).primal.detach())
+
+    handles = []
+    if plan.start > 0:
+        handles.append(blocks[plan.start - 1].exit.register_forward_hook(receive))
+    if not plan.last:
+        handles.append(blocks[plan.stop - 1].exit.register_forward_hook(send))
+    try:
+        with forwards_replaced(stubs):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def ownership(estimator: Estimator, starts: list[int]) -> list[int]:
+    """The stage that owns (steps) each model parameter, in `model.parameters()` order, from one probe pass per
+    stage: the parameters its blocks' outputs (and, for the last stage, the logits) depend on, given the previous
+    stage's output. Also checks that the stages compose to the whole model: each stage, given the true output of
+    the block before it, must reproduce the whole model's block outputs and logits (a model whose forward carries
+    other values across a stage boundary is refused)."""
+    anatomy, model = estimator.anatomy, estimator.model
+    params = list(model.parameters())
+    owner = [-1] * len(params)
+    x = example_input(model, anatomy.input_shape)
+    exits: list[torch.Tensor] = []
+    hooks = [b.exit.register_forward_hook(lambda _m, _a, out: exits.append(out.detach().clone()))
+             for b in anatomy.blocks]
+    try:
+        with eval_mode(model), torch.no_grad():
+            logits = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    for s in range(len(starts)):
+        plan = StagePlan(starts, len(anatomy.blocks), s)
+        stubs = probe_stubs(estimator, plan)  # before the hooks below: its probe pass must not be seen
+        seen: list[torch.Tensor] = []
+        hooks = [anatomy.blocks[i].exit.register_forward_hook(lambda _m, _a, out, seen=seen: seen.append(out))
+                 for i in range(plan.start, plan.stop)]
+        link = ProbeLink(exits[plan.start - 1] if plan.start else None)
+        try:
+            with eval_mode(model), torch.enable_grad(), running_stage(estimator, plan, link, stubs):
+                out = model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        got = [*seen, *([out] if plan.last else [])]
+        want = [*exits[plan.start:plan.stop], *([logits] if plan.last else [])]
+        if any(g.shape != w.shape or not torch.allclose(g.detach(), w, rtol=1e-4, atol=1e-5)
+               for g, w in zip(got, want)):
+            name = anatomy.blocks[plan.start].name
+            raise UsageError(f"--stages: the stage starting at block {name!r} does not reproduce the model from the "
+                             "previous block's output alone (its forward carries other values across that "
+                             "boundary); choose other boundaries with --stage-split")
+        total = sum(g.float().sum() for g in got if g.requires_grad)
+        grads = torch.autograd.grad(total, params, allow_unused=True) if torch.is_tensor(total) else [None] * len(
+            params)
+        for k, g in enumerate(grads):
+            if g is None:
+                continue
+            if owner[k] not in (-1, s):
+                names = [n for n, p in model.named_parameters() if p is params[k]]
+                raise UsageError(f"--stages: parameter {names[0]!r} is used by stages {owner[k] + 1} and {s + 1}; "
+                                 "a parameter must belong to one stage (choose other boundaries with --stage-split)")
+            owner[k] = s
+    last = len(starts) - 1
+    return [last if o == -1 else o for o in owner]  # unused parameters: stepped (with zero gradients) by one stage
+
+
+def state_owners(estimator: Estimator, starts: list[int], param_owner: list[int]) -> dict[str, int]:
+    """The stage owning each entry of the model's state dict ("model.KEY") and of the estimator's heads
+    ("heads.KEY"): parameters as `ownership` says, a module's buffers with its parameters (else with the block that
+    holds the module, else the last stage), head k with its unit's block."""
+    model = estimator.model
+    plan = StagePlan(starts, len(estimator.anatomy.blocks), 0)
+    by_id = {id(p): s for p, s in zip(model.parameters(), param_owner)}
+    in_block = {id(s): plan.stage_of(i) for i, b in enumerate(estimator.anatomy.blocks) for m in b.modules
+                for s in m.modules()}
+    owners: dict[str, int] = {}
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False)]
+        stage = by_id[id(own[0])] if own else in_block.get(id(module), len(starts) - 1)
+        prefix = f"{name}." if name else ""
+        for pname, p in module.named_parameters(recurse=False):
+            owners[f"model.{prefix}{pname}"] = by_id[id(p)]
+        for bname, _ in module.named_buffers(recurse=False):
+            owners[f"model.{prefix}{bname}"] = stage
+    heads = getattr(estimator, "heads", None)
+    if isinstance(heads, nn.ModuleList):
+        units = unit_blocks(estimator)
+        for key in heads.state_dict():
+            owners[f"heads.{key}"] = plan.stage_of(units[int(key.split(".")[0])])
+    return owners
+
+
+def stage_tensors(estimator: Estimator) -> dict[str, torch.Tensor]:
+    """The state the stages share at epoch ends, by the names of `state_owners` (references, not copies)."""
+    out = {f"model.{k}": v for k, v in estimator.model.state_dict(keep_vars=True).items()}
+    heads = getattr(estimator, "heads", None)
+    if isinstance(heads, nn.ModuleList):
+        out.update({f"heads.{k}": v for k, v in heads.state_dict(keep_vars=True).items()})
+    return out
+
+
+class _LastStageLoss(torch.autograd.Function):
+    """The loss, and its gradient with respect to the logits, as the last stage computes them, on every stage: the
+    rule differentiates its loss as usual and gets the last stage's output error (dfa's e, batch x classes)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, y: torch.Tensor, loss_fn: Any, share: Any) -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = logits.detach().requires_grad_()
+            loss = loss_fn(leaf, y)
+            (e,) = torch.autograd.grad(loss, leaf)
+        loss, e = share(loss.detach(), e)
+        ctx.save_for_backward(e)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (e,) = ctx.saved_tensors
+        return g * e, None, None, None
+
+
+@contextmanager
+def shared_output_error(estimator: Estimator, link: Link) -> Iterator[None]:
+    """While active, the estimator's loss (and so its output error) is the last stage's, broadcast to every stage
+    once per step; the time a stage waits for it counts as idle."""
+    original = estimator.loss_fn
+    last = len(link.plan.starts) - 1
+
+    def share(loss: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        packed = torch.cat([loss.reshape(1).to(e.dtype), e.reshape(-1)])
+        start = time.perf_counter()
+        link.group._call("broadcast", dist.broadcast, packed, last)
+        link.idle += time.perf_counter() - start
+        link.sent += packed.numel() * packed.element_size() if link.plan.last else 0
+        return packed[0].to(loss.dtype), packed[1:].view_as(e)
+
+    estimator.loss_fn = lambda logits, y: _LastStageLoss.apply(logits, y, original, share)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del estimator.loss_fn
+
+
+# -- the staged run ---------------------------------------------------------------------------------------------
+
+INDEXED = re.compile(r"(\d+)$")
+
+
+@dataclass
+class Tally:
+    """One stage's sums over an epoch's steps."""
+
+    loss: float = 0.0
+    wrong: int = 0
+    seen: int = 0
+    extras: dict[str, float] = field(default_factory=dict)
+    scores: list[torch.Tensor] = field(default_factory=list)
+    labels: list[torch.Tensor] = field(default_factory=list)
+
+
+class StagedRun(Run):
+    """A `Run` whose process is one stage of `--stages S` (rank r = stage r). Metrics, evaluation and checkpoints
+    are of the whole model: at each epoch end the stages exchange the state they own, so every process holds the
+    trained model, evaluates a share of the test set, and rank 0 writes one checkpoint for all stages."""
+
+    def __init__(self, cfg: TrainConfig, stages: int, split: Sequence[str] | None = None, **kwargs: Any):
+        self.stages, self.split_given = stages, tuple(split) if split else None
+        self._resume_raw: bytes | None = None
+        self._stage_states: list[bytes] | None = None
+        super().__init__(cfg, **kwargs)
+
+    # -- building -----------------------------------------------------------------------------------------------
+    def open_run_folder(self) -> bytes | None:
+        self._resume_raw = super().open_run_folder()
+        return self._resume_raw
+
+    def _build(self, data: Any) -> None:
+        if self.group.world_size != self.stages:
+            raise UsageError(f"--stages {self.stages} needs {self.stages} processes; {self.group.world_size} were "
+                             "started (launch with `bpfree train --stages S`)")
+        super()._build(data)
+        cfg, est = self.cfg, self.estimator
+        est.group = distributed.LOCAL  # not data-parallel: every stage draws the one-process random numbers
+        if isinstance(est, DirectFeedbackAlignment):
+            est.fast = None  # the hand-written MLP path runs no model forward; stages need the model's own
+        if not isinstance(est, (BlockLocal, ScalableFF, DirectFeedbackAlignment)) or \
+                methods.fast_path(cfg.method, self.model) is not None:
+            raise UsageError(f"--stages: {cfg.method} on {type(self.model).__name__} runs a model-specific fast "
+                             "path without block hooks; it cannot be staged")
+        anatomy = est.anatomy
+        if len(anatomy.blocks) < self.stages:
+            raise UsageError(f"--stages {self.stages}: {type(self.model).__name__} has {len(anatomy.blocks)} blocks "
+                             f"({est.blocks_hint()})")
+        self.profile = self._profile()
+        self.starts = self._choose_starts(anatomy)
+        self.plan = StagePlan(self.starts, len(anatomy.blocks), self.group.rank)
+        self.stubs = probe_stubs(est, self.plan)
+        self.param_owner = ownership(est, self.starts)
+        self.owners = state_owners(est, self.starts, self.param_owner)
+        mine = {id(p) for p, s in zip(self.model.parameters(), self.param_owner) if s == self.plan.stage}
+        heads = getattr(est, "heads", None)
+        if isinstance(heads, nn.ModuleList):
+            units = unit_blocks(est)
+            mine |= {id(p) for k, h in enumerate(heads) if self.plan.owns(units[k]) for p in h.parameters()}
+        self.owned_params = [p for p in est.trainable() if id(p) in mine]
+        self.unit_stage = [self.plan.stage_of(b) for b in unit_blocks(est)]
+        self.optimizer = make_optimizer(cfg, self.owned_params, lr_multipliers_by_id(est))
+        self.schedule = make_schedule(cfg, self.optimizer, self.steps_per_epoch)
+        self.link = Link(self.group, self.plan)
+        self.peak_mb = self._stage_peak()
+
+    def _stage_peak(self) -> float:
+        """This stage's activation peak (MiB, `bpfree.memory`) in one step on the first batch, measured alone
+        before training (the received activation stood in by zeros, nothing sent): the profiler is not run while
+        gloo's threads move tensors."""
+        x, y = next(iter(self.data.train_batches(self.cfg.batch_size, torch.Generator().manual_seed(0))))
+        with restored(self.estimator), running_stage(self.estimator, self.plan, ProbeLink(None), self.stubs):
+            return measured_step(self.estimator, x.to(self.device), y.to(self.device))[1]
+
+    def _profile(self) -> list[float]:
+        """Each block's step seconds, measured by rank 0 on the first batch and sent to every stage."""
+        seconds: list[float] = []
+        if self.group.is_main:
+            x, y = next(iter(self.data.train_batches(self.cfg.batch_size, torch.Generator().manual_seed(0))))
+            est = self.estimator
+            # dfa's one-pass step runs every block's backward after the whole forward; its recomputing step (the
+            # same gradients) runs each block's backward at its boundary, where the profile can time it
+            recompute = getattr(est, "recompute", None)
+            if isinstance(est, DirectFeedbackAlignment):
+                est.recompute = True
+            try:
+                seconds = profile_blocks(est, x.to(self.device), y.to(self.device))
+            finally:
+                if isinstance(est, DirectFeedbackAlignment):
+                    est.recompute = recompute
+        return json.loads(self.group.broadcast_bytes(json.dumps(seconds).encode()).decode())
+
+    def _choose_starts(self, anatomy: Anatomy) -> list[int]:
+        """A resumed run keeps its stages; else --stage-split, else the balanced split of the profile."""
+        if self._resume_raw is not None:
+            state = self.parse_checkpoint(self._resume_raw)
+            staged = state.get("stages")
+            if not isinstance(staged, dict):
+                raise UsageError(f"cannot resume {self.out} with --stages: it was trained in one process")
+            return list(staged["starts"])
+        if self.split_given:
+            return named_starts(anatomy, self.split_given, self.stages)
+        return balanced_starts(self.profile, self.stages)
+
+    def stored_config(self) -> dict[str, Any]:
+        return {**super().stored_config(), "world_size": 1, "stages": self.stages,
+                "stage_split_given": list(self.split_given) if self.split_given else None}
+
+    def write_run_folder(self) -> None:
+        super().write_run_folder()
+        names = [b.name for b in self.estimator.anatomy.blocks]
+        bounds = [*self.starts, len(names)]
+        total = sum(self.profile) or 1.0
+        config = {**self.stored_config(),
+                  "stage_split": [names[a] for a in self.starts[1:]],
+                  "stage_blocks": [names[a:b] for a, b in zip(bounds, bounds[1:])],
+                  "stage_profile": {"block_seconds": [round(s, 6) for s in self.profile],
+                                    "stage_share": [round(sum(self.profile[a:b]) / total, 4)
+                                                    for a, b in zip(bounds, bounds[1:])]}}
+        try:
+            atomic_write_bytes(self.out / CONFIG, lambda f: f.write(json.dumps(config, indent=2).encode()))
+        except OSError as e:
+            raise UsageError(f"cannot write the run folder: {describe_os_error(e, self.out)}") from None
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.train()
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch)  # as one process: same batches
+        tally = Tally()
+        self.link.reset()
+        start = time.perf_counter()
+        with ExitStack() as stack:
+            stack.enter_context(running_stage(self.estimator, self.plan, self.link, self.stubs))
+            record_scores = stack.enter_context(self._scores())
+            if isinstance(self.estimator, DirectFeedbackAlignment):
+                stack.enter_context(shared_output_error(self.estimator, self.link))
+            for step, (x, y) in enumerate(islice(self.data.train_batches(cfg.batch_size, generator),
+                                                 self.steps_per_epoch)):
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                self.optimizer.zero_grad(set_to_none=True)
+                result = self.estimator.step(x, y)
+                if self.plan.last and not torch.isfinite(result.loss):
+                    raise self.diverged(f"loss became {result.loss.item()}", step)
+                self.optimizer.step()
+                self.schedule.step()
+                self._count(tally, result, y, record_scores())
+            self.link.flush()
+        wall = time.perf_counter() - start
+        mine = {"tally": {"loss": tally.loss, "wrong": tally.wrong, "seen": tally.seen, "extras": tally.extras},
+                "wall": wall, "idle": self.link.idle, "sent": self.link.sent, "steps": self.steps_per_epoch,
+                "peak": self.peak_mb}
+        record = self._combine(mine, tally)
+        self._share_state()
+        return record
+
+    @contextmanager
+    def _scores(self) -> Iterator[Callable[[], torch.Tensor | None]]:
+        """sff predicts from the goodness of every unit: each stage keeps its own units' share per step (the rule's
+        `goodness` watched while the stage runs); other rules predict from the last stage's logits."""
+        est = self.estimator
+        if not isinstance(est, ScalableFF):
+            yield lambda: None
+            return
+        original, units = est.goodness, len(self.unit_stage)
+        only_last = est.options["inference"] == "last"
+        share: list[torch.Tensor] = []
+
+        def goodness(k: int, out: torch.Tensor) -> torch.Tensor:
+            g = original(k, out)
+            if self.unit_stage[k] == self.plan.stage and (not only_last or k == units - 1):
+                share.append(g.detach())
+            return g
+
+        def take() -> torch.Tensor | None:
+            got = torch.stack(share).sum(0) if share else None
+            share.clear()
+            return got
+
+        est.goodness = goodness
+        try:
+            yield take
+        finally:
+            del est.goodness
+
+    def _count(self, tally: Tally, result: StepResult, y: torch.Tensor, scores: torch.Tensor | None) -> None:
+        n = len(y)
+        tally.seen += n
+        tally.loss += float(result.loss) * n
+        if self.plan.last:
+            tally.wrong += int((result.logits.argmax(1) != y).sum())
+        for k, v in (result.extra or {}).items():
+            if self._owns_metric(k):
+                tally.extras[k] = tally.extras.get(k, 0.0) + float(v) * n
+        if isinstance(self.estimator, ScalableFF):
+            tally.scores.append(torch.zeros(n, self.estimator.num_classes) if scores is None
+                                else scores.float().cpu())
+            tally.labels.append(y.cpu())
+
+    def _owns_metric(self, key: str) -> bool:
+        """A per-unit metric (`local_loss_3`, `loss_unit5`) belongs to its unit's stage, the others to the last."""
+        match = INDEXED.search(key)
+        if match and int(match.group(1)) < len(self.unit_stage):
+            return self.unit_stage[int(match.group(1))] == self.plan.stage
+        return self.plan.last
+
+    def _combine(self, mine: dict[str, Any], tally: Tally) -> dict[str, float]:
+        """The epoch's metrics of the whole run from every stage's tally, and each stage's busy / idle seconds."""
+        everyone = [json.loads(b) for b in self.group.all_gather_bytes(json.dumps(mine).encode())]
+        last = everyone[-1]["tally"]
+        seen = last["seen"]
+        extras: dict[str, float] = {}
+        for stage in everyone:
+            extras.update({k: v / seen for k, v in stage["tally"]["extras"].items()})
+        loss, wrong = last["loss"] / seen, last["wrong"]
+        if isinstance(self.estimator, ScalableFF):
+            # sff's loss is the mean of its units' losses; its prediction combines every unit's goodness
+            unit_losses = [v for k, v in extras.items() if k.startswith("loss_unit")]
+            loss = sum(unit_losses) / len(unit_losses)
+            buf = io.BytesIO()
+            torch.save(torch.cat(tally.scores), buf)
+            shares = [torch.load(io.BytesIO(b), weights_only=True) for b in self.group.all_gather_bytes(buf.getvalue())]
+            wrong = int((torch.stack(shares).sum(0).argmax(1) != torch.cat(tally.labels)).sum())
+        record = {"train_loss": loss, "train_error": 100.0 * wrong / seen, **dict(sorted(extras.items()))}
+        for s, stage in enumerate(everyone):
+            record[f"stage{s}_busy_seconds"] = stage["wall"] - stage["idle"]
+            record[f"stage{s}_idle_seconds"] = stage["idle"]
+            record[f"stage{s}_images_per_second"] = stage["tally"]["seen"] / stage["wall"]
+            record[f"stage{s}_sent_bytes_per_step"] = stage["sent"] / max(1, stage["steps"])
+            record[f"stage{s}_peak_memory_mb"] = stage["peak"]
+        self.step_peak_mb = max(stage["peak"] for stage in everyone)
+        return record
+
+    def _share_state(self) -> None:
+        """Every stage sends the state it owns to every other, so each holds the whole trained model (evaluation,
+        the checkpoint); rank 0 also gathers every stage's optimizer and schedule for the checkpoint."""
+        tensors = stage_tensors(self.estimator)
+        mine = {k: v.detach() for k, v in tensors.items() if self.owners.get(k) == self.plan.stage}
+        buf = io.BytesIO()
+        torch.save(mine, buf)
+        blobs = self.group.all_gather_bytes(buf.getvalue())
+        with torch.no_grad():
+            for s, blob in enumerate(blobs):
+                if s != self.plan.stage:
+                    for k, v in torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True).items():
+                        tensors[k].copy_(v)
+        buf = io.BytesIO()
+        torch.save({"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}, buf)
+        self._stage_states = self.group.all_gather_bytes(buf.getvalue())
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """Rank 0: the whole model (as a one-process checkpoint has it) plus every stage's optimizer, schedule and
+        random streams, in one file written atomically: all stages are saved at the same step."""
+        assert self._stage_states is not None
+        stages = [torch.load(io.BytesIO(b), weights_only=True) for b in self._stage_states]
+        state = {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": stages[0]["optimizer"],
+            "schedule": stages[0]["schedule"],
+            "estimator": self.estimator.state_dict(),
+            "rng": global_rng_state(),
+            "records": self.records,
+            "config": self.stored_config(),
+            "rank_states": self._rank_states,
+            "stages": {"starts": self.starts, "optimizers": [s["optimizer"] for s in stages],
+                       "schedules": [s["schedule"] for s in stages]},
+        }
+        atomic_write_bytes(self.out / CHECKPOINT, lambda f: torch.save(state, f))
+
+    def load_checkpoint(self, raw: bytes) -> None:
+        state = self._checked if self._checked is not None else self.parse_checkpoint(raw)
+        self._checked = None
+        s = self.plan.stage
+        try:
+            staged, own = state["stages"], state["rank_states"][s]
+            self.model.load_state_dict(state["model"])
+            self.estimator.load_state_dict(state["estimator"])
+            self.optimizer.load_state_dict(staged["optimizers"][s])
+            self.schedule.load_state_dict(staged["schedules"][s])
+            set_global_rng_state(own["rng"])
+            self.estimator.generator.set_state(own["generator"])
+        except Exception as e:  # another model, method or number of stages: torch raises several kinds
+            raise UsageError(f"cannot resume from {self.out / CHECKPOINT}: it does not fit this staged run "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        self.epoch = state["epoch"]
+        self.records = list(state["records"])
+
+
+def train(cfg: TrainConfig, stages: int, split: Sequence[str] | None = None, show_progress: bool | None = None,
+          log_epochs: bool = False) -> list[dict[str, Any]]:
+    """Train (or resume) one staged run in this process (one stage of a torchrun group of `stages` ranks)."""
+    if not distributed.launched_by_torchrun():
+        raise UsageError("--stages: each stage is a process; launch with `bpfree train --stages S`")
+    run = StagedRun(cfg, stages, split, show_progress=False if show_progress is None else show_progress,
+                    log_epochs=log_epochs)
+    records = run.train()
+    distributed.shutdown(run.group)
+    return records
