@@ -337,6 +337,17 @@ def resolve(cfg: TrainConfig, data: Any = None, show_progress: bool | None = Non
     return _resolve_here(cfg, data, show_progress)
 
 
+def resolve_joined(cfg: TrainConfig, data: Any = None, show_progress: bool | None = None) -> distributed.Group:
+    """--lr auto before a run: the run's process group is joined first (launched by torchrun: data-parallel ranks
+    or stages), so rank 0 alone probes and the others take its choice. Returns the group to shut down after the
+    run (LOCAL where none was joined)."""
+    if not cfg.lr_auto:
+        return distributed.LOCAL
+    group, _ = distributed.init_from_env(cfg.device, cfg.dist_timeout)
+    resolve(cfg, data, show_progress, group)
+    return group
+
+
 def _resolve_here(cfg: TrainConfig, data: Any, show_progress: bool | None) -> TrainConfig:
     saved = saved_probe(cfg)
     if saved is not None:  # --resume, or compare / sweep rerunning a folder: the recorded choice, no new probe

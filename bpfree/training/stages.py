@@ -1166,8 +1166,12 @@ def train(cfg: TrainConfig, stages: int, split: Sequence[str] | None = None, sho
     """Train (or resume) one staged run in this process (one stage of a torchrun group of `stages` ranks)."""
     if not distributed.launched_by_torchrun():
         raise UsageError("--stages: each stage is a process; launch with `bpfree train --stages S`")
+    from bpfree.training import lrfind
+
+    group = lrfind.resolve_joined(cfg, None, show_progress)  # --lr auto: stage 0 probes the rule in one process
     run = StagedRun(cfg, stages, split, mode, show_progress=False if show_progress is None else show_progress,
                     log_epochs=log_epochs)
     records = run.train()
     distributed.shutdown(run.group)
+    distributed.shutdown(group)
     return records

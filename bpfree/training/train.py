@@ -362,13 +362,9 @@ def train(
     cfg: TrainConfig, data=None, show_progress: bool | None = None, log_epochs: bool = False
 ) -> list[dict[str, Any]]:
     """Train (or resume) one run; returns all epochs' metrics records (launched by torchrun: data-parallel)."""
-    group = LOCAL
-    if cfg.lr_auto:  # --lr auto: choose the learning rate first (the recorded choice when resuming)
-        from bpfree.training import lrfind  # it builds on this module
+    from bpfree.training import lrfind  # it builds on this module
 
-        # Data-parallel: the group is joined now so that rank 0 alone probes and sends its choice to the others.
-        group, _ = distributed.init_from_env(cfg.device, cfg.dist_timeout)
-        lrfind.resolve(cfg, data, show_progress, group)
+    group = lrfind.resolve_joined(cfg, data, show_progress)  # --lr auto: the rate first (the recorded one on resume)
     run = Run(cfg, data=data, show_progress=show_progress, log_epochs=log_epochs)
     records = run.train()
     distributed.shutdown(run.group)

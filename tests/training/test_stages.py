@@ -55,13 +55,15 @@ RUNS = {
 }
 
 # Pipelined: stage s updates from the error of the batch it ran S-1-s steps before (not the one-process run). Each
-# is trained twice, straight through and stopped after one epoch then resumed: the two must be equal.
+# is trained twice, straight through and stopped after one epoch then resumed: the two must be equal. The split is
+# given: a pipelined run depends on which blocks wait how long, and the balanced split is profiled (timing).
 PIPELINED = {
-    "dfa-pipelined-3": dict(method="dfa", stages=3, mode="pipelined", epochs=3),
+    "dfa-pipelined-3": dict(method="dfa", stages=3, mode="pipelined", epochs=3, split=["3", "5"]),
     # resnet18: blocks of several layers, whose backward needs weights the optimizer has changed since
-    "dfa-pipelined-resnet": dict(method="dfa", **RESNET, mode="pipelined", epochs=3, train_size=128),
+    "dfa-pipelined-resnet": dict(method="dfa", **RESNET, mode="pipelined", epochs=3, train_size=128,
+                                 split=["blocks.4"]),
     "fg-a-pipelined-vit": dict(method="fg-a", model=VIT, model_options={}, mode="pipelined", epochs=3, train_size=128,
-                               method_options={"tangents": 2}),
+                               method_options={"tangents": 2}, split=["encoder.layers.4"]),
 }
 PIPELINED.update({f"{name}-resumed": {**kw, "epochs": 1, "resume_to": 3} for name, kw in PIPELINED.items()})
 ALL = {**RUNS, **PIPELINED}
@@ -218,6 +220,18 @@ def test_a_diverging_stage_writes_failed_json_and_exits_3(tmp_path, data_root, c
     assert code == 3, capsys.readouterr().err
     failed = json.loads((out / "failed.json").read_text())
     assert failed["kind"] == "diverged" and "loss became" in failed["detail"]
+
+
+@pytest.mark.slow
+def test_lr_auto_is_probed_once_before_a_staged_run(tmp_path):
+    """--lr auto with --stages: stage 0 probes the rule (in one process, the whole model), every stage trains at its
+    choice, and config.json records the probe."""
+    out = tmp_path / "run"
+    assert main(["train", "--method", "l-bp", "--data", "digits", "--hidden", "16,16", "--batch-size", "32",
+                 "--epochs", "10", "--lr", "auto", "--out", str(out), "--stages", "2"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    probe = config["lr_probe"]
+    assert config["lr_auto"] and len(probe["grid"]) >= 2 and config["lr"] == probe["choice"]
 
 
 class Skip(torch.nn.Module):
