@@ -52,6 +52,13 @@ def digit_images() -> tuple[torch.Tensor, torch.Tensor]:
     return x[order], y[order]
 
 
+@pytest.fixture(scope="module")
+def digit_split(digit_images) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`digit_images` as 1,400 training and 397 test examples."""
+    x, y = digit_images
+    return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
 @pytest.fixture
 def digits():
     from bpfree.data import load

@@ -11,18 +11,6 @@ from bpfree.models import build as build_model
 from tests.methods.test_feedback_alignment import batch, ce_error, fit_and_score
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    return x[:1400], y[:1400], x[1400:], y[1400:]
-
-
 def tiny_mixer(blocks: int = 2) -> nn.Module:
     """Two blocks on a 2x2 patch grid (so token mixing is present), 2 groups, float64."""
     torch.manual_seed(0)
@@ -93,8 +81,8 @@ def test_local_fa_state_and_contrastive(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["fa", "l-fa", "lg-fa", "dfa"])
-def test_mixer_fa_learns_digits(digits, method: str) -> None:
-    xtr, ytr, xte, yte = digits
+def test_mixer_fa_learns_digits(digit_split, method: str) -> None:
+    xtr, ytr, xte, yte = digit_split
     torch.manual_seed(0)
     net = build_model("localmixer-m1-16", 10, (1, 8, 8), channels=32, groups=4)
     est = build(method, net, seed=0)

@@ -286,16 +286,6 @@ def test_fdfa_feedback_converges_to_jacobian_of_linear_net(fast: bool, dist: str
 # ------------------------------------------------------------------------------------------------- learning
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    return x[:1400], y[:1400], x[1400:], y[1400:]
 
 
 @pytest.mark.parametrize(
@@ -303,8 +293,8 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     [("fa", "fc-bn", {"width": 64}), ("dfa", "fc-bn", {"width": 64}), ("fdfa", "fc-bn", {"width": 64}),
      ("fa", "cnn-small", {}), ("dfa", "cnn-small", {}), ("fdfa", "cnn-small", {})],
 )  # fmt: skip
-def test_learns_digits(digits, method: str, model: str, kw: dict) -> None:
-    xtr, ytr, xte, yte = digits
+def test_learns_digits(digit_split, method: str, model: str, kw: dict) -> None:
+    xtr, ytr, xte, yte = digit_split
     torch.manual_seed(0)
     net = build_model(model, 10, (1, 8, 8), **kw)
     est = build(method, net, seed=0)
