@@ -1,6 +1,6 @@
 #!/bin/bash
 # Seeded runs of 11 rules on the code at REV and on the working tree: every metric but the seconds must match.
-# A refactor that claims to change no numbers is checked with this. Usage: sh benchmarks/same_metrics.sh REV
+# A refactor that claims to change no numbers is checked with this. Usage: bash benchmarks/same_metrics.sh REV
 # (about 5 minutes on one core; digits ships with scikit-learn, so no data set is needed).
 set -u
 REV=${1:?usage: benchmarks/same_metrics.sh REV}
