@@ -47,25 +47,27 @@ from bpfree.errors import UsageError
 from bpfree.memory import measured_step
 from bpfree.methods.base import Estimator, StepResult
 from bpfree.methods.block_local import BlockLocal, BlockLocalFGActivity
-from bpfree.methods.feedback_alignment import DirectFeedbackAlignment
+from bpfree.methods.feedback_alignment import _DirectFeedback
 from bpfree.methods.forward_forward import ScalableFF
+from bpfree.methods.forward_gradient import ForwardGradientActivity
 from bpfree.runfolder import atomic_write_bytes, describe_os_error
 from bpfree.train import CHECKPOINT, CONFIG, Run, TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
 from bpfree.train import rng_state as global_rng_state
 from bpfree.train import set_rng_state as set_global_rng_state
 
-STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block", "dfa")
-# Rules whose blocks learn from the output error: synchronous stages (every stage waits for the last stage's error).
-SYNCHRONOUS = ("dfa",)
+STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block", "dfa", "fdfa", "fg-a")
+# Rules whose blocks learn from the output error: every stage needs the last stage's error (and, for the rules whose
+# tangents run through the whole model, its output tangent), synchronously or a few steps late (pipelined).
+OUTPUT_ERROR_RULES = ("dfa", "fdfa", "fg-a")
+# Rules whose forward-mode tangents cross the stage boundaries beside the activations.
+CARRY_TANGENTS = ("fdfa", "fg-a")
 # One line per rule that refuses --stages, saying why (docs/parallel.md: what is left).
 REFUSED = {
     "bp": "backprop sends gradients back through every stage; its pipeline (torch.distributed.pipelining) is not "
           "wired into --stages yet",
     "fa": "feedback alignment sends errors back through every stage; not wired into --stages yet",
-    "fdfa": "the output's directional derivative and error must reach every stage each step; fdfa's staged modes "
-            "are not built yet (dfa has a synchronous one)",
-    "fg-a": "the loss's directional derivatives must reach every stage each step; not built yet",
-    "fg-w": "the loss's directional derivatives must reach every stage each step; not built yet",
+    "fg-w": "its step differentiates the whole model in one torch.func.jvp under vmap, which a received activation "
+            "and its K tangents cannot enter; use fg-a or lg-fg-w",
     "ff": "hard and readout negatives score through every block, and ff's loss averages all blocks; use sff-block",
 }
 MAX_PENDING_SENDS = 2  # activations a stage may have in flight: bounds its memory, lets it run ahead by this much
@@ -285,15 +287,17 @@ def probe_stubs(estimator: Estimator, plan: StagePlan) -> list[tuple[nn.Module, 
 
     handles = [m.register_forward_hook(record) for m in outside]
     sample = None
+    before = [m for i, b in enumerate(anatomy.blocks) if i < plan.start for m in b.modules]
     if isinstance(estimator, BlockLocalFGActivity):
         sample = estimator.sample
-        handles += _watch_draws(estimator, [m for i, b in enumerate(anatomy.blocks) if i < plan.start
-                                            for m in b.modules], draws)
+        handles += _watch_draws(estimator, before, draws)
     x = example_input(model, anatomy.input_shape)
     try:
         with eval_mode(model), torch.no_grad():
             if isinstance(estimator, ScalableFF) and estimator.split:
                 between.update(_between_shapes(estimator, x))
+            elif isinstance(estimator, ForwardGradientActivity):
+                sample = _watch_activity_draws(estimator, before, draws, x)
             else:
                 model(x)
     finally:
@@ -318,6 +322,39 @@ def _watch_draws(estimator: BlockLocalFGActivity, modules: list[nn.Module],
         handles.append(u.register_forward_hook(lambda _u, _a, out: draws[running[-1]].append(
             _shape_of(out[0] if isinstance(out, tuple) else out))))
     return handles
+
+
+def _watch_activity_draws(estimator: ForwardGradientActivity, modules: list[nn.Module],
+                          draws: dict[nn.Module, list[Shape]], x: torch.Tensor) -> Callable[..., Any]:
+    """fg-a: one activity pass (changing nothing: `restored`) recording, per block module, the tangents drawn for the
+    maps strictly inside it (attention projections included), as numbers per row of the module's input; returns the
+    stub's way of drawing them (the draws depend only on how many numbers are drawn)."""
+    running: list[tuple[nn.Module, int]] = []
+    handles = []
+    for m in modules:
+        handles.append(m.register_forward_pre_hook(
+            lambda m, args, kwargs: running.append((m, _first_tensor(args, kwargs).shape[0])) and None,
+            with_kwargs=True))
+        handles.append(m.register_forward_hook(lambda _m, _a, _o: running.pop() and None))
+    original = estimator._sample_
+
+    def watched(out: torch.Tensor, copies: int = 0) -> torch.Tensor:
+        if running:
+            module, rows = running[-1]
+            draws[module].append(((out.numel() // rows,), out.dtype))
+        return original(out, copies)
+
+    estimator._sample_ = watched  # type: ignore[method-assign]
+    try:
+        with restored(estimator):
+            estimator._new_step()
+            mods, loose = estimator._perturbed_maps()
+            estimator._activity_pass(x, mods, loose, estimator._readout_module(), lambda _rec: None, dual=True)
+    finally:
+        del estimator._sample_
+        for h in handles:
+            h.remove()
+    return lambda shape, like: original(torch.empty(shape, dtype=like.dtype, device=like.device))
 
 
 def _between_shapes(estimator: ScalableFF, x: torch.Tensor) -> dict[nn.Module, list[Shape]]:
@@ -390,6 +427,15 @@ class Link:
         self.idle += time.perf_counter() - start
         return buf
 
+    def share_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The last stage's `tensor` on every stage (a broadcast; the wait counts as idle)."""
+        buf = tensor.detach().contiguous().clone()
+        start = time.perf_counter()
+        self.group._call("broadcast", dist.broadcast, buf, len(self.plan.starts) - 1)
+        self.idle += time.perf_counter() - start
+        self.sent += buf.numel() * buf.element_size() if self.plan.last else 0
+        return buf
+
     def _wait_oldest(self) -> None:
         _, work = self.pending.pop(0)
         start = time.perf_counter()
@@ -415,26 +461,54 @@ class ProbeLink:
     def recv(self, like: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(like) if self.incoming is None else self.incoming
 
+    def share_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def in_dual_pass() -> bool:
+    """Whether a forward-mode pass is running (a `fwad.dual_level` is open): tangents then travel with the
+    activations."""
+    return fwad._current_level >= 0
+
 
 @contextmanager
 def running_stage(estimator: Estimator, plan: StagePlan, link: Link | ProbeLink,
-                  stubs: list[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+                  stubs: list[tuple[nn.Module, Callable[..., Any]]], carry_tangents: bool = False) -> Iterator[None]:
     """While active, the model's forward is stage `plan.stage`'s: blocks outside it stubbed, the previous block's
     output received, the stage's last block's output sent. Registered before the rule's own boundary hooks (which
-    the rule adds inside `step`), so they run after these and see the true values."""
+    the rule adds inside `step`), so they run after these and see the true values.
+
+    `carry_tangents` (fdfa, fg-a): in a forward-mode pass the boundary's tangent travels beside it (zeros where it
+    has none yet: adding them changes nothing), and every stage's model output takes the last stage's tangent, the
+    output's directional derivative ẏ that the rule turns into its update."""
     blocks = estimator.anatomy.blocks
 
     def receive(_m: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
-        return link.recv(like=out)
+        primal = link.recv(like=fwad.unpack_dual(out).primal)
+        if carry_tangents and in_dual_pass():
+            return fwad.make_dual(primal, link.recv(like=primal))
+        return primal
 
     def send(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
-        link.send(fwad.unpack_dual(out).primal.detach())
+        primal, tangent = fwad.unpack_dual(out)
+        link.send(primal.detach())
+        if carry_tangents and in_dual_pass():
+            link.send(torch.zeros_like(primal) if tangent is None else tangent.detach())
+
+    def output_tangent(_m: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor | None:
+        if not in_dual_pass():
+            return None
+        primal, tangent = fwad.unpack_dual(out)
+        mine = torch.zeros_like(primal) if tangent is None else tangent.detach()
+        return fwad.make_dual(primal, link.share_from_last(mine))
 
     handles = []
     if plan.start > 0:
         handles.append(blocks[plan.start - 1].exit.register_forward_hook(receive))
     if not plan.last:
         handles.append(blocks[plan.stop - 1].exit.register_forward_hook(send))
+    if carry_tangents:
+        handles.append(estimator.model.register_forward_hook(output_tangent))
     try:
         with forwards_replaced(stubs):
             yield
@@ -615,9 +689,12 @@ class StagedRun(Run):
         super()._build(data)
         cfg, est = self.cfg, self.estimator
         est.group = distributed.LOCAL  # not data-parallel: every stage draws the one-process random numbers
-        if isinstance(est, DirectFeedbackAlignment):
-            est.fast = None  # the hand-written MLP path runs no model forward; stages need the model's own
-        if not isinstance(est, (BlockLocal, ScalableFF, DirectFeedbackAlignment)) or \
+        # The hand-written MLP paths run no model forward; stages need the model's own (same numbers for dfa)
+        if isinstance(est, _DirectFeedback):
+            est.fast = None
+        if isinstance(est, ForwardGradientActivity):
+            est.chain = None
+        if not isinstance(est, (BlockLocal, ScalableFF, _DirectFeedback, ForwardGradientActivity)) or \
                 methods.fast_path(cfg.method, self.model) is not None:
             raise UsageError(f"--stages: {cfg.method} on {type(self.model).__name__} runs a model-specific fast "
                              "path without block hooks; it cannot be staged")
@@ -648,8 +725,34 @@ class StagedRun(Run):
         before training (the received activation stood in by zeros, nothing sent): the profiler is not run while
         gloo's threads move tensors."""
         x, y = next(iter(self.data.train_batches(self.cfg.batch_size, torch.Generator().manual_seed(0))))
-        with restored(self.estimator), running_stage(self.estimator, self.plan, ProbeLink(None), self.stubs):
+        with restored(self.estimator), running_stage(self.estimator, self.plan, ProbeLink(None), self.stubs,
+                                                     self.carry_tangents), self._own_updates_only():
             return measured_step(self.estimator, x.to(self.device), y.to(self.device))[1]
+
+    @property
+    def carry_tangents(self) -> bool:
+        return self.cfg.method in CARRY_TANGENTS
+
+    @contextmanager
+    def _own_updates_only(self) -> Iterator[None]:
+        """fg-a: a perturbed map whose parameters another stage owns is not turned into gradients here (its VJP
+        would run through a stub); the others are formed exactly as in one process."""
+        est = self.estimator
+        if not isinstance(est, ForwardGradientActivity):
+            yield
+            return
+        mine = {id(p) for p in self.owned_params}
+        original = est._map_grads
+
+        def map_grads(rec: Any, c: torch.Tensor) -> None:
+            if any(id(p) in mine for p in rec.params):
+                original(rec, c)
+
+        est._map_grads = map_grads  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del est._map_grads
 
     def _profile(self) -> list[float]:
         """Each block's step seconds, measured by rank 0 on the first batch and sent to every stage."""
@@ -659,13 +762,15 @@ class StagedRun(Run):
             est = self.estimator
             # dfa's one-pass step runs every block's backward after the whole forward; its recomputing step (the
             # same gradients) runs each block's backward at its boundary, where the profile can time it
+            # (fg-a's likewise forms each map's gradient where the map runs)
             recompute = getattr(est, "recompute", None)
-            if isinstance(est, DirectFeedbackAlignment):
+            recomputes = isinstance(est, (_DirectFeedback, ForwardGradientActivity))
+            if recomputes:
                 est.recompute = True
             try:
                 seconds = profile_blocks(est, x.to(self.device), y.to(self.device))
             finally:
-                if isinstance(est, DirectFeedbackAlignment):
+                if recomputes:
                     est.recompute = recompute
         return json.loads(self.group.broadcast_bytes(json.dumps(seconds).encode()).decode())
 
@@ -710,9 +815,10 @@ class StagedRun(Run):
         self.link.reset()
         start = time.perf_counter()
         with ExitStack() as stack:
-            stack.enter_context(running_stage(self.estimator, self.plan, self.link, self.stubs))
+            stack.enter_context(running_stage(self.estimator, self.plan, self.link, self.stubs, self.carry_tangents))
+            stack.enter_context(self._own_updates_only())
             record_scores = stack.enter_context(self._scores())
-            if isinstance(self.estimator, DirectFeedbackAlignment):
+            if self.cfg.method in OUTPUT_ERROR_RULES:
                 stack.enter_context(shared_output_error(self.estimator, self.link))
             for step, (x, y) in enumerate(islice(self.data.train_batches(cfg.batch_size, generator),
                                                  self.steps_per_epoch)):

@@ -37,6 +37,17 @@ RUNS = {
     "dfa-resnet": dict(method="dfa", **RESNET),
     "dfa-recompute-resnet": dict(method="dfa", **RESNET, method_options={"recompute": True}),
     "dfa-vit": dict(method="dfa", model=VIT, model_options={}),
+    # fdfa and fg-a, synchronous: tangents ride beside the activations; the last stage's output error (and ẏ)
+    # reaches every stage each step. fdfa learns every B from the shared ẏ; fg-a draws the earlier stages' tangents.
+    "fdfa-resnet": dict(method="fdfa", **RESNET),
+    "fdfa-recompute-resnet": dict(method="fdfa", **RESNET, method_options={"recompute": True,
+                                                                          "feedback_timing": "after"}),
+    "fdfa-vit": dict(method="fdfa", model=VIT, model_options={}),
+    "fg-a-resnet": dict(method="fg-a", **RESNET),
+    "fg-a-recompute-resnet": dict(method="fg-a", **RESNET, method_options={"recompute": True}),
+    "fg-a-vit": dict(method="fg-a", model=VIT, model_options={}, method_options={"tangents": 2,
+                                                                                 "aggregation": "orthogonal"}),
+    "fg-a-3": dict(method="fg-a", model=VIT, model_options={}, stages=3),
     "l-bp-3": dict(method="l-bp", stages=3),
     # Stopped after one epoch, resumed to three: must equal three uninterrupted epochs.
     "l-bp-resumed": dict(method="l-bp", epochs=1, resume_to=3),
