@@ -399,6 +399,13 @@ def unit_blocks(estimator: Estimator) -> list[int]:
     return owner
 
 
+def memory_order(t: torch.Tensor) -> list[int]:
+    """The dimensions of `t` from the outermost in memory to the innermost: `t.permute(order)` is contiguous
+    without a copy when `t` is a dense permuted layout (else the plain order, and sending copies)."""
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    return order if t.permute(order).is_contiguous() else list(range(t.dim()))
+
+
 class Link:
     """Point-to-point sends to the next stage and receives from the previous one, with the seconds spent waiting
     (idle) and the bytes sent."""
@@ -413,19 +420,28 @@ class Link:
         self.sent = 0
 
     def send(self, tensor: torch.Tensor) -> None:
-        t = tensor.detach().contiguous()
-        work = self.group._call("isend", dist.isend, t, self.plan.stage + 1)
-        self.pending.append((t, work))
+        """Sends the tensor in its own memory order (a header of its dimension order first), so the next stage
+        gets the strides this stage had: kernels round differently on another layout (a ViT's boundary is a
+        transposed view)."""
+        order = memory_order(tensor)
+        t = tensor.detach().permute(order).contiguous()
+        header = torch.tensor(order, dtype=torch.int64, device=t.device)
+        for part in (header, t):
+            work = self.group._call("isend", dist.isend, part, self.plan.stage + 1)
+            self.pending.append((part, work))
         self.sent += t.numel() * t.element_size()
-        while len(self.pending) > MAX_PENDING_SENDS:
+        while len(self.pending) > 2 * MAX_PENDING_SENDS:
             self._wait_oldest()
 
     def recv(self, like: torch.Tensor) -> torch.Tensor:
-        buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        header = torch.empty(like.dim(), dtype=torch.int64, device=like.device)
         start = time.perf_counter()
+        self.group._call("recv", dist.recv, header, self.plan.stage - 1)
+        order = header.tolist()
+        buf = torch.empty([like.shape[d] for d in order], dtype=like.dtype, device=like.device)
         self.group._call("recv", dist.recv, buf, self.plan.stage - 1)
         self.idle += time.perf_counter() - start
-        return buf
+        return buf.permute([order.index(d) for d in range(like.dim())])
 
     def share_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
         """The last stage's `tensor` on every stage (a broadcast; the wait counts as idle)."""
@@ -694,6 +710,9 @@ class StagedRun(Run):
             est.fast = None
         if isinstance(est, ForwardGradientActivity):
             est.chain = None
+            if est.aggregation == "orthogonal":
+                raise UsageError("--stages: fg-a's orthogonal aggregation projects onto the span of every layer's "
+                                 "tangents, which no one stage sees; use --aggregation mean or sum")
         if not isinstance(est, (BlockLocal, ScalableFF, _DirectFeedback, ForwardGradientActivity)) or \
                 methods.fast_path(cfg.method, self.model) is not None:
             raise UsageError(f"--stages: {cfg.method} on {type(self.model).__name__} runs a model-specific fast "

@@ -2,7 +2,8 @@
 
 Trains each configuration given as JSON in argv[1] (with "stages" and optional "split" and "resume_to") in ONE
 process group, so the two-core test machine pays one start-up for all of them. Rank 0's checkpoint holds the whole
-model. Then it asks for a split naming no block: each rank writes its one-line error to OUT/rank{r}.error.
+model. Then it asks for a split naming no block and for fg-a's orthogonal aggregation: each rank writes its one-line
+error to OUT/rank{r}.error and OUT/rank{r}.error-orthogonal.
 """
 
 import json
@@ -25,9 +26,12 @@ for kw in json.loads(sys.argv[1]):
         StagedRun(TrainConfig(**{**kw, "epochs": resume_to, "resume": True}), stages, split,
                   show_progress=False).train()
 first = {k: v for k, v in json.loads(sys.argv[1])[0].items() if k not in ("stages", "split", "resume_to")}
-try:
-    StagedRun(TrainConfig(**{**first, "out": first["out"] + "-bad"}), 2, ("no.such.block",), show_progress=False)
-except UsageError as e:
-    (Path(first["out"]) / f"rank{dist.get_rank()}.error").write_text(str(e))
+bad = {"": (dict(first), ("no.such.block",)),
+       "-orthogonal": ({**first, "method": "fg-a", "method_options": {"aggregation": "orthogonal"}}, None)}
+for suffix, (kw, split) in bad.items():
+    try:
+        StagedRun(TrainConfig(**{**kw, "out": first["out"] + "-bad" + suffix}), 2, split, show_progress=False)
+    except UsageError as e:
+        (Path(first["out"]) / f"rank{dist.get_rank()}.error{suffix}").write_text(str(e))
 dist.barrier()
 dist.destroy_process_group()

@@ -43,10 +43,9 @@ RUNS = {
     "fdfa-recompute-resnet": dict(method="fdfa", **RESNET, method_options={"recompute": True,
                                                                           "feedback_timing": "after"}),
     "fdfa-vit": dict(method="fdfa", model=VIT, model_options={}),
-    "fg-a-resnet": dict(method="fg-a", **RESNET),
+    "fg-a-resnet": dict(method="fg-a", **RESNET, method_options={"aggregation": "sum"}),
     "fg-a-recompute-resnet": dict(method="fg-a", **RESNET, method_options={"recompute": True}),
-    "fg-a-vit": dict(method="fg-a", model=VIT, model_options={}, method_options={"tangents": 2,
-                                                                                 "aggregation": "orthogonal"}),
+    "fg-a-vit": dict(method="fg-a", model=VIT, model_options={}, method_options={"tangents": 2}),
     "fg-a-3": dict(method="fg-a", model=VIT, model_options={}, stages=3),
     "l-bp-3": dict(method="l-bp", stages=3),
     # Stopped after one epoch, resumed to three: must equal three uninterrupted epochs.
@@ -118,6 +117,7 @@ def test_bad_split_is_one_line_on_every_stage(staged_runs):
     first = staged_runs / next(iter(RUNS))
     for r in (0, 1):
         assert "--stage-split: 'no.such.block' is not a block" in (first / f"rank{r}.error").read_text()
+        assert "fg-a's orthogonal aggregation projects" in (first / f"rank{r}.error-orthogonal").read_text()
 
 
 def test_balanced_starts():
@@ -129,7 +129,7 @@ def test_balanced_starts():
         balanced_starts([1, 1], 3)
 
 
-@pytest.mark.parametrize("method", ["bp", "fa", "fdfa", "fg-a", "fg-w", "ff"])
+@pytest.mark.parametrize("method", ["bp", "fa", "fg-w", "ff"])
 def test_rules_that_cannot_be_staged_refuse_with_one_line(method, capsys):
     assert main(["train", "--method", method, "--stages", "2", "--data", "digits", "--out", "unused"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
