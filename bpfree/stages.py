@@ -42,10 +42,11 @@ import torch.distributed as dist
 from torch import nn
 
 from bpfree import distributed, methods
+from bpfree import tangents as T
 from bpfree.anatomy import Anatomy, eval_mode, example_input, forwards_replaced
 from bpfree.errors import UsageError
 from bpfree.memory import measured_step
-from bpfree.methods.base import Estimator, StepResult
+from bpfree.methods.base import Estimator, StepResult, zero_missing_grads
 from bpfree.methods.block_local import BlockLocal, BlockLocalFGActivity
 from bpfree.methods.feedback_alignment import _DirectFeedback
 from bpfree.methods.forward_forward import ScalableFF
@@ -61,6 +62,10 @@ STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "
 OUTPUT_ERROR_RULES = ("dfa", "fdfa", "fg-a")
 # Rules whose forward-mode tangents cross the stage boundaries beside the activations.
 CARRY_TANGENTS = ("fdfa", "fg-a")
+# --stage-mode: synchronous (every stage waits for this step's error: the one-process run) or pipelined (stage s
+# applies the error of the batch it ran d = S-1-s steps before, keeping those batches' activations).
+MODES = ("synchronous", "pipelined")
+PIPELINED_RULES = ("dfa", "fg-a")
 # One line per rule that refuses --stages, saying why (docs/parallel.md: what is left).
 REFUSED = {
     "bp": "backprop sends gradients back through every stage; its pipeline (torch.distributed.pipelining) is not "
@@ -73,12 +78,23 @@ REFUSED = {
 MAX_PENDING_SENDS = 2  # activations a stage may have in flight: bounds its memory, lets it run ahead by this much
 
 
-def check_stages(method: str, stages: int, nproc: int, split: Sequence[str] | None) -> None:
+def check_stages(method: str, stages: int, nproc: int, split: Sequence[str] | None,
+                 mode: str = "synchronous", recompute: bool = False) -> None:
     """Refuse what --stages cannot do, before any process starts (one line each)."""
     if stages < 1:
         raise UsageError(f"--stages must be at least 1, got {stages}")
     if split is not None and stages == 1:
         raise UsageError("--stage-split needs --stages 2 or more")
+    if mode not in MODES:
+        raise UsageError(f"--stage-mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode != "synchronous" and stages == 1:
+        raise UsageError("--stage-mode needs --stages 2 or more")
+    if mode == "pipelined" and method not in PIPELINED_RULES:
+        raise UsageError(f"--stage-mode pipelined is for {', '.join(PIPELINED_RULES)} (the local rules never wait "
+                         f"for an error; {method} runs synchronously)")
+    if mode == "pipelined" and recompute:
+        raise UsageError("--stage-mode pipelined keeps each stage's in-flight batches for their late error; "
+                         "--recompute true is for the synchronous mode")
     if stages == 1:
         return
     if nproc > 1:
@@ -413,6 +429,7 @@ class Link:
     def __init__(self, group: distributed.Group, plan: StagePlan):
         self.group, self.plan = group, plan
         self.pending: list[tuple[torch.Tensor, Any]] = []
+        self.late: list[tuple[torch.Tensor, Any]] = []
         self.reset()
 
     def reset(self) -> None:
@@ -452,8 +469,26 @@ class Link:
         self.sent += buf.numel() * buf.element_size() if self.plan.last else 0
         return buf
 
-    def _wait_oldest(self) -> None:
-        _, work = self.pending.pop(0)
+    def send_late(self, tensor: torch.Tensor) -> None:
+        """Pipelined mode, last stage: this step's signal for the earlier stages (dfa: the output error; fg-a: the
+        loss's directional derivatives) to each of them, without waiting; they take it steps later."""
+        t = tensor.detach().contiguous()
+        for s in range(len(self.plan.starts) - 1):
+            self.late.append((t, self.group._call("isend", dist.isend, t, s)))
+            self.sent += t.numel() * t.element_size()
+        while len(self.late) > len(self.plan.starts) * (len(self.plan.starts) + MAX_PENDING_SENDS):
+            self._wait_oldest(self.late)
+
+    def recv_late(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Pipelined mode, an earlier stage: the last stage's next signal (in the order of the batches)."""
+        buf = torch.empty(tuple(shape), dtype=dtype, device=device)
+        start = time.perf_counter()
+        self.group._call("recv", dist.recv, buf, len(self.plan.starts) - 1)
+        self.idle += time.perf_counter() - start
+        return buf
+
+    def _wait_oldest(self, pending: list[tuple[torch.Tensor, Any]] | None = None) -> None:
+        _, work = (self.pending if pending is None else pending).pop(0)
         start = time.perf_counter()
         self.group._call("send", work.wait)
         self.idle += time.perf_counter() - start
@@ -461,6 +496,8 @@ class Link:
     def flush(self) -> None:
         while self.pending:
             self._wait_oldest()
+        while self.late:
+            self._wait_oldest(self.late)
 
 
 class ProbeLink:
@@ -489,14 +526,16 @@ def in_dual_pass() -> bool:
 
 @contextmanager
 def running_stage(estimator: Estimator, plan: StagePlan, link: Link | ProbeLink,
-                  stubs: list[tuple[nn.Module, Callable[..., Any]]], carry_tangents: bool = False) -> Iterator[None]:
+                  stubs: list[tuple[nn.Module, Callable[..., Any]]], carry_tangents: bool = False,
+                  share_output_tangent: bool = True) -> Iterator[None]:
     """While active, the model's forward is stage `plan.stage`'s: blocks outside it stubbed, the previous block's
     output received, the stage's last block's output sent. Registered before the rule's own boundary hooks (which
     the rule adds inside `step`), so they run after these and see the true values.
 
     `carry_tangents` (fdfa, fg-a): in a forward-mode pass the boundary's tangent travels beside it (zeros where it
     has none yet: adding them changes nothing), and every stage's model output takes the last stage's tangent, the
-    output's directional derivative ẏ that the rule turns into its update."""
+    output's directional derivative ẏ that the rule turns into its update (not in the pipelined mode, where the
+    last stage sends on what it made of it)."""
     blocks = estimator.anatomy.blocks
 
     def receive(_m: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
@@ -523,7 +562,7 @@ def running_stage(estimator: Estimator, plan: StagePlan, link: Link | ProbeLink,
         handles.append(blocks[plan.start - 1].exit.register_forward_hook(receive))
     if not plan.last:
         handles.append(blocks[plan.stop - 1].exit.register_forward_hook(send))
-    if carry_tangents:
+    if carry_tangents and share_output_tangent:
         handles.append(estimator.model.register_forward_hook(output_tangent))
     try:
         with forwards_replaced(stubs):
@@ -665,6 +704,37 @@ def shared_output_error(estimator: Estimator, link: Link) -> Iterator[None]:
         del estimator.loss_fn
 
 
+@contextmanager
+def late_signals_sent(estimator: Estimator, link: Link) -> Iterator[None]:
+    """Pipelined mode, last stage: while active, every step's signal for the earlier stages is sent to them as the
+    rule makes it (dfa: its output error e; fg-a: the loss's directional derivatives, K x batch)."""
+    if isinstance(estimator, ForwardGradientActivity):
+        original = estimator.directional_derivatives
+
+        def sent(ydot: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+            d = original(ydot, e)
+            link.send_late(d)
+            return d
+
+        estimator.directional_derivatives = sent  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del estimator.directional_derivatives
+        return
+    loss_fn = estimator.loss_fn
+
+    def share(loss: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        link.send_late(e)
+        return loss, e
+
+    estimator.loss_fn = lambda logits, y: _LastStageLoss.apply(logits, y, loss_fn, share)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del estimator.loss_fn
+
+
 # -- the staged run ---------------------------------------------------------------------------------------------
 
 INDEXED = re.compile(r"(\d+)$")
@@ -687,8 +757,10 @@ class StagedRun(Run):
     are of the whole model: at each epoch end the stages exchange the state they own, so every process holds the
     trained model, evaluates a share of the test set, and rank 0 writes one checkpoint for all stages."""
 
-    def __init__(self, cfg: TrainConfig, stages: int, split: Sequence[str] | None = None, **kwargs: Any):
-        self.stages, self.split_given = stages, tuple(split) if split else None
+    def __init__(self, cfg: TrainConfig, stages: int, split: Sequence[str] | None = None,
+                 mode: str = "synchronous", **kwargs: Any):
+        check_stages(cfg.method, stages, 1, split, mode, bool(cfg.method_options.get("recompute")))
+        self.stages, self.split_given, self.mode = stages, tuple(split) if split else None, mode
         self._resume_raw: bytes | None = None
         self._stage_states: list[bytes] | None = None
         super().__init__(cfg, **kwargs)
@@ -807,7 +879,13 @@ class StagedRun(Run):
 
     def stored_config(self) -> dict[str, Any]:
         return {**super().stored_config(), "world_size": 1, "stages": self.stages,
-                "stage_split_given": list(self.split_given) if self.split_given else None}
+                "stage_split_given": list(self.split_given) if self.split_given else None,
+                "stage_mode": self.mode}
+
+    def delay(self, stage: int) -> int:
+        """Steps between a batch's forward on `stage` and the update from its error (pipelined: S-1-stage, the
+        steps the last stage runs behind it)."""
+        return self.stages - 1 - stage if self.mode == "pipelined" else 0
 
     def write_run_folder(self) -> None:
         super().write_run_folder()
@@ -815,6 +893,7 @@ class StagedRun(Run):
         bounds = [*self.starts, len(names)]
         total = sum(self.profile) or 1.0
         config = {**self.stored_config(),
+                  "stage_delays": [self.delay(s) for s in range(self.stages)],
                   "stage_split": [names[a] for a in self.starts[1:]],
                   "stage_blocks": [names[a:b] for a, b in zip(bounds, bounds[1:])],
                   "stage_profile": {"block_seconds": [round(s, 6) for s in self.profile],
@@ -833,22 +912,36 @@ class StagedRun(Run):
         tally = Tally()
         self.link.reset()
         start = time.perf_counter()
+        pipelined = self.mode == "pipelined"
+        delay = self.delay(self.plan.stage)
+        waiting: list[tuple[Any, torch.Size]] = []  # pipelined: batches run forward, their update still to come
         with ExitStack() as stack:
-            stack.enter_context(running_stage(self.estimator, self.plan, self.link, self.stubs, self.carry_tangents))
+            stack.enter_context(running_stage(self.estimator, self.plan, self.link, self.stubs, self.carry_tangents,
+                                              share_output_tangent=not pipelined))
             stack.enter_context(self._own_updates_only())
             record_scores = stack.enter_context(self._scores())
-            if self.cfg.method in OUTPUT_ERROR_RULES:
+            if pipelined and self.plan.last:
+                stack.enter_context(late_signals_sent(self.estimator, self.link))
+            elif self.cfg.method in OUTPUT_ERROR_RULES and not pipelined:
                 stack.enter_context(shared_output_error(self.estimator, self.link))
             for step, (x, y) in enumerate(islice(self.data.train_batches(cfg.batch_size, generator),
                                                  self.steps_per_epoch)):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                self.optimizer.zero_grad(set_to_none=True)
-                result = self.estimator.step(x, y)
-                if self.plan.last and not torch.isfinite(result.loss):
-                    raise self.diverged(f"loss became {result.loss.item()}", step)
-                self.optimizer.step()
-                self.schedule.step()
+                if delay:
+                    kept, result = self._forward_only(x)
+                    waiting.append((kept, x.shape))
+                    if len(waiting) > delay:
+                        self._late_update(*waiting.pop(0))
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    result = self.estimator.step(x, y)
+                    if self.plan.last and not torch.isfinite(result.loss):
+                        raise self.diverged(f"loss became {result.loss.item()}", step)
+                    self.optimizer.step()
+                    self.schedule.step()
                 self._count(tally, result, y, record_scores())
+            while waiting:  # the pipeline drains at the epoch's end: checkpoints hold no batch in flight
+                self._late_update(*waiting.pop(0))
             self.link.flush()
         wall = time.perf_counter() - start
         mine = {"tally": {"loss": tally.loss, "wrong": tally.wrong, "seen": tally.seen, "extras": tally.extras},
@@ -857,6 +950,52 @@ class StagedRun(Run):
         record = self._combine(mine, tally)
         self._share_state()
         return record
+
+    def _forward_only(self, x: torch.Tensor) -> tuple[Any, StepResult]:
+        """Pipelined, a stage before the last: the rule's forward pass of this batch (sending the boundary, with
+        its tangents for fg-a), keeping what the stage's own update will need when the batch's signal comes."""
+        est = self.estimator
+        if isinstance(est, ForwardGradientActivity):
+            est._new_step()  # the tangents' stream, seeded as on every stage
+            est._check_batch_norm()
+            mods, loose = est._perturbed_maps()
+            mine = {id(p) for p in self.owned_params}
+            records: list[Any] = []
+            logits, _, _ = est._activity_pass(
+                x, mods, loose, est._readout_module(),
+                lambda rec: records.append(rec) if any(id(p) in mine for p in rec.params) else None, dual=True)
+            named = dict(self.model.named_parameters())
+            kept: Any = (records, {n: v for n, v in loose.items() if id(named[n]) in mine})
+        else:
+            assert isinstance(est, _DirectFeedback)
+            outs, _, logits, _ = est._forward_generic(x)
+            if est.feedback is None:
+                est.feedback = est.init_feedback(outs, logits.shape[1])
+            kept = ([(i, o) for i, o in enumerate(outs) if o.requires_grad], logits.shape[1], logits.dtype)
+        return kept, StepResult(torch.zeros(()), logits.detach())
+
+    def _late_update(self, kept: Any, shape: torch.Size) -> None:
+        """Pipelined: the oldest waiting batch's update, from the signal the last stage sent for it."""
+        est, rows = self.estimator, shape[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(est, ForwardGradientActivity):
+            records, loose = kept
+            d = self.link.recv_late((est.K, rows), torch.float32, self.device)
+            c = T.coefficients(d, est.aggregation, None, 1)
+            for rec in records:
+                est._map_grads(rec, c)
+            named = dict(self.model.named_parameters())
+            for n, v in loose.items():
+                named[n].grad = c.sum().to(v.dtype) * v
+        else:
+            assert isinstance(est, _DirectFeedback) and est.feedback is not None
+            outs, classes, dtype = kept
+            e = self.link.recv_late((rows, classes), dtype, self.device)
+            for i, out in reversed(outs):  # last block first, as the rule's own step
+                torch.autograd.backward(out, (e @ est.feedback[i]).view_as(out))
+        zero_missing_grads(est.trainable())
+        self.optimizer.step()
+        self.schedule.step()
 
     @contextmanager
     def _scores(self) -> Iterator[Callable[[], torch.Tensor | None]]:
@@ -993,11 +1132,11 @@ class StagedRun(Run):
 
 
 def train(cfg: TrainConfig, stages: int, split: Sequence[str] | None = None, show_progress: bool | None = None,
-          log_epochs: bool = False) -> list[dict[str, Any]]:
+          log_epochs: bool = False, mode: str = "synchronous") -> list[dict[str, Any]]:
     """Train (or resume) one staged run in this process (one stage of a torchrun group of `stages` ranks)."""
     if not distributed.launched_by_torchrun():
         raise UsageError("--stages: each stage is a process; launch with `bpfree train --stages S`")
-    run = StagedRun(cfg, stages, split, show_progress=False if show_progress is None else show_progress,
+    run = StagedRun(cfg, stages, split, mode, show_progress=False if show_progress is None else show_progress,
                     log_epochs=log_epochs)
     records = run.train()
     distributed.shutdown(run.group)

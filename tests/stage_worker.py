@@ -21,11 +21,13 @@ torch.set_num_threads(1)
 dist.init_process_group("gloo")
 for kw in json.loads(sys.argv[1]):
     stages, split, resume_to = kw.pop("stages"), kw.pop("split", None), kw.pop("resume_to", None)
-    StagedRun(TrainConfig(**kw), stages, split, show_progress=False).train()
+    mode = kw.pop("mode", "synchronous")
+    StagedRun(TrainConfig(**kw), stages, split, mode, show_progress=False).train()
     if resume_to:  # stopped after its epochs, then resumed to `resume_to` epochs
-        StagedRun(TrainConfig(**{**kw, "epochs": resume_to, "resume": True}), stages, split,
+        StagedRun(TrainConfig(**{**kw, "epochs": resume_to, "resume": True}), stages, split, mode,
                   show_progress=False).train()
-first = {k: v for k, v in json.loads(sys.argv[1])[0].items() if k not in ("stages", "split", "resume_to")}
+first = {k: v for k, v in json.loads(sys.argv[1])[0].items()
+         if k not in ("stages", "split", "resume_to", "mode")}
 bad = {"": (dict(first), ("no.such.block",)),
        "-orthogonal": ({**first, "method": "fg-a", "method_options": {"aggregation": "orthogonal"}}, None)}
 for suffix, (kw, split) in bad.items():

@@ -46,16 +46,26 @@ RUNS = {
     "fg-a-resnet": dict(method="fg-a", **RESNET, method_options={"aggregation": "sum"}),
     "fg-a-recompute-resnet": dict(method="fg-a", **RESNET, method_options={"recompute": True}),
     "fg-a-vit": dict(method="fg-a", model=VIT, model_options={}, method_options={"tangents": 2}),
-    "fg-a-3": dict(method="fg-a", model=VIT, model_options={}, stages=3),
+    "fg-a-3": dict(method="fg-a", model=VIT, model_options={}, stages=3, train_size=128),
     "l-bp-3": dict(method="l-bp", stages=3),
     # Stopped after one epoch, resumed to three: must equal three uninterrupted epochs.
     "l-bp-resumed": dict(method="l-bp", epochs=1, resume_to=3),
     "sff-resumed": dict(method="sff-block", epochs=1, resume_to=3),
 }
 
+# Pipelined: stage s updates from the error of the batch it ran S-1-s steps before (not the one-process run). Each
+# is trained twice, straight through and stopped after one epoch then resumed: the two must be equal.
+PIPELINED = {
+    "dfa-pipelined-3": dict(method="dfa", stages=3, mode="pipelined", epochs=3),
+    "fg-a-pipelined-vit": dict(method="fg-a", model=VIT, model_options={}, mode="pipelined", epochs=3, train_size=128,
+                               method_options={"tangents": 2}),
+}
+PIPELINED.update({f"{name}-resumed": {**kw, "epochs": 1, "resume_to": 3} for name, kw in PIPELINED.items()})
+ALL = {**RUNS, **PIPELINED}
+
 
 def config(name: str, out: Path, root: Path) -> dict:
-    return {"stages": 2, **BASE, **RUNS[name], "out": str(out / name), "data_root": str(root)}
+    return {"stages": 2, **BASE, **ALL[name], "out": str(out / name), "data_root": str(root)}
 
 
 def one_process(cfg: dict, out: Path) -> dict:
@@ -69,8 +79,8 @@ def one_process(cfg: dict, out: Path) -> dict:
 def staged_runs(tmp_path_factory, data_root):
     """RUNS trained once on stages (one process group per stage count, one start-up each)."""
     out = tmp_path_factory.mktemp("stages")
-    for world in sorted({config(n, out, data_root)["stages"] for n in RUNS}):
-        configs = [config(n, out, data_root) for n in RUNS if config(n, out, data_root)["stages"] == world]
+    for world in sorted({config(n, out, data_root)["stages"] for n in ALL}):
+        configs = [config(n, out, data_root) for n in ALL if config(n, out, data_root)["stages"] == world]
         procs = start_ranks([sys.executable, str(WORKER), json.dumps(configs)], world=world,
                             stderr=subprocess.PIPE, text=True)
         for p in procs:
@@ -95,6 +105,29 @@ def test_stages_equal_one_process(staged_runs, data_root, tmp_path, name):
         for key in a:
             if key not in ("seconds", "peak_memory_mb"):
                 assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["epoch"], key)
+
+
+@pytest.mark.parametrize("name", [n for n in PIPELINED if not n.endswith("-resumed")])
+def test_pipelined_is_deterministic_and_resumes_exactly(staged_runs, name):
+    straight = torch.load(staged_runs / name / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(staged_runs / f"{name}-resumed" / "checkpoint.pt", weights_only=True)
+    assert straight["epoch"] == resumed["epoch"] == 3
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    for a, b in zip(straight["records"], resumed["records"]):
+        for key in ("train_loss", "train_error", "test_loss", "test_error"):
+            assert b[key] == a[key], (a["epoch"], key)
+    config_json = json.loads((staged_runs / name / "config.json").read_text())
+    stages = config_json["stages"]
+    assert config_json["stage_mode"] == "pipelined"
+    assert config_json["stage_delays"] == list(range(stages - 1, -1, -1))
+
+
+def test_pipelined_differs_from_synchronous(staged_runs):
+    """The delay is real: pipelined dfa on three stages is not the synchronous (= one-process) run."""
+    pipelined = read_metrics(staged_runs / "dfa-pipelined-3" / "metrics.jsonl")
+    synchronous = read_metrics(staged_runs / "dfa" / "metrics.jsonl")
+    assert pipelined[0]["train_loss"] != synchronous[0]["train_loss"]
 
 
 def test_staged_metrics_and_config(staged_runs):

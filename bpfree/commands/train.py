@@ -227,6 +227,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage-split", default=None, metavar="NAME,...",
                         help="with --stages S: the blocks that begin stages 2..S (default: balanced from a short "
                              "profile of each block's step time)")
+    parser.add_argument("--stage-mode", default="synchronous", choices=stages.MODES,
+                        help="with --stages and dfa / fg-a: synchronous (every stage waits for the step's output "
+                             "error: the one-process run) or pipelined (stage s updates from the error of the batch "
+                             "it ran S-1-s steps before; no stage waits)")
     parser.add_argument("--memory-report", action="store_true",
                         help="after training, measure bp's activation peak on the same model and batch and print it "
                              "beside the rule's (peak_memory_mb)")
@@ -236,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     check_nproc(args.nproc, args.device)
     distributed.check_timeout(args.dist_timeout)
     split = stages.parse_split(args.stage_split)
-    stages.check_stages(args.method, args.stages, args.nproc, split)
+    stages.check_stages(args.method, args.stages, args.nproc, split, args.stage_mode)
     if args.stages > 1 and not distributed.launched_by_torchrun():
         check_nproc(args.stages, args.device)
         return distributed.launch(args.stages, getattr(args, "argv", sys.argv[1:]), title="staged run")
@@ -246,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{run_name(args)}"
     cfg = config_from_args(args, out=out)
     if args.stages > 1:
-        records = stages.train(cfg, args.stages, split, log_epochs=True)
+        records = stages.train(cfg, args.stages, split, log_epochs=True, mode=args.stage_mode)
     else:
         records = train(cfg, log_epochs=True)
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports for the data-parallel run

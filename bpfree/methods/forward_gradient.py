@@ -498,7 +498,7 @@ class ForwardGradientActivity(_ForwardGradient):
                 "exact_readout: the model's last Linear does not produce the logits; pass --exact-readout false"
             )
         loss, e = output_error(self, logits, y)
-        d = torch.einsum("kbc,bc->kb", ydot, e.reshape(x.shape[0], -1))
+        d = self.directional_derivatives(ydot, e.reshape(x.shape[0], -1))
         c = T.coefficients(d, self.aggregation, gram[0], gram[1] or 1)
         if replay is not None:
             # Second primal pass, same randomness and buffers: each map's input and tangents come back, its
@@ -515,6 +515,11 @@ class ForwardGradientActivity(_ForwardGradient):
         if readout is not None:
             self._readout_grads(readout, readout_io["in"].reshape(-1, readout.in_features), e)
         return loss, logits
+
+    def directional_derivatives(self, ydot: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """The loss's directional derivative per copy and example, [K, B], from the output tangents [K, B, C] and
+        the output error [B, C] (block-parallel stages send it on from here)."""
+        return torch.einsum("kbc,bc->kb", ydot, e)
 
     def _check_batch_norm(self) -> None:
         if (
