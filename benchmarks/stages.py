@@ -3,13 +3,15 @@ limit, and backprop's pipeline (torch.distributed.pipelining) on the same two st
 
     BPFREE_DATA=/work/data PYTHONPATH=. python benchmarks/stages.py --model resnet18 --rules l-bp,sff-block,lg-fg-a
     BPFREE_DATA=/work/data PYTHONPATH=. python benchmarks/stages.py --model vit --rules l-bp,sff-block,lg-fg-a
+    BPFREE_DATA=/work/data PYTHONPATH=. python benchmarks/stages.py --model resnet18 --rules dfa,fg-a \
+        --modes synchronous,pipelined --skip-bp --tag _pipelined
 
 Every process runs one thread. Per rule it times one training epoch of `--train-size` CIFAR-10 images (`seconds`
 in metrics.jsonl: the epoch's training, not start-up or evaluation):
 - one: the rule in one process;
 - pair: two independent copies of `one` started together; their summed throughput over `one`'s is this machine's
   two-process limit (the most two processes can give, contention included);
-- staged: `--stages 2` (balanced split).
+- staged: `--stages 2` (balanced split), once per `--modes` value (`--stage-mode`).
 Then bp through torch.distributed.pipelining on the staged l-bp run's split: GPipe and 1F1B, 2/4/8 micro-batches,
 the same batches (random CIFAR-shaped tensors: the schedule's speed does not depend on the values), best of them.
 Writes a JSON file and prints a markdown table. The machine may be shared: compare numbers of one invocation only.
@@ -40,8 +42,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=8, help="bp pipeline: timed steps (after one warm-up)")
+    p.add_argument("--modes", default="synchronous",
+                   help="--stage-mode values to time each rule's 2 stages in (pipelined: dfa and fg-a)")
     p.add_argument("--skip-bp", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stages"))
+    p.add_argument("--tag", default="", help="appended to the result file's name (MODEL{TAG}.json)")
     return p.parse_args(argv)
 
 
@@ -63,18 +68,29 @@ def finish(proc: subprocess.Popen, out: Path) -> dict:
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
 
 
-def time_rule(args: argparse.Namespace, rule: str, work: Path) -> dict:
-    n = args.train_size
+def time_rule(args: argparse.Namespace, rule: str, work: Path) -> list[dict]:
+    """One row per --modes value; the one-process run and the limit are timed once, just before the staged runs."""
     one = finish(start(command(args, rule, work / f"{rule}-one")), work / f"{rule}-one")
     pair_procs = [start(command(args, rule, work / f"{rule}-pair{i}")) for i in range(2)]
     pair = [finish(p, work / f"{rule}-pair{i}") for i, p in enumerate(pair_procs)]
-    staged = finish(start(command(args, rule, work / f"{rule}-staged", "--stages", "2")), work / f"{rule}-staged")
-    config = json.loads((work / f"{rule}-staged" / "config.json").read_text())
+    rows = []
+    for mode in args.modes.split(","):
+        staged_out = work / f"{rule}-staged-{mode}"
+        staged = finish(start(command(args, rule, staged_out, "--stages", "2", "--stage-mode", mode)), staged_out)
+        rows.append(staged_row(args, rule, mode, one, pair, staged, staged_out))
+    return rows
+
+
+def staged_row(args: argparse.Namespace, rule: str, mode: str, one: dict, pair: list[dict], staged: dict,
+               staged_out: Path) -> dict:
+    n = args.train_size
+    config = json.loads((staged_out / "config.json").read_text())
     one_ips = n / one["seconds"]
     limit = sum(n / r["seconds"] for r in pair) / one_ips
     speedup = (n / staged["seconds"]) / one_ips
     return {
-        "rule": rule, "one_images_per_s": one_ips, "pair_seconds": [r["seconds"] for r in pair],
+        "rule": rule if mode == "synchronous" else f"{rule} ({mode})", "mode": mode,
+        "one_images_per_s": one_ips, "pair_seconds": [r["seconds"] for r in pair],
         "limit": limit, "staged_images_per_s": n / staged["seconds"], "speedup": speedup,
         "share_of_limit": speedup / limit, "stage_split": config["stage_split"],
         "stage_share_profiled": config["stage_profile"]["stage_share"],
@@ -177,14 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for rule in args.rules.split(","):
-            row = time_rule(args, rule, work)
-            results["rules"].append(row)
-            print(json.dumps(row), flush=True)
+            for row in time_rule(args, rule, work):
+                results["rules"].append(row)
+                print(json.dumps(row), flush=True)
         if not args.skip_bp:
             split = results["rules"][0]["stage_split"][0]
             results["bp_pipeline"] = time_bp(args, split, work)
             print(json.dumps(results["bp_pipeline"]), flush=True)
-    (out / f"{args.model}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{args.model}{args.tag}.json").write_text(json.dumps(results, indent=2))
     print(table(results))
     return 0
 
