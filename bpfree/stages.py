@@ -32,7 +32,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any
 
@@ -52,7 +52,16 @@ from bpfree.methods.feedback_alignment import _DirectFeedback
 from bpfree.methods.forward_forward import ScalableFF
 from bpfree.methods.forward_gradient import ForwardGradientActivity
 from bpfree.runfolder import atomic_write_bytes, describe_os_error
-from bpfree.train import CHECKPOINT, CONFIG, Run, TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
+from bpfree.train import (
+    CHECKPOINT,
+    CONFIG,
+    Run,
+    TrainConfig,
+    lr_multipliers_by_id,
+    make_optimizer,
+    make_schedule,
+    record_failure,
+)
 from bpfree.train import rng_state as global_rng_state
 from bpfree.train import set_rng_state as set_global_rng_state
 
@@ -936,7 +945,11 @@ class StagedRun(Run):
                     self.optimizer.zero_grad(set_to_none=True)
                     result = self.estimator.step(x, y)
                     if self.plan.last and not torch.isfinite(result.loss):
-                        raise self.diverged(f"loss became {result.loss.item()}", step)
+                        error = self.diverged(f"loss became {result.loss.item()}", step)
+                        if not self.group.is_main:  # the stage that saw it says so (the others lose a peer)
+                            record_failure(self.out, asdict(cfg), "diverged", f"diverged at epoch {self.epoch + 1}",
+                                           str(error))
+                        raise error
                     self.optimizer.step()
                     self.schedule.step()
                 self._count(tally, result, y, record_scores())

@@ -201,6 +201,16 @@ def test_killed_stage_stops_the_other_then_resume_continues(tmp_path, data_root)
             assert b[key] == pytest.approx(a[key], rel=1e-6), (a["epoch"], key)
 
 
+def test_a_diverging_stage_writes_failed_json_and_exits_3(tmp_path, data_root, capsys):
+    """The last stage sees the loss become NaN: it writes failed.json (as one process does) and the run exits 3."""
+    out = tmp_path / "run"
+    code = main(["train", "--method", "l-bp", "--data", "mnist", "--data-root", str(data_root), "--hidden", "16,16",
+                 "--optimizer", "sgd", "--lr", "1e30", "--epochs", "2", "--out", str(out), "--stages", "2"])
+    assert code == 3, capsys.readouterr().err
+    failed = json.loads((out / "failed.json").read_text())
+    assert failed["kind"] == "diverged" and "loss became" in failed["detail"]
+
+
 class Skip(torch.nn.Module):
     """Three blocks; block 0's output also skips past blocks 1 and 2 to the readout."""
 
