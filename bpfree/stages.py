@@ -981,7 +981,15 @@ class StagedRun(Run):
             kept: Any = (records, {n: v for n, v in loose.items() if id(named[n]) in mine})
         else:
             assert isinstance(est, _DirectFeedback)
-            outs, _, logits, _ = est._forward_generic(x)
+            # The optimizer changes the weights in place before this batch's update: the update is formed at the
+            # weights its forward used (autograd keeps copies of the stage's weights it saves for the backward).
+            storages = {p.untyped_storage().data_ptr() for p in self.owned_params}
+
+            def stash(t: torch.Tensor) -> torch.Tensor:
+                return t.clone() if t.untyped_storage().data_ptr() in storages else t
+
+            with torch.autograd.graph.saved_tensors_hooks(stash, lambda t: t):
+                outs, _, logits, _ = est._forward_generic(x)
             if est.feedback is None:
                 est.feedback = est.init_feedback(outs, logits.shape[1])
             kept = ([(i, o) for i, o in enumerate(outs) if o.requires_grad], logits.shape[1], logits.dtype)

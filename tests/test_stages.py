@@ -57,6 +57,8 @@ RUNS = {
 # is trained twice, straight through and stopped after one epoch then resumed: the two must be equal.
 PIPELINED = {
     "dfa-pipelined-3": dict(method="dfa", stages=3, mode="pipelined", epochs=3),
+    # resnet18: blocks of several layers, whose backward needs weights the optimizer has changed since
+    "dfa-pipelined-resnet": dict(method="dfa", **RESNET, mode="pipelined", epochs=3, train_size=128),
     "fg-a-pipelined-vit": dict(method="fg-a", model=VIT, model_options={}, mode="pipelined", epochs=3, train_size=128,
                                method_options={"tangents": 2}),
 }
