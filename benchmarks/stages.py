@@ -131,6 +131,13 @@ def pipeline_worker(rank: int, world: int, port: int, model_name: str, split: st
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = build_model(model_name)
+    # gloo sends only contiguous tensors; a ViT's tokens are a transposed view (flatten(2).transpose(1, 2)) all the
+    # way through its encoder, so the stage boundary is made contiguous (traced into the split by the hook)
+    from bpfree.anatomy import describe
+
+    model.input_shape = (3, 32, 32)
+    for block in describe(model).blocks:
+        block.exit.register_forward_hook(lambda _m, _a, out: out.contiguous())
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
     pipe = pipeline(model, mb_args=(x[: batch // micro],), split_spec={split: SplitPoint.BEGINNING})
