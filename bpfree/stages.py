@@ -1,5 +1,5 @@
 """Block-parallel training: `bpfree train --stages S` trains S contiguous groups of a model's blocks at once, one
-process each, on torch.distributed (gloo on CPU, NCCL on CUDA), for the local rules.
+process each, on torch.distributed (gloo on CPU, NCCL on CUDA), for the local rules, dfa, fdfa and fg-a.
 
 Every process builds the same model and the same estimator (same seed: same initialisation, heads, feedback
 matrices and random streams) and runs the rule's own `step` unchanged. What makes a process a *stage* is how the
@@ -14,8 +14,13 @@ model's forward runs while it steps (`running_stage`):
 The local rules learn each block from its detached input, computed before the upstream update, and the optimizers
 are per parameter, so a stage that steps only the parameters it owns while the next stage works on the previous
 batch is *exactly* the one-process run (tests/test_stages.py). Nothing flows back. Each process reads the same
-batches from its own data loader (same shuffle), so only activations travel; labels are read locally. dfa is
-staged synchronously: the last stage's loss and output error reach every stage once per step (`shared_output_error`).
+batches from its own data loader (same shuffle), so only activations travel; labels are read locally.
+
+dfa, fdfa and fg-a learn from the output error. Synchronously (the default), the last stage's loss and output error
+reach every stage once per step (`shared_output_error`); fdfa's and fg-a's tangents ride forward beside the
+activations and the last stage's output tangent is shared at the model's output, so these too equal one process.
+Pipelined (`--stage-mode pipelined`, dfa and fg-a), stage s keeps the batches it ran and updates from the signal the
+last stage sends for each (e, or fg-a's directional derivatives) S-1-s steps later, so no stage waits for it.
 
 Why not the stage modules of `torch.distributed.pipelining.pipeline` (which does split resnet18, the example ViT
 and ResidualCNN and keeps the block names): see docs/parallel.md. In short, the estimators are built on the whole
