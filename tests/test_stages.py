@@ -181,6 +181,12 @@ def test_bad_stage_options_refuse():
         check_stages("l-bp", 1, 1, ("a",))
     with pytest.raises(UsageError, match="at least 1"):
         check_stages("l-bp", 0, 1, None)
+    with pytest.raises(UsageError, match="pipelined is for dfa, fg-a"):
+        check_stages("l-bp", 2, 1, None, "pipelined")
+    with pytest.raises(UsageError, match="--recompute true is for the synchronous mode"):
+        check_stages("dfa", 2, 1, None, "pipelined", recompute=True)
+    with pytest.raises(UsageError, match="--stage-mode needs --stages 2"):
+        check_stages("dfa", 1, 1, None, "pipelined")
 
 
 def test_killed_stage_stops_the_other_then_resume_continues(tmp_path, data_root):
