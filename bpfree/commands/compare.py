@@ -22,8 +22,9 @@ from bpfree.lab.compare import run_all, run_folder
 from bpfree.lab.results import load_run, write_report
 from bpfree.training import recipes
 from bpfree.training.checks import output_folder
+from bpfree.training.config import OPTIMIZERS, SCHEDULES
 from bpfree.training.runfolder import RunLock, parse_json
-from bpfree.training.train import OPTIMIZERS, SCHEDULES, TrainConfig
+from bpfree.training.train import TrainConfig
 
 METHOD_OPTIONS_RULE = (
     "Method options (--tangents, ...) go to every compared method that declares them; methods that do not declare "

@@ -25,21 +25,9 @@ from bpfree import methods, models
 from bpfree.core.errors import DivergedError, UsageError
 from bpfree.lab.results import NOT_SETTINGS
 from bpfree.training import lrfind
-from bpfree.training.runfolder import FolderInUse, read_json
-from bpfree.training.train import (
-    CHECKPOINT,
-    CONFIG,
-    FAILED,
-    METRICS,
-    TrainConfig,
-    load_data,
-    lr_multipliers_by_id,
-    make_optimizer,
-    read_metrics,
-    record_failure,
-    train,
-    with_defaults,
-)
+from bpfree.training.checkpoint import CHECKPOINT, CONFIG, FAILED, METRICS, record_failure, with_defaults
+from bpfree.training.runfolder import FolderInUse, read_json, read_metrics
+from bpfree.training.train import TrainConfig, load_data, lr_multipliers_by_id, make_optimizer, train
 
 
 def run_folder(out: Path, method: str, seed: int) -> Path:

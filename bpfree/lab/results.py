@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.core.errors import UsageError
-from bpfree.training.runfolder import read_json
-from bpfree.training.train import CONFIG, FAILED, METRICS, read_metrics, with_defaults
+from bpfree.training.checkpoint import CONFIG, FAILED, METRICS, with_defaults
+from bpfree.training.runfolder import read_json, read_metrics
 
 # Config fields that do not change what a run computes: runs differing only in these belong to the same row.
 # `recipe` only names where the settings came from; the settings themselves are compared.

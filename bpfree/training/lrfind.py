@@ -42,16 +42,9 @@ from bpfree import methods, models
 from bpfree.core.errors import DivergedError
 from bpfree.data.datasets import VALIDATION_SEED, TensorData
 from bpfree.training import distributed
+from bpfree.training.checkpoint import CHECKPOINT, CONFIG, METRICS
 from bpfree.training.runfolder import RunLock
-from bpfree.training.train import (
-    CHECKPOINT,
-    CONFIG,
-    METRICS,
-    TrainConfig,
-    load_data,
-    lr_multipliers_by_id,
-    make_optimizer,
-)
+from bpfree.training.train import TrainConfig, load_data, lr_multipliers_by_id, make_optimizer
 from bpfree.training.transfer import load_backbone
 
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # Adam's useful range for every rule on the models measured

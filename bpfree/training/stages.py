@@ -58,19 +58,11 @@ from bpfree.methods.feedback_alignment import _DirectFeedback
 from bpfree.methods.forward_forward import ScalableFF
 from bpfree.methods.forward_gradient import ForwardGradientActivity
 from bpfree.training import distributed
-from bpfree.training.checkpoint import record_failure
+from bpfree.training.checkpoint import CHECKPOINT, CONFIG, record_failure
+from bpfree.training.checkpoint import rng_state as global_rng_state
+from bpfree.training.checkpoint import set_rng_state as set_global_rng_state
 from bpfree.training.runfolder import atomic_write_bytes, describe_os_error
-from bpfree.training.train import (
-    CHECKPOINT,
-    CONFIG,
-    Run,
-    TrainConfig,
-    lr_multipliers_by_id,
-    make_optimizer,
-    make_schedule,
-)
-from bpfree.training.train import rng_state as global_rng_state
-from bpfree.training.train import set_rng_state as set_global_rng_state
+from bpfree.training.train import Run, TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
 
 STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block", "dfa", "fdfa", "fg-a")
 # Rules whose blocks learn from the output error: every stage needs the last stage's error (and, for the rules whose

@@ -28,22 +28,15 @@ from bpfree.core.memory import measured_step
 from bpfree.training import distributed
 from bpfree.training.checkpoint import (
     CHECKPOINT,
-    CONFIG,
-    FAILED,
-    METRICS,
     RunFolder,
-    note,
-    record_failure,
     rng_state,
     set_rng_state,
     with_defaults,
 )
-from bpfree.training.config import OPTIMIZERS, SCHEDULES, TrainConfig
-from bpfree.training.runfolder import first_line, read_metrics
+from bpfree.training.config import TrainConfig
+from bpfree.training.runfolder import first_line
 from bpfree.training.transfer import load_backbone
 
-__all__ = ["CHECKPOINT", "CONFIG", "FAILED", "METRICS", "OPTIMIZERS", "SCHEDULES", "Run", "TrainConfig", "note",
-           "read_metrics", "record_failure", "rng_state", "set_rng_state", "train", "with_defaults"]
 
 def make_optimizer(
     cfg: TrainConfig, params: list[torch.nn.Parameter], lr_multipliers: dict[int, float] | None = None

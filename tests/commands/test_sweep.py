@@ -12,7 +12,7 @@ from pathlib import Path
 from bpfree.cli import main
 from bpfree.commands.sweep import Point, choose, nothing_chosen
 from bpfree.lab.results import RunResult
-from bpfree.training.train import read_metrics
+from bpfree.training.runfolder import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model", "mlp", "--hidden", "16", "--data", "digits", "--threads", "1"]  # no recipe flags

@@ -17,7 +17,7 @@ import pytest
 from bpfree import methods
 from bpfree.cli import main
 from bpfree.core.errors import UsageError
-from bpfree.training.train import read_metrics
+from bpfree.training.runfolder import read_metrics
 from tests import compare_helpers
 
 SLOW = compare_helpers.NAME

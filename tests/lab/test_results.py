@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 
 from bpfree.cli import main
-from bpfree.training.train import read_metrics
+from bpfree.training.runfolder import read_metrics
 from tests.lab.test_compare import SLOW, TINY, csv_rows, second_method  # noqa: F401  (second_method: an autouse fixture)
 
 

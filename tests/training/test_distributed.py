@@ -18,7 +18,8 @@ from bpfree import methods, models
 from bpfree.cli import main
 from bpfree.core.group import LOCAL, Group, Shard
 from bpfree.training.distributed import strip_nproc
-from bpfree.training.train import TrainConfig, read_metrics, train
+from bpfree.training.runfolder import read_metrics
+from bpfree.training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("dist_worker.py")

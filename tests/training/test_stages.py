@@ -12,8 +12,9 @@ import torch
 
 from bpfree.cli import main
 from bpfree.core.errors import UsageError
+from bpfree.training.runfolder import read_metrics
 from bpfree.training.stages import STAGED_RULES, balanced_starts, check_stages
-from bpfree.training.train import TrainConfig, read_metrics, train
+from bpfree.training.train import TrainConfig, train
 from tests.training.test_distributed import ROOT, kill_rank_1_after_two_epochs, start_ranks
 
 WORKER = Path(__file__).with_name("stage_worker.py")

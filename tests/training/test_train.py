@@ -15,7 +15,8 @@ import torch
 from bpfree.cli import main
 from bpfree.core.errors import DivergedError
 from bpfree.lab.results import load_run
-from bpfree.training.train import TrainConfig, load_data, read_metrics, train
+from bpfree.training.runfolder import read_metrics
+from bpfree.training.train import TrainConfig, load_data, train
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPARED = ("epoch", "train_loss", "train_error", "test_error", "test_loss", "lr")
