@@ -369,46 +369,33 @@ def parameter_use(model: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple
     return ran, {n: g is not None for (n, _), g in zip(named, grads)}
 
 
-def parameters_without_gradient(model: torch.nn.Module, input_shape: tuple[int, ...]) -> list[str]:
-    """Trainable parameters of modules that run in the model's forward yet get no gradient from its logits: used
-    under torch.no_grad() (or with their result detached). Modules the forward never calls (a local rule's heads)
-    are not counted."""
-    ran, reached = parameter_use(model, input_shape)
-    return [n for n, ok in reached.items() if not ok and n.rpartition(".")[0] in ran]
+def check_parameter_reach(model: torch.nn.Module, method: str, *, forward_mode: bool, layer_calls: bool) -> None:
+    """What a rule needs of the model's forward, from one probe pass (`parameter_use`); refused with one line:
 
-
-def layers_used_functionally(model: torch.nn.Module, input_shape: tuple[int, ...]) -> list[str]:
-    """Layers (Linear, Conv, attention) whose forward never runs, yet whose parameters the logits reach: the model
-    uses their weights directly (`F.linear(x, m.weight)`)."""
-    ran, reached = parameter_use(model, input_shape)
-    # An attention's projections run inside its own forward, which the rules patch (bpfree.core.attention).
-    inside = {f"{name}.{child}" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
-              for child, _ in m.named_modules() if child}
-    return [name for name, m in model.named_modules() if isinstance(m, LAYER_TYPES) and name not in ran
-            and name not in inside and any(reached.get(f"{name}.{n}") for n, _ in m.named_parameters(recurse=False))]
-
-
-def check_layers_called(model: torch.nn.Module, method: str) -> None:
-    """Rules that act on a layer by replacing its forward (feedback alignment's B, activity tangents) cannot reach a
-    layer whose weight the model uses directly: refused, rather than that layer silently learning otherwise."""
+    - `forward_mode` (fg-w, fg-a and their block-local forms): a tangent passes torch.no_grad(), so these rules would
+      train parameters of modules that run yet get no gradient from the logits (used under torch.no_grad(), or
+      detached), as backprop would not. Modules the forward never calls (a local rule's heads) do not count.
+    - `layer_calls` (rules that act on a layer by replacing its forward: feedback alignment's B, activity tangents):
+      a layer (Linear, Conv, attention) whose forward never runs yet whose parameters the logits reach is used
+      through its weight (`F.linear(x, layer.weight)`); the rule would not reach it. An attention's projections run
+      inside its own forward, which the rules patch.
+    """
     shape = getattr(model, "input_shape", None)
-    used = layers_used_functionally(model, tuple(shape)) if shape is not None else []
-    if used:
-        more = f" and {len(used) - 1} more" if len(used) > 1 else ""
-        raise UsageError(f"{method}: the model uses the weight of layer {used[0]!r}{more} directly (e.g. "
-                         "F.linear(x, layer.weight)) instead of calling the layer, which this rule reaches only "
-                         "through its forward; call the layer as a module, or choose bp, dfa, fg-w, l-bp or sff")
-
-
-def check_forward_mode_can_train(model: torch.nn.Module, method: str) -> None:
-    """Forward-mode rules (fg-w, fg-a and their block-local forms) see a tangent through torch.no_grad(), so they
-    would train parameters that the model's forward keeps out of every gradient, as backprop would not: refused."""
-    shape = getattr(model, "input_shape", None)
-    if shape is None:
-        return  # the estimator says the input shape is unknown
-    cut = parameters_without_gradient(model, tuple(shape))
-    if cut:
+    if shape is None or not (forward_mode or layer_calls):
+        return  # without an input shape the estimator says so itself
+    ran, reached = parameter_use(model, tuple(shape))
+    cut = [n for n, ok in reached.items() if not ok and n.rpartition(".")[0] in ran]
+    if forward_mode and cut:
         more = f" and {len(cut) - 1} more" if len(cut) > 1 else ""
         raise UsageError(f"{method}: the model's forward gives {cut[0]}{more} no gradient (torch.no_grad() inside "
                          "forward, or unused), which forward mode would train anyway; freeze such parameters with "
                          "requires_grad_(False) instead")
+    inside = {f"{name}.{child}" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+              for child, _ in m.named_modules() if child}
+    used = [name for name, m in model.named_modules() if isinstance(m, LAYER_TYPES) and name not in ran
+            and name not in inside and any(reached.get(f"{name}.{n}") for n, _ in m.named_parameters(recurse=False))]
+    if layer_calls and used:
+        more = f" and {len(used) - 1} more" if len(used) > 1 else ""
+        raise UsageError(f"{method}: the model uses the weight of layer {used[0]!r}{more} directly (e.g. "
+                         "F.linear(x, layer.weight)) instead of calling the layer, which this rule reaches only "
+                         "through its forward; call the layer as a module, or choose bp, dfa, fg-w, l-bp or sff")

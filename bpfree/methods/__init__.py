@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from bpfree.core.anatomy import check_block_names, check_forward_mode_can_train, check_layers_called
+from bpfree.core.anatomy import check_block_names, check_parameter_reach
 from bpfree.core.errors import UsageError
 from bpfree.core.registry import Registry
 from bpfree.methods.base import Estimator, StepResult
@@ -88,11 +88,9 @@ def build(
     extra = {"blocks": tuple(blocks)} if blocks else {}
     if blocks:
         check_block_names(model, tuple(blocks))
-    if name in FORWARD_MODE:
-        check_forward_mode_can_train(model, name)
     # The generic rule asked for beside a fast path (the contract test) is built as it is, to compare what agrees.
-    if getattr(factory, "acts_on_layer_calls", False) and (fast_path or find_fast_path(name, model) is None):
-        check_layers_called(model, name)
+    layer_calls = getattr(factory, "acts_on_layer_calls", False) and (fast_path or find_fast_path(name, model) is None)
+    check_parameter_reach(model, name, forward_mode=name in FORWARD_MODE, layer_calls=layer_calls)
     return factory(model, seed=seed, **extra, **resolved)
 
 
