@@ -96,7 +96,8 @@ def add_setting(parser: argparse.ArgumentParser, name: str, declared: Option, un
     bounds and the default; the bounds themselves are checked by TrainConfig.check."""
     flag = "--" + name.replace("_", "-")
     bounds = f"{declared.bounds()}; " if declared.bounds() else ""
-    default = FROM_RECIPE if recipe else f"default {declared.default}" if declared.default not in (None, False) else ""
+    default = FROM_RECIPE if recipe else f"default {declared.default}" \
+        if declared.default not in (None, False) and "default" not in declared.help else ""
     help_text = f"{declared.help} ({bounds}{default})" if bounds or default else declared.help
     if declared.kind is bool:
         parser.add_argument(flag, action="store_true", help=help_text)
@@ -205,7 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser)
     for name in PROCESS_SETTINGS:
         meta = next(f.metadata for f in fields(TrainConfig) if f.name == name)
-        add_setting(parser, name, meta["option"], meta["unset"] or name == "out", meta["recipe"])
+        add_setting(parser, name, meta["option"], meta["unset"], meta["recipe"])
     parser.add_argument("--nproc", type=int, default=1,
                         help="data-parallel processes on this machine (the same as `torchrun --standalone "
                              "--nproc-per-node N -m bpfree train ...`); each takes 1/N of every batch")

@@ -56,7 +56,8 @@ class TrainConfig:
     batch_size: int = setting(128, "examples per step", minimum=1, recipe=True)
     seed: int = setting(0, "random seed", minimum=0, maximum=2**32 - 1)
     device: str = setting("cpu", "cpu or cuda (cuda:N)", resume_free=True)
-    out: str = setting("runs/latest", "run folder (default runs/METHOD-MODEL-DATA)", resume_free=True)
+    out: str = setting("runs/latest", "run folder (default runs/METHOD-MODEL-DATA)", resume_free=True,
+                       unset=True)
     resume: bool = setting(False, "continue the run in --out from its last checkpoint (an error if --out holds no "
                            "run; a run stopped before its first checkpoint starts again). --epochs may change only "
                            "with --schedule constant, and not below the epochs already trained", resume_free=True)
