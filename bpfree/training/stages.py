@@ -75,10 +75,9 @@ CARRY_TANGENTS = ("fdfa", "fg-a")
 MODES = ("synchronous", "pipelined")
 PIPELINED_RULES = ("dfa", "fg-a")
 # One line per rule that refuses --stages, saying why (docs/parallel.md: what is left).
+# bp and fa send errors back through every stage: they run through PyTorch's pipeline engine (pipeline_bp.py).
+PIPELINE_RULES = ("bp", "fa")
 REFUSED = {
-    "bp": "backprop sends gradients back through every stage; its pipeline (torch.distributed.pipelining) is not "
-          "wired into --stages yet",
-    "fa": "feedback alignment sends errors back through every stage; not wired into --stages yet",
     "fg-w": "its step differentiates the whole model in one torch.func.jvp under vmap, which a received activation "
             "and its K tangents cannot enter; use fg-a or lg-fg-w",
     "ff": "hard and readout negatives score through every block, and ff's loss averages all blocks; use sff-block",
@@ -87,8 +86,12 @@ MAX_PENDING_SENDS = 2  # activations a stage may have in flight: bounds its memo
 
 
 def check_stages(method: str, stages: int, nproc: int, split: Sequence[str] | None,
-                 mode: str = "synchronous", recompute: bool = False) -> None:
-    """Refuse what --stages cannot do, before any process starts (one line each)."""
+                 mode: str = "synchronous", recompute: bool = False, pipeline_given: bool = False) -> None:
+    """Refuse what --stages cannot do, before any process starts (one line each). `pipeline_given`:
+    --microbatches or --pipeline-schedule was given."""
+    if pipeline_given and (stages < 2 or method not in PIPELINE_RULES):
+        raise UsageError("--microbatches and --pipeline-schedule are for bp and fa with --stages 2 or more "
+                         f"(PyTorch's pipeline), not {method} with --stages {stages}")
     if stages < 1:
         raise UsageError(f"--stages must be at least 1, got {stages}")
     if split is not None and stages == 1:
@@ -109,7 +112,7 @@ def check_stages(method: str, stages: int, nproc: int, split: Sequence[str] | No
         raise UsageError("--stages with --nproc (data-parallel replicas of each stage) is not supported yet")
     if method in REFUSED:
         raise UsageError(f"--stages: {method} cannot be staged: {REFUSED[method]}")
-    if method not in STAGED_RULES:
+    if method not in STAGED_RULES and method not in PIPELINE_RULES:
         raise UsageError(f"--stages: {method} cannot be staged (staged rules: {', '.join(STAGED_RULES)})")
     if split is not None and len(split) != stages - 1:
         raise UsageError(f"--stage-split names the first block of stages 2..{stages}: {stages - 1} names, got "
@@ -1161,7 +1164,11 @@ def train(cfg: TrainConfig, stages: int, split: Sequence[str] | None = None, sho
     from bpfree.training import lrfind
 
     group = lrfind.resolve_joined(cfg, None, show_progress)  # --lr auto: stage 0 probes the rule in one process
-    run = StagedRun(cfg, stages, split, mode, show_progress=False if show_progress is None else show_progress,
+    if cfg.method in PIPELINE_RULES:
+        from bpfree.training.pipeline_bp import PipelinedBackpropRun as run_class
+    else:
+        run_class = StagedRun
+    run = run_class(cfg, stages, split, mode, show_progress=False if show_progress is None else show_progress,
                     log_epochs=log_epochs)
     records = run.train()
     distributed.shutdown(run.group)
