@@ -212,7 +212,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--nproc-per-node N -m bpfree train ...`); each takes 1/N of every batch")
     parser.add_argument("--stages", type=int, default=1,
                         help="block-parallel: split the model's blocks into S contiguous stages, one process each, "
-                             "all training at once (local rules; docs/parallel.md)")
+                             "all training at once (bp and fa through PyTorch's pipeline; docs/parallel.md)")
     parser.add_argument("--stage-split", default=None, metavar="NAME,...",
                         help="with --stages S: the blocks that begin stages 2..S (default: balanced from a short "
                              "profile of each block's step time)")
@@ -229,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
     check_nproc(args.nproc, args.device)
     distributed.check_timeout(args.dist_timeout)
     split = stages.parse_split(args.stage_split)
-    stages.check_stages(args.method, args.stages, args.nproc, split, args.stage_mode)
+    stages.check_stages(args.method, args.stages, args.nproc, split, args.stage_mode,
+                        microbatches=args.microbatches, pipeline_schedule=args.pipeline_schedule)
     if args.stages > 1 and not distributed.launched_by_torchrun():
         check_nproc(args.stages, args.device)
         return distributed.launch(args.stages, getattr(args, "argv", sys.argv[1:]), title="staged run")

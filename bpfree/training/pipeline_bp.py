@@ -39,6 +39,7 @@ from bpfree.training.stages import (
     StagedRun,
     StagePlan,
     Tally,
+    check_stages,
     memory_order,
     ownership,
     probe_stubs,
@@ -156,9 +157,7 @@ class PipelinedBackpropRun(StagedRun):
 
     def __init__(self, cfg: TrainConfig, stages: int, split: Any = None, mode: str = "synchronous", **kwargs: Any):
         # Resolved before the run folder is opened: config.json records them, and a resume resolves them alike.
-        if cfg.pipeline_schedule == "1f1b" and cfg.microbatches is not None and cfg.microbatches < stages:
-            raise UsageError(f"--pipeline-schedule 1f1b needs at least as many micro-batches as stages "
-                             f"(--microbatches {cfg.microbatches}, --stages {stages}); use gpipe")
+        check_stages(cfg.method, stages, 1, split, mode, False, cfg.microbatches, cfg.pipeline_schedule)
         cfg.microbatches = cfg.microbatches or DEFAULT_MICROBATCHES
         # 1F1B with fewer micro-batches than stages is GPipe (torch's 1F1B refuses it)
         cfg.pipeline_schedule = cfg.pipeline_schedule or (DEFAULT_SCHEDULE if cfg.microbatches >= stages else "gpipe")

@@ -86,12 +86,16 @@ MAX_PENDING_SENDS = 2  # activations a stage may have in flight: bounds its memo
 
 
 def check_stages(method: str, stages: int, nproc: int, split: Sequence[str] | None,
-                 mode: str = "synchronous", recompute: bool = False, pipeline_given: bool = False) -> None:
-    """Refuse what --stages cannot do, before any process starts (one line each). `pipeline_given`:
-    --microbatches or --pipeline-schedule was given."""
-    if pipeline_given and (stages < 2 or method not in PIPELINE_RULES):
+                 mode: str = "synchronous", recompute: bool = False, microbatches: int | None = None,
+                 pipeline_schedule: str | None = None) -> None:
+    """Refuse what --stages cannot do, before any process starts (one line each). `microbatches`,
+    `pipeline_schedule`: as given (None: not given)."""
+    if (microbatches, pipeline_schedule) != (None, None) and (stages < 2 or method not in PIPELINE_RULES):
         raise UsageError("--microbatches and --pipeline-schedule are for bp and fa with --stages 2 or more "
                          f"(PyTorch's pipeline), not {method} with --stages {stages}")
+    if pipeline_schedule == "1f1b" and microbatches is not None and microbatches < stages:
+        raise UsageError(f"--pipeline-schedule 1f1b needs at least as many micro-batches as stages "
+                         f"(--microbatches {microbatches}, --stages {stages}); use gpipe")
     if stages < 1:
         raise UsageError(f"--stages must be at least 1, got {stages}")
     if split is not None and stages == 1:
