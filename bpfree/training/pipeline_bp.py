@@ -15,9 +15,11 @@ permutes it back, so the next stage computes on the layout one process would.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import asdict
 from itertools import islice
 from typing import Any
 
@@ -196,8 +198,6 @@ class PipelinedBackpropRun(StagedRun):
 
     def _profile(self) -> list[float]:
         """Each block's forward and backward seconds, measured by rank 0 on the first batch, sent to every stage."""
-        import json
-
         seconds: list[float] = []
         if self.group.is_main:
             x, y = next(iter(self.data.train_batches(self.cfg.batch_size, torch.Generator().manual_seed(0))))
@@ -239,8 +239,8 @@ class PipelinedBackpropRun(StagedRun):
         # the engine sends a gradient back for an input that requires one
         return inp.requires_grad_(s > 0), out.requires_grad_()
 
-    def _pipeline(self, rows: int) -> tuple[PipelineStage, Any, int]:
-        """The engine's stage and schedule for a batch of `rows` (one per micro-batch count and size)."""
+    def _pipeline(self, rows: int) -> Any:
+        """The engine's schedule for a batch of `rows` (one stage and schedule per micro-batch count and size)."""
         m = micro_batches(rows, self.cfg.microbatches or 1)
         key = (m, rows // m)
         if key not in self.pipelines:
@@ -251,14 +251,13 @@ class PipelinedBackpropRun(StagedRun):
             for name in ("forward_one_chunk", "backward_one_chunk"):
                 setattr(stage, name, _timed(getattr(stage, name), busy))
             loss_fn = self.estimator.loss_fn
-            # each micro-batch's mean loss, weighted by its share of the batch: the sum is the batch's mean
-            # a batch that runs as fewer micro-batches than stages (the last, say) runs GPipe: 1F1B needs M >= S
+            # A batch that runs as fewer micro-batches than stages (the last, say) runs GPipe: 1F1B needs M >= S.
+            # Each micro-batch's mean loss is weighted by its share of the batch: the gradients sum to the batch's.
             kind = self.cfg.pipeline_schedule if m >= self.stages else "gpipe"
             schedule = SCHEDULES[kind or DEFAULT_SCHEDULE](
                 stage, m, loss_fn=lambda logits, y: loss_fn(logits, y) * (1.0 / m), scale_grads=False)
             self.pipelines[key] = (stage, schedule)
-        stage, schedule = self.pipelines[key]
-        return stage, schedule, m
+        return self.pipelines[key][1]
 
     def _stage_peak(self) -> float:
         """This stage's activation peak (MiB) over one batch as the schedule holds it: the micro-batches it keeps
@@ -268,7 +267,7 @@ class PipelinedBackpropRun(StagedRun):
         rows = self.cfg.batch_size // m
         gpipe = self.cfg.pipeline_schedule == "gpipe" or m < self.stages
         flight = m if gpipe else min(m, self.stages - self.plan.stage)
-        inp, out = self._io(rows)
+        inp, _ = self._io(rows)
         inp = torch.zeros_like(inp).requires_grad_(inp.requires_grad)
 
         def step() -> None:
@@ -294,7 +293,7 @@ class PipelinedBackpropRun(StagedRun):
         for step, (x, y) in enumerate(islice(self.data.train_batches(cfg.batch_size, generator),
                                              self.steps_per_epoch)):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            stage, schedule, m = self._pipeline(len(y))
+            schedule = self._pipeline(len(y))
             self.optimizer.zero_grad(set_to_none=True)
             losses: list[torch.Tensor] = []
             if self.plan.stage == 0:
@@ -309,7 +308,7 @@ class PipelinedBackpropRun(StagedRun):
                 if not torch.isfinite(loss):
                     error = self.diverged(f"loss became {loss.item()}", step)
                     if not self.group.is_main:  # the stage that saw it says so (the others lose a peer)
-                        record_failure(self.out, self._plain_config(), "diverged",
+                        record_failure(self.out, asdict(self.cfg), "diverged",
                                        f"diverged at epoch {self.epoch + 1}", str(error))
                     raise error
                 tally.loss += float(loss) * len(y)
@@ -335,11 +334,6 @@ class PipelinedBackpropRun(StagedRun):
             if not lost_peer(e):
                 raise
             return self.group._call("pipeline step", _reraise, e)
-
-    def _plain_config(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return asdict(self.cfg)
 
     def _sent_bytes(self, rows: int) -> int:
         """Bytes this stage sends per step: its boundary forward, the gradient of the one it received back."""
