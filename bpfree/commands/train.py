@@ -231,16 +231,16 @@ def run(args: argparse.Namespace) -> int:
     split = stages.parse_split(args.stage_split)
     stages.check_stages(args.method, args.stages, args.nproc, split, args.stage_mode,
                         microbatches=args.microbatches, pipeline_schedule=args.pipeline_schedule)
-    if args.stages > 1 and not distributed.launched_by_torchrun():
-        check_nproc(args.stages, args.device)
-        return distributed.launch(args.stages, getattr(args, "argv", sys.argv[1:]), title="staged run")
+    if args.stages > 1 and not distributed.launched_by_torchrun():  # every process sees --nproc: its replicas
+        check_nproc(args.stages * args.nproc, args.device)
+        return distributed.launch(args.stages * args.nproc, getattr(args, "argv", sys.argv[1:]), title="staged run")
     if args.nproc > 1 and not distributed.launched_by_torchrun():
         return distributed.launch(args.nproc, distributed.strip_nproc(getattr(args, "argv", sys.argv[1:])))
     set_threads(args.threads)
     out = args.out or f"runs/{run_name(args)}"
     cfg = config_from_args(args, out=out)
     if args.stages > 1:
-        records = stages.train(cfg, args.stages, split, log_epochs=True, mode=args.stage_mode)
+        records = stages.train(cfg, args.stages, split, log_epochs=True, mode=args.stage_mode, replicas=args.nproc)
     else:
         records = train(cfg, log_epochs=True)
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports for the data-parallel run

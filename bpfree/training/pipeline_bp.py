@@ -37,6 +37,7 @@ from bpfree.methods.base import zero_missing_grads
 from bpfree.methods.bp import Backprop
 from bpfree.methods.feedback_alignment import FeedbackAlignment, feedback_layers
 from bpfree.training.checkpoint import record_failure
+from bpfree.training.stage_replicas import StageReplicas
 from bpfree.training.stages import (
     StagedRun,
     StagePlan,
@@ -183,6 +184,7 @@ class PipelinedBackpropRun(StagedRun):
                              f"({est.blocks_hint()})")
         self.profile = self._profile()
         self.starts = self._choose_starts(anatomy)
+        self.copies = StageReplicas(self.group, self.stages, 1)
         self.plan = StagePlan(self.starts, len(anatomy.blocks), self.group.rank)
         self.stubs = probe_stubs(est, self.plan)
         self.param_owner = ownership(est, self.starts)

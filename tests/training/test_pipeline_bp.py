@@ -18,7 +18,7 @@ from bpfree.training.train import TrainConfig, train
 from tests.training.test_distributed import kill_rank_1_after_two_epochs, start_ranks
 from tests.training.test_stages import BASE, RESNET, VIT
 
-WORKER = Path(__file__).with_name("pipeline_worker.py")
+WORKER = Path(__file__).with_name("stage_run_worker.py")
 # (config, tolerance against one process: 0 = equal bits). BASE: SGD with momentum and weight decay, 200 examples
 # in batches of 64 (the last of 8).
 RUNS = {
