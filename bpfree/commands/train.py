@@ -232,7 +232,10 @@ def run(args: argparse.Namespace) -> int:
     stages.check_stages(args.method, args.stages, args.nproc, split, args.stage_mode,
                         microbatches=args.microbatches, pipeline_schedule=args.pipeline_schedule)
     if args.stages > 1 and not distributed.launched_by_torchrun():  # every process sees --nproc: its replicas
-        check_nproc(args.stages * args.nproc, args.device)
+        try:
+            check_nproc(args.stages * args.nproc, args.device)
+        except UsageError as e:
+            raise UsageError(f"--stages {args.stages} x --nproc {args.nproc} processes: {e}") from None
         return distributed.launch(args.stages * args.nproc, getattr(args, "argv", sys.argv[1:]), title="staged run")
     if args.nproc > 1 and not distributed.launched_by_torchrun():
         return distributed.launch(args.nproc, distributed.strip_nproc(getattr(args, "argv", sys.argv[1:])))
