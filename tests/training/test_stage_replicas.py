@@ -80,3 +80,12 @@ def test_rules_that_need_more_than_the_average_refuse_replicas():
     with pytest.raises(UsageError, match="not bp yet"):
         check_stages("bp", 2, 2, None)
     check_stages("l-bp", 2, 2, None)
+
+
+def test_too_many_processes_name_both_flags(capsys):
+    from bpfree.cli import main
+
+    assert main(["train", "--method", "l-bp", "--stages", "4096", "--nproc", "1", "--data", "digits",
+                 "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--stages 4096 x --nproc 1 processes" in err[0]
