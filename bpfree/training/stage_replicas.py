@@ -16,8 +16,8 @@ import torch.distributed as dist
 from bpfree.core.group import Group, Shard, shard
 
 # Rules whose step needs nothing of the other ranks (the estimator's default gradient average is their whole
-# data-parallel policy): the local rules without seed-shared tangents or a cross-stage prediction.
-REPLICATED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a")
+# data-parallel policy): the local rules without seed-shared tangents.
+REPLICATED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "sff", "sff-block")
 
 
 class StageReplicas:
@@ -59,6 +59,14 @@ class StageReplicas:
             n = t.numel()
             t.copy_(packed[offset:offset + n].view_as(t).to(t.dtype))
             offset += n
+
+    def total(self, count: int) -> int:
+        """`count` summed over the stage's replicas (each has its own rows)."""
+        if self.replicas == 1:
+            return count
+        t = torch.tensor([count], dtype=torch.int64)
+        self.group._call("all_reduce", dist.all_reduce, t, group=self.pg)
+        return int(t.item())
 
     def per_stage(self, everyone: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Every rank's epoch summary (`StagedRun._combine`) merged per stage: tallies summed over the replicas, the

@@ -1109,7 +1109,8 @@ class StagedRun(Run):
             buf = io.BytesIO()
             torch.save(torch.cat(tally.scores), buf)
             shares = [torch.load(io.BytesIO(b), weights_only=True) for b in self.group.all_gather_bytes(buf.getvalue())]
-            wrong = int((torch.stack(shares).sum(0).argmax(1) != torch.cat(tally.labels)).sum())
+            mine = shares[self.copies.replica::self.replicas]  # every stage's share of this replica's rows
+            wrong = self.copies.total(int((torch.stack(mine).sum(0).argmax(1) != torch.cat(tally.labels)).sum()))
         record = {"train_loss": loss, "train_error": 100.0 * wrong / seen, **dict(sorted(extras.items()))}
         for s, stage in enumerate(everyone):
             record[f"stage{s}_busy_seconds"] = stage["wall"] - stage["idle"]

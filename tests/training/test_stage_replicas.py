@@ -23,6 +23,8 @@ RUNS = {
     "lg-bp": dict(method="lg-bp"),
     # per-example noise: each replica draws the whole batch's and keeps its rows
     "lg-fg-a": dict(method="lg-fg-a", method_options={"tangents": 2}),
+    "sff-block": dict(method="sff-block"),
+    "sff-resnet": dict(method="sff", **RESNET, train_size=64, epochs=1),  # layer-wise units inside basic blocks
     "l-bp-resnet": dict(method="l-bp", **RESNET, train_size=64, epochs=1),
     "l-bp-resumed": dict(method="l-bp", epochs=1, resume_to=3),
 }
@@ -45,7 +47,7 @@ def replicated_runs(tmp_path_factory, data_root):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in RUNS if n != "l-bp-resnet"])
+@pytest.mark.parametrize("name", [n for n in RUNS if not n.endswith("-resnet")])
 def test_replicated_stages_equal_one_process(replicated_runs, data_root, tmp_path, name):
     cfg = config(name, replicated_runs, data_root)
     staged = torch.load(replicated_runs / name / "checkpoint.pt", weights_only=True)
@@ -64,19 +66,20 @@ def test_replicated_stages_equal_one_process(replicated_runs, data_root, tmp_pat
 
 
 @pytest.mark.slow
-def test_replicas_of_a_batch_norm_model_train(replicated_runs):
+@pytest.mark.parametrize("name", ["l-bp-resnet", "sff-resnet"])
+def test_replicas_of_a_batch_norm_model_train(replicated_runs, name):
     """Batch norm normalises each replica's rows by their own statistics (as data-parallel ranks do), so a BN model
     is not one process's numbers; it trains, and the replicas agree (one checkpoint, finite metrics)."""
-    state = torch.load(replicated_runs / "l-bp-resnet" / "checkpoint.pt", weights_only=True)
+    state = torch.load(replicated_runs / name / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(v.float()).all() for v in state["model"].values())
-    assert len(state["rank_states"]) == 4
+    assert len(state["rank_states"]) == 4 and 0 <= state["records"][-1]["train_error"] <= 100
 
 
 def test_rules_that_need_more_than_the_average_refuse_replicas():
     with pytest.raises(UsageError, match="--stages with --nproc .* is for l-bp"):
         check_stages("dfa", 2, 2, None)
-    with pytest.raises(UsageError, match="not sff-block yet"):
-        check_stages("sff-block", 2, 2, None)
+    with pytest.raises(UsageError, match="not lg-fg-w yet"):
+        check_stages("lg-fg-w", 2, 2, None)
     with pytest.raises(UsageError, match="not bp yet"):
         check_stages("bp", 2, 2, None)
     check_stages("l-bp", 2, 2, None)
