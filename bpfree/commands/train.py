@@ -209,7 +209,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_setting(parser, name, meta["option"], meta["unset"], meta["recipe"])
     parser.add_argument("--nproc", type=int, default=1,
                         help="data-parallel processes on this machine (the same as `torchrun --standalone "
-                             "--nproc-per-node N -m bpfree train ...`); each takes 1/N of every batch")
+                             "--nproc-per-node N -m bpfree train ...`); each takes 1/N of every batch (with "
+                             "--stages S: N replicas of each stage, S x N processes)")
     parser.add_argument("--stages", type=int, default=1,
                         help="block-parallel: split the model's blocks into S contiguous stages, one process each, "
                              "all training at once (bp and fa through PyTorch's pipeline; docs/parallel.md)")
