@@ -75,9 +75,9 @@ CARRY_TANGENTS = ("fdfa", "fg-a")
 # applies the error of the batch it ran d = S-1-s steps before, keeping those batches' activations).
 MODES = ("synchronous", "pipelined")
 PIPELINED_RULES = ("dfa", "fg-a")
-# One line per rule that refuses --stages, saying why (docs/parallel.md: what is left).
 # bp and fa send errors back through every stage: they run through PyTorch's pipeline engine (pipeline_bp.py).
 PIPELINE_RULES = ("bp", "fa")
+# One line per rule that refuses --stages, saying why (docs/parallel.md: what is left).
 REFUSED = {
     "fg-w": "its step differentiates the whole model in one torch.func.jvp under vmap, which a received activation "
             "and its K tangents cannot enter; use fg-a or lg-fg-w",
@@ -773,9 +773,10 @@ class Tally:
 
 
 class StagedRun(Run):
-    """A `Run` whose process is one stage of `--stages S` (rank r = stage r). Metrics, evaluation and checkpoints
-    are of the whole model: at each epoch end the stages exchange the state they own, so every process holds the
-    trained model, evaluates a share of the test set, and rank 0 writes one checkpoint for all stages."""
+    """A `Run` whose process is one stage of `--stages S` (rank r = stage r; with R replicas, replica r % R of stage
+    r // R). Metrics, evaluation and checkpoints are of the whole model: at each epoch end the stages exchange the
+    state they own, so every process holds the trained model, evaluates a share of the test set, and rank 0 writes
+    one checkpoint for all stages."""
 
     def __init__(self, cfg: TrainConfig, stages: int, split: Sequence[str] | None = None,
                  mode: str = "synchronous", replicas: int = 1, **kwargs: Any):
