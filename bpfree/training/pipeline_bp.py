@@ -47,6 +47,7 @@ from bpfree.training.stages import (
     ownership,
     probe_stubs,
     restored,
+    stage_tensors,
     state_owners,
 )
 from bpfree.training.train import Run, TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
@@ -169,9 +170,9 @@ class PipelinedBackpropRun(StagedRun):
         super().__init__(cfg, stages, split, mode, **kwargs)
 
     def _build(self, data: Any) -> None:
-        if self.group.world_size != self.stages:
-            raise UsageError(f"--stages {self.stages} needs {self.stages} processes; {self.group.world_size} were "
-                             "started (launch with `bpfree train --stages S`)")
+        if self.group.world_size != self.stages * self.replicas:
+            raise UsageError(f"--stages {self.stages} needs {self.stages * self.replicas} processes; "
+                             f"{self.group.world_size} were started (launch with `bpfree train --stages S`)")
         Run._build(self, data)
         cfg, est = self.cfg, self.estimator
         est.group = LOCAL
@@ -184,8 +185,8 @@ class PipelinedBackpropRun(StagedRun):
                              f"({est.blocks_hint()})")
         self.profile = self._profile()
         self.starts = self._choose_starts(anatomy)
-        self.copies = StageReplicas(self.group, self.stages, 1)
-        self.plan = StagePlan(self.starts, len(anatomy.blocks), self.group.rank)
+        self.copies = StageReplicas(self.group, self.stages, self.replicas)
+        self.plan = StagePlan(self.starts, len(anatomy.blocks), self.copies.stage)
         self.stubs = probe_stubs(est, self.plan)
         self.param_owner = ownership(est, self.starts)
         self.owners = state_owners(est, self.starts, self.param_owner)
@@ -194,6 +195,8 @@ class PipelinedBackpropRun(StagedRun):
         self.unit_stage = [self.plan.stage_of(b) for b in range(len(anatomy.blocks))]
         self.optimizer = make_optimizer(cfg, self.owned_params, lr_multipliers_by_id(est))
         self.schedule = make_schedule(cfg, self.optimizer, self.steps_per_epoch)
+        self.owned_buffers = [b for k, b in stage_tensors(est).items() if self.owners.get(k) == self.plan.stage
+                              and b.is_floating_point() and not isinstance(b, nn.Parameter)]
         self.boundaries = self._boundaries()
         self.module = StageModule(est, self.plan, self.stubs, [order for order, _ in self.boundaries])
         self.peak_mb = self._stage_peak()
@@ -248,7 +251,7 @@ class PipelinedBackpropRun(StagedRun):
         if key not in self.pipelines:
             inp, out = self._io(rows // m)
             stage = PipelineStage(self.module, self.plan.stage, self.stages, self.device, input_args=inp,
-                                  output_args=out)
+                                  output_args=out, group=self.copies.pipe)  # this replica's pipeline
             busy = self.busy_seconds
             for name in ("forward_one_chunk", "backward_one_chunk"):
                 setattr(stage, name, _timed(getattr(stage, name), busy))
@@ -292,7 +295,8 @@ class PipelinedBackpropRun(StagedRun):
         busy[0] = 0.0
         sent = 0
         start = time.perf_counter()
-        for step, (x, y) in enumerate(islice(self.data.train_batches(cfg.batch_size, generator),
+        for step, (x, y) in enumerate(islice(self.data.train_batches(cfg.batch_size, generator,
+                                                                     **self.copies.shard_args),
                                              self.steps_per_epoch)):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             schedule = self._pipeline(len(y))
@@ -317,6 +321,10 @@ class PipelinedBackpropRun(StagedRun):
                 tally.wrong += int((logits.argmax(1) != y).sum())
             tally.seen += len(y)
             zero_missing_grads(self.owned_params)
+            rows = self.copies.rows(min(cfg.batch_size, self.data.num_train - step * cfg.batch_size))
+            if rows is not None:  # each replica's pipeline ran its rows: the whole batch's update on every replica
+                self.copies.average_([p.grad for p in self.owned_params], rows.weight)
+                self.copies.average_(self.owned_buffers, rows.weight)
             self.optimizer.step()
             self.schedule.step()
         wall = time.perf_counter() - start

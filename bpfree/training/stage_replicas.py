@@ -16,8 +16,8 @@ import torch.distributed as dist
 from bpfree.core.group import Group, Shard, shard
 
 # Rules whose step needs nothing of the other ranks (the estimator's default gradient average is their whole
-# data-parallel policy): the local rules without seed-shared tangents.
-REPLICATED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "sff", "sff-block")
+# data-parallel policy): the local rules without seed-shared tangents, and bp / fa (each replica its own pipeline).
+REPLICATED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "sff", "sff-block", "bp", "fa")
 
 
 class StageReplicas:
@@ -26,12 +26,17 @@ class StageReplicas:
     def __init__(self, group: Group, stages: int, replicas: int):
         self.group, self.stages, self.replicas = group, stages, replicas
         self.stage, self.replica = divmod(group.rank, replicas)
-        self.pg: Any = None
+        self.pg: Any = None  # the stage's replicas (None: one replica)
+        self.pipe: Any = None  # this replica's copy of every stage (None: the whole world, one replica)
         if replicas > 1:  # every rank makes every group, in the same order (torch.distributed's rule)
             for s in range(stages):
                 pg = dist.new_group([s * replicas + r for r in range(replicas)])
                 if s == self.stage:
                     self.pg = pg
+            for r in range(replicas):
+                pg = dist.new_group([s * replicas + r for s in range(stages)])
+                if r == self.replica:
+                    self.pipe = pg
 
     def peer(self, stage: int) -> int:
         """The rank of this replica's copy of `stage`."""

@@ -24,6 +24,9 @@ RUNS = {
     # per-example noise: each replica draws the whole batch's and keeps its rows
     "lg-fg-a": dict(method="lg-fg-a", method_options={"tangents": 2}),
     "sff-block": dict(method="sff-block"),
+    # bp / fa: each replica runs its own pipeline on its rows (PyTorch's engine on the replica's process group)
+    "bp-m1": dict(method="bp", microbatches=1),
+    "fa-m2-gpipe": dict(method="fa", microbatches=2, pipeline_schedule="gpipe"),
     "sff-resnet": dict(method="sff", **RESNET, train_size=64, epochs=1),  # layer-wise units inside basic blocks
     "l-bp-resnet": dict(method="l-bp", **RESNET, train_size=64, epochs=1),
     "l-bp-resumed": dict(method="l-bp", epochs=1, resume_to=3),
@@ -80,8 +83,9 @@ def test_rules_that_need_more_than_the_average_refuse_replicas():
         check_stages("dfa", 2, 2, None)
     with pytest.raises(UsageError, match="not lg-fg-w yet"):
         check_stages("lg-fg-w", 2, 2, None)
-    with pytest.raises(UsageError, match="not bp yet"):
-        check_stages("bp", 2, 2, None)
+    with pytest.raises(UsageError, match="not fdfa yet"):
+        check_stages("fdfa", 2, 2, None)
+    check_stages("bp", 2, 2, None)
     check_stages("l-bp", 2, 2, None)
 
 
