@@ -11,6 +11,9 @@ back. So the split, the composition check, parameter ownership, metrics, the epo
 A boundary travels in its own memory order (a ViT's tokens are a transposed view, which gloo refuses to send, and
 kernels round differently on another layout): the sender permutes it to the order a probe pass found, the receiver
 permutes it back, so the next stage computes on the layout one process would.
+
+With `--nproc R` (stage_replicas.py) each replica runs its own pipeline over its rows, on the process group of its
+copies of the S stages, and the replicas of a stage average the gradients they own after each step.
 """
 
 from __future__ import annotations
