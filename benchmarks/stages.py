@@ -12,8 +12,8 @@ in metrics.jsonl: the epoch's training, not start-up or evaluation):
 - pair: two independent copies of `one` started together; their summed throughput over `one`'s is this machine's
   two-process limit (the most two processes can give, contention included);
 - staged: `--stages 2` (balanced split), once per `--modes` value (`--stage-mode`).
-Then bp through torch.distributed.pipelining on the staged l-bp run's split: GPipe and 1F1B, 2/4/8 micro-batches,
-the same batches (random CIFAR-shaped tensors: the schedule's speed does not depend on the values), best of them.
+Then bp through torch.distributed.pipelining (`train --method bp --stages 2`, training/pipeline_bp.py) on the staged
+l-bp run's split: GPipe and 1F1B, 2/4/8 micro-batches, one epoch each as above, best of them.
 Writes a JSON file and prints a markdown table. The machine may be shared: compare numbers of one invocation only.
 """
 
@@ -25,10 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"resnet18": ["--model", "resnet18", "--width", "32"],
@@ -41,7 +38,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rules", default="l-bp,sff-block,lg-fg-a")
     p.add_argument("--train-size", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=8, help="bp pipeline: timed steps (after one warm-up)")
     p.add_argument("--modes", default="synchronous",
                    help="--stage-mode values to time each rule's 2 stages in (pipelined: dfa and fg-a)")
     p.add_argument("--skip-bp", action="store_true")
@@ -103,91 +99,26 @@ def staged_row(args: argparse.Namespace, rule: str, mode: str, one: dict, pair: 
     }
 
 
-# -- bp on torch.distributed.pipelining ----------------------------------------------------------------------------
-
-
-def build_model(name: str) -> torch.nn.Module:
-    from bpfree import models
-
-    if name == "resnet18":
-        return models.build("resnet18", num_classes=10, input_shape=(3, 32, 32), width=32)
-    sys.path.insert(0, str(ROOT / "examples"))
-    from vit import ViT
-
-    return ViT(10, (3, 32, 32))
-
-
-def pipeline_worker(rank: int, world: int, port: int, model_name: str, split: str, schedule: str, micro: int,
-                    batch: int, steps: int, result: str) -> None:
-    """One stage of bp's pipeline: PyTorch's own split (export), stage and schedule; SGD on the stage's
-    parameters after every batch. Rank 0 writes images/s and its activation peak to `result`."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, SplitPoint, pipeline
-
-    from bpfree.core.memory import measured
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = build_model(model_name)
-    # gloo sends only contiguous tensors; a ViT's tokens are a transposed view (flatten(2).transpose(1, 2)) all the
-    # way through its encoder, so the stage boundary is made contiguous (traced into the split by the hook)
-    from bpfree.core.anatomy import describe
-
-    model.input_shape = (3, 32, 32)
-    for block in describe(model).blocks:
-        block.exit.register_forward_hook(lambda _m, _a, out: out.contiguous())
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
-    pipe = pipeline(model, mb_args=(x[: batch // micro],), split_spec={split: SplitPoint.BEGINNING})
-    module = pipe.get_stage_module(rank)
-    stage = pipe.build_stage(rank, torch.device("cpu"))
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
-    cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
-    sched = cls(stage, micro, loss_fn=torch.nn.functional.cross_entropy)
-
-    def one_step() -> None:
-        optimizer.zero_grad()
-        if rank == 0:
-            sched.step(x)
-        else:
-            sched.step(target=y)
-        optimizer.step()
-
-    one_step()  # warm-up
-    _, peak = measured(one_step)
-    dist.barrier()
-    begin = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    dist.barrier()
-    seconds = time.perf_counter() - begin
-    if rank == 0:
-        Path(result).write_text(json.dumps({"images_per_s": steps * batch / seconds, "stage0_peak_mb": peak / 2**20}))
-    dist.destroy_process_group()
+# -- bp on torch.distributed.pipelining --------------------------------------------------------------------------
 
 
 def time_bp(args: argparse.Namespace, split: str, work: Path) -> list[dict]:
-    import socket
-
-    import torch.multiprocessing as mp
-
+    """bp on the same two stages through `train --stages 2` (torch.distributed.pipelining): one epoch per schedule
+    and micro-batch count, as the rules are timed."""
     rows = []
     for schedule in ("gpipe", "1f1b"):
         for micro in (2, 4, 8):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            result = work / f"bp-{schedule}-{micro}.json"
+            out = work / f"bp-{schedule}-{micro}"
             try:
-                mp.start_processes(pipeline_worker, args=(2, port, args.model, split, schedule, micro,
-                                                          args.batch_size, args.steps, str(result)),
-                                   nprocs=2, start_method="spawn")
-            except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # reported, not hidden
-                rows.append({"schedule": schedule, "micro_batches": micro, "error": str(e)})
+                metrics = finish(start(command(args, "bp", out, "--stages", "2", "--stage-split", split,
+                                               "--microbatches", str(micro), "--pipeline-schedule", schedule)), out)
+            except SystemExit as e:  # reported, not hidden
+                rows.append({"schedule": schedule, "micro_batches": micro, "error": str(e)[:2000]})
                 continue
-            rows.append({"schedule": schedule, "micro_batches": micro, **json.loads(result.read_text())})
+            rows.append({"schedule": schedule, "micro_batches": micro,
+                         "images_per_s": args.train_size / metrics["seconds"],
+                         "stage0_peak_mb": metrics["stage0_peak_memory_mb"],
+                         "stage_idle_s": [metrics[f"stage{s}_idle_seconds"] for s in (0, 1)]})
     return rows
 
 

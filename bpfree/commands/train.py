@@ -209,10 +209,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_setting(parser, name, meta["option"], meta["unset"], meta["recipe"])
     parser.add_argument("--nproc", type=int, default=1,
                         help="data-parallel processes on this machine (the same as `torchrun --standalone "
-                             "--nproc-per-node N -m bpfree train ...`); each takes 1/N of every batch")
+                             "--nproc-per-node N -m bpfree train ...`); each takes 1/N of every batch (with "
+                             "--stages S: N replicas of each stage, S x N processes)")
     parser.add_argument("--stages", type=int, default=1,
                         help="block-parallel: split the model's blocks into S contiguous stages, one process each, "
-                             "all training at once (local rules; docs/parallel.md)")
+                             "all training at once (bp and fa through PyTorch's pipeline; docs/parallel.md)")
     parser.add_argument("--stage-split", default=None, metavar="NAME,...",
                         help="with --stages S: the blocks that begin stages 2..S (default: balanced from a short "
                              "profile of each block's step time)")
@@ -229,17 +230,21 @@ def run(args: argparse.Namespace) -> int:
     check_nproc(args.nproc, args.device)
     distributed.check_timeout(args.dist_timeout)
     split = stages.parse_split(args.stage_split)
-    stages.check_stages(args.method, args.stages, args.nproc, split, args.stage_mode)
-    if args.stages > 1 and not distributed.launched_by_torchrun():
-        check_nproc(args.stages, args.device)
-        return distributed.launch(args.stages, getattr(args, "argv", sys.argv[1:]), title="staged run")
+    stages.check_stages(args.method, args.stages, args.nproc, split, args.stage_mode,
+                        microbatches=args.microbatches, pipeline_schedule=args.pipeline_schedule)
+    if args.stages > 1 and not distributed.launched_by_torchrun():  # every process sees --nproc: its replicas
+        try:
+            check_nproc(args.stages * args.nproc, args.device)
+        except UsageError as e:
+            raise UsageError(f"--stages {args.stages} x --nproc {args.nproc} processes: {e}") from None
+        return distributed.launch(args.stages * args.nproc, getattr(args, "argv", sys.argv[1:]), title="staged run")
     if args.nproc > 1 and not distributed.launched_by_torchrun():
         return distributed.launch(args.nproc, distributed.strip_nproc(getattr(args, "argv", sys.argv[1:])))
     set_threads(args.threads)
     out = args.out or f"runs/{run_name(args)}"
     cfg = config_from_args(args, out=out)
     if args.stages > 1:
-        records = stages.train(cfg, args.stages, split, log_epochs=True, mode=args.stage_mode)
+        records = stages.train(cfg, args.stages, split, log_epochs=True, mode=args.stage_mode, replicas=args.nproc)
     else:
         records = train(cfg, log_epochs=True)
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports for the data-parallel run

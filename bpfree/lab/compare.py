@@ -113,10 +113,12 @@ def dry_run(cfg: TrainConfig, data: Any, batch: tuple[torch.Tensor, torch.Tensor
 def run_all(
     configs: list[TrainConfig], data: Any = None, show_progress: bool | None = None,
     describe: Callable[[TrainConfig], str] = lambda cfg: f"{cfg.method} seed {cfg.seed}", show_test: bool = True,
+    staged: Callable[[TrainConfig], list[dict[str, Any]] | None] = lambda cfg: None,
 ) -> None:
     """Train (or resume, or skip) every config in order. Settings clashes, and every method's setup (`dry_run`),
     are checked for all runs first. `describe` says which run a progress line is about (`sweep` adds the grid
-    point); show_test=False keeps test errors out of the progress lines (`sweep` chooses on validation error)."""
+    point); show_test=False keeps test errors out of the progress lines (`sweep` chooses on validation error).
+    `staged(cfg)` trains a run on stages (`compare --stages`) and returns its records, or None: one process."""
     fresh = set()
     data = lrfind.resolve_all(configs, data)  # --lr auto: choose (or reuse) each run's rate before the checks
     for cfg in configs:
@@ -167,7 +169,9 @@ def run_all(
             + (f"resuming after epoch {start}" if started else "training") + f" -> {out}")
         reset_peak_memory(torch.device(cfg.device))
         try:
-            records = train(cfg, data=data, show_progress=show_progress)
+            records = staged(cfg)
+            if records is None:
+                records = train(cfg, data=data, show_progress=show_progress)
         except DivergedError as e:  # the trainer wrote failed.json
             epoch = len(read_metrics(out / METRICS)) + 1
             log(f"  {describe(cfg)}: diverged at epoch {epoch}: {e}")

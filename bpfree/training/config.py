@@ -15,6 +15,7 @@ from bpfree.core.registry import Option
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")  # bp / fa on --stages (training/pipeline_bp.py)
 DATA_HELP = ("digits, mnist, fashion-mnist, cifar10 or imagefolder:PATH (PATH/train/CLASS/* and PATH/val/CLASS/*, "
              "the same class folders in both, each with images; an image that cannot be decoded stops the run "
              "with its file name, exit code 2)")
@@ -77,6 +78,11 @@ class TrainConfig:
     eval_batch_size: int = setting(1000, "examples per evaluation batch", minimum=1, flag=False)
     dist_timeout: float = setting(60.0, "data-parallel runs: seconds a rank waits for a silent peer before stopping "
                                   "with an error", above=0, resume_free=True)
+    microbatches: int | None = setting(
+        None, "bp / fa with --stages: micro-batches per batch in PyTorch's pipeline (default 4; 1 gives the "
+        "one-process numbers; batch norm sees each micro-batch's statistics)", type=int, minimum=1)
+    pipeline_schedule: str | None = setting(None, "bp / fa with --stages: torch.distributed.pipelining schedule "
+                                            "(default 1f1b)", type=str, choices=PIPELINE_SCHEDULES)
     method_options: dict[str, Any] = state(help="the method's options, resolved by its registry entry", factory=dict)
     model_options: dict[str, Any] = state(help="the model's options, resolved by its registry entry", factory=dict)
     blocks: tuple[str, ...] | None = state(help="the model's submodules whose outputs are the block boundaries")

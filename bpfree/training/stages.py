@@ -62,6 +62,7 @@ from bpfree.training.checkpoint import CHECKPOINT, CONFIG, record_failure
 from bpfree.training.checkpoint import rng_state as global_rng_state
 from bpfree.training.checkpoint import set_rng_state as set_global_rng_state
 from bpfree.training.runfolder import atomic_write_bytes, describe_os_error
+from bpfree.training.stage_replicas import REPLICATED_RULES, StageReplicas
 from bpfree.training.train import Run, TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
 
 STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block", "dfa", "fdfa", "fg-a")
@@ -74,11 +75,10 @@ CARRY_TANGENTS = ("fdfa", "fg-a")
 # applies the error of the batch it ran d = S-1-s steps before, keeping those batches' activations).
 MODES = ("synchronous", "pipelined")
 PIPELINED_RULES = ("dfa", "fg-a")
+# bp and fa send errors back through every stage: they run through PyTorch's pipeline engine (pipeline_bp.py).
+PIPELINE_RULES = ("bp", "fa")
 # One line per rule that refuses --stages, saying why (docs/parallel.md: what is left).
 REFUSED = {
-    "bp": "backprop sends gradients back through every stage; its pipeline (torch.distributed.pipelining) is not "
-          "wired into --stages yet",
-    "fa": "feedback alignment sends errors back through every stage; not wired into --stages yet",
     "fg-w": "its step differentiates the whole model in one torch.func.jvp under vmap, which a received activation "
             "and its K tangents cannot enter; use fg-a or lg-fg-w",
     "ff": "hard and readout negatives score through every block, and ff's loss averages all blocks; use sff-block",
@@ -87,8 +87,16 @@ MAX_PENDING_SENDS = 2  # activations a stage may have in flight: bounds its memo
 
 
 def check_stages(method: str, stages: int, nproc: int, split: Sequence[str] | None,
-                 mode: str = "synchronous", recompute: bool = False) -> None:
-    """Refuse what --stages cannot do, before any process starts (one line each)."""
+                 mode: str = "synchronous", recompute: bool = False, microbatches: int | None = None,
+                 pipeline_schedule: str | None = None) -> None:
+    """Refuse what --stages cannot do, before any process starts (one line each). `microbatches`,
+    `pipeline_schedule`: as given (None: not given)."""
+    if (microbatches, pipeline_schedule) != (None, None) and (stages < 2 or method not in PIPELINE_RULES):
+        raise UsageError("--microbatches and --pipeline-schedule are for bp and fa with --stages 2 or more "
+                         f"(PyTorch's pipeline), not {method} with --stages {stages}")
+    if pipeline_schedule == "1f1b" and microbatches is not None and microbatches < stages:
+        raise UsageError(f"--pipeline-schedule 1f1b needs at least as many micro-batches as stages "
+                         f"(--microbatches {microbatches}, --stages {stages}); use gpipe")
     if stages < 1:
         raise UsageError(f"--stages must be at least 1, got {stages}")
     if split is not None and stages == 1:
@@ -105,11 +113,12 @@ def check_stages(method: str, stages: int, nproc: int, split: Sequence[str] | No
                          "--recompute true is for the synchronous mode")
     if stages == 1:
         return
-    if nproc > 1:
-        raise UsageError("--stages with --nproc (data-parallel replicas of each stage) is not supported yet")
+    if nproc > 1 and method not in REPLICATED_RULES:
+        raise UsageError(f"--stages with --nproc (data-parallel replicas of each stage) is for "
+                         f"{', '.join(REPLICATED_RULES)}; not {method} yet")
     if method in REFUSED:
         raise UsageError(f"--stages: {method} cannot be staged: {REFUSED[method]}")
-    if method not in STAGED_RULES:
+    if method not in STAGED_RULES and method not in PIPELINE_RULES:
         raise UsageError(f"--stages: {method} cannot be staged (staged rules: {', '.join(STAGED_RULES)})")
     if split is not None and len(split) != stages - 1:
         raise UsageError(f"--stage-split names the first block of stages 2..{stages}: {stages - 1} names, got "
@@ -436,6 +445,7 @@ class Link:
 
     def __init__(self, group: Group, plan: StagePlan):
         self.group, self.plan = group, plan
+        self.peer: Callable[[int], int] = lambda stage: stage  # the rank of a stage's process (replicas: its copy)
         self.pending: list[tuple[torch.Tensor, Any]] = []
         self.late: list[tuple[torch.Tensor, Any]] = []
         self.reset()
@@ -454,7 +464,7 @@ class Link:
             t = t.clone()  # the send is asynchronous, and a rule may change its tensor in place (fdfa adds u to it)
         header = torch.tensor(order, dtype=torch.int64, device=t.device)
         for part in (header, t):
-            work = self.group._call("isend", dist.isend, part, self.plan.stage + 1)
+            work = self.group._call("isend", dist.isend, part, self.peer(self.plan.stage + 1))
             self.pending.append((part, work))
         self.sent += t.numel() * t.element_size()
         while len(self.pending) > 2 * MAX_PENDING_SENDS:
@@ -463,10 +473,10 @@ class Link:
     def recv(self, like: torch.Tensor) -> torch.Tensor:
         header = torch.empty(like.dim(), dtype=torch.int64, device=like.device)
         start = time.perf_counter()
-        self.group._call("recv", dist.recv, header, self.plan.stage - 1)
+        self.group._call("recv", dist.recv, header, self.peer(self.plan.stage - 1))
         order = header.tolist()
         buf = torch.empty([like.shape[d] for d in order], dtype=like.dtype, device=like.device)
-        self.group._call("recv", dist.recv, buf, self.plan.stage - 1)
+        self.group._call("recv", dist.recv, buf, self.peer(self.plan.stage - 1))
         self.idle += time.perf_counter() - start
         return buf.permute([order.index(d) for d in range(like.dim())])
 
@@ -763,14 +773,16 @@ class Tally:
 
 
 class StagedRun(Run):
-    """A `Run` whose process is one stage of `--stages S` (rank r = stage r). Metrics, evaluation and checkpoints
-    are of the whole model: at each epoch end the stages exchange the state they own, so every process holds the
-    trained model, evaluates a share of the test set, and rank 0 writes one checkpoint for all stages."""
+    """A `Run` whose process is one stage of `--stages S` (rank r = stage r; with R replicas, replica r % R of stage
+    r // R). Metrics, evaluation and checkpoints are of the whole model: at each epoch end the stages exchange the
+    state they own, so every process holds the trained model, evaluates a share of the test set, and rank 0 writes
+    one checkpoint for all stages."""
 
     def __init__(self, cfg: TrainConfig, stages: int, split: Sequence[str] | None = None,
-                 mode: str = "synchronous", **kwargs: Any):
-        check_stages(cfg.method, stages, 1, split, mode, bool(cfg.method_options.get("recompute")))
+                 mode: str = "synchronous", replicas: int = 1, **kwargs: Any):
+        check_stages(cfg.method, stages, replicas, split, mode, bool(cfg.method_options.get("recompute")))
         self.stages, self.split_given, self.mode = stages, tuple(split) if split else None, mode
+        self.replicas = replicas  # --nproc: data-parallel copies of each stage (stage_replicas.py)
         self._resume_raw: bytes | None = None
         self._stage_states: list[bytes] | None = None
         super().__init__(cfg, **kwargs)
@@ -781,9 +793,9 @@ class StagedRun(Run):
         return self._resume_raw
 
     def _build(self, data: Any) -> None:
-        if self.group.world_size != self.stages:
-            raise UsageError(f"--stages {self.stages} needs {self.stages} processes; {self.group.world_size} were "
-                             "started (launch with `bpfree train --stages S`)")
+        if self.group.world_size != self.stages * self.replicas:
+            raise UsageError(f"--stages {self.stages} needs {self.stages * self.replicas} processes; "
+                             f"{self.group.world_size} were started (launch with `bpfree train --stages S`)")
         super()._build(data)
         cfg, est = self.cfg, self.estimator
         est.group = LOCAL  # not data-parallel: every stage draws the one-process random numbers
@@ -805,7 +817,8 @@ class StagedRun(Run):
                              f"({est.blocks_hint()})")
         self.profile = self._profile()
         self.starts = self._choose_starts(anatomy)
-        self.plan = StagePlan(self.starts, len(anatomy.blocks), self.group.rank)
+        self.copies = StageReplicas(self.group, self.stages, self.replicas)
+        self.plan = StagePlan(self.starts, len(anatomy.blocks), self.copies.stage)
         self.stubs = probe_stubs(est, self.plan)
         self.param_owner = ownership(est, self.starts)
         self.owners = state_owners(est, self.starts, self.param_owner)
@@ -819,6 +832,10 @@ class StagedRun(Run):
         self.optimizer = make_optimizer(cfg, self.owned_params, lr_multipliers_by_id(est))
         self.schedule = make_schedule(cfg, self.optimizer, self.steps_per_epoch)
         self.link = Link(self.group, self.plan)
+        self.link.peer = self.copies.peer
+        # the float buffers (batch-norm statistics) the stage's replicas average after each step, with its gradients
+        self.owned_buffers = [b for k, b in stage_tensors(est).items() if self.owners.get(k) == self.plan.stage
+                              and b.is_floating_point() and not isinstance(b, nn.Parameter)]
         self.peak_mb = self._stage_peak()
 
     def _stage_peak(self) -> float:
@@ -888,7 +905,7 @@ class StagedRun(Run):
         return balanced_starts(self.profile, self.stages)
 
     def stored_config(self) -> dict[str, Any]:
-        return {**super().stored_config(), "world_size": 1, "stages": self.stages,
+        return {**super().stored_config(), "world_size": self.replicas, "stages": self.stages,
                 "stage_split_given": list(self.split_given) if self.split_given else None,
                 "stage_mode": self.mode}
 
@@ -934,7 +951,8 @@ class StagedRun(Run):
                 stack.enter_context(late_signals_sent(self.estimator, self.link))
             elif self.cfg.method in OUTPUT_ERROR_RULES and not pipelined:
                 stack.enter_context(shared_output_error(self.estimator, self.link))
-            for step, (x, y) in enumerate(islice(self.data.train_batches(cfg.batch_size, generator),
+            for step, (x, y) in enumerate(islice(self.data.train_batches(cfg.batch_size, generator,
+                                                                         **self.copies.shard_args),
                                                  self.steps_per_epoch)):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 if delay:
@@ -944,6 +962,8 @@ class StagedRun(Run):
                         self._late_update(*waiting.pop(0))
                 else:
                     self.optimizer.zero_grad(set_to_none=True)
+                    rows = self.copies.rows(min(cfg.batch_size, self.data.num_train - step * cfg.batch_size))
+                    self.estimator.shard = rows
                     result = self.estimator.step(x, y)
                     if self.plan.last and not torch.isfinite(result.loss):
                         error = self.diverged(f"loss became {result.loss.item()}", step)
@@ -951,6 +971,10 @@ class StagedRun(Run):
                             record_failure(self.out, asdict(cfg), "diverged", f"diverged at epoch {self.epoch + 1}",
                                            str(error))
                         raise error
+                    if rows is not None:  # the whole batch's update on every replica of the stage
+                        zero_missing_grads(self.owned_params)
+                        self.copies.average_([p.grad for p in self.owned_params], rows.weight)
+                        self.copies.average_(self.owned_buffers, rows.weight)
                     self.optimizer.step()
                     self.schedule.step()
                 self._count(tally, result, y, record_scores())
@@ -1071,7 +1095,8 @@ class StagedRun(Run):
 
     def _combine(self, mine: dict[str, Any], tally: Tally) -> dict[str, float]:
         """The epoch's metrics of the whole run from every stage's tally, and each stage's busy / idle seconds."""
-        everyone = [json.loads(b) for b in self.group.all_gather_bytes(json.dumps(mine).encode())]
+        everyone = self.copies.per_stage(
+            [json.loads(b) for b in self.group.all_gather_bytes(json.dumps(mine).encode())])
         last = everyone[-1]["tally"]
         seen = last["seen"]
         extras: dict[str, float] = {}
@@ -1085,7 +1110,8 @@ class StagedRun(Run):
             buf = io.BytesIO()
             torch.save(torch.cat(tally.scores), buf)
             shares = [torch.load(io.BytesIO(b), weights_only=True) for b in self.group.all_gather_bytes(buf.getvalue())]
-            wrong = int((torch.stack(shares).sum(0).argmax(1) != torch.cat(tally.labels)).sum())
+            mine = shares[self.copies.replica::self.replicas]  # every stage's share of this replica's rows
+            wrong = self.copies.total(int((torch.stack(mine).sum(0).argmax(1) != torch.cat(tally.labels)).sum()))
         record = {"train_loss": loss, "train_error": 100.0 * wrong / seen, **dict(sorted(extras.items()))}
         for s, stage in enumerate(everyone):
             record[f"stage{s}_busy_seconds"] = stage["wall"] - stage["idle"]
@@ -1105,7 +1131,7 @@ class StagedRun(Run):
         torch.save(mine, buf)
         blobs = self.group.all_gather_bytes(buf.getvalue())
         with torch.no_grad():
-            for s, blob in enumerate(blobs):
+            for s, blob in enumerate(blobs[::self.replicas]):  # the replicas of a stage hold the same state
                 if s != self.plan.stage:
                     for k, v in torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True).items():
                         tensors[k].copy_(v)
@@ -1118,7 +1144,7 @@ class StagedRun(Run):
         """Rank 0: the whole model (as a one-process checkpoint has it) plus every stage's optimizer, schedule and
         random streams, in one file written atomically: all stages are saved at the same step."""
         assert self._stage_states is not None
-        stages = [torch.load(io.BytesIO(b), weights_only=True) for b in self._stage_states]
+        stages = [torch.load(io.BytesIO(b), weights_only=True) for b in self._stage_states[::self.replicas]]
         state = {
             "epoch": self.epoch,
             "model": self.model.state_dict(),
@@ -1139,7 +1165,7 @@ class StagedRun(Run):
         self.folder.forget_parsed()
         s = self.plan.stage
         try:
-            staged, own = state["stages"], state["rank_states"][s]
+            staged, own = state["stages"], state["rank_states"][self.group.rank]
             self.model.load_state_dict(state["model"])
             self.estimator.load_state_dict(state["estimator"])
             self.optimizer.load_state_dict(staged["optimizers"][s])
@@ -1154,15 +1180,19 @@ class StagedRun(Run):
 
 
 def train(cfg: TrainConfig, stages: int, split: Sequence[str] | None = None, show_progress: bool | None = None,
-          log_epochs: bool = False, mode: str = "synchronous") -> list[dict[str, Any]]:
+          log_epochs: bool = False, mode: str = "synchronous", replicas: int = 1) -> list[dict[str, Any]]:
     """Train (or resume) one staged run in this process (one stage of a torchrun group of `stages` ranks)."""
     if not distributed.launched_by_torchrun():
         raise UsageError("--stages: each stage is a process; launch with `bpfree train --stages S`")
     from bpfree.training import lrfind
 
     group = lrfind.resolve_joined(cfg, None, show_progress)  # --lr auto: stage 0 probes the rule in one process
-    run = StagedRun(cfg, stages, split, mode, show_progress=False if show_progress is None else show_progress,
-                    log_epochs=log_epochs)
+    if cfg.method in PIPELINE_RULES:
+        from bpfree.training.pipeline_bp import PipelinedBackpropRun as run_class
+    else:
+        run_class = StagedRun
+    run = run_class(cfg, stages, split, mode, replicas=replicas,
+                    show_progress=False if show_progress is None else show_progress, log_epochs=log_epochs)
     records = run.train()
     distributed.shutdown(run.group)
     distributed.shutdown(group)

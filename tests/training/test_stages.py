@@ -168,7 +168,7 @@ def test_balanced_starts():
         balanced_starts([1, 1], 3)
 
 
-@pytest.mark.parametrize("method", ["bp", "fa", "fg-w", "ff"])
+@pytest.mark.parametrize("method", ["fg-w", "ff"])  # bp, fa: tests/training/test_pipeline_bp.py
 def test_rules_that_cannot_be_staged_refuse_with_one_line(method, capsys):
     assert main(["train", "--method", method, "--stages", "2", "--data", "digits", "--out", "unused"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -177,7 +177,7 @@ def test_rules_that_cannot_be_staged_refuse_with_one_line(method, capsys):
 
 def test_bad_stage_options_refuse():
     with pytest.raises(UsageError, match="--stages with --nproc"):
-        check_stages("l-bp", 2, 2, None)
+        check_stages("dfa", 2, 2, None)  # replicas of each stage: tests/training/test_stage_replicas.py
     with pytest.raises(UsageError, match="2 names, got 1"):
         check_stages("l-bp", 3, 1, ("a",))
     with pytest.raises(UsageError, match="--stage-split needs --stages"):
