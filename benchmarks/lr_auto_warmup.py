@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from lr_auto import run  # noqa: E402  (benchmarks/ is on the path when run as a script)
@@ -73,8 +72,12 @@ def table(rows: list[dict]) -> str:
         value = f"{r['val_error']:.1f}" if r["status"] == "ok" else r["status"]
         lines.append(f"| {r['model']} | {r['rule']} | {r['lr']:g} | {value} | {r['no_warmup_val_error']:.1f} | "
                      f"{r['grid_best_val']:.1f} |")
-    better = sum(r["val_error"] < r["no_warmup_val_error"] for r in rows if not math.isnan(r["val_error"]))
-    lines.append(f"\n{better} of {len(rows)} runs lower with warm-up.")
+    ok = [r for r in rows if r["status"] == "ok"]
+    lines.append(f"\n{sum(r['val_error'] < r['no_warmup_val_error'] for r in ok)} of {len(ok)} finished runs lower "
+                 "with warm-up. Per rule, warm-up minus none (points of validation error): mean, and the runs lower:")
+    for rule in dict.fromkeys(r["rule"] for r in ok):
+        diffs = [r["val_error"] - r["no_warmup_val_error"] for r in ok if r["rule"] == rule]
+        lines.append(f"- {rule}: {sum(diffs) / len(diffs):+.1f} ({sum(d < 0 for d in diffs)} of {len(diffs)} lower)")
     return "\n".join(lines) + "\n"
 
 
