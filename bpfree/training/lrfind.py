@@ -142,7 +142,7 @@ def starting_rate(cfg: TrainConfig, data: Any) -> tuple[float, dict[str, Any]]:
     except AttributeError:  # data that does not say its shape: the rule's prior as it is
         return cfg.lr, record
     batch_norm = recipes.has_batch_norm(model)
-    lr = recipes.auto_prior(cfg.method, cfg.lr, batch_norm, max(default_grid(cfg)))
+    lr = recipes.auto_prior(cfg.method, cfg.lr, batch_norm, default_grid(cfg))
     record = {"lr": lr, "from": f"the rule's prior {cfg.lr:g}" + (
         f" x {lr / cfg.lr:.3g} for a model with batch norm (recipes.BATCH_NORM_FACTORS)" if lr != cfg.lr else "")}
     return lr, record

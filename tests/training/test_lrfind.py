@@ -307,7 +307,7 @@ def test_a_model_with_batch_norm_starts_from_the_rules_batch_norm_prior_unless_t
     bn = ["--model", "examples/lr_suite.py:ResBNCNN", "--data", "digits", "--threads", "1", "--epochs", "1"]
     assert main(["train", "--method", "lg-fg-a", *bn, "--out", str(tmp_path / "a")]) == 0
     config = json.loads((tmp_path / "a" / "config.json").read_text())
-    expected = recipes.auto_prior("lg-fg-a", recipes.PRIORS["lg-fg-a"], batch_norm=True)
+    expected = recipes.auto_prior("lg-fg-a", recipes.PRIORS["lg-fg-a"], True, lrfind.GRID)
     assert recipes.BATCH_NORM_FACTORS["lg-fg-a"] > 1 and expected > recipes.PRIORS["lg-fg-a"]
     assert config["lr"] == expected and "batch norm" in config["lr_probe"]["prior"]["from"]
     # The same rule on a model without batch norm, and an lr-find prior given by the user: no factor.
@@ -315,5 +315,7 @@ def test_a_model_with_batch_norm_starts_from_the_rules_batch_norm_prior_unless_t
     assert json.loads((tmp_path / "b" / "config.json").read_text())["lr"] == recipes.PRIORS["lg-fg-a"]
     cfg = tiny_cfg(method="lg-fg-a", lr=1e-3, recipe={"entry": "lg-fg-a/*", "overridden": ["lr"]})
     assert lrfind.starting_rate(cfg, object())[0] == 1e-3
-    assert recipes.auto_prior("fa", 1e-2, batch_norm=True) == 1e-2  # a rule without a factor
-    assert recipes.auto_prior("fdfa", 1e-2, batch_norm=True) == 3e-2  # at most the grid's top
+    assert recipes.auto_prior("fa", 1e-2, True, lrfind.GRID) == 1e-2  # a rule without a factor
+    assert recipes.auto_prior("fg-a", 3e-3, True, lrfind.GRID) == 1e-2  # x3 on the 1-3-10 grid: the next point
+    assert recipes.auto_prior("fdfa", 1e-2, True, lrfind.GRID) == 3e-2  # at most the grid's top
+    assert recipes.auto_prior("fdfa", 1e-2, False, lrfind.GRID) == 1e-2
