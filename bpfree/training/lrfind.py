@@ -143,8 +143,9 @@ def starting_rate(cfg: TrainConfig, data: Any) -> tuple[float, dict[str, Any]]:
         return cfg.lr, record
     batch_norm = recipes.has_batch_norm(model)
     lr = recipes.auto_prior(cfg.method, cfg.lr, batch_norm, default_grid(cfg))
+    factor = recipes.BATCH_NORM_FACTORS[cfg.method]
     record = {"lr": lr, "from": f"the rule's prior {cfg.lr:g}" + (
-        f" x {lr / cfg.lr:.3g} for a model with batch norm (recipes.BATCH_NORM_FACTORS)" if lr != cfg.lr else "")}
+        f" x {factor} to the grid for a model with batch norm (recipes.BATCH_NORM_FACTORS)" if batch_norm else "")}
     return lr, record
 
 
@@ -210,6 +211,15 @@ def train_point(cfg: TrainConfig, data: TensorData, lr: float, steps: int, bar: 
     return point
 
 
+def blown_up(point: Point, untrained: float) -> Point:
+    """A point whose validation loss ended BLOW_UP times the untrained model's is diverged, as a blown-up training
+    loss is (the local rules' training losses are their blocks' own, which can stay low while the output's grows)."""
+    if point.ok and point.val_loss > BLOW_UP * untrained:
+        point.status = f"diverged: validation loss {point.val_loss:.3g}, untrained {untrained:.3g}"
+        point.val_loss, point.val_error = math.inf, 100.0
+    return point
+
+
 def train_steps(estimator: methods.Estimator, optimizer: torch.optim.Optimizer, schedule: Any, data: TensorData,
                 cfg: TrainConfig, steps: int, device: torch.device, bar: tqdm | None) -> None:
     """Train `steps` steps (epochs repeat as needed); raises DivergedError on NaN/inf or a blown-up loss."""
@@ -269,18 +279,19 @@ def choose(points: list[Point], n_val: int, prior: float, untrained: float = mat
     clearly worse or diverges on its model. Loss, not error: after a few steps most rules are near chance at
     every rate. Where the prior was not probed (`bpfree lr-find --lr-grid`), the lowest loss, unless no rate
     lowered it below the untrained model's by NO_SIGNAL of it: then the probe saw nothing and the prior stands.
-    None finite: below the grid."""
+    A probed prior that diverged gives way to the lowest loss even then. None finite: below the grid."""
     good = [p for p in points if p.ok]
     if not good:
         low = min(p.lr for p in points) / 10 if points else prior
         return low, "every grid point diverged: a tenth of the lowest"
     pick = min(good, key=lambda p: (p.val_loss, p.lr))
     at_prior = next((p for p in good if math.isclose(p.lr, prior, rel_tol=1e-9)), None)
+    prior_diverged = any(math.isclose(p.lr, prior, rel_tol=1e-9) and not p.ok for p in points)
     if at_prior is not None and not pick.val_loss < at_prior.val_loss * (1 - MARGIN):
         return prior, (f"the rule's prior: no rate's validation loss was {MARGIN:.0%} below its "
                        f"{at_prior.val_loss:.4f} (validation error {at_prior.val_error:.2f} % on {n_val} examples; "
                        f"untrained {untrained:.4f})")
-    if pick.val_loss > untrained * (1 - NO_SIGNAL):
+    if not prior_diverged and pick.val_loss > untrained * (1 - NO_SIGNAL):
         return prior, (f"no rate lowered the validation loss measurably (best {pick.val_loss:.4f}, untrained "
                        f"{untrained:.4f}): the rule's prior")
     return pick.lr, (f"lowest validation loss {pick.val_loss:.4f} (validation error {pick.val_error:.2f} % on "
@@ -316,7 +327,7 @@ def find(cfg: TrainConfig, data: Any = None, grid: tuple[float, ...] | None = No
     points = []
     for lr in lrs:
         bar.set_postfix(lr=f"{lr:g}")
-        points.append(train_point(cfg, pdata, lr, steps, bar))
+        points.append(blown_up(train_point(cfg, pdata, lr, steps, bar), untrained))
     bar.close()
     choice, reason = choose(points, pdata.num_val, cfg.lr, untrained)
     budget["untrained_val_loss"] = untrained
