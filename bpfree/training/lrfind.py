@@ -58,7 +58,7 @@ VAL_FRACTION = 6  # the carved validation split: a sixth of the training set ...
 VAL_MAX = 1000  # ... at most this many examples (a standard error of about 0.7 points at 10 % error)
 NO_SIGNAL = 0.005  # a best validation loss within this fraction of the untrained model's: the probe saw nothing
 EVAL_COST = 1 / 3  # a validation example's cost in training examples (see `plan`)
-BLOW_UP = 3.0  # a training loss (last 5 steps) this many times the untrained one: the rate diverged
+BLOW_UP = 3.0  # a training (last 5 steps) or validation loss this many times the untrained one: the rate diverged
 PROBE_PLOT = "lr_probe.png"
 PROBE_WAIT = 24 * 3600.0  # data-parallel: seconds the other ranks wait for rank 0's probe (a dead rank 0 ends it)
 
