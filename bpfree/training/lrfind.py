@@ -9,8 +9,8 @@ FDFA learns its feedback weights while it trains, and DFA / local rules align th
 so the damage of a too-high rate shows up later than the sweep looks (the sweep then recommends it). Here every
 grid point is a fresh model from the same seed, trained for the same number of steps at a constant rate and then
 scored on held-out validation examples: a rate is judged by what it has done after those steps, delayed effects
-included up to that horizon, and a divergence (NaN/inf, or the training loss blowing up) marks that rate "too
-high" instead of stopping anything.
+included up to that horizon, and a divergence (NaN/inf, or the training or validation loss blowing up) marks that
+rate "too high" instead of stopping anything.
 
 What is probed: the rule's prior (a per-rule rate measured across several model types, times a per-rule factor on
 models with batch norm: bpfree/training/recipes.py) and its two neighbours on the grid, and a neighbour replaces the
