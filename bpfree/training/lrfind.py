@@ -9,8 +9,8 @@ FDFA learns its feedback weights while it trains, and DFA / local rules align th
 so the damage of a too-high rate shows up later than the sweep looks (the sweep then recommends it). Here every
 grid point is a fresh model from the same seed, trained for the same number of steps at a constant rate and then
 scored on held-out validation examples: a rate is judged by what it has done after those steps, delayed effects
-included up to that horizon, and a divergence (NaN/inf, or the training or validation loss blowing up) marks that
-rate "too high" instead of stopping anything.
+included up to that horizon, and a divergence (NaN/inf, or the training loss blowing up) marks that rate "too
+high" instead of stopping anything.
 
 What is probed: the rule's prior (a per-rule rate measured across several model types, times a per-rule factor on
 models with batch norm: bpfree/training/recipes.py) and its two neighbours on the grid, and a neighbour replaces the
@@ -58,7 +58,7 @@ VAL_FRACTION = 6  # the carved validation split: a sixth of the training set ...
 VAL_MAX = 1000  # ... at most this many examples (a standard error of about 0.7 points at 10 % error)
 NO_SIGNAL = 0.005  # a best validation loss within this fraction of the untrained model's: the probe saw nothing
 EVAL_COST = 1 / 3  # a validation example's cost in training examples (see `plan`)
-BLOW_UP = 3.0  # a training (last 5 steps) or validation loss this many times the untrained one: the rate diverged
+BLOW_UP = 3.0  # a training loss (last 5 steps) this many times the untrained one: the rate diverged
 PROBE_PLOT = "lr_probe.png"
 PROBE_WAIT = 24 * 3600.0  # data-parallel: seconds the other ranks wait for rank 0's probe (a dead rank 0 ends it)
 
@@ -211,15 +211,6 @@ def train_point(cfg: TrainConfig, data: TensorData, lr: float, steps: int, bar: 
     return point
 
 
-def blown_up(point: Point, untrained: float) -> Point:
-    """A point whose validation loss ended BLOW_UP times the untrained model's is diverged, as a blown-up training
-    loss is (the local rules' training losses are their blocks' own, which can stay low while the output's grows)."""
-    if point.ok and point.val_loss > BLOW_UP * untrained:
-        point.status = f"diverged: validation loss {point.val_loss:.3g}, untrained {untrained:.3g}"
-        point.val_loss, point.val_error = math.inf, 100.0
-    return point
-
-
 def train_steps(estimator: methods.Estimator, optimizer: torch.optim.Optimizer, schedule: Any, data: TensorData,
                 cfg: TrainConfig, steps: int, device: torch.device, bar: tqdm | None) -> None:
     """Train `steps` steps (epochs repeat as needed); raises DivergedError on NaN/inf or a blown-up loss."""
@@ -279,19 +270,23 @@ def choose(points: list[Point], n_val: int, prior: float, untrained: float = mat
     clearly worse or diverges on its model. Loss, not error: after a few steps most rules are near chance at
     every rate. Where the prior was not probed (`bpfree lr-find --lr-grid`), the lowest loss, unless no rate
     lowered it below the untrained model's by NO_SIGNAL of it: then the probe saw nothing and the prior stands.
-    A probed prior that diverged gives way to the lowest loss even then. None finite: below the grid."""
+    A probed prior that diverged, or whose validation loss ended BLOW_UP times the untrained model's, gives way
+    to a rate MARGIN lower even then. None finite: below the grid."""
     good = [p for p in points if p.ok]
     if not good:
         low = min(p.lr for p in points) / 10 if points else prior
         return low, "every grid point diverged: a tenth of the lowest"
     pick = min(good, key=lambda p: (p.val_loss, p.lr))
     at_prior = next((p for p in good if math.isclose(p.lr, prior, rel_tol=1e-9)), None)
-    prior_diverged = any(math.isclose(p.lr, prior, rel_tol=1e-9) and not p.ok for p in points)
+    # A probed prior that diverged, or whose validation loss blew up (local rules: their training losses are their
+    # blocks' own and can stay low while the output's grows), did harm: "no signal" does not keep it.
+    prior_harmful = any(math.isclose(p.lr, prior, rel_tol=1e-9) and not p.ok for p in points) or (
+        at_prior is not None and at_prior.val_loss > BLOW_UP * untrained)
     if at_prior is not None and not pick.val_loss < at_prior.val_loss * (1 - MARGIN):
         return prior, (f"the rule's prior: no rate's validation loss was {MARGIN:.0%} below its "
                        f"{at_prior.val_loss:.4f} (validation error {at_prior.val_error:.2f} % on {n_val} examples; "
                        f"untrained {untrained:.4f})")
-    if not prior_diverged and pick.val_loss > untrained * (1 - NO_SIGNAL):
+    if not prior_harmful and pick.val_loss > untrained * (1 - NO_SIGNAL):
         return prior, (f"no rate lowered the validation loss measurably (best {pick.val_loss:.4f}, untrained "
                        f"{untrained:.4f}): the rule's prior")
     return pick.lr, (f"lowest validation loss {pick.val_loss:.4f} (validation error {pick.val_error:.2f} % on "
@@ -327,7 +322,7 @@ def find(cfg: TrainConfig, data: Any = None, grid: tuple[float, ...] | None = No
     points = []
     for lr in lrs:
         bar.set_postfix(lr=f"{lr:g}")
-        points.append(blown_up(train_point(cfg, pdata, lr, steps, bar), untrained))
+        points.append(train_point(cfg, pdata, lr, steps, bar))
     bar.close()
     choice, reason = choose(points, pdata.num_val, cfg.lr, untrained)
     budget["untrained_val_loss"] = untrained

@@ -190,12 +190,14 @@ def test_choose_keeps_the_prior_unless_a_rate_is_clearly_better_and_ignores_dive
     assert lrfind.choose(flat, 300, 3e-3, untrained=2.30)[0] == 3e-3
     assert "prior" in lrfind.choose(flat, 300, 3e-3, untrained=2.30)[1]
     assert lrfind.choose(flat, 300, 3e-3, untrained=2.40)[0] == 1e-4
-    # A diverged prior gives way even where no rate beat the untrained model (2.30); a validation loss 3x the
-    # untrained one is a divergence; a prior merely worse than the untrained model stands (delayed rules).
-    blown = lrfind.blown_up(lrfind.Point(3e-2, 37.6, 90.0), untrained=2.30)
-    assert not blown.ok and lrfind.choose([lrfind.Point(1e-2, 2.87, 88.0), blown], 300, 3e-2, untrained=2.30)[0] == 1e-2
-    slow = [lrfind.Point(3e-3, 2.32, 88.0), lrfind.blown_up(lrfind.Point(1e-2, 2.64, 90.0), untrained=2.30)]
-    assert slow[1].ok and lrfind.choose(slow, 300, 1e-2, untrained=2.30)[0] == 1e-2
+    # Where no rate beat the untrained model (2.30): a prior whose validation loss blew up (3x) or that diverged
+    # gives way to a clearly lower loss; a prior merely worse than the untrained model after the probe stands (the
+    # delayed rules), and so does a prior whose loss blew up as much as every other rate's.
+    assert lrfind.choose([lrfind.Point(1e-2, 2.87, 88.0), lrfind.Point(3e-2, 37.6, 90.0)], 300, 3e-2, 2.30)[0] == 1e-2
+    assert lrfind.choose([lrfind.Point(1e-2, 2.4, 88.0), lrfind.Point(3e-2, status="diverged: x")], 300, 3e-2,
+                         2.30)[0] == 1e-2
+    assert lrfind.choose([lrfind.Point(3e-3, 2.32, 88.0), lrfind.Point(1e-2, 2.64, 90.0)], 300, 1e-2, 2.30)[0] == 1e-2
+    assert lrfind.choose([lrfind.Point(1e-2, 82.9, 88.0), lrfind.Point(3e-2, 1026.0, 90.0)], 300, 1e-2, 2.30)[0] == 1e-2
 
 
 def test_the_default_probe_tries_the_prior_and_its_grid_neighbours(digits):
