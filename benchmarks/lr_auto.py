@@ -145,6 +145,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--models", default=",".join(SUITE))
     p.add_argument("--out", default="benchmarks/results/lr_auto/digits")
     p.add_argument("--oracle-only", action="store_true", help="train the oracle's grid only (OUT/oracle.jsonl)")
+    p.add_argument("--merge-into", default=None, metavar="JSONL",
+                   help="afterwards, replace these cells' rows in an earlier results.jsonl (same command) and rewrite "
+                        "the table.md beside it: a rerun of the cells a change touched")
     p.add_argument("--oracle-from", default=None, metavar="JSONL",
                    help="take each cell's oracle (grid validation errors, choice, its test error) from an earlier "
                         "results.jsonl of the same command instead of training it again")
@@ -177,6 +180,16 @@ def main_() -> None:
                 print(f"{model} {rule}: auto {row['auto_lr']:g} -> {row['auto_test']:.2f} %, oracle "
                       f"{row['oracle_lr']:g} -> {row['oracle_test']:.2f} % ({row['seconds']} s)", flush=True)
                 (out / "table.md").write_text(matrix(rows) + "\n" + table(rows))
+    if args.merge_into and not args.oracle_only:
+        merge(rows, Path(args.merge_into))
+
+
+def merge(rows: list[dict], into: Path) -> None:
+    """Replace the rows of `into` that `rows` reran (same model and rule), in place, and its table.md."""
+    new = {(r["model"], r["rule"]): r for r in rows}
+    merged = [new.get((r["model"], r["rule"]), r) for r in map(json.loads, into.read_text().splitlines())]
+    into.write_text("".join(json.dumps(r) + "\n" for r in merged))
+    (into.parent / "table.md").write_text(matrix(merged) + "\n" + table(merged))
 
 
 if __name__ == "__main__":

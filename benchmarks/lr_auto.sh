@@ -12,14 +12,33 @@ PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data digits --epochs 40 --batch-siz
 # 2. How the probe spends its budget and the per-rule priors, chosen offline on the oracle's validation errors.
 PYTHONPATH=. $PYTHON benchmarks/lr_auto_design.py --oracle benchmarks/results/lr_auto/digits/results.jsonl \
     --out benchmarks/results/lr_auto/digits/design
+# 2b. The batch-norm factor (recipes.BATCH_NORM_FACTORS) changes the prior of five rules on the two batch-norm models:
+#     those ten cells rerun, their oracle reused, their rows replaced in the table (the table before: *-no-bn-factor).
+PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data digits --epochs 40 --batch-size 32 --val-split 300 \
+    --models ResBNCNN,DepthwiseCNN --rules bp,sff-block,fdfa,lg-fg-a,fg-a \
+    --oracle-from benchmarks/results/lr_auto/digits/results-no-bn-factor.jsonl \
+    --out benchmarks/results/lr_auto/digits-bn-factor --merge-into benchmarks/results/lr_auto/digits/results.jsonl
+# 2c. Adam with a linear warm-up (2 of 40 epochs) for dfa, fdfa, lg-fg-a, fg-a at the oracle's best rate and the
+#     one above. The recorded results stop part-way through DepthwiseCNN (CPU time); this command finishes it.
+PYTHONPATH=.:benchmarks $PYTHON benchmarks/lr_auto_warmup.py --oracle benchmarks/results/lr_auto/digits/results.jsonl \
+    --models LayerNormMLP,Conv1DNet,TinyMixer,DepthwiseCNN --out benchmarks/results/lr_auto/digits/warmup
 # 3. MNIST and a CIFAR-10 subset (2,000 training images, 500 validation, 4 epochs): LayerNormMLP only (CPU time).
 for D in mnist cifar10; do
   PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 4 --batch-size 32 --val-split 500 \
       --train-size 2000 --models LayerNormMLP --out benchmarks/results/lr_auto/$D
+done
+# 3b. Two convolutional/mixer suite models at a smaller budget (1,000 training images, 3 epochs: CPU time).
+for D in mnist cifar10; do
+  PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 3 --batch-size 32 --val-split 500 \
+      --train-size 1000 --models ResBNCNN,TinyMixer --out benchmarks/results/lr_auto/$D-conv
 done
 # 4. The issue's table (examples/residual_cnn.py, digits, 20 epochs), rerun with no recipe flags.
 PYTHONPATH=. $PYTHON -m bpfree compare --methods bp,fa,sff-block,l-bp,dfa,fdfa,lg-fg-a,fg-a \
     --model examples/residual_cnn.py:ResidualCNN --data digits --epochs 20 --threads 1 --no-plots \
     --out runs/lr_auto/issue-table > benchmarks/results/lr_auto/issue-table.md
 cp runs/lr_auto/issue-table/results.csv benchmarks/results/lr_auto/issue-table.csv
+# 4b. The same for the five rules whose prior the batch-norm factor changes on this model (the others are unchanged).
+PYTHONPATH=. $PYTHON -m bpfree compare --methods bp,sff-block,fdfa,lg-fg-a,fg-a \
+    --model examples/residual_cnn.py:ResidualCNN --data digits --epochs 20 --threads 1 --no-plots \
+    --out runs/lr_auto/issue-table-bn-factor > benchmarks/results/lr_auto/issue-table-bn-factor.md
 PYTHONPATH=. $PYTHON benchmarks/lr_auto_sgd.py --models ResBNCNN,TinyMixer   # 5. Adam or SGD on unseen models

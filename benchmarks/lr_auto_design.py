@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from lr_suite import SUITE  # noqa: E402
 
-from bpfree import lrfind, methods, models, recipes  # noqa: E402
+from bpfree import methods, models  # noqa: E402
+from bpfree.training import lrfind, recipes  # noqa: E402
 from bpfree.training.train import TrainConfig, load_data, lr_multipliers_by_id, make_optimizer  # noqa: E402
 
 GRID = list(lrfind.GRID)
@@ -107,6 +108,33 @@ def best_fixed(oracle: dict, rule: str, models_: list[str]) -> float:
     return min(GRID, key=lambda lr: (cost(lr), lr))
 
 
+MULTIPLIERS = (1, 3, 10)  # candidate factors on a rule's prior for models with batch norm
+
+
+def at_rate(grid_val: list[float], lr: float) -> float:
+    """The validation error at the grid rate nearest lr on a log scale (the grid's top for a rate above it)."""
+    return grid_val[min(range(len(GRID)), key=lambda i: abs(math.log(GRID[i] / lr)))]
+
+
+def best_with_batch_norm(oracle: dict, rule: str, models_: list[str], batch_norm: set[str]) -> tuple[float, int]:
+    """A prior and a factor for models with batch norm (prior x factor), chosen as best_fixed chooses a prior:
+    within the goal on most of `models_`, ties by the summed gap, then the smaller factor and rate."""
+    def cost(base: float, factor: int) -> tuple[int, float]:
+        met, gap = 0, 0.0
+        for m in models_:
+            row = oracle[(m, rule)]["grid_val"]
+            value = at_rate(row, min(GRID[-1], base * (factor if m in batch_norm else 1)))
+            met += meets(value, min(row))
+            gap += value - min(row)
+        return -met, gap
+    return min(((b, f) for b in GRID for f in MULTIPLIERS), key=lambda c: (cost(*c), c[1], c[0]))
+
+
+def has_batch_norm(model: str, input_shape: tuple[int, ...] = (1, 8, 8)) -> bool:
+    built = models.build(f"examples/lr_suite.py:{model}", num_classes=10, input_shape=input_shape)
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in built.modules())
+
+
 def probe_shape(k: int, margin: float | None):
     """A chooser: k rates nearest the prior, the steps that fit the budget; with a margin the prior stands unless a
     rate's loss is that fraction below it, without one the lowest loss wins (no signal: the prior)."""
@@ -129,6 +157,38 @@ def probe_shape(k: int, margin: float | None):
             return lrfind.choose(points, 0, prior, cell["untrained"])[0]
         finally:
             lrfind.MARGIN = saved
+    return choose
+
+
+def smoothed(cell: dict, lr: float, steps: int, evals: int) -> float:
+    """The mean validation loss of the last `evals` recorded points up to `steps` (inf where any is missing)."""
+    values = [loss_at(cell, lr, steps - EVERY * j) for j in range(evals)]
+    return sum(values) / len(values)
+
+
+def halving_shape(first: int, keep: int, evals: int, margin: float | None):
+    """A chooser by successive halving: every grid rate for `first` steps, scored by its validation loss then; the
+    `keep` lowest go on with the rest of the budget, scored by the mean of their last `evals` validation losses
+    (one every EVERY steps). With a margin the prior stands, if it survived, unless a rate is that fraction lower."""
+    def choose(cell: dict, prior: float, budget: dict) -> float:
+        batch, val_cost = budget["batch"], budget["val_cost"]
+        left = budget["allowed"] - val_cost - len(GRID) * (first * batch + val_cost)
+        more = (left // keep - evals * val_cost) // batch
+        final = EVERY * ((first + more) // EVERY)
+        if more < EVERY * evals:
+            return prior
+        first_loss = {lr: loss_at(cell, lr, first) for lr in GRID}
+        survivors = sorted(GRID, key=lambda lr: (first_loss[lr], lr))[:keep]
+        scores = {lr: smoothed(cell, lr, final, evals) for lr in survivors}
+        good = {lr: v for lr, v in scores.items() if math.isfinite(v)}
+        if not good:
+            return min(GRID) / 10
+        pick = min(good, key=lambda lr: (good[lr], lr))
+        if good[pick] > cell["untrained"] * (1 - lrfind.NO_SIGNAL):
+            return prior
+        if margin is not None and prior in good and not good[pick] < good[prior] * (1 - margin):
+            return prior
+        return pick
     return choose
 
 
@@ -174,21 +234,38 @@ def main() -> None:
     mlp_prior = {r: recipes.lookup(r, "mlp").settings["lr"] for r in RULES}
     everywhere = {r: best_fixed(oracle, r, models_) for r in RULES}
     held_out = {(m, r): best_fixed(oracle, r, [x for x in models_ if x != m]) for m in models_ for r in RULES}
+    batch_norm = {m for m in models_ if has_batch_norm(m)}
+
+    def with_bn(fit: tuple[float, int], model: str) -> float:
+        lr = fit[0] * (fit[1] if model in batch_norm else 1)
+        return min(GRID, key=lambda g: abs(math.log(g / lr)))  # on the grid (and at most its top)
+    bn_all = {r: best_with_batch_norm(oracle, r, models_, batch_norm) for r in RULES}
+    bn_held_out = {(m, r): best_with_batch_norm(oracle, r, [x for x in models_ if x != m], batch_norm)
+                   for m in models_ for r in RULES}
     shapes = [("fixed at the prior, no probe", lambda c, prior, b: prior),
               ("6 rates, lowest loss (the first --lr auto)", probe_shape(6, None))]
     shapes += [(f"{k} rates nearest the prior, prior unless {m:.0%} lower", probe_shape(k, m))
                for k in (2, 3, 4, 6) for m in (0.0, 0.05, 0.1, 0.2)]
+    shapes += [(f"halving: 6 rates x {f} steps, {k} go on, mean of last {e} losses, "
+                + ("lowest" if m is None else f"prior unless {m:.0%} lower"), halving_shape(f, k, e, m))
+               for f in (5, 10) for k in (2, 3) for e in (1, 2) for m in (None, 0.05)]
     lines = ["# --lr auto: probe shapes and priors, scored on validation error", "",
              f"Cells: {len(cells)} (rule x model); the goal per cell: the chosen rate's 40-epoch validation error "
              "within max(2 points, 10 %) of the grid's best. Gap: summed points above the best.", "",
              "Priors chosen on all six models: " + ", ".join(f"{r} {v:g}" for r, v in everywhere.items()), "",
-             "| probe | mlp prior: met / gap | prior on all six: met / gap | prior leaving the model out: met / gap |",
-             "|---|---:|---:|---:|"]
+             "Batch-norm factors chosen on all six (prior x factor on models with batch norm: "
+             + ", ".join(sorted(batch_norm)) + "): "
+             + ", ".join(f"{r} {v[0]:g} x {v[1]}" for r, v in bn_all.items()), "",
+             "| probe | mlp prior: met / gap | prior on all six: met / gap | prior leaving the model out: met / gap | "
+             "batch-norm-aware prior on all six: met / gap | batch-norm-aware, leaving the model out: met / gap |",
+             "|---|---:|---:|---:|---:|---:|"]
     report = {}
     for name, chooser in shapes:
         row = []
         for key, priors in (("mlp", lambda m, r: mlp_prior[r]), ("all", lambda m, r: everywhere[r]),
-                            ("loo", lambda m, r: held_out[(m, r)])):
+                            ("loo", lambda m, r: held_out[(m, r)]),
+                            ("bn", lambda m, r: with_bn(bn_all[r], m)),
+                            ("bn-loo", lambda m, r: with_bn(bn_held_out[(m, r)], m))):
             met, gap, misses = score(cells, oracle, chooser, priors)
             report[(name, key)] = misses
             row.append(f"{met} / {gap:.0f}")
@@ -196,6 +273,8 @@ def main() -> None:
     chosen = f"{lrfind.POINTS} rates nearest the prior, prior unless {lrfind.MARGIN:.0%} lower"
     lines += ["", f"Misses of the shipped shape ({chosen}), priors leaving the model out:", ""]
     lines += [f"- {m}" for m in report.get((chosen, "loo"), [])]
+    lines += ["", "Misses of the shipped shape with batch-norm-aware priors leaving the model out:", ""]
+    lines += [f"- {m}" for m in report.get((chosen, "bn-loo"), [])]
     (out / "design.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

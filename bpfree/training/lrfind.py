@@ -12,10 +12,11 @@ scored on held-out validation examples: a rate is judged by what it has done aft
 included up to that horizon, and a divergence (NaN/inf, or the training loss blowing up) marks that rate "too
 high" instead of stopping anything.
 
-What is probed: the rule's prior (a per-rule rate measured across several model types, bpfree/recipes.py) and
-its two neighbours on the grid, and a neighbour replaces the prior only when clearly better: a few dozen steps order
-the rates of the noisy and delayed rules poorly, so the probe spends its budget on longer runs near a good guess
-and guards against a prior that is wrong for this model rather than ranking six rates it cannot tell apart.
+What is probed: the rule's prior (a per-rule rate measured across several model types, times a per-rule factor on
+models with batch norm: bpfree/training/recipes.py) and its two neighbours on the grid, and a neighbour replaces the
+prior only when clearly better: a few dozen steps order the rates of the noisy and delayed rules poorly, so the
+probe spends its budget on longer runs near a good guess and guards against a prior that is wrong for this model
+rather than ranking six rates it cannot tell apart.
 
 Budget: `--lr auto` spends at most BUDGET_FRACTION of the planned training work (examples through the model,
 validation examples counted like training ones) on the probe; where that leaves fewer than MIN_STEPS steps per
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from bpfree import methods, models
 from bpfree.core.errors import DivergedError
 from bpfree.data.datasets import VALIDATION_SEED, TensorData
-from bpfree.training import distributed
+from bpfree.training import distributed, recipes
 from bpfree.training.checkpoint import CHECKPOINT, CONFIG, METRICS
 from bpfree.training.runfolder import RunLock
 from bpfree.training.train import TrainConfig, load_data, lr_multipliers_by_id, make_optimizer
@@ -88,9 +89,10 @@ class Probe:
     seconds: float = 0.0
     budget: dict[str, Any] = field(default_factory=dict)
     val_indices: list[int] | None = None  # which training examples were held out (not stored: can be large)
+    prior: dict[str, Any] = field(default_factory=dict)  # the rate the probe started from, and why
 
     def record(self) -> dict[str, Any]:
-        return {"grid": [p.lr for p in self.points], "val_loss": [p.val_loss for p in self.points],
+        return {"prior": self.prior, "grid": [p.lr for p in self.points], "val_loss": [p.val_loss for p in self.points],
                 "val_error": [p.val_error for p in self.points], "status": [p.status for p in self.points],
                 "steps": self.steps, "val_examples": self.val_examples, "choice": self.choice,
                 "reason": self.reason, "seconds": round(self.seconds, 3), "budget": self.budget}
@@ -123,6 +125,28 @@ def probe_data(cfg: TrainConfig, data: Any) -> tuple[TensorData | None, list[int
 def default_grid(cfg: TrainConfig) -> tuple[float, ...]:
     """GRID for Adam / AdamW; ten times higher for SGD with momentum (the table's SGD sweeps chose 0.01-0.3)."""
     return tuple(lr * 10 for lr in GRID) if cfg.optimizer == "sgd" else GRID
+
+
+def starting_rate(cfg: TrainConfig, data: Any) -> tuple[float, dict[str, Any]]:
+    """The prior the probe centres on: cfg.lr, or on a model without a validated recipe entry whose rate and optimizer
+    the user left to it (`--lr auto` on the entry METHOD/*), the rule's prior adjusted for batch norm
+    (recipes.auto_prior)."""
+    record: dict[str, Any] = {"lr": cfg.lr, "from": "the run's learning rate"}
+    entry = cfg.recipe or {}
+    if (entry.get("entry") != f"{cfg.method}/{recipes.ANY}" or {"lr", "optimizer"} & set(entry.get("overridden", []))
+            or recipes.BATCH_NORM_FACTORS.get(cfg.method, 1) == 1):  # no need to build the model to look
+        return cfg.lr, record
+    try:
+        model = models.build(cfg.model, num_classes=data.num_classes, input_shape=data.input_shape,
+                             **cfg.model_options)
+    except AttributeError:  # data that does not say its shape: the rule's prior as it is
+        return cfg.lr, record
+    batch_norm = recipes.has_batch_norm(model)
+    lr = recipes.auto_prior(cfg.method, cfg.lr, batch_norm, default_grid(cfg))
+    factor = recipes.BATCH_NORM_FACTORS[cfg.method]
+    record = {"lr": lr, "from": f"the rule's prior {cfg.lr:g}" + (
+        f" x {factor} to the grid for a model with batch norm (recipes.BATCH_NORM_FACTORS)" if batch_norm else "")}
+    return lr, record
 
 
 # -- the plan -----------------------------------------------------------------------------------------------------
@@ -246,18 +270,23 @@ def choose(points: list[Point], n_val: int, prior: float, untrained: float = mat
     clearly worse or diverges on its model. Loss, not error: after a few steps most rules are near chance at
     every rate. Where the prior was not probed (`bpfree lr-find --lr-grid`), the lowest loss, unless no rate
     lowered it below the untrained model's by NO_SIGNAL of it: then the probe saw nothing and the prior stands.
-    None finite: below the grid."""
+    A probed prior that diverged, or whose validation loss ended BLOW_UP times the untrained model's, gives way
+    to a rate MARGIN lower even then. None finite: below the grid."""
     good = [p for p in points if p.ok]
     if not good:
         low = min(p.lr for p in points) / 10 if points else prior
         return low, "every grid point diverged: a tenth of the lowest"
     pick = min(good, key=lambda p: (p.val_loss, p.lr))
     at_prior = next((p for p in good if math.isclose(p.lr, prior, rel_tol=1e-9)), None)
+    # A probed prior that diverged, or whose validation loss blew up (local rules: their training losses are their
+    # blocks' own and can stay low while the output's grows), did harm: "no signal" does not keep it.
+    prior_harmful = any(math.isclose(p.lr, prior, rel_tol=1e-9) and not p.ok for p in points) or (
+        at_prior is not None and at_prior.val_loss > BLOW_UP * untrained)
     if at_prior is not None and not pick.val_loss < at_prior.val_loss * (1 - MARGIN):
         return prior, (f"the rule's prior: no rate's validation loss was {MARGIN:.0%} below its "
                        f"{at_prior.val_loss:.4f} (validation error {at_prior.val_error:.2f} % on {n_val} examples; "
                        f"untrained {untrained:.4f})")
-    if pick.val_loss > untrained * (1 - NO_SIGNAL):
+    if not prior_harmful and pick.val_loss > untrained * (1 - NO_SIGNAL):
         return prior, (f"no rate lowered the validation loss measurably (best {pick.val_loss:.4f}, untrained "
                        f"{untrained:.4f}): the rule's prior")
     return pick.lr, (f"lowest validation loss {pick.val_loss:.4f} (validation error {pick.val_error:.2f} % on "
@@ -271,11 +300,14 @@ def find(cfg: TrainConfig, data: Any = None, grid: tuple[float, ...] | None = No
     in all (fewer when the budget is short), with the steps that fit BUDGET_FRACTION of cfg's planned training."""
     start = time.perf_counter()
     data = load_data(cfg) if data is None else data
+    lr, prior = starting_rate(cfg, data)
+    cfg = replace(cfg, lr=lr)
     run_examples = data.num_train
     pdata, indices = probe_data(cfg, data)
     if pdata is None:
         return Probe([], 0, 0, cfg.lr, f"no validation split to probe on ({data.num_train} training examples, "
-                     f"{type(data).__name__}): the rule's prior", time.perf_counter() - start, {"allowed_examples": 0})
+                     f"{type(data).__name__}): the rule's prior", time.perf_counter() - start, {"allowed_examples": 0},
+                     prior=prior)
     grid = tuple(sorted(grid or default_grid(cfg)))
     if steps is None:
         lrs, steps, budget = plan(cfg, run_examples, pdata, grid)
@@ -283,7 +315,7 @@ def find(cfg: TrainConfig, data: Any = None, grid: tuple[float, ...] | None = No
         lrs, budget = list(grid), {"steps_given": steps}
     if not lrs:
         return Probe([], 0, pdata.num_val, cfg.lr, "budget too small for a probe: the rule's prior",
-                     time.perf_counter() - start, budget, indices)
+                     time.perf_counter() - start, budget, indices, prior)
     show = sys.stderr.isatty() if show_progress is None else show_progress
     bar = tqdm(total=len(lrs) * steps, desc="lr probe", disable=not show, leave=False, file=sys.stderr)
     untrained = train_point(cfg, pdata, lrs[0], 0).val_loss  # the yardstick: what no training gives
@@ -294,7 +326,7 @@ def find(cfg: TrainConfig, data: Any = None, grid: tuple[float, ...] | None = No
     bar.close()
     choice, reason = choose(points, pdata.num_val, cfg.lr, untrained)
     budget["untrained_val_loss"] = untrained
-    return Probe(points, steps, pdata.num_val, choice, reason, time.perf_counter() - start, budget, indices)
+    return Probe(points, steps, pdata.num_val, choice, reason, time.perf_counter() - start, budget, indices, prior)
 
 
 def note(message: str) -> None:

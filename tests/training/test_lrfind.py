@@ -190,6 +190,14 @@ def test_choose_keeps_the_prior_unless_a_rate_is_clearly_better_and_ignores_dive
     assert lrfind.choose(flat, 300, 3e-3, untrained=2.30)[0] == 3e-3
     assert "prior" in lrfind.choose(flat, 300, 3e-3, untrained=2.30)[1]
     assert lrfind.choose(flat, 300, 3e-3, untrained=2.40)[0] == 1e-4
+    # Where no rate beat the untrained model (2.30): a prior whose validation loss blew up (3x) or that diverged
+    # gives way to a clearly lower loss; a prior merely worse than the untrained model after the probe stands (the
+    # delayed rules), and so does a prior whose loss blew up as much as every other rate's.
+    assert lrfind.choose([lrfind.Point(1e-2, 2.87, 88.0), lrfind.Point(3e-2, 37.6, 90.0)], 300, 3e-2, 2.30)[0] == 1e-2
+    assert lrfind.choose([lrfind.Point(1e-2, 2.4, 88.0), lrfind.Point(3e-2, status="diverged: x")], 300, 3e-2,
+                         2.30)[0] == 1e-2
+    assert lrfind.choose([lrfind.Point(3e-3, 2.32, 88.0), lrfind.Point(1e-2, 2.64, 90.0)], 300, 1e-2, 2.30)[0] == 1e-2
+    assert lrfind.choose([lrfind.Point(1e-2, 82.9, 88.0), lrfind.Point(3e-2, 1026.0, 90.0)], 300, 1e-2, 2.30)[0] == 1e-2
 
 
 def test_the_default_probe_tries_the_prior_and_its_grid_neighbours(digits):
@@ -284,7 +292,8 @@ def test_data_parallel_only_rank0_probes_and_every_rank_trains_with_its_choice(t
     assert config["lr_auto"] and probe["grid"] and config["lr"] == probe["choice"]
     lines = [line.split(" ", 1) for line in log.read_text().splitlines()]
     built = {r: sum(1 for rank, what in lines if rank == r and what == "built") for r in ("0", "1")}
-    assert built == {"0": len(probe["grid"]) + 2, "1": 1}  # rank 0: untrained + each point + the run; rank 1: the run
+    # rank 0: the look for batch norm (bp has a factor) + untrained + each point + the run; rank 1: the run
+    assert built == {"0": len(probe["grid"]) + 3, "1": 1}
     # Both ranks applied the same updates, so the same rate: their weights agree at the last step (differing rates
     # would part them from the second step on).
     final = {r: [what for rank, what in lines if rank == r and what.startswith("weights")][-1] for r in ("0", "1")}
@@ -300,3 +309,21 @@ def test_data_parallel_a_probe_refused_on_rank0_stops_every_rank_with_its_messag
     assert [code for code, _ in results] == [2, 2]
     assert all("in use by another bpfree process" in err for _, err in results)
     assert not (out / lrfind.PROBE_PLOT).exists()
+
+
+def test_a_model_with_batch_norm_starts_from_the_rules_batch_norm_prior_unless_the_user_chose(tmp_path):
+    bn = ["--model", "examples/lr_suite.py:ResBNCNN", "--data", "digits", "--threads", "1", "--epochs", "1"]
+    assert main(["train", "--method", "lg-fg-a", *bn, "--out", str(tmp_path / "a")]) == 0
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    expected = recipes.auto_prior("lg-fg-a", recipes.PRIORS["lg-fg-a"], True, lrfind.GRID)
+    assert recipes.BATCH_NORM_FACTORS["lg-fg-a"] > 1 and expected > recipes.PRIORS["lg-fg-a"]
+    assert config["lr"] == expected and "batch norm" in config["lr_probe"]["prior"]["from"]
+    # The same rule on a model without batch norm, and an lr-find prior given by the user: no factor.
+    assert main(["train", "--method", "lg-fg-a", *USER, "--epochs", "1", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["lr"] == recipes.PRIORS["lg-fg-a"]
+    cfg = tiny_cfg(method="lg-fg-a", lr=1e-3, recipe={"entry": "lg-fg-a/*", "overridden": ["lr"]})
+    assert lrfind.starting_rate(cfg, object())[0] == 1e-3
+    assert recipes.auto_prior("fa", 1e-2, True, lrfind.GRID) == 1e-2  # a rule without a factor
+    assert recipes.auto_prior("fg-a", 3e-3, True, lrfind.GRID) == 1e-2  # x3 on the 1-3-10 grid: the next point
+    assert recipes.auto_prior("fdfa", 1e-2, True, lrfind.GRID) == 3e-2  # at most the grid's top
+    assert recipes.auto_prior("fdfa", 1e-2, False, lrfind.GRID) == 1e-2
