@@ -1,5 +1,5 @@
 """Block-parallel training: `bpfree train --stages S` trains S contiguous groups of a model's blocks at once, one
-process each, on torch.distributed (gloo on CPU, NCCL on CUDA), for the local rules, dfa, fdfa and fg-a.
+process each, on torch.distributed (gloo on CPU, NCCL on CUDA), for the local rules, dfa, fdfa, fg-a and fg-w.
 
 Every process builds the same model and the same estimator (same seed: same initialisation, heads, feedback
 matrices and random streams) and runs the rule's own `step` unchanged. What makes a process a *stage* is how the
@@ -16,9 +16,9 @@ are per parameter, so a stage that steps only the parameters it owns while the n
 batch is *exactly* the one-process run (tests/test_stages.py). Nothing flows back. Each process reads the same
 batches from its own data loader (same shuffle), so only activations travel; labels are read locally.
 
-dfa, fdfa and fg-a learn from the output error. Synchronously (the default), the last stage's loss and output error
-reach every stage once per step (`shared_output_error`); fdfa's and fg-a's tangents ride forward beside the
-activations and the last stage's output tangent is shared at the model's output, so these too equal one process.
+dfa, fdfa, fg-a and fg-w learn from the output error. Synchronously (the default), the last stage's loss and output
+error reach every stage once per step (`shared_output_error`); fdfa's, fg-a's and fg-w's tangents ride forward beside
+the activations and the last stage's output tangent is shared at the model's output, so these too equal one process.
 Pipelined (`--stage-mode pipelined`, dfa and fg-a), stage s keeps the batches it ran and updates from the signal the
 last stage sends for each (e, or fg-a's directional derivatives) S-1-s steps later, so no stage waits for it.
 
@@ -56,7 +56,7 @@ from bpfree.methods.base import Estimator, StepResult, zero_missing_grads
 from bpfree.methods.block_local import BlockLocal, BlockLocalFGActivity
 from bpfree.methods.feedback_alignment import _DirectFeedback
 from bpfree.methods.forward_forward import ScalableFF
-from bpfree.methods.forward_gradient import ForwardGradientActivity
+from bpfree.methods.forward_gradient import ForwardGradientActivity, ForwardGradientWeight
 from bpfree.training import distributed
 from bpfree.training.checkpoint import CHECKPOINT, CONFIG, record_failure
 from bpfree.training.checkpoint import rng_state as global_rng_state
@@ -64,12 +64,13 @@ from bpfree.training.checkpoint import set_rng_state as set_global_rng_state
 from bpfree.training.runfolder import atomic_write_bytes, describe_os_error
 from bpfree.training.train import Run, TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
 
-STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block", "dfa", "fdfa", "fg-a")
+STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block", "dfa", "fdfa", "fg-a",
+                "fg-w")
 # Rules whose blocks learn from the output error: every stage needs the last stage's error (and, for the rules whose
 # tangents run through the whole model, its output tangent), synchronously or a few steps late (pipelined).
-OUTPUT_ERROR_RULES = ("dfa", "fdfa", "fg-a")
+OUTPUT_ERROR_RULES = ("dfa", "fdfa", "fg-a", "fg-w")
 # Rules whose forward-mode tangents cross the stage boundaries beside the activations.
-CARRY_TANGENTS = ("fdfa", "fg-a")
+CARRY_TANGENTS = ("fdfa", "fg-a", "fg-w")
 # --stage-mode: synchronous (every stage waits for this step's error: the one-process run) or pipelined (stage s
 # applies the error of the batch it ran d = S-1-s steps before, keeping those batches' activations).
 MODES = ("synchronous", "pipelined")
@@ -79,8 +80,6 @@ REFUSED = {
     "bp": "backprop sends gradients back through every stage; its pipeline (torch.distributed.pipelining) is not "
           "wired into --stages yet",
     "fa": "feedback alignment sends errors back through every stage; not wired into --stages yet",
-    "fg-w": "its step differentiates the whole model in one torch.func.jvp under vmap, which a received activation "
-            "and its K tangents cannot enter; use fg-a or lg-fg-w",
     "ff": "hard and readout negatives score through every block, and ff's loss averages all blocks; use sff-block",
 }
 MAX_PENDING_SENDS = 2  # activations a stage may have in flight: bounds its memory, lets it run ahead by this much
@@ -795,7 +794,14 @@ class StagedRun(Run):
             if est.aggregation == "orthogonal":
                 raise UsageError("--stages: fg-a's orthogonal aggregation projects onto the span of every layer's "
                                  "tangents, which no one stage sees; use --aggregation mean or sum")
-        if not isinstance(est, (BlockLocal, ScalableFF, _DirectFeedback, ForwardGradientActivity)) or \
+        if isinstance(est, ForwardGradientWeight):
+            est.chain = None
+            if est.K > 1:
+                raise UsageError("--stages: fg-w with --tangents > 1 differentiates the whole model in one "
+                                 "torch.func.jvp under vmap, which a received activation's K tangents cannot enter; "
+                                 "use --tangents 1, fg-a or lg-fg-w")
+        if not isinstance(est, (BlockLocal, ScalableFF, _DirectFeedback, ForwardGradientActivity,
+                                ForwardGradientWeight)) or \
                 methods.find_fast_path(cfg.method, self.model) is not None:
             raise UsageError(f"--stages: {cfg.method} on {type(self.model).__name__} runs a model-specific fast "
                              "path without block hooks; it cannot be staged")
