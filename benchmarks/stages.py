@@ -97,6 +97,7 @@ def staged_row(args: argparse.Namespace, rule: str, mode: str, one: dict, pair: 
         "block_seconds": config["stage_profile"]["block_seconds"],
         "stage_busy_s": [staged[f"stage{s}_busy_seconds"] for s in (0, 1)],
         "stage_idle_s": [staged[f"stage{s}_idle_seconds"] for s in (0, 1)],
+        "stage_cpu_s": [staged.get(f"stage{s}_cpu_seconds") for s in (0, 1)],
         "stage_sent_bytes_per_step": staged["stage0_sent_bytes_per_step"],
         "stage_peak_mb": [staged[f"stage{s}_peak_memory_mb"] for s in (0, 1)],
         "one_peak_mb": one["peak_memory_mb"],

@@ -19,8 +19,9 @@ batches from its own data loader (same shuffle), so only activations travel; lab
 dfa, fdfa, fg-a and fg-w learn from the output error. Synchronously (the default), the last stage's loss and output
 error reach every stage once per step (`shared_output_error`); fdfa's, fg-a's and fg-w's tangents ride forward beside
 the activations and the last stage's output tangent is shared at the model's output, so these too equal one process.
-Pipelined (`--stage-mode pipelined`, dfa and fg-a), stage s keeps the batches it ran and updates from the signal the
-last stage sends for each (e, or fg-a's directional derivatives) S-1-s steps later, so no stage waits for it.
+Pipelined (`--stage-mode pipelined`, dfa, fdfa and fg-a), stage s keeps the batches it ran and updates from the signal
+the last stage sends for each (e; fdfa's e and ẏ; fg-a's directional derivatives) S-1-s steps later, so no stage waits
+for it.
 
 Why not the stage modules of `torch.distributed.pipelining.pipeline` (which does split resnet18, the example ViT
 and ResidualCNN and keeps the block names): see docs/parallel.md. In short, the estimators are built on the whole
@@ -74,7 +75,7 @@ CARRY_TANGENTS = ("fdfa", "fg-a", "fg-w")
 # --stage-mode: synchronous (every stage waits for this step's error: the one-process run) or pipelined (stage s
 # applies the error of the batch it ran d = S-1-s steps before, keeping those batches' activations).
 MODES = ("synchronous", "pipelined")
-PIPELINED_RULES = ("dfa", "fg-a")
+PIPELINED_RULES = ("dfa", "fdfa", "fg-a")
 # One line per rule that refuses --stages, saying why (docs/parallel.md: what is left).
 REFUSED = {
     "bp": "backprop sends gradients back through every stage; its pipeline (torch.distributed.pipelining) is not "
@@ -716,7 +717,8 @@ def shared_output_error(estimator: Estimator, link: Link) -> Iterator[None]:
 @contextmanager
 def late_signals_sent(estimator: Estimator, link: Link) -> Iterator[None]:
     """Pipelined mode, last stage: while active, every step's signal for the earlier stages is sent to them as the
-    rule makes it (dfa: its output error e; fg-a: the loss's directional derivatives, K x batch)."""
+    rule makes it (dfa: its output error e; fdfa: e and the output tangent ẏ side by side, batch x 2 classes, once
+    the rule has both; fg-a: the loss's directional derivatives, K x batch)."""
     if isinstance(estimator, ForwardGradientActivity):
         original = estimator.directional_derivatives
 
@@ -732,16 +734,36 @@ def late_signals_sent(estimator: Estimator, link: Link) -> Iterator[None]:
             del estimator.directional_derivatives
         return
     loss_fn = estimator.loss_fn
+    learns = isinstance(estimator, _DirectFeedback) and estimator.use_tangents
+    signal: dict[str, torch.Tensor] = {}  # fdfa: e and ẏ of this step, in the order its feedback timing makes them
+
+    def ready(kind: str, t: torch.Tensor) -> None:
+        signal[kind] = t
+        if len(signal) == 2:
+            link.send_late(torch.cat([signal.pop("e"), signal.pop("y_dot")], 1))
 
     def share(loss: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        link.send_late(e)
+        if learns:
+            ready("e", e)
+        else:
+            link.send_late(e)
         return loss, e
 
     estimator.loss_fn = lambda logits, y: _LastStageLoss.apply(logits, y, loss_fn, share)  # type: ignore[method-assign]
+    if learns:
+        learn = estimator.learn_feedback
+
+        def learn_and_send(y_dot: torch.Tensor, tangents: list[torch.Tensor]) -> None:
+            ready("y_dot", y_dot.detach())
+            learn(y_dot, tangents)
+
+        estimator.learn_feedback = learn_and_send  # type: ignore[method-assign]
     try:
         yield
     finally:
         del estimator.loss_fn
+        if learns:
+            del estimator.learn_feedback
 
 
 # -- the staged run ---------------------------------------------------------------------------------------------
@@ -927,7 +949,7 @@ class StagedRun(Run):
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch)  # as one process: same batches
         tally = Tally()
         self.link.reset()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         pipelined = self.mode == "pipelined"
         delay = self.delay(self.plan.stage)
         waiting: list[tuple[Any, torch.Size]] = []  # pipelined: batches run forward, their update still to come
@@ -963,9 +985,9 @@ class StagedRun(Run):
             while waiting:  # the pipeline drains at the epoch's end: checkpoints hold no batch in flight
                 self._late_update(*waiting.pop(0))
             self.link.flush()
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         mine = {"tally": {"loss": tally.loss, "wrong": tally.wrong, "seen": tally.seen, "extras": tally.extras},
-                "wall": wall, "idle": self.link.idle, "sent": self.link.sent, "steps": self.steps_per_epoch,
+                "wall": wall, "cpu": cpu, "idle": self.link.idle, "sent": self.link.sent, "steps": self.steps_per_epoch,
                 "peak": self.peak_mb}
         record = self._combine(mine, tally)
         self._share_state()
@@ -996,10 +1018,13 @@ class StagedRun(Run):
                 return t.clone() if t.untyped_storage().data_ptr() in storages else t
 
             with torch.autograd.graph.saved_tensors_hooks(stash, lambda t: t):
-                outs, _, logits, _ = est._forward_generic(x)
+                outs, tangents, logits, _ = est._forward_generic(x)
             if est.feedback is None:
                 est.feedback = est.init_feedback(outs, logits.shape[1])
-            kept = ([(i, o) for i, o in enumerate(outs) if o.requires_grad], logits.shape[1], logits.dtype)
+            # fdfa learns every B_l (so that every stage holds the one B a checkpoint saves) from this batch's u_l,
+            # drawn into buffers the next step reuses: kept as copies until its ẏ comes
+            us = [u.clone() for u in tangents] if est.use_tangents else []
+            kept = ([(i, o) for i, o in enumerate(outs) if o.requires_grad], logits.shape[1], logits.dtype, us)
         return kept, StepResult(torch.zeros(()), logits.detach())
 
     def _late_update(self, kept: Any, shape: torch.Size) -> None:
@@ -1017,10 +1042,18 @@ class StagedRun(Run):
                 named[n].grad = c.sum().to(v.dtype) * v
         else:
             assert isinstance(est, _DirectFeedback) and est.feedback is not None
-            outs, classes, dtype = kept
-            e = self.link.recv_late((rows, classes), dtype, self.device)
+            outs, classes, dtype, us = kept
+            if est.use_tangents:  # fdfa: e and ẏ side by side; B learns before or after its use, as in one process
+                signal = self.link.recv_late((rows, 2 * classes), dtype, self.device)
+                e, y_dot = signal[:, :classes], signal[:, classes:]
+            else:
+                e = self.link.recv_late((rows, classes), dtype, self.device)
+            if us and est.feedback_timing == "after":
+                est.learn_feedback(y_dot, us)
             for i, out in reversed(outs):  # last block first, as the rule's own step
                 torch.autograd.backward(out, (e @ est.feedback[i]).view_as(out))
+            if us and est.feedback_timing == "before":
+                est.learn_feedback(y_dot, us)
         zero_missing_grads(est.trainable())
         self.optimizer.step()
         self.schedule.step()
@@ -1096,6 +1129,9 @@ class StagedRun(Run):
         for s, stage in enumerate(everyone):
             record[f"stage{s}_busy_seconds"] = stage["wall"] - stage["idle"]
             record[f"stage{s}_idle_seconds"] = stage["idle"]
+            # busy is wall time not spent waiting: on a shared machine it includes time the process was ready but
+            # not running; the process's CPU seconds (all its threads) tell the two apart
+            record[f"stage{s}_cpu_seconds"] = stage["cpu"]
             record[f"stage{s}_images_per_second"] = stage["tally"]["seen"] / stage["wall"]
             record[f"stage{s}_sent_bytes_per_step"] = stage["sent"] / max(1, stage["steps"])
             record[f"stage{s}_peak_memory_mb"] = stage["peak"]

@@ -66,6 +66,11 @@ PIPELINED = {
     # resnet18: blocks of several layers, whose backward needs weights the optimizer has changed since
     "dfa-pipelined-resnet": dict(method="dfa", **RESNET, mode="pipelined", epochs=3, train_size=128,
                                  split=["blocks.4"]),
+    # fdfa: every stage learns every B from the late e and ẏ, in the batches' order: the B a checkpoint saves
+    "fdfa-pipelined-resnet": dict(method="fdfa", **RESNET, mode="pipelined", epochs=3, train_size=128,
+                                  split=["blocks.4"]),
+    "fdfa-pipelined-3": dict(method="fdfa", stages=3, mode="pipelined", epochs=3, split=["3", "5"],
+                             method_options={"feedback_timing": "after"}),
     "fg-a-pipelined-vit": dict(method="fg-a", model=VIT, model_options={}, mode="pipelined", epochs=3, train_size=128,
                                method_options={"tangents": 2}, split=["encoder.layers.4"]),
 }
@@ -148,6 +153,7 @@ def test_staged_metrics_and_config(staged_runs):
     for s in (0, 1):
         assert records[-1][f"stage{s}_images_per_second"] > 0
         assert records[-1][f"stage{s}_busy_seconds"] > 0 and records[-1][f"stage{s}_idle_seconds"] >= 0
+        assert records[-1][f"stage{s}_cpu_seconds"] > 0
     # Stage 0 sends its last block's output (batch x 16 floats per step); the last stage sends nothing.
     assert records[-1]["stage0_sent_bytes_per_step"] == pytest.approx(200 / 4 * 16 * 4)
     assert records[-1]["stage1_sent_bytes_per_step"] == 0
@@ -188,7 +194,7 @@ def test_bad_stage_options_refuse():
         check_stages("l-bp", 1, 1, ("a",))
     with pytest.raises(UsageError, match="at least 1"):
         check_stages("l-bp", 0, 1, None)
-    with pytest.raises(UsageError, match="pipelined is for dfa, fg-a"):
+    with pytest.raises(UsageError, match="pipelined is for dfa, fdfa, fg-a"):
         check_stages("l-bp", 2, 1, None, "pipelined")
     with pytest.raises(UsageError, match="--recompute true is for the synchronous mode"):
         check_stages("dfa", 2, 1, None, "pipelined", recompute=True)
