@@ -7,7 +7,9 @@ Phases are timed in CPU seconds (time.process_time: all of the process's threads
 compare across modes on a shared machine: a stage that is ready to run while another process has its core spends
 wall-clock "busy" time but no CPU time. Both modes run the same split (`--split`), so they do the same arithmetic.
 One warm-up epoch, then one timed epoch of `--train-size` CIFAR-10 images, two stages, one thread each. Prints one
-JSON line per stage and mode.
+JSON line per stage and mode, and one for the same rule in one process (its epoch's CPU seconds); last, per mode,
+the one-process CPU seconds over the larger stage's: the speed-up the stages would give on free cores if they never
+waited (a projection from CPU time, which a shared machine's load barely changes, not a measured throughput).
 """
 
 from __future__ import annotations
@@ -58,6 +60,29 @@ def timed(totals: dict[str, list[float]], obj: Any, name: str, key: str | None =
     setattr(obj, name, wrapper)
 
 
+def config(args: argparse.Namespace, name: str) -> Any:
+    from bpfree.training.train import TrainConfig
+
+    return TrainConfig(method=args.rule, model="resnet18", model_options={"width": args.width}, data="cifar10",
+                       train_size=args.train_size, batch_size=args.batch_size, epochs=1, optimizer="adam", lr=1e-3,
+                       out=str(Path(args.out) / name))
+
+
+def one_process_main(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from bpfree.training.train import Run
+
+    run = Run(config(args, "one"), show_progress=False)
+    run.train_epoch()  # warm-up
+    start, cpu = time.perf_counter(), time.process_time()
+    run.train_epoch()
+    print(json.dumps({"mode": "one process", "wall_s": round(time.perf_counter() - start, 3),
+                      "cpu_s": round(time.process_time() - cpu, 3)}), flush=True)
+    run.close()
+
+
 def stage_main(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
@@ -66,12 +91,9 @@ def stage_main(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     from bpfree.methods.forward_gradient import ForwardGradientActivity
     from bpfree.training.stages import StagedRun
-    from bpfree.training.train import TrainConfig
 
     mode = args.stage
-    cfg = TrainConfig(method=args.rule, model="resnet18", model_options={"width": args.width}, data="cifar10",
-                      train_size=args.train_size, batch_size=args.batch_size, epochs=1, optimizer="adam", lr=1e-3,
-                      out=str(Path(args.out) / mode))
+    cfg = config(args, mode)
     run = StagedRun(cfg, 2, [args.split], mode, show_progress=False)
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     est = run.estimator
@@ -111,16 +133,27 @@ def stage_main(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.stage == "one":
+        one_process_main(args)
+        return 0
     if args.stage:
         stage_main(args)
         return 0
+    given = argv if argv is not None else sys.argv[1:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cpu: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, __file__, *given, "--stage", "one", "--out", tmp], env=env,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"one process failed ({done.returncode}):\n{done.stderr[-2000:]}")
+        print(done.stdout.strip(), flush=True)
+        one_cpu = json.loads(done.stdout.strip().splitlines()[-1])["cpu_s"]
         for mode in args.modes.split(","):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--stage", mode,
-                   "--out", tmp]
+            cmd = [sys.executable, __file__, *given, "--stage", mode, "--out", tmp]
             procs = [subprocess.Popen(cmd, env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                                                  "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
                                                  "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
@@ -130,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                 if p.returncode != 0:
                     raise SystemExit(f"stage failed ({p.returncode}):\n{err[-2000:]}")
                 print(out.strip(), flush=True)
+                cpu.setdefault(mode, []).append(json.loads(out.strip().splitlines()[-1])["cpu_s"])
+    for mode, seconds in cpu.items():
+        print(json.dumps({"mode": mode, "one_process_cpu_s": one_cpu, "stage_cpu_s": seconds,
+                          "cpu_speedup": round(one_cpu / max(seconds), 3)}))
     return 0
 
 
