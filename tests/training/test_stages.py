@@ -52,6 +52,7 @@ RUNS = {
     "fg-w-resnet": dict(method="fg-w", **RESNET),
     "fg-w-vit": dict(method="fg-w", model=VIT, model_options={}),
     "fg-a-3": dict(method="fg-a", model=VIT, model_options={}, stages=3, train_size=128),
+    "fg-w-3": dict(method="fg-w", model=VIT, model_options={}, stages=3, train_size=128),
     "l-bp-3": dict(method="l-bp", stages=3),
     # Stopped after one epoch, resumed to three: must equal three uninterrupted epochs.
     "l-bp-resumed": dict(method="l-bp", epochs=1, resume_to=3),
