@@ -75,7 +75,7 @@ CARRY_TANGENTS = ("fdfa", "fg-a", "fg-w")
 # --stage-mode: synchronous (every stage waits for this step's error: the one-process run) or pipelined (stage s
 # applies the error of the batch it ran d = S-1-s steps before, keeping those batches' activations).
 MODES = ("synchronous", "pipelined")
-PIPELINED_RULES = ("dfa", "fdfa", "fg-a")
+PIPELINED_RULES = ("dfa", "fdfa", "fg-a", "fg-w")
 # One line per rule that refuses --stages, saying why (docs/parallel.md: what is left).
 REFUSED = {
     "bp": "backprop sends gradients back through every stage; its pipeline (torch.distributed.pipelining) is not "
@@ -714,11 +714,35 @@ def shared_output_error(estimator: Estimator, link: Link) -> Iterator[None]:
         del estimator.loss_fn
 
 
+class _SendsDirectionalDerivatives:
+    """Pipelined fg-w, last stage: stands in for the rule's group, whose weighted mean of the K directional
+    derivatives d (seed-shared tangents: the step's one exchange across data-parallel ranks) is where d passes;
+    sends it to the earlier stages on the way."""
+
+    def __init__(self, group: Group, link: Link):
+        self._group, self._link = group, link
+
+    def weighted_mean_(self, tensors: Sequence[torch.Tensor], weight: float) -> None:
+        self._group.weighted_mean_(tensors, weight)
+        self._link.send_late(tensors[0])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._group, name)
+
+
 @contextmanager
 def late_signals_sent(estimator: Estimator, link: Link) -> Iterator[None]:
     """Pipelined mode, last stage: while active, every step's signal for the earlier stages is sent to them as the
     rule makes it (dfa: its output error e; fdfa: e and the output tangent ẏ side by side, batch x 2 classes, once
-    the rule has both; fg-a: the loss's directional derivatives, K x batch)."""
+    the rule has both; fg-a: the loss's directional derivatives, K x batch; fg-w: its K directional derivatives)."""
+    if isinstance(estimator, ForwardGradientWeight):
+        group = estimator.group
+        estimator.group = _SendsDirectionalDerivatives(group, link)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            estimator.group = group
+        return
     if isinstance(estimator, ForwardGradientActivity):
         original = estimator.directional_derivatives
 
@@ -1008,6 +1032,29 @@ class StagedRun(Run):
                 lambda rec: records.append(rec) if any(id(p) in mine for p in rec.params) else None, dual=True)
             named = dict(self.model.named_parameters())
             kept: Any = (records, {n: v for n, v in loose.items() if id(named[n]) in mine})
+        elif isinstance(est, ForwardGradientWeight):
+            # The rule's own step (its pass sends the boundary with its tangent); the gradients it forms from this
+            # stage's stand-in output are replaced when the batch's d comes. Kept: the weight tangents it drew.
+            drawn: list[torch.Tensor] = []
+            sample = est._sample_
+
+            def keep(out: torch.Tensor, copies: int = 0) -> torch.Tensor:
+                drawn.append(sample(out, copies))
+                return drawn[-1]
+
+            est._sample_ = keep  # type: ignore[method-assign]
+            try:
+                logits = est.step(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)).logits
+            finally:
+                del est._sample_
+            readout = est._readout_module()
+            skip = {id(p) for p in readout.parameters()} if readout is not None else set()
+            perturbed = [p for p in self.model.parameters() if p.requires_grad and id(p) not in skip]  # draw order
+            mine = {id(p) for p in self.owned_params}
+            orthogonal = est.aggregation == "orthogonal"
+            kept = ([(p, v) for p, v in zip(perturbed, drawn, strict=True) if id(p) in mine],
+                    T.gram(drawn, entries=T.entries(est.dist)) if orthogonal else None,
+                    sum(v[0].numel() for v in drawn))
         else:
             assert isinstance(est, _DirectFeedback)
             # The optimizer changes the weights in place before this batch's update: the update is formed at the
@@ -1040,6 +1087,12 @@ class StagedRun(Run):
             named = dict(self.model.named_parameters())
             for n, v in loose.items():
                 named[n].grad = c.sum().to(v.dtype) * v
+        elif isinstance(est, ForwardGradientWeight):
+            tangents, gram, dim = kept
+            d = self.link.recv_late((est.K,), torch.float32, self.device)
+            c = T.coefficients(d, est.aggregation, gram, dim)
+            for p, v in tangents:
+                p.grad = torch.tensordot(c.to(v.dtype), v, dims=1)
         else:
             assert isinstance(est, _DirectFeedback) and est.feedback is not None
             outs, classes, dtype, us = kept

@@ -54,6 +54,10 @@ RUNS = {
     "fg-a-3": dict(method="fg-a", model=VIT, model_options={}, stages=3, train_size=128),
     "fg-w-3": dict(method="fg-w", model=VIT, model_options={}, stages=3, train_size=128),
     "l-bp-3": dict(method="l-bp", stages=3),
+    # Pipelined with one batch per epoch: the pipeline drains after every batch, so stage 0's late update comes from
+    # the same weights and error as the synchronous one: equal to one process. Checks what each late update does.
+    **{f"{rule}-pipelined-1-step": dict(method=rule, **({} if rule == "dfa" else RESNET), mode="pipelined",
+                                        train_size=BASE["batch_size"]) for rule in ("dfa", "fdfa", "fg-a", "fg-w")},
     # Stopped after one epoch, resumed to three: must equal three uninterrupted epochs.
     "l-bp-resumed": dict(method="l-bp", epochs=1, resume_to=3),
     "sff-resumed": dict(method="sff-block", epochs=1, resume_to=3),
@@ -72,6 +76,11 @@ PIPELINED = {
                                   split=["blocks.4"]),
     "fdfa-pipelined-3": dict(method="fdfa", stages=3, mode="pipelined", epochs=3, split=["3", "5"],
                              method_options={"feedback_timing": "after"}),
+    # fg-w: stage 0 keeps the weight tangents it drew; the last stage sends d (K floats) per batch
+    "fg-w-pipelined-resnet": dict(method="fg-w", **RESNET, mode="pipelined", epochs=3, train_size=128,
+                                  split=["blocks.4"]),
+    "fg-w-pipelined-3": dict(method="fg-w", stages=3, mode="pipelined", epochs=3, split=["3", "5"],
+                             method_options={"aggregation": "orthogonal"}),
     "fg-a-pipelined-vit": dict(method="fg-a", model=VIT, model_options={}, mode="pipelined", epochs=3, train_size=128,
                                method_options={"tangents": 2}, split=["encoder.layers.4"]),
 }
@@ -195,7 +204,7 @@ def test_bad_stage_options_refuse():
         check_stages("l-bp", 1, 1, ("a",))
     with pytest.raises(UsageError, match="at least 1"):
         check_stages("l-bp", 0, 1, None)
-    with pytest.raises(UsageError, match="pipelined is for dfa, fdfa, fg-a"):
+    with pytest.raises(UsageError, match="pipelined is for dfa, fdfa, fg-a, fg-w"):
         check_stages("l-bp", 2, 1, None, "pipelined")
     with pytest.raises(UsageError, match="--recompute true is for the synchronous mode"):
         check_stages("dfa", 2, 1, None, "pipelined", recompute=True)
