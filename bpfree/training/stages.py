@@ -19,9 +19,9 @@ batches from its own data loader (same shuffle), so only activations travel; lab
 dfa, fdfa, fg-a and fg-w learn from the output error. Synchronously (the default), the last stage's loss and output
 error reach every stage once per step (`shared_output_error`); fdfa's, fg-a's and fg-w's tangents ride forward beside
 the activations and the last stage's output tangent is shared at the model's output, so these too equal one process.
-Pipelined (`--stage-mode pipelined`, dfa, fdfa and fg-a), stage s keeps the batches it ran and updates from the signal
-the last stage sends for each (e; fdfa's e and ẏ; fg-a's directional derivatives) S-1-s steps later, so no stage waits
-for it.
+Pipelined (`--stage-mode pipelined`, dfa, fdfa, fg-a and fg-w), stage s keeps the batches it ran and updates from
+the signal the last stage sends for each (e; fdfa's e and ẏ; fg-a's and fg-w's directional derivatives) S-1-s steps
+later, so no stage waits for it.
 
 Why not the stage modules of `torch.distributed.pipelining.pipeline` (which does split resnet18, the example ViT
 and ResidualCNN and keeps the block names): see docs/parallel.md. In short, the estimators are built on the whole
