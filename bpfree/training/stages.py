@@ -1182,9 +1182,9 @@ class StagedRun(Run):
         for s, stage in enumerate(everyone):
             record[f"stage{s}_busy_seconds"] = stage["wall"] - stage["idle"]
             record[f"stage{s}_idle_seconds"] = stage["idle"]
-            # busy is wall time not spent waiting: on a shared machine it includes time the process was ready but
-            # not running; the process's CPU seconds (all its threads) tell the two apart
-            record[f"stage{s}_cpu_seconds"] = stage["cpu"]
+            if "cpu" in stage:  # busy is wall time not spent waiting: on a shared machine it includes time the
+                # process was ready but not running; its CPU seconds (all its threads) tell the two apart
+                record[f"stage{s}_cpu_seconds"] = stage["cpu"]
             record[f"stage{s}_images_per_second"] = stage["tally"]["seen"] / stage["wall"]
             record[f"stage{s}_sent_bytes_per_step"] = stage["sent"] / max(1, stage["steps"])
             record[f"stage{s}_peak_memory_mb"] = stage["peak"]
