@@ -93,6 +93,7 @@ def staged_row(args: argparse.Namespace, rule: str, mode: str, one: dict, pair: 
         "block_seconds": config["stage_profile"]["block_seconds"],
         "stage_busy_s": [staged[f"stage{s}_busy_seconds"] for s in (0, 1)],
         "stage_idle_s": [staged[f"stage{s}_idle_seconds"] for s in (0, 1)],
+        "stage_cpu_s": [staged.get(f"stage{s}_cpu_seconds") for s in (0, 1)],
         "stage_sent_bytes_per_step": staged["stage0_sent_bytes_per_step"],
         "stage_peak_mb": [staged[f"stage{s}_peak_memory_mb"] for s in (0, 1)],
         "one_peak_mb": one["peak_memory_mb"],
@@ -143,15 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cpu(row: dict) -> str:
+    seconds = row.get("stage_cpu_s") or [None, None]
+    return " / ".join("-" if s is None else f"{s:.1f}" for s in seconds)
+
+
 def table(results: dict) -> str:
     lines = [f"{results['model']}, {results['train_size']} images, batch {results['batch_size']}, 1 thread/process",
              "", "| rule | one process (img/s) | 2 stages (img/s) | speed-up | 2-process limit | share of limit | "
-             "stage 0 / 1 idle (s) | stage 0 / 1 peak (MiB) | one-process peak (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "stage 0 / 1 idle (s) | stage 0 / 1 busy (s) | stage 0 / 1 CPU (s) | stage 0 / 1 peak (MiB) | "
+             "one-process peak (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rules"]:
         lines.append(f"| {r['rule']} | {r['one_images_per_s']:.1f} | {r['staged_images_per_s']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['limit']:.2f}x | {100 * r['share_of_limit']:.0f} % | "
                      f"{r['stage_idle_s'][0]:.1f} / {r['stage_idle_s'][1]:.1f} | "
+                     f"{r['stage_busy_s'][0]:.1f} / {r['stage_busy_s'][1]:.1f} | {cpu(r)} | "
                      f"{r['stage_peak_mb'][0]:.0f} / {r['stage_peak_mb'][1]:.0f} | {r['one_peak_mb']:.0f} |")
     bp = [r for r in results.get("bp_pipeline", []) if "error" not in r]
     failed = [r for r in results.get("bp_pipeline", []) if "error" in r]

@@ -218,9 +218,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --stages S: the blocks that begin stages 2..S (default: balanced from a short "
                              "profile of each block's step time)")
     parser.add_argument("--stage-mode", default="synchronous", choices=stages.MODES,
-                        help="with --stages and dfa / fg-a: synchronous (every stage waits for the step's output "
-                             "error: the one-process run) or pipelined (stage s updates from the error of the batch "
-                             "it ran S-1-s steps before; no stage waits)")
+                        help="with --stages and dfa / fdfa / fg-a / fg-w: synchronous (every stage waits for the "
+                             "step's output error: the one-process run) or pipelined (stage s updates from the error "
+                             "of the batch it ran S-1-s steps before; no stage waits)")
     parser.add_argument("--memory-report", action="store_true",
                         help="after training, measure bp's activation peak on the same model and batch and print it "
                              "beside the rule's (peak_memory_mb)")

@@ -297,7 +297,7 @@ class PipelinedBackpropRun(StagedRun):
         busy = self.busy_seconds
         busy[0] = 0.0
         sent = 0
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for step, (x, y) in enumerate(islice(self.data.train_batches(cfg.batch_size, generator,
                                                                      **self.copies.shard_args),
                                              self.steps_per_epoch)):
@@ -330,10 +330,10 @@ class PipelinedBackpropRun(StagedRun):
                 self.copies.average_(self.owned_buffers, rows.weight)
             self.optimizer.step()
             self.schedule.step()
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         mine = {"tally": {"loss": tally.loss, "wrong": tally.wrong, "seen": tally.seen, "extras": tally.extras},
-                "wall": wall, "idle": max(0.0, wall - busy[0]), "sent": sent, "steps": self.steps_per_epoch,
-                "peak": self.peak_mb}
+                "wall": wall, "cpu": cpu, "idle": max(0.0, wall - busy[0]), "sent": sent,
+                "steps": self.steps_per_epoch, "peak": self.peak_mb}
         record = self._combine(mine, tally)
         self._share_state()
         return record

@@ -1,5 +1,5 @@
 """Block-parallel training: `bpfree train --stages S` trains S contiguous groups of a model's blocks at once, one
-process each, on torch.distributed (gloo on CPU, NCCL on CUDA), for the local rules, dfa, fdfa and fg-a.
+process each, on torch.distributed (gloo on CPU, NCCL on CUDA), for the local rules, dfa, fdfa, fg-a and fg-w.
 
 Every process builds the same model and the same estimator (same seed: same initialisation, heads, feedback
 matrices and random streams) and runs the rule's own `step` unchanged. What makes a process a *stage* is how the
@@ -16,11 +16,12 @@ are per parameter, so a stage that steps only the parameters it owns while the n
 batch is *exactly* the one-process run (tests/test_stages.py). Nothing flows back. Each process reads the same
 batches from its own data loader (same shuffle), so only activations travel; labels are read locally.
 
-dfa, fdfa and fg-a learn from the output error. Synchronously (the default), the last stage's loss and output error
-reach every stage once per step (`shared_output_error`); fdfa's and fg-a's tangents ride forward beside the
-activations and the last stage's output tangent is shared at the model's output, so these too equal one process.
-Pipelined (`--stage-mode pipelined`, dfa and fg-a), stage s keeps the batches it ran and updates from the signal the
-last stage sends for each (e, or fg-a's directional derivatives) S-1-s steps later, so no stage waits for it.
+dfa, fdfa, fg-a and fg-w learn from the output error. Synchronously (the default), the last stage's loss and output
+error reach every stage once per step (`shared_output_error`); fdfa's, fg-a's and fg-w's tangents ride forward beside
+the activations and the last stage's output tangent is shared at the model's output, so these too equal one process.
+Pipelined (`--stage-mode pipelined`, dfa, fdfa, fg-a and fg-w), stage s keeps the batches it ran and updates from
+the signal the last stage sends for each (e; fdfa's e and ẏ; fg-a's and fg-w's directional derivatives) S-1-s steps
+later, so no stage waits for it.
 
 Why not the stage modules of `torch.distributed.pipelining.pipeline` (which does split resnet18, the example ViT
 and ResidualCNN and keeps the block names): see docs/parallel.md. In short, the estimators are built on the whole
@@ -56,7 +57,7 @@ from bpfree.methods.base import Estimator, StepResult, zero_missing_grads
 from bpfree.methods.block_local import BlockLocal, BlockLocalFGActivity
 from bpfree.methods.feedback_alignment import _DirectFeedback
 from bpfree.methods.forward_forward import ScalableFF
-from bpfree.methods.forward_gradient import ForwardGradientActivity
+from bpfree.methods.forward_gradient import ForwardGradientActivity, ForwardGradientWeight
 from bpfree.training import distributed
 from bpfree.training.checkpoint import CHECKPOINT, CONFIG, record_failure
 from bpfree.training.checkpoint import rng_state as global_rng_state
@@ -65,22 +66,21 @@ from bpfree.training.runfolder import atomic_write_bytes, describe_os_error
 from bpfree.training.stage_replicas import REPLICATED_RULES, StageReplicas
 from bpfree.training.train import Run, TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
 
-STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block", "dfa", "fdfa", "fg-a")
+STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block", "dfa", "fdfa", "fg-a",
+                "fg-w")
 # Rules whose blocks learn from the output error: every stage needs the last stage's error (and, for the rules whose
 # tangents run through the whole model, its output tangent), synchronously or a few steps late (pipelined).
-OUTPUT_ERROR_RULES = ("dfa", "fdfa", "fg-a")
+OUTPUT_ERROR_RULES = ("dfa", "fdfa", "fg-a", "fg-w")
 # Rules whose forward-mode tangents cross the stage boundaries beside the activations.
-CARRY_TANGENTS = ("fdfa", "fg-a")
+CARRY_TANGENTS = ("fdfa", "fg-a", "fg-w")
 # --stage-mode: synchronous (every stage waits for this step's error: the one-process run) or pipelined (stage s
 # applies the error of the batch it ran d = S-1-s steps before, keeping those batches' activations).
 MODES = ("synchronous", "pipelined")
-PIPELINED_RULES = ("dfa", "fg-a")
+PIPELINED_RULES = ("dfa", "fdfa", "fg-a", "fg-w")
 # bp and fa send errors back through every stage: they run through PyTorch's pipeline engine (pipeline_bp.py).
 PIPELINE_RULES = ("bp", "fa")
 # One line per rule that refuses --stages, saying why (docs/parallel.md: what is left).
 REFUSED = {
-    "fg-w": "its step differentiates the whole model in one torch.func.jvp under vmap, which a received activation "
-            "and its K tangents cannot enter; use fg-a or lg-fg-w",
     "ff": "hard and readout negatives score through every block, and ff's loss averages all blocks; use sff-block",
 }
 MAX_PENDING_SENDS = 2  # activations a stage may have in flight: bounds its memory, lets it run ahead by this much
@@ -724,10 +724,35 @@ def shared_output_error(estimator: Estimator, link: Link) -> Iterator[None]:
         del estimator.loss_fn
 
 
+class _SendsDirectionalDerivatives:
+    """Pipelined fg-w, last stage: stands in for the rule's group, whose weighted mean of the K directional
+    derivatives d (seed-shared tangents: the step's one exchange across data-parallel ranks) is where d passes;
+    sends it to the earlier stages on the way."""
+
+    def __init__(self, group: Group, link: Link):
+        self._group, self._link = group, link
+
+    def weighted_mean_(self, tensors: Sequence[torch.Tensor], weight: float) -> None:
+        self._group.weighted_mean_(tensors, weight)
+        self._link.send_late(tensors[0])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._group, name)
+
+
 @contextmanager
 def late_signals_sent(estimator: Estimator, link: Link) -> Iterator[None]:
     """Pipelined mode, last stage: while active, every step's signal for the earlier stages is sent to them as the
-    rule makes it (dfa: its output error e; fg-a: the loss's directional derivatives, K x batch)."""
+    rule makes it (dfa: its output error e; fdfa: e and the output tangent ẏ side by side, batch x 2 classes, once
+    the rule has both; fg-a: the loss's directional derivatives, K x batch; fg-w: its K directional derivatives)."""
+    if isinstance(estimator, ForwardGradientWeight):
+        group = estimator.group
+        estimator.group = _SendsDirectionalDerivatives(group, link)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            estimator.group = group
+        return
     if isinstance(estimator, ForwardGradientActivity):
         original = estimator.directional_derivatives
 
@@ -743,16 +768,36 @@ def late_signals_sent(estimator: Estimator, link: Link) -> Iterator[None]:
             del estimator.directional_derivatives
         return
     loss_fn = estimator.loss_fn
+    learns = isinstance(estimator, _DirectFeedback) and estimator.use_tangents
+    signal: dict[str, torch.Tensor] = {}  # fdfa: e and ẏ of this step, in the order its feedback timing makes them
+
+    def ready(kind: str, t: torch.Tensor) -> None:
+        signal[kind] = t
+        if len(signal) == 2:
+            link.send_late(torch.cat([signal.pop("e"), signal.pop("y_dot")], 1))
 
     def share(loss: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        link.send_late(e)
+        if learns:
+            ready("e", e)
+        else:
+            link.send_late(e)
         return loss, e
 
     estimator.loss_fn = lambda logits, y: _LastStageLoss.apply(logits, y, loss_fn, share)  # type: ignore[method-assign]
+    if learns:
+        learn = estimator.learn_feedback
+
+        def learn_and_send(y_dot: torch.Tensor, tangents: list[torch.Tensor]) -> None:
+            ready("y_dot", y_dot.detach())
+            learn(y_dot, tangents)
+
+        estimator.learn_feedback = learn_and_send  # type: ignore[method-assign]
     try:
         yield
     finally:
         del estimator.loss_fn
+        if learns:
+            del estimator.learn_feedback
 
 
 # -- the staged run ---------------------------------------------------------------------------------------------
@@ -807,7 +852,14 @@ class StagedRun(Run):
             if est.aggregation == "orthogonal":
                 raise UsageError("--stages: fg-a's orthogonal aggregation projects onto the span of every layer's "
                                  "tangents, which no one stage sees; use --aggregation mean or sum")
-        if not isinstance(est, (BlockLocal, ScalableFF, _DirectFeedback, ForwardGradientActivity)) or \
+        if isinstance(est, ForwardGradientWeight):
+            est.chain = None
+            if est.K > 1:
+                raise UsageError("--stages: fg-w with --tangents > 1 differentiates the whole model in one "
+                                 "torch.func.jvp under vmap, which a received activation's K tangents cannot enter; "
+                                 "use --tangents 1, fg-a or lg-fg-w")
+        if not isinstance(est, (BlockLocal, ScalableFF, _DirectFeedback, ForwardGradientActivity,
+                                ForwardGradientWeight)) or \
                 methods.find_fast_path(cfg.method, self.model) is not None:
             raise UsageError(f"--stages: {cfg.method} on {type(self.model).__name__} runs a model-specific fast "
                              "path without block hooks; it cannot be staged")
@@ -938,7 +990,7 @@ class StagedRun(Run):
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch)  # as one process: same batches
         tally = Tally()
         self.link.reset()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         pipelined = self.mode == "pipelined"
         delay = self.delay(self.plan.stage)
         waiting: list[tuple[Any, torch.Size]] = []  # pipelined: batches run forward, their update still to come
@@ -981,9 +1033,9 @@ class StagedRun(Run):
             while waiting:  # the pipeline drains at the epoch's end: checkpoints hold no batch in flight
                 self._late_update(*waiting.pop(0))
             self.link.flush()
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         mine = {"tally": {"loss": tally.loss, "wrong": tally.wrong, "seen": tally.seen, "extras": tally.extras},
-                "wall": wall, "idle": self.link.idle, "sent": self.link.sent, "steps": self.steps_per_epoch,
+                "wall": wall, "cpu": cpu, "idle": self.link.idle, "sent": self.link.sent, "steps": self.steps_per_epoch,
                 "peak": self.peak_mb}
         record = self._combine(mine, tally)
         self._share_state()
@@ -1004,6 +1056,29 @@ class StagedRun(Run):
                 lambda rec: records.append(rec) if any(id(p) in mine for p in rec.params) else None, dual=True)
             named = dict(self.model.named_parameters())
             kept: Any = (records, {n: v for n, v in loose.items() if id(named[n]) in mine})
+        elif isinstance(est, ForwardGradientWeight):
+            # The rule's own step (its pass sends the boundary with its tangent); the gradients it forms from this
+            # stage's stand-in output are replaced when the batch's d comes. Kept: the weight tangents it drew.
+            drawn: list[torch.Tensor] = []
+            sample = est._sample_
+
+            def keep(out: torch.Tensor, copies: int = 0) -> torch.Tensor:
+                drawn.append(sample(out, copies))
+                return drawn[-1]
+
+            est._sample_ = keep  # type: ignore[method-assign]
+            try:
+                logits = est.step(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)).logits
+            finally:
+                del est._sample_
+            readout = est._readout_module()
+            skip = {id(p) for p in readout.parameters()} if readout is not None else set()
+            perturbed = [p for p in self.model.parameters() if p.requires_grad and id(p) not in skip]  # draw order
+            mine = {id(p) for p in self.owned_params}
+            orthogonal = est.aggregation == "orthogonal"
+            kept = ([(p, v) for p, v in zip(perturbed, drawn, strict=True) if id(p) in mine],
+                    T.gram(drawn, entries=T.entries(est.dist)) if orthogonal else None,
+                    sum(v[0].numel() for v in drawn))
         else:
             assert isinstance(est, _DirectFeedback)
             # The optimizer changes the weights in place before this batch's update: the update is formed at the
@@ -1014,10 +1089,13 @@ class StagedRun(Run):
                 return t.clone() if t.untyped_storage().data_ptr() in storages else t
 
             with torch.autograd.graph.saved_tensors_hooks(stash, lambda t: t):
-                outs, _, logits, _ = est._forward_generic(x)
+                outs, tangents, logits, _ = est._forward_generic(x)
             if est.feedback is None:
                 est.feedback = est.init_feedback(outs, logits.shape[1])
-            kept = ([(i, o) for i, o in enumerate(outs) if o.requires_grad], logits.shape[1], logits.dtype)
+            # fdfa learns every B_l (so that every stage holds the one B a checkpoint saves) from this batch's u_l,
+            # drawn into buffers the next step reuses: kept as copies until its ẏ comes
+            us = [u.clone() for u in tangents] if est.use_tangents else []
+            kept = ([(i, o) for i, o in enumerate(outs) if o.requires_grad], logits.shape[1], logits.dtype, us)
         return kept, StepResult(torch.zeros(()), logits.detach())
 
     def _late_update(self, kept: Any, shape: torch.Size) -> None:
@@ -1033,12 +1111,26 @@ class StagedRun(Run):
             named = dict(self.model.named_parameters())
             for n, v in loose.items():
                 named[n].grad = c.sum().to(v.dtype) * v
+        elif isinstance(est, ForwardGradientWeight):
+            tangents, gram, dim = kept
+            d = self.link.recv_late((est.K,), torch.float32, self.device)
+            c = T.coefficients(d, est.aggregation, gram, dim)
+            for p, v in tangents:
+                p.grad = torch.tensordot(c.to(v.dtype), v, dims=1)
         else:
             assert isinstance(est, _DirectFeedback) and est.feedback is not None
-            outs, classes, dtype = kept
-            e = self.link.recv_late((rows, classes), dtype, self.device)
+            outs, classes, dtype, us = kept
+            if est.use_tangents:  # fdfa: e and ẏ side by side; B learns before or after its use, as in one process
+                signal = self.link.recv_late((rows, 2 * classes), dtype, self.device)
+                e, y_dot = signal[:, :classes], signal[:, classes:]
+            else:
+                e = self.link.recv_late((rows, classes), dtype, self.device)
+            if us and est.feedback_timing == "after":
+                est.learn_feedback(y_dot, us)
             for i, out in reversed(outs):  # last block first, as the rule's own step
                 torch.autograd.backward(out, (e @ est.feedback[i]).view_as(out))
+            if us and est.feedback_timing == "before":
+                est.learn_feedback(y_dot, us)
         zero_missing_grads(est.trainable())
         self.optimizer.step()
         self.schedule.step()
@@ -1116,6 +1208,9 @@ class StagedRun(Run):
         for s, stage in enumerate(everyone):
             record[f"stage{s}_busy_seconds"] = stage["wall"] - stage["idle"]
             record[f"stage{s}_idle_seconds"] = stage["idle"]
+            # busy is wall time not spent waiting: on a shared machine it includes time the process was ready but
+            # not running; its CPU seconds (all its threads) tell the two apart
+            record[f"stage{s}_cpu_seconds"] = stage["cpu"]
             record[f"stage{s}_images_per_second"] = stage["tally"]["seen"] / stage["wall"]
             record[f"stage{s}_sent_bytes_per_step"] = stage["sent"] / max(1, stage["steps"])
             record[f"stage{s}_peak_memory_mb"] = stage["peak"]

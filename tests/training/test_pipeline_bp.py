@@ -118,7 +118,7 @@ def test_micro_batches():
     (["--method", "bp", "--pipeline-schedule", "gpipe"], "are for bp and fa with --stages 2"),
     (["--method", "bp", "--stages", "2", "--microbatches", "1", "--pipeline-schedule", "1f1b"],
      "1f1b needs at least as many micro-batches as stages"),
-    (["--method", "bp", "--stages", "2", "--stage-mode", "pipelined"], "pipelined is for dfa, fg-a"),
+    (["--method", "bp", "--stages", "2", "--stage-mode", "pipelined"], "pipelined is for dfa, fdfa, fg-a, fg-w"),
 ])
 def test_bad_combinations_refuse_with_one_line(args, message, capsys):
     assert main(["train", *args, "--data", "digits", "--out", "unused"]) == 2

@@ -24,8 +24,8 @@ BASE = dict(model="mlp", data="mnist", epochs=2, batch_size=64, train_size=200, 
             momentum=0.9, weight_decay=1e-4, model_options={"hidden": (16, 16, 16)})
 RESNET = dict(model="resnet18", model_options={"width": 4})
 RUNS = {
-    # fg-a on the MLP: one process runs its hand-written chain path (its own draw order), stages the generic one.
-    **{rule: dict(method=rule) for rule in STAGED_RULES if rule != "fg-a"},
+    # fg-a and fg-w on the MLP: one process runs their hand-written chain paths, stages the generic ones.
+    **{rule: dict(method=rule) for rule in STAGED_RULES if rule not in ("fg-a", "fg-w")},
     "lg-fg-w-k2": dict(method="lg-fg-w", method_options={"tangents": 2}),
     # resnet18: sff splits its basic blocks into units (`between=`); lg-fg-a perturbs modules inside blocks (the
     # later stage draws and drops the earlier blocks' noise); l-fa's feedback inside convolutions; batch norm.
@@ -48,8 +48,16 @@ RUNS = {
     "fg-a-resnet": dict(method="fg-a", **RESNET, method_options={"aggregation": "sum"}),
     "fg-a-recompute-resnet": dict(method="fg-a", **RESNET, method_options={"recompute": True}),
     "fg-a-vit": dict(method="fg-a", model=VIT, model_options={}, method_options={"tangents": 2}),
+    # fg-w (one tangent): every stage draws every weight's tangent; the boundary carries primal and tangent.
+    "fg-w-resnet": dict(method="fg-w", **RESNET),
+    "fg-w-vit": dict(method="fg-w", model=VIT, model_options={}),
     "fg-a-3": dict(method="fg-a", model=VIT, model_options={}, stages=3, train_size=128),
+    "fg-w-3": dict(method="fg-w", model=VIT, model_options={}, stages=3, train_size=128),
     "l-bp-3": dict(method="l-bp", stages=3),
+    # Pipelined with one batch per epoch: the pipeline drains after every batch, so stage 0's late update comes from
+    # the same weights and error as the synchronous one: equal to one process. Checks what each late update does.
+    **{f"{rule}-pipelined-1-step": dict(method=rule, **({} if rule == "dfa" else RESNET), mode="pipelined",
+                                        train_size=BASE["batch_size"]) for rule in ("dfa", "fdfa", "fg-a", "fg-w")},
     # Stopped after one epoch, resumed to three: must equal three uninterrupted epochs.
     "l-bp-resumed": dict(method="l-bp", epochs=1, resume_to=3),
     "sff-resumed": dict(method="sff-block", epochs=1, resume_to=3),
@@ -63,6 +71,16 @@ PIPELINED = {
     # resnet18: blocks of several layers, whose backward needs weights the optimizer has changed since
     "dfa-pipelined-resnet": dict(method="dfa", **RESNET, mode="pipelined", epochs=3, train_size=128,
                                  split=["blocks.4"]),
+    # fdfa: every stage learns every B from the late e and ẏ, in the batches' order: the B a checkpoint saves
+    "fdfa-pipelined-resnet": dict(method="fdfa", **RESNET, mode="pipelined", epochs=3, train_size=128,
+                                  split=["blocks.4"]),
+    "fdfa-pipelined-3": dict(method="fdfa", stages=3, mode="pipelined", epochs=3, split=["3", "5"],
+                             method_options={"feedback_timing": "after"}),
+    # fg-w: stage 0 keeps the weight tangents it drew; the last stage sends d (K floats) per batch
+    "fg-w-pipelined-resnet": dict(method="fg-w", **RESNET, mode="pipelined", epochs=3, train_size=128,
+                                  split=["blocks.4"]),
+    "fg-w-pipelined-3": dict(method="fg-w", stages=3, mode="pipelined", epochs=3, split=["3", "5"],
+                             method_options={"aggregation": "orthogonal"}),
     "fg-a-pipelined-vit": dict(method="fg-a", model=VIT, model_options={}, mode="pipelined", epochs=3, train_size=128,
                                method_options={"tangents": 2}, split=["encoder.layers.4"]),
 }
@@ -145,6 +163,7 @@ def test_staged_metrics_and_config(staged_runs):
     for s in (0, 1):
         assert records[-1][f"stage{s}_images_per_second"] > 0
         assert records[-1][f"stage{s}_busy_seconds"] > 0 and records[-1][f"stage{s}_idle_seconds"] >= 0
+        assert records[-1][f"stage{s}_cpu_seconds"] > 0
     # Stage 0 sends its last block's output (batch x 16 floats per step); the last stage sends nothing.
     assert records[-1]["stage0_sent_bytes_per_step"] == pytest.approx(200 / 4 * 16 * 4)
     assert records[-1]["stage1_sent_bytes_per_step"] == 0
@@ -157,6 +176,7 @@ def test_bad_split_is_one_line_on_every_stage(staged_runs):
     for r in (0, 1):
         assert "--stage-split: 'no.such.block' is not a block" in (first / f"rank{r}.error").read_text()
         assert "fg-a's orthogonal aggregation projects" in (first / f"rank{r}.error-orthogonal").read_text()
+        assert "fg-w with --tangents > 1" in (first / f"rank{r}.error-fg-w-k2").read_text()
 
 
 def test_balanced_starts():
@@ -168,7 +188,7 @@ def test_balanced_starts():
         balanced_starts([1, 1], 3)
 
 
-@pytest.mark.parametrize("method", ["fg-w", "ff"])  # bp, fa: tests/training/test_pipeline_bp.py
+@pytest.mark.parametrize("method", ["ff"])  # bp, fa: tests/training/test_pipeline_bp.py
 def test_rules_that_cannot_be_staged_refuse_with_one_line(method, capsys):
     assert main(["train", "--method", method, "--stages", "2", "--data", "digits", "--out", "unused"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -184,7 +204,7 @@ def test_bad_stage_options_refuse():
         check_stages("l-bp", 1, 1, ("a",))
     with pytest.raises(UsageError, match="at least 1"):
         check_stages("l-bp", 0, 1, None)
-    with pytest.raises(UsageError, match="pipelined is for dfa, fg-a"):
+    with pytest.raises(UsageError, match="pipelined is for dfa, fdfa, fg-a, fg-w"):
         check_stages("l-bp", 2, 1, None, "pipelined")
     with pytest.raises(UsageError, match="--recompute true is for the synchronous mode"):
         check_stages("dfa", 2, 1, None, "pipelined", recompute=True)
