@@ -304,7 +304,7 @@ def staged_runs(configs: list[TrainConfig], stages: int, grid: bool) -> dict[str
         if stages == 1:
             continue
         try:
-            check_stages(cfg.method, stages, 1, None, recompute=bool(cfg.method_options.get("recompute")),
+            check_stages(cfg.method, stages, 1, None, options=cfg.method_options,
                          microbatches=cfg.microbatches, pipeline_schedule=cfg.pipeline_schedule)
         except UsageError as e:
             if cfg.method not in said:

@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     distributed.check_timeout(args.dist_timeout)
     split = stages.parse_split(args.stage_split)
     stages.check_stages(args.method, args.stages, args.nproc, split, args.stage_mode,
-                        microbatches=args.microbatches, pipeline_schedule=args.pipeline_schedule)
+                        entry_options(args, methods.METHODS, args.method), args.microbatches, args.pipeline_schedule)
     if args.stages > 1 and not distributed.launched_by_torchrun():  # every process sees --nproc: its replicas
         try:
             check_nproc(args.stages * args.nproc, args.device)

@@ -164,7 +164,7 @@ class PipelinedBackpropRun(StagedRun):
 
     def __init__(self, cfg: TrainConfig, stages: int, split: Any = None, mode: str = "synchronous", **kwargs: Any):
         # Resolved before the run folder is opened: config.json records them, and a resume resolves them alike.
-        check_stages(cfg.method, stages, 1, split, mode, False, cfg.microbatches, cfg.pipeline_schedule)
+        check_stages(cfg.method, stages, 1, split, mode, cfg.method_options, cfg.microbatches, cfg.pipeline_schedule)
         cfg.microbatches = cfg.microbatches or DEFAULT_MICROBATCHES
         # 1F1B with fewer micro-batches than stages is GPipe (torch's 1F1B refuses it)
         cfg.pipeline_schedule = cfg.pipeline_schedule or (DEFAULT_SCHEDULE if cfg.microbatches >= stages else "gpipe")

@@ -36,7 +36,7 @@ import io
 import json
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -87,10 +87,11 @@ MAX_PENDING_SENDS = 2  # activations a stage may have in flight: bounds its memo
 
 
 def check_stages(method: str, stages: int, nproc: int, split: Sequence[str] | None,
-                 mode: str = "synchronous", recompute: bool = False, microbatches: int | None = None,
-                 pipeline_schedule: str | None = None) -> None:
-    """Refuse what --stages cannot do, before any process starts (one line each). `microbatches`,
-    `pipeline_schedule`: as given (None: not given)."""
+                 mode: str = "synchronous", options: Mapping[str, Any] | None = None,
+                 microbatches: int | None = None, pipeline_schedule: str | None = None) -> None:
+    """Refuse what --stages cannot do, before any process starts (one line each). `options`: the method's
+    options; `microbatches`, `pipeline_schedule`: as given (None: not given)."""
+    options = options or {}
     if (microbatches, pipeline_schedule) != (None, None) and (stages < 2 or method not in PIPELINE_RULES):
         raise UsageError("--microbatches and --pipeline-schedule are for bp and fa with --stages 2 or more "
                          f"(PyTorch's pipeline), not {method} with --stages {stages}")
@@ -108,7 +109,7 @@ def check_stages(method: str, stages: int, nproc: int, split: Sequence[str] | No
     if mode == "pipelined" and method not in PIPELINED_RULES:
         raise UsageError(f"--stage-mode pipelined is for {', '.join(PIPELINED_RULES)} (the local rules never wait "
                          f"for an error; {method} runs synchronously)")
-    if mode == "pipelined" and recompute:
+    if mode == "pipelined" and options.get("recompute"):
         raise UsageError("--stage-mode pipelined keeps each stage's in-flight batches for their late error; "
                          "--recompute true is for the synchronous mode")
     if stages == 1:
@@ -118,6 +119,13 @@ def check_stages(method: str, stages: int, nproc: int, split: Sequence[str] | No
                          f"{', '.join(REPLICATED_RULES)}; not {method} yet")
     if method in REFUSED:
         raise UsageError(f"--stages: {method} cannot be staged: {REFUSED[method]}")
+    if method == "fg-a" and options.get("aggregation") == "orthogonal":
+        raise UsageError("--stages: fg-a's orthogonal aggregation projects onto the span of every layer's "
+                         "tangents, which no one stage sees; use --aggregation mean or sum")
+    if method == "fg-w" and options.get("tangents", 1) > 1:
+        raise UsageError("--stages: fg-w with --tangents > 1 differentiates the whole model in one "
+                         "torch.func.jvp under vmap, which a received activation's K tangents cannot enter; "
+                         "use --tangents 1, fg-a or lg-fg-w")
     if method not in STAGED_RULES and method not in PIPELINE_RULES:
         raise UsageError(f"--stages: {method} cannot be staged (staged rules: {', '.join(STAGED_RULES)})")
     if split is not None and len(split) != stages - 1:
@@ -825,7 +833,7 @@ class StagedRun(Run):
 
     def __init__(self, cfg: TrainConfig, stages: int, split: Sequence[str] | None = None,
                  mode: str = "synchronous", replicas: int = 1, **kwargs: Any):
-        check_stages(cfg.method, stages, replicas, split, mode, bool(cfg.method_options.get("recompute")))
+        check_stages(cfg.method, stages, replicas, split, mode, cfg.method_options)
         self.stages, self.split_given, self.mode = stages, tuple(split) if split else None, mode
         self.replicas = replicas  # --nproc: data-parallel copies of each stage (stage_replicas.py)
         self._resume_raw: bytes | None = None
@@ -847,17 +855,8 @@ class StagedRun(Run):
         # The hand-written MLP paths run no model forward; stages need the model's own (same numbers for dfa)
         if isinstance(est, _DirectFeedback):
             est.fast = None
-        if isinstance(est, ForwardGradientActivity):
+        if isinstance(est, (ForwardGradientActivity, ForwardGradientWeight)):
             est.chain = None
-            if est.aggregation == "orthogonal":
-                raise UsageError("--stages: fg-a's orthogonal aggregation projects onto the span of every layer's "
-                                 "tangents, which no one stage sees; use --aggregation mean or sum")
-        if isinstance(est, ForwardGradientWeight):
-            est.chain = None
-            if est.K > 1:
-                raise UsageError("--stages: fg-w with --tangents > 1 differentiates the whole model in one "
-                                 "torch.func.jvp under vmap, which a received activation's K tangents cannot enter; "
-                                 "use --tangents 1, fg-a or lg-fg-w")
         if not isinstance(est, (BlockLocal, ScalableFF, _DirectFeedback, ForwardGradientActivity,
                                 ForwardGradientWeight)) or \
                 methods.find_fast_path(cfg.method, self.model) is not None:

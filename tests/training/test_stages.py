@@ -175,8 +175,6 @@ def test_bad_split_is_one_line_on_every_stage(staged_runs):
     first = staged_runs / next(iter(RUNS))
     for r in (0, 1):
         assert "--stage-split: 'no.such.block' is not a block" in (first / f"rank{r}.error").read_text()
-        assert "fg-a's orthogonal aggregation projects" in (first / f"rank{r}.error-orthogonal").read_text()
-        assert "fg-w with --tangents > 1" in (first / f"rank{r}.error-fg-w-k2").read_text()
 
 
 def test_balanced_starts():
@@ -195,6 +193,16 @@ def test_rules_that_cannot_be_staged_refuse_with_one_line(method, capsys):
     assert len(err) == 1 and f"{method} cannot be staged" in err[0]
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["--method", "fg-a", "--aggregation", "orthogonal"], "fg-a's orthogonal aggregation projects"),
+    (["--method", "fg-w", "--tangents", "2"], "fg-w with --tangents > 1"),
+])
+def test_method_options_that_cannot_be_staged_refuse_before_any_process_starts(flags, said, capsys):
+    assert main(["train", *flags, "--stages", "2", "--data", "digits", "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and said in err[0]
+
+
 def test_bad_stage_options_refuse():
     with pytest.raises(UsageError, match="--stages with --nproc"):
         check_stages("dfa", 2, 2, None)  # replicas of each stage: tests/training/test_stage_replicas.py
@@ -207,7 +215,7 @@ def test_bad_stage_options_refuse():
     with pytest.raises(UsageError, match="pipelined is for dfa, fdfa, fg-a, fg-w"):
         check_stages("l-bp", 2, 1, None, "pipelined")
     with pytest.raises(UsageError, match="--recompute true is for the synchronous mode"):
-        check_stages("dfa", 2, 1, None, "pipelined", recompute=True)
+        check_stages("dfa", 2, 1, None, "pipelined", {"recompute": True})
     with pytest.raises(UsageError, match="--stage-mode needs --stages 2"):
         check_stages("dfa", 1, 1, None, "pipelined")
 
