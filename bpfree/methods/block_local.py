@@ -396,11 +396,14 @@ class BlockLocalFGActivity(BlockLocalFG):
         def learn(i: int, out: torch.Tensor) -> torch.Tensor:
             # Block at a time: block i's estimate is formed at its boundary and its units' records dropped.
             primal, tangent = fwad.unpack_dual(out)
-            self._learn_block(i, primal, torch.zeros_like(primal) if tangent is None else tangent, fired[i], y)
-            fired[i] = []
+            records, fired[i] = fired[i], []
+            d = self._directional(i, primal, torch.zeros_like(primal) if tangent is None else tangent, y)
             onward = primal.detach()
             del out, primal, tangent
-            renew_dual_level()  # the next block starts without tangents: this block's die now
+            # The next block starts without tangents: this block's die now, before its units' VJPs (the units'
+            # graphs would otherwise hold their outputs' tangents through them).
+            renew_dual_level()
+            self._learn_units(d, records)
             if i == len(self.units) - 1:
                 torch.set_grad_enabled(True)  # the readout learns from its own graph (the pass restores the mode)
             return onward
@@ -445,15 +448,18 @@ class BlockLocalFGActivity(BlockLocalFG):
             return primal.detach() if tangent is None else fwad.make_dual(primal.detach(), tangent)
         return tuple(cut(a) for a in args), {key: cut(v) for key, v in kwargs.items()}
 
-    def _learn_block(self, i: int, out: torch.Tensor, tangent: torch.Tensor,
-                     fired: list[tuple[nn.Module, GradientEdge, _Draw]], y: torch.Tensor) -> None:
-        """Block i's head (exact) and its units' gradients from the grid's directional derivatives."""
+    def _directional(self, i: int, out: torch.Tensor, tangent: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Block i's head (exact) and the grid's directional derivatives d [K, B, P, G] along its output tangent."""
         k, batch = self.tangents, y.shape[0]
         grid = self.head_grid(i, out[:batch], y)
         with torch.no_grad():
             h_dot = self.patches(tangent.detach()).unflatten(0, (k, batch))  # [K, B, P, C]
-            d = grid.directional(h_dot) / batch  # [K, B, P, G]: mean over the batch of the sum over copies
-            del h_dot, tangent
+            return grid.directional(h_dot) / batch  # mean over the batch of the sum over copies
+
+    def _learn_units(self, d: torch.Tensor, fired: list[tuple[nn.Module, GradientEdge, _Draw]]) -> None:
+        """A block's units' gradients from its grid's directional derivatives d [K, B, P, G]."""
+        k, batch = d.shape[0], d.shape[1]
+        with torch.no_grad():
             resume = self._scratch.get_state()
             # Orthogonal aggregation needs every tangent of the block for its Gram matrix; the others none.
             noise = [self._redraw(r) for _, _, r in fired] if self.aggregation == "orthogonal" else []
