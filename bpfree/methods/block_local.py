@@ -419,6 +419,27 @@ class BlockLocalFGActivity(BlockLocalFG):
         def leave(_m: nn.Module, _args: tuple, _out: Any) -> None:
             torch.set_grad_enabled(modes.pop())
 
+        # A silent unit that is a linear map (a convolution or Linear whose output goes straight into a norm) is
+        # run again from its input when the norm's VJP needs that output: the norm's graph does not keep it through
+        # the block. Its input is kept anyway (the unit's own VJP needs it).
+        pending: list[tuple[tuple, nn.Module, torch.Tensor]] = []
+
+        def remember(m: nn.Module, args: tuple, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+                pending[:] = [(_address(fwad.unpack_dual(out).primal), m, fwad.unpack_dual(args[0]).primal)]
+
+        def pack(t: torch.Tensor) -> Any:
+            # Only the next tensor saved after the unit's output is made can be that output as its norm saves it.
+            # Anything else is kept detached: a saved output kept with its grad_fn would make a reference cycle,
+            # freed only by the garbage collector.
+            mine = pending and pending[0][0] == _address(t)
+            recipe = _Rerun(pending[0][1], pending[0][2]) if mine else t.detach()
+            pending.clear()
+            return recipe
+
+        def unpack(saved: Any) -> torch.Tensor:
+            return saved() if isinstance(saved, _Rerun) else saved
+
         handles = []
         for i, units in enumerate(self.units):
             for m in units:
@@ -426,10 +447,13 @@ class BlockLocalFGActivity(BlockLocalFG):
                 handles.append(m.register_forward_pre_hook(self._detach_inputs, with_kwargs=True))
                 handles.append(m.register_forward_hook(perturb(i)))
                 handles.append(m.register_forward_hook(leave))
+                if m in self.silent and isinstance(m, RERUNNABLE):
+                    handles.append(m.register_forward_hook(remember))
         try:
             # Convolutions and batch norms with lean tangent rules (one convolution; one kernel for batch norm,
             # instead of a chain of batch-sized temporaries that a unit's reverse graph would keep to the block's end).
-            with fwad.dual_level(), torch.no_grad(), tangent_friendly(self.model), boundaries(self.anatomy, learn):
+            with fwad.dual_level(), torch.no_grad(), tangent_friendly(self.model), boundaries(self.anatomy, learn), \
+                    torch.autograd.graph.saved_tensors_hooks(pack, unpack):
                 logits = fwad.unpack_dual(self.model(xk)).primal
         finally:
             for h in handles:
@@ -512,6 +536,27 @@ class BlockLocalFGActivity(BlockLocalFG):
         else:  # [K*B, C, *spatial]: channels first, positions flattened
             u.view(rows, groups, channels // groups, -1).mul_(coef.transpose(1, 2).unsqueeze(2))
         return u
+
+
+# Silent units whose output `_Rerun` may make again: stateless and deterministic, the same bits a second time.
+RERUNNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _address(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
+
+
+@dataclass
+class _Rerun:
+    """A unit's output, saved as the unit and its input: made again (the unit's forward without its hooks) when a
+    VJP unpacks it."""
+
+    unit: nn.Module
+    input: torch.Tensor
+
+    def __call__(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.unit.forward(self.input)
 
 
 @dataclass
