@@ -26,6 +26,7 @@ Model-specific paths (LocalMixer: `bpfree.fastpaths.localmixer_feedback`) regist
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -326,6 +327,10 @@ class _DirectFeedback(Estimator):
         self.fast: list[_DenseBlock] | None = None
         # This step's draws of the tangents u_l (FDFA): u_l is drawn again when B_l learns, not kept.
         self._draws: list[_Draw] = []
+        # One buffer kept between steps for a u that dies at once (added into its block's own tangent, or read
+        # to learn B_l): fresh tensors as large as a block output would be faulted in again every step.
+        self._scratch = torch.empty(0)
+        self._into: torch.Tensor | None = None  # where the next `_tangent` draws, if not into a fresh tensor
         self._setup()
 
     def _setup(self) -> None:
@@ -363,9 +368,20 @@ class _DirectFeedback(Estimator):
         """FDFA's update of B_i from the output tangent and block i's tangent u."""
 
     def _tangent(self, i: int, like: torch.Tensor) -> torch.Tensor:
-        """Block i's tangent u_i, a fresh tensor; where it was drawn from is recorded (`_redrawn`)."""
+        """Block i's tangent u_i, in a fresh tensor (or where `_into` says); where it was drawn from is recorded
+        (`_redrawn`)."""
         self._draws.append(_Draw(self.generator.get_state(), tuple(like.shape), like.new_empty(0)))
-        return self._draw(like.new_empty(like.shape))  # contiguous: the draws fill it in memory order
+        into, self._into = self._into, None
+        return self._draw(like.new_empty(like.shape) if into is None else into)  # contiguous: filled in order
+
+    def _scratch_like(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The kept buffer as a contiguous tensor of `shape`, with `like`'s dtype and device (grown when too
+        small)."""
+        n = math.prod(shape)
+        buf = self._scratch
+        if buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._scratch = like.new_empty(n)
+        return buf[:n].view(shape)
 
     def _redrawn(self) -> _Redrawn:
         """This step's tangents u_l, each drawn again, bit for bit, when it is read."""
@@ -430,13 +446,16 @@ class _DirectFeedback(Estimator):
                 nxt = out.detach()
                 return nxt.clone() if copy else nxt
             primal, tangent = fwad.unpack_dual(out)
+            owned = tangent is not None and self._owned(tangent, drawn)
+            if owned:
+                self._into = self._scratch_like(tuple(primal.shape), primal)  # u dies in the addition below
             u = self._tangent(i, primal)
             drawn.append(weakref.ref(u))
             # Next block: cut primal (local reverse graphs); tangent = what flowed in + this block's u. u itself is
             # not kept (B_l learns from u_l drawn again), so an in-place op downstream may change it.
             if tangent is None:
                 onward = u
-            elif self._owned(tangent, drawn):
+            elif owned:
                 onward = tangent.detach().add_(u)  # the block's own tangent, dead after this boundary: no new tensor
             else:
                 onward = tangent.detach() + u
@@ -580,8 +599,8 @@ class _Draw:
 
 
 class _Redrawn(Sequence):
-    """A step's tangents u_l, each drawn again from its recorded state when read (one alive at a time when read in
-    turn); the generator is left where it was."""
+    """A step's tangents u_l, each drawn again from its recorded state when read, into the estimator's kept buffer:
+    a u read is valid until the next read. The generator is left where it was."""
 
     def __init__(self, estimator: _DirectFeedback, draws: list[_Draw]):
         self.estimator, self.draws = estimator, list(draws)
@@ -595,7 +614,7 @@ class _Redrawn(Sequence):
         resume = generator.get_state()
         generator.set_state(draw.state)
         try:
-            return self.estimator._draw(draw.like.new_empty(draw.shape))
+            return self.estimator._draw(self.estimator._scratch_like(draw.shape, draw.like))
         finally:
             generator.set_state(resume)
 
