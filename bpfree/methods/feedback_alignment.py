@@ -10,8 +10,9 @@ All three replace the backward pass of backprop by random or learned feedback:
 - `dfa`  (Nøkland 2016): the output error e = ∂L/∂y is sent straight to every block's output through a fixed random
   matrix B_l; the block turns δh_l = e·B_l into its weight updates locally (δa_l = δh_l ⊙ f'(a_l), ΔW_l = δa_lᵀ x_l).
   B_l is kaiming-uniform by default, as in the public FDFA code (`--feedback-init`).
-- `fdfa` (Bacho & Chu 2022): as DFA, but B_l is learned: one forward-mode pass with a fresh tangent u_l ~ N(0, I)
-  added to every block's output gives ẏ = Σ_l J_l u_l, so E[ẏ u_lᵀ] = J_l = ∂y/∂h_l, and
+- `fdfa` (Bacho & Chu 2022): as DFA, but B_l is learned: one forward-mode pass with a fresh tangent u_l added to
+  every block's output (entries ±1 by default, N(0, 1) as in the paper with `--tangent-dist normal`: either way
+  E[u_l u_lᵀ] = I) gives ẏ = Σ_l J_l u_l, so E[ẏ u_lᵀ] = J_l = ∂y/∂h_l, and
   B_l ← (1−λ)B_l + λ·mean_batch(ẏ u_lᵀ), starting from zero. The weight signal e·B_l uses B_l from before this
   step's update by default, as the public code does (`--feedback-timing`). See docs/feedback_alignment.md.
 
@@ -691,7 +692,7 @@ FEEDBACK_TIMINGS = ("before", "after")
             choices=FEEDBACK_OPTIMIZERS,
         ),
         "tangent_dist": Option(
-            "normal", "tangent entries: normal (the paper's) or rademacher (±1: lower variance, cheaper to draw)",
+            "rademacher", "tangent entries: rademacher (±1: lower variance, cheaper to draw) or normal (the paper's)",
             choices=T.DISTS,
         ),
         "feedback_timing": Option(
