@@ -40,7 +40,7 @@ ROWS: list[tuple[str, str, float | None]] = [
     ("resnet18", "fa", 1.15),
     ("resnet18", "dfa", 1.0),
     ("resnet18", "fdfa", 1.3),
-    ("resnet18", "fdfa --tangent-dist rademacher", None),
+    ("resnet18", "fdfa --tangent-dist normal", None),
     ("resnet18", "fg-a", 2.0),
     ("resnet18", "dfa --recompute true", None),
     ("resnet18", "fdfa --recompute true", None),

@@ -396,11 +396,14 @@ class BlockLocalFGActivity(BlockLocalFG):
         def learn(i: int, out: torch.Tensor) -> torch.Tensor:
             # Block at a time: block i's estimate is formed at its boundary and its units' records dropped.
             primal, tangent = fwad.unpack_dual(out)
-            self._learn_block(i, primal, torch.zeros_like(primal) if tangent is None else tangent, fired[i], y)
-            fired[i] = []
+            records, fired[i] = fired[i], []
+            d = self._directional(i, primal, torch.zeros_like(primal) if tangent is None else tangent, y)
             onward = primal.detach()
             del out, primal, tangent
-            renew_dual_level()  # the next block starts without tangents: this block's die now
+            # The next block starts without tangents: this block's die now, before its units' VJPs (the units'
+            # graphs would otherwise hold their outputs' tangents through them).
+            renew_dual_level()
+            self._learn_units(d, records)
             if i == len(self.units) - 1:
                 torch.set_grad_enabled(True)  # the readout learns from its own graph (the pass restores the mode)
             return onward
@@ -416,6 +419,27 @@ class BlockLocalFGActivity(BlockLocalFG):
         def leave(_m: nn.Module, _args: tuple, _out: Any) -> None:
             torch.set_grad_enabled(modes.pop())
 
+        # A silent unit that is a linear map (a convolution or Linear whose output goes straight into a norm) is
+        # run again from its input when the norm's VJP needs that output: the norm's graph does not keep it through
+        # the block. Its input is kept anyway (the unit's own VJP needs it).
+        pending: list[tuple[tuple, nn.Module, torch.Tensor]] = []
+
+        def remember(m: nn.Module, args: tuple, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+                pending[:] = [(_address(fwad.unpack_dual(out).primal), m, fwad.unpack_dual(args[0]).primal)]
+
+        def pack(t: torch.Tensor) -> Any:
+            # Only the next tensor saved after the unit's output is made can be that output as its norm saves it.
+            # Anything else is kept detached: a saved output kept with its grad_fn would make a reference cycle,
+            # freed only by the garbage collector.
+            mine = pending and pending[0][0] == _address(t)
+            recipe = _Rerun(pending[0][1], pending[0][2]) if mine else t.detach()
+            pending.clear()
+            return recipe
+
+        def unpack(saved: Any) -> torch.Tensor:
+            return saved() if isinstance(saved, _Rerun) else saved
+
         handles = []
         for i, units in enumerate(self.units):
             for m in units:
@@ -423,10 +447,13 @@ class BlockLocalFGActivity(BlockLocalFG):
                 handles.append(m.register_forward_pre_hook(self._detach_inputs, with_kwargs=True))
                 handles.append(m.register_forward_hook(perturb(i)))
                 handles.append(m.register_forward_hook(leave))
+                if m in self.silent and isinstance(m, RERUNNABLE):
+                    handles.append(m.register_forward_hook(remember))
         try:
             # Convolutions and batch norms with lean tangent rules (one convolution; one kernel for batch norm,
             # instead of a chain of batch-sized temporaries that a unit's reverse graph would keep to the block's end).
-            with fwad.dual_level(), torch.no_grad(), tangent_friendly(self.model), boundaries(self.anatomy, learn):
+            with fwad.dual_level(), torch.no_grad(), tangent_friendly(self.model), boundaries(self.anatomy, learn), \
+                    torch.autograd.graph.saved_tensors_hooks(pack, unpack):
                 logits = fwad.unpack_dual(self.model(xk)).primal
         finally:
             for h in handles:
@@ -445,15 +472,18 @@ class BlockLocalFGActivity(BlockLocalFG):
             return primal.detach() if tangent is None else fwad.make_dual(primal.detach(), tangent)
         return tuple(cut(a) for a in args), {key: cut(v) for key, v in kwargs.items()}
 
-    def _learn_block(self, i: int, out: torch.Tensor, tangent: torch.Tensor,
-                     fired: list[tuple[nn.Module, GradientEdge, _Draw]], y: torch.Tensor) -> None:
-        """Block i's head (exact) and its units' gradients from the grid's directional derivatives."""
+    def _directional(self, i: int, out: torch.Tensor, tangent: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Block i's head (exact) and the grid's directional derivatives d [K, B, P, G] along its output tangent."""
         k, batch = self.tangents, y.shape[0]
         grid = self.head_grid(i, out[:batch], y)
         with torch.no_grad():
             h_dot = self.patches(tangent.detach()).unflatten(0, (k, batch))  # [K, B, P, C]
-            d = grid.directional(h_dot) / batch  # [K, B, P, G]: mean over the batch of the sum over copies
-            del h_dot, tangent
+            return grid.directional(h_dot) / batch  # mean over the batch of the sum over copies
+
+    def _learn_units(self, d: torch.Tensor, fired: list[tuple[nn.Module, GradientEdge, _Draw]]) -> None:
+        """A block's units' gradients from its grid's directional derivatives d [K, B, P, G]."""
+        k, batch = d.shape[0], d.shape[1]
+        with torch.no_grad():
             resume = self._scratch.get_state()
             # Orthogonal aggregation needs every tangent of the block for its Gram matrix; the others none.
             noise = [self._redraw(r) for _, _, r in fired] if self.aggregation == "orthogonal" else []
@@ -506,6 +536,27 @@ class BlockLocalFGActivity(BlockLocalFG):
         else:  # [K*B, C, *spatial]: channels first, positions flattened
             u.view(rows, groups, channels // groups, -1).mul_(coef.transpose(1, 2).unsqueeze(2))
         return u
+
+
+# Silent units whose output `_Rerun` may make again: stateless and deterministic, the same bits a second time.
+RERUNNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _address(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
+
+
+@dataclass
+class _Rerun:
+    """A unit's output, saved as the unit and its input: made again (the unit's forward without its hooks) when a
+    VJP unpacks it."""
+
+    unit: nn.Module
+    input: torch.Tensor
+
+    def __call__(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.unit.forward(self.input)
 
 
 @dataclass

@@ -10,8 +10,9 @@ All three replace the backward pass of backprop by random or learned feedback:
 - `dfa`  (Nøkland 2016): the output error e = ∂L/∂y is sent straight to every block's output through a fixed random
   matrix B_l; the block turns δh_l = e·B_l into its weight updates locally (δa_l = δh_l ⊙ f'(a_l), ΔW_l = δa_lᵀ x_l).
   B_l is kaiming-uniform by default, as in the public FDFA code (`--feedback-init`).
-- `fdfa` (Bacho & Chu 2022): as DFA, but B_l is learned: one forward-mode pass with a fresh tangent u_l ~ N(0, I)
-  added to every block's output gives ẏ = Σ_l J_l u_l, so E[ẏ u_lᵀ] = J_l = ∂y/∂h_l, and
+- `fdfa` (Bacho & Chu 2022): as DFA, but B_l is learned: one forward-mode pass with a fresh tangent u_l added to
+  every block's output (entries ±1 by default, N(0, 1) as in the paper with `--tangent-dist normal`: either way
+  E[u_l u_lᵀ] = I) gives ẏ = Σ_l J_l u_l, so E[ẏ u_lᵀ] = J_l = ∂y/∂h_l, and
   B_l ← (1−λ)B_l + λ·mean_batch(ẏ u_lᵀ), starting from zero. The weight signal e·B_l uses B_l from before this
   step's update by default, as the public code does (`--feedback-timing`). See docs/feedback_alignment.md.
 
@@ -26,8 +27,11 @@ Model-specific paths (LocalMixer: `bpfree.fastpaths.localmixer_feedback`) regist
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -322,8 +326,12 @@ class _DirectFeedback(Estimator):
         # B_l has shape (classes, numel of block l's output); made at the first step, when the shapes are known.
         self.feedback = None
         self.fast: list[_DenseBlock] | None = None
-        # Tangent buffers kept between steps: a fresh tensor as large as a block output costs page faults.
-        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+        # This step's draws of the tangents u_l (FDFA): u_l is drawn again when B_l learns, not kept.
+        self._draws: list[_Draw] = []
+        # One buffer kept between steps for a u that dies at once (added into its block's own tangent, or read
+        # to learn B_l): fresh tensors as large as a block output would be faulted in again every step.
+        self._scratch = torch.empty(0)
+        self._into: torch.Tensor | None = None  # where the next `_tangent` draws, if not into a fresh tensor
         self._setup()
 
     def _setup(self) -> None:
@@ -351,23 +359,34 @@ class _DirectFeedback(Estimator):
     def init_feedback(self, outs: list[torch.Tensor], classes: int) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def learn_feedback(self, y_dot: torch.Tensor, tangents: list[torch.Tensor]) -> None:
-        """FDFA's update of every B from the forward-mode pass (DFA keeps B fixed)."""
+    def learn_feedback(self, y_dot: torch.Tensor, tangents: Sequence[torch.Tensor]) -> None:
+        """FDFA's update of every B from the forward-mode pass (DFA keeps B fixed); `tangents` may draw each u_l
+        as it is read (`_Redrawn`)."""
         for i, u in enumerate(tangents):
             self.learn_block_feedback(i, y_dot, u)
 
     def learn_block_feedback(self, i: int, y_dot: torch.Tensor, u: torch.Tensor) -> None:
         """FDFA's update of B_i from the output tangent and block i's tangent u."""
 
-    def _buffer(self, kind: str, i: int, like: torch.Tensor) -> torch.Tensor:
-        buf = self._buffers.get((kind, i))
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._buffers[kind, i] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        return buf
-
     def _tangent(self, i: int, like: torch.Tensor) -> torch.Tensor:
-        """Block i's tangent u_i, drawn into its buffer (valid until the next step)."""
-        return self._draw(self._buffer("u", i, like))
+        """Block i's tangent u_i, in a fresh tensor (or where `_into` says); where it was drawn from is recorded
+        (`_redrawn`)."""
+        self._draws.append(_Draw(self.generator.get_state(), tuple(like.shape), like.new_empty(0)))
+        into, self._into = self._into, None
+        return self._draw(like.new_empty(like.shape) if into is None else into)  # contiguous: filled in order
+
+    def _scratch_like(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The kept buffer as a contiguous tensor of `shape`, with `like`'s dtype and device (grown when too
+        small)."""
+        n = math.prod(shape)
+        buf = self._scratch
+        if buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._scratch = like.new_empty(n)
+        return buf[:n].view(shape)
+
+    def _redrawn(self) -> _Redrawn:
+        """This step's tangents u_l, each drawn again, bit for bit, when it is read."""
+        return _Redrawn(self, self._draws)
 
     def _draw(self, out: torch.Tensor) -> torch.Tensor:
         """Tangents drawn into `out`, per example (data-parallel: this rank's rows of the global batch's)."""
@@ -375,28 +394,30 @@ class _DirectFeedback(Estimator):
 
     def _forward_fast(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, Any]:
         h, h_dot, outs, tangents = x, None, [], []
+        self._draws = []
         assert self.fast is not None
         for i, block in enumerate(self.fast):
             h, h_dot = block.forward(h, h_dot)
             outs.append(h)
             if self.use_tangents:
                 u = self._tangent(i, h)
-                tangents.append(u)
                 h_dot = u if h_dot is None else h_dot.add_(u)
+                del u
         lin = self.readout
         self._last_hidden = h
         logits = F.linear(h, lin.weight, lin.bias)
         y_dot = None if h_dot is None else F.linear(h_dot, lin.weight)
-        return outs, tangents, logits, y_dot
+        return outs, self._redrawn() if self.use_tangents else tangents, logits, y_dot
 
     @staticmethod
-    def _owned(tangent: torch.Tensor, drawn: list[torch.Tensor]) -> bool:
+    def _owned(tangent: torch.Tensor, drawn: list[weakref.ref]) -> bool:
         """Whether a block output's tangent is a dense tensor of its own, made inside the block (not a view, not an
-        expanded zero, not one of the drawn tangents u), so that adding u to it in place changes nothing else."""
+        expanded zero, not one of the drawn tangents u still alive), so that adding u to it in place changes nothing
+        else."""
         if tangent._base is not None or not tangent.is_contiguous() or tangent.is_inference():
             return False
         ptr = tangent.untyped_storage().data_ptr()
-        return all(u.untyped_storage().data_ptr() != ptr for u in drawn)
+        return all(u is None or u.untyped_storage().data_ptr() != ptr for u in (ref() for ref in drawn))
 
     def _boundaries_overwritten(self) -> bool:
         """Probe once (eval mode, no gradients): does anything after a block modify its output in place?"""
@@ -417,7 +438,8 @@ class _DirectFeedback(Estimator):
             self._copy_boundaries = self._boundaries_overwritten()
         copy = self._copy_boundaries
         outs: list[torch.Tensor] = []
-        tangents: list[torch.Tensor] = []
+        self._draws = []
+        drawn: list[weakref.ref] = []  # this pass's u, while something (an onward tangent) still holds them
 
         def cut(i: int, out: torch.Tensor) -> torch.Tensor:
             outs.append(out)
@@ -425,18 +447,21 @@ class _DirectFeedback(Estimator):
                 nxt = out.detach()
                 return nxt.clone() if copy else nxt
             primal, tangent = fwad.unpack_dual(out)
+            owned = tangent is not None and self._owned(tangent, drawn)
+            if owned:
+                self._into = self._scratch_like(tuple(primal.shape), primal)  # u dies in the addition below
             u = self._tangent(i, primal)
-            tangents.append(u)
-            # Next block: cut primal (local reverse graphs); tangent = what flowed in + this block's u, never u
-            # itself where an in-place op downstream could otherwise change u.
+            drawn.append(weakref.ref(u))
+            # Next block: cut primal (local reverse graphs); tangent = what flowed in + this block's u. u itself is
+            # not kept (B_l learns from u_l drawn again), so an in-place op downstream may change it.
             if tangent is None:
-                onward = self._buffer("onward", i, primal).copy_(u) if copy else u
-            elif self._owned(tangent, tangents):
-                onward = tangent.detach().add_(u)  # the block's own tangent, dead after this boundary: no new buffer
+                onward = u
+            elif owned:
+                onward = tangent.detach().add_(u)  # the block's own tangent, dead after this boundary: no new tensor
             else:
-                onward = torch.add(tangent.detach(), u, out=self._buffer("onward", i, primal))
+                onward = tangent.detach() + u
             nxt = primal.detach()
-            del tangent
+            del tangent, u
             # Only the detached onward tangent crosses the boundary: a new forward-AD level frees the tangents made
             # inside the block, and the reverse graph their arithmetic recorded, instead of holding them to the end.
             renew_dual_level()
@@ -453,7 +478,7 @@ class _DirectFeedback(Estimator):
             if self.use_tangents:
                 tangent = fwad.unpack_dual(logits).tangent
                 y_dot = torch.zeros_like(logits) if tangent is None else tangent.detach()
-        return outs, tangents, logits, y_dot
+        return outs, self._redrawn() if self.use_tangents else [], logits, y_dot
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         if self.recompute:
@@ -565,6 +590,36 @@ class _DirectFeedback(Estimator):
             yield
 
 
+@dataclass
+class _Draw:
+    """Where a tangent u came from: the generator's state before its draw, its shape, dtype and device."""
+
+    state: torch.Tensor
+    shape: tuple[int, ...]
+    like: torch.Tensor  # empty, of u's dtype and device
+
+
+class _Redrawn(Sequence):
+    """A step's tangents u_l, each drawn again from its recorded state when read, into the estimator's kept buffer:
+    a u read is valid until the next read. The generator is left where it was."""
+
+    def __init__(self, estimator: _DirectFeedback, draws: list[_Draw]):
+        self.estimator, self.draws = estimator, list(draws)
+
+    def __len__(self) -> int:
+        return len(self.draws)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        draw = self.draws[i]
+        generator = self.estimator.generator
+        resume = generator.get_state()
+        generator.set_state(draw.state)
+        try:
+            return self.estimator._draw(self.estimator._scratch_like(draw.shape, draw.like))
+        finally:
+            generator.set_state(resume)
+
+
 def _dense_chain(anatomy: Anatomy) -> tuple[list[_DenseBlock] | None, nn.Linear | None]:
     """The hand-written path's blocks and readout when the model is an nn.Sequential of [Flatten] Linear [BN1d]
     [ReLU] blocks ending in one Linear; (None, None) otherwise."""
@@ -637,7 +692,7 @@ FEEDBACK_TIMINGS = ("before", "after")
             choices=FEEDBACK_OPTIMIZERS,
         ),
         "tangent_dist": Option(
-            "normal", "tangent entries: normal (the paper's) or rademacher (±1: lower variance, cheaper to draw)",
+            "rademacher", "tangent entries: rademacher (±1: lower variance, cheaper to draw) or normal (the paper's)",
             choices=T.DISTS,
         ),
         "feedback_timing": Option(

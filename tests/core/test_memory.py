@@ -4,6 +4,7 @@ recomputation changes nothing but memory."""
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -197,3 +198,22 @@ def test_cpu_data_parallel_runs_measure_no_step_and_the_report_measures_apart(tm
     assert summary["peak_memory_mb"] > 0 and summary["bp_peak_memory_mb"] > 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records and all("peak_memory_mb" not in r for r in records)
+
+
+def test_fdfa_holds_what_dfa_holds_as_depth_grows() -> None:
+    """FDFA's one-pass step keeps no tangent per block (u_l is drawn again to learn B_l): its memory grows with depth
+    as DFA's does (each block's graph until the error arrives), not by one more block output per block. First
+    steps of fresh estimators, so that buffers kept between steps count; B (made then) grows alike for both."""
+    def first_step_peak(method: str, depth: int) -> int:
+        # Estimators of earlier tests in reference cycles, freed by the collector inside the measured step, would
+        # lower its peak.
+        gc.collect()
+        est = methods.build(method, conv_net(depth), seed=0)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(BATCH, 3, 16, 16, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+        return activation_peak(lambda: est.step(x, y))
+
+    dfa = first_step_peak("dfa", 12) - first_step_peak("dfa", 3)
+    fdfa = first_step_peak("fdfa", 12) - first_step_peak("fdfa", 3)
+    assert dfa > 0
+    assert fdfa <= 1.15 * dfa, f"fdfa grows {fdfa / dfa:.2f}x as fast as dfa with depth"
