@@ -34,26 +34,21 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from bpfree import methods
 from bpfree.core.anatomy import eval_mode, example_input, forwards_replaced
 from bpfree.core.errors import UsageError
-from bpfree.core.group import LOCAL
 from bpfree.core.memory import measured
 from bpfree.methods.base import zero_missing_grads
 from bpfree.methods.bp import Backprop
 from bpfree.methods.feedback_alignment import FeedbackAlignment, feedback_layers
 from bpfree.training.checkpoint import record_failure
-from bpfree.training.stage_replicas import StageReplicas
 from bpfree.training.stages import (
     StagedRun,
     StagePlan,
     Tally,
     check_stages,
     memory_order,
-    ownership,
-    probe_stubs,
     restored,
     stage_tensors,
-    state_owners,
 )
-from bpfree.training.train import Run, TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
+from bpfree.training.train import TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
 
 DEFAULT_MICROBATCHES = 4
 DEFAULT_SCHEDULE = "1f1b"
@@ -173,29 +168,15 @@ class PipelinedBackpropRun(StagedRun):
         super().__init__(cfg, stages, split, mode, **kwargs)
 
     def _build(self, data: Any) -> None:
-        if self.group.world_size != self.stages * self.replicas:
-            raise UsageError(f"--stages {self.stages} needs {self.stages * self.replicas} processes; "
-                             f"{self.group.world_size} were started (launch with `bpfree train --stages S`)")
-        Run._build(self, data)
+        self._build_whole(data)
         cfg, est = self.cfg, self.estimator
-        est.group = LOCAL
         if not isinstance(est, Backprop) or est.contrastive or methods.find_fast_path(cfg.method, self.model):
             raise UsageError(f"--stages: {cfg.method} on {type(self.model).__name__} runs a model-specific fast path "
                              "without block hooks; it cannot be staged")
-        anatomy = est.anatomy
-        if len(anatomy.blocks) < self.stages:
-            raise UsageError(f"--stages {self.stages}: {type(self.model).__name__} has {len(anatomy.blocks)} blocks "
-                             f"({est.blocks_hint()})")
-        self.profile = self._profile()
-        self.starts = self._choose_starts(anatomy)
-        self.copies = StageReplicas(self.group, self.stages, self.replicas)
-        self.plan = StagePlan(self.starts, len(anatomy.blocks), self.copies.stage)
-        self.stubs = probe_stubs(est, self.plan)
-        self.param_owner = ownership(est, self.starts)
-        self.owners = state_owners(est, self.starts, self.param_owner)
+        self._place()
         self.owned_params = [p for p, s in zip(self.model.parameters(), self.param_owner)
                              if s == self.plan.stage and p.requires_grad]
-        self.unit_stage = [self.plan.stage_of(b) for b in range(len(anatomy.blocks))]
+        self.unit_stage = [self.plan.stage_of(b) for b in range(len(est.anatomy.blocks))]
         self.optimizer = make_optimizer(cfg, self.owned_params, lr_multipliers_by_id(est))
         self.schedule = make_schedule(cfg, self.optimizer, self.steps_per_epoch)
         self.owned_buffers = [b for k, b in stage_tensors(est).items() if self.owners.get(k) == self.plan.stage

@@ -845,23 +845,18 @@ class StagedRun(Run):
         self._resume_raw = super().open_run_folder()
         return self._resume_raw
 
-    def _build(self, data: Any) -> None:
+    def _build_whole(self, data: Any) -> None:
+        """The whole model and estimator, as one process builds them, on every stage."""
         if self.group.world_size != self.stages * self.replicas:
             raise UsageError(f"--stages {self.stages} needs {self.stages * self.replicas} processes; "
                              f"{self.group.world_size} were started (launch with `bpfree train --stages S`)")
-        super()._build(data)
-        cfg, est = self.cfg, self.estimator
-        est.group = LOCAL  # not data-parallel: every stage draws the one-process random numbers
-        # The hand-written MLP paths run no model forward; stages need the model's own (same numbers for dfa)
-        if isinstance(est, _DirectFeedback):
-            est.fast = None
-        if isinstance(est, (ForwardGradientActivity, ForwardGradientWeight)):
-            est.chain = None
-        if not isinstance(est, (BlockLocal, ScalableFF, _DirectFeedback, ForwardGradientActivity,
-                                ForwardGradientWeight)) or \
-                methods.find_fast_path(cfg.method, self.model) is not None:
-            raise UsageError(f"--stages: {cfg.method} on {type(self.model).__name__} runs a model-specific fast "
-                             "path without block hooks; it cannot be staged")
+        Run._build(self, data)
+        self.estimator.group = LOCAL  # not data-parallel: every stage draws the one-process random numbers
+
+    def _place(self) -> None:
+        """The split, this process's stage and replica, the stubs of the other stages' blocks, and which stage owns
+        each parameter and piece of state."""
+        est = self.estimator
         anatomy = est.anatomy
         if len(anatomy.blocks) < self.stages:
             raise UsageError(f"--stages {self.stages}: {type(self.model).__name__} has {len(anatomy.blocks)} blocks "
@@ -873,6 +868,21 @@ class StagedRun(Run):
         self.stubs = probe_stubs(est, self.plan)
         self.param_owner = ownership(est, self.starts)
         self.owners = state_owners(est, self.starts, self.param_owner)
+
+    def _build(self, data: Any) -> None:
+        self._build_whole(data)
+        cfg, est = self.cfg, self.estimator
+        # The hand-written MLP paths run no model forward; stages need the model's own (same numbers for dfa)
+        if isinstance(est, _DirectFeedback):
+            est.fast = None
+        if isinstance(est, (ForwardGradientActivity, ForwardGradientWeight)):
+            est.chain = None
+        if not isinstance(est, (BlockLocal, ScalableFF, _DirectFeedback, ForwardGradientActivity,
+                                ForwardGradientWeight)) or \
+                methods.find_fast_path(cfg.method, self.model) is not None:
+            raise UsageError(f"--stages: {cfg.method} on {type(self.model).__name__} runs a model-specific fast "
+                             "path without block hooks; it cannot be staged")
+        self._place()
         mine = {id(p) for p, s in zip(self.model.parameters(), self.param_owner) if s == self.plan.stage}
         heads = getattr(est, "heads", None)
         if isinstance(heads, nn.ModuleList):

@@ -16,7 +16,7 @@ from bpfree.training.pipeline_bp import micro_batches
 from bpfree.training.runfolder import read_metrics
 from bpfree.training.train import TrainConfig, train
 from tests.training.test_distributed import kill_rank_1_after_two_epochs, start_ranks
-from tests.training.test_stages import BASE, RESNET, VIT
+from tests.training.test_stages import BASE, RESNET, VIT, train_on_stages
 
 WORKER = Path(__file__).with_name("stage_run_worker.py")
 # (config, tolerance against one process: 0 = equal bits). BASE: SGD with momentum and weight decay, 200 examples
@@ -44,13 +44,7 @@ def config(name: str, out: Path, root: Path) -> dict:
 @pytest.fixture(scope="module")
 def pipelined_runs(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("pipeline")
-    for world in sorted({config(n, out, data_root)["stages"] for n in RUNS}):
-        configs = [config(n, out, data_root) for n in RUNS if config(n, out, data_root)["stages"] == world]
-        procs = start_ranks([sys.executable, str(WORKER), json.dumps(configs)], world=world,
-                            stderr=subprocess.PIPE, text=True)
-        for p in procs:
-            _, err = p.communicate(timeout=600)
-            assert p.returncode == 0, err
+    train_on_stages(WORKER, [config(n, out, data_root) for n in RUNS])
     return out
 
 

@@ -99,17 +99,22 @@ def one_process(cfg: dict, out: Path) -> dict:
     return torch.load(out / "checkpoint.pt", weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def staged_runs(tmp_path_factory, data_root):
-    """RUNS trained once on stages (one process group per stage count, one start-up each)."""
-    out = tmp_path_factory.mktemp("stages")
-    for world in sorted({config(n, out, data_root)["stages"] for n in ALL}):
-        configs = [config(n, out, data_root) for n in ALL if config(n, out, data_root)["stages"] == world]
-        procs = start_ranks([sys.executable, str(WORKER), json.dumps(configs)], world=world,
+def train_on_stages(worker: Path, configs: list[dict]) -> None:
+    """Train `configs` with `worker`: one process group per stage count, so each count pays one start-up."""
+    for world in sorted({c["stages"] for c in configs}):
+        group = [c for c in configs if c["stages"] == world]
+        procs = start_ranks([sys.executable, str(worker), json.dumps(group)], world=world,
                             stderr=subprocess.PIPE, text=True)
         for p in procs:
             _, err = p.communicate(timeout=600)
             assert p.returncode == 0, err
+
+
+@pytest.fixture(scope="module")
+def staged_runs(tmp_path_factory, data_root):
+    """RUNS trained once on stages."""
+    out = tmp_path_factory.mktemp("stages")
+    train_on_stages(WORKER, [config(n, out, data_root) for n in ALL])
     return out
 
 
