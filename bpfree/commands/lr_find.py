@@ -19,7 +19,7 @@ from bpfree.training import lrfind
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_arguments(parser)
+    add_training_arguments(parser, staged=False)
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed (every grid point's)")
     parser.add_argument("--lr-grid", default=None, metavar="LR,LR,...",
                         help="learning rates to try (default: "

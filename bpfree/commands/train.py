@@ -71,12 +71,14 @@ def entry_options(args: argparse.Namespace, registry: Registry, name: str) -> di
     return registry.resolve_options(name, given_options(args, registry.kind, registry.get(name).options))
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True) -> None:
+def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True, staged: bool = True) -> None:
     """One flag per run setting declared in `TrainConfig` (bpfree/training/config.py), then the method and model
-    options of the registries. `single=False` (compare, sweep): no --method / --lr, which they take per method."""
+    options of the registries. `single=False` (compare, sweep): no --method / --lr, which they take per method;
+    `staged=False` (lr-find): no settings of --stages runs."""
     for f in fields(TrainConfig):
         meta = f.metadata
-        if not meta.get("flag") or (not single and f.name in ("method", "lr")) or f.name in PROCESS_SETTINGS:
+        if not meta.get("flag") or (not single and f.name in ("method", "lr")) or f.name in PROCESS_SETTINGS \
+                or (meta.get("staged") and not staged):
             continue
         add_setting(parser, f.name, meta["option"], meta["unset"], meta["recipe"])
     parser.add_argument("--threads", type=int, default=None,

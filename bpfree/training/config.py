@@ -22,14 +22,15 @@ DATA_HELP = ("digits, mnist, fashion-mnist, cifar10 or imagefolder:PATH (PATH/tr
 
 
 def setting(default: Any, help: str, *, recipe: bool = False, resume_free: bool = False, flag: bool = True,
-            unset: bool = False, **option: Any) -> Any:
+            unset: bool = False, staged: bool = False, **option: Any) -> Any:
     """A TrainConfig field declared once. `recipe`: filled from bpfree/training/recipes.py when not given;
     `resume_free`: may differ on --resume; `flag`: a command-line flag (else set by the program); `unset`: the
-    flag reads None when not given (a command may choose it; the default applies otherwise); `option`: the Option's
-    type, choices and bounds."""
+    flag reads None when not given (a command may choose it; the default applies otherwise); `staged`: only for
+    commands that run --stages; `option`: the Option's type, choices and bounds."""
     declared = Option(default, help, **option)
     return field(default=default, metadata={"option": declared, "recipe": recipe, "resume_free": resume_free,
-                                            "flag": flag, "unset": unset or recipe or default is None})
+                                            "flag": flag, "unset": unset or recipe or default is None,
+                                            "staged": staged})
 
 
 def state(default: Any = None, help: str = "", *, factory: Any = None, resume_free: bool = False) -> Any:
@@ -80,9 +81,10 @@ class TrainConfig:
                                   "with an error", above=0, resume_free=True)
     microbatches: int | None = setting(
         None, "bp / fa with --stages: micro-batches per batch in PyTorch's pipeline (default 4; 1 gives the "
-        "one-process numbers; batch norm sees each micro-batch's statistics)", type=int, minimum=1)
+        "one-process numbers; batch norm sees each micro-batch's statistics)", type=int, minimum=1, staged=True)
     pipeline_schedule: str | None = setting(None, "bp / fa with --stages: torch.distributed.pipelining schedule "
-                                            "(default 1f1b)", type=str, choices=PIPELINE_SCHEDULES)
+                                            "(default 1f1b)", type=str, choices=PIPELINE_SCHEDULES,
+                                            staged=True)
     method_options: dict[str, Any] = state(help="the method's options, resolved by its registry entry", factory=dict)
     model_options: dict[str, Any] = state(help="the model's options, resolved by its registry entry", factory=dict)
     blocks: tuple[str, ...] | None = state(help="the model's submodules whose outputs are the block boundaries")

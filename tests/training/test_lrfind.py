@@ -327,3 +327,11 @@ def test_a_model_with_batch_norm_starts_from_the_rules_batch_norm_prior_unless_t
     assert recipes.auto_prior("fg-a", 3e-3, True, lrfind.GRID) == 1e-2  # x3 on the 1-3-10 grid: the next point
     assert recipes.auto_prior("fdfa", 1e-2, True, lrfind.GRID) == 3e-2  # at most the grid's top
     assert recipes.auto_prior("fdfa", 1e-2, False, lrfind.GRID) == 1e-2
+
+
+def test_lr_find_offers_no_flag_of_staged_runs(capsys):
+    with pytest.raises(SystemExit):
+        main(["lr-find", "--help"])
+    shown = capsys.readouterr().out
+    assert "--microbatches" not in shown and "--pipeline-schedule" not in shown
+    assert "--batch-size" in shown
