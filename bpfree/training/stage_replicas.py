@@ -17,7 +17,13 @@ from bpfree.core.group import Group, Shard, shard
 
 # Rules whose step needs nothing of the other ranks (the estimator's default gradient average is their whole
 # data-parallel policy): the local rules without seed-shared tangents, and bp / fa (each replica its own pipeline).
-REPLICATED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "sff", "sff-block", "bp", "fa")
+REPLICATED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "sff", "sff-block", "bp", "fa", "dfa", "fdfa",
+                    "fg-a", "fg-w")
+# Rules whose stages share the last stage's per-step signal (output error e, output tangent ẏ, directional
+# derivatives d): within a replica's pipeline (`StageReplicas.pipe`, rooted at `peer(last)`), and synchronously only
+# (a pipelined stage's late update would need its own average). Where the rule combines data-parallel ranks inside
+# its step (fdfa's mean(ẏ uᵀ) for B, fg-w's K numbers d), the stage's replicas are its group (`ReplicaGroup`).
+SIGNAL_RULES = ("dfa", "fdfa", "fg-a", "fg-w")
 
 
 class StageReplicas:
@@ -89,3 +95,18 @@ class StageReplicas:
             merged.append({**mine[0], "tally": {**tally, "extras": extras}, "wall": max(m["wall"] for m in mine),
                            "idle": sum(m["idle"] for m in mine) / len(mine), "sent": sum(m["sent"] for m in mine)})
         return merged
+
+
+class ReplicaGroup:
+    """An estimator's data-parallel group made of the stage's replicas: what the rule combines inside its step
+    (fdfa's batch mean of ẏ uᵀ, fg-w's directional derivatives) is the whole batch's, as one process makes it."""
+
+    def __init__(self, copies: StageReplicas):
+        self._copies = copies
+
+    @property
+    def active(self) -> bool:
+        return self._copies.replicas > 1
+
+    def weighted_mean_(self, tensors: Sequence[torch.Tensor], weight: float) -> None:
+        self._copies.average_(tensors, weight)

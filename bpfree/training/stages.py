@@ -63,7 +63,7 @@ from bpfree.training.checkpoint import CHECKPOINT, CONFIG, record_failure
 from bpfree.training.checkpoint import rng_state as global_rng_state
 from bpfree.training.checkpoint import set_rng_state as set_global_rng_state
 from bpfree.training.runfolder import atomic_write_bytes, describe_os_error
-from bpfree.training.stage_replicas import REPLICATED_RULES, StageReplicas
+from bpfree.training.stage_replicas import REPLICATED_RULES, SIGNAL_RULES, ReplicaGroup, StageReplicas
 from bpfree.training.train import Run, TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
 
 STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "sff-block", "dfa", "fdfa", "fg-a",
@@ -117,6 +117,9 @@ def check_stages(method: str, stages: int, nproc: int, split: Sequence[str] | No
     if nproc > 1 and method not in REPLICATED_RULES:
         raise UsageError(f"--stages with --nproc (data-parallel replicas of each stage) is for "
                          f"{', '.join(REPLICATED_RULES)}; not {method} yet")
+    if nproc > 1 and mode == "pipelined":
+        raise UsageError("--stages with --nproc runs --stage-mode synchronous (a pipelined stage's late updates "
+                         "are not averaged over its replicas yet)")
     if method in REFUSED:
         raise UsageError(f"--stages: {method} cannot be staged: {REFUSED[method]}")
     if method == "fg-a" and options.get("aggregation") == "orthogonal":
@@ -454,6 +457,7 @@ class Link:
     def __init__(self, group: Group, plan: StagePlan):
         self.group, self.plan = group, plan
         self.peer: Callable[[int], int] = lambda stage: stage  # the rank of a stage's process (replicas: its copy)
+        self.pipe: Any = None  # replicas: this replica's pipeline group, where the last stage's signal is broadcast
         self.pending: list[tuple[torch.Tensor, Any]] = []
         self.late: list[tuple[torch.Tensor, Any]] = []
         self.reset()
@@ -488,11 +492,16 @@ class Link:
         self.idle += time.perf_counter() - start
         return buf.permute([order.index(d) for d in range(like.dim())])
 
+    def broadcast_from_last(self, tensor: torch.Tensor) -> None:
+        """In place: the last stage's `tensor` on every stage of this replica's pipeline."""
+        pipe = {} if self.pipe is None else {"group": self.pipe}
+        self.group._call("broadcast", dist.broadcast, tensor, self.peer(len(self.plan.starts) - 1), **pipe)
+
     def share_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
         """The last stage's `tensor` on every stage (a broadcast; the wait counts as idle)."""
         buf = tensor.detach().contiguous().clone()
         start = time.perf_counter()
-        self.group._call("broadcast", dist.broadcast, buf, len(self.plan.starts) - 1)
+        self.broadcast_from_last(buf)
         self.idle += time.perf_counter() - start
         self.sent += buf.numel() * buf.element_size() if self.plan.last else 0
         return buf
@@ -715,12 +724,11 @@ def shared_output_error(estimator: Estimator, link: Link) -> Iterator[None]:
     """While active, the estimator's loss (and so its output error) is the last stage's, broadcast to every stage
     once per step; the time a stage waits for it counts as idle."""
     original = estimator.loss_fn
-    last = len(link.plan.starts) - 1
 
     def share(loss: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         packed = torch.cat([loss.reshape(1).to(e.dtype), e.reshape(-1)])
         start = time.perf_counter()
-        link.group._call("broadcast", dist.broadcast, packed, last)
+        link.broadcast_from_last(packed)
         link.idle += time.perf_counter() - start
         link.sent += packed.numel() * packed.element_size() if link.plan.last else 0
         return packed[0].to(loss.dtype), packed[1:].view_as(e)
@@ -893,7 +901,7 @@ class StagedRun(Run):
         self.optimizer = make_optimizer(cfg, self.owned_params, lr_multipliers_by_id(est))
         self.schedule = make_schedule(cfg, self.optimizer, self.steps_per_epoch)
         self.link = Link(self.group, self.plan)
-        self.link.peer = self.copies.peer
+        self.link.peer, self.link.pipe = self.copies.peer, self.copies.pipe
         # the float buffers (batch-norm statistics) the stage's replicas average after each step, with its gradients
         self.owned_buffers = [b for k, b in stage_tensors(est).items() if self.owners.get(k) == self.plan.stage
                               and b.is_floating_point() and not isinstance(b, nn.Parameter)]
@@ -1012,6 +1020,9 @@ class StagedRun(Run):
                 stack.enter_context(late_signals_sent(self.estimator, self.link))
             elif self.cfg.method in OUTPUT_ERROR_RULES and not pipelined:
                 stack.enter_context(shared_output_error(self.estimator, self.link))
+            if self.replicas > 1 and cfg.method in SIGNAL_RULES:  # what it combines inside a step: over the replicas
+                self.estimator.group = ReplicaGroup(self.copies)  # type: ignore[assignment]
+                stack.callback(setattr, self.estimator, "group", LOCAL)
             for step, (x, y) in enumerate(islice(self.data.train_batches(cfg.batch_size, generator,
                                                                          **self.copies.shard_args),
                                                  self.steps_per_epoch)):

@@ -210,7 +210,7 @@ def test_method_options_that_cannot_be_staged_refuse_before_any_process_starts(f
 
 def test_bad_stage_options_refuse():
     with pytest.raises(UsageError, match="--stages with --nproc"):
-        check_stages("dfa", 2, 2, None)  # replicas of each stage: tests/training/test_stage_replicas.py
+        check_stages("lg-fg-w", 2, 2, None)  # replicas of each stage: tests/training/test_stage_replicas.py
     with pytest.raises(UsageError, match="2 names, got 1"):
         check_stages("l-bp", 3, 1, ("a",))
     with pytest.raises(UsageError, match="--stage-split needs --stages"):
