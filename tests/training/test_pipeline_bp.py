@@ -15,8 +15,8 @@ from bpfree.cli import main
 from bpfree.training.pipeline_bp import micro_batches
 from bpfree.training.runfolder import read_metrics
 from bpfree.training.train import TrainConfig, train
-from tests.training.test_distributed import kill_rank_1_after_two_epochs, start_ranks
-from tests.training.test_stages import BASE, RESNET, VIT, train_on_stages
+from tests.training.test_distributed import start_ranks
+from tests.training.test_stages import BASE, RESNET, VIT, killed_then_resumed_equals_one_process, train_on_stages
 
 WORKER = Path(__file__).with_name("stage_run_worker.py")
 # (config, tolerance against one process: 0 = equal bits). BASE: SGD with momentum and weight decay, 200 examples
@@ -122,25 +122,9 @@ def test_bad_combinations_refuse_with_one_line(args, message, capsys):
 
 @pytest.mark.slow
 def test_killed_stage_stops_the_other_then_resume_continues(tmp_path, data_root):
-    """kill -9 of stage 1 mid-run: stage 0 stops with exit 4; --resume through the launcher then gives the
-    uninterrupted result (one micro-batch: the one-process run)."""
-    out = tmp_path / "run"
-    args = ["train", "--method", "bp", "--data", "mnist", "--data-root", str(data_root), "--hidden", "16,16",
-            "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--schedule",
-            "constant", "--weight-decay", "0", "--warmup-epochs", "0", "--seed", "2", "--out", str(out),
-            "--stages", "2", "--microbatches", "1"]
-    done = kill_rank_1_after_two_epochs(args, out, wait=120)
-    total = done + 2
-    assert main([*args, "--epochs", str(total), "--resume"]) == 0
-    resumed = read_metrics(out / "metrics.jsonl")
-    assert [r["epoch"] for r in resumed] == list(range(1, total + 1))
-    whole = train(TrainConfig(method="bp", data="mnist", data_root=str(data_root),
-                              model_options={"hidden": (16, 16)}, batch_size=64, seed=2, epochs=total,
-                              optimizer="sgd", lr=0.05, momentum=0.9, schedule="constant",
-                              out=str(tmp_path / "whole")), show_progress=False)
-    for a, b in zip(whole, resumed):
-        for key in ("train_loss", "test_loss", "test_error"):
-            assert b[key] == a[key], (a["epoch"], key)
+    """kill -9 of stage 1, then --resume: the one-process run, bit for bit (one micro-batch)."""
+    killed_then_resumed_equals_one_process(tmp_path, data_root, "bp", ["--warmup-epochs", "0", "--weight-decay", "0",
+                                                                       "--microbatches", "1"], rel=0)
 
 
 @pytest.mark.slow
