@@ -125,15 +125,3 @@ def test_killed_stage_stops_the_other_then_resume_continues(tmp_path, data_root)
     """kill -9 of stage 1, then --resume: the one-process run, bit for bit (one micro-batch)."""
     killed_then_resumed_equals_one_process(tmp_path, data_root, "bp", ["--warmup-epochs", "0", "--weight-decay", "0",
                                                                        "--microbatches", "1"], rel=0)
-
-
-@pytest.mark.slow
-def test_a_diverging_pipeline_writes_failed_json_and_exits_3(tmp_path, data_root, capsys):
-    """The last stage sees the loss become NaN: it writes failed.json and the run exits 3 (the first stage, which
-    only loses its peer, exits 4)."""
-    out = tmp_path / "run"
-    code = main(["train", "--method", "bp", "--data", "mnist", "--data-root", str(data_root), "--hidden", "16,16",
-                 "--optimizer", "sgd", "--lr", "1e30", "--epochs", "2", "--out", str(out), "--stages", "2"])
-    assert code == 3, capsys.readouterr().err
-    failed = json.loads((out / "failed.json").read_text())
-    assert failed["kind"] == "diverged" and "loss became" in failed["detail"]

@@ -251,10 +251,12 @@ def test_killed_stage_stops_the_other_then_resume_continues(tmp_path, data_root)
     killed_then_resumed_equals_one_process(tmp_path, data_root, "l-bp", [], rel=1e-6)
 
 
-def test_a_diverging_stage_writes_failed_json_and_exits_3(tmp_path, data_root, capsys):
-    """The last stage sees the loss become NaN: it writes failed.json (as one process does) and the run exits 3."""
+@pytest.mark.parametrize("method", ["l-bp", pytest.param("bp", marks=pytest.mark.slow)])  # bp: PyTorch's pipeline
+def test_a_diverging_stage_writes_failed_json_and_exits_3(method, tmp_path, data_root, capsys):
+    """The last stage sees the loss become NaN: it writes failed.json (as one process does) and the run exits 3 (the
+    first stage, which only loses its peer, exits 4)."""
     out = tmp_path / "run"
-    code = main(["train", "--method", "l-bp", "--data", "mnist", "--data-root", str(data_root), "--hidden", "16,16",
+    code = main(["train", "--method", method, "--data", "mnist", "--data-root", str(data_root), "--hidden", "16,16",
                  "--optimizer", "sgd", "--lr", "1e30", "--epochs", "2", "--out", str(out), "--stages", "2"])
     assert code == 3, capsys.readouterr().err
     failed = json.loads((out / "failed.json").read_text())
