@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,8 @@ def stage_main(args: argparse.Namespace) -> None:
     from bpfree.training.stages import StagedRun
 
     mode = args.stage
-    cfg = config(args, mode)
-    run = StagedRun(cfg, 2, [args.split], mode, show_progress=False)
+    cfg = replace(config(args, mode), stages=2, stage_split=args.split, stage_mode=mode)
+    run = StagedRun(cfg, show_progress=False)
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     est = run.estimator
     for name in ("_forward_only", "_late_update"):

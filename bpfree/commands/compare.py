@@ -61,10 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "validated)")
     parser.add_argument("--out", default=None,
                         help="comparison folder (default runs/compare-MODEL-DATA); runs go to OUT/METHOD/seed-S")
-    parser.add_argument("--stages", type=int, default=1,
-                        help="train every method that can be staged block-parallel on S processes, as `train "
-                        "--stages S` (each its own balanced split); the others train in one process, and a line "
-                        "says so (docs/parallel.md)")
     parser.add_argument("--no-plots", action="store_true", help="only the table and the CSV, no PNGs")
     parser.epilog = METHOD_OPTIONS_RULE
     per_method_recipe_flags(parser)
@@ -283,20 +279,20 @@ def plan(args: argparse.Namespace, grid: bool = False) -> tuple[list[str], list[
                 folder = out / method / point_label(point) / f"seed-{seed}" if grid else run_folder(out, method, seed)
                 configs.append(config_from_args(ns, method=method, seed=seed, resume=False, out=str(folder), **point))
     args.compare_threads = values.get("threads")
-    args.compare_staged = staged_runs(configs, int(values.get("stages") or 1), grid)
+    choose_stages(configs, grid)
     return names, configs, out, description
 
 
-def staged_runs(configs: list[TrainConfig], stages: int, grid: bool) -> dict[str, int]:
-    """--stages S: the run folders of the configs to train on S stages; a method that cannot be staged trains in
-    one process (one line says why). --microbatches and --pipeline-schedule apply to bp and fa only."""
+def choose_stages(configs: list[TrainConfig], grid: bool) -> None:
+    """--stages S: a method that cannot be staged trains in one process (its config says --stages 1; one line
+    says why). --microbatches and --pipeline-schedule apply to bp and fa only."""
     first = configs[0] if configs else None
+    stages = first.stages if first else 1
     given = (first.microbatches, first.pipeline_schedule) if first else (None, None)
     if stages != 1 and grid:
         raise UsageError("--stages: sweep trains each grid point in one process; use compare or train")
     # the stage count, and the pipeline flags with it (given once for the whole comparison)
     check_stages("bp", stages, 1, None, microbatches=given[0], pipeline_schedule=given[1])
-    staged: dict[str, int] = {}
     said = set()
     for cfg in configs:
         if cfg.method not in PIPELINE_RULES:
@@ -310,9 +306,7 @@ def staged_runs(configs: list[TrainConfig], stages: int, grid: bool) -> dict[str
             if cfg.method not in said:
                 said.add(cfg.method)
                 print(f"bpfree: {cfg.method} trains in one process: {e}", file=sys.stderr)
-            continue
-        staged[cfg.out] = stages
-    return staged
+            cfg.stages = 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -323,8 +317,7 @@ def run(args: argparse.Namespace) -> int:
     output_folder(out)
     with RunLock(out, "comparison folder"):  # a second compare on OUT stops at once instead of interleaving
         threads = args.compare_threads
-        run_all(configs, staged=lambda cfg: train_staged(cfg, args.compare_staged[cfg.out], threads)
-                if cfg.out in args.compare_staged else None)
+        run_all(configs, staged=lambda cfg: train_staged(cfg, threads) if cfg.stages > 1 else None)
         groups = {m: [load_run(Path(c.out)) for c in configs if c.method == m] for m in names}
         table = write_report(groups, out, title=description or " vs ".join(names), plots=not args.no_plots)
     print(table, end="")

@@ -89,18 +89,18 @@ def add_training_arguments(parser: argparse.ArgumentParser, single: bool = True,
     document_blocks_flag(parser)
 
 
-# Settings only `train` takes (compare and sweep choose them per run).
-PROCESS_SETTINGS = ("seed", "out", "resume", "dist_timeout")
+# Settings only `train` takes (compare and sweep choose them per run; a split and a mode fit one rule).
+PROCESS_SETTINGS = ("seed", "out", "resume", "dist_timeout", "stage_split", "stage_mode")
 
 
 def add_setting(parser: argparse.ArgumentParser, name: str, declared: Option, unset: bool, recipe: bool) -> None:
     """The flag of one declared setting: its type and choices for argparse (and config files), its help with the
     bounds and the default; the bounds themselves are checked by TrainConfig.check."""
     flag = "--" + name.replace("_", "-")
-    bounds = f"{declared.bounds()}; " if declared.bounds() else ""
     default = FROM_RECIPE if recipe else f"default {declared.default}" \
         if declared.default not in (None, False) and "default" not in declared.help else ""
-    help_text = f"{declared.help} ({bounds}{default})" if bounds or default else declared.help
+    notes = "; ".join(n for n in (declared.bounds(), default) if n)
+    help_text = f"{declared.help} ({notes})" if notes else declared.help
     if declared.kind is bool:
         parser.add_argument(flag, action="store_true", help=help_text)
         return
@@ -213,16 +213,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data-parallel processes on this machine (the same as `torchrun --standalone "
                              "--nproc-per-node N -m bpfree train ...`); each takes 1/N of every batch (with "
                              "--stages S: N replicas of each stage, S x N processes)")
-    parser.add_argument("--stages", type=int, default=1,
-                        help="block-parallel: split the model's blocks into S contiguous stages, one process each, "
-                             "all training at once (bp and fa through PyTorch's pipeline; docs/parallel.md)")
-    parser.add_argument("--stage-split", default=None, metavar="NAME,...",
-                        help="with --stages S: the blocks that begin stages 2..S (default: balanced from a short "
-                             "profile of each block's step time)")
-    parser.add_argument("--stage-mode", default="synchronous", choices=stages.MODES,
-                        help="with --stages and dfa / fdfa / fg-a / fg-w: synchronous (every stage waits for the "
-                             "step's output error: the one-process run) or pipelined (stage s updates from the error "
-                             "of the batch it ran S-1-s steps before; no stage waits)")
     parser.add_argument("--memory-report", action="store_true",
                         help="after training, measure bp's activation peak on the same model and batch and print it "
                              "beside the rule's (peak_memory_mb)")
@@ -246,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{run_name(args)}"
     cfg = config_from_args(args, out=out)
     if args.stages > 1:
-        records = stages.train(cfg, args.stages, split, log_epochs=True, mode=args.stage_mode, replicas=args.nproc)
+        records = stages.train(cfg, log_epochs=True, replicas=args.nproc)
     else:
         records = train(cfg, log_epochs=True)
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports for the data-parallel run

@@ -16,6 +16,9 @@ from bpfree.core.registry import Option
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")  # bp / fa on --stages (training/pipeline_bp.py)
+# --stage-mode: synchronous (every stage waits for this step's error: the one-process run) or pipelined (stage s
+# applies the error of the batch it ran d = S-1-s steps before, keeping those batches' activations).
+STAGE_MODES = ("synchronous", "pipelined")
 DATA_HELP = ("digits, mnist, fashion-mnist, cifar10 or imagefolder:PATH (PATH/train/CLASS/* and PATH/val/CLASS/*, "
              "the same class folders in both, each with images; an image that cannot be decoded stops the run "
              "with its file name, exit code 2)")
@@ -79,6 +82,18 @@ class TrainConfig:
     eval_batch_size: int = setting(1000, "examples per evaluation batch", minimum=1, flag=False)
     dist_timeout: float = setting(60.0, "data-parallel runs: seconds a rank waits for a silent peer before stopping "
                                   "with an error", above=0, resume_free=True)
+    stages: int = setting(1, "block-parallel: split the model's blocks into S contiguous stages, one process each, "
+                          "all training at once (bp and fa through PyTorch's pipeline; in compare, a rule that "
+                          "cannot be staged trains in one process and a line says so; docs/parallel.md)", minimum=1,
+                          staged=True)
+    stage_split: str | None = setting(None, "with --stages S: the blocks that begin stages 2..S, as NAME,NAME,... "
+                                      "(default: balanced from a short profile of each block's step time; "
+                                      "config.json records the split used, and a resumed run keeps it)",
+                                      type=str, staged=True, resume_free=True)
+    stage_mode: str = setting("synchronous", "with --stages and dfa / fdfa / fg-a / fg-w: synchronous (every stage "
+                              "waits for the step's output error: the one-process run) or pipelined (stage s "
+                              "updates from the error of the batch it ran S-1-s steps before; no stage waits)",
+                              choices=STAGE_MODES, staged=True)
     microbatches: int | None = setting(
         None, "bp / fa with --stages: micro-batches per batch in PyTorch's pipeline (default 4; 1 gives the "
         "one-process numbers; batch norm sees each micro-batch's statistics)", type=int, minimum=1, staged=True)

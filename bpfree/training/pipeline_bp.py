@@ -45,6 +45,7 @@ from bpfree.training.stages import (
     Tally,
     check_stages,
     memory_order,
+    parse_split,
     restored,
     stage_tensors,
 )
@@ -157,15 +158,17 @@ class PipelinedBackpropRun(StagedRun):
     """A `StagedRun` for bp and fa: each step is one run of the pipeline schedule over the batch's micro-batches
     (`cfg.microbatches`, `cfg.pipeline_schedule`), then each stage's optimizer steps its own parameters."""
 
-    def __init__(self, cfg: TrainConfig, stages: int, split: Any = None, mode: str = "synchronous", **kwargs: Any):
+    def __init__(self, cfg: TrainConfig, **kwargs: Any):
         # Resolved before the run folder is opened: config.json records them, and a resume resolves them alike.
-        check_stages(cfg.method, stages, 1, split, mode, cfg.method_options, cfg.microbatches, cfg.pipeline_schedule)
+        check_stages(cfg.method, cfg.stages, 1, parse_split(cfg.stage_split), cfg.stage_mode, cfg.method_options,
+                     cfg.microbatches, cfg.pipeline_schedule)
         cfg.microbatches = cfg.microbatches or DEFAULT_MICROBATCHES
         # 1F1B with fewer micro-batches than stages is GPipe (torch's 1F1B refuses it)
-        cfg.pipeline_schedule = cfg.pipeline_schedule or (DEFAULT_SCHEDULE if cfg.microbatches >= stages else "gpipe")
+        cfg.pipeline_schedule = cfg.pipeline_schedule or (DEFAULT_SCHEDULE if cfg.microbatches >= cfg.stages
+                                                          else "gpipe")
         self.pipelines: dict[tuple[int, int], tuple[PipelineStage, Any]] = {}
         self.busy_seconds = [0.0]  # the stage's compute this epoch (the engine's forward and backward calls)
-        super().__init__(cfg, stages, split, mode, **kwargs)
+        super().__init__(cfg, **kwargs)
 
     def _build(self, data: Any) -> None:
         self._build_whole(data)

@@ -28,30 +28,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stage(rank: int, config: dict[str, Any], stages: int, port: int, threads: int | None, errors: str) -> None:
+def _stage(rank: int, config: dict[str, Any], port: int, threads: int | None, errors: str) -> None:
     """One stage process: the group from a torchrun-style environment, then the staged run."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(stages), MASTER_ADDR="127.0.0.1",
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(config["stages"]), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     if threads is not None:
         torch.set_num_threads(threads)
     from bpfree.training import stages as staged
 
     try:
-        staged.train(TrainConfig(**config), stages, show_progress=False)
+        staged.train(TrainConfig(**config), show_progress=False)
     except tuple(CODES) as e:
         kind = next(k for k in CODES if isinstance(e, k))
         Path(errors, f"rank{rank}").write_text(f"{kind.__name__}\n{e}")
         raise SystemExit(CODES[kind]) from None
 
 
-def train_staged(cfg: TrainConfig, stages: int, threads: int | None = None) -> list[dict[str, Any]]:
-    """Train `cfg` on `stages` local processes; its metrics records (read from its run folder), or the exception
+def train_staged(cfg: TrainConfig, threads: int | None = None) -> list[dict[str, Any]]:
+    """Train `cfg` on `cfg.stages` local processes; its metrics records (read from its run folder), or the exception
     of the stage that failed first with an error of its own (a stage that only lost its peer says 4)."""
     from bpfree.training.runfolder import read_metrics
 
     with tempfile.TemporaryDirectory() as errors:
         try:
-            mp.start_processes(_stage, args=(asdict(cfg), stages, _free_port(), threads, errors), nprocs=stages,
+            mp.start_processes(_stage, args=(asdict(cfg), _free_port(), threads, errors), nprocs=cfg.stages,
                                start_method="spawn")
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
             found = {p.name: p.read_text().split("\n", 1) for p in sorted(Path(errors).iterdir())}

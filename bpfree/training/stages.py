@@ -62,6 +62,7 @@ from bpfree.training import distributed
 from bpfree.training.checkpoint import CHECKPOINT, CONFIG, record_failure
 from bpfree.training.checkpoint import rng_state as global_rng_state
 from bpfree.training.checkpoint import set_rng_state as set_global_rng_state
+from bpfree.training.config import STAGE_MODES
 from bpfree.training.runfolder import atomic_write_bytes, describe_os_error
 from bpfree.training.stage_replicas import REPLICATED_RULES, SIGNAL_RULES, ReplicaGroup, StageReplicas
 from bpfree.training.train import Run, TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
@@ -73,9 +74,7 @@ STAGED_RULES = ("l-bp", "l-fa", "lg-bp", "lg-fa", "lg-fg-a", "lg-fg-w", "sff", "
 OUTPUT_ERROR_RULES = ("dfa", "fdfa", "fg-a", "fg-w")
 # Rules whose forward-mode tangents cross the stage boundaries beside the activations.
 CARRY_TANGENTS = ("fdfa", "fg-a", "fg-w")
-# --stage-mode: synchronous (every stage waits for this step's error: the one-process run) or pipelined (stage s
-# applies the error of the batch it ran d = S-1-s steps before, keeping those batches' activations).
-MODES = ("synchronous", "pipelined")
+MODES = STAGE_MODES
 PIPELINED_RULES = ("dfa", "fdfa", "fg-a", "fg-w")
 # bp and fa send errors back through every stage: they run through PyTorch's pipeline engine (pipeline_bp.py).
 PIPELINE_RULES = ("bp", "fa")
@@ -839,10 +838,9 @@ class StagedRun(Run):
     state they own, so every process holds the trained model, evaluates a share of the test set, and rank 0 writes
     one checkpoint for all stages."""
 
-    def __init__(self, cfg: TrainConfig, stages: int, split: Sequence[str] | None = None,
-                 mode: str = "synchronous", replicas: int = 1, **kwargs: Any):
-        check_stages(cfg.method, stages, replicas, split, mode, cfg.method_options)
-        self.stages, self.split_given, self.mode = stages, tuple(split) if split else None, mode
+    def __init__(self, cfg: TrainConfig, replicas: int = 1, **kwargs: Any):
+        self.stages, self.split_given, self.mode = cfg.stages, parse_split(cfg.stage_split), cfg.stage_mode
+        check_stages(cfg.method, self.stages, replicas, self.split_given, self.mode, cfg.method_options)
         self.replicas = replicas  # --nproc: data-parallel copies of each stage (stage_replicas.py)
         self._resume_raw: bytes | None = None
         self._stage_states: list[bytes] | None = None
@@ -974,9 +972,7 @@ class StagedRun(Run):
         return balanced_starts(self.profile, self.stages)
 
     def stored_config(self) -> dict[str, Any]:
-        return {**super().stored_config(), "world_size": self.replicas, "stages": self.stages,
-                "stage_split_given": list(self.split_given) if self.split_given else None,
-                "stage_mode": self.mode}
+        return {**super().stored_config(), "world_size": self.replicas}
 
     def delay(self, stage: int) -> int:
         """Steps between a batch's forward on `stage` and the update from its error (pipelined: S-1-stage, the
@@ -990,7 +986,7 @@ class StagedRun(Run):
         total = sum(self.profile) or 1.0
         config = {**self.stored_config(),
                   "stage_delays": [self.delay(s) for s in range(self.stages)],
-                  "stage_split": [names[a] for a in self.starts[1:]],
+                  "stage_split": ",".join(names[a] for a in self.starts[1:]),
                   "stage_blocks": [names[a:b] for a, b in zip(bounds, bounds[1:])],
                   "stage_profile": {"block_seconds": [round(s, 6) for s in self.profile],
                                     "stage_share": [round(sum(self.profile[a:b]) / total, 4)
@@ -1294,9 +1290,10 @@ class StagedRun(Run):
         self.records = list(state["records"])
 
 
-def train(cfg: TrainConfig, stages: int, split: Sequence[str] | None = None, show_progress: bool | None = None,
-          log_epochs: bool = False, mode: str = "synchronous", replicas: int = 1) -> list[dict[str, Any]]:
-    """Train (or resume) one staged run in this process (one stage of a torchrun group of `stages` ranks)."""
+def train(cfg: TrainConfig, show_progress: bool | None = None, log_epochs: bool = False,
+          replicas: int = 1) -> list[dict[str, Any]]:
+    """Train (or resume) one staged run in this process (one stage of a torchrun group of `cfg.stages` x
+    `replicas` ranks)."""
     if not distributed.launched_by_torchrun():
         raise UsageError("--stages: each stage is a process; launch with `bpfree train --stages S`")
     from bpfree.training import lrfind
@@ -1306,7 +1303,7 @@ def train(cfg: TrainConfig, stages: int, split: Sequence[str] | None = None, sho
         from bpfree.training.pipeline_bp import PipelinedBackpropRun as run_class
     else:
         run_class = StagedRun
-    run = run_class(cfg, stages, split, mode, replicas=replicas,
+    run = run_class(cfg, replicas=replicas,
                     show_progress=False if show_progress is None else show_progress, log_epochs=log_epochs)
     records = run.train()
     distributed.shutdown(run.group)

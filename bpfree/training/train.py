@@ -357,6 +357,9 @@ def train(
     """Train (or resume) one run; returns all epochs' metrics records (launched by torchrun: data-parallel)."""
     from bpfree.training import lrfind  # it builds on this module
 
+    if cfg.stages > 1:
+        raise UsageError("--stages: each stage is a process; launch with `bpfree train --stages S` "
+                         "(or bpfree.training.stages.train in each)")
     group = lrfind.resolve_joined(cfg, data, show_progress)  # --lr auto: the rate first (the recorded one on resume)
     run = Run(cfg, data=data, show_progress=show_progress, log_epochs=log_epochs)
     records = run.train()

@@ -15,11 +15,10 @@ from bpfree.training.train import TrainConfig
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 for kw in json.loads(sys.argv[1]):
-    stages, replicas, resume_to = kw.pop("stages"), kw.pop("replicas", 1), kw.pop("resume_to", None)
+    replicas, resume_to = kw.pop("replicas", 1), kw.pop("resume_to", None)
     run = PipelinedBackpropRun if kw["method"] in PIPELINE_RULES else StagedRun
-    run(TrainConfig(**kw), stages, replicas=replicas, show_progress=False).train()
+    run(TrainConfig(**kw), replicas=replicas, show_progress=False).train()
     if resume_to:  # stopped after its epochs, then resumed to `resume_to` epochs
-        run(TrainConfig(**{**kw, "epochs": resume_to, "resume": True}), stages, replicas=replicas,
-            show_progress=False).train()
+        run(TrainConfig(**{**kw, "epochs": resume_to, "resume": True}), replicas=replicas, show_progress=False).train()
 dist.barrier()
 dist.destroy_process_group()

@@ -22,16 +22,16 @@ def test_compare_stages_runs_what_can_be_staged_on_stages(tmp_path, data_root, c
     config = {m: json.loads((out / m / "seed-0" / "config.json").read_text()) for m in ("bp", "l-bp", "ff")}
     assert config["bp"]["stages"] == 2 and config["bp"]["microbatches"] == 2
     assert config["l-bp"]["stages"] == 2 and config["l-bp"]["microbatches"] is None
-    assert "stages" not in config["ff"]
+    assert config["ff"]["stages"] == 1
     assert "ff trains in one process: --stages: ff cannot be staged" in err
 
 
 @pytest.mark.slow
 def test_a_stage_error_comes_back_as_its_exception(tmp_path, data_root):
     cfg = TrainConfig(method="l-bp", data="mnist", data_root=str(data_root), epochs=1, out=str(tmp_path / "run"),
-                      blocks=("no_such_module",))
+                      blocks=("no_such_module",), stages=2)
     with pytest.raises(UsageError, match="no_such_module"):
-        train_staged(cfg, 2, threads=1)
+        train_staged(cfg, threads=1)
 
 
 def test_sweep_refuses_stages(capsys):

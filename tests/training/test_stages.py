@@ -161,7 +161,7 @@ def test_pipelined_differs_from_synchronous(staged_runs):
 
 def test_staged_metrics_and_config(staged_runs):
     config_json = json.loads((staged_runs / "l-bp-vit" / "config.json").read_text())
-    assert config_json["stages"] == 2 and config_json["stage_split"] == ["encoder.layers.5"]
+    assert config_json["stages"] == 2 and config_json["stage_split"] == "encoder.layers.5"
     assert config_json["stage_blocks"][1][0] == "encoder.layers.5"
     assert sum(config_json["stage_profile"]["stage_share"]) == pytest.approx(1, abs=1e-3)
     records = read_metrics(staged_runs / "l-bp" / "metrics.jsonl")
@@ -223,6 +223,8 @@ def test_bad_stage_options_refuse():
         check_stages("dfa", 2, 1, None, "pipelined", {"recompute": True})
     with pytest.raises(UsageError, match="--stage-mode needs --stages 2"):
         check_stages("dfa", 1, 1, None, "pipelined")
+    with pytest.raises(UsageError, match="each stage is a process"):  # the one-process loop never ignores --stages
+        train(TrainConfig(stages=2, out="unused"), show_progress=False)
 
 
 def killed_then_resumed_equals_one_process(tmp_path: Path, data_root: Path, method: str, flags: list[str],
