@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from bpfree.training.stages import balanced_starts
+from bpfree.training.stage_plan import balanced_starts
 
 LINKS = {"10 GbE": 1.25e9, "100 GbE": 12.5e9, "PCIe 4 x16": 25e9, "NVLink 4": 450e9}  # bytes per second
 

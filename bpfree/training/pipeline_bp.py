@@ -39,16 +39,9 @@ from bpfree.methods.base import zero_missing_grads
 from bpfree.methods.bp import Backprop
 from bpfree.methods.feedback_alignment import FeedbackAlignment, feedback_layers
 from bpfree.training.checkpoint import record_failure
-from bpfree.training.stages import (
-    StagedRun,
-    StagePlan,
-    Tally,
-    check_stages,
-    memory_order,
-    parse_split,
-    restored,
-    stage_tensors,
-)
+from bpfree.training.stage_links import memory_order
+from bpfree.training.stage_plan import StagePlan, restored, stage_tensors
+from bpfree.training.stages import StagedRun, Tally, check_stages, parse_split
 from bpfree.training.train import TrainConfig, lr_multipliers_by_id, make_optimizer, make_schedule
 
 DEFAULT_MICROBATCHES = 4

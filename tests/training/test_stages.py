@@ -13,7 +13,8 @@ import torch
 from bpfree.cli import main
 from bpfree.core.errors import UsageError
 from bpfree.training.runfolder import read_metrics
-from bpfree.training.stages import STAGED_RULES, balanced_starts, check_stages
+from bpfree.training.stage_plan import balanced_starts
+from bpfree.training.stages import STAGED_RULES, check_stages
 from bpfree.training.train import TrainConfig, train
 from tests.training.test_distributed import ROOT, kill_rank_1_after_two_epochs, start_ranks
 
@@ -294,7 +295,7 @@ class Skip(torch.nn.Module):
 
 def test_a_split_the_forward_carries_other_values_across_is_refused():
     from bpfree.methods import build
-    from bpfree.training.stages import ownership
+    from bpfree.training.stage_plan import ownership
 
     est = build("l-bp", Skip(), blocks=("a", "b", "c"))
     owners = ownership(est, [0, 1])  # the skip starts at block a's output, which stage 2 receives: fine
