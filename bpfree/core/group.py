@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -70,7 +70,7 @@ class Group:
         return self.world_size > 1
 
     # -- collectives (no-ops on one process) -----------------------------------------------------------------------
-    def _call(self, what: str, fn, *args, **kwargs):
+    def guarded(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one collective; a peer that died or timed out becomes one clear DistributedError."""
         try:
             return fn(*args, **kwargs)
@@ -100,9 +100,9 @@ class Group:
             t.mul_(weight)
         buffers = [*big, packed]
         self.bytes += sum(t.numel() * t.element_size() for t in buffers)
-        works = [self._call("all_reduce", dist.all_reduce, t, async_op=True) for t in buffers]
+        works = [self.guarded("all_reduce", dist.all_reduce, t, async_op=True) for t in buffers]
         for work in works:
-            self._call("all_reduce", work.wait)
+            self.guarded("all_reduce", work.wait)
         total = packed[-1]
         for t in big:
             t.div_(total)
@@ -119,7 +119,7 @@ class Group:
         if not self.active:
             return values
         out = values.detach().to(self.device_for_collectives(), copy=True)  # NCCL reduces CUDA tensors only
-        self._call("all_reduce", dist.all_reduce, out)
+        self.guarded("all_reduce", dist.all_reduce, out)
         return out.to(values.device)
 
     def broadcast_bytes(self, data: bytes | None) -> bytes:
@@ -129,12 +129,12 @@ class Group:
         device = self.device_for_collectives()
         size = torch.tensor([len(data) if self.is_main and data is not None else 0], dtype=torch.int64,
                             device=device)
-        self._call("broadcast", dist.broadcast, size, 0)
+        self.guarded("broadcast", dist.broadcast, size, 0)
         buf = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
         if self.is_main and data:
             buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         if buf.numel():
-            self._call("broadcast", dist.broadcast, buf, 0)
+            self.guarded("broadcast", dist.broadcast, buf, 0)
         return bytes(buf.cpu().numpy())
 
     def all_gather_bytes(self, data: bytes) -> list[bytes]:
@@ -144,13 +144,13 @@ class Group:
         device = self.device_for_collectives()
         size = torch.tensor([len(data)], dtype=torch.int64, device=device)
         sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
-        self._call("all_gather", dist.all_gather, sizes, size)
+        self.guarded("all_gather", dist.all_gather, sizes, size)
         longest = int(max(s.item() for s in sizes))
         buf = torch.zeros(longest, dtype=torch.uint8, device=device)
         if data:
             buf[: len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         bufs = [torch.empty_like(buf) for _ in range(self.world_size)]
-        self._call("all_gather", dist.all_gather, bufs, buf)
+        self.guarded("all_gather", dist.all_gather, bufs, buf)
         return [bytes(b[: int(n.item())].cpu().numpy()) for b, n in zip(bufs, sizes)]
 
     def broadcast_error(self, error: Exception | None) -> None:
@@ -168,7 +168,7 @@ class Group:
         message, so no rank hangs."""
         if not self.active:
             return work()
-        side = self._call("new_group", dist.new_group, backend="gloo", timeout=timedelta(seconds=seconds))
+        side = self.guarded("new_group", dist.new_group, backend="gloo", timeout=timedelta(seconds=seconds))
         try:
             error: Exception | None = None
             payload = b""
@@ -178,11 +178,11 @@ class Group:
                 except Exception as e:  # told to the other ranks, then raised here
                     error, payload = e, b"!" + str(e).encode()
             size = torch.tensor([len(payload)], dtype=torch.int64)
-            self._call("broadcast", dist.broadcast, size, 0, group=side)
+            self.guarded("broadcast", dist.broadcast, size, 0, group=side)
             buf = torch.empty(int(size.item()), dtype=torch.uint8)
             if self.is_main:
                 buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-            self._call("broadcast", dist.broadcast, buf, 0, group=side)
+            self.guarded("broadcast", dist.broadcast, buf, 0, group=side)
             received = bytes(buf.numpy())
         finally:
             dist.destroy_process_group(side)
@@ -197,7 +197,7 @@ class Group:
         if not self.active:
             return
         for t in [*module.parameters(), *module.buffers()]:
-            self._call("broadcast", dist.broadcast, t.data, 0)
+            self.guarded("broadcast", dist.broadcast, t.data, 0)
 
     def device_for_collectives(self) -> torch.device:
         if dist.get_backend() == "nccl":

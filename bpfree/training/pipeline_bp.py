@@ -323,7 +323,7 @@ class PipelinedBackpropRun(StagedRun):
         except (RuntimeError, dist.DistError) as e:
             if not lost_peer(e):
                 raise
-            return self.group._call("pipeline step", _reraise, e)
+            return self.group.guarded("pipeline step", _reraise, e)
 
     def _sent_bytes(self, rows: int) -> int:
         """Bytes this stage sends per step: its boundary forward, the gradient of the one it received back."""

@@ -60,7 +60,7 @@ class Link:
             t = t.clone()  # the send is asynchronous, and a rule may change its tensor in place (fdfa adds u to it)
         header = torch.tensor(order, dtype=torch.int64, device=t.device)
         for part in (header, t):
-            work = self.group._call("isend", dist.isend, part, self.peer(self.plan.stage + 1))
+            work = self.group.guarded("isend", dist.isend, part, self.peer(self.plan.stage + 1))
             self.pending.append((part, work))
         self.sent += t.numel() * t.element_size()
         while len(self.pending) > 2 * MAX_PENDING_SENDS:
@@ -69,17 +69,17 @@ class Link:
     def recv(self, like: torch.Tensor) -> torch.Tensor:
         header = torch.empty(like.dim(), dtype=torch.int64, device=like.device)
         start = time.perf_counter()
-        self.group._call("recv", dist.recv, header, self.peer(self.plan.stage - 1))
+        self.group.guarded("recv", dist.recv, header, self.peer(self.plan.stage - 1))
         order = header.tolist()
         buf = torch.empty([like.shape[d] for d in order], dtype=like.dtype, device=like.device)
-        self.group._call("recv", dist.recv, buf, self.peer(self.plan.stage - 1))
+        self.group.guarded("recv", dist.recv, buf, self.peer(self.plan.stage - 1))
         self.idle += time.perf_counter() - start
         return buf.permute([order.index(d) for d in range(like.dim())])
 
     def broadcast_from_last(self, tensor: torch.Tensor) -> None:
         """In place: the last stage's `tensor` on every stage of this replica's pipeline."""
         pipe = {} if self.pipe is None else {"group": self.pipe}
-        self.group._call("broadcast", dist.broadcast, tensor, self.peer(len(self.plan.starts) - 1), **pipe)
+        self.group.guarded("broadcast", dist.broadcast, tensor, self.peer(len(self.plan.starts) - 1), **pipe)
 
     def share_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
         """The last stage's `tensor` on every stage (a broadcast; the wait counts as idle)."""
@@ -95,7 +95,7 @@ class Link:
         loss's directional derivatives) to each of them, without waiting; they take it steps later."""
         t = tensor.detach().contiguous()
         for s in range(len(self.plan.starts) - 1):
-            self.late.append((t, self.group._call("isend", dist.isend, t, s)))
+            self.late.append((t, self.group.guarded("isend", dist.isend, t, s)))
             self.sent += t.numel() * t.element_size()
         while len(self.late) > len(self.plan.starts) * (len(self.plan.starts) + MAX_PENDING_SENDS):
             self._wait_oldest(self.late)
@@ -104,14 +104,14 @@ class Link:
         """Pipelined mode, an earlier stage: the last stage's next signal (in the order of the batches)."""
         buf = torch.empty(tuple(shape), dtype=dtype, device=device)
         start = time.perf_counter()
-        self.group._call("recv", dist.recv, buf, len(self.plan.starts) - 1)
+        self.group.guarded("recv", dist.recv, buf, len(self.plan.starts) - 1)
         self.idle += time.perf_counter() - start
         return buf
 
     def _wait_oldest(self, pending: list[tuple[torch.Tensor, Any]] | None = None) -> None:
         _, work = (self.pending if pending is None else pending).pop(0)
         start = time.perf_counter()
-        self.group._call("send", work.wait)
+        self.group.guarded("send", work.wait)
         self.idle += time.perf_counter() - start
 
     def flush(self) -> None:

@@ -63,7 +63,7 @@ class StageReplicas:
             return
         packed = torch.cat([t.detach().reshape(-1).double() * weight for t in tensors]
                            + [torch.tensor([float(weight)], dtype=torch.float64, device=tensors[0].device)])
-        self.group._call("all_reduce", dist.all_reduce, packed, group=self.pg)
+        self.group.guarded("all_reduce", dist.all_reduce, packed, group=self.pg)
         packed = packed[:-1] / packed[-1]
         offset = 0
         for t in tensors:
@@ -76,7 +76,7 @@ class StageReplicas:
         if self.replicas == 1:
             return count
         t = torch.tensor([count], dtype=torch.int64)
-        self.group._call("all_reduce", dist.all_reduce, t, group=self.pg)
+        self.group.guarded("all_reduce", dist.all_reduce, t, group=self.pg)
         return int(t.item())
 
     def per_stage(self, everyone: list[dict[str, Any]]) -> list[dict[str, Any]]:
