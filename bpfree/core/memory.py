@@ -8,6 +8,7 @@ but slows the measured step: measure one step, not every step.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,6 +29,9 @@ def measured(step: Callable[[], T], device: torch.device | str = "cpu") -> tuple
         result = step()
         torch.cuda.synchronize(device)
         return result, max(0, torch.cuda.max_memory_allocated(device) - before)
+    # torch 2.13's profiler library logs two lines ("USDT: ... profiler_start") per profiled step on stderr unless
+    # its level is above them; read when it first starts, and a level the user set stands.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = step()
     live = peak = 0

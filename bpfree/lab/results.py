@@ -196,6 +196,11 @@ def _num(value: float | None, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
+def _megabytes(value: float | None) -> str:
+    """Whole MB where that reads well; small models' peaks (under a MB) keep two decimals instead of reading 0."""
+    return _num(value, ".0f" if value is None or value >= 100 else ".1f" if value >= 1 else ".2f")
+
+
 def markdown_table(rows: list[Row]) -> str:
     """The paper's layout: `test / train` error (%), mean ± std over seeds; cost columns with ratios to bp.
     Runs with a validation split get a validation error column before it."""
@@ -212,7 +217,7 @@ def markdown_table(rows: list[Row]) -> str:
             error = r.status
         val = [_pm(r.val) if r.val and len(r.val) == len(r.test) else ""] if with_val else []
         cells = [r.label, str(len(r.seeds)), str(r.epochs), *val, error, _num(r.seconds_per_epoch, ".3f"),
-                 _num(r.time_vs_bp, ".2f"), _num(r.peak_memory_mb, ".0f"), _num(r.memory_vs_bp, ".2f")]
+                 _num(r.time_vs_bp, ".2f"), _megabytes(r.peak_memory_mb), _num(r.memory_vs_bp, ".2f")]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

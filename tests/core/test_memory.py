@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 
 import pytest
 import torch
@@ -217,3 +218,14 @@ def test_fdfa_holds_what_dfa_holds_as_depth_grows() -> None:
     fdfa = first_step_peak("fdfa", 12) - first_step_peak("fdfa", 3)
     assert dfa > 0
     assert fdfa <= 1.15 * dfa, f"fdfa grows {fdfa / dfa:.2f}x as fast as dfa with depth"
+
+
+def test_the_meter_writes_nothing_on_stderr() -> None:
+    """torch's profiler library logs each profiled step on stderr unless told not to: a fresh process shows it."""
+    import subprocess
+    import sys
+
+    code = "import torch; from bpfree.core.memory import activation_peak; activation_peak(lambda: torch.ones(9) + 1)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"})
+    assert run.returncode == 0 and run.stderr == "", run.stderr
