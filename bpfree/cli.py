@@ -109,6 +109,10 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch's C++ warnings (e.g. the memory meter's "Memory block of unknown size was allocated before the profiling
+    # started") address torch's developers, not a user reading a run's output; read when torch is first imported,
+    # below, and a level the user set stands. Python warnings are unaffected.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"bpfree[rank {rank}]" if rank else "bpfree"
     # SIGTERM ends a run as Ctrl-C does, from the start (building the parser imports torch, which takes seconds).

@@ -403,3 +403,20 @@ def test_booby_trapped_checkpoint_gives_no_advice_to_run_it(finished_run, capsys
 def test_models_listing_refuses_bad_shapes_with_one_line(capsys, args, needle):
     assert main(["models", *args]) == 2
     one_line_error(capsys, needle)
+
+
+def test_a_run_prints_no_torch_internal_log_lines(tmp_path: Path) -> None:
+    """torch's C++ log (the profiler's "USDT" lines, the allocator's "[W...] Memory block of unknown size") is
+    not part of a run's output: fdfa on the residual CNN triggers both (the second in epoch 2) when let through."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_CPP_LOG_LEVEL", "KINETO_LOG_LEVEL")}
+    model = str(Path(__file__).parents[1] / "examples" / "residual_cnn.py") + ":ResidualCNN"
+    run = subprocess.run([sys.executable, "-m", "bpfree", "train", "--method", "fdfa", "--model", model, "--data",
+                          "digits", "--epochs", "2", "--train-size", "256", "--lr", "0.01", "--out",
+                          str(tmp_path / "run"), "--threads", "1"], capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    noise = [line for line in run.stderr.splitlines() if line.startswith(("[W", "[I", "USDT"))]
+    assert noise == [], noise
