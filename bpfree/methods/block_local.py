@@ -54,7 +54,7 @@ from bpfree.core.anatomy import (
 )
 from bpfree.core.attention import math_attention
 from bpfree.core.errors import UsageError
-from bpfree.core.forward_mode import renew_dual_level, tangent_friendly
+from bpfree.core.forward_mode import lean_attention, renew_dual_level, tangent_friendly
 from bpfree.core.registry import Option
 from bpfree.losses import local_loss_grid
 from bpfree.methods import METHODS
@@ -603,7 +603,8 @@ class BlockLocalFGWeight(BlockLocalFG):
 
             # The first pass keeps the readout's graph (after the last cut only the readout has parameters that
             # require grad; the blocks' are dual copies), for its exact gradient.
-            with fwad.dual_level(), torch.set_grad_enabled(j == 0), boundaries(self.anatomy, learn):
+            with fwad.dual_level(), torch.set_grad_enabled(j == 0), lean_attention(), \
+                    boundaries(self.anatomy, learn):
                 duals = {names[id(p)]: fwad.make_dual(p.detach(), v[j]) for p, v in zip(params, noise)}
                 out = torch.func.functional_call(self.model, duals, (x,), strict=False)
                 if j == 0:
