@@ -20,8 +20,7 @@ hand-written JVP over blocks of query rows, so that no matrix larger than about 
 from __future__ import annotations
 
 import threading
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -31,7 +30,6 @@ import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
 
 from bpfree.core.anatomy import forwards_replaced
 
@@ -331,47 +329,39 @@ def lean_scaled_dot_product_attention(
     return _Attention.apply(query, key, value, scale, keep_graph)
 
 
-def _with_globals(fn: Callable, **names: Any) -> Callable:
-    """A copy of a Python function whose module globals `names` are replaced (the module itself unchanged)."""
-    copy = types.FunctionType(fn.__code__, {**fn.__globals__, **names}, fn.__name__, fn.__defaults__, fn.__closure__)
-    copy.__kwdefaults__ = fn.__kwdefaults__
-    return copy
-
-
-_MHA_FORWARD = F.multi_head_attention_forward
-# nn.MultiheadAttention's functional body. It hands itself to the active mode before it runs, and a mode is off while
-# it handles a call, so the attention call inside the body would never reach the mode: the mode runs this copy, whose
-# `scaled_dot_product_attention` is the lean one. None if a future PyTorch names it differently (the math kernel
-# then serves nn.MultiheadAttention).
-_MHA_FORWARD_LEAN = (
-    _with_globals(_MHA_FORWARD, scaled_dot_product_attention=lean_scaled_dot_product_attention)
-    if "scaled_dot_product_attention" in _MHA_FORWARD.__code__.co_names else None
-)  # fmt: skip
-
-
-class _LeanAttentionMode(TorchFunctionMode):
-    def __torch_function__(self, func: Any, types_: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is _SDPA:
-            return lean_scaled_dot_product_attention(*args, **kwargs)
-        if func is _MHA_FORWARD and _MHA_FORWARD_LEAN is not None:
-            return _MHA_FORWARD_LEAN(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
 _lean = threading.local()
+_installs = {"count": 0, "previous": None}
+_install_lock = threading.Lock()
+
+
+def _sdpa_hook(*args: Any, **kwargs: Any) -> torch.Tensor:
+    # Installed as F.scaled_dot_product_attention while some thread is inside `lean_attention`: only that thread's
+    # calls take the lean path.
+    if getattr(_lean, "depth", 0):
+        return lean_scaled_dot_product_attention(*args, **kwargs)
+    return _installs["previous"](*args, **kwargs)
 
 
 @contextmanager
 def lean_attention() -> Iterator[None]:
-    """While active (in this thread), `F.scaled_dot_product_attention`, and nn.MultiheadAttention through it, runs
-    `lean_scaled_dot_product_attention`. Re-entering is a no-op."""
-    if getattr(_lean, "active", False):
-        yield
-        return
-    _lean.active = True
+    """While active (in this thread), calls of `F.scaled_dot_product_attention`, nn.MultiheadAttention's included,
+    run `lean_scaled_dot_product_attention`.
+
+    The function is swapped in the `torch.nn.functional` module rather than caught by a TorchFunctionMode: a mode
+    would put a Python call in front of every torch operation of the pass (several per cent of a small ViT's step).
+    Code that bound the function under another name before (`from torch.nn.functional import ...`) keeps PyTorch's.
+    """
+    with _install_lock:
+        if _installs["count"] == 0:
+            _installs["previous"] = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = _sdpa_hook
+        _installs["count"] += 1
+    _lean.depth = getattr(_lean, "depth", 0) + 1
     try:
-        with _LeanAttentionMode():
-            yield
+        yield
     finally:
-        _lean.active = False
+        _lean.depth -= 1
+        with _install_lock:
+            _installs["count"] -= 1
+            if _installs["count"] == 0:
+                F.scaled_dot_product_attention = _installs["previous"]

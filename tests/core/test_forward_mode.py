@@ -218,3 +218,25 @@ def test_the_lean_attention_graph_keeps_no_attention_matrix() -> None:
 
     assert largest_saved(lean=False) >= batch * 2 * length * length
     assert largest_saved(lean=True) <= 3 * batch * length * 8  # the in-projection's q, k, v in one tensor
+
+
+def test_lean_attention_is_this_threads_only_and_restores_pytorchs_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import torch.nn.functional as F
+
+    from bpfree.core.forward_mode import lean_attention
+
+    calls = _count_lean_calls(monkeypatch)
+    original = F.scaled_dot_product_attention
+    q = torch.randn(1, 2, 5, 4)
+    with lean_attention():
+        with lean_attention():  # nested: still on after the inner one ends
+            pass
+        other = threading.Thread(target=lambda: F.scaled_dot_product_attention(q, q, q))
+        other.start()
+        other.join()
+        assert not calls  # the other thread's call took PyTorch's path
+        F.scaled_dot_product_attention(q, q, q)
+        assert len(calls) == 1
+    assert F.scaled_dot_product_attention is original
