@@ -14,7 +14,8 @@ Attention: forward-mode AD has no rule for PyTorch's fused attention kernels, so
 not, and whose softmax makes a primal and a tangent of that size at every elementwise step. While `lean_attention()`
 is active (`tangent_friendly` enters it), `F.scaled_dot_product_attention` without mask, dropout or causal hint runs
 `_Attention`: the fused kernel forward and backward (its graph keeps q, k, v, the output and the log-sum-exp), and a
-hand-written JVP over blocks of query rows, so that no matrix larger than about q is made at once.
+hand-written JVP over blocks of query rows, so that no matrix larger than about q is made at once, and without a
+reverse graph (the tangent is not differentiable; no rule differentiates a tangent).
 """
 
 from __future__ import annotations
@@ -275,9 +276,17 @@ class _Attention(torch.autograd.Function):
     def jvp(ctx: Any, q_t: torch.Tensor | None, k_t: torch.Tensor | None, v_t: torch.Tensor | None, *_: Any):
         # With P = softmax(S), S = s q kᵀ, O = P v:
         #   dS = s (dq kᵀ + q dkᵀ),  dO = P dv + (P ⊙ dS) v − rowsum(P ⊙ dS) ⊙ O.
-        q, k, v, out = ctx.saved_tensors
         if q_t is None and k_t is None and v_t is None:
             return None
+        # Without a reverse graph: the arithmetic below would otherwise record one through q, k and v, keeping
+        # every block's [.., rows, S] matrices for as long as the tangent lives (nothing differentiates a tangent).
+        with torch.no_grad():
+            return _Attention._tangent(ctx, q_t, k_t, v_t)
+
+    @staticmethod
+    def _tangent(ctx: Any, q_t: torch.Tensor | None, k_t: torch.Tensor | None,
+                 v_t: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        q, k, v, out = ctx.saved_tensors
         s, k_tr = ctx.scale, k.transpose(-2, -1)
         result = torch.empty_like(out)
         # Blocks of query rows whose [.., rows, S] matrices hold about as many numbers as q.

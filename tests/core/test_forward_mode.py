@@ -89,6 +89,7 @@ def test_lean_attention_matches_the_math_kernel(dtype: torch.dtype, with_tangent
         lean_value, lean_jvp, lean_vjp = run(lean=True, grad=grad)
         torch.testing.assert_close(lean_value, value)
         torch.testing.assert_close(lean_jvp, jvp)
+        assert not lean_jvp.requires_grad  # its arithmetic recorded no reverse graph (it would keep P-sized blocks)
         if grad:
             for a, b in zip(lean_vjp, vjp):
                 torch.testing.assert_close(a, b)
