@@ -264,6 +264,10 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor | None):
+        # The inner graph goes with the first backward (its memory would otherwise stay until the outer graph dies),
+        # so a second one, under retain_graph, cannot run: no rule asks for it.
+        if not hasattr(ctx, "inner"):
+            raise RuntimeError("lean attention: a second backward through the same graph is not supported")
         inner, leaves = ctx.inner
         del ctx.inner
         if g is None:

@@ -241,3 +241,16 @@ def test_lean_attention_is_this_threads_only_and_restores_pytorchs_function(monk
         F.scaled_dot_product_attention(q, q, q)
         assert len(calls) == 1
     assert F.scaled_dot_product_attention is original
+
+
+def test_lean_attention_refuses_a_second_backward_with_a_clear_error() -> None:
+    import torch.nn.functional as F
+
+    from bpfree.core.forward_mode import lean_attention
+
+    q = torch.randn(1, 2, 5, 4, requires_grad=True)
+    with lean_attention():
+        out = F.scaled_dot_product_attention(q, q, q)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        out.sum().backward()
