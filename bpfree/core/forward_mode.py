@@ -1,4 +1,5 @@
-"""Cheaper forward-mode AD through convolutions and batch norm, for rules that push tangents through a model.
+"""Cheaper forward-mode AD through convolutions, batch norm and attention, for rules that push tangents through a
+model.
 
 PyTorch's forward-mode rule for a convolution runs three convolutions (the primal, the input tangent through W, and
 the input through W's tangent, even when W has none), and its rule for training-mode batch norm is a chain of
@@ -7,10 +8,19 @@ BatchNorm1d/2d for an autograd Function with the same forward and backward (PyTo
 does only the work needed: one convolution of the input tangent (plus the weight's tangent, if it has one); for
 batch norm the native backward kernel applied to the tangent (its Jacobian in the input is symmetric, so the VJP
 kernel is also the JVP).
+
+Attention: forward-mode AD has no rule for PyTorch's fused attention kernels, so those rules run the math kernel
+(`bpfree.core.attention.math_attention`), whose graph keeps [batch, heads, L, S] matrices that the fused kernels do
+not, and whose softmax makes a primal and a tangent of that size at every elementwise step. While `lean_attention()`
+is active (`tangent_friendly` enters it), `F.scaled_dot_product_attention` without mask, dropout or causal hint runs
+`_Attention`: the fused kernel forward and backward (its graph keeps q, k, v, the output and the log-sum-exp), and a
+hand-written JVP over blocks of query rows, so that no matrix larger than about q is made at once, and without a
+reverse graph (the tangent is not differentiable; no rule differentiates a tangent).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -20,6 +30,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bpfree.core.anatomy import forwards_replaced
 
@@ -206,7 +217,7 @@ def tangent_friendly(model: nn.Module) -> Iterator[None]:
             swaps.append((m, partial(_conv_forward, m, conf)))
         elif isinstance(m, NORMS):
             swaps.append((m, partial(_norm_forward, m)))
-    with forwards_replaced(swaps):
+    with forwards_replaced(swaps), lean_attention():
         yield
 
 
@@ -219,3 +230,151 @@ def renew_dual_level() -> None:
     """
     fwad.exit_dual_level()
     fwad.enter_dual_level()
+
+
+# PyTorch's default choice of attention kernels, restored inside `_Attention` (a surrounding `math_attention` allows
+# only the math kernel, for the attention calls that do not come here).
+_FUSED_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                SDPBackend.MATH]  # fmt: skip
+_SDPA = F.scaled_dot_product_attention
+
+
+class _Attention(torch.autograd.Function):
+    """softmax(scale · q kᵀ) v over [batch, heads, L, E] inputs: PyTorch's kernel forward and backward, its JVP
+    written out."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                keep_graph: bool) -> torch.Tensor:  # fmt: skip
+        ctx.set_materialize_grads(False)  # inputs without tangents give None in `jvp`
+        ctx.scale = q.shape[-1] ** -0.5 if scale is None else scale
+        with sdpa_kernel(_FUSED_FIRST):
+            if keep_graph:
+                # The fused kernel's own graph, on detached aliases of the inputs (no copies): its backward is
+                # PyTorch's, and it keeps what bp's keeps.
+                with torch.enable_grad():
+                    leaves = [t.detach().requires_grad_(needs) for t, needs in zip((q, k, v), ctx.needs_input_grad)]
+                    inner = _SDPA(*leaves, scale=ctx.scale)
+                ctx.inner = (inner, leaves)
+                out = inner.detach()
+            else:
+                out = _SDPA(q, k, v, scale=ctx.scale)
+        ctx.save_for_forward(q, k, v, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor | None):
+        # The inner graph goes with the first backward (its memory would otherwise stay until the outer graph dies),
+        # so a second one, under retain_graph, cannot run: no rule asks for it.
+        if not hasattr(ctx, "inner"):
+            raise RuntimeError("lean attention: a second backward through the same graph is not supported")
+        inner, leaves = ctx.inner
+        del ctx.inner
+        if g is None:
+            return None, None, None, None, None
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(inner, wanted, g))
+        return (*(next(grads) if t.requires_grad else None for t in leaves), None, None)
+
+    @staticmethod
+    def jvp(ctx: Any, q_t: torch.Tensor | None, k_t: torch.Tensor | None, v_t: torch.Tensor | None, *_: Any):
+        # With P = softmax(S), S = s q kᵀ, O = P v:
+        #   dS = s (dq kᵀ + q dkᵀ),  dO = P dv + (P ⊙ dS) v − rowsum(P ⊙ dS) ⊙ O.
+        if q_t is None and k_t is None and v_t is None:
+            return None
+        # Without a reverse graph: the arithmetic below would otherwise record one through q, k and v, keeping
+        # every block's [.., rows, S] matrices for as long as the tangent lives (nothing differentiates a tangent).
+        with torch.no_grad():
+            return _Attention._tangent(ctx, q_t, k_t, v_t)
+
+    @staticmethod
+    def _tangent(ctx: Any, q_t: torch.Tensor | None, k_t: torch.Tensor | None,
+                 v_t: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        q, k, v, out = ctx.saved_tensors
+        s, k_tr = ctx.scale, k.transpose(-2, -1)
+        result = torch.empty_like(out)
+        # Blocks of query rows whose [.., rows, S] matrices hold about as many numbers as q.
+        length, keys = q.shape[-2], k.shape[-2]
+        rows = max(1, length * q.shape[-1] // keys)
+        for start in range(0, length, rows):
+            block = slice(start, start + rows)
+            scores = torch.matmul(q[..., block, :], k_tr).mul_(s)
+            p = scores.softmax(-1)
+            del scores
+            o_t = result[..., block, :]
+            if v_t is None:
+                o_t.zero_()
+            else:
+                o_t.copy_(torch.matmul(p, v_t))
+            if q_t is not None or k_t is not None:
+                ds = None if q_t is None else torch.matmul(q_t[..., block, :], k_tr)
+                if k_t is not None:
+                    more = torch.matmul(q[..., block, :], k_t.transpose(-2, -1))
+                    ds = more if ds is None else ds.add_(more)
+                    del more
+                w = ds.mul_(p).mul_(s)  # P ⊙ dS, over dS
+                del p
+                o_t.add_(torch.matmul(w, v)).addcmul_(w.sum(-1, keepdim=True), out[..., block, :], value=-1)
+                del w
+        return result
+
+
+def lean_scaled_dot_product_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """`F.scaled_dot_product_attention`'s result; through `_Attention` where it applies, else PyTorch's own call."""
+    qkv = (query, key, value)
+    supported = (
+        # A mask, causality or dropout would add terms to the JVP (and dropout would need its mask kept); grouped
+        # heads would need k and v expanded. Functorch transforms (vmap, jvp) cannot run this kind of Function.
+        attn_mask is None and dropout_p == 0.0 and not is_causal and not enable_gqa
+        and not torch._C._are_functorch_transforms_active()
+        and all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point() for t in qkv)
+        and query.dtype == key.dtype == value.dtype and query.device == key.device == value.device
+        and query.shape[:2] == key.shape[:2] == value.shape[:2] and key.shape[-2] == value.shape[-2]
+        and query.shape[-1] == key.shape[-1]
+    )  # fmt: skip
+    if not supported:
+        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                     enable_gqa=enable_gqa)  # fmt: skip
+    keep_graph = torch.is_grad_enabled() and any(t.requires_grad for t in qkv)
+    return _Attention.apply(query, key, value, scale, keep_graph)
+
+
+_lean = threading.local()
+_installs = {"count": 0, "previous": None}
+_install_lock = threading.Lock()
+
+
+def _sdpa_hook(*args: Any, **kwargs: Any) -> torch.Tensor:
+    # Installed as F.scaled_dot_product_attention while some thread is inside `lean_attention`: only that thread's
+    # calls take the lean path.
+    if getattr(_lean, "depth", 0):
+        return lean_scaled_dot_product_attention(*args, **kwargs)
+    return _installs["previous"](*args, **kwargs)
+
+
+@contextmanager
+def lean_attention() -> Iterator[None]:
+    """While active (in this thread), calls of `F.scaled_dot_product_attention`, nn.MultiheadAttention's included,
+    run `lean_scaled_dot_product_attention`.
+
+    The function is swapped in the `torch.nn.functional` module rather than caught by a TorchFunctionMode: a mode
+    would put a Python call in front of every torch operation of the pass (several per cent of a small ViT's step).
+    Code that bound the function under another name before (`from torch.nn.functional import ...`) keeps PyTorch's.
+    """
+    with _install_lock:
+        if _installs["count"] == 0:
+            _installs["previous"] = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = _sdpa_hook
+        _installs["count"] += 1
+    _lean.depth = getattr(_lean, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _lean.depth -= 1
+        with _install_lock:
+            _installs["count"] -= 1
+            if _installs["count"] == 0:
+                F.scaled_dot_product_attention = _installs["previous"]

@@ -54,7 +54,7 @@ from bpfree.core.anatomy import (
 )
 from bpfree.core.attention import math_attention
 from bpfree.core.errors import UsageError
-from bpfree.core.forward_mode import renew_dual_level, tangent_friendly
+from bpfree.core.forward_mode import lean_attention, renew_dual_level, tangent_friendly
 from bpfree.core.registry import Option
 from bpfree.losses import local_loss_grid
 from bpfree.methods import METHODS
@@ -586,6 +586,10 @@ class BlockLocalFGWeight(BlockLocalFG):
         names = {id(p): n for n, p in self.model.named_parameters()}
         params = [p for ps in self.block_params for p in ps]
         noise = [self.sample((k, *p.shape), p) for p in params]
+        # Parameters in no block and not in the readout (a positional embedding) get no signal from this rule: they
+        # go in detached, or the first pass would record a reverse graph through the first block for them.
+        learning = {id(p) for p in params + self.readout}
+        fixed = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in learning}
         # Per block, the K passes' grid derivatives summed over the batch: [P, G] each (only the batch sum matters).
         d_all: list[list[torch.Tensor]] = [[] for _ in self.anatomy.blocks]
         logits = torch.empty(0)
@@ -603,8 +607,9 @@ class BlockLocalFGWeight(BlockLocalFG):
 
             # The first pass keeps the readout's graph (after the last cut only the readout has parameters that
             # require grad; the blocks' are dual copies), for its exact gradient.
-            with fwad.dual_level(), torch.set_grad_enabled(j == 0), boundaries(self.anatomy, learn):
-                duals = {names[id(p)]: fwad.make_dual(p.detach(), v[j]) for p, v in zip(params, noise)}
+            with fwad.dual_level(), torch.set_grad_enabled(j == 0), lean_attention(), \
+                    boundaries(self.anatomy, learn):
+                duals = fixed | {names[id(p)]: fwad.make_dual(p.detach(), v[j]) for p, v in zip(params, noise)}
                 out = torch.func.functional_call(self.model, duals, (x,), strict=False)
                 if j == 0:
                     logits = fwad.unpack_dual(out).primal

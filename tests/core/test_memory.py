@@ -229,3 +229,68 @@ def test_the_meter_writes_nothing_on_stderr() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"})
     assert run.returncode == 0 and run.stderr == "", run.stderr
+
+
+class AttentionNet(nn.Module):
+    """A small ViT without dropout (the lean attention path's case): 64 tokens of width 32, 4 heads, so that one
+    layer's attention matrices [B, 4, 64, 64] hold 8x an activation [B, 64, 32]; a positional embedding between
+    the patches and the first layer."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.input_shape = (3, 32, 32)
+        self.embed = nn.Conv2d(3, 32, 4, stride=4)
+        self.pos = nn.Parameter(torch.randn(1, 64, 32) * 0.02)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x).flatten(2).transpose(1, 2) + self.pos).mean(1))
+
+
+def attention_net_memory(method: str, depth: int, lean: bool = True, frozen_pos: bool = False) -> int:
+    """Bytes that grow with the batch (peak at 8 examples less the peak at 4, first steps of fresh estimators); with
+    `lean` False the forward-mode passes run PyTorch's math attention kernel, as before the lean path."""
+    import contextlib
+
+    import bpfree.core.forward_mode as forward_mode
+    import bpfree.methods.block_local as block_local
+
+    def peak(batch: int) -> int:
+        gc.collect()
+        model = AttentionNet(depth)
+        model.pos.requires_grad_(not frozen_pos)
+        est = methods.build(method, model, seed=0)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+        saved = forward_mode.lean_attention, block_local.lean_attention
+        if not lean:
+            forward_mode.lean_attention = block_local.lean_attention = contextlib.nullcontext
+        try:
+            return activation_peak(lambda: est.step(x, y))
+        finally:
+            forward_mode.lean_attention, block_local.lean_attention = saved
+
+    return peak(8) - peak(4)
+
+
+@pytest.mark.parametrize("method", ["lg-fg-a", "lg-fg-w", "fg-w"])
+def test_forward_mode_rules_hold_no_attention_matrices_on_a_vit(method: str) -> None:
+    """The lean attention path keeps neither the math kernel's attention matrices in the reverse graph (lg-fg-a)
+    nor its dual softmax temporaries (lg-fg-w, fg-w): at most 0.75x the memory with the math kernel."""
+    lean, math = attention_net_memory(method, 4), attention_net_memory(method, 4, lean=False)
+    assert lean <= 0.75 * math, f"{method}: {lean / math:.2f}x the math kernel's"
+
+
+def test_lg_fg_a_memory_on_a_vit_is_flat_in_depth() -> None:
+    shallow, deep = attention_net_memory("lg-fg-a", 2), attention_net_memory("lg-fg-a", 8)
+    assert deep <= 1.3 * shallow, f"depth 8 holds {deep / shallow:.2f}x depth 2"
+
+
+def test_lg_fg_w_holds_nothing_for_a_parameter_between_blocks() -> None:
+    """The positional embedding gets no signal from lg-fg-w: its pass records no reverse graph for it (through the
+    first block) and holds what it holds with the embedding frozen."""
+    trained, frozen = attention_net_memory("lg-fg-w", 2), attention_net_memory("lg-fg-w", 2, frozen_pos=True)
+    assert trained <= 1.1 * frozen, f"{trained / frozen:.2f}x"

@@ -292,3 +292,21 @@ def test_lg_fg_a_gradients_are_the_same_when_a_norms_input_is_made_again(monkeyp
     kept, rerun = grads(()), grads(block_local.RERUNNABLE)
     assert len(kept) == len(rerun) > 20
     assert all(torch.equal(a, b) for a, b in zip(kept, rerun, strict=True))
+
+
+def test_lg_fg_w_leaves_a_parameter_between_blocks_untrained_and_the_blocks_unchanged():
+    """The positional embedding goes into lg-fg-w's pass detached: zero gradient, and every other gradient as with
+    the embedding frozen."""
+    import copy
+
+    torch.manual_seed(0)
+    vit = TinyViT()
+    vit.input_shape = (3, 16, 16)
+    frozen = copy.deepcopy(vit)
+    frozen.pos.requires_grad_(False)
+    for model in (vit, frozen):
+        build_method("lg-fg-w", model, seed=0).step(*batch((3, 16, 16)))
+    assert torch.count_nonzero(vit.pos.grad) == 0
+    for (name, p), q in zip(vit.named_parameters(), frozen.parameters()):
+        if name != "pos":
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
