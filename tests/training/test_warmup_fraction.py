@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bpfree.cli import main
-from bpfree.training import lrfind
+from bpfree.training import lrfind, recipes
 from bpfree.training.runfolder import read_metrics
 from bpfree.training.train import TrainConfig, make_schedule, train
 from tests.training.test_train import Interrupting, same_metrics, small_config
@@ -86,3 +86,15 @@ def test_the_probe_warms_up_over_the_same_share_of_its_steps(digits):
     by_fraction = lrfind.train_point(replace(cfg, warmup_fraction=0.5), pdata, 3e-2, 12)
     by_epochs = lrfind.train_point(replace(cfg, warmup_epochs=5), pdata, 3e-2, 12)  # the same share, in epochs
     assert by_fraction.val_loss == by_epochs.val_loss != plain.val_loss
+
+
+def test_dfa_on_a_model_without_a_validated_entry_warms_up_by_default(tmp_path):
+    assert recipes.apply("dfa", "examples/lr_suite.py:LayerNormMLP", {})[0]["warmup_fraction"] == 0.05
+    assert recipes.apply("dfa", "mlp", {})[0]["warmup_fraction"] == 0.0  # a validated entry keeps its own
+    assert recipes.apply("bp", "examples/lr_suite.py:LayerNormMLP", {})[0]["warmup_fraction"] == 0.0
+    out = tmp_path / "run"
+    assert main(["train", "--method", "dfa", "--model", "examples/lr_suite.py:LayerNormMLP", "--data", "digits",
+                 "--epochs", "1", "--threads", "1", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["warmup_fraction"] == 0.05 and config["lr_auto"] and "warmup_fraction" not in \
+        config["recipe"]["overridden"]
