@@ -31,6 +31,9 @@ for R in dfa fdfa; do
       --after benchmarks/results/lr_auto/digits-warmup-$R/results.jsonl \
       --out benchmarks/results/lr_auto/digits-warmup-$R/compare.md
 done
+# 2e. Would a probe that never moves above the prior choose better? Offline, on the recorded probes (not shipped).
+PYTHONPATH=. $PYTHON benchmarks/lr_auto_no_upward.py --results benchmarks/results/lr_auto/digits/results.jsonl
+PYTHONPATH=. $PYTHON benchmarks/lr_auto_no_upward.py --results benchmarks/results/lr_auto/digits-warmup-fdfa/results.jsonl
 # 3. MNIST and a CIFAR-10 subset (2,000 training images, 500 validation, 4 epochs): LayerNormMLP only (CPU time).
 for D in mnist cifar10; do
   PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 4 --batch-size 32 --val-split 500 \
