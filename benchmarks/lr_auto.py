@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -68,7 +69,7 @@ def run(argv: list[str], out: Path, epochs: int) -> dict:
 def cell(rule: str, model: str, args: argparse.Namespace, root: Path) -> dict:
     base = ["train", "--method", rule, "--model", f"examples/lr_suite.py:{model}", "--data", args.data,
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--val-split", str(args.val_split),
-            "--threads", "1"] + (["--train-size", str(args.train_size)] if args.train_size else [])
+            "--threads", "1"] + (["--train-size", str(args.train_size)] if args.train_size else []) + args.extra
     start = time.perf_counter()
     recorded = args.recorded_oracle.get((model, rule))
     if recorded is not None:  # the oracle's numbers from an earlier run of this benchmark (same commands)
@@ -144,6 +145,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rules", default=",".join(RULES))
     p.add_argument("--models", default=",".join(SUITE))
     p.add_argument("--out", default="benchmarks/results/lr_auto/digits")
+    p.add_argument("--extra", default="", metavar="FLAGS",
+                   help="more flags for every run, auto and oracle alike, e.g. '--warmup-fraction 0.05'")
     p.add_argument("--oracle-only", action="store_true", help="train the oracle's grid only (OUT/oracle.jsonl)")
     p.add_argument("--merge-into", default=None, metavar="JSONL",
                    help="afterwards, replace these cells' rows in an earlier results.jsonl (same command) and rewrite "
@@ -157,6 +160,7 @@ def parse() -> argparse.Namespace:
 def main_() -> None:
     args = parse()
     args.recorded_oracle = {}
+    args.extra = shlex.split(args.extra)
     if args.oracle_from:
         keys = ("oracle_lr", "oracle_test", "oracle_val", "grid_val")
         for line in Path(args.oracle_from).read_text().splitlines():

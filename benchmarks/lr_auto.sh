@@ -22,6 +22,18 @@ PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data digits --epochs 40 --batch-siz
 #     one above. The recorded results stop part-way through DepthwiseCNN (CPU time); this command finishes it.
 PYTHONPATH=.:benchmarks $PYTHON benchmarks/lr_auto_warmup.py --oracle benchmarks/results/lr_auto/digits/results.jsonl \
     --models LayerNormMLP,Conv1DNet,TinyMixer,DepthwiseCNN --out benchmarks/results/lr_auto/digits/warmup
+# 2d. The same warm-up as a share of the run (--warmup-fraction 0.05: 2 of 40 epochs, fixed beforehand from 2c), dfa
+#     and fdfa, auto and oracle both under it; set beside step 1's rows (validation first, then test errors).
+for R in dfa fdfa; do
+  PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data digits --epochs 40 --batch-size 32 --val-split 300 --rules $R \
+      --extra "--warmup-fraction 0.05" --out benchmarks/results/lr_auto/digits-warmup-$R
+  $PYTHON benchmarks/lr_auto_compare.py --before benchmarks/results/lr_auto/digits/results.jsonl \
+      --after benchmarks/results/lr_auto/digits-warmup-$R/results.jsonl \
+      --out benchmarks/results/lr_auto/digits-warmup-$R/compare.md
+done
+# 2e. Would a probe that never moves above the prior choose better? Offline, on the recorded probes (not shipped).
+PYTHONPATH=. $PYTHON benchmarks/lr_auto_no_upward.py --results benchmarks/results/lr_auto/digits/results.jsonl
+PYTHONPATH=. $PYTHON benchmarks/lr_auto_no_upward.py --results benchmarks/results/lr_auto/digits-warmup-fdfa/results.jsonl
 # 3. MNIST and a CIFAR-10 subset (2,000 training images, 500 validation, 4 epochs): LayerNormMLP only (CPU time).
 for D in mnist cifar10; do
   PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 4 --batch-size 32 --val-split 500 \
@@ -41,4 +53,26 @@ cp runs/lr_auto/issue-table/results.csv benchmarks/results/lr_auto/issue-table.c
 PYTHONPATH=. $PYTHON -m bpfree compare --methods bp,sff-block,fdfa,lg-fg-a,fg-a \
     --model examples/residual_cnn.py:ResidualCNN --data digits --epochs 20 --threads 1 --no-plots \
     --out runs/lr_auto/issue-table-bn-factor > benchmarks/results/lr_auto/issue-table-bn-factor.md
+# 4c. Its oracle: the same command at each grid rate on the probe's own validation split (239 images), chosen on
+#     validation error; the chosen rates retrained on every training image (compare --lr METHOD=RATE), beside the
+#     no-flag rows rerun on this code. (The run folders are kept under runs/; the tables are copied. The table's
+#     no-flag dfa ran before dfa's warm-up shipped; rerun now, this step's dfa warms up and equals 4d's.)
+M="--model examples/residual_cnn.py:ResidualCNN --data digits --epochs 20 --threads 1 --no-plots"
+R=benchmarks/results/lr_auto/issue-oracle
+mkdir -p $R
+PYTHONPATH=. $PYTHON -m bpfree compare --methods bp,fa,sff-block,l-bp,dfa,fdfa,lg-fg-a,fg-a $M \
+    --out runs/lr_auto/issue-table-now > $R/no-flags.md
+PYTHONPATH=. $PYTHON -m bpfree sweep --methods bp,fa,sff-block,l-bp,dfa,fdfa,lg-fg-a,fg-a $M --val-split 239 \
+    --lr 1e-4,3e-4,1e-3,3e-3,1e-2,3e-2 --warmup-fraction 0 --out runs/lr_auto/issue-oracle
+cp runs/lr_auto/issue-oracle/sweep.md $R/sweep.md
+PYTHONPATH=. $PYTHON -m bpfree compare --methods bp,fa,sff-block,l-bp,dfa,fdfa,lg-fg-a,fg-a $M --warmup-fraction 0 \
+    --lr bp=0.003,fa=0.01,sff-block=0.01,l-bp=0.01,dfa=0.003,fdfa=0.003,lg-fg-a=0.01,fg-a=0.0003 \
+    --out runs/lr_auto/issue-oracle-final > $R/oracle-retrained.md
+# 4d. dfa with its shipped warm-up (recipes.WARMUP_FRACTIONS): no flags, and its oracle under the same schedule.
+PYTHONPATH=. $PYTHON -m bpfree compare --methods dfa $M --out runs/lr_auto/issue-table-dfa-warmup > $R/no-flags-dfa-warmup.md
+PYTHONPATH=. $PYTHON -m bpfree sweep --methods dfa $M --val-split 239 --warmup-fraction 0.05 \
+    --lr 1e-4,3e-4,1e-3,3e-3,1e-2,3e-2 --out runs/lr_auto/issue-oracle-dfa-warmup
+cp runs/lr_auto/issue-oracle-dfa-warmup/sweep.md $R/sweep-dfa-warmup.md
+PYTHONPATH=. $PYTHON -m bpfree compare --methods dfa $M --lr 0.003 --out runs/lr_auto/issue-oracle-dfa-warmup-final \
+    > $R/oracle-retrained-dfa-warmup.md
 PYTHONPATH=. $PYTHON benchmarks/lr_auto_sgd.py --models ResBNCNN,TinyMixer   # 5. Adam or SGD on unseen models

@@ -79,6 +79,7 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     if "method" in out:
         out.setdefault("blocks", None)  # runs saved before --blocks existed found their blocks themselves
     out.setdefault("val_split", 0)  # saved before validation splits existed: none
+    out.setdefault("warmup_fraction", 0.0)  # saved before --warmup-fraction existed: none
     for key, registry, name in (("method_options", methods.METHODS, "method"),
                                 ("model_options", models.MODELS, "model")):
         entry = registry.entries.get(config.get(name, ""))

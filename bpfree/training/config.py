@@ -58,6 +58,9 @@ class TrainConfig:
     weight_decay: float = setting(0.0, "weight decay, weights only", minimum=0, recipe=True)
     schedule: str = setting("constant", "learning-rate schedule", choices=SCHEDULES, recipe=True)
     warmup_epochs: float = setting(0.0, "linear warm-up epochs (at most --epochs)", minimum=0, recipe=True)
+    # A share of the run, not epochs: a recipe's default must mean the same for a run of any length.
+    warmup_fraction: float = setting(0.0, "linear warm-up over this fraction of the run's steps (added "
+                                     "to --warmup-epochs)", minimum=0, below=1, recipe=True)
     batch_size: int = setting(128, "examples per step", minimum=1, recipe=True)
     seed: int = setting(0, "random seed", minimum=0, maximum=2**32 - 1)
     device: str = setting("cpu", "cpu or cuda (cuda:N)", resume_free=True)
@@ -123,6 +126,9 @@ class TrainConfig:
                 declared.parse(f.name, value)
         if not self.warmup_epochs <= self.epochs:
             raise UsageError(f"--warmup-epochs must be at most --epochs ({self.epochs}), got {self.warmup_epochs}")
+        if self.warmup_epochs / self.epochs + self.warmup_fraction > 1:
+            raise UsageError(f"--warmup-epochs {self.warmup_epochs:g} and --warmup-fraction {self.warmup_fraction:g} "
+                             f"together are longer than the run ({self.epochs} epochs)")
         check_device(self.device)
         methods.METHODS.get(self.method)
         models.check(self.model)

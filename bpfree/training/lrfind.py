@@ -197,7 +197,7 @@ def train_point(cfg: TrainConfig, data: TensorData, lr: float, steps: int, bar: 
         load_backbone(model, cfg.init_from)
     estimator = methods.build(cfg.method, model, seed=cfg.seed, blocks=cfg.blocks, **cfg.method_options)
     optimizer = make_optimizer(replace(cfg, lr=lr), estimator.trainable(), lr_multipliers_by_id(estimator))
-    warmup = round(steps * cfg.warmup_epochs / cfg.epochs)
+    warmup = round(steps * (cfg.warmup_epochs / cfg.epochs + cfg.warmup_fraction))  # the run's share of its steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     point = Point(lr)
     try:

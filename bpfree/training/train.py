@@ -70,9 +70,10 @@ def lr_multipliers_by_id(estimator: methods.Estimator) -> dict[int, float]:
 
 
 def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """Per-step linear warm-up, then constant or cosine decay to zero."""
-    warmup = cfg.warmup_epochs * steps_per_epoch
+    """Per-step linear warm-up (--warmup-epochs plus --warmup-fraction of the run), then constant or cosine decay
+    to zero."""
     total = cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch + cfg.warmup_fraction * total
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -179,7 +180,10 @@ class Run:
 
     # -- the run folder (bpfree.training.checkpoint) ----------------------------------------------------------------
     def open_run_folder(self) -> bytes | None:
-        return self.folder.open(self.stored_config(), self.cfg.resume, self.cfg.epochs, self.cfg.schedule)
+        schedule = self.cfg.schedule
+        if self.cfg.warmup_fraction:  # its warm-up's length depends on the total
+            schedule = f"{schedule} (warm-up over {self.cfg.warmup_fraction:g} of the run)"
+        return self.folder.open(self.stored_config(), self.cfg.resume, self.cfg.epochs, schedule)
 
     def parse_checkpoint(self, raw: bytes) -> dict[str, Any]:
         return self.folder.parse(raw)

@@ -104,15 +104,17 @@ TRAIN = ["train", "--data", "digits", "--epochs", "1", "--batch-size", "128", "-
 @pytest.mark.parametrize("method", ["bp", "fa", "dfa", "fdfa", "fg-a"])
 def test_train_a_model_from_a_file(tmp_path, model_file, capsys, method):
     out = tmp_path / "run"
-    # A constant schedule, so that --resume may extend the run (unseen models get a cosine one by default), and a
-    # given rate: these 4 steps say whether the file's model trains, not how good a rule's prior is at 4 steps.
-    assert main([*TRAIN, "--method", method, "--model", f"{model_file}:Net", "--train-size", "512",
-                 "--schedule", "constant", "--lr", "3e-3", "--out", str(out)]) == 0  # fmt: skip
+    # A constant schedule without a warm-up as a share of the run (dfa's default on unseen models), so that --resume
+    # may extend the run (unseen models get a cosine one by default), and a given rate: these 4 steps say whether the
+    # file's model trains, not how good a rule's prior is at 4 steps.
+    fixed = ["--schedule", "constant", "--warmup-fraction", "0", "--lr", "3e-3"]
+    assert main([*TRAIN, "--method", method, "--model", f"{model_file}:Net", "--train-size", "512", *fixed,
+                 "--out", str(out)]) == 0  # fmt: skip
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["model"] == f"{model_file}:Net" and summary["test_error"] < 90  # chance: 90 %
     assert json.loads((out / "config.json").read_text())["model"] == f"{model_file}:Net"
     assert main([*TRAIN, "--method", method, "--model", f"{model_file}:Net", "--train-size", "512", "--epochs", "2",
-                 "--schedule", "constant", "--lr", "3e-3", "--out", str(out), "--resume"]) == 0  # fmt: skip
+                 *fixed, "--out", str(out), "--resume"]) == 0  # fmt: skip
 
 
 def test_factory_with_some_arguments_and_named_blocks(tmp_path, model_file, capsys):
