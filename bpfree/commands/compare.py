@@ -254,9 +254,12 @@ def plan(args: argparse.Namespace, grid: bool = False) -> tuple[list[str], list[
     if grid and hasattr(args, "sweep_defaults"):
         args.sweep_defaults(values)
     per_method = recipe_grid(values, names, grid)
+    # Method options, and the options both a method and the model may take (--groups): per method or for all.
     method_opts = {k: split_per_method(k.replace("_", "-"), v, names) for k, v in values.items()
-                   if actions[k].dest.startswith("method_opt_") and v is not None}
+                   if actions[k].dest.startswith(("method_opt_", "shared_opt_")) and v is not None}
     for key, per in method_opts.items():
+        if actions[key].dest.startswith("shared_opt_") or not per:
+            continue  # the model may take it in every method's run; or a config file gave it only to other methods
         takers = [m for m in names if key in methods.METHODS.get(m).options]
         flag = "--" + key.replace("_", "-")
         if not takers:
@@ -272,8 +275,11 @@ def plan(args: argparse.Namespace, grid: bool = False) -> tuple[list[str], list[
         ns = argparse.Namespace(**{a.dest: values.get(k) for k, a in actions.items()
                                    if not a.dest.startswith("method_opt_") and a.dest not in recipes.RECIPE_FIELDS})
         for key, per in method_opts.items():
-            declared = key in methods.METHODS.get(method).options
-            setattr(ns, f"method_opt_{key}", per.get(method, per.get(None)) if declared else None)
+            value = per.get(method, per.get(None))
+            if actions[key].dest.startswith("shared_opt_"):
+                setattr(ns, actions[key].dest, value)
+            else:
+                setattr(ns, f"method_opt_{key}", value if key in methods.METHODS.get(method).options else None)
         for point in per_method[method]:
             for seed in seeds:
                 folder = out / method / point_label(point) / f"seed-{seed}" if grid else run_folder(out, method, seed)

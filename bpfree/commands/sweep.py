@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bpfree import methods
 from bpfree.commands import compare
 from bpfree.commands.train import set_threads
 from bpfree.core.errors import UsageError
@@ -172,8 +173,11 @@ def recipe_file(chosen: dict[str, Point], configs: dict[str, TrainConfig], out: 
         file[key] = {m: p.runs[0].config[key] for m, p in chosen.items()}
     options: dict[str, dict[str, Any]] = {}
     for m, cfg in configs.items():
+        declared = methods.METHODS.get(m).options
         for key, value in cfg.method_options.items():
-            options.setdefault(key, {})[m] = json.loads(json.dumps(value))
+            # Defaults stay out: an option the model shares (--groups) would otherwise override the model's value.
+            if key not in declared or value != declared[key].default:
+                options.setdefault(key, {})[m] = json.loads(json.dumps(value))
     file.update(options)
     file["out"] = str(out / "compare")
     return file

@@ -104,3 +104,18 @@ def test_sweep_names_the_best_point_that_trained_some_seeds():
 def test_sweep_needs_a_validation_split(tmp_path, capsys):
     assert main(["sweep", "--methods", "bp", *TINY, "--val-split", "0", "--out", str(tmp_path)]) == 2
     assert "--val-split must be at least 1" in capsys.readouterr().err
+
+
+def test_a_recipe_with_an_option_the_model_shares_reruns(tmp_path):
+    """--groups is both LocalMixer's and the loss grid's: recipe.json leaves the method's default (0, "the model's
+    own") out instead of handing it to the model, whose groups must be at least 1; `--methods` may pick a subset."""
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--methods", "bp,lg-bp,fg-a", "--model", "localmixer-m1-16", "--channels", "32",
+                 "--data", "digits", "--train-size", "64", "--val-split", "64", "--epochs", "1", "--lr", "0.01",
+                 "--aggregation", "sum", "--threads", "1", "--out", str(out), "--no-plots"]) == 0
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["groups"] == 16 and recipe["aggregation"] == {"fg-a": "sum"}  # the model's groups
+    assert main(["compare", "--config", str(out / "recipe.json"), "--methods", "bp,lg-bp", "--threads", "1",
+                 "--no-plots"]) == 0
+    ran = json.loads((out / "compare" / "lg-bp" / "seed-0" / "config.json").read_text())
+    assert ran["model_options"]["groups"] == 16
