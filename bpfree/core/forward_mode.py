@@ -6,8 +6,7 @@ elementwise ops. `tangent_friendly(model)` swaps, for a while, every zero-padded
 BatchNorm1d/2d for an autograd Function with the same forward and backward (PyTorch's own kernels) and a `jvp` that
 does only the work needed: one convolution of the input tangent (plus the weight's tangent, if it has one); for
 batch norm the native backward kernel applied to the tangent (its Jacobian in the input is symmetric, so the VJP
-kernel is also the JVP). Their tangents carry no reverse graph (no rule differentiates a tangent), and their reverse
-graphs keep the primal values only, so a tangent dies when nothing reads it any more.
+kernel is also the JVP).
 """
 
 from __future__ import annotations
@@ -34,10 +33,8 @@ class _Conv(torch.autograd.Function):
                 conf: tuple) -> torch.Tensor:  # fmt: skip
         stride, padding, dilation, groups = conf
         ctx.set_materialize_grads(False)  # a weight without a tangent gives None in `jvp`, not zeros to convolve
-        # Detached aliases (no copies): saving x itself would keep its tangent alive as long as this node.
-        x_saved, w_saved = x.detach(), weight.detach()
-        ctx.save_for_backward(x_saved, w_saved)
-        ctx.save_for_forward(x_saved, w_saved)
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
         ctx.conf, ctx.has_bias = conf, bias is not None
         conv = F.conv1d if weight.dim() == 3 else F.conv2d
         return conv(x, weight, bias, stride, padding, dilation, groups)
@@ -56,7 +53,6 @@ class _Conv(torch.autograd.Function):
         return gx, gw, gb, None
 
     @staticmethod
-    @torch.no_grad()  # no rule differentiates a tangent: its arithmetic records no reverse graph
     def jvp(ctx: Any, x_t: torch.Tensor | None, w_t: torch.Tensor | None, b_t: torch.Tensor | None, _conf: Any):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
@@ -82,9 +78,8 @@ class _BatchNorm(torch.autograd.Function):
         mean_r, var_r = running
         ctx.set_materialize_grads(False)  # parameters without tangents give None in `jvp`
         out, mean, rstd = torch.native_batch_norm(x, weight, bias, mean_r, var_r, training, factor, eps)
-        x_saved, w_saved = x.detach(), None if weight is None else weight.detach()  # as in _Conv
-        ctx.save_for_backward(x_saved, w_saved, mean, rstd)
-        ctx.save_for_forward(x_saved, w_saved, mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_forward(x, weight, mean, rstd)
         # Running statistics (eval mode) as they are now; the forward may update them in place afterwards.
         ctx.running = None if training else (mean_r.clone(), var_r.clone())
         ctx.training, ctx.eps, ctx.affine = training, eps, weight is not None
@@ -110,7 +105,6 @@ class _BatchNorm(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
     @staticmethod
-    @torch.no_grad()  # as in _Conv
     def jvp(ctx: Any, x_t: torch.Tensor | None, w_t: torch.Tensor | None, b_t: torch.Tensor | None, *_: Any):
         x, weight, mean, rstd = ctx.saved_tensors
         out = None
