@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -96,35 +97,41 @@ def time_model(model_name: str, rules: list[str], batch: int, rounds: int, width
         except UsageError as e:
             skipped[rule] = str(e)
     samples: dict[str, list[float]] = {r: [] for r in ests}
+    faults: dict[str, list[int]] = {r: [] for r in ests}
     for r in range(rounds + 2):
         for rule, est in ests.items():
             model.zero_grad(set_to_none=True)
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.process_time()
             est.step(x, y)
             if r >= 2:  # the first two rounds warm up caches and lazy initialisation (feedback matrices, probes)
                 samples[rule].append(time.process_time() - t0)
+                faults[rule].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         print(f"  {model_name} round {r + 1}/{rounds + 2} done", flush=True)
     bp = statistics.median(samples["bp"])
     out = {rule: {"ms": 1e3 * statistics.median(s), "ratio": statistics.median(s) / bp,
-                  "samples_ms": [1e3 * t for t in s]} for rule, s in samples.items()}  # fmt: skip
+                  "samples_ms": [1e3 * t for t in s], "page_faults": int(statistics.median(faults[rule]))}
+           for rule, s in samples.items()}  # fmt: skip
     out.update({rule: {"skipped": why} for rule, why in skipped.items()})
     return out
 
 
 def table(results: dict[str, dict[str, dict]]) -> str:
-    lines = ["| model | rule | ms / step | ratio to bp | target | met |", "|---|---|---:|---:|---:|---|"]
+    lines = ["| model | rule | ms / step | ratio to bp | target | met | page faults / step |",
+             "|---|---|---:|---:|---:|---|---:|"]
     for model, res in results.items():
-        lines.append(f"| {model} | bp | {res['bp']['ms']:.0f} | 1.00 | | |")
+        lines.append(f"| {model} | bp | {res['bp']['ms']:.0f} | 1.00 | | | {res['bp'].get('page_faults', '')} |")
         for m, rule, target in ROWS:
             if m != model or rule not in res:
                 continue
             r = res[rule]
             if "skipped" in r:
-                lines.append(f"| {model} | {rule} | does not run: {r['skipped']} | | {target or ''} | |")
+                lines.append(f"| {model} | {rule} | does not run: {r['skipped']} | | {target or ''} | | |")
                 continue
             met = "" if target is None else ("yes" if r["ratio"] <= target else "NO")
             tgt = "" if target is None else f"≤ {target:.2f}"
-            lines.append(f"| {model} | {rule} | {r['ms']:.0f} | {r['ratio']:.2f} | {tgt} | {met} |")
+            lines.append(f"| {model} | {rule} | {r['ms']:.0f} | {r['ratio']:.2f} | {tgt} | {met} | "
+                         f"{r.get('page_faults', '')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -138,9 +138,49 @@ def wrong_labels(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def positions(h: torch.Tensor) -> int:
+    """How many positions (or tokens) `pool` averages over."""
+    if h.dim() == 2:
+        return 1
+    if h.dim() == 3:
+        return h.shape[1]
+    return math.prod(h.shape[2:])
+
+
+class Goodness(torch.autograd.Function):
+    """[B]: sum over channels of the squared activity, averaged over positions or tokens, with a lean backward.
+
+    Autograd's own chain (sum, mean, pow) makes four block-output-sized temporaries in its backward, and at a
+    block boundary they set the step's peak; this backward makes the one the gradient needs. Same bits both ways:
+    autograd forms (g / N) x (2 x out), this out x (2 x (g / N)), and doubling is exact.
+    """
+
+    @staticmethod
+    def forward(out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return pool(out.pow(2)).sum(-1)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        n = positions(out)
+        scale = (grad / n if n > 1 else grad) * 2
+        return out * scale.view(-1, *([1] * (out.dim() - 1)))
+
+
 def example_rms_normalise(h: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Each example scaled to root-mean-square 1 over all its values: only the direction goes on."""
     return h / (h.pow(2).flatten(1).mean(1).sqrt() + eps).view(-1, *([1] * (h.dim() - 1)))
+
+
+def batch_statistics(model: nn.Module) -> bool:
+    """Whether a batch norm of `model` would normalise with the statistics of the batch it is given (training mode,
+    or no running statistics), not per example."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+               for m in model.modules())  # fmt: skip
 
 
 @METHODS.register("ff", "Forward-Forward: per-block goodness of positive (true label) vs negative (wrong label) data",
@@ -185,11 +225,11 @@ class BlockForwardForward(Estimator):
 
     def goodness(self, out: torch.Tensor) -> torch.Tensor:
         """[B]: sum over channels of the squared activity, averaged over positions or tokens."""
-        return pool(out.pow(2)).sum(-1)
+        return Goodness.apply(out)
 
-    def block_logits(self, out: torch.Tensor) -> torch.Tensor:
+    def goodness_logits(self, good: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         o = self.options
-        return goodness_logits(self.goodness(out), channels(out.shape[1:]), o["goodness"], o["threshold"])
+        return goodness_logits(good, channels(out.shape[1:]), o["goodness"], o["threshold"])
 
     def run(self, x: torch.Tensor, visit: Any = None) -> torch.Tensor:
         """The model on labelled inputs x, every block output seen by `visit(i, out)`, normalised and detached."""
@@ -205,12 +245,11 @@ class BlockForwardForward(Estimator):
         """[B, C]: for every label c overlaid, goodness summed over all blocks but the first.
 
         Two labels per pass (as many examples as a training pass: the scores never hold more activations than the
-        step); one pass of C x B where batch norm in training mode makes the examples of a pass depend on each other.
+        step); one pass of C x B where a batch norm normalises with the pass's own statistics, which make the
+        examples of a pass depend on each other (in chunks, each chunk would be normalised by its own).
         """
         b, c = x.shape[0], self.classes
-        coupled = self.model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                              for m in self.model.modules())  # fmt: skip
-        per_pass = c if coupled else 2
+        per_pass = c if batch_statistics(self.model) else 2
         eye = torch.eye(c, device=x.device, dtype=x.dtype)
         skip_first = len(self.anatomy.blocks) > 1
         scores = []
@@ -246,11 +285,12 @@ class BlockForwardForward(Estimator):
 
         def visit(i: int, out: torch.Tensor) -> None:
             nonlocal margin
-            loss = pair_loss(self.block_logits(out), positive, o["loss"], o["contrast_scale"])
+            good = self.goodness(out)
+            loss = pair_loss(self.goodness_logits(good, out), positive, o["loss"], o["contrast_scale"])
             add_grads(loss, self.local_params[i])  # now: block i's graph is freed before block i + 1 runs
             losses.append(loss.detach())
             if i > 0 or not skip_first:
-                good = self.goodness(out.detach())
+                good = good.detach()
                 margin = margin + good[:batch] - good[batch:]
 
         params = self.trainable()

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bpfree.core.anatomy import pool
 from bpfree.core.errors import UsageError
 from bpfree.methods import build as build_method
-from bpfree.methods.forward_forward import example_rms_normalise
+from bpfree.methods.forward_forward import example_rms_normalise, wrong_labels
 from bpfree.models import build as build_model
 from tests.fastpaths.test_ff_mlp import accuracy, fit
 from tests.user_models import ResidualCNN, TinyViT
@@ -86,6 +87,83 @@ def test_ff_on_a_user_cnn_overlays_the_label_and_trains_each_block_on_its_goodne
             torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
     scores = est.predict(x)
     assert scores.shape == (6, 10)
+
+
+def one_pass_scores(est, x: torch.Tensor) -> torch.Tensor:
+    """[B, C]: every label overlaid in one pass of C x B examples, goodness summed over the blocks but the first."""
+    b, c = x.shape[0], est.classes
+    labelled = est.overlay(x.repeat(c, 1, 1, 1), torch.eye(c).repeat_interleave(b, 0))
+    goods: list[torch.Tensor] = []
+    with torch.no_grad():
+        est.run(labelled, lambda i, out: goods.append(est.goodness(out)) if i > 0 else None)
+    return torch.stack(goods).sum(0).view(c, b).t()
+
+
+def plain_cnn() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        *[torch.nn.Sequential(torch.nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), torch.nn.ReLU())
+          for i in range(3)],
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    model.input_shape = (3, 16, 16)
+    return model
+
+
+@pytest.mark.parametrize("make", [plain_cnn, TinyViT])
+def test_ff_scores_independent_examples_two_labels_a_pass_as_one_pass_would(make):
+    """Without batch statistics the examples of a pass are independent: scoring two labels a pass (2B examples, a
+    training pass's worth) gives the scores and the hard negatives of one pass over all C x B."""
+    model = make()
+    model.input_shape = (3, 16, 16)
+    est = build_method("ff", model, seed=0)
+    x, y = batch(12)
+    passes: list[int] = []
+    with torch.no_grad():
+        one_pass = one_pass_scores(est, x)
+        hook = model.register_forward_pre_hook(lambda m, args: passes.append(len(args[0])))
+        chunked = est.goodness_scores(x)
+        hook.remove()
+    assert passes == [2 * len(x)] * 5
+    torch.testing.assert_close(chunked, one_pass, rtol=1e-5, atol=1e-6)
+    draws = [wrong_labels(y, 10, s, torch.Generator().manual_seed(5)) for s in (chunked, one_pass)]
+    assert torch.equal(draws[0], draws[1])
+
+
+def test_ff_scores_in_one_pass_where_batch_norm_uses_the_batchs_statistics():
+    """A batch norm in training mode (or without running statistics) normalises each pass by its own statistics,
+    so the scores of two labels a pass would differ from one pass's: the scores are one pass of C x B."""
+    model = residual_cnn()
+    est = build_method("ff", model, seed=0)
+    x, _ = batch(6)
+    passes: list[int] = []
+    model.register_forward_pre_hook(lambda m, args: passes.append(len(args[0])))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = est.goodness_scores(x)
+    model.load_state_dict(state)  # the same running statistics for the reference pass
+    torch.testing.assert_close(scores, one_pass_scores(est, x), rtol=0, atol=0)
+    assert passes[0] == 10 * len(x)
+    model.eval()
+    passes.clear()
+    est.goodness_scores(x)
+    assert passes == [2 * len(x)] * 5  # running statistics: each example on its own
+    for bn in (model.bn, model.stem[1]):
+        bn.track_running_stats, bn.running_mean, bn.running_var = False, None, None
+    passes.clear()
+    est.goodness_scores(x)
+    assert passes == [10 * len(x)]
+
+
+@pytest.mark.parametrize("shape", [(5, 4, 3, 3), (5, 7, 4), (5, 4)])
+def test_ff_goodness_backward_is_autograds_bit_for_bit(shape):
+    """The goodness's lean backward (one allocation instead of autograd's four) gives autograd's bits."""
+    torch.manual_seed(0)
+    out, weight = torch.randn(*shape, requires_grad=True), torch.randn(shape[0])
+    est = build_method("ff", plain_cnn())
+    reference = pool(out.pow(2)).sum(-1)
+    assert torch.equal(est.goodness(out), reference)
+    (expected,) = torch.autograd.grad((reference * weight).sum(), out)
+    (got,) = torch.autograd.grad((est.goodness(out) * weight).sum(), out)
+    assert torch.equal(got, expected)
 
 
 # ----------------------------------------------------------------------------------------------------------------
