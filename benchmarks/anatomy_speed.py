@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from bpfree.core.errors import UsageError
+from bpfree.core.memory import keep_cpu_heap
 from bpfree.methods import build as build_method
 from bpfree.models import build as build_model
 
@@ -144,7 +145,11 @@ def main() -> None:
     ap.add_argument("--models", default="resnet18,vit")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "anatomy_speed.json"))
+    ap.add_argument("--heap", choices=("kept", "default"), default="kept",
+                    help="kept: glibc keeps freed memory, as `bpfree` sets it (core.memory.keep_cpu_heap); default: "
+                    "glibc's own trimming")
     args = ap.parse_args()
+    kept = args.heap == "kept" and keep_cpu_heap()
     torch.set_num_threads(args.threads)
     batch, rounds = (16, 2) if args.quick else (args.batch, args.rounds)
     results = {}
@@ -155,7 +160,7 @@ def main() -> None:
     print(text, end="")
     if not args.quick:
         meta = {"batch": batch, "rounds": rounds, "resnet18_width": args.width, "threads": args.threads,
-                "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                "heap_kept": kept, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                 "time": "CPU time of this process (time.process_time), medians over interleaved rounds"}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with _exit_on_signals(prefix, handle_term):
                 args = make_parser().parse_args(argv)
+            from bpfree.core.memory import keep_cpu_heap
+
+            keep_cpu_heap()  # a training step frees and reallocates the same sizes: keep them (docs/models.md)
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while starting up
             return _stopped(prefix, e)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` relaunches this command line

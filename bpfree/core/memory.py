@@ -8,7 +8,9 @@ but slows the measured step: measure one step, not every step.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -54,3 +56,30 @@ def measured_step(estimator: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[Any
     """`estimator.step(x, y)`'s result and its activation peak in MiB (gradients included; no optimizer step)."""
     result, peak = measured(lambda: estimator.step(x, y), x.device)
     return result, peak / 2**20
+
+
+def keep_cpu_heap() -> bool:
+    """Ask glibc's malloc to keep freed memory for the next step instead of handing it back to the system: True if
+    it took the settings.
+
+    By default glibc gives the top of its heap back once enough of it is free, and batch-sized tensors above its
+    (adaptive) mmap threshold are mapped and unmapped each time; every page of either is faulted in and zeroed again
+    on the next step. A training step frees and reallocates the same sizes every time, so keeping them saves that
+    work (docs/models.md: page faults). The process's resident memory then stays at its peak, as PyTorch's CUDA
+    allocator keeps it on the GPU. Settings the user gave (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_) stand;
+    elsewhere than glibc on Linux nothing changes.
+    """
+    if not sys.platform.startswith("linux") or any(k in os.environ for k in MALLOC_SETTINGS):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    # mallopt's parameters: M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3 (malloc.h); it returns 1 on success
+    return bool(mallopt(-3, MMAP_THRESHOLD)) and bool(mallopt(-1, TRIM_THRESHOLD))
+
+
+MALLOC_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+MMAP_THRESHOLD = 32 << 20  # glibc's largest: allocations below it come from the heap, which is kept
+TRIM_THRESHOLD = 2**31 - 1  # bytes free at the heap's top before glibc gives them back: in effect, never

@@ -294,3 +294,15 @@ def test_lg_fg_w_holds_nothing_for_a_parameter_between_blocks() -> None:
     first block) and holds what it holds with the embedding frozen."""
     trained, frozen = attention_net_memory("lg-fg-w", 2), attention_net_memory("lg-fg-w", 2, frozen_pos=True)
     assert trained <= 1.1 * frozen, f"{trained / frozen:.2f}x"
+
+
+def test_keeping_the_heap_defers_to_the_users_malloc_settings(monkeypatch) -> None:
+    import sys
+
+    from bpfree.core.memory import keep_cpu_heap
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert keep_cpu_heap() is False  # the user's own setting stands
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert keep_cpu_heap() is sys.platform.startswith("linux")  # glibc takes both settings
