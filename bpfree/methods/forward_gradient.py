@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -496,7 +496,9 @@ class ForwardGradientActivity(_ForwardGradient):
                 gram[0] = g if gram[0] is None else gram[0] + g
                 gram[1] += T.dimension(rec.u, per_example=True)
             if not self.recompute:
-                records.append(rec)
+                # Keep the generator state u was drawn from, not u: `_map_grads` draws it again, bit for bit, so
+                # each map holds its input only (about bp's one activation per layer, not two).
+                records.append(replace(rec, u=None))
 
         logits, ydot, readout_io = self._activity_pass(x, mods, loose, readout, keep, dual=True)
         if readout is not None and not _same(readout_io.get("out", logits[:0]), logits):
@@ -579,14 +581,15 @@ class ForwardGradientActivity(_ForwardGradient):
             finally:
                 busy.pop()
 
-        def perturb(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def perturb(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _Draw]:
             primal, tangent = fwad.unpack_dual(out)
+            drawn = _Draw(self._scratch.get_state(), out.shape, out.dtype, out.device)
             u = self._sample_(torch.empty(out.shape, device=out.device, dtype=out.dtype), copies=K)
             if not dual:
-                return out, u.view(K, B, *out.shape[1:])
+                return out, u.view(K, B, *out.shape[1:]), drawn
             # The onward tangent is a tensor of its own: an in-place op downstream must not change u.
             onward = u.clone() if tangent is None else tangent + u
-            return fwad.make_dual(primal, onward), u.view(K, B, *out.shape[1:])
+            return fwad.make_dual(primal, onward), u.view(K, B, *out.shape[1:]), drawn
 
         def inject(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
             if busy:
@@ -596,9 +599,9 @@ class ForwardGradientActivity(_ForwardGradient):
                 readout_io["in"] = primal_in.detach()
                 readout_io["out"] = fwad.unpack_dual(out).primal[:B].detach()
                 return None
-            out, u = perturb(out)
+            out, u, drawn = perturb(out)
             params = [p for p in mod.parameters(recurse=False) if p.requires_grad]
-            seen(_Record(mod, primal_in.detach(), u, params, rng.pop(mod, None)))
+            seen(_Record(mod, primal_in.detach(), u, params, rng.pop(mod, None), drawn))
             return out
 
         def project(mha: nn.MultiheadAttention, which: str, t: torch.Tensor, w: torch.Tensor,
@@ -606,7 +609,7 @@ class ForwardGradientActivity(_ForwardGradient):
             """An attention input projection: perturbed like any linear map, its own weights' VJP later."""
             if busy:
                 return F.linear(t, w, b)
-            out, u = perturb(F.linear(t, w, b))
+            out, u, drawn = perturb(F.linear(t, w, b))
 
             def fn(inp: torch.Tensor) -> torch.Tensor:
                 if which == "qkv":
@@ -614,7 +617,7 @@ class ForwardGradientActivity(_ForwardGradient):
                 return F.linear(inp, *projection_weights(mha)[which])
 
             params = [p for p in mha.parameters(recurse=False) if p.requires_grad]
-            seen(_Record(fn, fwad.unpack_dual(t).primal[:B].detach(), u, params))
+            seen(_Record(fn, fwad.unpack_dual(t).primal[:B].detach(), u, params, None, drawn))
             return out
 
         def draws(mod: nn.Module, _inp: tuple) -> None:
@@ -650,9 +653,24 @@ class ForwardGradientActivity(_ForwardGradient):
                 hd.remove()
         return logits, ydot, readout_io
 
+    def _draw_again(self, rec: _Record) -> torch.Tensor:
+        """A record's tangents u [K, B, ...], drawn again from the state they were first drawn from, bit for bit;
+        the step's stream is left where it was."""
+        assert rec.drawn is not None
+        now = self._scratch.get_state()
+        self._scratch.set_state(rec.drawn.state)
+        try:
+            d = rec.drawn
+            u = self._sample_(torch.empty(d.shape, dtype=d.dtype, device=d.device), copies=self.K)
+        finally:
+            self._scratch.set_state(now)
+        return u.view(self.K, -1, *d.shape[1:])
+
     def _map_grads(self, rec: _Record, c: torch.Tensor) -> None:
         """Add one perturbed map's parameter gradients: the VJP of its estimated output gradient sum_k c_k u_k."""
-        gz = torch.einsum("kb,kb...->b...", c.to(rec.u.dtype), rec.u)
+        u = rec.u if rec.u is not None else self._draw_again(rec)
+        gz = torch.einsum("kb,kb...->b...", c.to(u.dtype), u)
+        del u
         grads = layer_param_grads(rec.fn, rec.inp, gz) if isinstance(rec.fn, nn.Module) else None
         if grads is None:
             # A vector-Jacobian product through this one map only, run again: its buffers (running statistics)
@@ -670,10 +688,22 @@ class ForwardGradientActivity(_ForwardGradient):
 @dataclass
 class _Record:
     """A perturbed map of fg-a's generic path: the map, its primal input (first B rows), its tangents [K, B, ...]
-    and the parameters its VJP reaches."""
+    (or None once dropped: `drawn` draws them again) and the parameters its VJP reaches."""
 
     fn: nn.Module | Callable[[torch.Tensor], torch.Tensor]
     inp: torch.Tensor
-    u: torch.Tensor
+    u: torch.Tensor | None
     params: list[nn.Parameter]
     rng: list[torch.Tensor] | None = None  # the global RNG before the map's forward, where it drew dropout masks
+    drawn: _Draw | None = None
+
+
+@dataclass
+class _Draw:
+    """Where a map's tangents came from: the step stream's state before they were drawn, and their tensor's shape
+    ([K * B, ...]), dtype and device."""
+
+    state: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device

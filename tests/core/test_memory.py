@@ -220,6 +220,19 @@ def test_fdfa_holds_what_dfa_holds_as_depth_grows() -> None:
     assert fdfa <= 1.15 * dfa, f"fdfa grows {fdfa / dfa:.2f}x as fast as dfa with depth"
 
 
+def test_fg_a_holds_about_what_bp_holds_as_depth_grows() -> None:
+    """fg-a's one-pass step keeps each map's input until the directional derivatives are known, but not its
+    tangents u (drawn again when its gradient is formed): its memory grows with depth about as bp's does, not by
+    two activations a layer."""
+    def growth(method: str) -> int:
+        gc.collect()
+        return step_peak(method, 12) - step_peak(method, 3)
+
+    bp, fg_a = growth("bp"), growth("fg-a")
+    assert bp > 0
+    assert fg_a <= 1.2 * bp, f"fg-a grows {fg_a / bp:.2f}x as fast as bp with depth"
+
+
 def test_the_meter_writes_nothing_on_stderr() -> None:
     """torch's profiler library logs each profiled step on stderr unless told not to: a fresh process shows it."""
     import subprocess
