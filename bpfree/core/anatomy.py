@@ -21,6 +21,7 @@ detach) every block output in one ordinary forward pass of the model, whatever i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -97,6 +98,15 @@ def pool(h: torch.Tensor) -> torch.Tensor:
     if h.dim() == 3:
         return h.mean(1)
     return h.flatten(2).mean(-1)
+
+
+def pooled_positions(h: torch.Tensor) -> int:
+    """How many positions (or tokens) `pool` averages over (1: none)."""
+    if h.dim() == 2:
+        return 1
+    if h.dim() == 3:
+        return h.shape[1]
+    return math.prod(h.shape[2:])
 
 
 def positions_last(h: torch.Tensor) -> torch.Tensor:

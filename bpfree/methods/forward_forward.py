@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.core.anatomy import boundaries, channels, eval_mode, example_input, init_uniform_, pool
+from bpfree.core.anatomy import boundaries, channels, eval_mode, example_input, init_uniform_, pool, pooled_positions
 from bpfree.core.errors import DivergedError, UsageError
 from bpfree.core.registry import Option
 from bpfree.methods import METHODS
@@ -138,15 +138,6 @@ def wrong_labels(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def positions(h: torch.Tensor) -> int:
-    """How many positions (or tokens) `pool` averages over."""
-    if h.dim() == 2:
-        return 1
-    if h.dim() == 3:
-        return h.shape[1]
-    return math.prod(h.shape[2:])
-
-
 class Goodness(torch.autograd.Function):
     """[B]: sum over channels of the squared activity, averaged over positions or tokens, with a lean backward.
 
@@ -166,7 +157,7 @@ class Goodness(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (out,) = ctx.saved_tensors
-        n = positions(out)
+        n = pooled_positions(out)
         scale = (grad / n if n > 1 else grad) * 2
         return out * scale.view(-1, *([1] * (out.dim() - 1)))
 

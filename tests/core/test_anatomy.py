@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bpfree import methods, models
-from bpfree.core.anatomy import boundaries, describe, pool, positions_last
+from bpfree.core.anatomy import boundaries, describe, pool, pooled_positions, positions_last
 from bpfree.core.errors import UsageError
 from tests.user_models import ResidualCNN, TinyViT
 
@@ -77,6 +77,10 @@ def test_boundaries_can_replace_block_outputs():
 def test_pool_and_positions():
     assert pool(torch.ones(2, 5, 3, 3)).shape == (2, 5)
     assert pool(torch.ones(2, 7, 5)).shape == (2, 5)
+    # what pool averages over: sum over those positions / their count gives pool
+    for h in (torch.randn(2, 5, 3, 3), torch.randn(2, 7, 5), torch.randn(2, 5)):
+        summed = h if h.dim() == 2 else h.sum(1) if h.dim() == 3 else h.flatten(2).sum(-1)
+        assert torch.allclose(summed / pooled_positions(h), pool(h))
     assert positions_last(torch.ones(2, 5, 3, 4)).shape == (2, 12, 5)
     with pytest.raises(UsageError):
         positions_last(torch.ones(2, 5))
