@@ -21,7 +21,7 @@ reverse graph (the tangent is not differentiable; no rule differentiates a tange
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -85,10 +85,13 @@ class _Conv(torch.autograd.Function):
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                running: tuple, training: bool, factor: float, eps: float) -> torch.Tensor:  # fmt: skip
+                running: tuple, training: bool, factor: float, eps: float,
+                keep_stats: Callable[[tuple[torch.Tensor, torch.Tensor]], None] | None) -> torch.Tensor:  # fmt: skip
         mean_r, var_r = running
         ctx.set_materialize_grads(False)  # parameters without tangents give None in `jvp`
         out, mean, rstd = torch.native_batch_norm(x, weight, bias, mean_r, var_r, training, factor, eps)
+        if keep_stats is not None and training:
+            keep_stats((mean, rstd))
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.save_for_forward(x, weight, mean, rstd)
         # Running statistics (eval mode) as they are now; the forward may update them in place afterwards.
@@ -107,13 +110,13 @@ class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor | None):
         if g is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         affine = ctx.affine
         gx, gw, gb = _BatchNorm._backward(
             ctx, g.contiguous(), [ctx.needs_input_grad[0], affine and ctx.needs_input_grad[1],
                                   affine and ctx.needs_input_grad[2]]
         )  # fmt: skip
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx: Any, x_t: torch.Tensor | None, w_t: torch.Tensor | None, b_t: torch.Tensor | None, *_: Any):
@@ -140,10 +143,13 @@ class _BatchNorm(torch.autograd.Function):
         return out
 
 
-def layer_param_grads(module: nn.Module, inp: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor] | None:
+def layer_param_grads(
+    module: nn.Module, inp: torch.Tensor, grad_out: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> list[torch.Tensor] | None:
     """The gradients of a Linear's / zero-padded Conv's / batch norm's trainable parameters (weight, then bias) from
     its input and the gradient at its output, without running the layer again (a batch norm's running statistics
-    stay as they are); None for other modules."""
+    stay as they are); None for other modules. `stats`: a batch norm's batch mean and 1/std from its forward on
+    `inp` (as `tangent_friendly(model, batch_stats)` records them); computed from `inp` when not given."""
     params = [p for p in (module.weight, module.bias) if p is not None and p.requires_grad] if isinstance(
         module, (nn.Linear, *CONVS, *NORMS)) else []  # fmt: skip
     if isinstance(module, NORMS):
@@ -152,8 +158,12 @@ def layer_param_grads(module: nn.Module, inp: torch.Tensor, grad_out: torch.Tens
         # Batch statistics exactly when nn.BatchNorm's forward uses them.
         batch_stats = module.training or (module.running_mean is None and module.running_var is None)
         dims = [0, *range(2, inp.dim())]
-        var, mean = torch.var_mean(inp, dim=dims, correction=0) if batch_stats else (None, None)
-        rstd = None if var is None else (var + module.eps).rsqrt()
+        mean, rstd = None, None
+        if batch_stats and stats is not None:
+            mean, rstd = stats
+        elif batch_stats:  # slow on CPU (var_mean over dims 0, 2, ...): callers that ran the forward pass its stats
+            var, mean = torch.var_mean(inp, dim=dims, correction=0)
+            rstd = (var + module.eps).rsqrt()
         _, gw, gb = torch.ops.aten.native_batch_norm_backward(
             grad_out.contiguous(), inp, module.weight, module.running_mean, module.running_var, mean, rstd,
             batch_stats, module.eps, [False, True, True],
@@ -193,7 +203,7 @@ def _conv_forward(m: nn.Conv1d | nn.Conv2d, conf: tuple, x: torch.Tensor) -> tor
     return _Conv.apply(x, m.weight, m.bias, conf)
 
 
-def _norm_forward(m: nn.BatchNorm1d | nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+def _norm_forward(m: nn.BatchNorm1d | nn.BatchNorm2d, batch_stats: dict | None, x: torch.Tensor) -> torch.Tensor:
     # nn.BatchNorm's own decisions: the update factor, batch statistics when training or without running ones.
     factor = 0.0 if m.momentum is None else m.momentum
     if m.training and m.track_running_stats and m.num_batches_tracked is not None:
@@ -202,13 +212,15 @@ def _norm_forward(m: nn.BatchNorm1d | nn.BatchNorm2d, x: torch.Tensor) -> torch.
     training = m.training or (m.running_mean is None and m.running_var is None)
     keep = not m.training or m.track_running_stats
     running = (m.running_mean if keep else None, m.running_var if keep else None)
-    return _BatchNorm.apply(x, m.weight, m.bias, running, training, factor, m.eps)
+    record = None if batch_stats is None else partial(batch_stats.__setitem__, m)
+    return _BatchNorm.apply(x, m.weight, m.bias, running, training, factor, m.eps, record)
 
 
 @contextmanager
-def tangent_friendly(model: nn.Module) -> Iterator[None]:
+def tangent_friendly(model: nn.Module, batch_stats: dict | None = None) -> Iterator[None]:
     """While active, the model's convolutions and batch norms run the Functions above (same values, gradients
-    and running statistics; cheaper forward-mode tangents)."""
+    and running statistics; cheaper forward-mode tangents). `batch_stats`, if given, maps each batch norm that
+    normalised with batch statistics to the (mean, 1/std) of its latest forward."""
     swaps = []
     for m in model.modules():
         if "forward" in vars(m):
@@ -216,7 +228,7 @@ def tangent_friendly(model: nn.Module) -> Iterator[None]:
         if isinstance(m, CONVS) and m.padding_mode == "zeros" and (conf := conv_config(m)) is not None:
             swaps.append((m, partial(_conv_forward, m, conf)))
         elif isinstance(m, NORMS):
-            swaps.append((m, partial(_norm_forward, m)))
+            swaps.append((m, partial(_norm_forward, m, batch_stats)))
     with forwards_replaced(swaps), lean_attention():
         yield
 

@@ -601,7 +601,7 @@ class ForwardGradientActivity(_ForwardGradient):
                 return None
             out, u, drawn = perturb(out)
             params = [p for p in mod.parameters(recurse=False) if p.requires_grad]
-            seen(_Record(mod, primal_in.detach(), u, params, rng.pop(mod, None), drawn))
+            seen(_Record(mod, primal_in.detach(), u, params, rng.pop(mod, None), drawn, batch_stats.pop(mod, None)))
             return out
 
         def project(mha: nn.MultiheadAttention, which: str, t: torch.Tensor, w: torch.Tensor,
@@ -626,6 +626,7 @@ class ForwardGradientActivity(_ForwardGradient):
 
         # Modules holding dropout: a rerun for their VJP must draw the masks their forward drew.
         rng: dict[nn.Module, list[torch.Tensor]] = {}
+        batch_stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # filled by tangent_friendly's norms
         random = [m for m in mods if any(isinstance(s, nn.modules.dropout._DropoutNd) for s in m.modules())]
         handles = [m.register_forward_hook(inject) for m in mods]
         handles += [m.register_forward_pre_hook(draws) for m in random]
@@ -636,7 +637,7 @@ class ForwardGradientActivity(_ForwardGradient):
                 if dual:
                     stack.enter_context(fwad.dual_level())
                 for context in (math_attention(), patched_attention(self.model, project),
-                                tangent_friendly(self.model)):  # fmt: skip
+                                tangent_friendly(self.model, batch_stats)):  # fmt: skip
                     stack.enter_context(context)
                 x_rep = x.repeat(K, *([1] * (x.dim() - 1)))
                 if loose:
@@ -668,10 +669,14 @@ class ForwardGradientActivity(_ForwardGradient):
 
     def _map_grads(self, rec: _Record, c: torch.Tensor) -> None:
         """Add one perturbed map's parameter gradients: the VJP of its estimated output gradient sum_k c_k u_k."""
-        u = rec.u if rec.u is not None else self._draw_again(rec)
-        gz = torch.einsum("kb,kb...->b...", c.to(u.dtype), u)
+        if rec.u is None and self.K == 1:  # drawn again just now, ours alone: scaled in place, no new tensor
+            u = self._draw_again(rec)[0]
+            gz = u.mul_(c[0].to(u.dtype).view(-1, *[1] * (u.dim() - 1)))
+        else:
+            u = rec.u if rec.u is not None else self._draw_again(rec)
+            gz = torch.einsum("kb,kb...->b...", c.to(u.dtype), u)
         del u
-        grads = layer_param_grads(rec.fn, rec.inp, gz) if isinstance(rec.fn, nn.Module) else None
+        grads = layer_param_grads(rec.fn, rec.inp, gz, rec.stats) if isinstance(rec.fn, nn.Module) else None
         if grads is None:
             # A vector-Jacobian product through this one map only, run again: its buffers (running statistics)
             # are put back as the step's forward pass left them.
@@ -696,6 +701,7 @@ class _Record:
     params: list[nn.Parameter]
     rng: list[torch.Tensor] | None = None  # the global RNG before the map's forward, where it drew dropout masks
     drawn: _Draw | None = None
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None  # a batch norm's batch mean and 1/std in its forward
 
 
 @dataclass

@@ -276,6 +276,36 @@ def test_batch_norm_parameter_gradients_without_a_second_forward(train: bool) ->
             torch.testing.assert_close(a, b)
 
 
+def test_fg_a_takes_batch_norm_statistics_from_its_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fg-a forms a batch norm's parameter gradients with the mean and 1/std its forward computed (recorded by
+    `tangent_friendly`), not by reducing the layer's input again, and they equal those from the input."""
+    from bpfree.core import forward_mode
+    from bpfree.core.forward_mode import layer_param_grads, tangent_friendly
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3).double()
+    x, g = torch.randn(6, 3, 4, 5, dtype=torch.float64), torch.randn(6, 3, 4, 5, dtype=torch.float64)
+    stats: dict = {}
+    with torch.no_grad(), tangent_friendly(bn, stats):
+        bn(x)
+    assert set(stats) == {bn}
+    for a, b in zip(layer_param_grads(bn, x, g, stats[bn]), layer_param_grads(bn, x, g)):
+        torch.testing.assert_close(a, b)
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3))  # fmt: skip
+    est = build("fg-a", model, seed=0)
+    x, y = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1])
+    want = est.step(x, y)
+    grads = [p.grad.clone() for p in model.parameters()]
+    monkeypatch.setattr(forward_mode.torch, "var_mean", None)  # a second reduction would fail
+    est = build("fg-a", model, seed=0)
+    got = est.step(x, y)
+    torch.testing.assert_close(got.loss, want.loss)
+    for p, want_grad in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, want_grad)
+
+
 def test_fg_a_updates_running_statistics_once_per_step() -> None:
     """A model whose batch norms and a custom normalising module keep running statistics: one fg-a step moves them
     exactly as one bp step does (the per-layer VJPs must not run the forward again)."""
