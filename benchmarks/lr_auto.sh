@@ -44,6 +44,15 @@ for D in mnist cifar10; do
   PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 3 --batch-size 32 --val-split 500 \
       --train-size 1000 --models ResBNCNN,TinyMixer --out benchmarks/results/lr_auto/$D-conv
 done
+# 3c. The dfa cells of steps 3 and 3b again, with dfa's shipped warm-up (those steps ran before it), merged into them.
+for D in mnist cifar10; do
+  PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 4 --batch-size 32 --val-split 500 \
+      --train-size 2000 --models LayerNormMLP --rules dfa --out benchmarks/results/lr_auto/$D-dfa-warmup \
+      --merge-into benchmarks/results/lr_auto/$D/results.jsonl
+  PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 3 --batch-size 32 --val-split 500 \
+      --train-size 1000 --models ResBNCNN,TinyMixer --rules dfa --out benchmarks/results/lr_auto/$D-conv-dfa-warmup \
+      --merge-into benchmarks/results/lr_auto/$D-conv/results.jsonl
+done
 # 4. The table (examples/residual_cnn.py, digits, 20 epochs), rerun with no recipe flags.
 PYTHONPATH=. $PYTHON -m bpfree compare --methods bp,fa,sff-block,l-bp,dfa,fdfa,lg-fg-a,fg-a \
     --model examples/residual_cnn.py:ResidualCNN --data digits --epochs 20 --threads 1 --no-plots \
