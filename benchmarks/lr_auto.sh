@@ -47,18 +47,14 @@ done
 # 3c. The dfa and fdfa cells of steps 3 and 3b again (they ran before dfa's warm-up and fdfa's Rademacher
 #     tangents shipped), merged into them.
 for D in mnist cifar10; do
-  PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 4 --batch-size 32 --val-split 500 \
-      --train-size 2000 --models LayerNormMLP --rules dfa --out benchmarks/results/lr_auto/$D-dfa-warmup \
-      --merge-into benchmarks/results/lr_auto/$D/results.jsonl
-  PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 3 --batch-size 32 --val-split 500 \
-      --train-size 1000 --models ResBNCNN,TinyMixer --rules dfa --out benchmarks/results/lr_auto/$D-conv-dfa-warmup \
-      --merge-into benchmarks/results/lr_auto/$D-conv/results.jsonl
-  PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 4 --batch-size 32 --val-split 500 \
-      --train-size 2000 --models LayerNormMLP --rules fdfa --out benchmarks/results/lr_auto/$D-fdfa-now \
-      --merge-into benchmarks/results/lr_auto/$D/results.jsonl
-  PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 3 --batch-size 32 --val-split 500 \
-      --train-size 1000 --models ResBNCNN,TinyMixer --rules fdfa --out benchmarks/results/lr_auto/$D-conv-fdfa-now \
-      --merge-into benchmarks/results/lr_auto/$D-conv/results.jsonl
+  for R in dfa fdfa; do
+    PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 4 --batch-size 32 --val-split 500 \
+        --train-size 2000 --models LayerNormMLP --rules $R --out benchmarks/results/lr_auto/$D-$R-rerun \
+        --merge-into benchmarks/results/lr_auto/$D/results.jsonl
+    PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 3 --batch-size 32 --val-split 500 \
+        --train-size 1000 --models ResBNCNN,TinyMixer --rules $R --out benchmarks/results/lr_auto/$D-conv-$R-rerun \
+        --merge-into benchmarks/results/lr_auto/$D-conv/results.jsonl
+  done
 done
 # 4. The table (examples/residual_cnn.py, digits, 20 epochs), rerun with no recipe flags.
 PYTHONPATH=. $PYTHON -m bpfree compare --methods bp,fa,sff-block,l-bp,dfa,fdfa,lg-fg-a,fg-a \
