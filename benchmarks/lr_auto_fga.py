@@ -227,6 +227,30 @@ def out_of_sample(folders: list[Path], scale: float) -> list[str]:
     return lines
 
 
+def auto_table(roots: dict[str, Path], folders: list[Path]) -> list[str]:
+    """`bpfree train` runs with no rate given (`--lr auto`), one folder per model under each root (the size-scaled
+    prior's code, the old prior's), beside the grid's best: validation error (%) at the last epoch, the rate chosen,
+    the prior the probe started from and the rates it probed."""
+    lines = ["| model (budget) | " + " | ".join(f"{k}: prior -> chosen, val error" for k in roots) + " | grid's best |",
+             "|---|" + "---|" * len(roots) + "---:|"]
+    for folder in folders:
+        row = sweep_row(folder)
+        best = min(v for v in row if not math.isnan(v))
+        config = json.loads(next(folder.glob("fg-a/*/seed-0/config.json")).read_text())
+        cells = []
+        for root in roots.values():
+            run = root / folder.name
+            c = json.loads((run / "config.json").read_text())
+            val = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_error"]
+            probe = c["lr_probe"]
+            probed = f" (probed {', '.join(f'{g:g}' for g in probe['grid'])})" if probe["grid"] else " (no probe)"
+            cells.append(f"{probe['prior']['lr']:g} -> {c['lr']:g}{probed}, "
+                         f"{val:.1f}{'' if meets(val, best) else ' **miss**'}")
+        lines.append(f"| {folder.name} ({config['epochs']} epochs, batch {config['batch_size']}) | "
+                     + " | ".join(cells) + f" | {best:.1f} |")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results/lr_auto/fg-a")
@@ -234,6 +258,8 @@ def main() -> None:
     p.add_argument("--suite", default="benchmarks/results/lr_auto/digits/results.jsonl")
     p.add_argument("--sweep", default="runs/lr_auto/fg-a-seeds", help="the issue model's fg-a sweep (seeds 0,1,2)")
     p.add_argument("--oos", default="", help="sweep folders of examples/fga_sizes.py models, comma-separated")
+    p.add_argument("--auto", default="", metavar="NAME=DIR,...",
+                   help="roots of --lr auto runs of the --oos models (a folder per model, named as its sweep folder)")
     p.add_argument("--scale", type=float, default=0.2, help="the size-scaled prior's scale checked out of sample")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -256,6 +282,12 @@ def main() -> None:
     if args.oos:
         lines = out_of_sample([Path(f) for f in args.oos.split(",")], args.scale)
         (out / "out-of-sample.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+    if args.auto:
+        roots = {k: Path(v) for k, v in (item.split("=", 1) for item in args.auto.split(","))}
+        folders = [Path(f) for f in args.oos.split(",") if all((r / Path(f).name).exists() for r in roots.values())]
+        lines = auto_table(roots, folders)
+        (out / "out-of-sample-auto.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
 
 

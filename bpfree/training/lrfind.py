@@ -13,10 +13,10 @@ included up to that horizon, and a divergence (NaN/inf, or the training loss blo
 high" instead of stopping anything.
 
 What is probed: the rule's prior (a per-rule rate measured across several model types, times a per-rule factor on
-models with batch norm: bpfree/training/recipes.py) and its two neighbours on the grid, and a neighbour replaces the
-prior only when clearly better: a few dozen steps order the rates of the noisy and delayed rules poorly, so the
-probe spends its budget on longer runs near a good guess and guards against a prior that is wrong for this model
-rather than ranking six rates it cannot tell apart.
+models with batch norm; fg-a's scaled by the model's size: bpfree/training/recipes.py) and its two neighbours on
+the grid, and a neighbour replaces the prior only when clearly better: a few dozen steps order the rates of the
+noisy and delayed rules poorly, so the probe spends its budget on longer runs near a good guess and guards against
+a prior that is wrong for this model rather than ranking six rates it cannot tell apart.
 
 Budget: `--lr auto` spends at most BUDGET_FRACTION of the planned training work (examples through the model,
 validation examples counted like training ones) on the probe; where that leaves fewer than MIN_STEPS steps per

@@ -351,6 +351,14 @@ def test_fg_a_starts_from_a_prior_scaled_by_the_models_size_and_records_it(tmp_p
     assert lrfind.starting_rate(cfg, object())[0] == 1e-2
 
 
+def test_fg_a_s_size_scaled_prior_keeps_the_choice_deterministic(digits):
+    cfg = tiny_cfg(method="fg-a", model="examples/lr_suite.py:LayerNormMLP", model_options={},
+                   lr=recipes.PRIORS["fg-a"], recipe={"entry": "fg-a/*", "overridden": []})
+    a, b = (lrfind.find(cfg, digits, grid=(3e-4, 1e-3, 3e-3), steps=6, show_progress=False) for _ in range(2))
+    assert a.prior == b.prior and a.prior["lr"] == 1e-3  # 0.2 / sqrt(26,634 parameters) = 1.2e-3, to the grid
+    assert a.choice == b.choice and a.record()["val_loss"] == b.record()["val_loss"]
+
+
 def test_lr_find_offers_no_flag_of_staged_runs(capsys):
     with pytest.raises(SystemExit):
         main(["lr-find", "--help"])
