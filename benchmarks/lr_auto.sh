@@ -96,11 +96,27 @@ for X in WideLayerNormMLP WideResBNCNN WideTinyMixer; do  # the suite's budget
 done
 PYTHONPATH=. $PYTHON -m bpfree sweep $G --model examples/residual_cnn.py:ResidualCNN --epochs 40 --batch-size 32 \
     --val-split 239 --lr 3e-4,1e-3,3e-3,1e-2,3e-2 --warmup-fraction 0 --out $S/ResidualCNN-b32
+# The copies with no rate given (--lr auto), as a user runs them; the old prior's runs: the same loop on main at
+# 5129046 (the old prior, and fg-a's batch-norm change), run from outside this tree, into $S-auto-old.
+A=$S-auto
+for X in ResidualCNN8 ResidualCNN16 ResidualCNN64 WideResBNCNN WideTinyMixer; do
+  [ $X = ${X#Wide} ] && OUT=$X || OUT=$X-b128
+  PYTHONPATH=. $PYTHON -m bpfree train --method fg-a --model examples/fga_sizes.py:$X --data digits --epochs 20 \
+      --val-split 239 --threads 1 --out $A/$OUT
+done
+for X in WideLayerNormMLP WideResBNCNN WideTinyMixer; do
+  PYTHONPATH=. $PYTHON -m bpfree train --method fg-a --model examples/fga_sizes.py:$X --data digits --epochs 40 \
+      --batch-size 32 --val-split 300 --threads 1 --out $A/$X
+done
+PYTHONPATH=. $PYTHON -m bpfree train --method fg-a --model examples/residual_cnn.py:ResidualCNN --data digits \
+    --epochs 40 --batch-size 32 --val-split 239 --threads 1 --out $A/ResidualCNN-b32
 [ -f benchmarks/results/lr_auto/digits/results-fg-a-bn-factor.jsonl ] || \
     cp benchmarks/results/lr_auto/digits/results.jsonl benchmarks/results/lr_auto/digits/results-fg-a-bn-factor.jsonl
 PYTHONPATH=. $PYTHON benchmarks/lr_auto_fga.py --out benchmarks/results/lr_auto/fg-a --sweep runs/lr_auto/fg-a-seeds \
     --suite benchmarks/results/lr_auto/digits/results-fg-a-bn-factor.jsonl \
-    --oos $S/ResidualCNN8,$S/ResidualCNN16,$S/ResidualCNN64,$S/WideLayerNormMLP,$S/WideResBNCNN,$S/WideTinyMixer,$S/ResidualCNN-b32,$S/WideResBNCNN-b128,$S/WideTinyMixer-b128
+    --oos $S/ResidualCNN8,$S/ResidualCNN16,$S/ResidualCNN64,$S/WideLayerNormMLP,$S/WideResBNCNN,$S/WideTinyMixer,$S/ResidualCNN-b32,$S/WideResBNCNN-b128,$S/WideTinyMixer-b128 \
+    --auto size-scaled=$A,old=$S-auto-old \
+    --other benchmarks/results/lr_auto/mnist/results.jsonl,benchmarks/results/lr_auto/cifar10/results.jsonl,benchmarks/results/lr_auto/mnist-conv/results.jsonl,benchmarks/results/lr_auto/cifar10-conv/results.jsonl
 PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data digits --epochs 40 --batch-size 32 --val-split 300 --rules fg-a \
     --oracle-from benchmarks/results/lr_auto/digits/results-fg-a-bn-factor.jsonl \
     --out benchmarks/results/lr_auto/digits-fg-a-size --merge-into benchmarks/results/lr_auto/digits/results.jsonl

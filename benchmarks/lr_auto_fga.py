@@ -251,6 +251,34 @@ def auto_table(roots: dict[str, Path], folders: list[Path]) -> list[str]:
     return lines
 
 
+SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def other_data(results: list[Path], scale: float) -> list[str]:
+    """fg-a's rows of earlier benchmarks/lr_auto.py runs (recorded grids, no new runs): the rate each prior gives on
+    the model as built for that data set, scored against the grid's best validation error."""
+    import lr_suite
+
+    lines = ["| data | model | parameters | size-scaled prior | fixed prior (x3 batch norm) | grid's best |",
+             "|---|---|---:|---|---|---|"]
+    for path in results:
+        for r in map(json.loads, path.read_text().splitlines()):
+            if r["rule"] != "fg-a":
+                continue
+            data = r["command_auto"].split("--data ")[1].split()[0]
+            built = getattr(lr_suite, r["model"])(10, SHAPES[data])
+            n = sum(p.numel() for p in built.parameters())
+            bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in built.modules())
+            row, best = r["grid_val"], min(r["grid_val"])
+            cells = []
+            for lr in (snap(scale / math.sqrt(n)), snap(3e-3 * (3 if bn else 1))):
+                v = row[GRID.index(lr)]
+                cells.append(f"{lr:g}: {v:.1f}{'' if meets(v, best) else ' **miss**'}")
+            lines.append(f"| {data} | {r['model']} | {n:,} | {cells[0]} | {cells[1]} | "
+                         f"{GRID[row.index(best)]:g}: {best:.1f} |")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results/lr_auto/fg-a")
@@ -260,6 +288,8 @@ def main() -> None:
     p.add_argument("--oos", default="", help="sweep folders of examples/fga_sizes.py models, comma-separated")
     p.add_argument("--auto", default="", metavar="NAME=DIR,...",
                    help="roots of --lr auto runs of the --oos models (a folder per model, named as its sweep folder)")
+    p.add_argument("--other", default="", metavar="JSONL,...",
+                   help="results.jsonl files of benchmarks/lr_auto.py on other data: fg-a's rows scored offline")
     p.add_argument("--scale", type=float, default=0.2, help="the size-scaled prior's scale checked out of sample")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -282,6 +312,10 @@ def main() -> None:
     if args.oos:
         lines = out_of_sample([Path(f) for f in args.oos.split(",")], args.scale)
         (out / "out-of-sample.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+    if args.other:
+        lines = other_data([Path(f) for f in args.other.split(",")], args.scale)
+        (out / "other-data.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
     if args.auto:
         roots = {k: Path(v) for k, v in (item.split("=", 1) for item in args.auto.split(","))}
