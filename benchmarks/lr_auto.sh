@@ -96,6 +96,10 @@ for X in WideLayerNormMLP WideResBNCNN WideTinyMixer; do  # the suite's budget
 done
 PYTHONPATH=. $PYTHON -m bpfree sweep $G --model examples/residual_cnn.py:ResidualCNN --epochs 40 --batch-size 32 \
     --val-split 239 --lr 3e-4,1e-3,3e-3,1e-2,3e-2 --warmup-fraction 0 --out $S/ResidualCNN-b32
+# The library's mlp on MNIST (its validated sweep's budget) at four of fg-a's rates: the rule's counterexample.
+PYTHONPATH=. $PYTHON -m bpfree sweep --methods fg-a --model mlp --data mnist --train-size 10000 --val-split 5000 \
+    --epochs 3 --schedule cosine --optimizer adam --lr 1e-4,3e-4,3e-3,1e-2 --threads 1 --no-plots \
+    --out runs/lr_auto/fg-a-mlp-mnist
 # The copies with no rate given (--lr auto), as a user runs them; the old prior's runs: the same loop on main at
 # 5129046 (the old prior, and fg-a's batch-norm change), run from outside this tree, into $S-auto-old.
 A=$S-auto
