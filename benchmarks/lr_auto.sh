@@ -88,3 +88,52 @@ cp runs/lr_auto/issue-oracle-dfa-warmup/sweep.md $R/sweep-dfa-warmup.md
 PYTHONPATH=. $PYTHON -m bpfree compare --methods dfa $M --lr 0.003 --out runs/lr_auto/issue-oracle-dfa-warmup-final \
     > $R/oracle-retrained-dfa-warmup.md
 PYTHONPATH=. $PYTHON benchmarks/lr_auto_sgd.py --models ResBNCNN,TinyMixer   # 5. Adam or SGD on unseen models
+# 6. fg-a's size-scaled prior (recipes.SIZE_SCALED_PRIORS). (a) How noisy the issue model's landscape is: its fg-a
+#    grid at seeds 0, 1, 2 on the probe's 239 validation images. (b) Size measures and the signal-to-noise reading
+#    per model, the rules compared in and out of sample (validation errors only). (c) Wider and narrower copies
+#    (examples/fga_sizes.py), some at the other budget, each scored at the rate the rule gives. (d) The suite's fg-a
+#    row rerun (oracle reused: fg-a's optimizer and schedule did not change) and the issue table's fg-a cell.
+PYTHONPATH=. $PYTHON -m bpfree sweep --methods fg-a $M --val-split 239 --lr 1e-4,3e-4,1e-3,3e-3,1e-2,3e-2 \
+    --warmup-fraction 0 --seeds 0,1,2 --out runs/lr_auto/fg-a-seeds
+S=runs/lr_auto/fg-a-sizes
+G="--methods fg-a --data digits --threads 1 --no-plots"
+for X in ResidualCNN8 ResidualCNN16 ResidualCNN64 WideResBNCNN WideTinyMixer; do  # the issue's budget
+  [ $X = ${X#Wide} ] && OUT=$X || OUT=$X-b128
+  PYTHONPATH=. $PYTHON -m bpfree sweep $G --model examples/fga_sizes.py:$X --epochs 20 --val-split 239 \
+      --lr 1e-4,3e-4,1e-3,3e-3,1e-2,3e-2 --warmup-fraction 0 --out $S/$OUT
+done
+for X in WideLayerNormMLP WideResBNCNN WideTinyMixer; do  # the suite's budget
+  PYTHONPATH=. $PYTHON -m bpfree sweep $G --model examples/fga_sizes.py:$X --epochs 40 --batch-size 32 \
+      --val-split 300 --lr 1e-4,3e-4,1e-3,3e-3,1e-2,3e-2 --out $S/$X
+done
+PYTHONPATH=. $PYTHON -m bpfree sweep $G --model examples/residual_cnn.py:ResidualCNN --epochs 40 --batch-size 32 \
+    --val-split 239 --lr 3e-4,1e-3,3e-3,1e-2,3e-2 --warmup-fraction 0 --out $S/ResidualCNN-b32
+# The library's mlp on MNIST (its validated sweep's budget) at four of fg-a's rates: the rule's counterexample.
+PYTHONPATH=. $PYTHON -m bpfree sweep --methods fg-a --model mlp --data mnist --train-size 10000 --val-split 5000 \
+    --epochs 3 --schedule cosine --optimizer adam --lr 1e-4,3e-4,3e-3,1e-2 --threads 1 --no-plots \
+    --out runs/lr_auto/fg-a-mlp-mnist
+# The copies with no rate given (--lr auto), as a user runs them; the old prior's runs: the same loop on main at
+# 5129046 (the old prior, and fg-a's batch-norm change), run from outside this tree, into $S-auto-old.
+A=$S-auto
+for X in ResidualCNN8 ResidualCNN16 ResidualCNN64 WideResBNCNN WideTinyMixer; do
+  [ $X = ${X#Wide} ] && OUT=$X || OUT=$X-b128
+  PYTHONPATH=. $PYTHON -m bpfree train --method fg-a --model examples/fga_sizes.py:$X --data digits --epochs 20 \
+      --val-split 239 --threads 1 --out $A/$OUT
+done
+for X in WideLayerNormMLP WideResBNCNN WideTinyMixer; do
+  PYTHONPATH=. $PYTHON -m bpfree train --method fg-a --model examples/fga_sizes.py:$X --data digits --epochs 40 \
+      --batch-size 32 --val-split 300 --threads 1 --out $A/$X
+done
+PYTHONPATH=. $PYTHON -m bpfree train --method fg-a --model examples/residual_cnn.py:ResidualCNN --data digits \
+    --epochs 40 --batch-size 32 --val-split 239 --threads 1 --out $A/ResidualCNN-b32
+[ -f benchmarks/results/lr_auto/digits/results-fg-a-bn-factor.jsonl ] || \
+    cp benchmarks/results/lr_auto/digits/results.jsonl benchmarks/results/lr_auto/digits/results-fg-a-bn-factor.jsonl
+PYTHONPATH=. $PYTHON benchmarks/lr_auto_fga.py --out benchmarks/results/lr_auto/fg-a --sweep runs/lr_auto/fg-a-seeds \
+    --suite benchmarks/results/lr_auto/digits/results-fg-a-bn-factor.jsonl \
+    --oos $S/ResidualCNN8,$S/ResidualCNN16,$S/ResidualCNN64,$S/WideLayerNormMLP,$S/WideResBNCNN,$S/WideTinyMixer,$S/ResidualCNN-b32,$S/WideResBNCNN-b128,$S/WideTinyMixer-b128 \
+    --auto size-scaled=$A,old=$S-auto-old \
+    --other benchmarks/results/lr_auto/mnist/results.jsonl,benchmarks/results/lr_auto/cifar10/results.jsonl,benchmarks/results/lr_auto/mnist-conv/results.jsonl,benchmarks/results/lr_auto/cifar10-conv/results.jsonl
+PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data digits --epochs 40 --batch-size 32 --val-split 300 --rules fg-a \
+    --oracle-from benchmarks/results/lr_auto/digits/results-fg-a-bn-factor.jsonl \
+    --out benchmarks/results/lr_auto/digits-fg-a-size --merge-into benchmarks/results/lr_auto/digits/results.jsonl
+PYTHONPATH=. $PYTHON -m bpfree compare --methods fg-a $M --out runs/lr_auto/issue-table-fg-a-size > $R/no-flags-fg-a-size.md

@@ -27,7 +27,8 @@ GRID = list(lrfind.GRID)
 def shipped_prior(rule: str, model: str) -> float:
     """The prior --lr auto starts from on a suite model (probes recorded before `prior` was: computed again)."""
     built = models.build(f"examples/lr_suite.py:{model}", num_classes=10, input_shape=(1, 8, 8))
-    return recipes.auto_prior(rule, recipes.PRIORS[rule], recipes.has_batch_norm(built), lrfind.GRID)
+    return recipes.auto_prior(rule, recipes.PRIORS[rule], recipes.has_batch_norm(built), lrfind.GRID,
+                              sum(p.numel() for p in built.parameters()))
 
 
 def meets(value: float, best: float) -> bool:

@@ -13,10 +13,10 @@ included up to that horizon, and a divergence (NaN/inf, or the training loss blo
 high" instead of stopping anything.
 
 What is probed: the rule's prior (a per-rule rate measured across several model types, times a per-rule factor on
-models with batch norm: bpfree/training/recipes.py) and its two neighbours on the grid, and a neighbour replaces the
-prior only when clearly better: a few dozen steps order the rates of the noisy and delayed rules poorly, so the
-probe spends its budget on longer runs near a good guess and guards against a prior that is wrong for this model
-rather than ranking six rates it cannot tell apart.
+models with batch norm; fg-a's scaled by the model's size: bpfree/training/recipes.py) and its two neighbours on
+the grid, and a neighbour replaces the prior only when clearly better: a few dozen steps order the rates of the
+noisy and delayed rules poorly, so the probe spends its budget on longer runs near a good guess and guards against
+a prior that is wrong for this model rather than ranking six rates it cannot tell apart.
 
 Budget: `--lr auto` spends at most BUDGET_FRACTION of the planned training work (examples through the model,
 validation examples counted like training ones) on the probe; where that leaves fewer than MIN_STEPS steps per
@@ -129,18 +129,25 @@ def default_grid(cfg: TrainConfig) -> tuple[float, ...]:
 
 def starting_rate(cfg: TrainConfig, data: Any) -> tuple[float, dict[str, Any]]:
     """The prior the probe centres on: cfg.lr, or on a model without a validated recipe entry whose rate and optimizer
-    the user left to it (`--lr auto` on the entry METHOD/*), the rule's prior adjusted for batch norm
-    (recipes.auto_prior)."""
+    the user left to it (`--lr auto` on the entry METHOD/*), the rule's prior adjusted for the model's size or batch
+    norm (recipes.auto_prior)."""
     record: dict[str, Any] = {"lr": cfg.lr, "from": "the run's learning rate"}
     entry = cfg.recipe or {}
+    sized = cfg.method in recipes.SIZE_SCALED_PRIORS
     if (entry.get("entry") != f"{cfg.method}/{recipes.ANY}" or {"lr", "optimizer"} & set(entry.get("overridden", []))
-            or recipes.BATCH_NORM_FACTORS.get(cfg.method, 1) == 1):  # no need to build the model to look
+            or (recipes.BATCH_NORM_FACTORS.get(cfg.method, 1) == 1 and not sized)):  # no need to build the model
         return cfg.lr, record
     try:
         model = models.build(cfg.model, num_classes=data.num_classes, input_shape=data.input_shape,
                              **cfg.model_options)
     except AttributeError:  # data that does not say its shape: the rule's prior as it is
         return cfg.lr, record
+    if sized:
+        parameters = sum(p.numel() for p in model.parameters())
+        scale = recipes.SIZE_SCALED_PRIORS[cfg.method]
+        lr = recipes.auto_prior(cfg.method, cfg.lr, False, default_grid(cfg), parameters)
+        return lr, {"lr": lr, "from": f"the rule's size-scaled prior {scale:g} / sqrt({parameters:,} parameters) = "
+                    f"{scale / math.sqrt(parameters):.3g} to the grid (recipes.SIZE_SCALED_PRIORS)"}
     batch_norm = recipes.has_batch_norm(model)
     lr = recipes.auto_prior(cfg.method, cfg.lr, batch_norm, default_grid(cfg))
     factor = recipes.BATCH_NORM_FACTORS[cfg.method]

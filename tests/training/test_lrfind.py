@@ -324,9 +324,39 @@ def test_a_model_with_batch_norm_starts_from_the_rules_batch_norm_prior_unless_t
     cfg = tiny_cfg(method="lg-fg-a", lr=1e-3, recipe={"entry": "lg-fg-a/*", "overridden": ["lr"]})
     assert lrfind.starting_rate(cfg, object())[0] == 1e-3
     assert recipes.auto_prior("fa", 1e-2, True, lrfind.GRID) == 1e-2  # a rule without a factor
-    assert recipes.auto_prior("fg-a", 3e-3, True, lrfind.GRID) == 1e-2  # x3 on the 1-3-10 grid: the next point
+    assert recipes.auto_prior("bp", 3e-3, True, lrfind.GRID) == 1e-2  # x3 on the 1-3-10 grid: the next point
     assert recipes.auto_prior("fdfa", 1e-2, True, lrfind.GRID) == 3e-2  # at most the grid's top
     assert recipes.auto_prior("fdfa", 1e-2, False, lrfind.GRID) == 1e-2
+
+
+def test_fg_a_starts_from_a_prior_scaled_by_the_models_size_and_records_it(tmp_path):
+    scale = recipes.SIZE_SCALED_PRIORS["fg-a"]
+    # scale / sqrt(parameters) to the nearest grid rate, batch norm or not; no size given: the rule's prior.
+    assert recipes.auto_prior("fg-a", 3e-3, False, lrfind.GRID, round((scale / 3e-3) ** 2)) == 3e-3
+    assert recipes.auto_prior("fg-a", 3e-3, True, lrfind.GRID, round((scale / 3e-4) ** 2)) == 3e-4
+    assert recipes.auto_prior("fg-a", 3e-3, True, lrfind.GRID, 10) == lrfind.GRID[-1]  # at most the grid's top
+    assert recipes.auto_prior("fg-a", 3e-3, True, lrfind.GRID) == 3e-3
+    # The residual CNN (307,690 parameters: 0.2 / sqrt of it = 3.6e-4) and a suite model of 5,122.
+    for model, parameters, expected in (("examples/residual_cnn.py:ResidualCNN", 307_690, 3e-4),
+                                        ("examples/lr_suite.py:ResBNCNN", 5_122, 3e-3)):
+        out = tmp_path / model.split(":")[1]
+        run = ["--model", model, "--data", "digits", "--threads", "1", "--epochs", "1", "--out", str(out)]
+        assert main(["train", "--method", "fg-a", *run]) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert config["lr"] == expected == recipes.auto_prior("fg-a", 3e-3, True, lrfind.GRID, parameters)
+        assert config["lr_probe"]["prior"]["lr"] == expected
+        assert f"sqrt({parameters:,} parameters)" in config["lr_probe"]["prior"]["from"]
+    # A rate or optimizer the user chose is used as it is.
+    cfg = tiny_cfg(method="fg-a", lr=1e-2, recipe={"entry": "fg-a/*", "overridden": ["lr"]})
+    assert lrfind.starting_rate(cfg, object())[0] == 1e-2
+
+
+def test_fg_a_s_size_scaled_prior_keeps_the_choice_deterministic(digits):
+    cfg = tiny_cfg(method="fg-a", model="examples/lr_suite.py:LayerNormMLP", model_options={},
+                   lr=recipes.PRIORS["fg-a"], recipe={"entry": "fg-a/*", "overridden": []})
+    a, b = (lrfind.find(cfg, digits, grid=(3e-4, 1e-3, 3e-3), steps=6, show_progress=False) for _ in range(2))
+    assert a.prior == b.prior and a.prior["lr"] == 1e-3  # 0.2 / sqrt(26,634 parameters) = 1.2e-3, to the grid
+    assert a.choice == b.choice and a.record()["val_loss"] == b.record()["val_loss"]
 
 
 def test_lr_find_offers_no_flag_of_staged_runs(capsys):
