@@ -46,6 +46,8 @@ for D in mnist cifar10; do
 done
 # 3c. The dfa and fdfa cells of steps 3 and 3b again (they ran before dfa's warm-up and fdfa's Rademacher
 #     tangents shipped), merged into them.
+PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data digits --epochs 40 --batch-size 32 --val-split 300 --rules fdfa \
+    --out benchmarks/results/lr_auto/digits-fdfa-rerun --merge-into benchmarks/results/lr_auto/digits/results.jsonl
 for D in mnist cifar10; do
   for R in dfa fdfa; do
     PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 4 --batch-size 32 --val-split 500 \
