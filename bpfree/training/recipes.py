@@ -88,13 +88,9 @@ BATCH_NORM_FACTORS = {"bp": 3, "sff-block": 3, "fdfa": 10, "lg-fg-a": 10}
 # fg-a's prior scales with the model's size instead: SIZE_SCALED_PRIORS[rule] / sqrt(number of parameters), taken to
 # the nearest grid rate, with no batch-norm factor. Why: fg-a's estimate is mostly noise, which Adam turns into a
 # step of about lr on every parameter in a random direction, and the output's random change grows with the square
-# root of how many parameters take one. Chosen on validation errors by benchmarks/lr_auto_fga.py: of the size
-# measures tried (parameters, perturbed activations per example, widest fan-in; powers 0.5-1.5; with and without a
-# batch-norm factor), 1/sqrt(parameters) alone met the goal on all seven models (the digits suite's six and the
-# issue's residual CNN, 3 seeds) leaving each model out, where the fixed prior with the factor met 4; on 16 cells it
-# was not chosen on (wider and narrower copies, other budgets and data sets, the library's mlp), 11 against 9
-# (docs/tuning.md, "fg-a's prior": some families wanted higher rates when larger, so it is a better default, not a
-# law).
+# root of how many parameters take one. Chosen on validation errors by benchmarks/lr_auto_fga.py over several size
+# measures, and checked on models it was not chosen on: a better default than the fixed prior there, not a law
+# (docs/tuning.md, "fg-a's prior").
 SIZE_SCALED_PRIORS = {"fg-a": 0.2}
 # A linear warm-up over this share of the run's steps on models without a validated entry (a share, not epochs, so
 # it means the same for a run of any length; the probe warms up over the same share of its steps). dfa only: on the
