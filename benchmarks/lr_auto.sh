@@ -139,3 +139,16 @@ PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data digits --epochs 40 --batch-siz
     --oracle-from benchmarks/results/lr_auto/digits/results-fg-a-bn-factor.jsonl \
     --out benchmarks/results/lr_auto/digits-fg-a-size --merge-into benchmarks/results/lr_auto/digits/results.jsonl
 PYTHONPATH=. $PYTHON -m bpfree compare --methods fg-a $M --out runs/lr_auto/issue-table-fg-a-size > $R/no-flags-fg-a-size.md
+# 3d. (After step 6.) The fg-a cells of steps 3 and 3b with its size-scaled prior, the oracle reused, merged.
+for D in mnist cifar10; do
+  PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 4 --batch-size 32 --val-split 500 \
+      --train-size 2000 --models LayerNormMLP --rules fg-a --oracle-from benchmarks/results/lr_auto/$D/results.jsonl \
+      --out benchmarks/results/lr_auto/$D-fg-a-rerun --merge-into benchmarks/results/lr_auto/$D/results.jsonl
+  PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 3 --batch-size 32 --val-split 500 \
+      --train-size 1000 --models ResBNCNN,TinyMixer --rules fg-a \
+      --oracle-from benchmarks/results/lr_auto/$D-conv/results.jsonl \
+      --out benchmarks/results/lr_auto/$D-conv-fg-a-rerun --merge-into benchmarks/results/lr_auto/$D-conv/results.jsonl
+done
+# 7. The issue's table with no flags on the final code: all eight rules in one compare.
+PYTHONPATH=. $PYTHON -m bpfree compare --methods bp,fa,sff-block,l-bp,dfa,fdfa,lg-fg-a,fg-a $M \
+    --out runs/lr_auto/issue-table-final > $R/no-flags-final.md
