@@ -109,7 +109,9 @@ def main() -> None:
         return (rules is None or rule in rules) and (families is None or family.startswith(families))
 
     partial = rules is not None or families is not None
-    kept = json.loads((args.out / "memory.json").read_text())["rows"] if partial else []
+    earlier = args.out / "memory.json"
+    # --rules / --families replace those rows of an earlier table in --out; a new --out starts a table of them alone
+    kept = json.loads(earlier.read_text())["rows"] if partial and earlier.exists() else []
     rows = [r for r in kept if not chosen(r["family"], r["rule"])]
     start = time.time()
     for family, setting, size, make, batch in model_grid(args.quick, args.batch):
