@@ -1,6 +1,7 @@
 """Where a rule's step time goes: CPU time and minor page faults per ATen operator, rules side by side.
 
     PYTHONPATH=. python benchmarks/step_ops.py --rules bp,dfa,fdfa          # resnet18 width 32, batch 128
+    PYTHONPATH=. python benchmarks/step_ops.py --rules bp,fg-a --model vit  # anatomy_speed.py's ViT
     MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_MMAP_THRESHOLD_=33554432 PYTHONPATH=. python benchmarks/step_ops.py
 
 Every rule's estimator lives on one model in this process, as in `benchmarks/anatomy_speed.py`; after two warm-up
@@ -19,10 +20,10 @@ import time
 from typing import Any
 
 import torch
+from anatomy_speed import make_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bpfree.methods import build as build_method
-from bpfree.models import build as build_model
 
 
 class OperatorClock(TorchDispatchMode):
@@ -48,14 +49,15 @@ class OperatorClock(TorchDispatchMode):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rules", default="bp,dfa,fdfa", help="comma-separated methods (bp first: the ratios' base)")
+    ap.add_argument("--model", choices=("resnet18", "vit"), default="resnet18",
+                    help="resnet18 or benchmarks/anatomy_speed.py's ViT")
     ap.add_argument("--width", type=int, default=32, help="resnet18 width")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3, help="measured steps per rule (after two warm-up rounds)")
     ap.add_argument("--top", type=int, default=16, help="operators shown")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = build_model("resnet18", 10, (3, 32, 32), width=args.width).train()
+    model = make_model(args.model, args.width).train()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
