@@ -66,8 +66,14 @@ def run(argv: list[str], out: Path, epochs: int) -> dict:
             "test_error": last["test_error"], "seconds": wall, "config": config}
 
 
-def cell(rule: str, model: str, args: argparse.Namespace, root: Path) -> dict:
-    base = ["train", "--method", rule, "--model", f"examples/lr_suite.py:{model}", "--data", args.data,
+def model_spec(name: str, model_file: str) -> str:
+    """The --model a benchmark model name stands for: FILE:CLASS as given, else a class of `model_file`."""
+    return name if ":" in name else f"{model_file}:{name}"
+
+
+def cell(rule: str, spec: str, args: argparse.Namespace, root: Path) -> dict:
+    model = spec.rsplit(":", 1)[-1]  # rows and run folders are named by the class
+    base = ["train", "--method", rule, "--model", model_spec(spec, args.model_file), "--data", args.data,
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--val-split", str(args.val_split),
             "--threads", "1"] + (["--train-size", str(args.train_size)] if args.train_size else []) + args.extra
     start = time.perf_counter()
@@ -80,7 +86,8 @@ def cell(rule: str, model: str, args: argparse.Namespace, root: Path) -> dict:
         return {"rule": rule, "model": model, "oracle_lr": GRID[best], "grid_val": [g["val_error"] for g in grid],
                 "grid_val_loss": [g["val_loss"] for g in grid], "seconds": round(time.perf_counter() - start, 1)}
     oracle = {"oracle_lr": GRID[best], "oracle_test": grid[best]["test_error"], "oracle_val": grid[best]["val_error"],
-              "grid_val": [g["val_error"] for g in grid], "grid_val_loss": [g["val_loss"] for g in grid]}
+              "grid_val": [g["val_error"] for g in grid], "grid_val_loss": [g["val_loss"] for g in grid],
+              "grid_test": [g["test_error"] for g in grid]}  # read after the choice; for offline replays
     return finish(rule, model, base, args, root, oracle, start)
 
 
@@ -143,7 +150,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--val-split", type=int, default=300)
     p.add_argument("--train-size", type=int, default=0, help="the first N training examples after the split (0: all)")
     p.add_argument("--rules", default=",".join(RULES))
-    p.add_argument("--models", default=",".join(SUITE))
+    p.add_argument("--models", default=",".join(SUITE),
+                   help="class names in --model-file, or FILE:CLASS (rows are named by the class)")
+    p.add_argument("--model-file", default="examples/lr_suite.py",
+                   help="the file whose classes --models names (models the suite did not contain: "
+                        "examples/fga_sizes.py)")
     p.add_argument("--out", default="benchmarks/results/lr_auto/digits")
     p.add_argument("--extra", default="", metavar="FLAGS",
                    help="more flags for every run, auto and oracle alike, e.g. '--warmup-fraction 0.05'")

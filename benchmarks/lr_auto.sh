@@ -34,6 +34,20 @@ done
 # 2e. Would a probe that never moves above the prior choose better? Offline, on the recorded probes (not shipped).
 PYTHONPATH=. $PYTHON benchmarks/lr_auto_no_upward.py --results benchmarks/results/lr_auto/digits/results.jsonl
 PYTHONPATH=. $PYTHON benchmarks/lr_auto_no_upward.py --results benchmarks/results/lr_auto/digits-warmup-fdfa/results.jsonl
+# 2f. The same question for fdfa out of sample: its row on models the suite did not contain (wider copies, the
+#     residual CNNs, a depth-8 ViT), seeds 0-2 on the models without batch norm (with it the prior is the grid's top,
+#     so the rule changes nothing), then the replay (validation errors first; test errors of each rate's grid run).
+O=benchmarks/results/lr_auto/digits-fdfa-oos
+NOBN=WideLayerNormMLP,WideTinyMixer,examples/vit.py:ViT
+PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data digits --epochs 40 --batch-size 32 --val-split 300 --rules fdfa \
+    --model-file examples/fga_sizes.py --out $O \
+    --models $NOBN,ResidualCNN8,WideResBNCNN,ResidualCNN16,examples/residual_cnn.py:ResidualCNN
+for SEED in 1 2; do
+  PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data digits --epochs 40 --batch-size 32 --val-split 300 --rules fdfa \
+      --model-file examples/fga_sizes.py --models $NOBN --extra "--seed $SEED" --out $O/fdfa-oos-seed$SEED
+done
+cat $O/results.jsonl $O/fdfa-oos-seed1/results.jsonl $O/fdfa-oos-seed2/results.jsonl > $O/results-all-seeds.jsonl
+PYTHONPATH=. $PYTHON benchmarks/lr_auto_no_upward.py --results $O/results-all-seeds.jsonl > $O/no-upward.md
 # 3. MNIST and a CIFAR-10 subset (2,000 training images, 500 validation, 4 epochs): LayerNormMLP only (CPU time).
 for D in mnist cifar10; do
   PYTHONPATH=. $PYTHON benchmarks/lr_auto.py --data $D --epochs 4 --batch-size 32 --val-split 500 \

@@ -24,9 +24,9 @@ from bpfree.training import lrfind, recipes  # noqa: E402
 GRID = list(lrfind.GRID)
 
 
-def shipped_prior(rule: str, model: str) -> float:
-    """The prior --lr auto starts from on a suite model (probes recorded before `prior` was: computed again)."""
-    built = models.build(f"examples/lr_suite.py:{model}", num_classes=10, input_shape=(1, 8, 8))
+def shipped_prior(rule: str, spec: str) -> float:
+    """The prior --lr auto starts from on a model (probes recorded before `prior` was: computed again)."""
+    built = models.build(spec, num_classes=10, input_shape=(1, 8, 8))
     return recipes.auto_prior(rule, recipes.PRIORS[rule], recipes.has_batch_norm(built), lrfind.GRID,
                               sum(p.numel() for p in built.parameters()))
 
@@ -40,17 +40,22 @@ def main() -> None:
     p.add_argument("--results", required=True)
     p.add_argument("--rule", default="")
     args = p.parse_args()
+    rows = [r for r in map(json.loads, Path(args.results).read_text().splitlines())
+            if (not args.rule or r["rule"] == args.rule) and (r.get("lr_probe") or {}).get("grid")]
+    # Test errors, a secondary reading, where the benchmark recorded the grid's (grid_test): each choice's grid run.
+    tested = bool(rows) and all("grid_test" in r for r in rows)
     lines = ["| model | rule | prior | probe (rate: val loss) | shipped: rate, val error | no upward: rate, val error "
-             "| oracle's best |", "|---|---|---:|---|---|---|---:|"]
+             "| oracle's best |" + (" test: shipped / no upward / oracle |" if tested else ""),
+             "|---|---|---:|---|---|---|---:|" + ("---:|" if tested else "")]
     met = [0, 0]
     gap = [0.0, 0.0]
-    for r in map(json.loads, Path(args.results).read_text().splitlines()):
-        if args.rule and r["rule"] != args.rule:
-            continue
-        probe = r.get("lr_probe") or {}
-        if not probe.get("grid"):
-            continue
-        prior = float(probe["prior"]["lr"]) if probe.get("prior") else shipped_prior(r["rule"], r["model"])
+    met_test = [0, 0]
+    gap_test = [0.0, 0.0]
+    for r in rows:
+        probe = r["lr_probe"]
+        spec = r["command_auto"].split("--model ")[1].split()[0] if "command_auto" in r else \
+            f"examples/lr_suite.py:{r['model']}"
+        prior = float(probe["prior"]["lr"]) if probe.get("prior") else shipped_prior(r["rule"], spec)
         points = [lrfind.Point(lr, loss if loss is not None else math.inf, err, status)
                   for lr, loss, err, status in zip(probe["grid"], probe["val_loss"], probe["val_error"],
                                                    probe["status"])]
@@ -64,10 +69,21 @@ def main() -> None:
             met[i] += meets(v, best)
             gap[i] += v - best
         losses = ", ".join(f"{pt.lr:g}: {pt.val_loss:.3f}" for pt in points)
+        test = ""
+        if tested:
+            at = [r["grid_test"][GRID.index(lr)] if lr in GRID else 100.0 for lr in (r["auto_lr"], alt)]
+            for i, v in enumerate(at):
+                met_test[i] += meets(v, r["oracle_test"])
+                gap_test[i] += v - r["oracle_test"]
+            test = f" {at[0]:.1f} / {at[1]:.1f} / {r['oracle_test']:.1f} |"
         lines.append(f"| {r['model']} | {r['rule']} | {prior:g} | {losses} | {r['auto_lr']:g}, {ship_val:.1f} | "
-                     f"{alt:g}, {alt_val:.1f} | {best:.1f} |")
+                     f"{alt:g}, {alt_val:.1f} | {best:.1f} |{test}")
     lines += ["", f"Within the goal of the oracle's best validation error: shipped {met[0]}, no upward {met[1]}; "
-              f"summed gap {gap[0]:.1f} against {gap[1]:.1f} points."]
+              f"summed gap {gap[0]:.1f} against {gap[1]:.1f} points ({len(rows)} cells)."]
+    if tested:
+        lines.append(f"Test errors (secondary; each rate's grid run, against the test error of the oracle's "
+                     f"validation choice): within the goal shipped {met_test[0]}, no upward {met_test[1]}; summed gap "
+                     f"{gap_test[0]:.1f} against {gap_test[1]:.1f} points.")
     print("\n".join(lines))
 
 
