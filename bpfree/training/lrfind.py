@@ -147,7 +147,7 @@ def starting_rate(cfg: TrainConfig, data: Any) -> tuple[float, dict[str, Any]]:
         scale = recipes.SIZE_SCALED_PRIORS[cfg.method]
         lr = recipes.auto_prior(cfg.method, cfg.lr, False, default_grid(cfg), parameters)
         return lr, {"lr": lr, "from": f"the rule's size-scaled prior {scale:g} / sqrt({parameters:,} parameters) = "
-                    f"{scale / math.sqrt(parameters):.3g} to the grid (recipes.SIZE_SCALED_PRIORS)"}
+                    f"{recipes.size_scaled_rate(cfg.method, parameters):.3g} to the grid (recipes.SIZE_SCALED_PRIORS)"}
     batch_norm = recipes.has_batch_norm(model)
     lr = recipes.auto_prior(cfg.method, cfg.lr, batch_norm, default_grid(cfg))
     factor = recipes.BATCH_NORM_FACTORS[cfg.method]

@@ -176,11 +176,16 @@ def auto_prior(method: str, lr: float, batch_norm: bool, grid: tuple[float, ...]
     (log scale) to its scale / sqrt(parameters); on a model with batch norm the grid point nearest to lr times the
     rule's BATCH_NORM_FACTORS entry, so at most the grid's top."""
     if method in SIZE_SCALED_PRIORS and parameters > 0:
-        return nearest_rate(grid, SIZE_SCALED_PRIORS[method] / math.sqrt(parameters))
+        return nearest_rate(grid, size_scaled_rate(method, parameters))
     factor = BATCH_NORM_FACTORS.get(method, 1) if batch_norm else 1
     if factor == 1:
         return lr
     return nearest_rate(grid, lr * factor)
+
+
+def size_scaled_rate(method: str, parameters: int) -> float:
+    """A SIZE_SCALED_PRIORS rule's rate for a model of `parameters` parameters, before it is put on the grid."""
+    return SIZE_SCALED_PRIORS[method] / math.sqrt(parameters)
 
 
 def nearest_rate(grid: tuple[float, ...], lr: float) -> float:
